@@ -1,0 +1,352 @@
+//! `/v1/consumers`, `/v1/dlq` and `/v1/event-counts`: operating consumers.
+//!
+//! Consumers are shared by all workspaces (one log). Every key with read
+//! scope sees the built-in consumers and its own workspace's webhook
+//! consumers; dead letters are per workspace. Resetting the built-in
+//! `event_counts` consumer rebuilds a read model of every workspace, so it
+//! needs the root key; an admin key may reset its own webhooks' consumers.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sluice_consumers::counts;
+use sluice_store::{DeadLetter, NewAudit, StoreError};
+
+use super::{rfc3339, List};
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::json::{Json, Query};
+use crate::state::AppState;
+
+/// One partition of a consumer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PartitionView {
+    /// Partition number.
+    pub partition: u32,
+    /// Next offset the consumer will process.
+    pub checkpoint: u64,
+    /// Next offset the log will assign.
+    pub end_offset: u64,
+    /// Records not yet processed.
+    pub lag: u64,
+}
+
+/// A consumer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConsumerView {
+    /// Name (`event_counts`, `webhook:<id>`).
+    pub name: String,
+    /// `running`, `retrying` or `stopped`.
+    pub status: String,
+    /// Most recent error.
+    pub last_error: Option<String>,
+    /// Total lag over partitions.
+    pub lag: u64,
+    /// Dead letters waiting (status `dead`) in the key's workspace.
+    pub dlq_size: i64,
+    /// Per partition checkpoint and lag.
+    pub partitions: Vec<PartitionView>,
+}
+
+async fn owns_webhook(st: &AppState, who: &Principal, name: &str) -> Result<bool, ApiError> {
+    match name.strip_prefix("webhook:") {
+        None => Ok(true),
+        Some(id) => Ok(who.scope.is_root() || st.store.get_webhook(who.workspace.as_str(), id).await.is_ok()),
+    }
+}
+
+/// Consumers with per-partition checkpoint and lag, status and DLQ size.
+#[utoipa::path(get, path = "/v1/consumers", tag = "consumers",
+    responses((status = 200, description = "`{data: [Consumer], next_cursor: null}`")), security(("bearer" = [])))]
+pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<List<ConsumerView>>, ApiError> {
+    who.require_read()?;
+    let dlq = st.store.dead_letter_counts(Some(who.workspace.as_str())).await?;
+    let log = st.consumers.log().clone();
+    let mut out = Vec::new();
+    for (name, state) in st.consumers.states() {
+        // Webhook consumers are visible to their own workspace (and root).
+        if !owns_webhook(&st, &who, &name).await? {
+            continue;
+        }
+        let cps = st.store.checkpoints(&name).await?;
+        let partitions: Vec<PartitionView> = (0..log.partitions())
+            .map(|p| {
+                let end = log.next_offset(p);
+                // No checkpoint yet: nothing processed since the start of the log.
+                let cp = cps.get(&p).copied().unwrap_or_else(|| log.start_offset(p));
+                PartitionView { partition: p, checkpoint: cp, end_offset: end, lag: end.saturating_sub(cp) }
+            })
+            .collect();
+        out.push(ConsumerView {
+            lag: partitions.iter().map(|p| p.lag).sum(),
+            dlq_size: dlq.get(&name).copied().unwrap_or(0),
+            name,
+            status: state.status,
+            last_error: state.last_error,
+            partitions,
+        });
+    }
+    Ok(Json(List { data: out, next_cursor: None }))
+}
+
+/// Body of a reset.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetBody {
+    /// `earliest`, `latest` or an RFC 3339 time.
+    pub to: String,
+}
+
+/// Moves a consumer's checkpoints. Resetting `event_counts` clears its read
+/// model and rebuilds it from the new position (root key).
+#[utoipa::path(post, path = "/v1/consumers/{name}/reset", request_body = ResetBody, tag = "consumers",
+    responses((status = 200), (status = 400), (status = 403), (status = 404)), security(("bearer" = [])))]
+pub async fn reset(
+    State(st): State<AppState>,
+    who: Principal,
+    Path(name): Path<String>,
+    Json(body): Json<ResetBody>,
+) -> Result<Json<Value>, ApiError> {
+    who.require_admin()?;
+    if name == "meters" {
+        // Usage buckets are added to, not rebuilt: moving this consumer
+        // would count events twice or skip them.
+        return Err(ApiError::conflict(
+            "the meters consumer cannot be reset: its usage is cumulative; meters are backfilled when created",
+        ));
+    }
+    if !name.starts_with("webhook:") {
+        who.require_root().map_err(|_| ApiError::forbidden(format!("resetting {name:?} rebuilds data of every workspace; it needs the root key")))?;
+    }
+    if !owns_webhook(&st, &who, &name).await? {
+        return Err(ApiError::not_found(format!("consumer {name:?} not found")));
+    }
+    let audit = NewAudit {
+        workspace: who.workspace.to_string(),
+        actor_key_id: Some(who.key_id.clone()),
+        action: "consumer.reset".into(),
+        target_type: "consumer".into(),
+        target_id: name.clone(),
+        details: json!({"to": body.to}),
+    };
+    let clear = name == counts::NAME;
+    let log = st.consumers.log().clone();
+    let positions = st.consumers.reset(&name, &body.to, clear, &audit).await.map_err(|e| match e {
+        sluice_consumers::RuntimeError::NoSuchConsumer(_) => ApiError::not_found(format!("consumer {name:?} not found")),
+        sluice_consumers::RuntimeError::BadPosition => ApiError::bad_request(format!("to: {e}")),
+        other => ApiError::internal(other),
+    })?;
+    tracing::info!(consumer = %name, to = %body.to, by = %who.key_id, "consumer reset");
+    // A job follows the rebuild, so its progress is visible in /v1/jobs.
+    let until: Vec<(u32, u64)> = (0..log.partitions()).map(|p| (p, log.next_offset(p))).collect();
+    let job = st
+        .store
+        .enqueue_job(&sluice_store::NewJob {
+            workspace: who.workspace.to_string(),
+            kind: sluice_consumers::rebuild::KIND.into(),
+            payload: sluice_consumers::rebuild::payload(&name, &body.to, &positions, &until),
+            max_attempts: 3,
+            created_by: Some(who.key_id.clone()),
+        })
+        .await?;
+    st.jobs.wake();
+    Ok(Json(json!({
+        "name": name,
+        "to": body.to,
+        "job": job.id,
+        "cleared_read_model": clear,
+        "partitions": positions.iter().map(|(p, o)| json!({"partition": p, "checkpoint": o})).collect::<Vec<_>>(),
+    })))
+}
+
+/// A dead letter.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeadLetterView {
+    /// `dlq_…`.
+    pub id: String,
+    /// Consumer that gave up.
+    pub consumer: String,
+    /// Event id.
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Log partition.
+    pub partition: u32,
+    /// Log offset.
+    pub offset: u64,
+    /// Last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// First failure (RFC 3339).
+    pub first_failed_at: String,
+    /// Last failure.
+    pub last_failed_at: String,
+    /// `dead`, `replaying`, `replayed` or `discarded`.
+    pub status: String,
+    /// The event (single reads only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub event: Option<Value>,
+}
+
+impl From<DeadLetter> for DeadLetterView {
+    fn from(d: DeadLetter) -> Self {
+        DeadLetterView {
+            id: d.id,
+            consumer: d.consumer,
+            event_id: d.event_id,
+            event_type: d.event_type,
+            partition: d.partition,
+            offset: d.offset,
+            error: d.error,
+            attempts: d.attempts,
+            first_failed_at: rfc3339(d.first_failed_at),
+            last_failed_at: rfc3339(d.last_failed_at),
+            status: d.status,
+            event: None,
+        }
+    }
+}
+
+/// `GET /v1/dlq` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DlqQuery {
+    /// Only this consumer.
+    pub consumer: Option<String>,
+    /// Only this status (`dead`, `replaying`, `replayed`, `discarded`); default all.
+    pub status: Option<String>,
+    /// Cursor from the previous page.
+    pub cursor: Option<String>,
+    /// Page size, 1–1000.
+    pub limit: Option<usize>,
+}
+
+/// Dead letters of the key's workspace, oldest first.
+#[utoipa::path(get, path = "/v1/dlq", params(DlqQuery), tag = "consumers",
+    responses((status = 200, description = "`{data: [DeadLetter], next_cursor}`")), security(("bearer" = [])))]
+pub async fn dlq_list(State(st): State<AppState>, who: Principal, Query(q): Query<DlqQuery>) -> Result<Json<List<DeadLetterView>>, ApiError> {
+    who.require_read()?;
+    let page = st
+        .store
+        .list_dead_letters(who.workspace.as_str(), q.consumer.as_deref(), q.status.as_deref(), q.cursor.as_deref(), q.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }))
+}
+
+fn dlq_not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
+    move |e| match e {
+        StoreError::NotFound => ApiError::not_found(format!("dead letter {id:?} not found")),
+        other => other.into(),
+    }
+}
+
+/// One dead letter, with its event.
+#[utoipa::path(get, path = "/v1/dlq/{id}", tag = "consumers",
+    responses((status = 200, body = DeadLetterView), (status = 404)), security(("bearer" = [])))]
+pub async fn dlq_get(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<DeadLetterView>, ApiError> {
+    who.require_read()?;
+    let d = st.store.get_dead_letter(who.workspace.as_str(), &id).await.map_err(dlq_not_found(&id))?;
+    let event = st
+        .log
+        .read(d.partition, d.offset, 1, 1)
+        .await
+        .ok()
+        .and_then(|r| r.into_iter().find(|r| r.offset == d.offset))
+        .and_then(|r| serde_json::from_slice::<Value>(&r.payload).ok());
+    let mut view = DeadLetterView::from(d);
+    view.event = event;
+    Ok(Json(view))
+}
+
+fn audit(who: &Principal, action: &str, target: &str, details: Value) -> NewAudit {
+    NewAudit {
+        workspace: who.workspace.to_string(),
+        actor_key_id: Some(who.key_id.clone()),
+        action: action.into(),
+        target_type: "dead_letter".into(),
+        target_id: target.into(),
+        details,
+    }
+}
+
+/// Replays one dead letter through its consumer (status `dead` → `replaying`).
+#[utoipa::path(post, path = "/v1/dlq/{id}/replay", tag = "consumers",
+    responses((status = 202, body = DeadLetterView), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub async fn dlq_replay(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<(StatusCode, Json<DeadLetterView>), ApiError> {
+    who.require_admin()?;
+    let d = st.store.get_dead_letter(who.workspace.as_str(), &id).await.map_err(dlq_not_found(&id))?;
+    let a = audit(&who, "dlq.replay", &id, json!({"consumer": d.consumer, "event_id": d.event_id}));
+    let n = st.store.claim_replays(who.workspace.as_str(), Some(&id), None, None, None, &a).await?;
+    if n == 0 {
+        return Err(ApiError::conflict(format!("dead letter {id:?} is {:?}; only `dead` entries can be replayed", d.status)));
+    }
+    let d = st.store.get_dead_letter(who.workspace.as_str(), &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(d.into())))
+}
+
+/// Body of a bulk replay: every filter is optional; all must match.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkReplay {
+    /// Only this consumer.
+    pub consumer: Option<String>,
+    /// Only this event type (also accepted as `type`).
+    #[serde(alias = "type")]
+    pub event_type: Option<String>,
+    /// Only entries whose error contains this text (also accepted as
+    /// `error_contains`).
+    #[serde(alias = "error_contains")]
+    pub error: Option<String>,
+}
+
+/// Replays every waiting dead letter that matches the filter.
+#[utoipa::path(post, path = "/v1/dlq/replay", request_body = BulkReplay, tag = "consumers",
+    responses((status = 202, description = "`{\"replaying\": n}`")), security(("bearer" = [])))]
+pub async fn dlq_replay_bulk(State(st): State<AppState>, who: Principal, Json(f): Json<BulkReplay>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    who.require_admin()?;
+    let a = audit(&who, "dlq.replay_bulk", "*", json!({"consumer": f.consumer, "event_type": f.event_type, "error": f.error}));
+    let n = st
+        .store
+        .claim_replays(who.workspace.as_str(), None, f.consumer.as_deref(), f.event_type.as_deref(), f.error.as_deref(), &a)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"replaying": n}))))
+}
+
+/// Discards a dead letter (it will not be processed).
+#[utoipa::path(post, path = "/v1/dlq/{id}/discard", tag = "consumers",
+    responses((status = 200, body = DeadLetterView), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub async fn dlq_discard(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<DeadLetterView>, ApiError> {
+    who.require_admin()?;
+    let d = st.store.get_dead_letter(who.workspace.as_str(), &id).await.map_err(dlq_not_found(&id))?;
+    let a = audit(&who, "dlq.discard", &id, json!({"consumer": d.consumer, "event_id": d.event_id}));
+    st.store.discard_dead_letter(who.workspace.as_str(), &id, &a).await?;
+    let d = st.store.get_dead_letter(who.workspace.as_str(), &id).await?;
+    Ok(Json(d.into()))
+}
+
+/// `GET /v1/event-counts` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct CountsQuery {
+    /// Only this event type.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub event_type: Option<String>,
+    /// Only this customer (`""` for events without one).
+    pub customer_id: Option<String>,
+}
+
+/// The event_counts read model: events per type, customer and UTC day.
+#[utoipa::path(get, path = "/v1/event-counts", params(CountsQuery), tag = "consumers",
+    responses((status = 200, description = "`{data: [{type, customer_id, day, count}], total}`")), security(("bearer" = [])))]
+pub async fn event_counts(State(st): State<AppState>, who: Principal, Query(q): Query<CountsQuery>) -> Result<Json<Value>, ApiError> {
+    who.require_read()?;
+    let rows = st.store.event_counts(who.workspace.as_str(), q.event_type.as_deref(), q.customer_id.as_deref()).await?;
+    let total: i64 = rows.iter().map(|r| r.3).sum();
+    let data: Vec<Value> = rows
+        .into_iter()
+        .map(|(t, c, d, n)| json!({"type": t, "customer_id": if c.is_empty() { Value::Null } else { Value::String(c) }, "day": d, "count": n}))
+        .collect();
+    Ok(Json(json!({"data": data, "next_cursor": null, "total": total})))
+}

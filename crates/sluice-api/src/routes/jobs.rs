@@ -1,0 +1,207 @@
+//! `/v1/jobs`: durable background work with state, progress, errors,
+//! retries and cancellation; `GET /v1/jobs/{id}/events` streams progress as
+//! Server-Sent Events until the job ends.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sluice_store::{Job, StoreError};
+
+use super::{rfc3339, List};
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::json::{Json, Query};
+use crate::state::AppState;
+
+/// Progress of a job.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Progress {
+    /// Units done.
+    pub done: i64,
+    /// Units in all, when known.
+    pub total: Option<i64>,
+    /// `done / total` in percent, when the total is known.
+    pub percent: Option<f64>,
+    /// Estimated seconds left, from the rate so far.
+    pub eta_seconds: Option<f64>,
+}
+
+/// A job.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    /// `job_…`.
+    pub id: String,
+    /// Kind, e.g. `consumer.reset`.
+    pub kind: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    /// Input.
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    /// Output, once succeeded.
+    #[schema(value_type = Object)]
+    pub result: Option<Value>,
+    /// Last error.
+    pub error: Option<String>,
+    /// Errors of every attempt.
+    pub errors: Vec<String>,
+    /// Progress.
+    pub progress: Progress,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// A cancellation was asked for.
+    pub cancel_requested: bool,
+    /// RFC 3339.
+    pub created_at: String,
+    /// First start.
+    pub started_at: Option<String>,
+    /// End.
+    pub finished_at: Option<String>,
+    /// Last change.
+    pub updated_at: String,
+}
+
+impl From<Job> for JobView {
+    fn from(j: Job) -> Self {
+        let percent = j.progress_total.filter(|t| *t > 0).map(|t| (j.progress_done as f64 * 100.0 / t as f64).min(100.0));
+        let eta_seconds = match (j.progress_total, j.started_at, j.state.as_str()) {
+            (Some(t), Some(s), "running") if j.progress_done > 0 => {
+                let elapsed = (chrono::Utc::now() - s).num_milliseconds().max(1) as f64 / 1000.0;
+                Some(elapsed / j.progress_done as f64 * (t - j.progress_done).max(0) as f64)
+            }
+            _ => None,
+        };
+        JobView {
+            id: j.id,
+            kind: j.kind,
+            status: j.state,
+            payload: j.payload,
+            result: j.result,
+            error: j.error,
+            errors: j.errors,
+            progress: Progress { done: j.progress_done, total: j.progress_total, percent, eta_seconds },
+            attempts: j.attempts,
+            max_attempts: j.max_attempts,
+            cancel_requested: j.cancel_requested,
+            created_at: rfc3339(j.created_at),
+            started_at: j.started_at.map(rfc3339),
+            finished_at: j.finished_at.map(rfc3339),
+            updated_at: rfc3339(j.updated_at),
+        }
+    }
+}
+
+/// `GET /v1/jobs` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct JobQuery {
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this status.
+    pub status: Option<String>,
+    /// Cursor from the previous page.
+    pub cursor: Option<String>,
+    /// Page size, 1–1000.
+    pub limit: Option<usize>,
+}
+
+fn not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
+    move |e| match e {
+        StoreError::NotFound => ApiError::not_found(format!("job {id:?} not found")),
+        other => other.into(),
+    }
+}
+
+/// Jobs of the workspace, oldest first.
+#[utoipa::path(get, path = "/v1/jobs", params(JobQuery), tag = "jobs", responses((status = 200)), security(("bearer" = [])))]
+pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<JobQuery>) -> Result<Json<List<JobView>>, ApiError> {
+    who.require_read()?;
+    let page = st
+        .store
+        .list_jobs(who.workspace.as_str(), q.kind.as_deref(), q.status.as_deref(), q.cursor.as_deref(), q.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }))
+}
+
+/// One job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", responses((status = 200, body = JobView), (status = 404)), security(("bearer" = [])))]
+pub async fn get(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    who.require_read()?;
+    Ok(Json(st.store.get_job(Some(who.workspace.as_str()), &id).await.map_err(not_found(&id))?.into()))
+}
+
+/// Cancels a queued job at once, or asks a running one to stop.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", responses((status = 200, body = JobView), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub async fn cancel(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    who.require_admin()?;
+    let job = st.store.cancel_job(who.workspace.as_str(), &id).await.map_err(not_found(&id))?;
+    audit(&st, &who, "job.cancel", &job).await;
+    Ok(Json(job.into()))
+}
+
+/// Queues a failed or cancelled job again.
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", responses((status = 200, body = JobView), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub async fn retry(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    who.require_admin()?;
+    let j = st.store.retry_job(who.workspace.as_str(), &id).await.map_err(not_found(&id))?;
+    audit(&st, &who, "job.retry", &j).await;
+    st.jobs.wake();
+    Ok(Json(j.into()))
+}
+
+/// Records a job operation in the audit log. It is written right after the
+/// change (not in its transaction); a failure to write it is logged.
+async fn audit(st: &AppState, who: &Principal, action: &str, job: &Job) {
+    let entry = sluice_store::NewAudit {
+        workspace: who.workspace.to_string(),
+        actor_key_id: Some(who.key_id.clone()),
+        action: action.into(),
+        target_type: "job".into(),
+        target_id: job.id.clone(),
+        details: serde_json::json!({"kind": job.kind, "status": job.state}),
+    };
+    if let Err(e) = st.store.record_audit(&entry).await {
+        tracing::error!(error = %e, job = %job.id, "could not write the audit entry of a job operation");
+    }
+}
+
+/// Server-Sent Events: a `progress` event whenever the job changes, then
+/// one `end` event with the final job, then the stream closes.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", responses((status = 200, content_type = "text/event-stream")), security(("bearer" = [])))]
+pub async fn events(
+    State(st): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    who.require_read()?;
+    let ws = who.workspace.to_string();
+    st.store.get_job(Some(&ws), &id).await.map_err(not_found(&id))?;
+    let store = st.store.clone();
+    let stream = futures::stream::unfold((None::<chrono::DateTime<chrono::Utc>>, false), move |(last, ended)| {
+        let (store, ws, id) = (store.clone(), ws.clone(), id.clone());
+        async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let Ok(job) = store.get_job(Some(&ws), &id).await else {
+                    return Some((Ok(Event::default().event("end").data("{}")), (last, true)));
+                };
+                let terminal = job.is_terminal();
+                if last != Some(job.updated_at) || terminal {
+                    let at = job.updated_at;
+                    let data = serde_json::to_string(&JobView::from(job)).unwrap_or_default();
+                    let kind = if terminal { "end" } else { "progress" };
+                    return Some((Ok(Event::default().event(kind).data(data)), (Some(at), terminal)));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

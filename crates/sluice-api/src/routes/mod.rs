@@ -1,0 +1,38 @@
+//! Route handlers, one module per API area.
+
+pub mod audit;
+pub mod consumers;
+pub mod events;
+pub mod imports;
+pub mod jobs;
+pub mod meters;
+pub mod keys;
+pub mod ops;
+pub mod people;
+pub mod segment;
+pub mod webhooks;
+pub mod workspaces;
+
+use serde::{Deserialize, Serialize};
+
+/// `?cursor=&limit=` of list endpoints.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct PageQuery {
+    /// Cursor from the previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size, 1–1000 (default 100).
+    pub limit: Option<usize>,
+}
+
+/// The list shape of every list endpoint.
+#[derive(Debug, Serialize)]
+pub struct List<T> {
+    /// Items.
+    pub data: Vec<T>,
+    /// Cursor of the next page, `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+pub(crate) fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}

@@ -1,0 +1,63 @@
+//! Operational endpoints: liveness, readiness, metrics, OpenAPI. These carry
+//! no workspace data and need no key, so probes and scrapers work as usual.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::state::AppState;
+
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200)))]
+pub async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: started, not draining, and the state store answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200), (status = 503)))]
+pub async fn readyz(State(st): State<AppState>) -> Response {
+    if !st.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": "starting or draining"})))
+            .into_response();
+    }
+    if let Err(e) = st.store.ping().await {
+        tracing::warn!(error = %e, "readiness: state store unreachable");
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": "state store unreachable"})))
+            .into_response();
+    }
+    axum::Json(json!({"status": "ready", "state_backend": st.store.backend()})).into_response()
+}
+
+/// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain")))]
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    let stats = st.log.stats();
+    metrics::gauge!("sluice_log_bytes").set(stats.bytes as f64);
+    for (p, (start, next)) in stats.partitions.iter().enumerate() {
+        metrics::gauge!("sluice_log_records", "partition" => p.to_string()).set((next - start) as f64);
+        metrics::gauge!("sluice_log_next_offset", "partition" => p.to_string()).set(*next as f64);
+    }
+    let body = st.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// The OpenAPI description of this API.
+pub async fn openapi() -> Response {
+    axum::Json(crate::openapi()).into_response()
+}
+
+/// The dashboard: one static page that calls this API with the key the user
+/// enters (kept in the browser's localStorage). It shows consumers and their
+/// lag, jobs and their progress, dead letters (with replay and discard),
+/// webhooks and the latest events. The page itself holds no data, so it
+/// needs no key.
+pub async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
+        include_str!("../dashboard/index.html"),
+    )
+        .into_response()
+}

@@ -1,0 +1,120 @@
+//! Shared state of all handlers.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_consumers::{RetryPolicy, Runtime};
+use sluice_core::EventLog;
+use sluice_ingest::Ingestor;
+use sluice_store::Store;
+use tokio::sync::Semaphore;
+
+use crate::auth::KeyCache;
+
+/// Request size limits of the HTTP API.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Largest request body, compressed or decompressed. Default 16 MiB.
+    pub max_body_bytes: usize,
+    /// Largest single event. Default 1 MiB.
+    pub max_event_bytes: usize,
+    /// Most events per request. Default 10,000.
+    pub max_events: usize,
+    /// Request bodies buffered at once over all requests; beyond it ingest
+    /// answers 503. Default 512 MiB.
+    pub max_buffered_body_bytes: usize,
+    /// Segment-compatible endpoints: largest message. Default 32 KiB.
+    pub segment_max_message_bytes: usize,
+    /// Segment-compatible endpoints: largest request. Default 500 KiB.
+    pub segment_max_batch_bytes: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_body_bytes: 16 << 20,
+            max_event_bytes: 1 << 20,
+            max_events: 10_000,
+            max_buffered_body_bytes: 512 << 20,
+            segment_max_message_bytes: 32 * 1024,
+            segment_max_batch_bytes: 500 * 1024,
+        }
+    }
+}
+
+/// How webhooks are delivered.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookSettings {
+    /// Allow targets on loopback, private and link-local addresses.
+    pub allow_private: bool,
+    /// Per-attempt timeout.
+    pub timeout: std::time::Duration,
+    /// Retries before the dead-letter queue.
+    pub retry: RetryPolicy,
+}
+
+/// Everything a handler may need.
+#[derive(Clone)]
+pub struct AppState {
+    /// The state store.
+    pub store: Store,
+    /// The event log.
+    pub log: Arc<dyn EventLog>,
+    /// The ingest writer.
+    pub ingestor: Ingestor,
+    /// Verified-key cache.
+    pub keys: Arc<KeyCache>,
+    /// Size limits.
+    pub limits: ApiLimits,
+    /// Renders `/metrics`; `None` when no recorder is installed (tests).
+    pub metrics: Option<PrometheusHandle>,
+    /// Bytes of request bodies that may be buffered at once.
+    pub body_budget: Arc<Semaphore>,
+    /// False while starting or draining: `/readyz` answers 503.
+    pub ready: Arc<AtomicBool>,
+    /// The consumer runtime.
+    pub consumers: Arc<Runtime>,
+    /// Webhook delivery settings.
+    pub webhooks: WebhookSettings,
+    /// The job runner (woken after an enqueue).
+    pub jobs: Arc<sluice_jobs::Runner>,
+    /// Meters, shared with the meters consumer.
+    pub meters: sluice_metering::MeterCache,
+    /// Where uploads wait for their import job (`<data-dir>/imports`).
+    pub imports_dir: std::path::PathBuf,
+}
+
+impl AppState {
+    /// Builds the state; the server is not ready until [`AppState::ready`] is set.
+    // One argument per component keeps the wiring in `serve.rs` explicit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        log: Arc<dyn EventLog>,
+        ingestor: Ingestor,
+        limits: ApiLimits,
+        metrics: Option<PrometheusHandle>,
+        consumers: Arc<Runtime>,
+        webhooks: WebhookSettings,
+        jobs: Arc<sluice_jobs::Runner>,
+        meters: sluice_metering::MeterCache,
+        imports_dir: std::path::PathBuf,
+    ) -> Self {
+        AppState {
+            store,
+            log,
+            ingestor,
+            keys: Arc::new(KeyCache::default()),
+            body_budget: Arc::new(Semaphore::new(limits.max_buffered_body_bytes)),
+            limits,
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+            consumers,
+            webhooks,
+            jobs,
+            meters,
+            imports_dir,
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! `event_counts`: the built-in state-writing consumer. It counts events
+//! per workspace, type, customer and UTC day into the `event_counts` table,
+//! exactly once (each count commits with the checkpoint). A reset to
+//! `earliest` clears the table and rebuilds it from the log.
+
+use async_trait::async_trait;
+use sluice_core::Event;
+use sluice_store::CountKey;
+
+use crate::runtime::{Attempt, Consumer, Effect};
+
+/// Name of the consumer (and of its checkpoints).
+pub const NAME: &str = "event_counts";
+
+/// The event_counts consumer.
+pub struct EventCounts;
+
+#[async_trait]
+impl Consumer for EventCounts {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn handle(&self, e: &Event, _attempt: Attempt) -> Result<Effect, String> {
+        Ok(Effect::Count(CountKey {
+            workspace: e.workspace.to_string(),
+            event_type: e.event_type.to_string(),
+            customer_id: e.customer_id.clone().unwrap_or_default(),
+            day: e.timestamp.format("%Y-%m-%d").to_string(),
+        }))
+    }
+}

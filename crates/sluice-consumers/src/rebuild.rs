@@ -1,0 +1,64 @@
+//! The `consumer.reset` job: after a reset, follows the consumer until it
+//! has processed everything that was in the log at the time of the reset,
+//! so the rebuild shows progress (done / total records, ETA) in the jobs API
+//! and the job ends when the read model is complete again.
+//!
+//! The job only observes: the consumer does the work. Running it again
+//! (after a crash) is harmless; cancelling it stops the observation, not
+//! the consumer.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use sluice_jobs::{JobContext, JobError, JobHandler};
+use sluice_store::Job;
+
+/// Kind of the job.
+pub const KIND: &str = "consumer.reset";
+
+/// Handler of `consumer.reset` jobs.
+pub struct ConsumerRebuild;
+
+/// The payload of a `consumer.reset` job.
+pub fn payload(consumer: &str, to: &str, from: &[(u32, u64)], until: &[(u32, u64)]) -> Value {
+    json!({"consumer": consumer, "to": to, "from": from, "until": until})
+}
+
+fn positions(v: &Value) -> Vec<(u32, u64)> {
+    serde_json::from_value(v.clone()).unwrap_or_default()
+}
+
+#[async_trait]
+impl JobHandler for ConsumerRebuild {
+    fn kind(&self) -> &str {
+        KIND
+    }
+
+    fn concurrency(&self) -> usize {
+        4
+    }
+
+    async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
+        let consumer = job.payload["consumer"].as_str().unwrap_or_default().to_owned();
+        let from = positions(&job.payload["from"]);
+        let until = positions(&job.payload["until"]);
+        let total: u64 = until.iter().zip(&from).map(|((_, u), (_, f))| u.saturating_sub(*f)).sum();
+        loop {
+            if ctx.is_cancelled() {
+                return Err(JobError::Cancelled);
+            }
+            let cps = ctx.store().checkpoints(&consumer).await?;
+            let done: u64 = until
+                .iter()
+                .zip(&from)
+                .map(|((p, u), (_, f))| cps.get(p).copied().unwrap_or(*f).min(*u).saturating_sub(*f))
+                .sum();
+            ctx.progress(done as i64, Some(total as i64)).await;
+            if done >= total {
+                return Ok(json!({"consumer": consumer, "records": total}));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Domain types and traits shared by every Sluice component.
+//!
+//! This crate does no I/O. It defines what an event *is* once it has passed
+//! the edge (validated newtypes, [`Event`]), who may do what ([`Scope`]), how
+//! events are spread over log partitions ([`partition_for`]) and the
+//! [`EventLog`] trait that the embedded log and (later) NATS JetStream
+//! implement.
+
+pub mod event;
+pub mod ids;
+pub mod log;
+pub mod people;
+pub mod scope;
+
+pub use event::{partition_for, Event};
+pub use ids::{EventId, EventType, IdError, WorkspaceName};
+pub use log::{AppendRecord, Bytes, EventLog, LogError, LogStats, Record, RetentionReport};
+pub use people::{record_effects, RecordEffect};
+pub use scope::Scope;

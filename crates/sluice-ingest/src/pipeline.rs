@@ -1,0 +1,559 @@
+//! The ingest writer: group commit, dedup, durable append, index.
+//!
+//! Request handlers parse and encode their events, then hand them to the one
+//! writer through a bounded queue. The writer takes everything that is
+//! waiting (up to [`IngestorConfig::max_group_events`]) as one *group*, in
+//! two pipelined stages:
+//!
+//! 1. **Writer**: look the group's ids up in the event id index (one query
+//!    per workspace) and in the set of ids appended but not yet indexed; drop
+//!    ids already accepted or repeated inside the group; append the new events
+//!    to the log in one call, which returns after one fsync round (group
+//!    commit: every request of the group shares it).
+//! 2. **Indexer**: record the new ids, their log positions, derived record
+//!    effects and the log's new end in the state store, in one transaction;
+//!    then answer every request of the group.
+//!
+//! While the indexer commits group N, the writer already appends group N+1,
+//! so the log fsync and the index transaction overlap. A request is answered
+//! only after both stages: a `200` means durable in the log *and* indexed.
+//!
+//! There is one writer, so no id can be appended twice: an id is either in
+//! the index, or in the in-flight set from before its append until its
+//! commit. If the process dies between append and commit, the log holds
+//! events the index does not know; [`Ingestor::start`] indexes them from the
+//! log before the server takes requests (the log is the source of truth), so
+//! a client that retries an unacknowledged request gets "duplicate", never a
+//! second copy. If a commit fails while running, that group and every later
+//! one already appended are answered 503 without moving the progress, and
+//! the writer rebuilds the index from the log before it accepts the next
+//! group.
+//!
+//! Memory is bounded: the queue holds at most `max_inflight_bytes` of encoded
+//! events; when it is full, [`Ingestor::submit`] fails at once with
+//! [`IngestError::Overloaded`] (HTTP 503 with `Retry-After`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sluice_core::{partition_for, record_effects, AppendRecord, Event, EventLog};
+use sluice_store::{IndexRow, Store};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Settings of the writer.
+#[derive(Debug, Clone)]
+pub struct IngestorConfig {
+    /// Bytes of encoded events that may wait for the writer; beyond this,
+    /// ingest answers 503. Default 256 MiB.
+    pub max_inflight_bytes: usize,
+    /// Most events written in one group (one fsync round). Default 50,000.
+    pub max_group_events: usize,
+    /// How long an accepted id is remembered for dedup. Default 35 days.
+    pub dedup_window: Duration,
+    /// How often expired ids are forgotten. Default 10 minutes.
+    pub dedup_sweep_interval: Duration,
+}
+
+impl Default for IngestorConfig {
+    fn default() -> Self {
+        IngestorConfig {
+            max_inflight_bytes: 256 << 20,
+            max_group_events: 50_000,
+            dedup_window: Duration::from_secs(35 * 24 * 3600),
+            dedup_sweep_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What happened to a request's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    /// Newly stored events.
+    pub accepted: usize,
+    /// Events whose id was already accepted (within the request or before).
+    pub duplicates: usize,
+}
+
+/// Why events could not be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The queue to the writer is full; try again later.
+    #[error("ingest is over capacity; retry later")]
+    Overloaded,
+    /// The request alone is larger than the whole in-flight budget.
+    #[error("request needs {needed} bytes of buffer but the in-flight budget is {budget} bytes")]
+    TooLarge {
+        /// Encoded size of the request.
+        needed: usize,
+        /// The configured budget.
+        budget: usize,
+    },
+    /// The writer stopped (shutdown) or failed to persist; nothing was acknowledged.
+    #[error("ingest unavailable: {0}")]
+    Unavailable(String),
+}
+
+struct Pending {
+    events: Vec<Event>,
+    encoded: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<Outcome, IngestError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Handle to the ingest writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingestor {
+    tx: mpsc::Sender<Pending>,
+    budget: Arc<Semaphore>,
+    max_inflight_bytes: usize,
+}
+
+impl Ingestor {
+    /// Brings the event id index up to date with the log, then starts the
+    /// writer and the dedup-window sweeper. Returns the handle and the
+    /// writer's join handle (it ends when every handle is dropped and the
+    /// queue is drained).
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        store: Store,
+        config: IngestorConfig,
+    ) -> Result<(Ingestor, tokio::task::JoinHandle<()>), IngestError> {
+        let rebuilt = rebuild_index(&*log, &store)
+            .await
+            .map_err(|e| IngestError::Unavailable(format!("rebuilding the event index failed: {e}")))?;
+        if rebuilt > 0 {
+            tracing::warn!(events = rebuilt, "indexed events found in the log but not in the state store (recovered after an unclean stop)");
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let shared = Arc::new(Shared {
+            needs_rebuild: AtomicBool::new(false),
+            inflight: Mutex::new(HashSet::new()),
+            pending: AtomicUsize::new(0),
+            idle: Notify::new(),
+        });
+        let writer = Writer { log, store: store.clone(), config: config.clone(), shared };
+        let handle = tokio::spawn(writer.run(rx));
+        tokio::spawn(sweep_dedup_window(store, config.dedup_window, config.dedup_sweep_interval));
+        let budget = Arc::new(Semaphore::new(config.max_inflight_bytes));
+        Ok((Ingestor { tx, budget, max_inflight_bytes: config.max_inflight_bytes }, handle))
+    }
+
+    /// Stores `events` durably (deduplicated) and returns what happened. A
+    /// returned `Ok` means every accepted event is on disk and indexed.
+    pub async fn submit(&self, events: Vec<Event>) -> Result<Outcome, IngestError> {
+        let encoded: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| serde_json::to_vec(e).map_err(|e| IngestError::Unavailable(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let bytes: usize = encoded.iter().map(Vec::len).sum::<usize>().max(1);
+        if bytes > self.max_inflight_bytes {
+            return Err(IngestError::TooLarge { needed: bytes, budget: self.max_inflight_bytes });
+        }
+        let permit = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
+            .ok_or(IngestError::Overloaded)?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Pending { events, encoded, reply, _permit: permit })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => IngestError::Unavailable("shutting down".into()),
+            })?;
+        rx.await.map_err(|_| IngestError::Unavailable("writer stopped".into()))?
+    }
+}
+
+/// The first stage of the writer: dedup and durable append. It hands each
+/// appended group to the [`Indexer`] and goes on with the next group while
+/// the indexer commits, so the log fsync of one group overlaps the index
+/// transaction of the previous one. Ids of groups appended but not yet
+/// committed stay in `inflight`, so dedup never misses them.
+struct Writer {
+    log: Arc<dyn EventLog>,
+    store: Store,
+    config: IngestorConfig,
+    shared: Arc<Shared>,
+}
+
+/// State both stages see.
+struct Shared {
+    /// Set by the indexer when a commit failed: the index lags the log.
+    needs_rebuild: AtomicBool,
+    /// (workspace, id) of events appended to the log whose index rows are not
+    /// committed yet.
+    inflight: Mutex<HashSet<(String, String)>>,
+    /// Groups handed to the indexer and not yet finished.
+    pending: AtomicUsize,
+    /// Signalled whenever the indexer finishes a group.
+    idle: Notify,
+}
+
+/// One appended group on its way to the index.
+struct IndexJob {
+    rows: Vec<IndexRow>,
+    effects: Vec<sluice_core::RecordEffect>,
+    progress: Vec<(u32, u64)>,
+    replies: Vec<(oneshot::Sender<Result<Outcome, IngestError>>, Outcome)>,
+    keys: Vec<(String, String)>,
+    bytes: usize,
+    events: usize,
+    started: Instant,
+}
+
+impl IndexJob {
+    /// One job doing the work of several, in order.
+    fn merge(mut jobs: Vec<IndexJob>) -> IndexJob {
+        let mut merged = jobs.remove(0);
+        let mut progress: HashMap<u32, u64> = merged.progress.drain(..).collect();
+        for j in jobs {
+            merged.rows.extend(j.rows);
+            merged.effects.extend(j.effects);
+            merged.replies.extend(j.replies);
+            merged.keys.extend(j.keys);
+            merged.bytes += j.bytes;
+            merged.events += j.events;
+            for (p, next) in j.progress {
+                let e = progress.entry(p).or_insert(next);
+                *e = (*e).max(next);
+            }
+        }
+        merged.progress = progress.into_iter().collect();
+        merged
+    }
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        // Up to INDEX_QUEUE groups wait while one transaction commits; the
+        // indexer then commits all of them in one transaction.
+        let (index_tx, index_rx) = mpsc::channel(INDEX_QUEUE);
+        let indexer = tokio::spawn(Indexer { store: self.store.clone(), shared: self.shared.clone() }.run(index_rx));
+        while let Some(first) = rx.recv().await {
+            let mut n = first.events.len();
+            let mut group = vec![first];
+            while n < self.config.max_group_events {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        n += p.events.len();
+                        group.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.write_group(group, &index_tx).await;
+        }
+        drop(index_tx);
+        let _ = indexer.await;
+        tracing::info!("ingest writer stopped: queue drained");
+    }
+
+    /// Waits until the indexer has finished every group handed to it.
+    async fn wait_indexer_idle(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            if self.shared.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn write_group(&self, mut group: Vec<Pending>, index_tx: &mpsc::Sender<IndexJob>) {
+        let started = Instant::now();
+        if self.shared.needs_rebuild.load(Ordering::Acquire) {
+            // Let the indexer fail what it still holds, then index everything
+            // the log has beyond the stored progress.
+            self.wait_indexer_idle().await;
+            match rebuild_index(&*self.log, &self.store).await {
+                Ok(_) => {
+                    lock(&self.shared.inflight).clear();
+                    self.shared.needs_rebuild.store(false, Ordering::Release);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "event index still out of date; refusing writes");
+                    return fail_all(group, "state store unavailable");
+                }
+            }
+        }
+        let t_dedup = Instant::now();
+        let dup_mask = match self.find_duplicates(&group).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "dedup lookup failed");
+                return fail_all(group, "state store unavailable");
+            }
+        };
+        metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "dedup").record(t_dedup.elapsed().as_secs_f64());
+
+        // Build the append batch and the index rows for the new events.
+        let now_ms = Utc::now().timestamp_millis();
+        let partitions = self.log.partitions();
+        let mut records = Vec::new();
+        let mut rows = Vec::new();
+        let mut effects = Vec::new();
+        let mut keys = Vec::new();
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut next: HashMap<u32, u64> = HashMap::new();
+        let mut mask = dup_mask.iter();
+        let mut bytes = 0usize;
+        for p in group.iter_mut() {
+            let mut out = Outcome { accepted: 0, duplicates: 0 };
+            let encoded = std::mem::take(&mut p.encoded);
+            for (e, enc) in p.events.iter().zip(encoded) {
+                if *mask.next().unwrap_or(&true) {
+                    out.duplicates += 1;
+                    continue;
+                }
+                out.accepted += 1;
+                effects.extend(record_effects(e));
+                let partition = partition_for(e.workspace.as_str(), e.customer_id.as_deref(), e.id.as_str(), partitions);
+                let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
+                rows.push(IndexRow {
+                    workspace: e.workspace.as_str().to_owned(),
+                    event_id: e.id.as_str().to_owned(),
+                    partition,
+                    offset: *off,
+                    received_at_us: e.received_at.timestamp_micros(),
+                });
+                keys.push((e.workspace.as_str().to_owned(), e.id.as_str().to_owned()));
+                *off += 1;
+                bytes += enc.len();
+                records.push(AppendRecord { partition, timestamp_ms: now_ms, payload: enc });
+            }
+            outcomes.push(out);
+        }
+        let dups: usize = outcomes.iter().map(|o| o.duplicates).sum();
+        if dups > 0 {
+            metrics::counter!("sluice_ingest_events_total", "result" => "duplicate").increment(dups as u64);
+        }
+        metrics::histogram!("sluice_ingest_group_events").record(dup_mask.len() as f64);
+        let replies: Vec<_> = group.into_iter().map(|p| p.reply).zip(outcomes).collect();
+
+        let mut progress = Vec::new();
+        if !records.is_empty() {
+            let t_append = Instant::now();
+            // Registered before the append: from now on dedup sees these ids
+            // even though the index does not have them yet.
+            lock(&self.shared.inflight).extend(keys.iter().cloned());
+            let offsets = match self.log.append(records).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "log append failed");
+                    // A failed append wrote nothing (the log rolls back).
+                    let mut inflight = lock(&self.shared.inflight);
+                    for k in &keys {
+                        inflight.remove(k);
+                    }
+                    drop(inflight);
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(IngestError::Unavailable("event log unavailable".into())));
+                    }
+                    return;
+                }
+            };
+            // The writer is the log's only appender, so predicted offsets hold;
+            // if they ever did not, trust the log.
+            for (row, off) in rows.iter_mut().zip(offsets) {
+                row.offset = off;
+            }
+            metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "append").record(t_append.elapsed().as_secs_f64());
+            progress = next.keys().map(|&p| (p, self.log.next_offset(p))).collect();
+        }
+        let job = IndexJob { events: rows.len(), rows, effects, progress, replies, keys, bytes, started };
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::error::SendError(job)) = index_tx.send(job).await {
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+            for (reply, _) in job.replies {
+                let _ = reply.send(Err(IngestError::Unavailable("writer stopped".into())));
+            }
+        }
+    }
+
+    /// One flag per event of the group, in order: true if it is a duplicate.
+    async fn find_duplicates(&self, group: &[Pending]) -> Result<Vec<bool>, sluice_store::StoreError> {
+        let mut by_ws: HashMap<&str, Vec<&str>> = HashMap::new();
+        for p in group {
+            for e in &p.events {
+                by_ws.entry(e.workspace.as_str()).or_default().push(e.id.as_str());
+            }
+        }
+        let mut existing: HashMap<&str, HashSet<String>> = HashMap::new();
+        for (ws, ids) in &by_ws {
+            existing.insert(ws, self.store.existing_event_ids(ws, ids).await?);
+        }
+        let inflight = lock(&self.shared.inflight);
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        let mut mask = Vec::new();
+        for p in group {
+            for e in &p.events {
+                let (ws, id) = (e.workspace.as_str(), e.id.as_str());
+                let dup = existing.get(ws).is_some_and(|s| s.contains(id))
+                    || (!inflight.is_empty() && inflight.contains(&(ws.to_owned(), id.to_owned())))
+                    || !seen.insert((ws, id));
+                mask.push(dup);
+            }
+        }
+        Ok(mask)
+    }
+}
+
+/// The second stage: commits index rows (and record effects) with the log
+/// progress, then acknowledges the group's requests.
+struct Indexer {
+    store: Store,
+    shared: Arc<Shared>,
+}
+
+/// Groups that may wait for the indexer.
+const INDEX_QUEUE: usize = 8;
+/// Most index rows committed in one transaction.
+const MAX_INDEX_ROWS: usize = 200_000;
+
+impl Indexer {
+    async fn run(self, mut rx: mpsc::Receiver<IndexJob>) {
+        while let Some(first) = rx.recv().await {
+            // Whatever queued up while the previous transaction committed goes
+            // into this one: under load, commits get larger instead of more
+            // frequent (fewer fsyncs, and each index page is written once for
+            // many new ids).
+            let mut rows = first.rows.len();
+            let mut jobs = vec![first];
+            while rows < MAX_INDEX_ROWS {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        rows += j.rows.len();
+                        jobs.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let n = jobs.len();
+            self.index(IndexJob::merge(jobs)).await;
+            self.shared.pending.fetch_sub(n, Ordering::AcqRel);
+            self.shared.idle.notify_waiters();
+        }
+    }
+
+    async fn index(&self, job: IndexJob) {
+        let fail = |job: IndexJob, why: &str| {
+            for (reply, _) in job.replies {
+                let _ = reply.send(Err(IngestError::Unavailable(why.to_owned())));
+            }
+        };
+        if job.rows.is_empty() {
+            // Only duplicates: nothing to commit.
+            for (reply, out) in job.replies {
+                let _ = reply.send(Ok(out));
+            }
+            return;
+        }
+        // After a failed commit, later groups must not move the progress past
+        // the failed one: they fail too, and the writer rebuilds from the log.
+        if self.shared.needs_rebuild.load(Ordering::Acquire) {
+            return fail(job, "state store unavailable");
+        }
+        let t_index = Instant::now();
+        let indexed = self.store.index_events(&job.rows, &job.effects, &job.progress).await;
+        metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "index").record(t_index.elapsed().as_secs_f64());
+        if let Err(e) = indexed {
+            tracing::error!(error = %e, "indexing appended events failed; will rebuild from the log");
+            self.shared.needs_rebuild.store(true, Ordering::Release);
+            return fail(job, "state store unavailable");
+        }
+        {
+            let mut inflight = lock(&self.shared.inflight);
+            for k in &job.keys {
+                inflight.remove(k);
+            }
+        }
+        metrics::counter!("sluice_ingest_events_total", "result" => "accepted").increment(job.events as u64);
+        metrics::counter!("sluice_ingest_bytes_total").increment(job.bytes as u64);
+        metrics::histogram!("sluice_ingest_group_seconds").record(job.started.elapsed().as_secs_f64());
+        for (reply, out) in job.replies {
+            let _ = reply.send(Ok(out));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the set inconsistent in a
+    // way that matters (it only ever grows or shrinks by whole keys).
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn fail_all(group: Vec<Pending>, why: &str) {
+    for p in group {
+        let _ = p.reply.send(Err(IngestError::Unavailable(why.to_owned())));
+    }
+}
+
+/// Indexes every log record at or after the stored progress of its
+/// partition. Returns how many records were (re)indexed.
+async fn rebuild_index(log: &dyn EventLog, store: &Store) -> Result<u64, String> {
+    let progress: HashMap<u32, u64> = store.log_progress().await.map_err(|e| e.to_string())?.into_iter().collect();
+    let mut total = 0;
+    for p in 0..log.partitions() {
+        let end = log.next_offset(p);
+        let mut from = progress.get(&p).copied().unwrap_or(0);
+        if from > end {
+            // The log lost a tail (corruption repaired on open): the index must
+            // not point past the end of the log.
+            let n = store.truncate_event_index(p, end).await.map_err(|e| e.to_string())?;
+            tracing::warn!(partition = p, from, end, forgotten = n, "log is shorter than the event index; forgot index entries past its end");
+            continue;
+        }
+        from = from.max(log.start_offset(p));
+        while from < end {
+            let records = log.read(p, from, 10_000, 16 << 20).await.map_err(|e| e.to_string())?;
+            let Some(last) = records.last().map(|r| r.offset) else { break };
+            let mut rows = Vec::with_capacity(records.len());
+            let mut effects = Vec::new();
+            for r in &records {
+                match serde_json::from_slice::<Event>(&r.payload) {
+                    Ok(e) => {
+                        effects.extend(record_effects(&e));
+                        rows.push(IndexRow {
+                        workspace: e.workspace.as_str().to_owned(),
+                        event_id: e.id.as_str().to_owned(),
+                        partition: p,
+                        offset: r.offset,
+                        received_at_us: e.received_at.timestamp_micros(),
+                    })
+                    }
+                    Err(err) => tracing::error!(partition = p, offset = r.offset, error = %err, "log record is not an event; not indexed"),
+                }
+            }
+            store.index_events(&rows, &effects, &[(p, last + 1)]).await.map_err(|e| e.to_string())?;
+            total += rows.len() as u64;
+            from = last + 1;
+        }
+    }
+    Ok(total)
+}
+
+async fn sweep_dedup_window(store: Store, window: Duration, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let cutoff = Utc::now() - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::days(35));
+        let mut forgotten = 0;
+        loop {
+            match store.expire_event_index(cutoff.timestamp_micros(), 10_000).await {
+                Ok(0) => break,
+                Ok(n) => forgotten += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dedup window sweep failed");
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        if forgotten > 0 {
+            tracing::info!(forgotten, "forgot event ids older than the dedup window");
+        }
+    }
+}

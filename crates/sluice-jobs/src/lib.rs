@@ -1,0 +1,250 @@
+//! The job runner.
+//!
+//! Jobs live in the state store (`sluice_store::Job`): durable, listed and
+//! inspected through the API, claimed by workers. A [`Runner`] has one loop
+//! per job kind; each loop keeps at most the kind's concurrency of jobs
+//! running, claims the oldest due jobs when a slot frees up (so queued jobs
+//! run in order), and for each job:
+//!
+//! - holds a **lease**, renewed by a heartbeat; when the process dies the
+//!   lease expires and any runner puts the job back in the queue (or fails
+//!   it when its attempts are used up). A handler must therefore be safe to
+//!   run again: it resumes from what it committed, or its effects are
+//!   idempotent (for example events with deterministic ids go through the
+//!   deduplicating ingest path);
+//! - reports **progress** through [`JobContext::progress`];
+//! - sees **cancellation** through [`JobContext::is_cancelled`] (a queued job
+//!   is cancelled at once by the store; a running one when its handler
+//!   notices and returns [`JobError::Cancelled`]);
+//! - on failure is **retried** with exponential backoff and jitter until
+//!   `max_attempts`, keeping every attempt's error.
+//!
+//! Concurrency limits are per process.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sluice_store::{Job, JobEnd, Store};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+/// Why an attempt did not succeed.
+#[derive(Debug)]
+pub enum JobError {
+    /// A failure; the job is retried if attempts are left.
+    Failed(String),
+    /// The handler stopped because the job was cancelled.
+    Cancelled,
+    /// A failure that another attempt cannot fix (e.g. invalid input); the
+    /// job fails at once, keeping `result` (e.g. the list of bad rows).
+    Fatal {
+        /// Why.
+        error: String,
+        /// What to keep as the job's result.
+        result: Value,
+    },
+}
+
+impl<E: std::fmt::Display> From<E> for JobError {
+    fn from(e: E) -> Self {
+        JobError::Failed(e.to_string())
+    }
+}
+
+/// Runs jobs of one kind.
+#[async_trait]
+pub trait JobHandler: Send + Sync + 'static {
+    /// The kind this handler runs, e.g. `import.usage`.
+    fn kind(&self) -> &str;
+    /// Jobs of this kind run at once in one process.
+    fn concurrency(&self) -> usize {
+        1
+    }
+    /// Runs one attempt; returns the job's result.
+    async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError>;
+}
+
+/// What a handler can do while it runs.
+pub struct JobContext {
+    store: Store,
+    id: String,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl JobContext {
+    /// Records progress: `done` of `total` units (total when known).
+    pub async fn progress(&self, done: i64, total: Option<i64>) {
+        if let Err(e) = self.store.job_progress(&self.id, done, total).await {
+            tracing::warn!(job = %self.id, error = %e, "could not record progress");
+        }
+    }
+
+    /// True once a cancellation was asked for; the handler should stop and
+    /// return [`JobError::Cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// The store, for handlers that write state.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Settings of a runner.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerConfig {
+    /// Lease of a running job; renewed every third of it.
+    pub lease: Duration,
+    /// How often idle loops look for new jobs and expired leases.
+    pub poll: Duration,
+    /// Backoff before the second attempt; doubles per attempt, at most 10 min.
+    pub retry_base: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig { lease: Duration::from_secs(30), poll: Duration::from_millis(200), retry_base: Duration::from_secs(1) }
+    }
+}
+
+/// Runs job handlers until stopped.
+pub struct Runner {
+    stop: watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Runner {
+    /// Starts one loop per handler and the lease reclaimer.
+    pub fn start(store: Store, handlers: Vec<Arc<dyn JobHandler>>, cfg: RunnerConfig) -> Runner {
+        let (stop, stop_rx) = watch::channel(false);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        let kinds: HashMap<String, Arc<dyn JobHandler>> = handlers.into_iter().map(|h| (h.kind().to_owned(), h)).collect();
+        for (_, h) in kinds {
+            tasks.push(tokio::spawn(kind_loop(store.clone(), h, cfg, stop_rx.clone(), wake.clone())));
+        }
+        tasks.push(tokio::spawn(reclaim_loop(store, cfg, stop_rx)));
+        Runner { stop, tasks: std::sync::Mutex::new(tasks), wake }
+    }
+
+    /// Tells idle loops to look for work now (after an enqueue).
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Stops claiming; running jobs are abandoned to their leases (another
+    /// start reclaims them).
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+async fn reclaim_loop(store: Store, cfg: RunnerConfig, mut stop: watch::Receiver<bool>) {
+    loop {
+        match store.reclaim_expired_jobs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(jobs = n, "reclaimed jobs whose process stopped (lease expired)"),
+            Err(e) => tracing::warn!(error = %e, "could not reclaim expired jobs"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep((cfg.lease / 2).max(Duration::from_millis(50))) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn kind_loop(store: Store, h: Arc<dyn JobHandler>, cfg: RunnerConfig, mut stop: watch::Receiver<bool>, wake: Arc<tokio::sync::Notify>) {
+    let slots = Arc::new(Semaphore::new(h.concurrency().max(1)));
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let free = slots.available_permits();
+        let claimed = if free > 0 {
+            match store.claim_jobs(h.kind(), free, cfg.lease).await {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::warn!(kind = h.kind(), error = %e, "could not claim jobs");
+                    vec![]
+                }
+            }
+        } else {
+            vec![]
+        };
+        let got = !claimed.is_empty();
+        for job in claimed {
+            let Ok(permit) = slots.clone().try_acquire_owned() else { break };
+            let (store, h) = (store.clone(), h.clone());
+            tokio::spawn(async move {
+                run_one(store, h, job, cfg).await;
+                drop(permit);
+            });
+        }
+        if got && slots.available_permits() > 0 {
+            continue; // more may be waiting
+        }
+        let notified = wake.notified();
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.poll) => {}
+            _ = notified => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConfig) {
+    use futures::FutureExt;
+    let cancelled = Arc::new(AtomicBool::new(job.cancel_requested));
+    let ctx = JobContext { store: store.clone(), id: job.id.clone(), cancelled: cancelled.clone() };
+    // Heartbeat: renew the lease and pick up cancellation requests.
+    let hb = {
+        let (store, id, cancelled) = (store.clone(), job.id.clone(), cancelled.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep((cfg.lease / 3).max(Duration::from_millis(10))).await;
+                match store.heartbeat_job(&id, cfg.lease).await {
+                    Ok(c) => {
+                        if c {
+                            cancelled.store(true, Ordering::Release);
+                        }
+                    }
+                    Err(e) => tracing::warn!(job = %id, error = %e, "heartbeat failed"),
+                }
+            }
+        })
+    };
+    tracing::info!(job = %job.id, kind = %job.kind, attempt = job.attempts, "job started");
+    let outcome = std::panic::AssertUnwindSafe(h.run(&job, &ctx)).catch_unwind().await;
+    hb.abort();
+    let end = match outcome {
+        Ok(Ok(v)) => JobEnd::Succeeded(v),
+        Ok(Err(JobError::Cancelled)) => JobEnd::Cancelled,
+        Ok(Err(JobError::Fatal { error, result })) => JobEnd::Fatal { error, result },
+        Ok(Err(JobError::Failed(e))) => JobEnd::Failed { error: e, retry_in: backoff(cfg.retry_base, job.attempts) },
+        Err(_) => JobEnd::Failed { error: "the job handler panicked".into(), retry_in: backoff(cfg.retry_base, job.attempts) },
+    };
+    match store.finish_job(&job.id, &end).await {
+        Ok(j) => {
+            tracing::info!(job = %j.id, kind = %j.kind, state = %j.state, "job attempt ended");
+            metrics::counter!("sluice_jobs_finished_total", "kind" => j.kind.clone(), "state" => j.state.clone()).increment(1);
+        }
+        Err(e) => tracing::error!(job = %job.id, error = %e, "could not record the end of a job; its lease will expire and it will run again"),
+    }
+}
+
+/// `base * 2^(attempt-1)`, at most 10 minutes, with jitter in its upper half.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let d = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(Duration::from_secs(600));
+    d / 2 + (d / 2).mul_f64(rand::random::<f64>())
+}

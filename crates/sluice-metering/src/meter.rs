@@ -1,0 +1,156 @@
+//! Meter definitions and how an event becomes usage.
+
+use chrono::Timelike;
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+use sluice_core::Event;
+use sluice_store::{Meter, UsageDelta};
+
+/// The aggregations.
+pub const AGGREGATIONS: [&str; 6] = ["sum", "count", "unique_count", "max", "min", "latest"];
+
+/// A meter as requested by a client.
+#[derive(Debug, Clone)]
+pub struct MeterSpec {
+    /// Key.
+    pub key: String,
+    /// Event type.
+    pub event_type: String,
+    /// Aggregation.
+    pub aggregation: String,
+    /// Value path.
+    pub value_property: Option<String>,
+    /// Group-by paths.
+    pub group_by: Vec<String>,
+    /// Equality filter.
+    pub filter: Map<String, Value>,
+}
+
+/// Checks a meter definition; the error names the field.
+pub fn validate(m: &MeterSpec) -> Result<(), (String, String)> {
+    let e = |f: &str, r: String| Err((f.to_owned(), r));
+    if m.key.is_empty() || m.key.len() > 64 || !m.key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
+        return e("key", "must be 1-64 characters of A-Z a-z 0-9 _ - .".into());
+    }
+    if sluice_core::EventType::parse(m.event_type.clone()).is_err() {
+        return e("event_type", "must be an event type: 1-128 of A-Z a-z 0-9 _ . : -".into());
+    }
+    if !AGGREGATIONS.contains(&m.aggregation.as_str()) {
+        return e("aggregation", format!("must be one of {}", AGGREGATIONS.join(", ")));
+    }
+    match (&m.value_property, m.aggregation.as_str()) {
+        (None, a) if a != "count" => return e("value_property", format!("is required for {a}")),
+        (Some(p), _) if !valid_path(p) => return e("value_property", "must be a dot path such as usage.bytes".into()),
+        _ => {}
+    }
+    if let Some(p) = m.group_by.iter().find(|p| !valid_path(p)) {
+        return e("group_by", format!("{p:?} is not a dot path"));
+    }
+    if let Some((k, _)) = m.filter.iter().find(|(k, v)| !valid_path(k) || v.is_object() || v.is_array()) {
+        return e("filter", format!("{k:?}: filters are property paths equal to a string, number, boolean or null"));
+    }
+    Ok(())
+}
+
+fn valid_path(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 256 && p.split('.').all(|s| !s.is_empty())
+}
+
+/// The value at a dot path of a JSON object.
+pub fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |cur, k| cur.get(k))
+}
+
+/// A JSON number or numeric string as an exact decimal (numbers are read
+/// from their JSON text, so `0.1` is exactly 0.1).
+pub fn decimal(v: &Value) -> Option<Decimal> {
+    match v {
+        Value::Number(n) => n.to_string().parse::<Decimal>().ok().or_else(|| Decimal::from_scientific(&n.to_string()).ok()),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Start of the 15-minute UTC bucket of `t`, microseconds.
+pub fn bucket_of(t: chrono::DateTime<chrono::Utc>) -> i64 {
+    let t = t.with_second(0).and_then(|t| t.with_nanosecond(0)).unwrap_or(t);
+    let m = t.minute() - t.minute() % 15;
+    t.with_minute(m).unwrap_or(t).timestamp_micros()
+}
+
+/// The usage one event contributes to one meter: `Ok(None)` if the meter
+/// does not apply to it, `Err` (naming the property) if it applies but its
+/// value is missing or not a number.
+pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
+    if e.workspace.as_str() != m.workspace || e.event_type.as_str() != m.event_type {
+        return Ok(None);
+    }
+    let props: Value = serde_json::from_str(e.properties.get()).unwrap_or(Value::Null);
+    if m.filter.iter().any(|(k, want)| at(&props, k) != Some(want)) {
+        return Ok(None);
+    }
+    let group_key = if m.group_by.is_empty() {
+        String::new()
+    } else {
+        let g: Map<String, Value> = m.group_by.iter().map(|p| (p.clone(), at(&props, p).cloned().unwrap_or(Value::Null))).collect();
+        Value::Object(g).to_string()
+    };
+    let mut d = UsageDelta {
+        workspace: m.workspace.clone(),
+        meter: m.key.clone(),
+        customer_id: e.customer_id.clone().unwrap_or_default(),
+        subscription_id: e.subscription_id.clone().unwrap_or_default(),
+        group_key,
+        bucket_start: bucket_of(e.timestamp),
+        count: 1,
+        sum: Decimal::ZERO,
+        min: None,
+        max: None,
+        latest_at: None,
+        latest_value: None,
+        unique: None,
+    };
+    if m.aggregation == "count" {
+        return Ok(Some(d));
+    }
+    let path = m.value_property.as_deref().unwrap_or_default();
+    let raw = at(&props, path).ok_or_else(|| format!("meter {:?}: properties.{path} is missing", m.key))?;
+    if m.aggregation == "unique_count" {
+        d.unique = Some(match raw {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+        return Ok(Some(d));
+    }
+    let v = decimal(raw).ok_or_else(|| format!("meter {:?}: properties.{path} = {raw} is not a number", m.key))?;
+    d.sum = v;
+    d.min = Some(v);
+    d.max = Some(v);
+    d.latest_at = Some(e.timestamp.timestamp_micros());
+    d.latest_value = Some(v);
+    Ok(Some(d))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn decimals_are_exact() {
+        let mut s = Decimal::ZERO;
+        for _ in 0..10 {
+            s += decimal(&serde_json::json!(0.1)).unwrap();
+        }
+        assert_eq!(s, Decimal::ONE);
+        assert_eq!(decimal(&serde_json::json!("12.50")).unwrap().to_string(), "12.50");
+        assert_eq!(decimal(&serde_json::json!(1e3)).unwrap(), Decimal::from(1000));
+        assert!(decimal(&serde_json::json!("x")).is_none());
+    }
+
+    #[test]
+    fn buckets_are_quarter_hours() {
+        let t: chrono::DateTime<chrono::Utc> = "2024-05-01T10:44:59.9Z".parse().unwrap();
+        assert_eq!(chrono::DateTime::from_timestamp_micros(bucket_of(t)).unwrap().to_rfc3339(), "2024-05-01T10:30:00+00:00");
+    }
+}

@@ -1,0 +1,521 @@
+//! Consumer state: checkpoints, dead letters, the event_counts read model,
+//! webhooks and webhook deliveries.
+//!
+//! A state-writing consumer commits its effects, its checkpoint and any dead
+//! letter it creates or replay it completes in one transaction
+//! ([`Store::commit_consumer`]), which is what makes its effects
+//! exactly-once under at-least-once delivery.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::audit::NewAudit;
+use crate::{clamp_limit, from_micros, on_pool, to_micros, Page, Result, Store, StoreError};
+
+/// One event counted by the event_counts consumer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CountKey {
+    /// Workspace.
+    pub workspace: String,
+    /// Event type.
+    pub event_type: String,
+    /// Customer id, `""` when none.
+    pub customer_id: String,
+    /// UTC day of the event time, `YYYY-MM-DD`.
+    pub day: String,
+}
+
+/// A dead letter to create.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    /// Consumer that gave up.
+    pub consumer: String,
+    /// Workspace of the event.
+    pub workspace: String,
+    /// Event id.
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Log position.
+    pub partition: u32,
+    /// Log position.
+    pub offset: u64,
+    /// Last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// First failure.
+    pub first_failed_at: DateTime<Utc>,
+    /// Last failure.
+    pub last_failed_at: DateTime<Utc>,
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// `dlq_…`.
+    pub id: String,
+    /// Consumer.
+    pub consumer: String,
+    /// Workspace.
+    pub workspace: String,
+    /// Event id.
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Log partition.
+    pub partition: u32,
+    /// Log offset.
+    pub offset: u64,
+    /// Last error.
+    pub error: String,
+    /// Attempts made so far (including replays).
+    pub attempts: u32,
+    /// First failure.
+    pub first_failed_at: DateTime<Utc>,
+    /// Last failure.
+    pub last_failed_at: DateTime<Utc>,
+    /// `dead`, `replaying`, `replayed` or `discarded`.
+    pub status: String,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a consumer commits in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerCommit {
+    /// Consumer name.
+    pub consumer: String,
+    /// New checkpoint: (partition, next offset).
+    pub checkpoint: Option<(u32, u64)>,
+    /// Events counted (event_counts consumer).
+    pub counts: Vec<CountKey>,
+    /// Dead letters created.
+    pub dead_letters: Vec<NewDeadLetter>,
+    /// Dead letters whose replay succeeded.
+    pub replayed: Vec<String>,
+    /// Usage of meters (the meters consumer and meter backfills).
+    pub usage: Vec<crate::metering::UsageDelta>,
+}
+
+/// A webhook endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    /// `wh_…`.
+    pub id: String,
+    /// Workspace whose events it receives.
+    pub workspace: String,
+    /// Target URL.
+    pub url: String,
+    /// Event types (`*` = all).
+    pub event_types: Vec<String>,
+    /// Signing secret `whsec_…`.
+    pub secret: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One delivery (a webhook and an event) and its attempts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The stable `webhook-id`.
+    pub id: String,
+    /// Webhook.
+    pub webhook_id: String,
+    /// Event id.
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// `pending`, `retrying`, `succeeded` or `dead`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// HTTP status of the last attempt, if any answer came.
+    pub last_status_code: Option<i32>,
+    /// Error of the last attempt.
+    pub last_error: Option<String>,
+    /// When the next attempt is due.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// First attempt.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Sets one checkpoint: ($1 consumer, $2 partition, $3 next offset, $4 now).
+const UPSERT_CHECKPOINT: &str = "INSERT INTO consumer_checkpoints (consumer, log_partition, next_offset, updated_at) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, log_partition) DO UPDATE SET next_offset = excluded.next_offset, \
+     updated_at = excluded.updated_at";
+
+type DlqRow = (String, String, String, String, String, i32, i64, String, i32, i64, i64, String, i64);
+const DLQ_COLUMNS: &str = "id, consumer, workspace, event_id, event_type, log_partition, log_offset, error, attempts, \
+                           first_failed_at, last_failed_at, status, updated_at";
+
+fn dlq(r: DlqRow) -> DeadLetter {
+    DeadLetter {
+        id: r.0,
+        consumer: r.1,
+        workspace: r.2,
+        event_id: r.3,
+        event_type: r.4,
+        partition: r.5 as u32,
+        offset: r.6 as u64,
+        error: r.7,
+        attempts: r.8 as u32,
+        first_failed_at: from_micros(r.9),
+        last_failed_at: from_micros(r.10),
+        status: r.11,
+        updated_at: from_micros(r.12),
+    }
+}
+
+type WebhookRow = (String, String, String, String, String, i64);
+type DeliveryRow = (String, String, String, String, String, i32, Option<i32>, Option<String>, Option<i64>, i64, i64);
+
+fn webhook(r: WebhookRow) -> Webhook {
+    Webhook {
+        id: r.0,
+        workspace: r.1,
+        url: r.2,
+        event_types: serde_json::from_str(&r.3).unwrap_or_default(),
+        secret: r.4,
+        created_at: from_micros(r.5),
+    }
+}
+
+impl Store {
+    /// Checkpoints of a consumer: partition → next offset to process.
+    pub async fn checkpoints(&self, consumer: &str) -> Result<HashMap<u32, u64>> {
+        let rows: Vec<(i32, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT log_partition, next_offset FROM consumer_checkpoints WHERE consumer = $1")
+            .bind(consumer).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|(p, o)| (p as u32, o as u64)).collect())
+    }
+
+    /// Names of every consumer that has a checkpoint.
+    pub async fn consumer_names(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT DISTINCT consumer FROM consumer_checkpoints ORDER BY consumer").fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|(c,)| c).collect())
+    }
+
+    /// Commits a consumer's effects, checkpoint, new dead letters and
+    /// completed replays in one transaction.
+    pub async fn commit_consumer(&self, c: &ConsumerCommit) -> Result<()> {
+        let now = to_micros(Utc::now());
+        let mut counts: HashMap<&CountKey, i64> = HashMap::new();
+        for k in &c.counts {
+            *counts.entry(k).or_default() += 1;
+        }
+        let keys: Vec<(&CountKey, i64)> = counts.into_iter().collect();
+        // The statements after the counts are the same on both backends.
+        macro_rules! rest_of_commit {
+            ($tx:ident) => {{
+            for d in &c.dead_letters {
+                sqlx::query(&format!("INSERT INTO dead_letters ({DLQ_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'dead', $12)"))
+                    .bind(format!("dlq_{}", uuid::Uuid::now_v7().simple()))
+                    .bind(&d.consumer).bind(&d.workspace).bind(&d.event_id).bind(&d.event_type)
+                    .bind(d.partition as i32).bind(d.offset as i64).bind(&d.error).bind(d.attempts as i32)
+                    .bind(to_micros(d.first_failed_at)).bind(to_micros(d.last_failed_at)).bind(now)
+                    .execute(&mut *$tx).await?;
+            }
+            for id in &c.replayed {
+                sqlx::query("UPDATE dead_letters SET status = 'replayed', updated_at = $1 WHERE id = $2 AND status = 'replaying'")
+                    .bind(now).bind(id).execute(&mut *$tx).await?;
+            }
+            if let Some((p, next)) = c.checkpoint {
+                sqlx::query(UPSERT_CHECKPOINT)
+                    .bind(&c.consumer).bind(p as i32).bind(next as i64).bind(now)
+                    .execute(&mut *$tx).await?;
+            }
+            }};
+        }
+        // The counts of the whole batch go in one statement: as JSON on
+        // SQLite, as arrays on PostgreSQL.
+        match self {
+            Store::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                if !keys.is_empty() {
+                        let json = serde_json::Value::Array(
+                            keys.iter()
+                                .map(|(k, n)| serde_json::json!([k.workspace, k.event_type, k.customer_id, k.day, n]))
+                                .collect(),
+                        )
+                        .to_string();
+                        sqlx::query(
+                            "INSERT INTO event_counts (workspace, event_type, customer_id, day, count) \
+                             SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each($1) WHERE 1 \
+                             ON CONFLICT (workspace, event_type, customer_id, day) DO UPDATE SET count = event_counts.count + excluded.count")
+                            .bind(json).execute(&mut *tx).await?;
+                }
+                crate::metering::apply_usage!(sqlite, tx, &c.usage);
+                rest_of_commit!(tx);
+                tx.commit().await?;
+            }
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                if !keys.is_empty() {
+                        let col = |f: fn(&CountKey) -> &String| keys.iter().map(|(k, _)| f(k).clone()).collect::<Vec<String>>();
+                        sqlx::query(
+                            "INSERT INTO event_counts (workspace, event_type, customer_id, day, count) \
+                             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+                             ON CONFLICT (workspace, event_type, customer_id, day) DO UPDATE SET count = event_counts.count + excluded.count")
+                            .bind(col(|k| &k.workspace)).bind(col(|k| &k.event_type)).bind(col(|k| &k.customer_id))
+                            .bind(col(|k| &k.day)).bind(keys.iter().map(|(_, n)| *n).collect::<Vec<i64>>())
+                            .execute(&mut *tx).await?;
+                }
+                crate::metering::apply_usage!(postgres, tx, &c.usage);
+                rest_of_commit!(tx);
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every checkpoint of `consumer` to the given positions; with
+    /// `clear_counts`, also empties the event_counts read model (it is then
+    /// rebuilt by the consumer from those positions). One transaction, with
+    /// its audit entry.
+    pub async fn reset_consumer(&self, consumer: &str, positions: &[(u32, u64)], clear_counts: bool, audit: &NewAudit) -> Result<()> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            if clear_counts {
+                sqlx::query("DELETE FROM event_counts").execute(&mut *tx).await?;
+            }
+            for &(p, next) in positions {
+                sqlx::query(UPSERT_CHECKPOINT)
+                    .bind(consumer).bind(p as i32).bind(next as i64).bind(now)
+                    .execute(&mut *tx).await?;
+            }
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Counts of the event_counts read model for a workspace:
+    /// (event type, customer id, day, count), optionally filtered.
+    pub async fn event_counts(&self, workspace: &str, event_type: Option<&str>, customer_id: Option<&str>) -> Result<Vec<(String, String, String, i64)>> {
+        let rows = on_pool!(self, pool => sqlx::query_as(
+            "SELECT event_type, customer_id, day, count FROM event_counts WHERE workspace = $1 \
+             AND ($2 IS NULL OR event_type = $2) AND ($3 IS NULL OR customer_id = $3) \
+             ORDER BY event_type, customer_id, day LIMIT 10000")
+            .bind(workspace).bind(event_type).bind(customer_id).fetch_all(pool).await)?;
+        Ok(rows)
+    }
+
+    /// Dead letters of a workspace, oldest first, optionally of one consumer
+    /// and one status.
+    pub async fn list_dead_letters(
+        &self,
+        workspace: &str,
+        consumer: Option<&str>,
+        status: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<DeadLetter>> {
+        let limit = clamp_limit(limit);
+        let sql = format!(
+            "SELECT {DLQ_COLUMNS} FROM dead_letters WHERE workspace = $1 AND ($2 IS NULL OR consumer = $2) \
+             AND ($3 IS NULL OR status = $3) AND id > $4 ORDER BY id LIMIT $5"
+        );
+        let rows: Vec<DlqRow> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(workspace).bind(consumer).bind(status).bind(cursor.unwrap_or("")).bind(limit as i64 + 1)
+            .fetch_all(pool).await)?;
+        Ok(Page::from_overfetch(rows.into_iter().map(dlq).collect(), limit, |d: &DeadLetter| d.id.clone()))
+    }
+
+    /// One dead letter of a workspace.
+    pub async fn get_dead_letter(&self, workspace: &str, id: &str) -> Result<DeadLetter> {
+        let sql = format!("SELECT {DLQ_COLUMNS} FROM dead_letters WHERE workspace = $1 AND id = $2");
+        let row: Option<DlqRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(id).fetch_optional(pool).await)?;
+        row.map(dlq).ok_or(StoreError::NotFound)
+    }
+
+    /// Number of dead letters waiting (`dead`) per consumer, for a workspace
+    /// (or all workspaces with `None`).
+    pub async fn dead_letter_counts(&self, workspace: Option<&str>) -> Result<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT consumer, COUNT(*) FROM dead_letters WHERE status = 'dead' AND ($1 IS NULL OR workspace = $1) GROUP BY consumer")
+            .bind(workspace).fetch_all(pool).await)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Marks dead letters for replay (status `dead` → `replaying`) and
+    /// returns how many: one by id, or all matching the filters. The
+    /// consumer picks them up; each is processed once. One transaction with
+    /// its audit entry.
+    pub async fn claim_replays(
+        &self,
+        workspace: &str,
+        id: Option<&str>,
+        consumer: Option<&str>,
+        event_type: Option<&str>,
+        error_contains: Option<&str>,
+        audit: &NewAudit,
+    ) -> Result<u64> {
+        let now = to_micros(Utc::now());
+        let pattern = error_contains.map(|e| format!("%{}%", e.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let n = sqlx::query(
+                "UPDATE dead_letters SET status = 'replaying', updated_at = $1 WHERE workspace = $2 AND status = 'dead' \
+                 AND ($3 IS NULL OR id = $3) AND ($4 IS NULL OR consumer = $4) AND ($5 IS NULL OR event_type = $5) \
+                 AND ($6 IS NULL OR lower(error) LIKE lower($6) ESCAPE '\\')")
+                .bind(now).bind(workspace).bind(id).bind(consumer).bind(event_type).bind(&pattern)
+                .execute(&mut *tx).await?.rows_affected();
+            if n > 0 {
+                let mut a = audit.clone();
+                a.details["count"] = Value::from(n);
+                crate::audit::insert_audit!(tx, &a);
+            }
+            tx.commit().await?;
+            Ok(n)
+        })
+    }
+
+    /// Discards a waiting dead letter (`dead` → `discarded`), with its audit entry.
+    pub async fn discard_dead_letter(&self, workspace: &str, id: &str, audit: &NewAudit) -> Result<()> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let n = sqlx::query("UPDATE dead_letters SET status = 'discarded', updated_at = $1 WHERE workspace = $2 AND id = $3 AND status = 'dead'")
+                .bind(now).bind(workspace).bind(id).execute(&mut *tx).await?.rows_affected();
+            if n == 0 {
+                return Err(StoreError::Conflict("only a dead letter in status `dead` can be discarded".into()));
+            }
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Dead letters of `consumer` claimed for replay, oldest first.
+    pub async fn replays_for(&self, consumer: &str, limit: i64) -> Result<Vec<DeadLetter>> {
+        let sql = format!("SELECT {DLQ_COLUMNS} FROM dead_letters WHERE consumer = $1 AND status = 'replaying' ORDER BY id LIMIT $2");
+        let rows: Vec<DlqRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(consumer).bind(limit).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(dlq).collect())
+    }
+
+    /// A replay failed again: back to `dead` with the new error and attempts.
+    pub async fn replay_failed(&self, id: &str, error: &str, attempts: u32) -> Result<()> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => sqlx::query(
+            "UPDATE dead_letters SET status = 'dead', error = $1, attempts = attempts + $2, last_failed_at = $3, updated_at = $3 \
+             WHERE id = $4 AND status = 'replaying'")
+            .bind(error).bind(attempts as i32).bind(now).bind(id).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    // ---- webhooks ----
+
+    /// Registers a webhook with the starting checkpoints of its consumer
+    /// (the log's end: it receives events accepted after this call) and its
+    /// audit entry, in one transaction.
+    pub async fn create_webhook(&self, w: &Webhook, consumer: &str, start: &[(u32, u64)], created_by: &str, audit: &NewAudit) -> Result<()> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for &(p, next) in start {
+                sqlx::query(UPSERT_CHECKPOINT)
+                    .bind(consumer).bind(p as i32).bind(next as i64).bind(now)
+                    .execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO webhooks (id, workspace, url, event_types, secret, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+                .bind(&w.id).bind(&w.workspace).bind(&w.url)
+                .bind(serde_json::to_string(&w.event_types).unwrap_or_else(|_| "[]".into()))
+                .bind(&w.secret).bind(to_micros(w.created_at)).bind(created_by)
+                .execute(&mut *tx).await?;
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Live webhooks of a workspace, or of all workspaces with `None`.
+    pub async fn list_webhooks(&self, workspace: Option<&str>) -> Result<Vec<Webhook>> {
+        let rows: Vec<WebhookRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, workspace, url, event_types, secret, created_at FROM webhooks \
+             WHERE deleted_at IS NULL AND ($1 IS NULL OR workspace = $1) ORDER BY id")
+            .bind(workspace).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(webhook).collect())
+    }
+
+    /// One live webhook of a workspace.
+    pub async fn get_webhook(&self, workspace: &str, id: &str) -> Result<Webhook> {
+        let row: Option<WebhookRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, workspace, url, event_types, secret, created_at FROM webhooks \
+             WHERE deleted_at IS NULL AND workspace = $1 AND id = $2")
+            .bind(workspace).bind(id).fetch_optional(pool).await)?;
+        row.map(webhook).ok_or(StoreError::NotFound)
+    }
+
+    /// Deletes a webhook (deliveries stop), with its audit entry.
+    pub async fn delete_webhook(&self, workspace: &str, id: &str, audit: &NewAudit) -> Result<()> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let n = sqlx::query("UPDATE webhooks SET deleted_at = $1 WHERE workspace = $2 AND id = $3 AND deleted_at IS NULL")
+                .bind(now).bind(workspace).bind(id).execute(&mut *tx).await?.rows_affected();
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Records the state of a delivery after an attempt.
+    pub async fn upsert_delivery(&self, d: &Delivery) -> Result<()> {
+        on_pool!(self, pool => sqlx::query(
+            "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, status, attempts, last_status_code, last_error, \
+             next_retry_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+             last_status_code = excluded.last_status_code, last_error = excluded.last_error, \
+             next_retry_at = excluded.next_retry_at, updated_at = excluded.updated_at")
+            .bind(&d.id).bind(&d.webhook_id).bind(&d.event_id).bind(&d.event_type).bind(&d.status)
+            .bind(d.attempts as i32).bind(d.last_status_code).bind(&d.last_error)
+            .bind(d.next_retry_at.map(to_micros)).bind(to_micros(d.created_at)).bind(to_micros(d.updated_at))
+            .execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// A delivery by id.
+    pub async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>> {
+        let row: Option<DeliveryRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, webhook_id, event_id, event_type, status, attempts, last_status_code, last_error, next_retry_at, \
+             created_at, updated_at FROM webhook_deliveries WHERE id = $1")
+            .bind(id).fetch_optional(pool).await)?;
+        Ok(row.map(delivery))
+    }
+
+    /// Deliveries of a webhook, oldest first.
+    pub async fn list_deliveries(&self, webhook_id: &str, cursor: Option<&str>, limit: usize) -> Result<Page<Delivery>> {
+        let limit = clamp_limit(limit);
+        let rows: Vec<DeliveryRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, webhook_id, event_id, event_type, status, attempts, last_status_code, last_error, next_retry_at, \
+             created_at, updated_at FROM webhook_deliveries WHERE webhook_id = $1 AND id > $2 ORDER BY id LIMIT $3")
+            .bind(webhook_id).bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;
+        Ok(Page::from_overfetch(rows.into_iter().map(delivery).collect(), limit, |d: &Delivery| d.id.clone()))
+    }
+}
+
+fn delivery(r: DeliveryRow) -> Delivery {
+    Delivery {
+        id: r.0,
+        webhook_id: r.1,
+        event_id: r.2,
+        event_type: r.3,
+        status: r.4,
+        attempts: r.5 as u32,
+        last_status_code: r.6,
+        last_error: r.7,
+        next_retry_at: r.8.map(from_micros),
+        created_at: from_micros(r.9),
+        updated_at: from_micros(r.10),
+    }
+}

@@ -1,0 +1,320 @@
+//! Durable jobs. Claiming is `UPDATE … WHERE id IN (SELECT … FOR UPDATE
+//! SKIP LOCKED) RETURNING` on PostgreSQL (many workers, no double claims)
+//! and the same `UPDATE … RETURNING` without row locks on SQLite, whose
+//! single writer serialises claims anyway.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::{clamp_limit, from_micros, on_pool, to_micros, Page, Result, Store, StoreError};
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Workspace the job belongs to.
+    pub workspace: String,
+    /// Kind, e.g. `import.usage`; decides the handler.
+    pub kind: String,
+    /// Handler input.
+    pub payload: Value,
+    /// Attempts before the job fails for good (≥ 1).
+    pub max_attempts: u32,
+    /// Key that created it.
+    pub created_by: Option<String>,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// `job_…`, time-ordered.
+    pub id: String,
+    /// Workspace.
+    pub workspace: String,
+    /// Kind.
+    pub kind: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    /// Input.
+    pub payload: Value,
+    /// Output of a succeeded job.
+    pub result: Option<Value>,
+    /// Last error.
+    pub error: Option<String>,
+    /// Every error of every attempt, oldest first (at most 100 kept).
+    pub errors: Vec<String>,
+    /// Units of work done.
+    pub progress_done: i64,
+    /// Units of work in all, when known.
+    pub progress_total: Option<i64>,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Not claimed before this time (backoff).
+    pub run_after: DateTime<Utc>,
+    /// A cancellation was asked for while running.
+    pub cancel_requested: bool,
+    /// Key that created it.
+    pub created_by: Option<String>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// First started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Job {
+    /// True once the job will not change any more.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
+    }
+}
+
+const COLUMNS: &str = "id, workspace, kind, state, payload, result, error, errors, progress_done, progress_total, \
+    attempts, max_attempts, run_after, cancel_requested, created_by, created_at, started_at, finished_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: String,
+    workspace: String,
+    kind: String,
+    state: String,
+    payload: String,
+    result: Option<String>,
+    error: Option<String>,
+    errors: String,
+    progress_done: i64,
+    progress_total: Option<i64>,
+    attempts: i32,
+    max_attempts: i32,
+    run_after: i64,
+    cancel_requested: bool,
+    created_by: Option<String>,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    updated_at: i64,
+}
+
+impl From<Row> for Job {
+    fn from(r: Row) -> Job {
+        Job {
+            id: r.id,
+            workspace: r.workspace,
+            kind: r.kind,
+            state: r.state,
+            payload: serde_json::from_str(&r.payload).unwrap_or(Value::Null),
+            result: r.result.and_then(|t| serde_json::from_str(&t).ok()),
+            error: r.error,
+            errors: serde_json::from_str(&r.errors).unwrap_or_default(),
+            progress_done: r.progress_done,
+            progress_total: r.progress_total,
+            attempts: r.attempts as u32,
+            max_attempts: r.max_attempts as u32,
+            run_after: from_micros(r.run_after),
+            cancel_requested: r.cancel_requested,
+            created_by: r.created_by,
+            created_at: from_micros(r.created_at),
+            started_at: r.started_at.map(from_micros),
+            finished_at: r.finished_at.map(from_micros),
+            updated_at: from_micros(r.updated_at),
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub enum JobEnd {
+    /// Done, with a result.
+    Succeeded(Value),
+    /// Failed; queued again after `retry_in` unless attempts are used up.
+    Failed {
+        /// Why.
+        error: String,
+        /// Backoff before the next attempt.
+        retry_in: std::time::Duration,
+    },
+    /// Stopped because a cancellation was asked for.
+    Cancelled,
+    /// Failed for good (retrying cannot help), keeping a result.
+    Fatal {
+        /// Why.
+        error: String,
+        /// Result to keep (e.g. the errors of an import).
+        result: Value,
+    },
+}
+
+impl Store {
+    /// Enqueues a job.
+    pub async fn enqueue_job(&self, j: &NewJob) -> Result<Job> {
+        let now = to_micros(Utc::now());
+        let id = format!("job_{}", uuid::Uuid::now_v7().simple());
+        on_pool!(self, pool => sqlx::query(
+            "INSERT INTO jobs (id, workspace, kind, state, payload, errors, progress_done, attempts, max_attempts, run_after, \
+             cancel_requested, created_by, created_at, updated_at) VALUES ($1, $2, $3, 'queued', $4, '[]', 0, 0, $5, $6, $7, $8, $6, $6)")
+            .bind(&id).bind(&j.workspace).bind(&j.kind).bind(j.payload.to_string()).bind(j.max_attempts.max(1) as i32)
+            .bind(now).bind(false).bind(&j.created_by)
+            .execute(pool).await.map(|_| ()))?;
+        self.get_job(None, &id).await
+    }
+
+    /// One job (of `workspace`, when given).
+    pub async fn get_job(&self, workspace: Option<&str>, id: &str) -> Result<Job> {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 AND ($2 IS NULL OR workspace = $2)");
+        let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql).bind(id).bind(workspace).fetch_optional(pool).await)?;
+        row.map(Job::from).ok_or(StoreError::NotFound)
+    }
+
+    /// Jobs of a workspace, oldest first.
+    pub async fn list_jobs(&self, workspace: &str, kind: Option<&str>, state: Option<&str>, cursor: Option<&str>, limit: usize) -> Result<Page<Job>> {
+        let limit = clamp_limit(limit);
+        let sql = format!(
+            "SELECT {COLUMNS} FROM jobs WHERE workspace = $1 AND ($2 IS NULL OR kind = $2) AND ($3 IS NULL OR state = $3) \
+             AND id > $4 ORDER BY id LIMIT $5"
+        );
+        let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(workspace).bind(kind).bind(state).bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;
+        Ok(Page::from_overfetch(rows.into_iter().map(Job::from).collect(), limit, |j: &Job| j.id.clone()))
+    }
+
+    /// Claims up to `n` queued jobs of `kind` that are due, oldest first,
+    /// marking them running with a lease of `lease`.
+    pub async fn claim_jobs(&self, kind: &str, n: usize, lease: std::time::Duration) -> Result<Vec<Job>> {
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let now = Utc::now();
+        let until = to_micros(now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30)));
+        let now = to_micros(now);
+        let lock = match self {
+            Store::Sqlite(_) => "",
+            Store::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = $1, \
+             started_at = COALESCE(started_at, $2), updated_at = $2 \
+             WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND kind = $3 AND run_after <= $2 ORDER BY id LIMIT $4{lock}) \
+             RETURNING {COLUMNS}"
+        );
+        let mut rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(until).bind(now).bind(kind).bind(n as i64).fetch_all(pool).await)?;
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(rows.into_iter().map(Job::from).collect())
+    }
+
+    /// Extends the lease of a running job; returns whether a cancellation
+    /// was asked for (and `false` if the job is no longer running here).
+    pub async fn heartbeat_job(&self, id: &str, lease: std::time::Duration) -> Result<bool> {
+        let until = to_micros(Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30)));
+        let row: Option<(bool,)> = on_pool!(self, pool => sqlx::query_as(
+            "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND state = 'running' RETURNING cancel_requested")
+            .bind(until).bind(id).fetch_optional(pool).await)?;
+        Ok(row.is_some_and(|(c,)| c))
+    }
+
+    /// Records progress of a running job.
+    pub async fn job_progress(&self, id: &str, done: i64, total: Option<i64>) -> Result<()> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => sqlx::query(
+            "UPDATE jobs SET progress_done = $1, progress_total = COALESCE($2, progress_total), updated_at = $3 WHERE id = $4 AND state = 'running'")
+            .bind(done).bind(total).bind(now).bind(id).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Ends the current attempt of a running job.
+    pub async fn finish_job(&self, id: &str, end: &JobEnd) -> Result<Job> {
+        let job = self.get_job(None, id).await?;
+        let now = Utc::now();
+        let mut errors = job.errors.clone();
+        let (state, result, error, run_after, finished) = match end {
+            JobEnd::Succeeded(v) => ("succeeded", Some(v.to_string()), job.error.clone(), job.run_after, Some(now)),
+            JobEnd::Cancelled => ("cancelled", None, job.error.clone(), job.run_after, Some(now)),
+            JobEnd::Fatal { error, result } => {
+                errors.push(format!("attempt {}: {error}", job.attempts));
+                ("failed", Some(result.to_string()), Some(error.clone()), job.run_after, Some(now))
+            }
+            JobEnd::Failed { error, retry_in } => {
+                errors.push(format!("attempt {}: {error}", job.attempts));
+                if errors.len() > 100 {
+                    errors.drain(..errors.len() - 100);
+                }
+                if job.cancel_requested {
+                    // The handler failed after a cancellation was asked for:
+                    // honour the cancellation rather than retrying.
+                    ("cancelled", None, Some(error.clone()), job.run_after, Some(now))
+                } else if job.attempts < job.max_attempts {
+                    let after = now + chrono::Duration::from_std(*retry_in).unwrap_or_default();
+                    ("queued", None, Some(error.clone()), after, None)
+                } else {
+                    ("failed", None, Some(error.clone()), job.run_after, Some(now))
+                }
+            }
+        };
+        on_pool!(self, pool => sqlx::query(
+            "UPDATE jobs SET state = $1, result = $2, error = $3, errors = $4, run_after = $5, finished_at = $6, \
+             lease_until = NULL, updated_at = $7 WHERE id = $8 AND state = 'running'")
+            .bind(state).bind(result).bind(error).bind(serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()))
+            .bind(to_micros(run_after)).bind(finished.map(to_micros)).bind(to_micros(now)).bind(id)
+            .execute(pool).await.map(|_| ()))?;
+        self.get_job(None, id).await
+    }
+
+    /// Cancels a job: a queued one at once, a running one by asking its
+    /// handler to stop (it ends `cancelled` at its next check).
+    pub async fn cancel_job(&self, workspace: &str, id: &str) -> Result<Job> {
+        let now = to_micros(Utc::now());
+        let job = self.get_job(Some(workspace), id).await?;
+        match job.state.as_str() {
+            "queued" => {
+                on_pool!(self, pool => sqlx::query(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1 WHERE id = $2 AND state = 'queued'")
+                    .bind(now).bind(id).execute(pool).await.map(|_| ()))?;
+            }
+            "running" => {
+                on_pool!(self, pool => sqlx::query(
+                    "UPDATE jobs SET cancel_requested = $1, updated_at = $2 WHERE id = $3 AND state = 'running'")
+                    .bind(true).bind(now).bind(id).execute(pool).await.map(|_| ()))?;
+            }
+            other => return Err(StoreError::Conflict(format!("job is {other}; only queued or running jobs can be cancelled"))),
+        }
+        self.get_job(Some(workspace), id).await
+    }
+
+    /// Queues a failed or cancelled job again, with fresh attempts.
+    pub async fn retry_job(&self, workspace: &str, id: &str) -> Result<Job> {
+        let now = to_micros(Utc::now());
+        let n = on_pool!(self, pool => sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $1, finished_at = NULL, cancel_requested = $2, \
+             updated_at = $1 WHERE id = $3 AND workspace = $4 AND state IN ('failed', 'cancelled')")
+            .bind(now).bind(false).bind(id).bind(workspace).execute(pool).await.map(|r| r.rows_affected()))?;
+        if n == 0 {
+            let job = self.get_job(Some(workspace), id).await?;
+            return Err(StoreError::Conflict(format!("job is {}; only failed or cancelled jobs can be retried", job.state)));
+        }
+        self.get_job(Some(workspace), id).await
+    }
+
+    /// Puts running jobs whose lease expired (their process died) back in
+    /// the queue, or fails them when their attempts are used up. Returns how
+    /// many were reclaimed.
+    pub async fn reclaim_expired_jobs(&self) -> Result<u64> {
+        let now = to_micros(Utc::now());
+        let n = on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let failed = sqlx::query(
+                "UPDATE jobs SET state = 'failed', error = 'the process running it stopped (lease expired) and no attempts are left', \
+                 finished_at = $1, lease_until = NULL, updated_at = $1 WHERE state = 'running' AND lease_until < $1 AND attempts >= max_attempts")
+                .bind(now).execute(&mut *tx).await?.rows_affected();
+            let queued = sqlx::query(
+                "UPDATE jobs SET state = 'queued', lease_until = NULL, updated_at = $1 WHERE state = 'running' AND lease_until < $1")
+                .bind(now).execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            Ok::<u64, sqlx::Error>(failed + queued)
+        })?;
+        Ok(n)
+    }
+}

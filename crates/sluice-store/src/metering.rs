@@ -1,0 +1,350 @@
+//! Meters and the usage read model.
+
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+use crate::audit::NewAudit;
+use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
+
+/// A meter definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Meter {
+    /// Workspace.
+    pub workspace: String,
+    /// Key, unique in the workspace.
+    pub key: String,
+    /// Events of this type are metered.
+    pub event_type: String,
+    /// `sum`, `count`, `unique_count`, `max`, `min` or `latest`.
+    pub aggregation: String,
+    /// Dot path of the value in `properties` (not for `count`).
+    pub value_property: Option<String>,
+    /// Property paths that split usage into groups.
+    pub group_by: Vec<String>,
+    /// Property equalities an event must match.
+    pub filter: serde_json::Map<String, Value>,
+    /// Per partition, the first offset the live consumer applies this meter
+    /// to; earlier events are applied by the backfill job.
+    pub start_offsets: Vec<(u32, u64)>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One event's (or several events') contribution to one usage bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageDelta {
+    /// Workspace.
+    pub workspace: String,
+    /// Meter key.
+    pub meter: String,
+    /// Customer (`""` when none).
+    pub customer_id: String,
+    /// Subscription (`""` when none).
+    pub subscription_id: String,
+    /// Group values as a JSON object text (`""` without group_by).
+    pub group_key: String,
+    /// Start of the 15-minute UTC bucket, microseconds.
+    pub bucket_start: i64,
+    /// Events.
+    pub count: i64,
+    /// Sum of values.
+    pub sum: Decimal,
+    /// Smallest value.
+    pub min: Option<Decimal>,
+    /// Largest value.
+    pub max: Option<Decimal>,
+    /// Event time of the latest value, microseconds.
+    pub latest_at: Option<i64>,
+    /// The latest value.
+    pub latest_value: Option<Decimal>,
+    /// For unique_count: the value counted.
+    pub unique: Option<String>,
+}
+
+impl UsageDelta {
+    pub(crate) fn bucket_id(&self) -> (String, String, String, String, String, i64) {
+        (
+            self.workspace.clone(),
+            self.meter.clone(),
+            self.customer_id.clone(),
+            self.subscription_id.clone(),
+            self.group_key.clone(),
+            self.bucket_start,
+        )
+    }
+
+    /// Folds `other` (same bucket) into `self`.
+    pub fn merge(&mut self, other: &UsageDelta) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = match (self.min, other.min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.max = match (self.max, other.max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        if other.latest_at.is_some() && other.latest_at >= self.latest_at {
+            self.latest_at = other.latest_at;
+            self.latest_value = other.latest_value;
+        }
+    }
+}
+
+/// A stored bucket, as read by the usage query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageBucket {
+    /// Customer (`""` when none).
+    pub customer_id: String,
+    /// Subscription (`""` when none).
+    pub subscription_id: String,
+    /// Group values (JSON object text, `""` when none).
+    pub group_key: String,
+    /// Bucket start.
+    pub bucket_start: DateTime<Utc>,
+    /// Events.
+    pub count: i64,
+    /// Sum.
+    pub sum: Decimal,
+    /// Min.
+    pub min: Option<Decimal>,
+    /// Max.
+    pub max: Option<Decimal>,
+    /// Latest value's event time.
+    pub latest_at: Option<DateTime<Utc>>,
+    /// Latest value.
+    pub latest_value: Option<Decimal>,
+}
+
+fn dec(s: Option<String>) -> Option<Decimal> {
+    s.and_then(|s| s.parse().ok())
+}
+
+/// A stored bucket row: the six key columns, count, sum, min, max, latest_at, latest_value.
+pub(crate) type StoredBucket =
+    (String, String, String, String, String, i64, i64, String, Option<String>, Option<String>, Option<i64>, Option<String>);
+
+type MeterRow = (String, String, String, String, Option<String>, String, String, String, i64);
+type BucketRow = (String, String, String, i64, i64, String, Option<String>, Option<String>, Option<i64>, Option<String>);
+
+fn meter(r: MeterRow) -> Meter {
+    Meter {
+        workspace: r.0,
+        key: r.1,
+        event_type: r.2,
+        aggregation: r.3,
+        value_property: r.4,
+        group_by: serde_json::from_str(&r.5).unwrap_or_default(),
+        filter: serde_json::from_str(&r.6).unwrap_or_default(),
+        start_offsets: serde_json::from_str(&r.7).unwrap_or_default(),
+        created_at: from_micros(r.8),
+    }
+}
+
+const METER_COLUMNS: &str = "workspace, meter_key, event_type, aggregation, value_property, group_by, filter, start_offsets, created_at";
+
+/// Applies usage deltas inside an open transaction `$tx`: merge the batch's
+/// deltas per bucket in memory, read the existing buckets in one statement,
+/// merge in Rust (exact decimals), write every bucket back in one statement.
+/// `$backend` is `sqlite` (rows travel as one JSON parameter) or `postgres`
+/// (as arrays).
+macro_rules! apply_usage {
+    ($backend:ident, $tx:ident, $deltas:expr) => {{
+        let mut merged: std::collections::HashMap<_, $crate::metering::UsageDelta> = std::collections::HashMap::new();
+        let mut uniques = Vec::new();
+        for d in $deltas {
+            if let Some(u) = &d.unique {
+                uniques.push((d.bucket_id(), u.clone()));
+            }
+            match merged.get_mut(&d.bucket_id()) {
+                Some(m) => m.merge(d),
+                None => {
+                    merged.insert(d.bucket_id(), d.clone());
+                }
+            }
+        }
+        if !merged.is_empty() {
+            let keys: Vec<(String, String, String, String, String, i64)> = merged.keys().cloned().collect();
+            let existing: Vec<$crate::metering::StoredBucket> = $crate::metering::apply_usage!(@select $backend, $tx, &keys);
+            let mut totals: std::collections::HashMap<_, $crate::metering::UsageDelta> = std::collections::HashMap::new();
+            for b in existing {
+                let id = (b.0.clone(), b.1.clone(), b.2.clone(), b.3.clone(), b.4.clone(), b.5);
+                if let Some(d) = merged.get(&id) {
+                    let mut stored = $crate::metering::UsageDelta {
+                        count: b.6,
+                        sum: b.7.parse().unwrap_or_default(),
+                        min: b.8.and_then(|v| v.parse().ok()),
+                        max: b.9.and_then(|v| v.parse().ok()),
+                        latest_at: b.10,
+                        latest_value: b.11.and_then(|v| v.parse().ok()),
+                        unique: None,
+                        ..d.clone()
+                    };
+                    stored.merge(d);
+                    totals.insert(id, stored);
+                }
+            }
+            for (id, d) in merged {
+                totals.entry(id).or_insert(d);
+            }
+            let rows: Vec<$crate::metering::UsageDelta> = totals.into_values().collect();
+            $crate::metering::apply_usage!(@upsert $backend, $tx, &rows);
+        }
+        for (id, value) in uniques {
+            sqlx::query(
+                "INSERT INTO usage_unique (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start, value) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING")
+                .bind(&id.0).bind(&id.1).bind(&id.2).bind(&id.3).bind(&id.4).bind(id.5).bind(value)
+                .execute(&mut *$tx).await?;
+        }
+    }};
+    (@select sqlite, $tx:ident, $keys:expr) => {{
+        let json = serde_json::Value::Array($keys.iter().map(|k| serde_json::json!([k.0, k.1, k.2, k.3, k.4, k.5])).collect()).to_string();
+        sqlx::query_as(
+            "SELECT workspace, meter_key, customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
+             FROM usage_buckets WHERE (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start) IN \
+             (SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5 FROM json_each($1))")
+            .bind(json).fetch_all(&mut *$tx).await?
+    }};
+    (@select postgres, $tx:ident, $keys:expr) => {{
+        let col = |f: fn(&(String, String, String, String, String, i64)) -> String| $keys.iter().map(f).collect::<Vec<String>>();
+        sqlx::query_as(
+            "SELECT b.workspace, b.meter_key, b.customer_id, b.subscription_id, b.group_key, b.bucket_start, b.count, b.sum, b.min, b.max, \
+             b.latest_at, b.latest_value FROM usage_buckets b JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[]) \
+             AS k(w, m, c, s, g, t) ON b.workspace = k.w AND b.meter_key = k.m AND b.customer_id = k.c AND b.subscription_id = k.s \
+             AND b.group_key = k.g AND b.bucket_start = k.t")
+            .bind(col(|k| k.0.clone())).bind(col(|k| k.1.clone())).bind(col(|k| k.2.clone())).bind(col(|k| k.3.clone()))
+            .bind(col(|k| k.4.clone())).bind($keys.iter().map(|k| k.5).collect::<Vec<i64>>())
+            .fetch_all(&mut *$tx).await?
+    }};
+    (@upsert sqlite, $tx:ident, $rows:expr) => {{
+        let dec = |v: &Option<rust_decimal::Decimal>| v.map(|v| v.normalize().to_string());
+        let json = serde_json::Value::Array($rows.iter().map(|d| serde_json::json!([
+            d.workspace, d.meter, d.customer_id, d.subscription_id, d.group_key, d.bucket_start, d.count,
+            d.sum.normalize().to_string(), dec(&d.min), dec(&d.max), d.latest_at, dec(&d.latest_value)
+        ])).collect()).to_string();
+        sqlx::query(
+            "INSERT INTO usage_buckets (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value) \
+             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, value->>11 \
+             FROM json_each($1) WHERE 1 \
+             ON CONFLICT (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start) DO UPDATE SET \
+             count = excluded.count, sum = excluded.sum, min = excluded.min, max = excluded.max, \
+             latest_at = excluded.latest_at, latest_value = excluded.latest_value")
+            .bind(json).execute(&mut *$tx).await?;
+    }};
+    (@upsert postgres, $tx:ident, $rows:expr) => {{
+        let s = |f: fn(&$crate::metering::UsageDelta) -> String| $rows.iter().map(f).collect::<Vec<String>>();
+        let o = |f: fn(&$crate::metering::UsageDelta) -> Option<String>| $rows.iter().map(f).collect::<Vec<Option<String>>>();
+        sqlx::query(
+            "INSERT INTO usage_buckets (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::text[], $9::text[], \
+             $10::text[], $11::int8[], $12::text[]) \
+             ON CONFLICT (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start) DO UPDATE SET \
+             count = excluded.count, sum = excluded.sum, min = excluded.min, max = excluded.max, \
+             latest_at = excluded.latest_at, latest_value = excluded.latest_value")
+            .bind(s(|d| d.workspace.clone())).bind(s(|d| d.meter.clone())).bind(s(|d| d.customer_id.clone()))
+            .bind(s(|d| d.subscription_id.clone())).bind(s(|d| d.group_key.clone()))
+            .bind($rows.iter().map(|d| d.bucket_start).collect::<Vec<i64>>())
+            .bind($rows.iter().map(|d| d.count).collect::<Vec<i64>>())
+            .bind(s(|d| d.sum.normalize().to_string()))
+            .bind(o(|d| d.min.map(|v| v.normalize().to_string())))
+            .bind(o(|d| d.max.map(|v| v.normalize().to_string())))
+            .bind($rows.iter().map(|d| d.latest_at).collect::<Vec<Option<i64>>>())
+            .bind(o(|d| d.latest_value.map(|v| v.normalize().to_string())))
+            .execute(&mut *$tx).await?;
+    }};
+}
+pub(crate) use apply_usage;
+
+impl Store {
+    /// Creates a meter (with its audit entry); [`StoreError::Conflict`] if the key exists.
+    pub async fn create_meter(&self, m: &Meter, created_by: &str, audit: &NewAudit) -> Result<()> {
+        let conflict = |e| StoreError::conflict_on_unique(e, format!("meter {:?} already exists", m.key));
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(&format!("INSERT INTO {} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "meters (workspace, meter_key, event_type, aggregation, value_property, group_by, filter, start_offsets, created_at, created_by)"))
+                .bind(&m.workspace).bind(&m.key).bind(&m.event_type).bind(&m.aggregation).bind(&m.value_property)
+                .bind(serde_json::to_string(&m.group_by).unwrap_or_else(|_| "[]".into()))
+                .bind(Value::Object(m.filter.clone()).to_string())
+                .bind(serde_json::to_string(&m.start_offsets).unwrap_or_else(|_| "[]".into()))
+                .bind(to_micros(m.created_at)).bind(created_by)
+                .execute(&mut *tx).await.map_err(conflict)?;
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Meters of a workspace, or of every workspace with `None`.
+    pub async fn list_meters(&self, workspace: Option<&str>) -> Result<Vec<Meter>> {
+        let sql = format!("SELECT {METER_COLUMNS} FROM meters WHERE ($1 IS NULL OR workspace = $1) ORDER BY workspace, meter_key");
+        let rows: Vec<MeterRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(meter).collect())
+    }
+
+    /// One meter.
+    pub async fn get_meter(&self, workspace: &str, key: &str) -> Result<Meter> {
+        let sql = format!("SELECT {METER_COLUMNS} FROM meters WHERE workspace = $1 AND meter_key = $2");
+        let row: Option<MeterRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(key).fetch_optional(pool).await)?;
+        row.map(meter).ok_or(StoreError::NotFound)
+    }
+
+    /// Usage buckets of a meter in `[from, to)`, optionally of one customer and subscription.
+    pub async fn usage_buckets(
+        &self,
+        workspace: &str,
+        meter: &str,
+        customer_id: Option<&str>,
+        subscription_id: Option<&str>,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageBucket>> {
+        let rows: Vec<BucketRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
+             FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND ($3 IS NULL OR customer_id = $3) \
+             AND ($4 IS NULL OR subscription_id = $4) AND bucket_start >= $5 AND bucket_start < $6 ORDER BY bucket_start")
+            .bind(workspace).bind(meter).bind(customer_id).bind(subscription_id)
+            .bind(from.map(to_micros).unwrap_or(i64::MIN)).bind(to.map(to_micros).unwrap_or(i64::MAX))
+            .fetch_all(pool).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UsageBucket {
+                customer_id: r.0,
+                subscription_id: r.1,
+                group_key: r.2,
+                bucket_start: from_micros(r.3),
+                count: r.4,
+                sum: r.5.parse().unwrap_or_default(),
+                min: dec(r.6),
+                max: dec(r.7),
+                latest_at: r.8.map(from_micros),
+                latest_value: dec(r.9),
+            })
+            .collect())
+    }
+
+    /// Distinct values of a unique_count meter in `[from, to)`:
+    /// (customer, subscription, group key, bucket start, value).
+    pub async fn usage_unique_values(
+        &self,
+        workspace: &str,
+        meter: &str,
+        customer_id: Option<&str>,
+        subscription_id: Option<&str>,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, String, String, DateTime<Utc>, String)>> {
+        let rows: Vec<(String, String, String, i64, String)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT customer_id, subscription_id, group_key, bucket_start, value FROM usage_unique \
+             WHERE workspace = $1 AND meter_key = $2 AND ($3 IS NULL OR customer_id = $3) \
+             AND ($4 IS NULL OR subscription_id = $4) AND bucket_start >= $5 AND bucket_start < $6")
+            .bind(workspace).bind(meter).bind(customer_id).bind(subscription_id)
+            .bind(from.map(to_micros).unwrap_or(i64::MIN)).bind(to.map(to_micros).unwrap_or(i64::MAX))
+            .fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|r| (r.0, r.1, r.2, from_micros(r.3), r.4)).collect())
+    }
+}

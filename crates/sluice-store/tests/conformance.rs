@@ -1,0 +1,298 @@
+//! The state store conformance suite: every test runs against SQLite and
+//! against PostgreSQL (a fresh database each). Backends may not differ.
+
+#![allow(clippy::unwrap_used)]
+
+use sluice_core::Scope;
+use sluice_store::testing::TestDatabase;
+use sluice_store::{IndexRow, NewApiKey, NewAudit, Store, StoreError};
+
+enum Guard {
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Pg(#[allow(dead_code)] TestDatabase),
+}
+
+async fn sqlite_store() -> (Store, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    (Store::connect(&url).await.unwrap(), Guard::Dir(dir))
+}
+
+async fn postgres_store() -> Option<(Store, Guard)> {
+    let db = TestDatabase::create().await?;
+    let store = Store::connect(&db.url).await.unwrap();
+    Some((store, Guard::Pg(db)))
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $name() {
+                let (store, _guard) = super::sqlite_store().await;
+                super::$name(store).await;
+            } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $name() {
+                let Some((store, _guard)) = super::postgres_store().await else { return };
+                super::$name(store.clone()).await;
+                store.close().await;
+            } )*
+        }
+    };
+}
+
+conformance!(
+    bootstrap_happens_once,
+    workspaces_unique_and_paged,
+    keys_lifecycle,
+    event_index_dedups_and_tracks_progress,
+    event_index_truncate_and_expire,
+    migrations_are_idempotent_on_reconnect,
+    audit_entries_are_recorded_with_their_action,
+    jobs_are_claimed_once_in_order,
+    jobs_retry_fail_cancel_and_reclaim,
+);
+
+fn job(kind: &str, n: u32) -> sluice_store::NewJob {
+    sluice_store::NewJob { workspace: "w1".into(), kind: kind.into(), payload: serde_json::json!({"n": n}), max_attempts: 2, created_by: None }
+}
+
+async fn jobs_are_claimed_once_in_order(store: Store) {
+    let mut ids = Vec::new();
+    for n in 0..40 {
+        ids.push(store.enqueue_job(&job("k", n)).await.unwrap().id);
+    }
+    store.enqueue_job(&job("other", 99)).await.unwrap();
+    let first = store.claim_jobs("k", 3, std::time::Duration::from_secs(30)).await.unwrap();
+    assert_eq!(first.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), ids[..3]);
+    assert!(first.iter().all(|j| j.state == "running" && j.attempts == 1 && j.started_at.is_some()));
+    // Concurrent claimers never get the same job.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let c = s.claim_jobs("k", 2, std::time::Duration::from_secs(30)).await.unwrap();
+                if c.is_empty() {
+                    return got;
+                }
+                got.extend(c.into_iter().map(|j| j.id));
+            }
+        }));
+    }
+    let mut all: Vec<String> = first.into_iter().map(|j| j.id).collect();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = all.iter().cloned().collect();
+    assert_eq!(all.len(), 40, "every job claimed exactly once");
+    assert_eq!(unique.len(), 40);
+    assert_eq!(store.list_jobs("w1", Some("other"), Some("queued"), None, 10).await.unwrap().data.len(), 1);
+}
+
+async fn jobs_retry_fail_cancel_and_reclaim(store: Store) {
+    use sluice_store::JobEnd;
+    use std::time::Duration;
+    let j = store.enqueue_job(&job("k", 1)).await.unwrap();
+    let c = store.claim_jobs("k", 1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(c[0].id, j.id);
+    store.job_progress(&j.id, 5, Some(10)).await.unwrap();
+    assert_eq!(store.get_job(Some("w1"), &j.id).await.unwrap().progress_total, Some(10));
+    // First failure: queued again, not before its backoff.
+    let after = store.finish_job(&j.id, &JobEnd::Failed { error: "boom".into(), retry_in: Duration::from_secs(3600) }).await.unwrap();
+    assert_eq!((after.state.as_str(), after.error.as_deref()), ("queued", Some("boom")));
+    assert!(store.claim_jobs("k", 1, Duration::from_secs(30)).await.unwrap().is_empty());
+    // Retry makes it due at once; the second failure is final.
+    assert!(matches!(store.retry_job("w1", &j.id).await, Err(StoreError::Conflict(_))));
+    let j2 = store.enqueue_job(&job("k2", 2)).await.unwrap();
+    store.claim_jobs("k2", 1, Duration::from_secs(30)).await.unwrap();
+    store.finish_job(&j2.id, &JobEnd::Failed { error: "e1".into(), retry_in: Duration::ZERO }).await.unwrap();
+    store.claim_jobs("k2", 1, Duration::from_secs(30)).await.unwrap();
+    let failed = store.finish_job(&j2.id, &JobEnd::Failed { error: "e2".into(), retry_in: Duration::ZERO }).await.unwrap();
+    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.errors, vec!["attempt 1: e1".to_string(), "attempt 2: e2".to_string()]);
+    assert!(failed.finished_at.is_some());
+    let again = store.retry_job("w1", &j2.id).await.unwrap();
+    assert_eq!((again.state.as_str(), again.attempts), ("queued", 0));
+    // Cancel: queued at once; running by request.
+    let cancelled = store.cancel_job("w1", &j2.id).await.unwrap();
+    assert_eq!(cancelled.state, "cancelled");
+    assert!(matches!(store.cancel_job("w1", &j2.id).await, Err(StoreError::Conflict(_))));
+    let j3 = store.enqueue_job(&job("k3", 3)).await.unwrap();
+    store.claim_jobs("k3", 1, Duration::from_secs(30)).await.unwrap();
+    assert!(!store.heartbeat_job(&j3.id, Duration::from_secs(30)).await.unwrap());
+    assert!(store.cancel_job("w1", &j3.id).await.unwrap().cancel_requested);
+    assert!(store.heartbeat_job(&j3.id, Duration::from_secs(30)).await.unwrap());
+    assert_eq!(store.finish_job(&j3.id, &JobEnd::Cancelled).await.unwrap().state, "cancelled");
+    // A job whose process died is reclaimed when its lease expires.
+    let j4 = store.enqueue_job(&job("k4", 4)).await.unwrap();
+    store.claim_jobs("k4", 1, Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.reclaim_expired_jobs().await.unwrap(), 1);
+    let back = store.get_job(None, &j4.id).await.unwrap();
+    assert_eq!((back.state.as_str(), back.attempts), ("queued", 1));
+    store.claim_jobs("k4", 1, Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.reclaim_expired_jobs().await.unwrap();
+    assert_eq!(store.get_job(None, &j4.id).await.unwrap().state, "failed", "no attempts left after the second lease expired");
+    // Workspaces are separate.
+    assert!(matches!(store.get_job(Some("other"), &j4.id).await, Err(StoreError::NotFound)));
+}
+
+async fn audit_entries_are_recorded_with_their_action(store: Store) {
+    store.create_workspace("w1", "UTC", &audit("workspace.create")).await.unwrap();
+    store.create_key(&key("key_a", "w1", Scope::Read, "sa"), &audit("key.create")).await.unwrap();
+    // A failed action leaves no audit entry.
+    assert!(store.create_key(&key("key_b", "w1", Scope::Read, "sa"), &audit("key.create")).await.is_err());
+    assert!(store.revoke_key("nope", &audit("key.revoke")).await.is_err());
+    store.revoke_key("key_a", &audit("key.revoke")).await.unwrap();
+    store.record_audit(&audit("other")).await.unwrap();
+    let p1 = store.list_audit("w1", None, 2).await.unwrap();
+    let p2 = store.list_audit("w1", p1.next_cursor.as_deref(), 10).await.unwrap();
+    let actions: Vec<String> = p1.data.iter().chain(&p2.data).map(|e| e.action.clone()).collect();
+    assert_eq!(actions, ["workspace.create", "key.create", "key.revoke", "other"]);
+    assert!(p2.next_cursor.is_none());
+    assert_eq!(p1.data[0].actor_key_id.as_deref(), Some("key_actor"));
+    assert_eq!(p1.data[0].details, serde_json::json!({"n": 1}));
+    assert!(store.list_audit("elsewhere", None, 10).await.unwrap().data.is_empty());
+}
+
+fn audit(action: &str) -> NewAudit {
+    NewAudit {
+        workspace: "w1".into(),
+        actor_key_id: Some("key_actor".into()),
+        action: action.into(),
+        target_type: "test".into(),
+        target_id: "t".into(),
+        details: serde_json::json!({"n": 1}),
+    }
+}
+
+fn key(id: &str, ws: &str, scope: Scope, secret: &str) -> NewApiKey {
+    use sha2_shim::digest;
+    NewApiKey {
+        id: id.into(),
+        workspace: ws.into(),
+        name: format!("{id} key"),
+        scope,
+        key_hash: digest(secret),
+        prefix: secret.chars().take(8).collect(),
+        created_by: None,
+    }
+}
+
+/// A stand-in digest: the store does not care how the hash was made.
+mod sha2_shim {
+    pub fn digest(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.resize(32, 0);
+        v
+    }
+}
+
+async fn bootstrap_happens_once(store: Store) {
+    assert!(store.bootstrap(&key("key_root", "default", Scope::Root, "root-secret")).await.unwrap());
+    assert!(!store.bootstrap(&key("key_root2", "default", Scope::Root, "other")).await.unwrap());
+    let ws = store.get_workspace("default").await.unwrap();
+    assert_eq!(ws.time_zone, "UTC");
+    assert_eq!(store.count_root_keys().await.unwrap(), 1);
+    let (k, _) = store.find_key_by_hash(&sha2_shim::digest("root-secret")).await.unwrap().unwrap();
+    assert_eq!(k.scope, Scope::Root);
+    assert!(store.find_key_by_hash(&sha2_shim::digest("other")).await.unwrap().is_none());
+}
+
+async fn workspaces_unique_and_paged(store: Store) {
+    for n in ["b", "a", "c"] {
+        store.create_workspace(n, "Asia/Tokyo", &audit("workspace.create")).await.unwrap();
+    }
+    assert!(matches!(store.create_workspace("a", "UTC", &audit("workspace.create")).await, Err(StoreError::Conflict(_))));
+    let p1 = store.list_workspaces(None, 2).await.unwrap();
+    assert_eq!(p1.data.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    let p2 = store.list_workspaces(p1.next_cursor.as_deref(), 2).await.unwrap();
+    assert_eq!(p2.data.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["c"]);
+    assert!(p2.next_cursor.is_none());
+    assert!(matches!(store.get_workspace("zz").await, Err(StoreError::NotFound)));
+    assert_eq!(store.get_workspace("b").await.unwrap().time_zone, "Asia/Tokyo");
+}
+
+async fn keys_lifecycle(store: Store) {
+    store.create_workspace("w1", "UTC", &audit("workspace.create")).await.unwrap();
+    store.create_workspace("w2", "UTC", &audit("workspace.create")).await.unwrap();
+    store.create_key(&key("key_1", "w1", Scope::Ingest, "s1"), &audit("key.create")).await.unwrap();
+    store.create_key(&key("key_2", "w1", Scope::Read, "s2"), &audit("key.create")).await.unwrap();
+    store.create_key(&key("key_3", "w2", Scope::Admin, "s3"), &audit("key.create")).await.unwrap();
+    assert!(matches!(
+        store.create_key(&key("key_4", "nope", Scope::Admin, "s4"), &audit("key.create")).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.create_key(&key("key_5", "w1", Scope::Admin, "s1"), &audit("key.create")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let w1 = store.list_keys(Some("w1"), None, 10).await.unwrap();
+    assert_eq!(w1.data.len(), 2);
+    assert!(w1.data.iter().all(|k| k.workspace == "w1"));
+    let all = store.list_keys(None, None, 2).await.unwrap();
+    assert_eq!(all.data.len(), 2);
+    let rest = store.list_keys(None, all.next_cursor.as_deref(), 2).await.unwrap();
+    assert_eq!(rest.data.len(), 1);
+    store.revoke_key("key_1", &audit("key.revoke")).await.unwrap();
+    assert!(store.find_key_by_hash(&sha2_shim::digest("s1")).await.unwrap().is_none());
+    assert!(matches!(store.revoke_key("key_1", &audit("key.revoke")).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.get_key("key_1").await, Err(StoreError::NotFound)));
+    assert_eq!(store.get_key("key_2").await.unwrap().scope, Scope::Read);
+    assert_eq!(store.list_keys(Some("w1"), None, 10).await.unwrap().data.len(), 1);
+}
+
+fn row(ws: &str, id: &str, p: u32, o: u64, at: i64) -> IndexRow {
+    IndexRow { workspace: ws.into(), event_id: id.into(), partition: p, offset: o, received_at_us: at }
+}
+
+async fn event_index_dedups_and_tracks_progress(store: Store) {
+    assert!(store.log_progress().await.unwrap().is_empty());
+    let rows = vec![row("a", "e1", 0, 0, 10), row("a", "e2", 1, 0, 10), row("b", "e1", 0, 1, 10)];
+    store.index_events(&rows, &[], &[(0, 2), (1, 1)]).await.unwrap();
+    let found = store.existing_event_ids("a", &["e1", "e2", "e3"]).await.unwrap();
+    assert_eq!(found.len(), 2);
+    assert!(found.contains("e1") && found.contains("e2"));
+    let found_b = store.existing_event_ids("b", &["e1", "e2"]).await.unwrap();
+    assert_eq!(found_b.into_iter().collect::<Vec<_>>(), ["e1"]);
+    // Re-indexing the same rows (rebuild after a crash) changes nothing.
+    store.index_events(&[row("a", "e1", 5, 99, 10)], &[], &[(0, 3)]).await.unwrap();
+    assert_eq!(store.event_position("a", "e1").await.unwrap(), Some((0, 0)));
+    assert_eq!(store.event_position("b", "e1").await.unwrap(), Some((0, 1)));
+    assert_eq!(store.event_position("b", "e2").await.unwrap(), None);
+    assert_eq!(store.log_progress().await.unwrap(), vec![(0, 3), (1, 1)]);
+    assert_eq!(store.count_indexed_events().await.unwrap(), 3);
+    // Ids with quotes and unicode survive the bulk paths of both backends.
+    let odd = r#"id "with" 'quotes' \ and 日本"#;
+    store.index_events(&[row("a", odd, 2, 0, 10)], &[], &[]).await.unwrap();
+    assert!(store.existing_event_ids("a", &[odd]).await.unwrap().contains(odd));
+}
+
+async fn event_index_truncate_and_expire(store: Store) {
+    let rows: Vec<_> = (0..10).map(|i| row("a", &format!("e{i}"), 0, i, i as i64 * 100)).collect();
+    store.index_events(&rows, &[], &[(0, 10)]).await.unwrap();
+    assert_eq!(store.truncate_event_index(0, 7).await.unwrap(), 3);
+    assert_eq!(store.log_progress().await.unwrap(), vec![(0, 7)]);
+    assert_eq!(store.expire_event_index(250, 1000).await.unwrap(), 3);
+    assert_eq!(store.count_indexed_events().await.unwrap(), 4);
+    assert_eq!(store.expire_event_index(10_000, 2).await.unwrap(), 2);
+}
+
+async fn migrations_are_idempotent_on_reconnect(store: Store) {
+    store.create_workspace("x", "UTC", &audit("workspace.create")).await.unwrap();
+    // Connecting again runs the migrator again; it must find nothing to do.
+    let url = match &store {
+        Store::Sqlite(pool) => format!("sqlite://{}", pool.connect_options().get_filename().display()),
+        Store::Postgres(pool) => {
+            let o = pool.connect_options();
+            format!("postgres://{}@{}:{}/{}", o.get_username(), o.get_host(), o.get_port(), o.get_database().unwrap_or(""))
+        }
+    };
+    let again = Store::connect(&url).await.unwrap();
+    assert_eq!(again.get_workspace("x").await.unwrap().name, "x");
+    again.close().await;
+}

@@ -1,0 +1,293 @@
+//! Configuration in layers: embedded defaults < `--config` file <
+//! `SLUICE_*` environment variables < command-line flags.
+//!
+//! The defaults file (`defaults.toml`, embedded in the binary, printed by
+//! `sluice config defaults`) is also the schema: a key that is not in it is
+//! an error in a file, and every key in it can be set from the environment
+//! by its upper-cased path (`ingest.max_events` -> `SLUICE_INGEST_MAX_EVENTS`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use toml::{Table, Value};
+
+/// The embedded, commented defaults.
+pub const DEFAULTS: &str = include_str!("defaults.toml");
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub state_url: Secret,
+    pub log_format: String,
+    #[serde(with = "humantime_serde_shim")]
+    pub shutdown_timeout: Duration,
+    pub retry_attempts: u32,
+    pub retry_base_ms: u64,
+    pub consumer_batch: usize,
+    #[serde(with = "humantime_serde_shim")]
+    pub job_lease: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub webhook_timeout: Duration,
+    pub webhook_allow_private: bool,
+    pub log: LogSection,
+    pub ingest: IngestSection,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub url: String,
+    pub partitions: u32,
+    pub segment_bytes: u64,
+    #[serde(with = "humantime_serde_shim")]
+    pub retention_max_age: Duration,
+    pub retention_max_bytes: u64,
+    #[serde(with = "humantime_serde_shim")]
+    pub retention_interval: Duration,
+}
+
+/// `[ingest]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    pub max_body_bytes: usize,
+    pub max_event_bytes: usize,
+    pub max_events: usize,
+    pub max_buffered_body_bytes: usize,
+    pub max_inflight_bytes: usize,
+    #[serde(with = "humantime_serde_shim")]
+    pub dedup_window: Duration,
+    pub segment_max_message_bytes: usize,
+    pub segment_max_batch_bytes: usize,
+}
+
+/// A string that may hold a password: printed with the password hidden.
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The real value, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+    }
+    url.to_owned()
+}
+
+/// Flags that override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub state_url: Option<String>,
+}
+
+impl Config {
+    /// Loads the layers. `env` is passed in so tests can supply their own.
+    pub fn load(file: Option<&Path>, env: &[(String, String)], flags: &Overrides) -> Result<Config> {
+        let mut table: Table = DEFAULTS.parse().context("embedded defaults are invalid TOML")?;
+        let schema = table.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+            let file_table: Table = text.parse().with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            merge_checked(&mut table, file_table, &schema, "")
+                .with_context(|| format!("in config file {}", path.display()))?;
+        }
+        apply_env(&mut table, &schema, env, "")?;
+        let set = |t: &mut Table, k: &str, v: String| {
+            t.insert(k.to_owned(), Value::String(v));
+        };
+        if let Some(v) = &flags.listen {
+            set(&mut table, "listen", v.clone());
+        }
+        if let Some(v) = &flags.data_dir {
+            set(&mut table, "data_dir", v.display().to_string());
+        }
+        if let Some(v) = &flags.state_url {
+            set(&mut table, "state_url", v.clone());
+        }
+        let mut cfg: Config = Value::Table(table).try_into().context("invalid configuration")?;
+        if cfg.state_url.expose().is_empty() {
+            cfg.state_url = Secret(format!("sqlite://{}", cfg.data_dir.join("state.db").display()));
+        }
+        if cfg.log.url.is_empty() {
+            cfg.log.url = format!("file://{}", cfg.data_dir.join("log").display());
+        }
+        if cfg.retry_attempts == 0 {
+            bail!("retry_attempts must be at least 1");
+        }
+        if cfg.log.partitions == 0 || cfg.log.partitions > 1024 {
+            bail!("log.partitions must be between 1 and 1024 (got {})", cfg.log.partitions);
+        }
+        if cfg.ingest.max_buffered_body_bytes < 2 * cfg.ingest.max_body_bytes {
+            bail!(
+                "ingest.max_buffered_body_bytes ({}) must be at least twice ingest.max_body_bytes ({})",
+                cfg.ingest.max_buffered_body_bytes,
+                cfg.ingest.max_body_bytes
+            );
+        }
+        if !matches!(cfg.log_format.as_str(), "text" | "json") {
+            bail!("log_format must be \"text\" or \"json\" (got {:?})", cfg.log_format);
+        }
+        Ok(cfg)
+    }
+
+    /// Directory of the embedded log (from `log.url`).
+    pub fn log_dir(&self) -> Result<PathBuf> {
+        match self.log.url.strip_prefix("file://") {
+            Some(p) => Ok(PathBuf::from(p)),
+            None => bail!(
+                "log.url {:?} is not supported by this build; use file://PATH (NATS JetStream is planned)",
+                self.log.url
+            ),
+        }
+    }
+}
+
+/// Merges `over` into `base`, refusing keys that the schema does not have
+/// and values of another type than the default's.
+fn merge_checked(base: &mut Table, over: Table, schema: &Table, prefix: &str) -> Result<()> {
+    for (k, v) in over {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let Some(default) = schema.get(&k) else {
+            let known: Vec<&str> = schema.keys().map(String::as_str).collect();
+            bail!("unknown configuration key `{path}` (known keys here: {})", known.join(", "));
+        };
+        match (default, v) {
+            (Value::Table(sub_schema), Value::Table(sub)) => {
+                let Some(Value::Table(base_sub)) = base.get_mut(&k) else { bail!("`{path}` must be a table") };
+                merge_checked(base_sub, sub, sub_schema, &path)?;
+            }
+            (Value::Table(_), _) => bail!("`{path}` must be a table ([{path}])"),
+            (d, v) if std::mem::discriminant(d) != std::mem::discriminant(&v) => {
+                bail!("`{path}` must be a {} (got {})", d.type_str(), v.type_str())
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets every key that has a `SLUICE_<PATH>` variable.
+fn apply_env(table: &mut Table, schema: &Table, env: &[(String, String)], prefix: &str) -> Result<()> {
+    for (k, default) in schema {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}_{k}") };
+        if let Value::Table(sub_schema) = default {
+            if let Some(Value::Table(sub)) = table.get_mut(k) {
+                apply_env(sub, sub_schema, env, &path)?;
+            }
+            continue;
+        }
+        let var = format!("SLUICE_{}", path.to_ascii_uppercase());
+        let Some((_, raw)) = env.iter().find(|(n, _)| *n == var) else { continue };
+        let value = match default {
+            Value::Integer(_) => Value::Integer(raw.trim().parse().with_context(|| format!("{var}={raw:?} is not an integer"))?),
+            Value::Boolean(_) => Value::Boolean(match raw.trim() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => bail!("{var}={raw:?} is not a boolean (true/false)"),
+            }),
+            _ => Value::String(raw.clone()),
+        };
+        table.insert(k.clone(), value);
+    }
+    Ok(())
+}
+
+/// Durations written like `30s`, `1m`, `35d`; `0s` means "none".
+mod humantime_serde_shim {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s, 5m, 35d: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::load(None, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8680");
+        assert_eq!(c.state_url.expose(), "sqlite://./sluice-data/state.db");
+        assert_eq!(c.ingest.dedup_window, Duration::from_secs(35 * 86400));
+        assert_eq!(c.log.partitions, 4);
+    }
+
+    #[test]
+    fn layers_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sluice.toml");
+        std::fs::write(&f, "listen = \"0.0.0.0:1\"\ndata_dir = \"/d\"\n[log]\npartitions = 8\n[ingest]\nmax_events = 5\n").unwrap();
+        let e = env(&[("SLUICE_LISTEN", "127.0.0.1:2"), ("SLUICE_INGEST_MAX_EVENTS", "7"), ("SLUICE_UNRELATED", "x")]);
+        let c = Config::load(Some(&f), &e, &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2");
+        assert_eq!(c.ingest.max_events, 7);
+        assert_eq!(c.log.partitions, 8);
+        assert_eq!(c.state_url.expose(), "sqlite:///d/state.db");
+        let flags = Overrides { listen: Some("127.0.0.1:3".into()), ..Default::default() };
+        assert_eq!(Config::load(Some(&f), &e, &flags).unwrap().listen, "127.0.0.1:3");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sluice.toml");
+        std::fs::write(&f, "[log]\npartitons = 8\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f), &[], &Overrides::default()).unwrap_err());
+        assert!(err.contains("unknown configuration key `log.partitons`"), "{err}");
+        std::fs::write(&f, "listen = 5\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f), &[], &Overrides::default()).unwrap_err());
+        assert!(err.contains("`listen` must be a string"), "{err}");
+        let err = format!("{:#}", Config::load(None, &env(&[("SLUICE_LOG_PARTITIONS", "many")]), &Overrides::default()).unwrap_err());
+        assert!(err.contains("SLUICE_LOG_PARTITIONS"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(format!("{:?}", Secret("postgres://u:pw@h/db".into())), "postgres://u:***@h/db");
+    }
+}

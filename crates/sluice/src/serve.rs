@@ -1,0 +1,251 @@
+//! `sluice serve`: build every component from the configuration and run
+//! until SIGTERM/SIGINT, then drain and flush.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sluice_api::{ApiLimits, AppState, WebhookSettings};
+use sluice_consumers::{RetryPolicy, Runtime};
+use sluice_core::EventLog;
+use sluice_ingest::{Ingestor, IngestorConfig};
+use sluice_log::{EmbeddedLog, LogConfig};
+use sluice_store::{NewApiKey, Store};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, Overrides};
+use crate::ServeArgs;
+
+pub fn load_config(args: &ServeArgs) -> Result<Config> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let flags = Overrides { listen: args.listen.clone(), data_dir: args.data_dir.clone(), state_url: args.state_url.clone() };
+    Config::load(args.config.as_deref(), &env, &flags)
+}
+
+pub fn main(args: ServeArgs) -> Result<()> {
+    let cfg = load_config(&args)?;
+    init_tracing(&cfg.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sluice").build()?;
+    rt.block_on(run(cfg))
+}
+
+fn init_tracing(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    // One process per data directory: the embedded log has a single writer.
+    // The OS releases the lock when the process dies, even on kill -9.
+    let lock_path = cfg.data_dir.join("sluice.lock");
+    let _lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    _lock.try_lock().map_err(|_| {
+        anyhow::anyhow!("another sluice process is using the data directory {}", cfg.data_dir.display())
+    })?;
+    let metrics = sluice_api::install_metrics();
+
+    tracing::info!(state = %cfg.state_url, "opening state store");
+    let store = Store::connect(cfg.state_url.expose())
+        .await
+        .with_context(|| format!("connecting to the state store {}", cfg.state_url))?;
+
+    let log_dir = cfg.log_dir()?;
+    let mut log_cfg = LogConfig::new(log_dir.clone(), cfg.log.partitions);
+    log_cfg.segment_bytes = cfg.log.segment_bytes;
+    log_cfg.retention_max_age = (!cfg.log.retention_max_age.is_zero()).then_some(cfg.log.retention_max_age);
+    log_cfg.retention_max_bytes = (cfg.log.retention_max_bytes > 0).then_some(cfg.log.retention_max_bytes);
+    tracing::info!(dir = %log_dir.display(), partitions = cfg.log.partitions, "opening event log");
+    let log = tokio::task::spawn_blocking(move || EmbeddedLog::open(log_cfg))
+        .await?
+        .with_context(|| format!("opening the event log in {}", log_dir.display()))?;
+    let log: Arc<dyn EventLog> = Arc::new(log);
+
+    bootstrap(&store).await?;
+
+    let (ingestor, writer) = Ingestor::start(
+        log.clone(),
+        store.clone(),
+        IngestorConfig {
+            max_inflight_bytes: cfg.ingest.max_inflight_bytes,
+            dedup_window: cfg.ingest.dedup_window,
+            ..IngestorConfig::default()
+        },
+    )
+    .await?;
+
+    let retention = tokio::spawn(run_retention(log.clone(), cfg.log.retention_interval));
+
+    let retry = RetryPolicy {
+        attempts: cfg.retry_attempts,
+        base: Duration::from_millis(cfg.retry_base_ms),
+        ..RetryPolicy::default()
+    };
+    let consumers = Runtime::new(log.clone(), store.clone(), retry, cfg.consumer_batch);
+    consumers.start(Arc::new(sluice_consumers::counts::EventCounts));
+    let webhooks = WebhookSettings { allow_private: cfg.webhook_allow_private, timeout: cfg.webhook_timeout, retry };
+
+    let limits = ApiLimits {
+        max_body_bytes: cfg.ingest.max_body_bytes,
+        max_event_bytes: cfg.ingest.max_event_bytes,
+        max_events: cfg.ingest.max_events,
+        max_buffered_body_bytes: cfg.ingest.max_buffered_body_bytes,
+        segment_max_message_bytes: cfg.ingest.segment_max_message_bytes,
+        segment_max_batch_bytes: cfg.ingest.segment_max_batch_bytes,
+    };
+    let meters = sluice_metering::MeterCache::load(&store).await.context("loading meters")?;
+    consumers.start(Arc::new(sluice_metering::MetersConsumer { cache: meters.clone() }));
+    let jobs = Arc::new(sluice_jobs::Runner::start(
+        store.clone(),
+        vec![
+            Arc::new(sluice_consumers::rebuild::ConsumerRebuild),
+            Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
+            Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone() }),
+        ],
+        sluice_jobs::RunnerConfig { lease: cfg.job_lease.max(Duration::from_millis(300)), ..Default::default() },
+    ));
+    let state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
+    for hook in store.list_webhooks(None).await.context("loading webhooks")? {
+        sluice_api::routes::webhooks::start_webhook(&state, hook);
+    }
+    let ready = state.ready.clone();
+    let app = sluice_api::router(state);
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    ready.store(true, Ordering::Release);
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "sluice is ready");
+    // A plain line for scripts and tests that start the server on port 0.
+    eprintln!("sluice listening on http://{addr}");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let ready_on_stop = ready.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+                ready_on_stop.store(false, Ordering::Release);
+            })
+            .await
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = stop_tx.send(());
+    let abort = server.abort_handle();
+    let mut clean = true;
+    match tokio::time::timeout(cfg.shutdown_timeout, server).await {
+        Ok(r) => r?.context("HTTP server failed")?,
+        Err(_) => {
+            tracing::warn!(timeout = ?cfg.shutdown_timeout, "in-flight requests did not finish in time; no longer waiting for them");
+            abort.abort();
+            clean = false;
+        }
+    }
+    retention.abort();
+    // Consumers stop where they are; what they had not committed is
+    // delivered again on the next start.
+    consumers.stop_all().await;
+    jobs.stop().await;
+    // The router (and with it every Ingestor handle) is gone: the writer
+    // finishes what is queued and stops.
+    if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
+        tracing::warn!("ingest writer did not finish in time");
+        clean = false;
+    }
+    log.close().await.context("flushing the event log")?;
+    store.close().await;
+    if clean {
+        tracing::info!("stopped cleanly");
+    } else {
+        // Requests still open were not acknowledged; clients retry them and
+        // dedup makes the retry safe.
+        tracing::warn!("stopped; some requests were still open and were not acknowledged");
+    }
+    Ok(())
+}
+
+/// On an empty store: creates workspace `default` and the root key. The key
+/// is `SLUICE_BOOTSTRAP_KEY` if set, otherwise generated and printed once.
+async fn bootstrap(store: &Store) -> Result<()> {
+    let given = std::env::var("SLUICE_BOOTSTRAP_KEY").ok().filter(|k| !k.is_empty());
+    let key = match &given {
+        Some(k) => sluice_api::auth::hashed(k.clone()),
+        None => sluice_api::auth::generate_key(),
+    };
+    let root = NewApiKey {
+        id: sluice_api::auth::new_key_id(),
+        workspace: "default".into(),
+        name: "root".into(),
+        scope: sluice_core::Scope::Root,
+        key_hash: key.hash.clone(),
+        prefix: key.prefix.clone(),
+        created_by: None,
+    };
+    if store.bootstrap(&root).await.context("bootstrapping the store")? {
+        if given.is_some() {
+            tracing::info!(key = %root.id, "created workspace `default` and the root key from SLUICE_BOOTSTRAP_KEY");
+        } else {
+            eprintln!(
+                "\n  Created workspace `default` and a root key. It is shown ONCE; store it now:\n\n    {}\n\n  Use it as `Authorization: Bearer <key>` (or SLUICE_KEY for the CLI).\n",
+                key.secret
+            );
+        }
+    } else if given.is_some() && store.find_key_by_hash(&key.hash).await?.is_none() {
+        tracing::warn!("SLUICE_BOOTSTRAP_KEY is set but the store was bootstrapped earlier with another key; it is ignored");
+    }
+    Ok(())
+}
+
+async fn run_retention(log: Arc<dyn EventLog>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    loop {
+        tick.tick().await;
+        match log.enforce_retention().await {
+            Ok(r) if r.segments_deleted > 0 => tracing::info!(
+                segments = r.segments_deleted,
+                bytes = r.bytes_deleted,
+                records = r.records_deleted,
+                "log retention removed old segments"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "log retention failed"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,22 @@
+//! End-to-end tests: each starts real `sluice serve` processes (own temp data
+//! directory, own port, own database) and talks to them over HTTP and the CLI.
+//!
+//! The state backend comes from `SLUICE_TEST_STATE` (`sqlite`, the default,
+//! or `postgres`: a fresh PostgreSQL database per server, see
+//! `sluice_store::testing`). `.ci/run` runs this suite once per backend.
+
+#![allow(clippy::unwrap_used)]
+
+mod helpers;
+
+mod imports;
+
+mod auth;
+mod cli;
+mod consumers;
+mod durability;
+mod ingest;
+mod limits;
+mod metering;
+mod ops;
+mod segment;

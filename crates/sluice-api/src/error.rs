@@ -120,8 +120,11 @@ impl From<ParseError> for ApiError {
             ParseError::Malformed(m) => ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", m),
             ParseError::Invalid { errors, invalid_events } => {
                 let listed = errors.len();
-                let details = errors.into_iter().filter_map(|fe| serde_json::to_value(fe).ok()).collect();
                 let mut message = format!("{invalid_events} invalid event(s); nothing was written");
+                if let Some(first) = errors.first() {
+                    message.push_str(&format!(" (event {}: {}: {})", first.index, first.field, first.reason));
+                }
+                let details = errors.into_iter().filter_map(|fe| serde_json::to_value(fe).ok()).collect();
                 if invalid_events > 0 && listed < invalid_events {
                     message.push_str(&format!(" (errors of the first {listed} listed)"));
                 }
@@ -136,6 +139,7 @@ impl From<ParseError> for ApiError {
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {
+            IngestError::Invalid(p) => p.into(),
             IngestError::Overloaded => ApiError::overloaded("ingest is over capacity; retry after the indicated delay"),
             IngestError::TooLarge { .. } => ApiError::too_large(e.to_string()),
             IngestError::Unavailable(m) => {

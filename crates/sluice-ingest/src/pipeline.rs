@@ -91,6 +91,9 @@ pub enum IngestError {
         /// The configured budget.
         budget: usize,
     },
+    /// Events violate an enforced property schema; nothing was written.
+    #[error("{0}")]
+    Invalid(crate::formats::ParseError),
     /// The writer stopped (shutdown) or failed to persist; nothing was acknowledged.
     #[error("ingest unavailable: {0}")]
     Unavailable(String),
@@ -107,6 +110,7 @@ struct Pending {
 #[derive(Clone)]
 pub struct Ingestor {
     tx: mpsc::Sender<Pending>,
+    schemas: crate::schemas::Schemas,
     budget: Arc<Semaphore>,
     max_inflight_bytes: usize,
 }
@@ -120,6 +124,7 @@ impl Ingestor {
         log: Arc<dyn EventLog>,
         store: Store,
         config: IngestorConfig,
+        schemas: crate::schemas::Schemas,
     ) -> Result<(Ingestor, tokio::task::JoinHandle<()>), IngestError> {
         let rebuilt = rebuild_index(&*log, &store)
             .await
@@ -138,12 +143,13 @@ impl Ingestor {
         let handle = tokio::spawn(writer.run(rx));
         tokio::spawn(sweep_dedup_window(store, config.dedup_window, config.dedup_sweep_interval));
         let budget = Arc::new(Semaphore::new(config.max_inflight_bytes));
-        Ok((Ingestor { tx, budget, max_inflight_bytes: config.max_inflight_bytes }, handle))
+        Ok((Ingestor { tx, schemas, budget, max_inflight_bytes: config.max_inflight_bytes }, handle))
     }
 
     /// Stores `events` durably (deduplicated) and returns what happened. A
     /// returned `Ok` means every accepted event is on disk and indexed.
     pub async fn submit(&self, events: Vec<Event>) -> Result<Outcome, IngestError> {
+        self.schemas.check(&events).map_err(IngestError::Invalid)?;
         let encoded: Vec<Vec<u8>> = events
             .iter()
             .map(|e| serde_json::to_vec(e).map_err(|e| IngestError::Unavailable(e.to_string())))

@@ -66,27 +66,36 @@ pub trait JobHandler: Send + Sync + 'static {
     }
     /// Runs one attempt; returns the job's result.
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError>;
+    /// Called once the end of an attempt is recorded, with the job as it now
+    /// is (`succeeded`, `failed`, `cancelled`, or `queued` for a retry), for
+    /// clean-up that must wait until the outcome is durable — for example
+    /// removing an uploaded file only once the import is recorded as done,
+    /// never while a crash could still make the job run again.
+    async fn ended(&self, _job: &Job) {}
 }
 
 /// What a handler can do while it runs.
 pub struct JobContext {
     store: Store,
     id: String,
+    attempt: u32,
     cancelled: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
 }
 
 impl JobContext {
     /// Records progress: `done` of `total` units (total when known).
     pub async fn progress(&self, done: i64, total: Option<i64>) {
-        if let Err(e) = self.store.job_progress(&self.id, done, total).await {
+        if let Err(e) = self.store.job_progress(&self.id, self.attempt, done, total).await {
             tracing::warn!(job = %self.id, error = %e, "could not record progress");
         }
     }
 
-    /// True once a cancellation was asked for; the handler should stop and
-    /// return [`JobError::Cancelled`].
+    /// True once a cancellation was asked for, or once this attempt lost
+    /// its lease (another attempt took the job over); the handler should
+    /// stop and return [`JobError::Cancelled`].
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Acquire)
+        self.cancelled.load(Ordering::Acquire) || self.lost.load(Ordering::Acquire)
     }
 
     /// The store, for handlers that write state.
@@ -206,18 +215,28 @@ async fn kind_loop(store: Store, h: Arc<dyn JobHandler>, cfg: RunnerConfig, mut 
 async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConfig) {
     use futures::FutureExt;
     let cancelled = Arc::new(AtomicBool::new(job.cancel_requested));
-    let ctx = JobContext { store: store.clone(), id: job.id.clone(), cancelled: cancelled.clone() };
-    // Heartbeat: renew the lease and pick up cancellation requests.
+    let lost = Arc::new(AtomicBool::new(false));
+    let attempt = job.attempts;
+    let ctx = JobContext { store: store.clone(), id: job.id.clone(), attempt, cancelled: cancelled.clone(), lost: lost.clone() };
+    // Heartbeat: renew the lease and pick up cancellation requests. Every
+    // write is fenced by the attempt number, so if this process stalled past
+    // its lease and the job was reclaimed, this attempt learns it here, stops,
+    // and cannot overwrite what the new attempt records.
     let hb = {
-        let (store, id, cancelled) = (store.clone(), job.id.clone(), cancelled.clone());
+        let (store, id, cancelled, lost) = (store.clone(), job.id.clone(), cancelled.clone(), lost.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep((cfg.lease / 3).max(Duration::from_millis(10))).await;
-                match store.heartbeat_job(&id, cfg.lease).await {
-                    Ok(c) => {
+                match store.heartbeat_job(&id, attempt, cfg.lease).await {
+                    Ok(Some(c)) => {
                         if c {
                             cancelled.store(true, Ordering::Release);
                         }
+                    }
+                    Ok(None) => {
+                        tracing::warn!(job = %id, attempt, "job attempt lost its lease (the job was reclaimed); stopping it");
+                        lost.store(true, Ordering::Release);
+                        return;
                     }
                     Err(e) => tracing::warn!(job = %id, error = %e, "heartbeat failed"),
                 }
@@ -234,11 +253,13 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
         Ok(Err(JobError::Failed(e))) => JobEnd::Failed { error: e, retry_in: backoff(cfg.retry_base, job.attempts) },
         Err(_) => JobEnd::Failed { error: "the job handler panicked".into(), retry_in: backoff(cfg.retry_base, job.attempts) },
     };
-    match store.finish_job(&job.id, &end).await {
+    match store.finish_job(&job.id, attempt, &end).await {
         Ok(j) => {
             tracing::info!(job = %j.id, kind = %j.kind, state = %j.state, "job attempt ended");
             metrics::counter!("sluice_jobs_finished_total", "kind" => j.kind.clone(), "state" => j.state.clone()).increment(1);
+            h.ended(&j).await;
         }
+        Err(sluice_store::StoreError::Conflict(e)) => tracing::warn!(job = %job.id, attempt, "{e}; this attempt's outcome is dropped"),
         Err(e) => tracing::error!(job = %job.id, error = %e, "could not record the end of a job; its lease will expire and it will run again"),
     }
 }

@@ -237,6 +237,17 @@ impl JobHandler for UsageImport {
         1
     }
 
+    async fn ended(&self, job: &Job) {
+        // A succeeded import is done with its upload; a failed or cancelled
+        // one keeps it so `POST /v1/jobs/{id}/retry` can run it again (e.g.
+        // after creating a missing meter) until `sweep_uploads` removes it.
+        if job.state == "succeeded" {
+            if let Some(f) = job.payload["file"].as_str() {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
         let started = std::time::Instant::now();
         let path = PathBuf::from(job.payload["file"].as_str().unwrap_or_default());
@@ -366,7 +377,8 @@ impl JobHandler for UsageImport {
             duplicate += out.1;
         }
         ctx.progress(processed as i64, Some(rows_total as i64)).await;
-        let _ = std::fs::remove_file(&path);
+        // The upload is removed in `ended`, once success is recorded: a
+        // crash before that runs the job again, which needs the file.
         Ok(summary(imported, duplicate, processed))
     }
 }
@@ -384,4 +396,22 @@ async fn submit(ingestor: &Ingestor, events: Vec<Event>) -> Result<(u64, u64), J
             Err(e) => return Err(JobError::Failed(e.to_string())),
         }
     }
+}
+
+/// How long a failed import's upload is kept for a retry.
+pub const KEEP_FAILED_UPLOADS: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Removes uploads in `dir` older than `max_age` (those of failed imports
+/// that nobody retried, or of uploads interrupted before their job was
+/// queued). Returns how many were removed.
+pub fn sweep_uploads(dir: &std::path::Path, max_age: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > max_age);
+        if old && std::fs::remove_file(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
 }

@@ -145,7 +145,7 @@ pub struct Delivery {
 }
 
 /// Sets one checkpoint: ($1 consumer, $2 partition, $3 next offset, $4 now).
-const UPSERT_CHECKPOINT: &str = "INSERT INTO consumer_checkpoints (consumer, log_partition, next_offset, updated_at) \
+pub(crate) const UPSERT_CHECKPOINT: &str = "INSERT INTO consumer_checkpoints (consumer, log_partition, next_offset, updated_at) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, log_partition) DO UPDATE SET next_offset = excluded.next_offset, \
      updated_at = excluded.updated_at";
 

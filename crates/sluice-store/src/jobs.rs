@@ -206,28 +206,38 @@ impl Store {
         Ok(rows.into_iter().map(Job::from).collect())
     }
 
-    /// Extends the lease of a running job; returns whether a cancellation
-    /// was asked for (and `false` if the job is no longer running here).
-    pub async fn heartbeat_job(&self, id: &str, lease: std::time::Duration) -> Result<bool> {
+    /// Extends the lease of attempt `attempt` of a running job. Returns
+    /// `Some(cancel_requested)` while that attempt still holds the job, and
+    /// `None` once it lost it (the lease expired and the job was reclaimed
+    /// for another attempt, or the job ended): that attempt must stop, and
+    /// nothing it reports afterwards is recorded.
+    pub async fn heartbeat_job(&self, id: &str, attempt: u32, lease: std::time::Duration) -> Result<Option<bool>> {
         let until = to_micros(Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30)));
         let row: Option<(bool,)> = on_pool!(self, pool => sqlx::query_as(
-            "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND state = 'running' RETURNING cancel_requested")
-            .bind(until).bind(id).fetch_optional(pool).await)?;
-        Ok(row.is_some_and(|(c,)| c))
+            "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND state = 'running' AND attempts = $3 RETURNING cancel_requested")
+            .bind(until).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
+        Ok(row.map(|(c,)| c))
     }
 
     /// Records progress of a running job.
-    pub async fn job_progress(&self, id: &str, done: i64, total: Option<i64>) -> Result<()> {
+    pub async fn job_progress(&self, id: &str, attempt: u32, done: i64, total: Option<i64>) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => sqlx::query(
-            "UPDATE jobs SET progress_done = $1, progress_total = COALESCE($2, progress_total), updated_at = $3 WHERE id = $4 AND state = 'running'")
-            .bind(done).bind(total).bind(now).bind(id).execute(pool).await.map(|_| ()))?;
+            "UPDATE jobs SET progress_done = $1, progress_total = COALESCE($2, progress_total), updated_at = $3 \
+             WHERE id = $4 AND state = 'running' AND attempts = $5")
+            .bind(done).bind(total).bind(now).bind(id).bind(attempt as i32).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 
-    /// Ends the current attempt of a running job.
-    pub async fn finish_job(&self, id: &str, end: &JobEnd) -> Result<Job> {
+    /// Ends attempt `attempt` of a running job. Fails with
+    /// [`StoreError::Conflict`] when that attempt no longer holds the job
+    /// (its lease expired and another attempt took over): a stale attempt
+    /// never overwrites what a later one records.
+    pub async fn finish_job(&self, id: &str, attempt: u32, end: &JobEnd) -> Result<Job> {
         let job = self.get_job(None, id).await?;
+        if job.state != "running" || job.attempts != attempt {
+            return Err(StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)")));
+        }
         let now = Utc::now();
         let mut errors = job.errors.clone();
         let (state, result, error, run_after, finished) = match end {
@@ -254,12 +264,15 @@ impl Store {
                 }
             }
         };
-        on_pool!(self, pool => sqlx::query(
+        let n = on_pool!(self, pool => sqlx::query(
             "UPDATE jobs SET state = $1, result = $2, error = $3, errors = $4, run_after = $5, finished_at = $6, \
-             lease_until = NULL, updated_at = $7 WHERE id = $8 AND state = 'running'")
+             lease_until = NULL, updated_at = $7 WHERE id = $8 AND state = 'running' AND attempts = $9")
             .bind(state).bind(result).bind(error).bind(serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()))
-            .bind(to_micros(run_after)).bind(finished.map(to_micros)).bind(to_micros(now)).bind(id)
-            .execute(pool).await.map(|_| ()))?;
+            .bind(to_micros(run_after)).bind(finished.map(to_micros)).bind(to_micros(now)).bind(id).bind(attempt as i32)
+            .execute(pool).await.map(|r| r.rows_affected()))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)")));
+        }
         self.get_job(None, id).await
     }
 

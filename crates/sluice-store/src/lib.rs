@@ -25,6 +25,7 @@ mod consumers;
 mod events;
 mod jobs;
 mod keys;
+mod lake;
 pub(crate) mod metering;
 mod people;
 pub mod testing;
@@ -35,6 +36,7 @@ pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, NewDeadLette
 pub use events::IndexRow;
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};
+pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
 pub use metering::{Meter, UsageBucket, UsageDelta};
 pub use people::{CustomerRecord, UserRecord};
 pub use workspaces::Workspace;

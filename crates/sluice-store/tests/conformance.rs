@@ -98,19 +98,19 @@ async fn jobs_retry_fail_cancel_and_reclaim(store: Store) {
     let j = store.enqueue_job(&job("k", 1)).await.unwrap();
     let c = store.claim_jobs("k", 1, Duration::from_secs(30)).await.unwrap();
     assert_eq!(c[0].id, j.id);
-    store.job_progress(&j.id, 5, Some(10)).await.unwrap();
+    store.job_progress(&j.id, 1, 5, Some(10)).await.unwrap();
     assert_eq!(store.get_job(Some("w1"), &j.id).await.unwrap().progress_total, Some(10));
     // First failure: queued again, not before its backoff.
-    let after = store.finish_job(&j.id, &JobEnd::Failed { error: "boom".into(), retry_in: Duration::from_secs(3600) }).await.unwrap();
+    let after = store.finish_job(&j.id, 1, &JobEnd::Failed { error: "boom".into(), retry_in: Duration::from_secs(3600) }).await.unwrap();
     assert_eq!((after.state.as_str(), after.error.as_deref()), ("queued", Some("boom")));
     assert!(store.claim_jobs("k", 1, Duration::from_secs(30)).await.unwrap().is_empty());
     // Retry makes it due at once; the second failure is final.
     assert!(matches!(store.retry_job("w1", &j.id).await, Err(StoreError::Conflict(_))));
     let j2 = store.enqueue_job(&job("k2", 2)).await.unwrap();
     store.claim_jobs("k2", 1, Duration::from_secs(30)).await.unwrap();
-    store.finish_job(&j2.id, &JobEnd::Failed { error: "e1".into(), retry_in: Duration::ZERO }).await.unwrap();
+    store.finish_job(&j2.id, 1, &JobEnd::Failed { error: "e1".into(), retry_in: Duration::ZERO }).await.unwrap();
     store.claim_jobs("k2", 1, Duration::from_secs(30)).await.unwrap();
-    let failed = store.finish_job(&j2.id, &JobEnd::Failed { error: "e2".into(), retry_in: Duration::ZERO }).await.unwrap();
+    let failed = store.finish_job(&j2.id, 2, &JobEnd::Failed { error: "e2".into(), retry_in: Duration::ZERO }).await.unwrap();
     assert_eq!(failed.state, "failed");
     assert_eq!(failed.errors, vec!["attempt 1: e1".to_string(), "attempt 2: e2".to_string()]);
     assert!(failed.finished_at.is_some());
@@ -122,10 +122,10 @@ async fn jobs_retry_fail_cancel_and_reclaim(store: Store) {
     assert!(matches!(store.cancel_job("w1", &j2.id).await, Err(StoreError::Conflict(_))));
     let j3 = store.enqueue_job(&job("k3", 3)).await.unwrap();
     store.claim_jobs("k3", 1, Duration::from_secs(30)).await.unwrap();
-    assert!(!store.heartbeat_job(&j3.id, Duration::from_secs(30)).await.unwrap());
+    assert_eq!(store.heartbeat_job(&j3.id, 1, Duration::from_secs(30)).await.unwrap(), Some(false));
     assert!(store.cancel_job("w1", &j3.id).await.unwrap().cancel_requested);
-    assert!(store.heartbeat_job(&j3.id, Duration::from_secs(30)).await.unwrap());
-    assert_eq!(store.finish_job(&j3.id, &JobEnd::Cancelled).await.unwrap().state, "cancelled");
+    assert_eq!(store.heartbeat_job(&j3.id, 1, Duration::from_secs(30)).await.unwrap(), Some(true));
+    assert_eq!(store.finish_job(&j3.id, 1, &JobEnd::Cancelled).await.unwrap().state, "cancelled");
     // A job whose process died is reclaimed when its lease expires.
     let j4 = store.enqueue_job(&job("k4", 4)).await.unwrap();
     store.claim_jobs("k4", 1, Duration::from_millis(1)).await.unwrap();
@@ -133,7 +133,14 @@ async fn jobs_retry_fail_cancel_and_reclaim(store: Store) {
     assert_eq!(store.reclaim_expired_jobs().await.unwrap(), 1);
     let back = store.get_job(None, &j4.id).await.unwrap();
     assert_eq!((back.state.as_str(), back.attempts), ("queued", 1));
+    // The stale attempt 1 (a process that lost its lease but still runs) can
+    // neither renew, report progress, nor end the job: only attempt 2 can.
     store.claim_jobs("k4", 1, Duration::from_millis(1)).await.unwrap();
+    assert_eq!(store.heartbeat_job(&j4.id, 1, Duration::from_millis(1)).await.unwrap(), None);
+    store.job_progress(&j4.id, 1, 99, None).await.unwrap();
+    assert_eq!(store.get_job(None, &j4.id).await.unwrap().progress_done, 0);
+    assert!(matches!(store.finish_job(&j4.id, 1, &JobEnd::Succeeded(serde_json::json!({}))).await, Err(StoreError::Conflict(_))));
+    assert_eq!(store.get_job(None, &j4.id).await.unwrap().state, "running");
     tokio::time::sleep(Duration::from_millis(20)).await;
     store.reclaim_expired_jobs().await.unwrap();
     assert_eq!(store.get_job(None, &j4.id).await.unwrap().state, "failed", "no attempts left after the second lease expired");

@@ -80,6 +80,7 @@ async fn run(cfg: Config) -> Result<()> {
 
     bootstrap(&store).await?;
 
+    let schemas = sluice_ingest::Schemas::load(&store).await.context("loading event schemas")?;
     let (ingestor, writer) = Ingestor::start(
         log.clone(),
         store.clone(),
@@ -88,6 +89,7 @@ async fn run(cfg: Config) -> Result<()> {
             dedup_window: cfg.ingest.dedup_window,
             ..IngestorConfig::default()
         },
+        schemas.clone(),
     )
     .await?;
 
@@ -121,6 +123,10 @@ async fn run(cfg: Config) -> Result<()> {
         ],
         sluice_jobs::RunnerConfig { lease: cfg.job_lease.max(Duration::from_millis(300)), ..Default::default() },
     ));
+    let swept = sluice_metering::import::sweep_uploads(&cfg.data_dir.join("imports"), sluice_metering::import::KEEP_FAILED_UPLOADS);
+    if swept > 0 {
+        tracing::info!(files = swept, "removed import uploads older than 7 days");
+    }
     let state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
     for hook in store.list_webhooks(None).await.context("loading webhooks")? {
         sluice_api::routes::webhooks::start_webhook(&state, hook);

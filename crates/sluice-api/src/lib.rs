@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -44,6 +44,10 @@ pub use state::{ApiLimits, AppState, WebhookSettings};
         routes::people::list_customers, routes::people::get_customer, routes::people::get_user,
         routes::segment::track, routes::segment::identify, routes::segment::group, routes::segment::page,
         routes::segment::screen, routes::segment::alias, routes::segment::batch,
+        routes::lake::sql, routes::lake::put_schema, routes::lake::list_schemas, routes::lake::get_schema,
+        routes::lake::delete_schema, routes::lake::files, routes::lake::compact, routes::lake::ddl,
+        routes::lake::create_query, routes::lake::list_queries, routes::lake::get_query, routes::lake::delete_query,
+        routes::lake::run_query,
         routes::ops::healthz, routes::ops::readyz, routes::ops::metrics,
     ),
     components(schemas(error::ErrorBody)),
@@ -115,6 +119,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/screen", post(routes::segment::screen))
         .route("/v1/alias", post(routes::segment::alias))
         .route("/v1/batch", post(routes::segment::batch))
+        .route("/v1/sql", post(routes::lake::sql))
+        .route("/v1/schemas", get(routes::lake::list_schemas))
+        .route("/v1/schemas/{type}", put(routes::lake::put_schema).get(routes::lake::get_schema).delete(routes::lake::delete_schema))
+        .route("/v1/lake/files", get(routes::lake::files))
+        .route("/v1/lake/compact", post(routes::lake::compact))
+        .route("/v1/lake/ddl", get(routes::lake::ddl))
+        .route("/v1/queries", post(routes::lake::create_query).get(routes::lake::list_queries))
+        .route("/v1/queries/{name}", get(routes::lake::get_query).delete(routes::lake::delete_query))
+        .route("/v1/queries/{name}/run", post(routes::lake::run_query))
         .route("/", get(routes::ops::dashboard))
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))

@@ -83,6 +83,19 @@ pub struct AppState {
     pub meters: sluice_metering::MeterCache,
     /// Where uploads wait for their import job (`<data-dir>/imports`).
     pub imports_dir: std::path::PathBuf,
+    /// The lake and SQL (set by `serve` once the lake is open).
+    pub lake: Option<LakeHandle>,
+}
+
+/// The lake as the API sees it.
+#[derive(Clone)]
+pub struct LakeHandle {
+    /// Runs SQL.
+    pub sql: sluice_lake::sql::SqlEngine,
+    /// Declared schemas, shared with ingest and the lake writer.
+    pub schemas: sluice_ingest::Schemas,
+    /// Lake root.
+    pub root: std::path::PathBuf,
 }
 
 impl AppState {
@@ -115,6 +128,7 @@ impl AppState {
             jobs,
             meters,
             imports_dir,
+            lake: None,
         }
     }
 }

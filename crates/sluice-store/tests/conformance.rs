@@ -52,7 +52,40 @@ conformance!(
     audit_entries_are_recorded_with_their_action,
     jobs_are_claimed_once_in_order,
     jobs_retry_fail_cancel_and_reclaim,
+    lake_manifest_commits_with_checkpoints_and_swaps_atomically,
 );
+
+fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
+    let t = chrono::DateTime::parse_from_rfc3339("2026-01-01T05:00:00Z").unwrap().with_timezone(&chrono::Utc);
+    sluice_store::LakeFile {
+        path: path.into(),
+        workspace: ws.into(),
+        content_type: "page".into(),
+        hour_start: t,
+        row_count: 10,
+        bytes: 100,
+        min_time: t,
+        max_time: t,
+        created_at: t,
+    }
+}
+
+async fn lake_manifest_commits_with_checkpoints_and_swaps_atomically(store: Store) {
+    store.lake_commit("lake", &[lake_file("a", "w1"), lake_file("b", "w1"), lake_file("c", "w2")], &[(0, 5), (1, 7)]).await.unwrap();
+    let snap = store.lake_snapshot("w1", "lake").await.unwrap();
+    assert_eq!(snap.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(snap.checkpoints.get(&1), Some(&7));
+    assert_eq!(snap.files[0], lake_file("a", "w1"));
+    // A file committed twice is refused and the checkpoint does not move.
+    assert!(store.lake_commit("lake", &[lake_file("a", "w1")], &[(0, 99)]).await.is_err());
+    assert_eq!(store.lake_snapshot("w1", "lake").await.unwrap().checkpoints.get(&0), Some(&5));
+    // A swap whose inputs changed meanwhile changes nothing.
+    assert!(matches!(store.lake_swap(&[lake_file("ab", "w1")], &["a".into(), "gone".into()]).await, Err(StoreError::Conflict(_))));
+    assert_eq!(store.lake_files(Some("w1")).await.unwrap().len(), 2);
+    store.lake_swap(&[lake_file("ab", "w1")], &["a".into(), "b".into()]).await.unwrap();
+    assert_eq!(store.lake_files(Some("w1")).await.unwrap().iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), ["ab"]);
+    assert_eq!(store.lake_files(None).await.unwrap().len(), 2);
+}
 
 fn job(kind: &str, n: u32) -> sluice_store::NewJob {
     sluice_store::NewJob { workspace: "w1".into(), kind: kind.into(), payload: serde_json::json!({"n": n}), max_attempts: 2, created_by: None }

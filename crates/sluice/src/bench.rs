@@ -2,6 +2,8 @@
 //! docs/BENCHMARKS.md. Each reports a reference run beside the measured one,
 //! in the same session, so results are ratios rather than lone times.
 
+mod lake;
+
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +27,9 @@ pub enum BenchCmd {
     /// A usage CSV imported end to end: upload → durable → meters updated →
     /// total queried; and a 10-row file with wait=true.
     Import(ImportBenchArgs),
+    /// Lake writer throughput and 10 analytical queries through Sluice's SQL
+    /// beside DuckDB on the same Parquet files.
+    Lake(lake::LakeBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -101,6 +106,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Consumer(args) => rt.block_on(consumer(args)),
         BenchCmd::Jobs(args) => rt.block_on(jobs(args)),
         BenchCmd::Import(args) => rt.block_on(import_bench(args)),
+        BenchCmd::Lake(args) => rt.block_on(lake::run(args)),
     }
 }
 

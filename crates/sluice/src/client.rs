@@ -455,6 +455,19 @@ impl Client {
         decode(resp).await
     }
 
+    /// Like [`Client::call`], but returns the body as text (CSV, DDL…).
+    pub async fn raw(&self, method: Method, path: &str, body: Option<Value>) -> Result<String> {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp.text().await?);
+        }
+        decode(resp).await.map(|v| v.to_string())
+    }
+
     pub async fn list_all(&self, path: &str) -> Result<Vec<Value>> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;

@@ -37,6 +37,36 @@ pub struct Config {
     pub webhook_allow_private: bool,
     pub log: LogSection,
     pub ingest: IngestSection,
+    pub lake: LakeSection,
+    pub sql: SqlSection,
+}
+
+/// `[lake]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeSection {
+    pub url: String,
+    #[serde(with = "humantime_serde_shim")]
+    pub flush_interval: Duration,
+    pub flush_bytes: usize,
+    pub row_group_rows: usize,
+    pub target_file_bytes: u64,
+    #[serde(with = "humantime_serde_shim")]
+    pub compact_interval: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub compact_after: Duration,
+}
+
+/// `[sql]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlSection {
+    #[serde(with = "humantime_serde_shim")]
+    pub timeout: Duration,
+    pub max_result_rows: usize,
+    pub max_result_bytes: usize,
+    pub memory_limit: usize,
+    pub max_tail_events: usize,
 }
 
 /// `[log]`.

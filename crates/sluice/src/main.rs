@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod config;
 mod serve;
+mod sql_cli;
 
 use std::path::PathBuf;
 
@@ -46,6 +47,11 @@ enum Command {
     /// Background jobs: list, show, watch, cancel, retry.
     #[command(subcommand)]
     Jobs(client::JobsCmd),
+    /// Run SQL over the lake and the live tables; prints a table (or --format csv|json).
+    Sql(sql_cli::SqlArgs),
+    /// The event lake: table definitions for other engines, files, compaction.
+    #[command(subcommand)]
+    Lake(sql_cli::LakeCmd),
     /// Benchmarks that anyone can rerun; results go to docs/BENCHMARKS.md.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -91,6 +97,8 @@ fn main() -> std::process::ExitCode {
         Command::Dlq(cmd) => client::run(client::Cmd::Dlq(cmd)),
         Command::Jobs(cmd) => client::run(client::Cmd::Jobs(cmd)),
         Command::Import(args) => client::run(client::Cmd::Import(args)),
+        Command::Sql(args) => sql_cli::sql(args),
+        Command::Lake(cmd) => sql_cli::lake(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Config(ConfigCmd::Defaults) => {
             print!("{}", config::DEFAULTS);

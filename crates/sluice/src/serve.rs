@@ -114,12 +114,59 @@ async fn run(cfg: Config) -> Result<()> {
     };
     let meters = sluice_metering::MeterCache::load(&store).await.context("loading meters")?;
     consumers.start(Arc::new(sluice_metering::MetersConsumer { cache: meters.clone() }));
+    // The lake: remove what a crash left, start the writer, and the SQL engine.
+    let lake_root = sluice_lake::layout::root_from_url(&cfg.lake.url, &cfg.data_dir).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&lake_root).with_context(|| format!("creating the lake at {}", lake_root.display()))?;
+    let removed = sluice_lake::writer::recover(&store, &lake_root).await.map_err(anyhow::Error::msg).context("recovering the lake")?;
+    if removed > 0 {
+        tracing::warn!(files = removed, "removed lake files that were written but not committed before an unclean stop; their events are written again");
+    }
+    let file_guard = sluice_lake::sql::FileGuard::default();
+    let (lake_stop, lake_stop_rx) = tokio::sync::watch::channel(false);
+    let lake_writer = tokio::spawn(
+        sluice_lake::writer::LakeWriter {
+            log: log.clone(),
+            store: store.clone(),
+            schemas: schemas.clone(),
+            cfg: sluice_lake::writer::WriterConfig {
+                root: lake_root.clone(),
+                flush_interval: cfg.lake.flush_interval.max(Duration::from_millis(10)),
+                flush_bytes: cfg.lake.flush_bytes.max(1),
+                row_group_rows: cfg.lake.row_group_rows.max(1024),
+            },
+        }
+        .run(lake_stop_rx),
+    );
+    let sql = sluice_lake::sql::SqlEngine::new(
+        store.clone(),
+        log.clone(),
+        schemas.clone(),
+        lake_root.clone(),
+        file_guard.clone(),
+        sluice_lake::sql::SqlLimits {
+            timeout: cfg.sql.timeout,
+            max_rows: cfg.sql.max_result_rows,
+            max_bytes: cfg.sql.max_result_bytes,
+            memory: cfg.sql.memory_limit,
+            max_tail_events: cfg.sql.max_tail_events,
+        },
+    );
     let jobs = Arc::new(sluice_jobs::Runner::start(
         store.clone(),
         vec![
             Arc::new(sluice_consumers::rebuild::ConsumerRebuild),
             Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
             Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone() }),
+            Arc::new(sluice_lake::compact::Compaction {
+                cfg: sluice_lake::compact::CompactConfig {
+                    root: lake_root.clone(),
+                    target_bytes: cfg.lake.target_file_bytes,
+                    closed_after: cfg.lake.compact_after,
+                    row_group_rows: cfg.lake.row_group_rows.max(1024),
+                },
+                guard: file_guard.clone(),
+            }),
+            Arc::new(sluice_lake::export::QueryExport { sql: sql.clone(), root: lake_root.clone() }),
         ],
         sluice_jobs::RunnerConfig { lease: cfg.job_lease.max(Duration::from_millis(300)), ..Default::default() },
     ));
@@ -127,7 +174,9 @@ async fn run(cfg: Config) -> Result<()> {
     if swept > 0 {
         tracing::info!(files = swept, "removed import uploads older than 7 days");
     }
-    let state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
+    let mut state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
+    state.lake = Some(sluice_api::state::LakeHandle { sql, schemas: schemas.clone(), root: lake_root.clone() });
+    let schedulers = tokio::spawn(run_schedulers(store.clone(), jobs.clone(), cfg.lake.compact_interval));
     for hook in store.list_webhooks(None).await.context("loading webhooks")? {
         sluice_api::routes::webhooks::start_webhook(&state, hook);
     }
@@ -167,6 +216,13 @@ async fn run(cfg: Config) -> Result<()> {
         }
     }
     retention.abort();
+    schedulers.abort();
+    // The lake writer commits what it buffered, so a clean stop leaves
+    // nothing for the next start to rewrite.
+    let _ = lake_stop.send(true);
+    if tokio::time::timeout(Duration::from_secs(30), lake_writer).await.is_err() {
+        tracing::warn!("lake writer did not finish in time; its buffer is written again on the next start");
+    }
     // Consumers stop where they are; what they had not committed is
     // delivered again on the next start.
     consumers.stop_all().await;
@@ -217,6 +273,52 @@ async fn bootstrap(store: &Store) -> Result<()> {
         }
     } else if given.is_some() && store.find_key_by_hash(&key.hash).await?.is_none() {
         tracing::warn!("SLUICE_BOOTSTRAP_KEY is set but the store was bootstrapped earlier with another key; it is ignored");
+    }
+    Ok(())
+}
+
+/// Queues compaction (every `compact_every`, per workspace with lake files,
+/// unless one is already waiting) and due scheduled queries (every 30 s).
+async fn run_schedulers(store: Store, jobs: Arc<sluice_jobs::Runner>, compact_every: Duration) {
+    let mut last_compaction = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        match sluice_lake::export::queue_due(&store).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(queries = n, "queued scheduled queries");
+                jobs.wake();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not queue scheduled queries"),
+        }
+        if compact_every.is_zero() || last_compaction.elapsed() < compact_every {
+            continue;
+        }
+        last_compaction = tokio::time::Instant::now();
+        if let Err(e) = queue_compactions(&store).await {
+            tracing::warn!(error = %e, "could not queue lake compaction");
+        }
+        jobs.wake();
+    }
+}
+
+async fn queue_compactions(store: &Store) -> Result<()> {
+    let mut workspaces: Vec<String> = store.lake_files(None).await?.into_iter().map(|f| f.workspace).collect();
+    workspaces.dedup();
+    for ws in workspaces {
+        let waiting = store.list_jobs(&ws, Some(sluice_lake::compact::KIND), Some("queued"), None, 1).await?;
+        if waiting.data.is_empty() {
+            store
+                .enqueue_job(&sluice_store::NewJob {
+                    workspace: ws.clone(),
+                    kind: sluice_lake::compact::KIND.into(),
+                    payload: serde_json::json!({"workspace": ws}),
+                    max_attempts: 3,
+                    created_by: None,
+                })
+                .await?;
+        }
     }
     Ok(())
 }

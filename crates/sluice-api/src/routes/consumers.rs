@@ -87,6 +87,26 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
             partitions,
         });
     }
+    if st.lake.is_some() {
+        // The lake writer keeps checkpoints like a consumer (moved with each
+        // file commit), so its lag is shown the same way.
+        let cps = st.store.checkpoints(sluice_lake::writer::CHECKPOINT).await?;
+        let partitions: Vec<PartitionView> = (0..log.partitions())
+            .map(|p| {
+                let end = log.next_offset(p);
+                let cp = cps.get(&p).copied().unwrap_or_else(|| log.start_offset(p));
+                PartitionView { partition: p, checkpoint: cp, end_offset: end, lag: end.saturating_sub(cp) }
+            })
+            .collect();
+        out.push(ConsumerView {
+            lag: partitions.iter().map(|p| p.lag).sum(),
+            dlq_size: 0,
+            name: sluice_lake::writer::CHECKPOINT.to_owned(),
+            status: "running".into(),
+            last_error: None,
+            partitions,
+        });
+    }
     Ok(Json(List { data: out, next_cursor: None }))
 }
 

@@ -7,6 +7,7 @@ pub mod imports;
 pub mod jobs;
 pub mod meters;
 pub mod keys;
+pub mod lake;
 pub mod ops;
 pub mod people;
 pub mod segment;

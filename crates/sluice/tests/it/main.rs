@@ -16,6 +16,7 @@ mod cli;
 mod consumers;
 mod durability;
 mod ingest;
+mod lake;
 mod limits;
 mod metering;
 mod ops;

@@ -1,0 +1,233 @@
+//! Compaction: merges the small files of closed hour partitions into files
+//! of at least `target_bytes` (64 MiB by default) or the whole partition.
+//!
+//! A partition is closed when its hour ended more than
+//! [`CompactConfig::closed_after`] ago (late events can still add small
+//! files to it later; the next run merges those too). Per partition the job
+//!
+//! 1. reads the partition's committed files in order and writes merged
+//!    files (schemas are unified by column name: a column missing in an
+//!    older file is null),
+//! 2. swaps them in the manifest in one transaction (old rows out, new rows
+//!    in — the swap fails and changes nothing if a file vanished meanwhile),
+//! 3. waits until queries that started before the swap have finished (they
+//!    read the old files: [`crate::sql::FileGuard`]), then deletes the old
+//!    files.
+//!
+//! So a query sees either the old files or the new ones, every row exactly
+//! once. A crash between 2 and 3 leaves unlisted files, removed on start; a
+//! crash before 2 leaves unlisted new files, removed on start too.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{new_null_array, ArrayRef};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use serde_json::{json, Value};
+use sluice_jobs::{JobContext, JobError, JobHandler};
+use sluice_store::{Job, LakeFile, Store};
+
+use crate::layout;
+use crate::sql::FileGuard;
+use crate::writer::writer_properties;
+
+/// Kind of the compaction job.
+pub const KIND: &str = "lake.compact";
+
+/// Settings of compaction.
+#[derive(Debug, Clone)]
+pub struct CompactConfig {
+    /// Lake root.
+    pub root: PathBuf,
+    /// Size a merged file grows to before the next one starts.
+    pub target_bytes: u64,
+    /// A partition is closed this long after its hour ended.
+    pub closed_after: std::time::Duration,
+    /// Rows per row group.
+    pub row_group_rows: usize,
+}
+
+/// The `lake.compact` job handler.
+pub struct Compaction {
+    /// Settings.
+    pub cfg: CompactConfig,
+    /// Held by queries; taken before old files are deleted.
+    pub guard: FileGuard,
+}
+
+/// Which partitions need compaction: closed, with more than one file and
+/// at least one file under the target. Keys: (workspace, type, hour).
+pub fn candidates(files: Vec<LakeFile>, now: DateTime<Utc>, cfg: &CompactConfig) -> Vec<Vec<LakeFile>> {
+    let mut parts: BTreeMap<(String, String, DateTime<Utc>), Vec<LakeFile>> = BTreeMap::new();
+    for f in files {
+        parts.entry((f.workspace.clone(), f.content_type.clone(), f.hour_start)).or_default().push(f);
+    }
+    let closed_before = now - chrono::Duration::hours(1) - chrono::Duration::from_std(cfg.closed_after).unwrap_or_default();
+    parts
+        .into_iter()
+        .filter(|((_, _, hour), fs)| *hour <= closed_before && fs.len() > 1 && fs.iter().filter(|f| f.bytes < cfg.target_bytes).count() > 1)
+        .map(|(_, fs)| fs)
+        .collect()
+}
+
+#[async_trait]
+impl JobHandler for Compaction {
+    fn kind(&self) -> &str {
+        KIND
+    }
+
+    async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
+        let workspace = job.payload["workspace"].as_str();
+        let files = ctx.store().lake_files(workspace).await?;
+        let parts = candidates(files, Utc::now(), &self.cfg);
+        let total = parts.len() as i64;
+        ctx.progress(0, Some(total)).await;
+        let (mut merged_in, mut merged_out, mut rows) = (0u64, 0u64, 0u64);
+        for (i, part) in parts.into_iter().enumerate() {
+            if ctx.is_cancelled() {
+                return Err(JobError::Cancelled);
+            }
+            let (n_in, out) = compact_partition(ctx.store(), &self.cfg, &self.guard, part).await.map_err(JobError::Failed)?;
+            merged_in += n_in;
+            merged_out += out.len() as u64;
+            rows += out.iter().map(|f| f.row_count).sum::<u64>();
+            ctx.progress(i as i64 + 1, Some(total)).await;
+        }
+        Ok(json!({"partitions": total, "files_merged": merged_in, "files_written": merged_out, "rows": rows}))
+    }
+}
+
+/// Compacts one partition; returns how many files were replaced and the new files.
+pub async fn compact_partition(store: &Store, cfg: &CompactConfig, guard: &FileGuard, part: Vec<LakeFile>) -> Result<(u64, Vec<LakeFile>), String> {
+    let root = cfg.root.clone();
+    let (target, rg) = (cfg.target_bytes, cfg.row_group_rows);
+    let inputs = part.clone();
+    let written = tokio::task::spawn_blocking(move || merge(&root, &inputs, target, rg)).await.map_err(|e| e.to_string())??;
+    let removed: Vec<String> = part.iter().map(|f| f.path.clone()).collect();
+    if let Err(e) = store.lake_swap(&written, &removed).await {
+        for f in &written {
+            let _ = std::fs::remove_file(cfg.root.join(&f.path));
+        }
+        return Err(format!("swapping compacted files: {e}"));
+    }
+    // Queries that took their snapshot before the swap may still read the
+    // old files: wait for them, then delete.
+    let _exclusive = guard.exclusive().await;
+    for p in &removed {
+        let _ = std::fs::remove_file(cfg.root.join(p));
+    }
+    metrics::counter!("sluice_lake_files_compacted_total").increment(removed.len() as u64);
+    Ok((removed.len() as u64, written))
+}
+
+/// Reads `inputs` in order and writes them into as few files as the target
+/// allows. Runs on a blocking thread.
+fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -> Result<Vec<LakeFile>, String> {
+    let first = &inputs[0];
+    // The union of the files' schemas, by column name (first type wins).
+    let mut fields: Vec<Field> = Vec::new();
+    for f in inputs {
+        let file = std::fs::File::open(root.join(&f.path)).map_err(|e| format!("{}: {e}", f.path))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("{}: {e}", f.path))?;
+        for fld in b.schema().fields() {
+            if !fields.iter().any(|x| x.name() == fld.name()) {
+                fields.push(fld.as_ref().clone().with_nullable(true));
+            }
+        }
+    }
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    let mut out: Vec<LakeFile> = Vec::new();
+    let mut cur: Option<(ArrowWriter<std::fs::File>, PathBuf, String, u64, i64, i64)> = None;
+    let finish = |c: (ArrowWriter<std::fs::File>, PathBuf, String, u64, i64, i64), out: &mut Vec<LakeFile>| -> Result<(), String> {
+        let (w, tmp, rel, rows, min, max) = c;
+        let f = w.into_inner().map_err(|e| e.to_string())?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let dest = root.join(&rel);
+        std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
+        if let Some(d) = dest.parent().and_then(|d| std::fs::File::open(d).ok()) {
+            let _ = d.sync_all();
+        }
+        out.push(LakeFile {
+            path: rel,
+            workspace: first.workspace.clone(),
+            content_type: first.content_type.clone(),
+            hour_start: first.hour_start,
+            row_count: rows,
+            bytes,
+            min_time: DateTime::from_timestamp_micros(min).unwrap_or(first.hour_start),
+            max_time: DateTime::from_timestamp_micros(max).unwrap_or(first.hour_start),
+            created_at: Utc::now(),
+        });
+        Ok(())
+    };
+    let result = (|| -> Result<(), String> {
+        std::fs::create_dir_all(root.join("_tmp")).map_err(|e| e.to_string())?;
+        for f in inputs {
+            let file = std::fs::File::open(root.join(&f.path)).map_err(|e| format!("{}: {e}", f.path))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.with_batch_size(row_group_rows.min(65_536)).build())
+                .map_err(|e| format!("{}: {e}", f.path))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| format!("{}: {e}", f.path))?;
+                let batch = conform(&batch, &schema)?;
+                if cur.is_none() {
+                    let tmp = root.join("_tmp").join(format!("{}.parquet", uuid::Uuid::now_v7().simple()));
+                    let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+                    let w = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(row_group_rows))).map_err(|e| e.to_string())?;
+                    cur = Some((w, tmp, layout::new_file(&first.workspace, &first.content_type, first.hour_start), 0, i64::MAX, i64::MIN));
+                }
+                let c = cur.as_mut().expect("set above");
+                c.0.write(&batch).map_err(|e| e.to_string())?;
+                c.3 += batch.num_rows() as u64;
+                if let Some((lo, hi)) = time_range(&batch) {
+                    c.4 = c.4.min(lo);
+                    c.5 = c.5.max(hi);
+                }
+                if (c.0.bytes_written() + c.0.in_progress_size()) as u64 >= target {
+                    finish(cur.take().expect("set above"), &mut out)?;
+                }
+            }
+        }
+        if let Some(c) = cur.take() {
+            finish(c, &mut out)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for f in &out {
+            let _ = std::fs::remove_file(root.join(&f.path));
+        }
+        return Err(e);
+    }
+    Ok(out)
+}
+
+/// `batch` with exactly the columns of `schema` (missing ones null).
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+    let cols: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => c.clone(),
+            Some(c) => arrow::compute::cast(c, f.data_type()).unwrap_or_else(|_| new_null_array(f.data_type(), batch.num_rows())),
+            None => new_null_array(f.data_type(), batch.num_rows()),
+        })
+        .collect();
+    RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())
+}
+
+fn time_range(batch: &RecordBatch) -> Option<(i64, i64)> {
+    use arrow::array::{Array, TimestampMicrosecondArray};
+    let c = batch.column_by_name("timestamp")?.as_any().downcast_ref::<TimestampMicrosecondArray>()?;
+    let lo = arrow::compute::min(c)?;
+    let hi = arrow::compute::max(c)?;
+    let _ = c.len();
+    Some((lo, hi))
+}

@@ -1,0 +1,22 @@
+//! The event lake: events as Hive-partitioned Parquet files, and SQL over
+//! them joined with live state tables.
+//!
+//! - [`columns`]: the lake's columns and events → Arrow batches (with
+//!   enrichment from `sluice-enrich`);
+//! - [`layout`]: partition paths and the lake root;
+//! - [`writer`]: the lake writer, a log reader whose files and checkpoint
+//!   commit in one state-store transaction (exactly once);
+//! - [`compact`]: the compaction job;
+//! - [`sql`]: DataFusion over the manifest's files, the not-yet-written tail
+//!   of the log, and the workspace's state tables; read-only and confined to
+//!   one workspace;
+//! - [`export`]: saved queries run as jobs, on a cron schedule, exported;
+//! - [`ddl`]: table definitions for other engines (Athena, Trino, DuckDB, Spark).
+
+pub mod columns;
+pub mod compact;
+pub mod ddl;
+pub mod export;
+pub mod layout;
+pub mod sql;
+pub mod writer;

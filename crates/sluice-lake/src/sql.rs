@@ -1,0 +1,873 @@
+//! SQL over the lake and the workspace's live state tables (DataFusion).
+//!
+//! Every query gets a fresh DataFusion session holding only the key's
+//! workspace's tables:
+//!
+//! - `events`: the committed Parquet files of the workspace (from the
+//!   manifest, with Hive partition columns `content_type`, `year`, `month`,
+//!   `day`, `hour`, pruned on them and on `timestamp` bounds), **plus** the
+//!   events after the lake writer's checkpoint, read from the log — so an
+//!   event is queryable as soon as it is acknowledged. Manifest and
+//!   checkpoint come from one snapshot: every event appears exactly once.
+//! - `customers`, `meters`, `usage`, `imports`, `jobs`, `audit_log`: read
+//!   from the state store when the query names them.
+//!
+//! Read-only: DDL, DML, `COPY` and statements (`SET`, transactions…) are
+//! refused by DataFusion's `SQLOptions`; URL tables (`SELECT … FROM
+//! 'file.parquet'`) are off and no file-reading table function is
+//! registered (the only table functions are `generate_series` and `range`).
+//! There is no catalog but the session's, so no other workspace's files can
+//! be named. A time limit and result-size limits end a query with a clear
+//! error.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Decimal128Builder, Int64Builder, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{project_schema, DFSchema, ScalarValue};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::table_schema::TableSchema;
+use datafusion::datasource::MemTable;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::{conjunction as phys_conjunction, PhysicalExpr};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use sluice_core::{Event, EventLog};
+use sluice_ingest::{PropertyType, Schemas};
+use sluice_store::{LakeFile, Store};
+
+use crate::columns::{self, BatchBuilder, PARTITION_COLUMNS};
+use crate::layout;
+use crate::writer::CHECKPOINT;
+
+/// Queries hold it shared while they run; compaction holds it exclusively
+/// before deleting replaced files, so no running query loses a file.
+#[derive(Debug, Clone, Default)]
+pub struct FileGuard(Arc<tokio::sync::RwLock<()>>);
+
+impl FileGuard {
+    /// Held by a query.
+    pub async fn shared(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.0.clone().read_owned().await
+    }
+    /// Held while deleting replaced files.
+    pub async fn exclusive(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.0.clone().write_owned().await
+    }
+}
+
+/// Limits of one query.
+#[derive(Debug, Clone, Copy)]
+pub struct SqlLimits {
+    /// Longest run time.
+    pub timeout: Duration,
+    /// Most result rows.
+    pub max_rows: usize,
+    /// Most result bytes (Arrow memory of the result batches).
+    pub max_bytes: usize,
+    /// Memory for joins, sorts and aggregations of one query.
+    pub memory: usize,
+    /// Most events read from the log tail (events not yet in a file).
+    pub max_tail_events: usize,
+}
+
+/// Why a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// The SQL is not valid, or names an unknown table, column or function.
+    #[error("{0}")]
+    Invalid(String),
+    /// Not a read-only query (DDL, DML, COPY, SET…).
+    #[error("{0}")]
+    ReadOnly(String),
+    /// The query ran longer than the limit.
+    #[error("the query ran longer than {0:?} and was stopped; narrow it (e.g. filter on timestamp or content_type)")]
+    Timeout(Duration),
+    /// The result is larger than the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DataFusionError> for SqlError {
+    fn from(e: DataFusionError) -> Self {
+        let e = e.find_root().to_string();
+        if e.contains("not supported") && (e.contains("DDL") || e.contains("DML") || e.contains("Statement")) {
+            SqlError::ReadOnly(format!("only read-only queries (SELECT, WITH, EXPLAIN, VALUES) are allowed: {e}"))
+        } else if e.contains("Resources exhausted") {
+            SqlError::TooLarge(format!("the query needs more memory than allowed: {e}"))
+        } else {
+            SqlError::Invalid(e)
+        }
+    }
+}
+
+/// The result of a query.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    /// Column names and types.
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+    /// Row count.
+    pub rows: usize,
+    /// Run time.
+    pub elapsed: Duration,
+}
+
+/// Runs SQL for a workspace.
+#[derive(Clone)]
+pub struct SqlEngine {
+    /// State store.
+    pub store: Store,
+    /// The log (for events not yet in a file).
+    pub log: Arc<dyn EventLog>,
+    /// Declared schemas (typed columns).
+    pub schemas: Schemas,
+    /// Lake root.
+    pub root: PathBuf,
+    /// Held while a query runs.
+    pub guard: FileGuard,
+    /// Limits.
+    pub limits: SqlLimits,
+    runtime: Arc<RuntimeEnv>,
+}
+
+impl SqlEngine {
+    /// An engine with a memory pool of `limits.memory` bytes per query.
+    pub fn new(store: Store, log: Arc<dyn EventLog>, schemas: Schemas, root: PathBuf, guard: FileGuard, limits: SqlLimits) -> SqlEngine {
+        let runtime = RuntimeEnvBuilder::new().with_memory_limit(limits.memory, 1.0).build_arc().expect("a runtime with a memory limit");
+        SqlEngine { store, log, schemas, root, guard, limits, runtime }
+    }
+
+    /// Runs `sql` over `workspace`'s tables.
+    pub async fn query(&self, workspace: &str, sql: &str) -> Result<QueryResult, SqlError> {
+        let started = Instant::now();
+        let limits = self.limits;
+        let work = async {
+            let _files = self.guard.shared().await;
+            let ctx = self.session(workspace, sql).await?;
+            let opts = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+            let df = ctx.sql_with_options(sql, opts).await?;
+            let mut stream = df.execute_stream().await?;
+            let schema = stream.schema();
+            let (mut batches, mut rows, mut bytes) = (Vec::new(), 0usize, 0usize);
+            while let Some(b) = stream.next().await {
+                let b = b?;
+                rows += b.num_rows();
+                bytes += b.get_array_memory_size();
+                if rows > limits.max_rows {
+                    return Err(SqlError::TooLarge(format!(
+                        "the result has more than {} rows (sql.max_result_rows); add a LIMIT or aggregate",
+                        limits.max_rows
+                    )));
+                }
+                if bytes > limits.max_bytes {
+                    return Err(SqlError::TooLarge(format!(
+                        "the result is larger than {} bytes (sql.max_result_bytes); select fewer columns or rows",
+                        limits.max_bytes
+                    )));
+                }
+                batches.push(b);
+            }
+            Ok(QueryResult { schema, batches, rows, elapsed: Duration::ZERO })
+        };
+        let mut r = match tokio::time::timeout(limits.timeout, work).await {
+            Ok(r) => r?,
+            Err(_) => return Err(SqlError::Timeout(limits.timeout)),
+        };
+        r.elapsed = started.elapsed();
+        metrics::histogram!("sluice_sql_query_seconds").record(r.elapsed.as_secs_f64());
+        Ok(r)
+    }
+
+    /// Plans `sql` without running it: an `Err` says why it would fail.
+    pub async fn check(&self, workspace: &str, sql: &str) -> Result<(), SqlError> {
+        let ctx = self.session(workspace, sql).await?;
+        let opts = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+        ctx.sql_with_options(sql, opts).await?;
+        Ok(())
+    }
+
+    /// A session with the workspace's tables.
+    async fn session(&self, workspace: &str, sql: &str) -> Result<SessionContext, SqlError> {
+        let config = SessionConfig::new()
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .with_information_schema(false)
+            .with_batch_size(8192);
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        register_json_functions(&ctx);
+        let lower = sql.to_ascii_lowercase();
+        let internal = |e: sluice_store::StoreError| SqlError::Internal(e.to_string());
+        if lower.contains("events") {
+            let snap = self.store.lake_snapshot(workspace, CHECKPOINT).await.map_err(internal)?;
+            let typed = self.schemas.columns(workspace);
+            let tail = self.tail(workspace, &snap.checkpoints, &typed).await?;
+            let table = EventsTable::new(&self.root, columns::file_schema(&typed), snap.files, tail);
+            ctx.register_table("events", Arc::new(table))?;
+        }
+        for (name, load) in LIVE_TABLES {
+            if lower.contains(name) {
+                let (schema, batch) = load(self.store.clone(), workspace.to_owned()).await.map_err(internal)?;
+                ctx.register_table(*name, Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))?;
+            }
+        }
+        Ok(ctx)
+    }
+
+    /// The workspace's events after the lake checkpoints, as batches of the
+    /// table schema.
+    async fn tail(&self, workspace: &str, checkpoints: &HashMap<u32, u64>, typed: &[(String, PropertyType)]) -> Result<Vec<RecordBatch>, SqlError> {
+        let mut events: Vec<Event> = Vec::new();
+        let mut read = 0usize;
+        for p in 0..self.log.partitions() {
+            let mut at = checkpoints.get(&p).copied().unwrap_or_else(|| self.log.start_offset(p));
+            let end = self.log.next_offset(p);
+            while at < end {
+                let recs = self.log.read(p, at, 10_000, 16 << 20).await.map_err(|e| SqlError::Internal(e.to_string()))?;
+                let Some(last) = recs.last() else { break };
+                at = last.offset + 1;
+                read += recs.len();
+                if read > self.limits.max_tail_events {
+                    return Err(SqlError::TooLarge(format!(
+                        "more than {} events are waiting for the lake writer; try again in a few seconds",
+                        self.limits.max_tail_events
+                    )));
+                }
+                for r in recs.into_iter().filter(|r| r.offset < end) {
+                    if let Ok(e) = serde_json::from_slice::<Event>(&r.payload) {
+                        if e.workspace.as_str() == workspace {
+                            events.push(e);
+                        }
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(vec![]);
+        }
+        let typed = typed.to_vec();
+        let schemas = self.schemas.clone();
+        let ws = workspace.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut enricher = sluice_enrich::Enricher::new();
+            let mut out = Vec::new();
+            for chunk in events.chunks(8192) {
+                let mut b = BatchBuilder::new(&typed, chunk.len());
+                let mut parts: [StringBuilder; 5] = std::array::from_fn(|_| StringBuilder::new());
+                for e in chunk {
+                    let declared = schemas.get(&ws, e.event_type.as_str()).map(|s| s.properties.clone()).unwrap_or_default();
+                    b.push(e, &mut enricher, &declared);
+                    let [y, m, d, h] = layout::hour_values(layout::hour_start(e.timestamp));
+                    for (pb, v) in parts.iter_mut().zip([e.event_type.as_str(), &y, &m, &d, &h]) {
+                        pb.append_value(v);
+                    }
+                }
+                let batch = b.finish();
+                let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+                cols.extend(parts.iter_mut().map(|p| Arc::new(p.finish()) as ArrayRef));
+                let mut fields: Vec<FieldRef> = batch.schema().fields().iter().cloned().collect();
+                fields.extend(partition_fields());
+                out.push(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| SqlError::Internal(e.to_string()))?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| SqlError::Internal(e.to_string()))?
+    }
+}
+
+fn partition_fields() -> Vec<FieldRef> {
+    PARTITION_COLUMNS.iter().map(|n| Arc::new(Field::new(*n, DataType::Utf8, false))).collect()
+}
+
+/// The `events` table: manifest files plus the log tail.
+#[derive(Debug)]
+pub struct EventsTable {
+    root: PathBuf,
+    file_schema: SchemaRef,
+    table_schema: SchemaRef,
+    files: Vec<LakeFile>,
+    tail: Vec<RecordBatch>,
+}
+
+impl EventsTable {
+    /// The table over `files` (relative to `root`) and `tail`.
+    pub fn new(root: &std::path::Path, file_schema: SchemaRef, files: Vec<LakeFile>, tail: Vec<RecordBatch>) -> EventsTable {
+        let mut all: Vec<FieldRef> = file_schema.fields().iter().cloned().collect();
+        all.extend(partition_fields());
+        let table_schema = Arc::new(Schema::new(all));
+        let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+        EventsTable { root, file_schema, table_schema, files, tail }
+    }
+
+    /// Files that may hold rows matching `filters`: by partition values and
+    /// by the files' time range.
+    fn prune(&self, filters: &[Expr]) -> Vec<&LakeFile> {
+        let (mut lo, mut hi) = (i64::MIN, i64::MAX);
+        let mut types: Option<Vec<String>> = None;
+        let mut parts: HashMap<&str, String> = HashMap::new();
+        for f in filters {
+            collect_bounds(f, &mut lo, &mut hi, &mut types, &mut parts);
+        }
+        self.files
+            .iter()
+            .filter(|f| f.max_time.timestamp_micros() >= lo && f.min_time.timestamp_micros() <= hi)
+            .filter(|f| types.as_ref().is_none_or(|t| t.iter().any(|x| x == &f.content_type)))
+            .filter(|f| {
+                let [y, m, d, h] = layout::hour_values(f.hour_start);
+                [("year", y), ("month", m), ("day", d), ("hour", h)]
+                    .iter()
+                    .all(|(k, v)| parts.get(k).is_none_or(|want| want.trim_start_matches('0') == v.trim_start_matches('0')))
+            })
+            .collect()
+    }
+}
+
+/// Reads simple conjuncts: `timestamp <op> literal`, `content_type = 'x'`,
+/// `content_type IN (…)`, `year|month|day|hour = 'n'`. Anything else is
+/// left to DataFusion (the filters are inexact: it applies them all).
+fn collect_bounds<'a>(e: &Expr, lo: &mut i64, hi: &mut i64, types: &mut Option<Vec<String>>, parts: &mut HashMap<&'a str, String>) {
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+            collect_bounds(left, lo, hi, types, parts);
+            collect_bounds(right, lo, hi, types, parts);
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (col, lit, op) = match (strip(left), strip(right)) {
+                (Expr::Column(c), Expr::Literal(v, _)) => (c.name.as_str(), v, *op),
+                (Expr::Literal(v, _), Expr::Column(c)) => (c.name.as_str(), v, op.swap().unwrap_or(*op)),
+                _ => return,
+            };
+            if col == "timestamp" {
+                let Some(us) = micros(lit) else { return };
+                match op {
+                    Operator::Gt | Operator::GtEq => *lo = (*lo).max(us),
+                    Operator::Lt | Operator::LtEq => *hi = (*hi).min(us),
+                    Operator::Eq => {
+                        *lo = (*lo).max(us);
+                        *hi = (*hi).min(us);
+                    }
+                    _ => {}
+                }
+            } else if op == Operator::Eq {
+                let Some(s) = text(lit) else { return };
+                if col == "content_type" {
+                    *types = Some(vec![s]);
+                } else if let Some(k) = ["year", "month", "day", "hour"].into_iter().find(|k| *k == col) {
+                    parts.insert(k, s);
+                }
+            }
+        }
+        Expr::InList(l) if !l.negated => {
+            if let Expr::Column(c) = strip(&l.expr) {
+                if c.name == "content_type" {
+                    let v: Option<Vec<String>> = l.list.iter().map(|x| if let Expr::Literal(v, _) = strip(x) { text(v) } else { None }).collect();
+                    if let Some(v) = v {
+                        *types = Some(v);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn strip(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip(&c.expr),
+        Expr::TryCast(c) => strip(&c.expr),
+        other => other,
+    }
+}
+
+fn micros(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::TimestampSecond(Some(x), _) => x.checked_mul(1_000_000),
+        ScalarValue::TimestampMillisecond(Some(x), _) => x.checked_mul(1_000),
+        ScalarValue::TimestampMicrosecond(Some(x), _) => Some(*x),
+        ScalarValue::TimestampNanosecond(Some(x), _) => Some(x.div_euclid(1_000)),
+        ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => {
+            sluice_ingest::formats::parse_time(s).ok().map(|t| t.timestamp_micros())
+        }
+        _ => None,
+    }
+}
+
+fn text(v: &ScalarValue) -> Option<String> {
+    match v {
+        ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => Some(s.clone()),
+        ScalarValue::Int64(Some(n)) => Some(n.to_string()),
+        ScalarValue::Int32(Some(n)) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl TableProvider for EventsTable {
+    fn schema(&self) -> SchemaRef {
+        self.table_schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // Inexact: used for pruning here, applied again by DataFusion.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        let files = self.prune(filters);
+        if !files.is_empty() {
+            let pfiles: Vec<PartitionedFile> = files
+                .iter()
+                .map(|f| {
+                    let path = self.root.join(&f.path);
+                    let [y, m, d, h] = layout::hour_values(f.hour_start);
+                    PartitionedFile::new(path.to_string_lossy().trim_start_matches('/').to_owned(), f.bytes).with_partition_values(
+                        [f.content_type.clone(), y, m, d, h].into_iter().map(|v| ScalarValue::Utf8(Some(v))).collect(),
+                    )
+                })
+                .collect();
+            let n = state.config().target_partitions().max(1);
+            let groups: Vec<FileGroup> = FileGroup::new(pfiles).split_files(n);
+            let table_schema = TableSchema::builder(self.file_schema.clone()).with_table_partition_cols(partition_fields()).build();
+            let mut source = ParquetSource::new(table_schema).with_table_parquet_options(state.table_options().parquet.clone());
+            let df_schema = DFSchema::try_from(self.table_schema.clone())?;
+            let preds: Vec<Arc<dyn PhysicalExpr>> = filters.iter().filter_map(|e| state.create_physical_expr(e.clone(), &df_schema).ok()).collect();
+            if !preds.is_empty() {
+                source = source.with_predicate(phys_conjunction(preds));
+            }
+            let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+                .with_file_groups(groups)
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
+            inputs.push(DataSourceExec::from_data_source(config));
+        }
+        if !self.tail.is_empty() {
+            // Tail batches carry the typed columns known now; cast to the table schema by name.
+            let batches: Vec<RecordBatch> = self.tail.iter().map(|b| conform(b, &self.table_schema)).collect::<DfResult<_>>()?;
+            let mem = MemorySourceConfig::try_new(&[batches], self.table_schema.clone(), projection.cloned())?.with_limit(limit);
+            inputs.push(DataSourceExec::from_data_source(mem));
+        }
+        if inputs.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(project_schema(&self.table_schema, projection)?)));
+        }
+        UnionExec::try_new(inputs)
+    }
+}
+
+fn conform(b: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
+    if b.schema().as_ref() == schema.as_ref() {
+        return Ok(b.clone());
+    }
+    let cols: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match b.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => c.clone(),
+            _ => arrow::array::new_null_array(f.data_type(), b.num_rows()),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+// ---------------------------------------------------------------------------
+// Live state tables.
+
+type Loaded = Result<(SchemaRef, RecordBatch), sluice_store::StoreError>;
+type Loader = fn(Store, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Loaded> + Send>>;
+
+/// Tables read from the state store, by name.
+const LIVE_TABLES: &[(&str, Loader)] = &[
+    ("customers", |s, w| Box::pin(load_customers(s, w))),
+    ("meters", |s, w| Box::pin(load_meters(s, w))),
+    ("usage", |s, w| Box::pin(load_usage(s, w))),
+    ("imports", |s, w| Box::pin(load_jobs(s, w, true))),
+    ("jobs", |s, w| Box::pin(load_jobs(s, w, false))),
+    ("audit_log", |s, w| Box::pin(load_audit(s, w))),
+];
+
+/// Scale of decimal columns of the `usage` table.
+pub const USAGE_SCALE: u32 = 12;
+
+fn ts_field(name: &str, nullable: bool) -> Field {
+    Field::new(name, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), nullable)
+}
+
+struct Cols {
+    fields: Vec<Field>,
+    arrays: Vec<ArrayRef>,
+}
+
+impl Cols {
+    fn new() -> Cols {
+        Cols { fields: vec![], arrays: vec![] }
+    }
+    fn text<I: IntoIterator<Item = Option<String>>>(mut self, name: &str, v: I) -> Cols {
+        self.fields.push(Field::new(name, DataType::Utf8, true));
+        self.arrays.push(Arc::new(v.into_iter().collect::<StringArray>()));
+        self
+    }
+    fn int<I: IntoIterator<Item = Option<i64>>>(mut self, name: &str, v: I) -> Cols {
+        let mut b = Int64Builder::new();
+        v.into_iter().for_each(|x| b.append_option(x));
+        self.fields.push(Field::new(name, DataType::Int64, true));
+        self.arrays.push(Arc::new(b.finish()));
+        self
+    }
+    fn time<I: IntoIterator<Item = Option<DateTime<Utc>>>>(mut self, name: &str, v: I) -> Cols {
+        let mut b = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+        v.into_iter().for_each(|x| b.append_option(x.map(|t| t.timestamp_micros())));
+        self.fields.push(ts_field(name, true));
+        self.arrays.push(Arc::new(b.finish()));
+        self
+    }
+    fn decimal<I: IntoIterator<Item = Option<Decimal>>>(mut self, name: &str, v: I) -> Cols {
+        let mut b = Decimal128Builder::new().with_precision_and_scale(38, USAGE_SCALE as i8).expect("valid precision and scale");
+        v.into_iter().for_each(|x| {
+            b.append_option(x.map(|d| {
+                let mut d = d;
+                d.rescale(USAGE_SCALE);
+                d.mantissa()
+            }))
+        });
+        self.fields.push(Field::new(name, DataType::Decimal128(38, USAGE_SCALE as i8), true));
+        self.arrays.push(Arc::new(b.finish()));
+        self
+    }
+    fn done(self) -> Loaded {
+        let schema = Arc::new(Schema::new(self.fields));
+        let batch = RecordBatch::try_new(schema.clone(), self.arrays).expect("columns of equal length");
+        Ok((schema, batch))
+    }
+}
+
+async fn load_customers(store: Store, ws: String) -> Loaded {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.list_customers(&ws, cursor.as_deref(), 1000).await?;
+        all.extend(page.data);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Cols::new()
+        .text("customer_id", all.iter().map(|c| Some(c.customer_id.clone())))
+        .text("name", all.iter().map(|c| c.attributes.get("name").and_then(|v| v.as_str()).map(str::to_owned)))
+        .text("plan", all.iter().map(|c| c.attributes.get("plan").and_then(|v| v.as_str()).map(str::to_owned)))
+        .text("attributes", all.iter().map(|c| Some(c.attributes.to_string())))
+        .time("first_seen", all.iter().map(|c| Some(c.first_seen)))
+        .time("updated_at", all.iter().map(|c| Some(c.updated_at)))
+        .done()
+}
+
+async fn load_meters(store: Store, ws: String) -> Loaded {
+    let m = store.list_meters(Some(&ws)).await?;
+    Cols::new()
+        .text("key", m.iter().map(|m| Some(m.key.clone())))
+        .text("event_type", m.iter().map(|m| Some(m.event_type.clone())))
+        .text("aggregation", m.iter().map(|m| Some(m.aggregation.clone())))
+        .text("value_property", m.iter().map(|m| m.value_property.clone()))
+        .text("group_by", m.iter().map(|m| Some(serde_json::to_string(&m.group_by).unwrap_or_default())))
+        .text("filter", m.iter().map(|m| Some(serde_json::Value::Object(m.filter.clone()).to_string())))
+        .time("created_at", m.iter().map(|m| Some(m.created_at)))
+        .done()
+}
+
+async fn load_usage(store: Store, ws: String) -> Loaded {
+    struct Row {
+        meter: String,
+        aggregation: String,
+        b: sluice_store::UsageBucket,
+        unique: Option<i64>,
+    }
+    let mut rows = Vec::new();
+    for m in store.list_meters(Some(&ws)).await? {
+        let mut uniques: HashMap<(String, String, String, i64), i64> = HashMap::new();
+        if m.aggregation == "unique_count" {
+            for (c, s, g, at, _) in store.usage_unique_values(&ws, &m.key, None, None, None, None).await? {
+                *uniques.entry((c, s, g, at.timestamp_micros())).or_default() += 1;
+            }
+        }
+        for b in store.usage_buckets(&ws, &m.key, None, None, None, None).await? {
+            let unique = uniques.get(&(b.customer_id.clone(), b.subscription_id.clone(), b.group_key.clone(), b.bucket_start.timestamp_micros())).copied();
+            rows.push(Row { meter: m.key.clone(), aggregation: m.aggregation.clone(), b, unique });
+        }
+    }
+    let opt = |s: &String| if s.is_empty() { None } else { Some(s.clone()) };
+    Cols::new()
+        .text("meter", rows.iter().map(|r| Some(r.meter.clone())))
+        .text("customer_id", rows.iter().map(|r| opt(&r.b.customer_id)))
+        .text("subscription_id", rows.iter().map(|r| opt(&r.b.subscription_id)))
+        .text("group", rows.iter().map(|r| opt(&r.b.group_key)))
+        .time("period_start", rows.iter().map(|r| Some(r.b.bucket_start)))
+        .time("period_end", rows.iter().map(|r| Some(r.b.bucket_start + chrono::Duration::minutes(15))))
+        .decimal(
+            "value",
+            rows.iter().map(|r| match r.aggregation.as_str() {
+                "sum" => Some(r.b.sum),
+                "count" => Some(Decimal::from(r.b.count)),
+                "max" => r.b.max,
+                "min" => r.b.min,
+                "latest" => r.b.latest_value,
+                "unique_count" => Some(Decimal::from(r.unique.unwrap_or(0))),
+                _ => None,
+            }),
+        )
+        .int("count", rows.iter().map(|r| Some(r.b.count)))
+        .decimal("sum", rows.iter().map(|r| Some(r.b.sum)))
+        .decimal("min", rows.iter().map(|r| r.b.min))
+        .decimal("max", rows.iter().map(|r| r.b.max))
+        .decimal("latest", rows.iter().map(|r| r.b.latest_value))
+        .done()
+}
+
+async fn load_jobs(store: Store, ws: String, imports_only: bool) -> Loaded {
+    let kind = if imports_only { Some("import.usage") } else { None };
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.list_jobs(&ws, kind, None, cursor.as_deref(), 1000).await?;
+        all.extend(page.data);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let num = |j: &sluice_store::Job, k: &str| j.result.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_i64());
+    let c = Cols::new().text("id", all.iter().map(|j| Some(j.id.clone())));
+    let c = if imports_only {
+        c.text("status", all.iter().map(|j| Some(j.state.clone())))
+            .text("mode", all.iter().map(|j| j.payload["mode"].as_str().map(str::to_owned)))
+            .text("filename", all.iter().map(|j| j.payload["filename"].as_str().map(str::to_owned)))
+            .int("bytes", all.iter().map(|j| j.payload["bytes"].as_i64()))
+            .int("rows_total", all.iter().map(|j| num(j, "rows_total").or(j.progress_total)))
+            .int("rows_processed", all.iter().map(|j| num(j, "rows_processed").or(Some(j.progress_done))))
+            .int("rows_imported", all.iter().map(|j| num(j, "rows_imported")))
+            .int("rows_duplicate", all.iter().map(|j| num(j, "rows_duplicate")))
+            .int("rows_rejected", all.iter().map(|j| num(j, "rows_rejected")))
+            .int("errors_total", all.iter().map(|j| num(j, "errors_total")))
+    } else {
+        c.text("kind", all.iter().map(|j| Some(j.kind.clone())))
+            .text("state", all.iter().map(|j| Some(j.state.clone())))
+            .int("progress_done", all.iter().map(|j| Some(j.progress_done)))
+            .int("progress_total", all.iter().map(|j| j.progress_total))
+            .int("attempts", all.iter().map(|j| Some(j.attempts as i64)))
+            .text("result", all.iter().map(|j| j.result.as_ref().map(|r| r.to_string())))
+    };
+    c.text("error", all.iter().map(|j| j.error.clone()))
+        .time("created_at", all.iter().map(|j| Some(j.created_at)))
+        .time("started_at", all.iter().map(|j| j.started_at))
+        .time("finished_at", all.iter().map(|j| j.finished_at))
+        .done()
+}
+
+async fn load_audit(store: Store, ws: String) -> Loaded {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.list_audit(&ws, cursor.as_deref(), 1000).await?;
+        all.extend(page.data);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Cols::new()
+        .text("id", all.iter().map(|a| Some(a.id.clone())))
+        .time("at", all.iter().map(|a| Some(a.at)))
+        .text("actor_key_id", all.iter().map(|a| a.actor_key_id.clone()))
+        .text("action", all.iter().map(|a| Some(a.action.clone())))
+        .text("target_type", all.iter().map(|a| Some(a.target_type.clone())))
+        .text("target_id", all.iter().map(|a| Some(a.target_id.clone())))
+        .text("details", all.iter().map(|a| Some(a.details.to_string())))
+        .done()
+}
+
+// ---------------------------------------------------------------------------
+// Result formats.
+
+/// Output formats of `POST /v1/sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `{"columns": [...], "data": [{...}], "row_count", "elapsed_ms"}`.
+    Json,
+    /// CSV with a header row.
+    Csv,
+    /// Arrow IPC stream.
+    Arrow,
+    /// A Parquet file.
+    Parquet,
+}
+
+impl Format {
+    /// Parses `json`, `csv`, `arrow`, `parquet`.
+    pub fn parse(s: &str) -> Option<Format> {
+        Some(match s {
+            "json" => Format::Json,
+            "csv" => Format::Csv,
+            "arrow" => Format::Arrow,
+            "parquet" => Format::Parquet,
+            _ => return None,
+        })
+    }
+
+    /// The HTTP content type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+            Format::Parquet => "application/vnd.apache.parquet",
+        }
+    }
+}
+
+/// The rows as a JSON array of objects (nulls kept).
+pub fn rows_json(r: &QueryResult) -> Result<Vec<u8>, SqlError> {
+    use arrow::json::writer::{JsonArray, WriterBuilder};
+    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, JsonArray>(Vec::new());
+    for b in &r.batches {
+        w.write(b).map_err(|e| SqlError::Internal(e.to_string()))?;
+    }
+    w.finish().map_err(|e| SqlError::Internal(e.to_string()))?;
+    let mut out = w.into_inner();
+    if out.is_empty() {
+        out = b"[]".to_vec();
+    }
+    Ok(out)
+}
+
+/// Encodes a result.
+pub fn encode(r: &QueryResult, format: Format) -> Result<Vec<u8>, SqlError> {
+    let err = |e: &dyn std::fmt::Display| SqlError::Internal(e.to_string());
+    match format {
+        Format::Json => {
+            let cols: Vec<serde_json::Value> =
+                r.schema.fields().iter().map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string()})).collect();
+            let mut out = Vec::with_capacity(64);
+            out.extend_from_slice(b"{\"columns\":");
+            out.extend_from_slice(serde_json::to_string(&cols).map_err(|e| err(&e))?.as_bytes());
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(&rows_json(r)?);
+            out.extend_from_slice(format!(",\"row_count\":{},\"elapsed_ms\":{}}}", r.rows, r.elapsed.as_millis()).as_bytes());
+            Ok(out)
+        }
+        Format::Csv => {
+            let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(Vec::new());
+            if r.batches.is_empty() {
+                w.write(&RecordBatch::new_empty(r.schema.clone())).map_err(|e| err(&e))?;
+            }
+            for b in &r.batches {
+                w.write(b).map_err(|e| err(&e))?;
+            }
+            Ok(w.into_inner())
+        }
+        Format::Arrow => {
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &r.schema).map_err(|e| err(&e))?;
+            for b in &r.batches {
+                w.write(b).map_err(|e| err(&e))?;
+            }
+            w.finish().map_err(|e| err(&e))?;
+            w.into_inner().map_err(|e| err(&e))
+        }
+        Format::Parquet => {
+            let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), r.schema.clone(), None).map_err(|e| err(&e))?;
+            for b in &r.batches {
+                w.write(b).map_err(|e| err(&e))?;
+            }
+            w.into_inner().map_err(|e| err(&e))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// JSON functions over the `properties` and `context` text columns.
+
+/// Registers `json_get_str(json, path)`, `json_get_int`, `json_get_float`
+/// and `json_get_bool`: the value at a dot path (`'plan.name'`; array
+/// indexes as numbers, `'items.0'`) of a JSON text, or NULL when absent or
+/// of another type. `json_get_str` returns strings as they are and other
+/// values as JSON text.
+pub fn register_json_functions(ctx: &SessionContext) {
+    use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
+    fn at<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+        path.split('.').filter(|p| !p.is_empty()).try_fold(v, |v, k| match v {
+            serde_json::Value::Object(m) => m.get(k),
+            serde_json::Value::Array(a) => k.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        })
+    }
+    fn apply<T>(args: &[ColumnarValue], out: impl Fn(Vec<Option<T>>) -> ArrayRef, f: impl Fn(&serde_json::Value) -> Option<T>) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(args)?;
+        let cast = |a: &ArrayRef| arrow::compute::cast(a, &DataType::Utf8);
+        let (json, path) = (cast(&arrays[0])?, cast(&arrays[1])?);
+        let (json, path) = (json.as_any().downcast_ref::<StringArray>(), path.as_any().downcast_ref::<StringArray>());
+        let (Some(json), Some(path)) = (json, path) else { return Err(DataFusionError::Execution("json_get_*: arguments must be text".into())) };
+        use arrow::array::Array;
+        let mut values = Vec::with_capacity(json.len());
+        for i in 0..json.len() {
+            if json.is_null(i) || path.is_null(i) {
+                values.push(None);
+                continue;
+            }
+            let v: Option<serde_json::Value> = serde_json::from_str(json.value(i)).ok();
+            values.push(v.as_ref().and_then(|v| at(v, path.value(i))).and_then(&f));
+        }
+        Ok(ColumnarValue::Array(out(values)))
+    }
+    let text = vec![DataType::Utf8, DataType::Utf8];
+    ctx.register_udf(create_udf(
+        "json_get_str",
+        text.clone(),
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(|a| apply(a, |v| Arc::new(StringArray::from(v)), |v| Some(v.as_str().map_or_else(|| v.to_string(), str::to_owned)))),
+    ));
+    ctx.register_udf(create_udf(
+        "json_get_int",
+        text.clone(),
+        DataType::Int64,
+        Volatility::Immutable,
+        Arc::new(|a| apply(a, |v| Arc::new(arrow::array::Int64Array::from(v)), |v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))),
+    ));
+    ctx.register_udf(create_udf(
+        "json_get_float",
+        text.clone(),
+        DataType::Float64,
+        Volatility::Immutable,
+        Arc::new(|a| apply(a, |v| Arc::new(arrow::array::Float64Array::from(v)), |v| v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))),
+    ));
+    ctx.register_udf(create_udf(
+        "json_get_bool",
+        text,
+        DataType::Boolean,
+        Volatility::Immutable,
+        Arc::new(|a| apply(a, |v| Arc::new(arrow::array::BooleanArray::from(v)), serde_json::Value::as_bool)),
+    ));
+}

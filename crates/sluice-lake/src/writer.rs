@@ -1,0 +1,314 @@
+//! The lake writer: reads the event log, buffers events per partition
+//! (workspace, event type, UTC hour) and writes them as Parquet files.
+//!
+//! It is a log consumer with its own loop rather than a per-event
+//! [`sluice_consumers`]-style consumer, because its effect is a file that
+//! covers many events: it buffers by size and time (`lake.flush_bytes`,
+//! 64 MiB, and `lake.flush_interval`, 60 s, in the spirit of delivery-stream
+//! buffering hints) and then, for every buffered partition,
+//!
+//! 1. writes `_tmp/<uuid>.parquet`, fsyncs it,
+//! 2. renames it into its partition directory and fsyncs the directory,
+//! 3. commits every new file to the manifest (`lake_files`) **and** its
+//!    checkpoint (consumer `lake`, one offset per log partition) in one
+//!    state-store transaction.
+//!
+//! A crash before 3 leaves files that are not in the manifest: they are
+//! removed on the next start ([`recover`]) and their events, still after the
+//! checkpoint, are written again. A crash after 3 loses nothing. So every
+//! event is in exactly one committed file, after `kill -9` or a replay.
+//! Queries read the manifest, never the directory listing.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sluice_core::{Event, EventLog};
+use sluice_ingest::{PropertyType, Schemas};
+use sluice_store::{LakeFile, Store};
+use tokio::sync::watch;
+
+use crate::columns::BatchBuilder;
+use crate::layout;
+
+/// Checkpoint name of the lake writer (shown by `GET /v1/consumers`).
+pub const CHECKPOINT: &str = "lake";
+
+/// Settings of the lake writer.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Lake root directory.
+    pub root: PathBuf,
+    /// Longest time an event waits in the buffer.
+    pub flush_interval: Duration,
+    /// Buffered event bytes (as JSON) that trigger a flush.
+    pub flush_bytes: usize,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+}
+
+/// Parquet settings of every lake file: zstd level 1, statistics per page
+/// (for row-group and page pruning), row groups of `row_group_rows`.
+pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1 is valid")))
+        .set_max_row_group_row_count(Some(row_group_rows.max(1024)))
+        .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+type Key = (String, String, i64);
+
+#[derive(Default)]
+struct Buffer {
+    groups: HashMap<Key, Vec<Event>>,
+    bytes: usize,
+    events: usize,
+    since: Option<Instant>,
+}
+
+/// Removes what a crash left behind: `_tmp/` and every file under the lake
+/// that the manifest does not list. Returns how many files were removed.
+pub async fn recover(store: &Store, root: &Path) -> Result<usize, String> {
+    let listed: HashSet<String> = store.lake_files(None).await.map_err(|e| e.to_string())?.into_iter().map(|f| f.path).collect();
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(root.join("_tmp"));
+        let mut n = 0;
+        for rel in layout::list_lake_files(&root) {
+            if !listed.contains(&rel) && std::fs::remove_file(root.join(&rel)).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// The lake writer.
+pub struct LakeWriter {
+    /// The log read.
+    pub log: Arc<dyn EventLog>,
+    /// Manifest and checkpoints.
+    pub store: Store,
+    /// Declared property schemas (typed columns).
+    pub schemas: Schemas,
+    /// Settings.
+    pub cfg: WriterConfig,
+}
+
+impl LakeWriter {
+    /// Runs until `stop` turns true; then writes everything up to the end
+    /// of the log and returns.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut changed = self.log.subscribe();
+        'restart: loop {
+            let mut pos = match self.positions().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "lake writer cannot read its checkpoints; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut buf = Buffer::default();
+            loop {
+                let stopping = *stop.borrow();
+                let mut read_any = false;
+                for p in 0..self.log.partitions() {
+                    let recs = match self.log.read(p, pos[p as usize], 20_000, 16 << 20).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(partition = p, error = %e, "lake writer cannot read the log; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue 'restart;
+                        }
+                    };
+                    for r in recs {
+                        read_any = true;
+                        pos[p as usize] = r.offset + 1;
+                        match serde_json::from_slice::<Event>(&r.payload) {
+                            Ok(e) => {
+                                let hour = layout::hour_start(e.timestamp).timestamp_micros();
+                                buf.bytes += r.payload.len();
+                                buf.events += 1;
+                                buf.since.get_or_insert_with(Instant::now);
+                                buf.groups.entry((e.workspace.as_str().to_owned(), e.event_type.as_str().to_owned(), hour)).or_default().push(e);
+                            }
+                            Err(e) => tracing::error!(partition = p, offset = r.offset, error = %e, "lake writer skips a record that is not an event"),
+                        }
+                    }
+                }
+                // Stopping: read on to the end of the log, then flush.
+                let drained = stopping && !read_any;
+                let due = buf.since.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval);
+                if buf.bytes >= self.cfg.flush_bytes || due || (drained && buf.events > 0) {
+                    if let Err(e) = self.flush(std::mem::take(&mut buf), &pos).await {
+                        tracing::error!(error = %e, "lake flush failed; rewriting from the last checkpoint");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue 'restart;
+                    }
+                }
+                if drained {
+                    return;
+                }
+                if !read_any {
+                    let wait = match buf.since {
+                        Some(t) => self.cfg.flush_interval.saturating_sub(t.elapsed()),
+                        None => Duration::from_secs(3600),
+                    };
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                } else if buf.bytes < self.cfg.flush_bytes {
+                    // Let appends accumulate instead of spinning on tiny reads.
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    async fn positions(&self) -> Result<Vec<u64>, String> {
+        let cps = self.store.checkpoints(CHECKPOINT).await.map_err(|e| e.to_string())?;
+        Ok((0..self.log.partitions()).map(|p| cps.get(&p).copied().unwrap_or_else(|| self.log.start_offset(p))).collect())
+    }
+
+    async fn flush(&self, buf: Buffer, pos: &[u64]) -> Result<(), String> {
+        let started = Instant::now();
+        let events = buf.events;
+        let mut groups: Vec<(Key, Vec<Event>, Vec<(String, PropertyType)>)> = buf
+            .groups
+            .into_iter()
+            .map(|(k, v)| {
+                let typed = self.schemas.get(&k.0, &k.1).map(|s| s.properties.clone()).unwrap_or_default();
+                (k, v, typed)
+            })
+            .collect();
+        groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+        let root = self.cfg.root.clone();
+        let rg = self.cfg.row_group_rows;
+        let files = tokio::task::spawn_blocking(move || write_groups(&root, groups, rg)).await.map_err(|e| e.to_string())?;
+        let files = match files {
+            Ok(f) => f,
+            Err((written, e)) => {
+                remove_files(&self.cfg.root, &written);
+                return Err(e);
+            }
+        };
+        let checkpoints: Vec<(u32, u64)> = pos.iter().enumerate().map(|(p, o)| (p as u32, *o)).collect();
+        if let Err(e) = self.store.lake_commit(CHECKPOINT, &files, &checkpoints).await {
+            remove_files(&self.cfg.root, &files);
+            return Err(format!("committing lake files: {e}"));
+        }
+        metrics::counter!("sluice_lake_files_written_total").increment(files.len() as u64);
+        metrics::counter!("sluice_lake_rows_written_total").increment(events as u64);
+        metrics::histogram!("sluice_lake_flush_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(files = files.len(), events, ms = started.elapsed().as_millis() as u64, "lake files committed");
+        Ok(())
+    }
+}
+
+fn remove_files(root: &Path, files: &[LakeFile]) {
+    for f in files {
+        let _ = std::fs::remove_file(root.join(&f.path));
+    }
+}
+
+/// Writes every group as one file, on all cores. On error returns the files
+/// already in place (for removal) and the error.
+fn write_groups(root: &Path, groups: Vec<(Key, Vec<Event>, Vec<(String, PropertyType)>)>, row_group_rows: usize) -> Result<Vec<LakeFile>, (Vec<LakeFile>, String)> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(groups.len().max(1));
+    let work = std::sync::Mutex::new(groups.into_iter());
+    let results: Vec<Result<LakeFile, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    let mut enricher = sluice_enrich::Enricher::new();
+                    loop {
+                        let next = work.lock().expect("work lock").next();
+                        let Some(((ws, ty, hour), events, typed)) = next else { break };
+                        let hour = DateTime::<Utc>::from_timestamp_micros(hour).unwrap_or_default();
+                        out.push(write_file(root, &ws, &ty, hour, &events, &typed, row_group_rows, &mut enricher));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec![Err("a lake writer thread panicked".into())])).collect()
+    });
+    let mut ok = Vec::new();
+    let mut err = None;
+    for r in results {
+        match r {
+            Ok(f) => ok.push(f),
+            Err(e) => err = Some(e),
+        }
+    }
+    match err {
+        None => Ok(ok),
+        Some(e) => Err((ok, e)),
+    }
+}
+
+/// Writes one Parquet file of `events` (all of one partition) atomically:
+/// temp file, fsync, rename, fsync of the directory.
+#[allow(clippy::too_many_arguments)]
+pub fn write_file(
+    root: &Path,
+    workspace: &str,
+    content_type: &str,
+    hour: DateTime<Utc>,
+    events: &[Event],
+    typed: &[(String, PropertyType)],
+    row_group_rows: usize,
+    enricher: &mut sluice_enrich::Enricher,
+) -> Result<LakeFile, String> {
+    let mut b = BatchBuilder::new(typed, row_group_rows.min(events.len()).max(1));
+    let rel = layout::new_file(workspace, content_type, hour);
+    let tmp_dir = root.join("_tmp");
+    std::fs::create_dir_all(&tmp_dir).map_err(|e| format!("creating {}: {e}", tmp_dir.display()))?;
+    let tmp = tmp_dir.join(format!("{}.parquet", uuid::Uuid::now_v7().simple()));
+    let f = std::fs::File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let mut w = ArrowWriter::try_new(f, b.schema().clone(), Some(writer_properties(row_group_rows))).map_err(|e| e.to_string())?;
+    let (mut min, mut max) = (i64::MAX, i64::MIN);
+    for chunk in events.chunks(row_group_rows.max(1)) {
+        for e in chunk {
+            let t = e.timestamp.timestamp_micros();
+            min = min.min(t);
+            max = max.max(t);
+            b.push(e, enricher, typed);
+        }
+        w.write(&b.finish()).map_err(|e| e.to_string())?;
+    }
+    let f = w.into_inner().map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| e.to_string())?;
+    let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+    drop(f);
+    let dest = root.join(&rel);
+    let dir = dest.parent().expect("a partition file has a directory");
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(LakeFile {
+        path: rel,
+        workspace: workspace.to_owned(),
+        content_type: content_type.to_owned(),
+        hour_start: hour,
+        row_count: events.len() as u64,
+        bytes,
+        min_time: DateTime::from_timestamp_micros(min).unwrap_or(hour),
+        max_time: DateTime::from_timestamp_micros(max).unwrap_or(hour),
+        created_at: Utc::now(),
+    })
+}

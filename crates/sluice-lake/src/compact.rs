@@ -61,18 +61,20 @@ pub struct Compaction {
     pub guard: FileGuard,
 }
 
-/// Which partitions need compaction: closed, with more than one file and
-/// at least one file under the target. Keys: (workspace, type, hour).
+/// What to merge: per closed partition with more than one file under the
+/// target size, those small files.
 pub fn candidates(files: Vec<LakeFile>, now: DateTime<Utc>, cfg: &CompactConfig) -> Vec<Vec<LakeFile>> {
     let mut parts: BTreeMap<(String, String, DateTime<Utc>), Vec<LakeFile>> = BTreeMap::new();
     for f in files {
         parts.entry((f.workspace.clone(), f.content_type.clone(), f.hour_start)).or_default().push(f);
     }
     let closed_before = now - chrono::Duration::hours(1) - chrono::Duration::from_std(cfg.closed_after).unwrap_or_default();
+    // Only the small files are merged: files already at the target stay.
     parts
         .into_iter()
-        .filter(|((_, _, hour), fs)| *hour <= closed_before && fs.len() > 1 && fs.iter().filter(|f| f.bytes < cfg.target_bytes).count() > 1)
-        .map(|(_, fs)| fs)
+        .filter(|((_, _, hour), _)| *hour <= closed_before)
+        .map(|(_, fs)| fs.into_iter().filter(|f| f.bytes < cfg.target_bytes).collect::<Vec<_>>())
+        .filter(|small| small.len() > 1)
         .collect()
 }
 

@@ -715,7 +715,7 @@ async fn load_audit(store: Store, ws: String) -> Loaded {
 /// Output formats of `POST /v1/sql`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// `{"columns": [...], "data": [{...}], "row_count", "elapsed_ms"}`.
+    /// `{"columns": [...], "data": [{...}], "next_cursor": null, "row_count", "elapsed_ms"}`.
     Json,
     /// CSV with a header row.
     Csv,
@@ -775,7 +775,7 @@ pub fn encode(r: &QueryResult, format: Format) -> Result<Vec<u8>, SqlError> {
             out.extend_from_slice(serde_json::to_string(&cols).map_err(|e| err(&e))?.as_bytes());
             out.extend_from_slice(b",\"data\":");
             out.extend_from_slice(&rows_json(r)?);
-            out.extend_from_slice(format!(",\"row_count\":{},\"elapsed_ms\":{}}}", r.rows, r.elapsed.as_millis()).as_bytes());
+            out.extend_from_slice(format!(",\"next_cursor\":null,\"row_count\":{},\"elapsed_ms\":{}}}", r.rows, r.elapsed.as_millis()).as_bytes());
             Ok(out)
         }
         Format::Csv => {

@@ -7,8 +7,10 @@
 //! 64 MiB, and `lake.flush_interval`, 60 s, in the spirit of delivery-stream
 //! buffering hints) and then, for every buffered partition,
 //!
-//! 1. writes `_tmp/<uuid>.parquet`, fsyncs it,
-//! 2. renames it into its partition directory and fsyncs the directory,
+//! 1. writes `_tmp/<uuid>.parquet` and renames it into its partition
+//!    directory,
+//! 2. makes all of them durable at once (one `syncfs` on Linux, see
+//!    [`sync_files`]),
 //! 3. commits every new file to the manifest (`lake_files`) **and** its
 //!    checkpoint (consumer `lake`, one offset per log partition) in one
 //!    state-store transaction.
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sluice_core::{Event, EventLog};
 use sluice_ingest::{PropertyType, Schemas};
@@ -52,11 +54,14 @@ pub struct WriterConfig {
     pub row_group_rows: usize,
 }
 
-/// Parquet settings of every lake file: zstd level 1, statistics per page
-/// (for row-group and page pruning), row groups of `row_group_rows`.
+/// Parquet settings of every lake file: Snappy, statistics (for row-group
+/// and page pruning), row groups of `row_group_rows`. Snappy rather than
+/// zstd: zstd allocates a compression context per column chunk, which was
+/// the largest single cost when a flush writes thousands of small files
+/// (a backfill spanning many hours), and every engine reads Snappy.
 pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1 is valid")))
+        .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(row_group_rows.max(1024)))
         .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
         .build()
@@ -225,6 +230,10 @@ fn remove_files(root: &Path, files: &[LakeFile]) {
 /// Writes every group as one file, on all cores. On error returns the files
 /// already in place (for removal) and the error.
 fn write_groups(root: &Path, groups: Vec<(Key, Vec<Event>, Vec<(String, PropertyType)>)>, row_group_rows: usize) -> Result<Vec<LakeFile>, (Vec<LakeFile>, String)> {
+    // Files are written and renamed without an fsync each; one sync of the
+    // whole file system below makes them all durable before the manifest
+    // commit (thousands of fsyncs cost seconds when a flush spans many
+    // partitions, e.g. a backfill of old events).
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(groups.len().max(1));
     let work = std::sync::Mutex::new(groups.into_iter());
     let results: Vec<Result<LakeFile, String>> = std::thread::scope(|s| {
@@ -237,7 +246,7 @@ fn write_groups(root: &Path, groups: Vec<(Key, Vec<Event>, Vec<(String, Property
                         let next = work.lock().expect("work lock").next();
                         let Some(((ws, ty, hour), events, typed)) = next else { break };
                         let hour = DateTime::<Utc>::from_timestamp_micros(hour).unwrap_or_default();
-                        out.push(write_file(root, &ws, &ty, hour, &events, &typed, row_group_rows, &mut enricher));
+                        out.push(write_file(root, &ws, &ty, hour, &events, &typed, row_group_rows, &mut enricher, false));
                     }
                     out
                 })
@@ -253,14 +262,46 @@ fn write_groups(root: &Path, groups: Vec<(Key, Vec<Event>, Vec<(String, Property
             Err(e) => err = Some(e),
         }
     }
-    match err {
-        None => Ok(ok),
-        Some(e) => Err((ok, e)),
+    if let Some(e) = err {
+        return Err((ok, e));
+    }
+    match sync_files(root, &ok) {
+        Ok(()) => Ok(ok),
+        Err(e) => Err((ok, format!("making lake files durable: {e}"))),
     }
 }
 
+/// Makes `files` (and their renames) durable: one `syncfs` of the lake's
+/// file system on Linux, an fsync of every file and directory elsewhere.
+pub fn sync_files(root: &Path, files: &[LakeFile]) -> std::io::Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let dir = std::fs::File::open(root)?;
+        if rustix::fs::syncfs(&dir).is_ok() {
+            return Ok(());
+        }
+    }
+    let mut dirs = HashSet::new();
+    for f in files {
+        let p = root.join(&f.path);
+        std::fs::File::open(&p)?.sync_all()?;
+        if let Some(d) = p.parent() {
+            dirs.insert(d.to_path_buf());
+        }
+    }
+    for d in dirs {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Writes one Parquet file of `events` (all of one partition) atomically:
-/// temp file, fsync, rename, fsync of the directory.
+/// temp file, rename into the partition; with `sync`, fsync of the file
+/// before and of the directory after the rename (otherwise the caller
+/// calls [`sync_files`]).
 #[allow(clippy::too_many_arguments)]
 pub fn write_file(
     root: &Path,
@@ -271,6 +312,7 @@ pub fn write_file(
     typed: &[(String, PropertyType)],
     row_group_rows: usize,
     enricher: &mut sluice_enrich::Enricher,
+    sync: bool,
 ) -> Result<LakeFile, String> {
     let mut b = BatchBuilder::new(typed, row_group_rows.min(events.len()).max(1));
     let rel = layout::new_file(workspace, content_type, hour);
@@ -290,15 +332,19 @@ pub fn write_file(
         w.write(&b.finish()).map_err(|e| e.to_string())?;
     }
     let f = w.into_inner().map_err(|e| e.to_string())?;
-    f.sync_all().map_err(|e| e.to_string())?;
+    if sync {
+        f.sync_all().map_err(|e| e.to_string())?;
+    }
     let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
     drop(f);
     let dest = root.join(&rel);
     let dir = dest.parent().expect("a partition file has a directory");
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if sync {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(LakeFile {
         path: rel,

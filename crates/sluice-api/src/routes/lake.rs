@@ -24,7 +24,7 @@ impl From<SqlError> for ApiError {
         match e {
             SqlError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_sql", m),
             SqlError::ReadOnly(m) => ApiError::new(StatusCode::BAD_REQUEST, "read_only", m),
-            SqlError::Timeout(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "query_timeout", e.to_string()),
+            SqlError::Timeout(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "query_timeout", e.to_string()),
             SqlError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "result_too_large", m),
             SqlError::Internal(m) => ApiError::internal(m),
         }
@@ -47,7 +47,7 @@ pub struct SqlRequest {
 
 /// Runs SQL over the workspace's `events` and live state tables.
 #[utoipa::path(post, path = "/v1/sql", tag = "sql", request_body = SqlRequest,
-    responses((status = 200, description = "the result in the requested format"), (status = 400), (status = 408), (status = 413)),
+    responses((status = 200, description = "the result in the requested format"), (status = 400), (status = 413), (status = 422)),
     security(("bearer" = [])))]
 pub async fn sql(State(st): State<AppState>, who: Principal, Json(body): Json<SqlRequest>) -> Result<Response, ApiError> {
     who.require_read()?;

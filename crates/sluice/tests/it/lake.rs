@@ -362,6 +362,21 @@ async fn events_join_customers_and_usage() {
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!((rows[0]["name"].as_str().unwrap(), norm(&rows[0]["total"]), rows[0]["n"].as_u64().unwrap()), ("Acme", "2".into(), 20));
     assert_eq!((rows[1]["name"].as_str().unwrap(), norm(&rows[1]["total"]), rows[1]["n"].as_u64().unwrap()), ("Globex", "1".into(), 10));
+    // A Segment event name with a space and a slash: an escaped partition
+    // directory, read back by its real name.
+    let (st, v) = s.api(&k.ingest).post("/v1/track", json!({"userId": "u-cus_a", "event": "Order Completed/v2", "properties": {"total": 5}})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, f) = read.get("/v1/lake/files").await;
+        if f["data"].as_array().unwrap().iter().any(|f| f["path"].as_str().unwrap().contains("content_type=Order Completed%2Fv2/")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{f}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = sql(&read, "SELECT content_type, type, customer_id FROM events WHERE content_type = 'Order Completed/v2'").await;
+    assert_eq!(rows, vec![json!({"content_type": "Order Completed/v2", "type": "Order Completed/v2", "customer_id": "cus_a"})]);
     // The other live tables are there too.
     for t in ["meters", "imports", "jobs", "audit_log"] {
         sql(&read, &format!("SELECT count(*) AS n FROM {t}")).await;
@@ -500,4 +515,19 @@ async fn sql_and_lake_ddl_from_the_cli() {
     }
     let (ok, _, err) = cli(&["lake", "ddl", "--engine", "oracle"], &env, None);
     assert!(!ok && err.contains("engine"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_limits_answer_with_clear_errors() {
+    let s = Server::start_with(&[("SLUICE_SQL_MAX_RESULT_ROWS", "5"), ("SLUICE_SQL_TIMEOUT", "300ms")]).await;
+    let k = s.workspace_with_keys("lim").await;
+    let read = s.api(&k.read);
+    assert_eq!(sql(&read, "SELECT value FROM generate_series(1, 5)").await.len(), 5);
+    let (st, code, msg) = sql_err(&read, "SELECT value FROM generate_series(1, 6)").await;
+    assert_eq!((st, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "result_too_large"), "{msg}");
+    assert!(msg.contains("max_result_rows"), "{msg}");
+    let (st, code, msg) = sql_err(&read, "SELECT count(*) FROM generate_series(1, 100000000000) a").await;
+    assert_eq!((st, code.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "query_timeout"), "{msg}");
+    // The server is fine afterwards.
+    assert_eq!(sql(&read, "SELECT 1 AS one").await, vec![json!({"one": 1})]);
 }

@@ -76,7 +76,7 @@ async fn the_dashboard_is_served_at_the_root() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     let html = resp.text().await.unwrap();
-    for api in ["/v1/consumers", "/v1/jobs", "/v1/dlq", "/v1/events", "/v1/webhooks"] {
+    for api in ["/v1/consumers", "/v1/jobs", "/v1/dlq", "/v1/events", "/v1/webhooks", "/v1/sql"] {
         assert!(html.contains(api), "the dashboard does not use {api}");
     }
 }

@@ -4,7 +4,9 @@
 //! Everything runs in this process on a temporary data directory: events
 //! with realistic user agents, referrers, UTM tags and a typed `amount` are
 //! appended to an embedded log, the lake writer drains the log (timed:
-//! writer throughput), then each query runs `--runs` times through the same
+//! writer throughput), compaction merges every partition's files (the
+//! share of files at the target size or whole partitions is reported),
+//! then each query runs `--runs` times through the same
 //! engine as `POST /v1/sql` and through DuckDB (`--python` with the `duckdb`
 //! package) on the same files; the best time of each is reported with the
 //! ratio and the geometric mean of the ratios.
@@ -236,6 +238,32 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
     let rows: u64 = files.iter().map(|f| f.row_count).sum();
     anyhow::ensure!(rows == args.events as u64, "the lake holds {rows} rows, expected {}", args.events);
     println!("lake writer: {} events in {:.2} s = {:.0} events/s; {} files, {:.0} MB Parquet", args.events, write_secs, args.events as f64 / write_secs, files.len(), file_bytes as f64 / 1e6);
+
+    // Compaction of every (closed) partition, then the share of files that
+    // are at the target size or the whole partition.
+    let ccfg = sluice_lake::compact::CompactConfig { root: root.clone(), target_bytes: 64 << 20, closed_after: Duration::ZERO, row_group_rows: 131_072 };
+    let guard = sluice_lake::sql::FileGuard::default();
+    let t = Instant::now();
+    let parts = sluice_lake::compact::candidates(store.lake_files(Some("bench")).await?, Utc::now(), &ccfg);
+    let (mut merged, mut written) = (0u64, 0usize);
+    for part in parts {
+        let (n, out) = sluice_lake::compact::compact_partition(&store, &ccfg, &guard, part).await.map_err(anyhow::Error::msg)?;
+        merged += n;
+        written += out.len();
+    }
+    let files = store.lake_files(Some("bench")).await?;
+    let mut per_part: std::collections::HashMap<(String, DateTime<Utc>), usize> = std::collections::HashMap::new();
+    for f in &files {
+        *per_part.entry((f.content_type.clone(), f.hour_start)).or_default() += 1;
+    }
+    let good = files.iter().filter(|f| f.bytes >= ccfg.target_bytes || per_part[&(f.content_type.clone(), f.hour_start)] == 1).count();
+    println!(
+        "compaction: {merged} files merged into {written} in {:.1} s; {} files in {} partitions; {:.1} % are >= 64 MiB or the whole partition",
+        t.elapsed().as_secs_f64(),
+        files.len(),
+        per_part.len(),
+        100.0 * good as f64 / files.len().max(1) as f64
+    );
 
     // Queries: Sluice beside DuckDB.
     let sql = sluice_lake::sql::SqlEngine::new(

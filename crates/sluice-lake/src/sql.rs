@@ -40,6 +40,8 @@ use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::object_store::path::Path as ObjPath;
+use datafusion::object_store::ObjectMeta;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType};
 use datafusion::physical_expr::{conjunction as phys_conjunction, PhysicalExpr};
 use datafusion::physical_plan::empty::EmptyExec;
@@ -109,7 +111,12 @@ pub enum SqlError {
 
 impl From<DataFusionError> for SqlError {
     fn from(e: DataFusionError) -> Self {
-        let e = e.find_root().to_string();
+        let root = e.find_root();
+        // Storage failures are ours, not the query's.
+        if matches!(root, DataFusionError::ParquetError(_) | DataFusionError::ObjectStore(_) | DataFusionError::IoError(_)) {
+            return SqlError::Internal(root.to_string());
+        }
+        let e = root.to_string();
         if e.contains("not supported") && (e.contains("DDL") || e.contains("DML") || e.contains("Statement")) {
             SqlError::ReadOnly(format!("only read-only queries (SELECT, WITH, EXPLAIN, VALUES) are allowed: {e}"))
         } else if e.contains("Resources exhausted") {
@@ -443,13 +450,17 @@ impl TableProvider for EventsTable {
             let pfiles: Vec<PartitionedFile> = files
                 .iter()
                 .map(|f| {
-                    let path = self.root.join(&f.path);
+                    // The object-store path of a local file, with its
+                    // percent-encoding done by object_store itself (partition
+                    // values may hold `%XX` escapes, spaces…).
+                    let location = ObjPath::from_absolute_path(self.root.join(&f.path)).map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    let meta = ObjectMeta { location, last_modified: f.created_at, size: f.bytes, e_tag: None, version: None };
                     let [y, m, d, h] = layout::hour_values(f.hour_start);
-                    PartitionedFile::new(path.to_string_lossy().trim_start_matches('/').to_owned(), f.bytes).with_partition_values(
+                    Ok(PartitionedFile::new_from_meta(meta).with_partition_values(
                         [f.content_type.clone(), y, m, d, h].into_iter().map(|v| ScalarValue::Utf8(Some(v))).collect(),
-                    )
+                    ))
                 })
-                .collect();
+                .collect::<DfResult<_>>()?;
             let n = state.config().target_partitions().max(1);
             let groups: Vec<FileGroup> = FileGroup::new(pfiles).split_files(n);
             let table_schema = TableSchema::builder(self.file_schema.clone()).with_table_partition_cols(partition_fields()).build();

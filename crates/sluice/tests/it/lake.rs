@@ -531,3 +531,47 @@ async fn sql_limits_answer_with_clear_errors() {
     // The server is fine afterwards.
     assert_eq!(sql(&read, "SELECT 1 AS one").await, vec![json!({"one": 1})]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_queries_run_as_jobs_and_export_files() {
+    let s = Server::start_with(FAST).await;
+    let k = s.workspace_with_keys("mart").await;
+    let admin = s.api(&k.admin);
+    admin.ingest(json!([{"id": "m1", "type": "signup"}, {"id": "m2", "type": "signup"}, {"id": "m3", "type": "page"}])).await;
+    let (st, v) = admin
+        .post("/v1/queries", json!({"name": "signups", "sql": "SELECT type, count(*) AS n FROM events GROUP BY type ORDER BY type", "schedule": "0 6 * * *", "export": {"format": "csv", "path": "daily/signups.csv"}}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert!(v["next_run_at"].as_str().unwrap().ends_with("T06:00:00Z"), "{v}");
+    for (body, why) in [
+        (json!({"name": "bad", "sql": "SELECT * FROM nowhere"}), "unknown table"),
+        (json!({"name": "bad", "sql": "DROP TABLE events"}), "not read-only"),
+        (json!({"name": "bad", "sql": "SELECT 1", "schedule": "every day"}), "not cron"),
+        (json!({"name": "bad", "sql": "SELECT 1", "export": {"format": "csv", "path": "../../escape.csv"}}), "path outside exports"),
+    ] {
+        let (st, v) = admin.post("/v1/queries", body).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{why}: {v}");
+    }
+    let (st, job) = admin.post("/v1/queries/signups/run", json!({})).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let (_, j) = admin.get(&format!("/v1/jobs/{id}")).await;
+        if j["status"] == "succeeded" {
+            break j;
+        }
+        assert!(j["status"] != "failed" && Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["result"]["rows"], 2, "{done}");
+    let path = done["result"]["path"].as_str().unwrap();
+    assert!(path.ends_with("exports/mart/daily/signups.csv"), "{path}");
+    assert_eq!(std::fs::read_to_string(path).unwrap(), "type,n\npage,1\nsignup,2\n");
+    let (_, list) = s.api(&k.read).get("/v1/queries").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    let (st, _) = admin.delete("/v1/queries/signups").await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, _) = admin.post("/v1/queries/signups/run", json!({})).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}

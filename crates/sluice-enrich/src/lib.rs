@@ -50,10 +50,12 @@
 //! # User agent
 //!
 //! The user agent is parsed with [woothee](https://github.com/woothee/woothee).
-//! `ua_browser`, `ua_browser_version` and `ua_os` are woothee's name, version
-//! and OS exactly as it reports them (for example `Chrome` / `120.0.0.0` /
-//! `Windows 10`, `Safari` / `17.1` / `iPhone`, `Edge` for Chromium Edge's
-//! `Edg/` token); woothee's `UNKNOWN` becomes `None`. HTTP libraries such as
+//! `ua_browser` and `ua_browser_version` are woothee's name and version
+//! exactly as it reports them (for example `Chrome` / `120.0.0.0`, `Safari` /
+//! `17.1`, `Edge` for Chromium Edge's `Edg/` token); `ua_os` is the OS
+//! family as analytics tools name it (`Windows` for every Windows version,
+//! `macOS`, `iOS` for iPhone, iPad and iPod, `Android`, `Linux`, `Chrome
+//! OS`, others as woothee reports them); woothee's `UNKNOWN` becomes `None`. HTTP libraries such as
 //! curl are reported by woothee as browser `HTTP Library` with the library
 //! (`curl`, `wget`, `python`…) as the version.
 //!
@@ -174,8 +176,8 @@ pub struct Enrichment {
     pub ua_browser: Option<String>,
     /// Browser version as woothee reports it (`120.0.0.0`).
     pub ua_browser_version: Option<String>,
-    /// Operating system as woothee reports it (`Windows 10`, `Mac OSX`,
-    /// `iPhone`, `Android`, …).
+    /// Operating system family (`Windows`, `macOS`, `iOS`, `Android`,
+    /// `Linux`, `Chrome OS`, …).
     pub ua_os: Option<String>,
     /// Device class: `desktop`, `mobile`, `tablet`, `bot` or `other`.
     pub ua_device: Option<String>,

@@ -25,8 +25,22 @@ pub(crate) fn parse(agent: &str) -> UserAgentInfo {
     UserAgentInfo {
         browser: known(result.name),
         browser_version: known(result.version),
-        os: known(result.os),
+        os: known(result.os).map(os_family),
         device: Some(device(agent, result.category)),
+    }
+}
+
+/// The operating system family, as analytics tools name it: woothee's
+/// `Windows 10`, `Windows 7`… → `Windows`; `Mac OSX` → `macOS`; `iPhone`,
+/// `iPad`, `iPod` → `iOS`; `ChromeOS` → `Chrome OS`; others (`Android`,
+/// `Linux`, …) as woothee reports them.
+fn os_family(os: String) -> String {
+    match os.as_str() {
+        o if o.starts_with("Windows") => "Windows".into(),
+        "Mac OSX" | "Mac OS Classic" => "macOS".into(),
+        "iPhone" | "iPad" | "iPod" | "iOS" => "iOS".into(),
+        "ChromeOS" => "Chrome OS".into(),
+        _ => os,
     }
 }
 

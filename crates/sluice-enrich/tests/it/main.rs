@@ -25,7 +25,7 @@ mod user_agent {
             "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
             Some("Chrome"),
             Some("120.0.0.0"),
-            Some("Windows 10"),
+            Some("Windows"),
             "desktop",
         ),
         (
@@ -33,7 +33,7 @@ mod user_agent {
             "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Edg/120.0.2210.91",
             Some("Edge"),
             Some("120.0.2210.91"),
-            Some("Windows 10"),
+            Some("Windows"),
             "desktop",
         ),
         (
@@ -41,7 +41,7 @@ mod user_agent {
             "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:121.0) Gecko/20100101 Firefox/121.0",
             Some("Firefox"),
             Some("121.0"),
-            Some("Windows 10"),
+            Some("Windows"),
             "desktop",
         ),
         (
@@ -65,7 +65,7 @@ mod user_agent {
             "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Safari/605.1.15",
             Some("Safari"),
             Some("17.1"),
-            Some("Mac OSX"),
+            Some("macOS"),
             "desktop",
         ),
         (
@@ -73,7 +73,7 @@ mod user_agent {
             "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
             Some("Chrome"),
             Some("120.0.0.0"),
-            Some("Mac OSX"),
+            Some("macOS"),
             "desktop",
         ),
         (
@@ -81,7 +81,7 @@ mod user_agent {
             "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Edg/120.0.2210.91",
             Some("Edge"),
             Some("120.0.2210.91"),
-            Some("Mac OSX"),
+            Some("macOS"),
             "desktop",
         ),
         (
@@ -89,7 +89,7 @@ mod user_agent {
             "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1",
             Some("Safari"),
             Some("17.1"),
-            Some("iPhone"),
+            Some("iOS"),
             "mobile",
         ),
         (
@@ -97,7 +97,7 @@ mod user_agent {
             "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/120.0.6099.119 Mobile/15E148 Safari/604.1",
             Some("Chrome"),
             Some("120.0.6099.119"),
-            Some("iPhone"),
+            Some("iOS"),
             "mobile",
         ),
         (
@@ -121,7 +121,7 @@ mod user_agent {
             "Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.6 Mobile/15E148 Safari/604.1",
             Some("Safari"),
             Some("16.6"),
-            Some("iPad"),
+            Some("iOS"),
             "tablet",
         ),
         (
@@ -604,7 +604,7 @@ fn a_full_segment_context() {
         Enrichment {
             ua_browser: Some("Safari".into()),
             ua_browser_version: Some("17.1".into()),
-            ua_os: Some("iPhone".into()),
+            ua_os: Some("iOS".into()),
             ua_device: Some("mobile".into()),
             referrer_host: Some("www.google.co.jp".into()),
             referrer_medium: Some("search"),

@@ -161,7 +161,9 @@ async fn enrichment_of_real_user_agents_and_referrers() {
         let check = |id: &str, col: &str, want: Value| assert_eq!(by[id][col], want, "{phase}: {id}.{col} in {}", by[id]);
         check("e1", "ua_browser", json!("Chrome"));
         check("e1", "ua_device", json!("desktop"));
-        check("e1", "ua_os", json!("Windows 10"));
+        check("e1", "ua_os", json!("Windows"));
+        check("e2", "ua_os", json!("iOS"));
+        check("e3", "ua_os", json!("iOS"));
         check("e1", "referrer_medium", json!("search"));
         check("e1", "referrer_source", json!("Google"));
         check("e1", "referrer_host", json!("www.google.com"));

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::client::{Client, Conn};
+use crate::client::{urlencode, Client, Conn};
 
 /// `sluice sql "<query>"`.
 #[derive(Args)]
@@ -46,15 +46,6 @@ pub enum LakeCmd {
         #[command(flatten)]
         conn: Conn,
     },
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Runs `sluice sql`.
@@ -123,9 +114,9 @@ pub fn lake(cmd: LakeCmd) -> Result<()> {
     rt.block_on(async move {
         match cmd {
             LakeCmd::Ddl { engine, location, table, conn } => {
-                let mut path = format!("/v1/lake/ddl?engine={}&table={}", enc(&engine), enc(&table));
+                let mut path = format!("/v1/lake/ddl?engine={}&table={}", urlencode(&engine), urlencode(&table));
                 if let Some(l) = location {
-                    path.push_str(&format!("&location={}", enc(&l)));
+                    path.push_str(&format!("&location={}", urlencode(&l)));
                 }
                 print!("{}", Client::new(&conn)?.raw(Method::GET, &path, None).await?);
             }

@@ -69,15 +69,7 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
         if !owns_webhook(&st, &who, &name).await? {
             continue;
         }
-        let cps = st.store.checkpoints(&name).await?;
-        let partitions: Vec<PartitionView> = (0..log.partitions())
-            .map(|p| {
-                let end = log.next_offset(p);
-                // No checkpoint yet: nothing processed since the start of the log.
-                let cp = cps.get(&p).copied().unwrap_or_else(|| log.start_offset(p));
-                PartitionView { partition: p, checkpoint: cp, end_offset: end, lag: end.saturating_sub(cp) }
-            })
-            .collect();
+        let partitions = partition_views(&*log, &st.store.checkpoints(&name).await?);
         out.push(ConsumerView {
             lag: partitions.iter().map(|p| p.lag).sum(),
             dlq_size: dlq.get(&name).copied().unwrap_or(0),
@@ -90,14 +82,7 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
     if st.lake.is_some() {
         // The lake writer keeps checkpoints like a consumer (moved with each
         // file commit), so its lag is shown the same way.
-        let cps = st.store.checkpoints(sluice_lake::writer::CHECKPOINT).await?;
-        let partitions: Vec<PartitionView> = (0..log.partitions())
-            .map(|p| {
-                let end = log.next_offset(p);
-                let cp = cps.get(&p).copied().unwrap_or_else(|| log.start_offset(p));
-                PartitionView { partition: p, checkpoint: cp, end_offset: end, lag: end.saturating_sub(cp) }
-            })
-            .collect();
+        let partitions = partition_views(&*log, &st.store.checkpoints(sluice_lake::writer::CHECKPOINT).await?);
         out.push(ConsumerView {
             lag: partitions.iter().map(|p| p.lag).sum(),
             dlq_size: 0,
@@ -108,6 +93,18 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
         });
     }
     Ok(Json(List { data: out, next_cursor: None }))
+}
+
+/// Checkpoint, end and lag of every partition for a consumer's checkpoints.
+fn partition_views(log: &dyn sluice_core::EventLog, cps: &std::collections::HashMap<u32, u64>) -> Vec<PartitionView> {
+    (0..log.partitions())
+        .map(|p| {
+            let end = log.next_offset(p);
+            // No checkpoint yet: nothing processed since the start of the log.
+            let cp = cps.get(&p).copied().unwrap_or_else(|| log.start_offset(p));
+            PartitionView { partition: p, checkpoint: cp, end_offset: end, lag: end.saturating_sub(cp) }
+        })
+        .collect()
 }
 
 /// Body of a reset.

@@ -237,3 +237,84 @@ async fn queued_imports_run_in_order_and_can_be_cancelled() {
 }
 
 use std::collections::HashMap;
+
+/// A million rows with every timestamp form, month-end boundaries in UTC
+/// that are the next month in Tokyo, and exact decimals.
+fn million_row_csv(rows: usize) -> String {
+    let mut s = String::with_capacity(rows * 64);
+    s.push_str("customer_id,subscription_id,meter,timestamp,quantity\n");
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for i in 0..rows {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let month = 1 + (x % 12) as u32;
+        let day = 1 + ((x >> 8) % 28) as u32;
+        let ts = match i % 4 {
+            0 => format!("2024-{month:02}-{day:02}"),
+            1 => format!("2024-{month:02}-{day:02}T{:02}:{:02}:00Z", (x >> 16) % 24, (x >> 24) % 60),
+            2 => format!("2024-{month:02}-{day:02}T{:02}:30:00+09:00", (x >> 16) % 24),
+            // The last UTC evening of a month is already next month in Tokyo.
+            _ => format!("2024-{month:02}-{}T15:{:02}:00Z", [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][month as usize - 1], (x >> 24) % 60),
+        };
+        s.push_str(&format!("c{},s{},gb,{ts},{}.{:03}\n", x % 50, x % 3, (x >> 32) % 1000, (x >> 40) % 1000));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_rows_give_the_monthly_totals_of_an_independent_computation() {
+    if !crate::segment::require(crate::segment::python_has("zoneinfo"), "Python 3.9+ (zoneinfo)") {
+        return;
+    }
+    let (_s, api, _) = setup().await;
+    let rows = 1_000_000;
+    let csv = million_row_csv(rows);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("usage.csv");
+    std::fs::write(&path, &csv).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients/usage_totals.py");
+    let out = std::process::Command::new(crate::segment::python()).arg(&script).arg(&path).arg("Asia/Tokyo").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected: std::collections::BTreeMap<String, String> = serde_json::from_slice(&out.stdout).unwrap();
+
+    let (st, v) = api.send(api.req(reqwest::Method::POST, "/v1/imports?kind=usage").header("content-type", "text/csv").body(csv.into_bytes())).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let (_, v) = api.get(&format!("/v1/imports/{id}")).await;
+        if v["status"] == "succeeded" {
+            assert_eq!((v["rows_total"].as_u64(), v["rows_imported"].as_u64(), v["rows_rejected"].as_u64()), (Some(rows as u64), Some(rows as u64), Some(0)), "{v}");
+            break;
+        }
+        assert!(v["status"] != "failed" && Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Wait for the meters consumer, then compare every (customer, month).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, c) = api.get("/v1/consumers").await;
+        if c["data"].as_array().unwrap().iter().any(|c| c["name"] == "meters" && c["lag"] == 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "meters consumer did not catch up: {c}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut got = std::collections::BTreeMap::new();
+    for c in 0..50 {
+        let (st, v) = api.get(&format!("/v1/meters/gb/usage?granularity=month&customer_id=c{c}")).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        for r in v["data"].as_array().unwrap() {
+            let start: chrono::DateTime<chrono::FixedOffset> = chrono::DateTime::parse_from_rfc3339(r["period_start"].as_str().unwrap()).unwrap();
+            let month = (start.with_timezone(&chrono::Utc) + chrono::Duration::hours(9)).format("%Y-%m").to_string();
+            let value: rust_decimal::Decimal = r["value"].as_str().unwrap().parse().unwrap();
+            let e: &mut rust_decimal::Decimal = got.entry(format!("c{c}|{month}")).or_default();
+            *e += value;
+        }
+    }
+    let got: std::collections::BTreeMap<String, String> = got.into_iter().map(|(k, v)| (k, v.normalize().to_string())).collect();
+    assert_eq!(got.len(), expected.len());
+    let diff: Vec<_> = expected.iter().filter(|(k, v)| got.get(*k) != Some(*v)).take(5).collect();
+    assert!(diff.is_empty(), "monthly totals differ from the independent computation, e.g. {diff:?} (ours: {:?})", diff.iter().map(|(k, _)| got.get(*k)).collect::<Vec<_>>());
+}

@@ -171,34 +171,20 @@ impl SqlEngine {
         let limits = self.limits;
         let work = async {
             let _files = self.guard.shared().await;
+            // The state-store reads (snapshot, live tables, log tail) run
+            // here; planning and execution run on the SQL runtime, so a
+            // heavy query does not hold the threads that serve ingest.
             let ctx = self.session(workspace, sql).await?;
-            let opts = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
-            let df = ctx.sql_with_options(sql, opts).await?;
-            let mut stream = df.execute_stream().await?;
-            let schema = stream.schema();
-            let (mut batches, mut rows, mut bytes) = (Vec::new(), 0usize, 0usize);
-            while let Some(b) = stream.next().await {
-                let b = b?;
-                rows += b.num_rows();
-                bytes += b.get_array_memory_size();
-                if rows > limits.max_rows {
-                    return Err(SqlError::TooLarge(format!(
-                        "the result has more than {} rows (sql.max_result_rows); add a LIMIT or aggregate",
-                        limits.max_rows
-                    )));
-                }
-                if bytes > limits.max_bytes {
-                    return Err(SqlError::TooLarge(format!(
-                        "the result is larger than {} bytes (sql.max_result_bytes); select fewer columns or rows",
-                        limits.max_bytes
-                    )));
-                }
-                batches.push(b);
-            }
-            Ok(QueryResult { schema, batches, rows, elapsed: Duration::ZERO })
+            let sql = sql.to_owned();
+            let mut task = sql_runtime().spawn(async move { execute(ctx, &sql, limits).await });
+            let r = (&mut task).await;
+            r.map_err(|e| SqlError::Internal(format!("the query task failed: {e}")))?
         };
         let mut r = match tokio::time::timeout(limits.timeout, work).await {
             Ok(r) => r?,
+            // Dropping `work` drops the JoinHandle, which does not stop the
+            // task; `execute` enforces the same time limit itself, so the
+            // task ends (and frees its memory) at the latest then.
             Err(_) => return Err(SqlError::Timeout(limits.timeout)),
         };
         r.elapsed = started.elapsed();
@@ -304,6 +290,55 @@ impl SqlEngine {
 
 fn partition_fields() -> Vec<FieldRef> {
     PARTITION_COLUMNS.iter().map(|n| Arc::new(Field::new(*n, DataType::Utf8, false))).collect()
+}
+
+/// The runtime that plans and executes queries: its own threads (one per
+/// core), separate from the server's, and never dropped.
+fn sql_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("sluice-sql")
+            .enable_all()
+            .build()
+            .expect("starting the SQL runtime")
+    })
+}
+
+/// Plans and runs `sql` in `ctx`, collecting the result within `limits`
+/// (the time limit is enforced here too, so an abandoned query stops).
+async fn execute(ctx: SessionContext, sql: &str, limits: SqlLimits) -> Result<QueryResult, SqlError> {
+    let run = async {
+        let opts = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+        let df = ctx.sql_with_options(sql, opts).await?;
+        let mut stream = df.execute_stream().await?;
+        let schema = stream.schema();
+        let (mut batches, mut rows, mut bytes) = (Vec::new(), 0usize, 0usize);
+        while let Some(b) = stream.next().await {
+            let b = b?;
+            rows += b.num_rows();
+            bytes += b.get_array_memory_size();
+            if rows > limits.max_rows {
+                return Err(SqlError::TooLarge(format!(
+                    "the result has more than {} rows (sql.max_result_rows); add a LIMIT or aggregate",
+                    limits.max_rows
+                )));
+            }
+            if bytes > limits.max_bytes {
+                return Err(SqlError::TooLarge(format!(
+                    "the result is larger than {} bytes (sql.max_result_bytes); select fewer columns or rows",
+                    limits.max_bytes
+                )));
+            }
+            batches.push(b);
+        }
+        Ok(QueryResult { schema, batches, rows, elapsed: Duration::ZERO })
+    };
+    match tokio::time::timeout(limits.timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(SqlError::Timeout(limits.timeout)),
+    }
 }
 
 /// The `events` table: manifest files plus the log tail.

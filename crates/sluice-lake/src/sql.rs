@@ -611,17 +611,30 @@ impl Cols {
     }
 }
 
-async fn load_customers(store: Store, ws: String) -> Loaded {
+/// Every item of a paged store listing, following its cursors.
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, sluice_store::StoreError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<sluice_store::Page<T>, sluice_store::StoreError>>,
+{
     let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
+    let mut cursor = None;
     loop {
-        let page = store.list_customers(&ws, cursor.as_deref(), 1000).await?;
-        all.extend(page.data);
-        match page.next_cursor {
+        let p = page(cursor).await?;
+        all.extend(p.data);
+        match p.next_cursor {
             Some(c) => cursor = Some(c),
-            None => break,
+            None => return Ok(all),
         }
     }
+}
+
+async fn load_customers(store: Store, ws: String) -> Loaded {
+    let all = all_pages(|c| {
+        let (store, ws) = (store.clone(), ws.clone());
+        async move { store.list_customers(&ws, c.as_deref(), 1000).await }
+    })
+    .await?;
     Cols::new()
         .text("customer_id", all.iter().map(|c| Some(c.customer_id.clone())))
         .text("name", all.iter().map(|c| c.attributes.get("name").and_then(|v| v.as_str()).map(str::to_owned)))
@@ -695,16 +708,11 @@ async fn load_usage(store: Store, ws: String) -> Loaded {
 
 async fn load_jobs(store: Store, ws: String, imports_only: bool) -> Loaded {
     let kind = if imports_only { Some("import.usage") } else { None };
-    let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = store.list_jobs(&ws, kind, None, cursor.as_deref(), 1000).await?;
-        all.extend(page.data);
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => break,
-        }
-    }
+    let all = all_pages(|c| {
+        let (store, ws) = (store.clone(), ws.clone());
+        async move { store.list_jobs(&ws, kind, None, c.as_deref(), 1000).await }
+    })
+    .await?;
     let num = |j: &sluice_store::Job, k: &str| j.result.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_i64());
     let c = Cols::new().text("id", all.iter().map(|j| Some(j.id.clone())));
     let c = if imports_only {
@@ -734,16 +742,11 @@ async fn load_jobs(store: Store, ws: String, imports_only: bool) -> Loaded {
 }
 
 async fn load_audit(store: Store, ws: String) -> Loaded {
-    let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = store.list_audit(&ws, cursor.as_deref(), 1000).await?;
-        all.extend(page.data);
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => break,
-        }
-    }
+    let all = all_pages(|c| {
+        let (store, ws) = (store.clone(), ws.clone());
+        async move { store.list_audit(&ws, c.as_deref(), 1000).await }
+    })
+    .await?;
     Cols::new()
         .text("id", all.iter().map(|a| Some(a.id.clone())))
         .time("at", all.iter().map(|a| Some(a.at)))

@@ -226,10 +226,9 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Strin
 }
 
 fn time_range(batch: &RecordBatch) -> Option<(i64, i64)> {
-    use arrow::array::{Array, TimestampMicrosecondArray};
+    use arrow::array::TimestampMicrosecondArray;
     let c = batch.column_by_name("timestamp")?.as_any().downcast_ref::<TimestampMicrosecondArray>()?;
     let lo = arrow::compute::min(c)?;
     let hi = arrow::compute::max(c)?;
-    let _ = c.len();
     Some((lo, hi))
 }

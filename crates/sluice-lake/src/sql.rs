@@ -195,7 +195,7 @@ impl SqlEngine {
     /// Plans `sql` without running it: an `Err` says why it would fail.
     pub async fn check(&self, workspace: &str, sql: &str) -> Result<(), SqlError> {
         let ctx = self.session(workspace, sql).await?;
-        let opts = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+        let opts = read_only();
         ctx.sql_with_options(sql, opts).await?;
         Ok(())
     }
@@ -262,13 +262,18 @@ impl SqlEngine {
         let ws = workspace.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut enricher = sluice_enrich::Enricher::new();
+            // Each event type's declared schema, looked up once per type.
+            let mut declared: HashMap<String, Option<Arc<sluice_ingest::TypeSchema>>> = HashMap::new();
             let mut out = Vec::new();
             for chunk in events.chunks(8192) {
                 let mut b = BatchBuilder::new(&typed, chunk.len());
                 let mut parts: [StringBuilder; 5] = std::array::from_fn(|_| StringBuilder::new());
                 for e in chunk {
-                    let declared = schemas.get(&ws, e.event_type.as_str()).map(|s| s.properties.clone()).unwrap_or_default();
-                    b.push(e, &mut enricher, &declared);
+                    let ty = e.event_type.as_str();
+                    if !declared.contains_key(ty) {
+                        declared.insert(ty.to_owned(), schemas.get(&ws, ty));
+                    }
+                    b.push(e, &mut enricher, declared[ty].as_ref().map_or(&[][..], |s| s.properties.as_slice()));
                     let [y, m, d, h] = layout::hour_values(layout::hour_start(e.timestamp));
                     for (pb, v) in parts.iter_mut().zip([e.event_type.as_str(), &y, &m, &d, &h]) {
                         pb.append_value(v);
@@ -292,6 +297,11 @@ fn partition_fields() -> Vec<FieldRef> {
     PARTITION_COLUMNS.iter().map(|n| Arc::new(Field::new(*n, DataType::Utf8, false))).collect()
 }
 
+/// What a query may do: no DDL, no DML or `COPY`, no statements (`SET`, …).
+fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
+}
+
 /// The runtime that plans and executes queries: its own threads (one per
 /// core), separate from the server's, and never dropped.
 fn sql_runtime() -> &'static tokio::runtime::Runtime {
@@ -310,7 +320,7 @@ fn sql_runtime() -> &'static tokio::runtime::Runtime {
 /// (the time limit is enforced here too, so an abandoned query stops).
 async fn execute(ctx: SessionContext, sql: &str, limits: SqlLimits) -> Result<QueryResult, SqlError> {
     let run = async {
-        let opts = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+        let opts = read_only();
         let df = ctx.sql_with_options(sql, opts).await?;
         let mut stream = df.execute_stream().await?;
         let schema = stream.schema();

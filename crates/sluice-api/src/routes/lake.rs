@@ -340,7 +340,6 @@ pub async fn ddl(State(st): State<AppState>, who: Principal, crate::json::Query(
     who.require_read()?;
     let lake = lake(&st)?;
     let mut types: Vec<String> = st.store.lake_files(Some(who.workspace.as_str())).await?.into_iter().map(|f| f.content_type).collect();
-    types.dedup();
     types.sort();
     types.dedup();
     let root = std::path::absolute(&lake.root).unwrap_or_else(|_| lake.root.clone()).display().to_string();

@@ -41,6 +41,22 @@ async fn wait_for_files(api: &Api, rows: u64) -> Value {
     }
 }
 
+/// Waits for `job` (as returned by the API) to succeed; fails on `failed`
+/// or after `limit`.
+async fn wait_for_job(api: &Api, job: &Value, limit: Duration) -> Value {
+    let id = job["id"].as_str().unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, j) = api.get(&format!("/v1/jobs/{id}")).await;
+        if j["status"] == "succeeded" {
+            return j;
+        }
+        assert!(j["status"] != "failed", "{j}");
+        assert!(Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn events(n: usize, start: chrono::DateTime<chrono::Utc>) -> Vec<Value> {
     (0..n)
         .map(|i| {
@@ -452,17 +468,7 @@ async fn compaction_merges_closed_partitions_and_queries_see_every_row_once() {
     });
     let (st, job) = admin.post("/v1/lake/compact", json!({})).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{job}");
-    let id = job["id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let (_, j) = admin.get(&format!("/v1/jobs/{id}")).await;
-        if j["status"] == "succeeded" {
-            break j;
-        }
-        assert!(j["status"] != "failed", "{j}");
-        assert!(Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = wait_for_job(&admin, &job, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = counter.await.unwrap();
@@ -556,16 +562,7 @@ async fn saved_queries_run_as_jobs_and_export_files() {
     }
     let (st, job) = admin.post("/v1/queries/signups/run", json!({})).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{job}");
-    let id = job["id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let done = loop {
-        let (_, j) = admin.get(&format!("/v1/jobs/{id}")).await;
-        if j["status"] == "succeeded" {
-            break j;
-        }
-        assert!(j["status"] != "failed" && Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = wait_for_job(&admin, &job, Duration::from_secs(30)).await;
     assert_eq!(done["result"]["rows"], 2, "{done}");
     let path = done["result"]["path"].as_str().unwrap();
     assert!(path.ends_with("exports/mart/daily/signups.csv"), "{path}");

@@ -4,7 +4,7 @@
 //! `earliest` clears the table and rebuilds it from the log.
 
 use async_trait::async_trait;
-use sluice_core::Event;
+use sluice_core::{Event, EventBatch};
 use sluice_store::CountKey;
 
 use crate::runtime::{Attempt, Consumer, Effect};
@@ -28,5 +28,26 @@ impl Consumer for EventCounts {
             customer_id: e.customer_id.clone().unwrap_or_default(),
             day: e.timestamp.format("%Y-%m-%d").to_string(),
         }))
+    }
+
+    async fn handle_batch(&self, b: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, String>> {
+        // Count per (customer, UTC day) first: a batch has few distinct ones.
+        let mut n: std::collections::HashMap<(Option<&str>, chrono::NaiveDate), i64> = std::collections::HashMap::new();
+        for r in &b.rows {
+            *n.entry((r.customer_id.as_deref(), r.timestamp.date_naive())).or_default() += 1;
+        }
+        let counts = n
+            .into_iter()
+            .map(|((customer, day), n)| {
+                let key = CountKey {
+                    workspace: b.header.workspace.to_string(),
+                    event_type: b.header.event_type.to_string(),
+                    customer_id: customer.unwrap_or_default().to_owned(),
+                    day: day.format("%Y-%m-%d").to_string(),
+                };
+                (key, n)
+            })
+            .collect();
+        Some(Ok(Effect::Counts(counts)))
     }
 }

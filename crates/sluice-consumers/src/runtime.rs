@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sluice_core::{Event, EventLog, Record};
+use sluice_core::{Event, EventBatch, EventLog, Payload, Record};
 use sluice_store::{ConsumerCommit, CountKey, NewAudit, NewDeadLetter, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,6 +84,8 @@ pub enum Effect {
     None,
     /// Count the event in the event_counts read model.
     Count(CountKey),
+    /// Several counts at once (a batch): key and how many.
+    Counts(Vec<(CountKey, i64)>),
     /// Add usage to meters.
     Usage(Vec<sluice_store::UsageDelta>),
 }
@@ -108,6 +110,17 @@ pub trait Consumer: Send + Sync + 'static {
     }
     /// Handles one event. An `Err` is a failed attempt and is retried.
     async fn handle(&self, event: &Event, attempt: Attempt) -> Result<Effect, String>;
+
+    /// Handles every event of a batch record at once: a fast path for
+    /// consumers that can work on a batch's rows without expanding them into
+    /// events. `None` (the default) means "not supported": the runtime calls
+    /// [`Consumer::handle`] for each event. An `Err` (or a panic) makes the
+    /// runtime fall back to `handle` per event, so that a failing event is
+    /// retried and dead-lettered alone. The effect must equal the sum of the
+    /// per-event effects.
+    async fn handle_batch(&self, _batch: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, String>> {
+        None
+    }
 }
 
 /// Observable state of a consumer.
@@ -364,67 +377,90 @@ impl Runtime {
         let name = c.name().to_owned();
         let mut pending = ConsumerCommit { consumer: name.clone(), ..Default::default() };
         let mut next = records.first().map(|r| r.offset)?;
-        let n_records = records.len();
+        let mut n_events = 0usize;
         for r in records {
             if *stop.borrow() {
-                // Stop between events: the uncommitted rest is delivered again.
+                // Stop between records: the uncommitted rest is delivered again.
                 return None;
             }
-            let event = match serde_json::from_slice::<Event>(&r.payload) {
-                Ok(e) => e,
+            let first = Attempt { n: 1, last: self.policy.attempts <= 1, partition: p, offset: r.offset };
+            let events = match Payload::decode(&r.payload) {
+                Ok(Payload::Event(e)) => vec![e],
+                Ok(Payload::Batch(batch)) => {
+                    if let Some(Ok(effect)) = call_batch(c, &batch, first).await {
+                        n_events += batch.rows.len();
+                        push_effect(&mut pending, effect);
+                        next = r.offset + 1;
+                        continue;
+                    }
+                    batch.events().collect()
+                }
                 Err(e) => {
                     tracing::error!(consumer = %name, partition = p, offset = r.offset, error = %e, "log record is not an event; skipped");
                     next = r.offset + 1;
                     continue;
                 }
             };
-            let first_try = call(c, &event, Attempt { n: 1, last: self.policy.attempts <= 1, partition: p, offset: r.offset }).await;
-            match first_try {
-                Ok(effect) => {
-                    push_effect(&mut pending, effect);
-                    next = r.offset + 1;
+            n_events += events.len();
+            // The effects of one record commit together with the checkpoint
+            // past it: a batch record is never half applied.
+            let mut record = ConsumerCommit { consumer: name.clone(), ..Default::default() };
+            let mut released = false;
+            for event in &events {
+                if *stop.borrow() {
+                    return None;
                 }
-                Err(err) => {
-                    // Commit what succeeded before this event, then retry it alone.
-                    pending.checkpoint = Some((p, r.offset));
-                    if !self.commit(&pending, stop).await {
-                        return None;
-                    }
-                    pending = ConsumerCommit { consumer: name.clone(), ..Default::default() };
-                    let outcome = self.retry(c, &event, (p, r.offset), err, state, stop).await?;
-                    let mut one = ConsumerCommit { consumer: name.clone(), checkpoint: Some((p, r.offset + 1)), ..Default::default() };
-                    match outcome {
-                        Ok(effect) => push_effect(&mut one, effect),
-                        Err((error, first_failed_at)) => {
-                            tracing::warn!(consumer = %name, event = %event.id, error = %error, "event dead-lettered after {} attempts", self.policy.attempts);
-                            metrics::counter!("sluice_consumer_dead_letters_total", "consumer" => name.clone()).increment(1);
-                            one.dead_letters.push(NewDeadLetter {
-                                consumer: name.clone(),
-                                workspace: event.workspace.to_string(),
-                                event_id: event.id.to_string(),
-                                event_type: event.event_type.to_string(),
-                                partition: p,
-                                offset: r.offset,
-                                error,
-                                attempts: self.policy.attempts,
-                                first_failed_at,
-                                last_failed_at: Utc::now(),
-                            });
+                match call(c, event, first).await {
+                    Ok(effect) => push_effect(&mut record, effect),
+                    Err(err) => {
+                        // Commit the records before this one, then retry this event alone.
+                        if !released {
+                            pending.checkpoint = Some((p, r.offset));
+                            if !self.commit(&pending, stop).await {
+                                return None;
+                            }
+                            pending = ConsumerCommit { consumer: name.clone(), ..Default::default() };
+                            released = true;
                         }
+                        match self.retry(c, event, (p, r.offset), err, state, stop).await? {
+                            Ok(effect) => push_effect(&mut record, effect),
+                            Err((error, first_failed_at)) => {
+                                tracing::warn!(consumer = %name, event = %event.id, error = %error, "event dead-lettered after {} attempts", self.policy.attempts);
+                                metrics::counter!("sluice_consumer_dead_letters_total", "consumer" => name.clone()).increment(1);
+                                record.dead_letters.push(NewDeadLetter {
+                                    consumer: name.clone(),
+                                    workspace: event.workspace.to_string(),
+                                    event_id: event.id.to_string(),
+                                    event_type: event.event_type.to_string(),
+                                    partition: p,
+                                    offset: r.offset,
+                                    error,
+                                    attempts: self.policy.attempts,
+                                    first_failed_at,
+                                    last_failed_at: Utc::now(),
+                                });
+                            }
+                        }
+                        lock(state).status = "running".into();
                     }
-                    if !self.commit(&one, stop).await {
-                        return None;
-                    }
-                    lock(state).status = "running".into();
-                    next = r.offset + 1;
                 }
             }
+            if released {
+                // After a retry, this record commits on its own.
+                record.checkpoint = Some((p, r.offset + 1));
+                if !self.commit(&record, stop).await {
+                    return None;
+                }
+            } else {
+                absorb(&mut pending, record);
+            }
+            next = r.offset + 1;
         }
         pending.checkpoint = Some((p, next));
         if !self.commit(&pending, stop).await {
             return None;
         }
-        metrics::counter!("sluice_consumer_events_total", "consumer" => name).increment(n_records as u64);
+        metrics::counter!("sluice_consumer_events_total", "consumer" => name).increment(n_events as u64);
         Some(next)
     }
 
@@ -494,7 +530,11 @@ impl Runtime {
             };
             for d in claimed {
                 let event = match self.log.read(d.partition, d.offset, 1, 1).await {
-                    Ok(recs) => recs.into_iter().find(|r| r.offset == d.offset).and_then(|r| serde_json::from_slice::<Event>(&r.payload).ok()),
+                    Ok(recs) => recs
+                        .into_iter()
+                        .find(|r| r.offset == d.offset)
+                        .and_then(|r| Payload::decode(&r.payload).ok())
+                        .and_then(|p| p.find(&d.event_id)),
                     Err(_) => None,
                 };
                 let Some(event) = event else {
@@ -545,12 +585,31 @@ async fn call(c: &Arc<dyn Consumer>, event: &Event, attempt: Attempt) -> Result<
     }
 }
 
+/// Calls the batch fast path; a panic is an `Err` (the runtime then falls
+/// back to the events one by one).
+async fn call_batch(c: &Arc<dyn Consumer>, batch: &EventBatch, attempt: Attempt) -> Option<Result<Effect, String>> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(c.handle_batch(batch, attempt)).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => Some(Err("consumer panicked on a batch".into())),
+    }
+}
+
 fn push_effect(commit: &mut ConsumerCommit, effect: Effect) {
     match effect {
         Effect::None => {}
-        Effect::Count(k) => commit.counts.push(k),
+        Effect::Count(k) => commit.counts.push((k, 1)),
+        Effect::Counts(v) => commit.counts.extend(v),
         Effect::Usage(u) => commit.usage.extend(u),
     }
+}
+
+/// Moves the effects of `from` into `into` (not its checkpoint).
+fn absorb(into: &mut ConsumerCommit, from: ConsumerCommit) {
+    into.counts.extend(from.counts);
+    into.usage.extend(from.usage);
+    into.dead_letters.extend(from.dead_letters);
+    into.replayed.extend(from.replayed);
 }
 
 /// Sleeps `d`; true if the consumer was stopped meanwhile.

@@ -50,7 +50,7 @@ impl Event {
 
 /// Times are written as RFC 3339 in UTC with `Z` and as many fractional
 /// digits as needed (0, 3, 6 or 9), so they round-trip exactly.
-mod rfc3339 {
+pub(crate) mod rfc3339 {
     use chrono::{DateTime, SecondsFormat, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 

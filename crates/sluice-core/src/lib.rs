@@ -6,14 +6,16 @@
 //! [`EventLog`] trait that the embedded log and (later) NATS JetStream
 //! implement.
 
+pub mod batch;
 pub mod event;
 pub mod ids;
 pub mod log;
 pub mod people;
 pub mod scope;
 
+pub use batch::{decode_events, BatchHeader, BatchRow, EventBatch, Payload};
 pub use event::{partition_for, Event};
 pub use ids::{EventId, EventType, IdError, WorkspaceName};
 pub use log::{AppendRecord, Bytes, EventLog, LogError, LogStats, Record, RetentionReport};
-pub use people::{record_effects, RecordEffect};
+pub use people::{has_record_effects, record_effects, RecordEffect};
 pub use scope::Scope;

@@ -78,6 +78,12 @@ pub enum RecordEffect {
     },
 }
 
+/// True for the event types that have record effects ([`record_effects`]
+/// returns nothing for every other type, without looking at the event).
+pub fn has_record_effects(event_type: &str) -> bool {
+    matches!(event_type, IDENTIFY | GROUP | ALIAS)
+}
+
 /// The record effects of one event (none for most events).
 pub fn record_effects(e: &Event) -> Vec<RecordEffect> {
     let ws = e.workspace.as_str().to_owned();

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sluice_core::{partition_for, record_effects, AppendRecord, Event, EventLog};
+use sluice_core::{has_record_effects, partition_for, record_effects, AppendRecord, Event, EventBatch, EventLog, Payload};
 use sluice_store::{IndexRow, Store};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -100,10 +100,50 @@ pub enum IngestError {
 }
 
 struct Pending {
-    events: Vec<Event>,
-    encoded: Vec<Vec<u8>>,
+    items: Items,
     reply: oneshot::Sender<Result<Outcome, IngestError>>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// What a request brings: events (encoded as JSON records), or a batch of
+/// similar events written as batch records (see `sluice_core::batch`).
+enum Items {
+    Events { events: Vec<Event>, encoded: Vec<Vec<u8>> },
+    Batch(EventBatch),
+}
+
+impl Items {
+    fn len(&self) -> usize {
+        match self {
+            Items::Events { events, .. } => events.len(),
+            Items::Batch(b) => b.rows.len(),
+        }
+    }
+
+    /// (workspace, id) of every event, in order.
+    fn ids(&self) -> Box<dyn Iterator<Item = (&str, &str)> + '_> {
+        match self {
+            Items::Events { events, .. } => Box::new(events.iter().map(|e| (e.workspace.as_str(), e.id.as_str()))),
+            Items::Batch(b) => {
+                let ws = b.header.workspace.as_str();
+                Box::new(b.rows.iter().map(move |r| (ws, r.id.as_str())))
+            }
+        }
+    }
+}
+
+/// The in-process key of (workspace, id): 128 bits of two SipHash runs,
+/// so a set of millions of in-flight ids holds no strings.
+fn id_key(workspace: &str, id: &str) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        workspace.hash(&mut h);
+        id.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
 }
 
 /// Handle to the ingest writer. Cheap to clone.
@@ -155,6 +195,33 @@ impl Ingestor {
             .map(|e| serde_json::to_vec(e).map_err(|e| IngestError::Unavailable(e.to_string())))
             .collect::<Result<_, _>>()?;
         let bytes: usize = encoded.iter().map(Vec::len).sum::<usize>().max(1);
+        self.enqueue(Items::Events { events, encoded }, bytes).await
+    }
+
+    /// Checks events against the enforced property schemas, without
+    /// storing anything.
+    pub fn check_schemas(&self, events: &[Event]) -> Result<(), IngestError> {
+        self.schemas.check(events).map_err(IngestError::Invalid)
+    }
+
+    /// Stores the events of `batch` durably (deduplicated, like
+    /// [`Ingestor::submit`]) as batch records: one log record per partition
+    /// and up to `MAX_BATCH_ROWS` events. The CSV importer's path.
+    pub async fn submit_batch(&self, batch: EventBatch) -> Result<Outcome, IngestError> {
+        if batch.rows.is_empty() {
+            return Ok(Outcome { accepted: 0, duplicates: 0 });
+        }
+        if self.schemas.get(batch.header.workspace.as_str(), batch.header.event_type.as_str()).is_some_and(|s| s.enforce) {
+            // Enforced property schemas are checked on the expanded events.
+            let events: Vec<Event> = batch.events().collect();
+            self.schemas.check(&events).map_err(IngestError::Invalid)?;
+        }
+        // Budget by the encoded size (what the writer holds).
+        let bytes = 64 + batch.rows.iter().map(|r| 24 + r.id.as_str().len() + r.value.as_ref().map_or(0, String::len)).sum::<usize>();
+        self.enqueue(Items::Batch(batch), bytes).await
+    }
+
+    async fn enqueue(&self, items: Items, bytes: usize) -> Result<Outcome, IngestError> {
         if bytes > self.max_inflight_bytes {
             return Err(IngestError::TooLarge { needed: bytes, budget: self.max_inflight_bytes });
         }
@@ -164,7 +231,7 @@ impl Ingestor {
             .ok_or(IngestError::Overloaded)?;
         let (reply, rx) = oneshot::channel();
         self.tx
-            .try_send(Pending { events, encoded, reply, _permit: permit })
+            .try_send(Pending { items, reply, _permit: permit })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => IngestError::Unavailable("shutting down".into()),
@@ -189,9 +256,9 @@ struct Writer {
 struct Shared {
     /// Set by the indexer when a commit failed: the index lags the log.
     needs_rebuild: AtomicBool,
-    /// (workspace, id) of events appended to the log whose index rows are not
-    /// committed yet.
-    inflight: Mutex<HashSet<(String, String)>>,
+    /// Keys ([`id_key`]) of events appended to the log whose index rows are
+    /// not committed yet.
+    inflight: Mutex<HashSet<u128>>,
     /// Groups handed to the indexer and not yet finished.
     pending: AtomicUsize,
     /// Signalled whenever the indexer finishes a group.
@@ -204,7 +271,7 @@ struct IndexJob {
     effects: Vec<sluice_core::RecordEffect>,
     progress: Vec<(u32, u64)>,
     replies: Vec<(oneshot::Sender<Result<Outcome, IngestError>>, Outcome)>,
-    keys: Vec<(String, String)>,
+    keys: Vec<u128>,
     bytes: usize,
     events: usize,
     started: Instant,
@@ -239,12 +306,12 @@ impl Writer {
         let (index_tx, index_rx) = mpsc::channel(INDEX_QUEUE);
         let indexer = tokio::spawn(Indexer { store: self.store.clone(), shared: self.shared.clone() }.run(index_rx));
         while let Some(first) = rx.recv().await {
-            let mut n = first.events.len();
+            let mut n = first.items.len();
             let mut group = vec![first];
             while n < self.config.max_group_events {
                 match rx.try_recv() {
                     Ok(p) => {
-                        n += p.events.len();
+                        n += p.items.len();
                         group.push(p);
                     }
                     Err(_) => break,
@@ -308,27 +375,73 @@ impl Writer {
         let mut bytes = 0usize;
         for p in group.iter_mut() {
             let mut out = Outcome { accepted: 0, duplicates: 0 };
-            let encoded = std::mem::take(&mut p.encoded);
-            for (e, enc) in p.events.iter().zip(encoded) {
-                if *mask.next().unwrap_or(&true) {
-                    out.duplicates += 1;
-                    continue;
+            match &mut p.items {
+                Items::Events { events, encoded } => {
+                    let encoded = std::mem::take(encoded);
+                    for (e, enc) in events.iter().zip(encoded) {
+                        if *mask.next().unwrap_or(&true) {
+                            out.duplicates += 1;
+                            continue;
+                        }
+                        out.accepted += 1;
+                        effects.extend(record_effects(e));
+                        let partition = partition_for(e.workspace.as_str(), e.customer_id.as_deref(), e.id.as_str(), partitions);
+                        let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
+                        rows.push(IndexRow {
+                            workspace: e.workspace.as_str().to_owned(),
+                            event_id: e.id.as_str().to_owned(),
+                            partition,
+                            offset: *off,
+                            received_at_us: e.received_at.timestamp_micros(),
+                        });
+                        keys.push(id_key(e.workspace.as_str(), e.id.as_str()));
+                        *off += 1;
+                        bytes += enc.len();
+                        records.push(AppendRecord { partition, timestamp_ms: now_ms, payload: enc });
+                    }
                 }
-                out.accepted += 1;
-                effects.extend(record_effects(e));
-                let partition = partition_for(e.workspace.as_str(), e.customer_id.as_deref(), e.id.as_str(), partitions);
-                let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
-                rows.push(IndexRow {
-                    workspace: e.workspace.as_str().to_owned(),
-                    event_id: e.id.as_str().to_owned(),
-                    partition,
-                    offset: *off,
-                    received_at_us: e.received_at.timestamp_micros(),
-                });
-                keys.push((e.workspace.as_str().to_owned(), e.id.as_str().to_owned()));
-                *off += 1;
-                bytes += enc.len();
-                records.push(AppendRecord { partition, timestamp_ms: now_ms, payload: enc });
+                Items::Batch(batch) => {
+                    // The new rows, per partition in row order, then one
+                    // record per partition and MAX_BATCH_ROWS rows.
+                    let ws = batch.header.workspace.as_str().to_owned();
+                    let received_at_us = batch.header.received_at.timestamp_micros();
+                    let mut by_partition: std::collections::BTreeMap<u32, Vec<sluice_core::BatchRow>> = Default::default();
+                    for r in std::mem::take(&mut batch.rows) {
+                        if *mask.next().unwrap_or(&true) {
+                            out.duplicates += 1;
+                            continue;
+                        }
+                        out.accepted += 1;
+                        let partition = partition_for(&ws, r.customer_id.as_deref(), r.id.as_str(), partitions);
+                        by_partition.entry(partition).or_default().push(r);
+                    }
+                    let with_effects = has_record_effects(batch.header.event_type.as_str());
+                    for (partition, prows) in by_partition {
+                        for chunk in prows.chunks(sluice_core::batch::MAX_BATCH_ROWS) {
+                            let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
+                            let part = EventBatch { header: batch.header.clone(), rows: chunk.to_vec() };
+                            for r in chunk {
+                                rows.push(IndexRow {
+                                    workspace: ws.clone(),
+                                    event_id: r.id.as_str().to_owned(),
+                                    partition,
+                                    offset: *off,
+                                    received_at_us,
+                                });
+                                keys.push(id_key(&ws, r.id.as_str()));
+                            }
+                            if with_effects {
+                                for e in part.events() {
+                                    effects.extend(record_effects(&e));
+                                }
+                            }
+                            *off += 1;
+                            let payload = part.encode();
+                            bytes += payload.len();
+                            records.push(AppendRecord { partition, timestamp_ms: now_ms, payload });
+                        }
+                    }
+                }
             }
             outcomes.push(out);
         }
@@ -345,6 +458,7 @@ impl Writer {
             // Registered before the append: from now on dedup sees these ids
             // even though the index does not have them yet.
             lock(&self.shared.inflight).extend(keys.iter().cloned());
+            let records_len = records.len();
             let offsets = match self.log.append(records).await {
                 Ok(o) => o,
                 Err(e) => {
@@ -361,10 +475,23 @@ impl Writer {
                     return;
                 }
             };
-            // The writer is the log's only appender, so predicted offsets hold;
-            // if they ever did not, trust the log.
-            for (row, off) in rows.iter_mut().zip(offsets) {
-                row.offset = off;
+            // The writer is the log's only appender, so predicted offsets hold.
+            // If they ever did not, the index would point elsewhere: refuse to
+            // acknowledge and rebuild the index from the log.
+            let predicted: HashMap<u32, u64> = next.iter().map(|(&p, &n)| (p, n)).collect();
+            let actual: HashMap<u32, u64> = next.keys().map(|&p| (p, self.log.next_offset(p))).collect();
+            if predicted != actual || offsets.len() != records_len {
+                tracing::error!("log offsets differ from the predicted ones; rebuilding the event index");
+                self.shared.needs_rebuild.store(true, Ordering::Release);
+                let mut inflight = lock(&self.shared.inflight);
+                for k in &keys {
+                    inflight.remove(k);
+                }
+                drop(inflight);
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(IngestError::Unavailable("event log unavailable".into())));
+                }
+                return;
             }
             metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "append").record(t_append.elapsed().as_secs_f64());
             progress = next.keys().map(|&p| (p, self.log.next_offset(p))).collect();
@@ -383,8 +510,8 @@ impl Writer {
     async fn find_duplicates(&self, group: &[Pending]) -> Result<Vec<bool>, sluice_store::StoreError> {
         let mut by_ws: HashMap<&str, Vec<&str>> = HashMap::new();
         for p in group {
-            for e in &p.events {
-                by_ws.entry(e.workspace.as_str()).or_default().push(e.id.as_str());
+            for (ws, id) in p.items.ids() {
+                by_ws.entry(ws).or_default().push(id);
             }
         }
         let mut existing: HashMap<&str, HashSet<String>> = HashMap::new();
@@ -392,14 +519,14 @@ impl Writer {
             existing.insert(ws, self.store.existing_event_ids(ws, ids).await?);
         }
         let inflight = lock(&self.shared.inflight);
-        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        let mut seen: HashSet<u128> = HashSet::new();
         let mut mask = Vec::new();
         for p in group {
-            for e in &p.events {
-                let (ws, id) = (e.workspace.as_str(), e.id.as_str());
+            for (ws, id) in p.items.ids() {
+                let key = id_key(ws, id);
                 let dup = existing.get(ws).is_some_and(|s| s.contains(id))
-                    || (!inflight.is_empty() && inflight.contains(&(ws.to_owned(), id.to_owned())))
-                    || !seen.insert((ws, id));
+                    || (!inflight.is_empty() && inflight.contains(&key))
+                    || !seen.insert(key);
                 mask.push(dup);
             }
         }
@@ -519,16 +646,31 @@ async fn rebuild_index(log: &dyn EventLog, store: &Store) -> Result<u64, String>
             let mut rows = Vec::with_capacity(records.len());
             let mut effects = Vec::new();
             for r in &records {
-                match serde_json::from_slice::<Event>(&r.payload) {
-                    Ok(e) => {
+                match Payload::decode(&r.payload) {
+                    Ok(Payload::Event(e)) => {
                         effects.extend(record_effects(&e));
                         rows.push(IndexRow {
-                        workspace: e.workspace.as_str().to_owned(),
-                        event_id: e.id.as_str().to_owned(),
-                        partition: p,
-                        offset: r.offset,
-                        received_at_us: e.received_at.timestamp_micros(),
-                    })
+                            workspace: e.workspace.as_str().to_owned(),
+                            event_id: e.id.as_str().to_owned(),
+                            partition: p,
+                            offset: r.offset,
+                            received_at_us: e.received_at.timestamp_micros(),
+                        })
+                    }
+                    Ok(Payload::Batch(b)) => {
+                        if has_record_effects(b.header.event_type.as_str()) {
+                            for e in b.events() {
+                                effects.extend(record_effects(&e));
+                            }
+                        }
+                        let received_at_us = b.header.received_at.timestamp_micros();
+                        rows.extend(b.rows.iter().map(|row| IndexRow {
+                            workspace: b.header.workspace.as_str().to_owned(),
+                            event_id: row.id.as_str().to_owned(),
+                            partition: p,
+                            offset: r.offset,
+                            received_at_us,
+                        }));
                     }
                     Err(err) => tracing::error!(partition = p, offset = r.offset, error = %err, "log record is not an event; not indexed"),
                 }

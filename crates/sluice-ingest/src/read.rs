@@ -12,7 +12,7 @@
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use sluice_core::{Event, EventLog, WorkspaceName};
+use sluice_core::{Event, EventLog, Payload, WorkspaceName};
 use sluice_store::Store;
 
 /// Most log records scanned per partition for one page.
@@ -67,26 +67,52 @@ pub enum ReadError {
     Store(#[from] sluice_store::StoreError),
 }
 
-fn encode_cursor(offsets: &[u64]) -> String {
-    let text = offsets.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{text}"))
+/// A position in a partition: a record offset, and how many events of that
+/// record (a batch record holds many) were already returned.
+type Position = (u64, usize);
+
+fn encode_cursor(positions: &[Position]) -> String {
+    let text = positions
+        .iter()
+        .map(|&(o, skip)| if skip == 0 { o.to_string() } else { format!("{o}.{skip}") })
+        .collect::<Vec<_>>()
+        .join(",");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v2:{text}"))
 }
 
-fn decode_cursor(cursor: &str, partitions: u32) -> Result<Vec<u64>, ReadError> {
+/// Reads a cursor: `v1:` (record offsets) or `v2:` (offsets, each optionally
+/// `.n` = events of that record already returned).
+fn decode_cursor(cursor: &str, partitions: u32) -> Result<Vec<Position>, ReadError> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| ReadError::BadCursor)?;
     let text = String::from_utf8(bytes).map_err(|_| ReadError::BadCursor)?;
-    let list = text.strip_prefix("v1:").ok_or(ReadError::BadCursor)?;
-    let offsets: Vec<u64> = list.split(',').map(str::parse).collect::<Result<_, _>>().map_err(|_| ReadError::BadCursor)?;
-    if offsets.len() != partitions as usize {
+    let list = text.strip_prefix("v2:").or_else(|| text.strip_prefix("v1:")).ok_or(ReadError::BadCursor)?;
+    let parse = |item: &str| -> Option<Position> {
+        match item.split_once('.') {
+            Some((o, n)) => Some((o.parse().ok()?, n.parse().ok()?)),
+            None => Some((item.parse().ok()?, 0)),
+        }
+    };
+    let positions: Vec<Position> = list.split(',').map(parse).collect::<Option<_>>().ok_or(ReadError::BadCursor)?;
+    if positions.len() != partitions as usize {
         return Err(ReadError::BadCursor);
     }
-    Ok(offsets)
+    Ok(positions)
 }
 
 /// The cursor pointing at the current end of the log (`cursor=latest`).
 pub fn latest_cursor(log: &dyn EventLog) -> String {
-    let ends: Vec<u64> = (0..log.partitions()).map(|p| log.next_offset(p)).collect();
+    let ends: Vec<Position> = (0..log.partitions()).map(|p| (log.next_offset(p), 0)).collect();
     encode_cursor(&ends)
+}
+
+/// A matching event and where it is: append time, record offset, index in
+/// the record, events in the record.
+struct Candidate {
+    at: i64,
+    offset: u64,
+    index: usize,
+    in_record: usize,
+    event: Event,
 }
 
 /// Lists events of `workspace` matching `filter`, starting at `cursor`.
@@ -101,15 +127,20 @@ pub async fn list_events(
     let mut positions = match cursor {
         Some("latest") => return Ok(EventPage { data: vec![], next_cursor: latest_cursor(log), at_end: true }),
         Some(c) => decode_cursor(c, parts)?,
-        None => vec![0; parts as usize],
+        None => vec![(0, 0); parts as usize],
     };
     let limit = limit.clamp(1, 1000);
     let ends: Vec<u64> = (0..parts).map(|p| log.next_offset(p)).collect();
-    // Per partition: matching (append time, offset, event) in order, up to `limit`.
-    let mut candidates: Vec<Vec<(i64, u64, Event)>> = Vec::with_capacity(parts as usize);
+    // Per partition: matching events in order, up to `limit` (plus the rest
+    // of the last record read).
+    let mut candidates: Vec<Vec<Candidate>> = Vec::with_capacity(parts as usize);
     for p in 0..parts {
         let mut found = Vec::new();
-        let mut pos = positions[p as usize].max(log.start_offset(p));
+        let (start, mut skip) = positions[p as usize];
+        let mut pos = start.max(log.start_offset(p));
+        if pos != start {
+            skip = 0; // the record was removed by retention
+        }
         let end = ends[p as usize];
         let mut scanned = 0;
         while pos < end && found.len() < limit && scanned < SCAN_BUDGET {
@@ -120,37 +151,42 @@ pub async fn list_events(
             for r in records {
                 scanned += 1;
                 pos = r.offset + 1;
-                let Ok(e) = serde_json::from_slice::<Event>(&r.payload) else { continue };
-                if &e.workspace == workspace && filter.matches(&e) {
-                    found.push((r.timestamp_ms, r.offset, e));
-                    if found.len() >= limit {
-                        break;
+                let skip_here = if r.offset == start { skip } else { 0 };
+                let Ok(payload) = Payload::decode(&r.payload) else { continue };
+                if payload.workspace() != workspace {
+                    continue;
+                }
+                let events = payload.into_events();
+                let in_record = events.len();
+                for (index, event) in events.into_iter().enumerate().skip(skip_here) {
+                    if filter.matches(&event) {
+                        found.push(Candidate { at: r.timestamp_ms, offset: r.offset, index, in_record, event });
                     }
+                }
+                if found.len() >= limit {
+                    break;
                 }
             }
         }
         // Where to resume if none of `found` is taken: the first candidate, or
         // past everything scanned.
-        positions[p as usize] = found.first().map(|c| c.1).unwrap_or(pos);
+        positions[p as usize] = found.first().map_or((pos, 0), |c| (c.offset, c.index));
         candidates.push(found);
     }
-    // Merge partitions by append time, then partition, then offset.
-    let mut merged: Vec<(i64, u32, u64, Event)> = candidates
-        .into_iter()
-        .enumerate()
-        .flat_map(|(p, v)| v.into_iter().map(move |(t, o, e)| (t, p as u32, o, e)))
-        .collect();
-    merged.sort_by_key(|&(t, p, o, _)| (t, p, o));
+    // Merge partitions by append time, then partition, then position.
+    let mut merged: Vec<(u32, Candidate)> =
+        candidates.into_iter().enumerate().flat_map(|(p, v)| v.into_iter().map(move |c| (p as u32, c))).collect();
+    merged.sort_by_key(|(p, c)| (c.at, *p, c.offset, c.index));
     merged.truncate(limit);
     // Resume each partition after the last taken event of it.
     let mut resume = positions.clone();
-    for (_, p, o, _) in &merged {
-        resume[*p as usize] = o + 1;
+    for (p, c) in &merged {
+        resume[*p as usize] = if c.index + 1 < c.in_record { (c.offset, c.index + 1) } else { (c.offset + 1, 0) };
     }
-    // Candidates of one partition are taken in offset order, so "after the
-    // last taken" is also "at the first untaken".
-    let at_end = resume.iter().zip(&ends).all(|(r, e)| r >= e);
-    Ok(EventPage { data: merged.into_iter().map(|(_, _, _, e)| e).collect(), next_cursor: encode_cursor(&resume), at_end })
+    // Candidates of one partition are taken in order, so "after the last
+    // taken" is also "at the first untaken".
+    let at_end = resume.iter().zip(&ends).all(|(r, e)| r.0 >= *e);
+    Ok(EventPage { data: merged.into_iter().map(|(_, c)| c.event).collect(), next_cursor: encode_cursor(&resume), at_end })
 }
 
 /// One event of `workspace` by id.
@@ -163,6 +199,7 @@ pub async fn get_event(log: &dyn EventLog, store: &Store, workspace: &WorkspaceN
     Ok(records
         .into_iter()
         .find(|r| r.offset == o)
-        .and_then(|r| serde_json::from_slice::<Event>(&r.payload).ok())
-        .filter(|e| &e.workspace == workspace && e.id.as_str() == id))
+        .and_then(|r| Payload::decode(&r.payload).ok())
+        .filter(|p| p.workspace() == workspace)
+        .and_then(|p| p.find(id)))
 }

@@ -238,17 +238,17 @@ impl SqlEngine {
                 let recs = self.log.read(p, at, 10_000, 16 << 20).await.map_err(|e| SqlError::Internal(e.to_string()))?;
                 let Some(last) = recs.last() else { break };
                 at = last.offset + 1;
-                read += recs.len();
-                if read > self.limits.max_tail_events {
-                    return Err(SqlError::TooLarge(format!(
-                        "more than {} events are waiting for the lake writer; try again in a few seconds",
-                        self.limits.max_tail_events
-                    )));
-                }
                 for r in recs.into_iter().filter(|r| r.offset < end) {
-                    if let Ok(e) = serde_json::from_slice::<Event>(&r.payload) {
-                        if e.workspace.as_str() == workspace {
-                            events.push(e);
+                    if let Ok(payload) = sluice_core::Payload::decode(&r.payload) {
+                        read += payload.len();
+                        if read > self.limits.max_tail_events {
+                            return Err(SqlError::TooLarge(format!(
+                                "more than {} events are waiting for the lake writer; try again in a few seconds",
+                                self.limits.max_tail_events
+                            )));
+                        }
+                        if payload.workspace().as_str() == workspace {
+                            events.extend(payload.into_events());
                         }
                     }
                 }

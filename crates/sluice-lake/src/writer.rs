@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use sluice_core::{Event, EventLog};
+use sluice_core::{Event, EventLog, Payload};
 use sluice_ingest::{PropertyType, Schemas};
 use sluice_store::{LakeFile, Store};
 use tokio::sync::watch;
@@ -138,13 +138,18 @@ impl LakeWriter {
                     for r in recs {
                         read_any = true;
                         pos[p as usize] = r.offset + 1;
-                        match serde_json::from_slice::<Event>(&r.payload) {
-                            Ok(e) => {
-                                let hour = layout::hour_start(e.timestamp).timestamp_micros();
-                                buf.bytes += r.payload.len();
-                                buf.events += 1;
+                        match Payload::decode(&r.payload) {
+                            Ok(payload) => {
+                                buf.bytes += match &payload {
+                                    Payload::Event(_) => r.payload.len(),
+                                    Payload::Batch(b) => b.json_size_hint(),
+                                };
                                 buf.since.get_or_insert_with(Instant::now);
-                                buf.groups.entry((e.workspace.as_str().to_owned(), e.event_type.as_str().to_owned(), hour)).or_default().push(e);
+                                for e in payload.into_events() {
+                                    let hour = layout::hour_start(e.timestamp).timestamp_micros();
+                                    buf.events += 1;
+                                    buf.groups.entry((e.workspace.as_str().to_owned(), e.event_type.as_str().to_owned(), hour)).or_default().push(e);
+                                }
                             }
                             Err(e) => tracing::error!(partition = p, offset = r.offset, error = %e, "lake writer skips a record that is not an event"),
                         }

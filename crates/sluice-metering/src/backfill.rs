@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use sluice_core::{Event, EventLog};
+use sluice_core::{EventLog, Payload};
 use sluice_jobs::{JobContext, JobError, JobHandler};
 use sluice_store::{ConsumerCommit, Job};
 use std::sync::Arc;
@@ -55,14 +55,27 @@ impl JobHandler for MeterBackfill {
                 let Some(last) = records.last().map(|r| r.offset) else { break };
                 let mut commit = ConsumerCommit { consumer: name.clone(), ..Default::default() };
                 for r in records.iter().filter(|r| r.offset < until) {
-                    let Ok(e) = serde_json::from_slice::<Event>(&r.payload) else { continue };
-                    match crate::meter::usage_of(&meter, &e) {
-                        Ok(Some(d)) => {
-                            counted += 1;
-                            commit.usage.push(d);
+                    let events = match Payload::decode(&r.payload) {
+                        Ok(Payload::Batch(b)) => match crate::meter::batch_usage(&meter, &b) {
+                            Some(Ok(d)) => {
+                                counted += d.iter().map(|d| d.count as u64).sum::<u64>();
+                                commit.usage.extend(d);
+                                continue;
+                            }
+                            _ => b.events().collect(),
+                        },
+                        Ok(p) => p.into_events(),
+                        Err(_) => continue,
+                    };
+                    for e in events {
+                        match crate::meter::usage_of(&meter, &e) {
+                            Ok(Some(d)) => {
+                                counted += 1;
+                                commit.usage.push(d);
+                            }
+                            Ok(None) => {}
+                            Err(err) => tracing::warn!(meter = %key, event = %e.id, error = %err, "event not metered by the backfill"),
                         }
-                        Ok(None) => {}
-                        Err(err) => tracing::warn!(meter = %key, event = %e.id, error = %err, "event not metered by the backfill"),
                     }
                 }
                 let new_next = (last + 1).min(until);

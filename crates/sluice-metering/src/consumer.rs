@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use sluice_consumers::{Attempt, Consumer, Effect};
-use sluice_core::Event;
+use sluice_core::{Event, EventBatch};
 use sluice_store::{Meter, Store};
 
 /// Name of the consumer.
@@ -65,5 +65,20 @@ impl Consumer for MetersConsumer {
             }
         }
         Ok(if usage.is_empty() { Effect::None } else { Effect::Usage(usage) })
+    }
+
+    async fn handle_batch(&self, b: &EventBatch, at: Attempt) -> Option<Result<Effect, String>> {
+        let mut usage = Vec::new();
+        for m in self.cache.of(b.header.workspace.as_str(), b.header.event_type.as_str()) {
+            let start = m.start_offsets.iter().find(|(p, _)| *p == at.partition).map_or(0, |(_, o)| *o);
+            if at.offset < start {
+                continue;
+            }
+            match crate::meter::batch_usage(&m, b)? {
+                Ok(d) => usage.extend(d),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(if usage.is_empty() { Effect::None } else { Effect::Usage(usage) }))
     }
 }

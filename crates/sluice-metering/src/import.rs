@@ -1,12 +1,17 @@
 //! CSV usage import (`import.usage` jobs).
 //!
 //! The upload is first written to a file in the data directory (streamed:
-//! memory stays bounded whatever the size), then a job reads it twice,
-//! streaming: pass 1 validates every row and counts them; pass 2 turns the
-//! valid rows into events of the meter's event type and sends them through
-//! the normal ingest pipeline in batches — so API events and CSV rows count
-//! alike, and a re-run (a crash, a retry, the same file imported twice)
-//! counts nothing twice: every row has a deterministic event id.
+//! memory stays bounded whatever the size), then a job imports it in two
+//! passes: pass 1 reads the CSV once, validates every row and writes the
+//! parsed rows to a *spool* file beside the upload (compact binary, never
+//! fsynced: a crashed job starts over); pass 2 reads the spool, gives every
+//! row its event id and sends the rows through the normal ingest pipeline
+//! as event batches (`sluice_core::batch`: one log record per partition and
+//! up to 16,384 rows) — so API events and CSV rows count alike, and a re-run
+//! (a crash, a retry, the same file imported twice) counts nothing twice:
+//! every row has a deterministic event id. Nothing is written to the log
+//! before every row was validated, so a strict import with a bad row
+//! imports nothing.
 //!
 //! Format (header row required, names case-insensitive, extra columns
 //! ignored): `customer_id`, `subscription_id` (optional), `meter` (a meter
@@ -29,9 +34,12 @@
 //! ones reported). Errors: the first 1,000 with row number (1-based, the
 //! header is row 1), column, value and message, plus a total.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
@@ -39,7 +47,7 @@ use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use sluice_core::{Event, EventId, EventType, WorkspaceName};
+use sluice_core::{BatchHeader, BatchRow, EventBatch, EventId, WorkspaceName};
 use sluice_ingest::Ingestor;
 use sluice_jobs::{JobContext, JobError, JobHandler};
 use sluice_store::{Job, Meter};
@@ -48,9 +56,10 @@ use sluice_store::{Job, Meter};
 pub const KIND: &str = "import.usage";
 /// Errors listed in an import (more are only counted).
 pub const MAX_ERRORS: usize = 1000;
-const BATCH: usize = 5000;
+/// Rows per batch handed to ingest.
+const BATCH: usize = 16_384;
 /// Batches submitted to ingest at once.
-const IN_FLIGHT: usize = 6;
+const IN_FLIGHT: usize = 4;
 
 /// Handler of `import.usage` jobs.
 pub struct UsageImport {
@@ -67,27 +76,86 @@ struct Columns {
     id: Option<usize>,
 }
 
+/// A valid row, as pass 1 writes it to the spool and pass 2 reads it back.
+#[derive(Debug, Clone, PartialEq)]
 struct Row {
     /// SHA-256 of the row's content (see the module doc).
     content: [u8; 32],
     /// The `id` column, when given.
     given_id: Option<String>,
-    meter: Meter,
+    /// Index of the meter in the job's meter list.
+    meter: u32,
     customer: String,
     subscription: Option<String>,
-    at: DateTime<Utc>,
-    quantity: Decimal,
+    /// Event time, microseconds since the epoch.
+    at_us: i64,
+    /// The quantity, normalized decimal text.
+    quantity: String,
+}
+
+impl Row {
+    /// Spool encoding: content, meter (u32), time (i64), then the strings
+    /// as u32 length + bytes (given id and subscription: u32::MAX = none).
+    fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
+        w.write_all(&self.content)?;
+        w.write_all(&self.meter.to_le_bytes())?;
+        w.write_all(&self.at_us.to_le_bytes())?;
+        for s in [Some(&self.customer), self.given_id.as_ref(), self.subscription.as_ref(), Some(&self.quantity)] {
+            match s {
+                Some(s) => {
+                    w.write_all(&(s.len() as u32).to_le_bytes())?;
+                    w.write_all(s.as_bytes())?;
+                }
+                None => w.write_all(&u32::MAX.to_le_bytes())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one row; `Ok(None)` at the end of the spool.
+    fn read(r: &mut impl BufRead) -> std::io::Result<Option<Row>> {
+        if r.fill_buf()?.is_empty() {
+            return Ok(None);
+        }
+        let mut content = [0u8; 32];
+        r.read_exact(&mut content)?;
+        let mut b4 = [0u8; 4];
+        let mut b8 = [0u8; 8];
+        r.read_exact(&mut b4)?;
+        let meter = u32::from_le_bytes(b4);
+        r.read_exact(&mut b8)?;
+        let at_us = i64::from_le_bytes(b8);
+        let mut strings: [Option<String>; 4] = Default::default();
+        for slot in &mut strings {
+            r.read_exact(&mut b4)?;
+            let n = u32::from_le_bytes(b4);
+            if n != u32::MAX {
+                let mut buf = vec![0u8; n as usize];
+                r.read_exact(&mut buf)?;
+                *slot = Some(String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?);
+            }
+        }
+        let [customer, given_id, subscription, quantity] = strings;
+        Ok(Some(Row {
+            content,
+            given_id,
+            meter,
+            customer: customer.unwrap_or_default(),
+            subscription,
+            at_us,
+            quantity: quantity.unwrap_or_default(),
+        }))
+    }
 }
 
 fn error(row: u64, column: &str, value: &str, message: impl Into<String>) -> Value {
     json!({"row": row, "column": column, "value": value.chars().take(200).collect::<String>(), "message": message.into()})
 }
 
-fn reader(path: &PathBuf) -> Result<csv::Reader<std::io::BufReader<std::fs::File>>, String> {
+fn reader(path: &Path) -> Result<csv::Reader<std::io::BufReader<std::fs::File>>, String> {
     let f = std::fs::File::open(path).map_err(|e| format!("cannot open the uploaded file: {e}"))?;
     let mut r = std::io::BufReader::with_capacity(1 << 20, f);
     // Skip a UTF-8 byte order mark.
-    use std::io::BufRead;
     if r.fill_buf().map(|b| b.starts_with(&[0xEF, 0xBB, 0xBF])).unwrap_or(false) {
         r.consume(3);
     }
@@ -112,7 +180,7 @@ fn parse_row(
     rec: &csv::StringRecord,
     row: u64,
     c: &Columns,
-    meters: &HashMap<String, Meter>,
+    meters: &HashMap<String, (u32, Meter)>,
     tz: Tz,
     workspace: &str,
 ) -> Result<Row, Vec<Value>> {
@@ -124,7 +192,7 @@ fn parse_row(
     }
     let subscription = c.subscription.map(get).filter(|s| !s.is_empty());
     let meter_key = get(c.meter);
-    let meter = meters.get(&meter_key).cloned();
+    let meter = meters.get(&meter_key).map(|(i, m)| (*i, m));
     if meter.is_none() {
         errs.push(error(row, "meter", &meter_key, "no meter with this key in the workspace"));
     }
@@ -151,13 +219,16 @@ fn parse_row(
             errs.push(error(row, "id", id, e.0));
         }
     }
-    let (Some(meter), Some(at), Some(quantity), true) = (meter, at, quantity, errs.is_empty()) else { return Err(errs) };
+    let (Some((meter, m)), Some(at), Some(quantity), true) = (meter, at, quantity, errs.is_empty()) else { return Err(errs) };
+    let quantity = quantity.normalize().to_string();
     let mut h = Sha256::new();
-    for part in [workspace, &meter.key, &customer, subscription.as_deref().unwrap_or(""), &at.to_rfc3339(), &quantity.normalize().to_string()] {
+    for part in [workspace, &m.key, &customer, subscription.as_deref().unwrap_or(""), &at.to_rfc3339(), &quantity] {
         h.update(part.as_bytes());
         h.update([0u8]);
     }
-    Ok(Row { content: h.finalize().into(), given_id, meter, customer, subscription, at, quantity })
+    // The log keeps event times to the microsecond (the id above still sees
+    // the time as written, so ids do not depend on this).
+    Ok(Row { content: h.finalize().into(), given_id, meter, customer, subscription, at_us: at.timestamp_micros(), quantity })
 }
 
 /// The event id of a row without `id`: its content hash and how many
@@ -167,7 +238,14 @@ fn row_id(content: &[u8; 32], occurrence: u32) -> String {
     h.update(content);
     h.update(occurrence.to_le_bytes());
     let d = h.finalize();
-    format!("csv_{}", d[..16].iter().map(|b| format!("{b:02x}")).collect::<String>())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    id.push_str("csv_");
+    for b in &d[..16] {
+        id.push(char::from(HEX[(b >> 4) as usize]));
+        id.push(char::from(HEX[(b & 15) as usize]));
+    }
+    id
 }
 
 /// A Bloom filter over row contents: finds, in bounded memory, the few
@@ -197,33 +275,21 @@ impl Bloom {
     }
 }
 
-fn to_event(r: Row, id: String, workspace: &WorkspaceName, received_at: DateTime<Utc>) -> Result<Event, String> {
-    let mut props = Map::new();
-    // Filter properties, so that the row counts for its meter.
-    for (k, v) in &r.meter.filter {
-        props.insert(k.clone(), v.clone());
+/// The header of the batches of one meter's rows.
+fn batch_header(meter: &Meter, workspace: &WorkspaceName, received_at: DateTime<Utc>) -> Result<BatchHeader, String> {
+    let mut context = Map::new();
+    context.insert("source".into(), Value::String("csv_import".into()));
+    if meter.value_property.as_deref().is_some_and(|p| meter.filter.keys().any(|k| k == p || p.starts_with(&format!("{k}.")))) {
+        return Err(format!("meter {:?}: its filter and value property overlap", meter.key));
     }
-    if let Some(path) = &r.meter.value_property {
-        // Nested paths become nested objects: usage.gb → {"usage": {"gb": …}}.
-        let mut parts: Vec<&str> = path.split('.').collect();
-        let leaf = parts.pop().unwrap_or_default();
-        let mut obj = &mut props;
-        for p in parts {
-            obj = obj.entry(p.to_owned()).or_insert_with(|| Value::Object(Map::new())).as_object_mut().ok_or("conflicting property paths")?;
-        }
-        obj.insert(leaf.to_owned(), Value::String(r.quantity.normalize().to_string()));
-    }
-    Ok(Event {
+    Ok(BatchHeader {
         workspace: workspace.clone(),
-        id: EventId::parse(id).map_err(|e| e.0)?,
-        event_type: EventType::parse(r.meter.event_type.clone()).map_err(|e| e.0)?,
-        timestamp: r.at,
+        event_type: sluice_core::EventType::parse(meter.event_type.clone()).map_err(|e| e.0)?,
         received_at,
-        customer_id: Some(r.customer),
-        subscription_id: r.subscription,
-        user_id: None,
-        properties: serde_json::value::RawValue::from_string(Value::Object(props).to_string()).map_err(|e| e.to_string())?,
-        context: serde_json::value::RawValue::from_string(json!({"source": "csv_import"}).to_string()).map_err(|e| e.to_string())?,
+        context,
+        // Filter properties, so that the rows count for their meter.
+        properties: meter.filter.clone(),
+        value_path: meter.value_property.clone(),
     })
 }
 
@@ -255,60 +321,33 @@ impl JobHandler for UsageImport {
         let ws = ctx.store().get_workspace(&job.workspace).await?;
         let tz = Tz::from_str(&ws.time_zone).map_err(|e| JobError::Failed(e.to_string()))?;
         let workspace = WorkspaceName::parse(ws.name.clone()).map_err(|e| JobError::Failed(e.0))?;
-        let meters: HashMap<String, Meter> = ctx.store().list_meters(Some(&ws.name)).await?.into_iter().map(|m| (m.key.clone(), m)).collect();
+        let meter_list = ctx.store().list_meters(Some(&ws.name)).await?;
+        let meters: HashMap<String, (u32, Meter)> = meter_list.iter().enumerate().map(|(i, m)| (m.key.clone(), (i as u32, m.clone()))).collect();
         let fatal = |error: String, result: Value| JobError::Fatal { error, result };
 
-        // Pass 1: validate and count.
-        let mut rdr = reader(&path).map_err(|e| fatal(e.clone(), json!({"errors": [], "errors_total": 0})))?;
-        let headers = rdr.headers().map_err(|e| fatal(format!("row 1: cannot read the header row: {e}"), json!({})))?.clone();
-        let cols = columns(&headers).map_err(|e| fatal(e.clone(), json!({"errors": [error(1, "", "", e)], "errors_total": 1})))?;
-        let (mut errors, mut errors_total, mut rows_total, mut rows_rejected) = (Vec::new(), 0u64, 0u64, 0u64);
-        let file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let mut bloom = Bloom::for_bytes(file_bytes);
-        let mut maybe_repeated: std::collections::HashSet<[u8; 32]> = std::collections::HashSet::new();
-        let mut rec = csv::StringRecord::new();
-        loop {
-            let row = rdr.position().line();
-            match rdr.read_record(&mut rec) {
-                Ok(false) => break,
-                Ok(true) => {}
-                Err(e) => {
-                    let msg = match e.kind() {
-                        csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8 (save the file as UTF-8)".to_owned(),
-                        _ => format!("cannot read the row: {e}"),
-                    };
-                    let line = e.position().map_or(row, |p| p.line());
-                    return Err(fatal(format!("row {line}: {msg}"), json!({"errors": [error(line, "", "", msg)], "errors_total": 1})));
-                }
-            }
-            if rec.iter().all(str::is_empty) {
-                continue; // blank line
-            }
-            let line = rec.position().map_or(row, |p| p.line());
-            rows_total += 1;
-            match parse_row(&rec, line, &cols, &meters, tz, &ws.name) {
-                Ok(row) => {
-                    if row.given_id.is_none() && bloom.insert(&row.content) {
-                        maybe_repeated.insert(row.content);
+        // Pass 1 (blocking work, on its own thread): validate every row,
+        // count them, spool the valid ones.
+        let spool_path = path.with_extension("spool");
+        let _spool_guard = RemoveOnDrop(spool_path.clone());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let pass1 = {
+            let (path, spool_path, meters, ws_name, cancel) = (path.clone(), spool_path.clone(), meters.clone(), ws.name.clone(), cancel.clone());
+            tokio::task::spawn_blocking(move || validate(&path, &spool_path, &meters, tz, &ws_name, &cancel))
+        };
+        tokio::pin!(pass1);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        let v = loop {
+            tokio::select! {
+                r = &mut pass1 => break r.map_err(|e| JobError::Failed(e.to_string()))??,
+                _ = tick.tick() => {
+                    if ctx.is_cancelled() {
+                        cancel.store(true, Ordering::Release);
                     }
                 }
-                Err(errs) => {
-                rows_rejected += 1;
-                errors_total += errs.len() as u64;
-                for e in errs {
-                    if errors.len() < MAX_ERRORS {
-                        errors.push(e);
-                    }
-                }
-                }
             }
-            if rows_total % 50_000 == 0 {
-                ctx.progress(0, None).await;
-                if ctx.is_cancelled() {
-                    return Err(JobError::Cancelled);
-                }
-            }
-        }
+        };
+        let Validated { rows_total, rows_rejected, errors, errors_total, maybe_repeated, used_meters } = v;
+        let validated_ms = started.elapsed().as_millis() as u64;
         let summary = |imported: u64, duplicate: u64, processed: u64| {
             json!({
                 "rows_total": rows_total, "rows_processed": processed, "rows_imported": imported,
@@ -316,65 +355,106 @@ impl JobHandler for UsageImport {
                 "errors": errors, "errors_total": errors_total,
                 "mode": if strict { "strict" } else { "skip_invalid" },
                 "duration_ms": started.elapsed().as_millis() as u64,
+                "validate_ms": validated_ms,
             })
         };
         if strict && rows_rejected > 0 {
             return Err(fatal(format!("{rows_rejected} invalid row(s); nothing was imported (mode strict)"), summary(0, 0, 0)));
         }
-
-        // Pass 2: import the valid rows in batches through the ingest pipeline.
-        let mut rdr = reader(&path).map_err(|e| fatal(e, summary(0, 0, 0)))?;
-        let _ = rdr.headers();
-        drop(bloom);
-        let mut occurrences: HashMap<[u8; 32], u32> = HashMap::new();
-        let (mut imported, mut duplicate, mut processed) = (0u64, 0u64, 0u64);
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut in_flight: Vec<tokio::task::JoinHandle<Result<(u64, u64), JobError>>> = Vec::new();
+        // The batch header of every meter the file uses, checked against
+        // enforced property schemas before anything is written.
         let received_at = Utc::now();
-        while rdr.read_record(&mut rec).map_err(|e| JobError::Failed(e.to_string()))? {
-            if rec.iter().all(str::is_empty) {
-                continue;
+        let mut headers: Vec<Option<BatchHeader>> = vec![None; meter_list.len()];
+        for &m in &used_meters {
+            let h = batch_header(&meter_list[m as usize], &workspace, received_at).map_err(|e| fatal(e, summary(0, 0, 0)))?;
+            let sample = EventBatch {
+                header: h.clone(),
+                rows: vec![BatchRow {
+                    id: EventId::parse("csv_sample").map_err(|e| JobError::Failed(e.0))?,
+                    timestamp: received_at,
+                    customer_id: Some("sample".into()),
+                    subscription_id: None,
+                    value: h.value_path.as_ref().map(|_| "0".to_owned()),
+                }],
+            };
+            if let Err(e) = self.ingestor.check_schemas(&sample.events().collect::<Vec<_>>()) {
+                let msg = format!("meter {:?}: its events would break the declared schema of `{}`: {e}", meter_list[m as usize].key, h.event_type);
+                return Err(fatal(msg, summary(0, 0, 0)));
             }
-            processed += 1;
-            let line = rec.position().map_or(0, |p| p.line());
-            if let Ok(row) = parse_row(&rec, line, &cols, &meters, tz, &ws.name) {
-                let id = match &row.given_id {
-                    Some(id) => id.clone(),
-                    None if maybe_repeated.contains(&row.content) => {
-                        let n = occurrences.entry(row.content).or_insert(0);
-                        *n += 1;
-                        row_id(&row.content, *n - 1)
-                    }
-                    None => row_id(&row.content, 0),
-                };
-                batch.push(to_event(row, id, &workspace, received_at).map_err(JobError::Failed)?);
+            headers[m as usize] = Some(h);
+        }
+
+        // Pass 2: the spooled rows, with their ids, as batches (one open
+        // batch per meter) through the ingest pipeline.
+        let spool_file = std::fs::File::open(&spool_path).map_err(|e| JobError::Failed(format!("reading the import spool: {e}")))?;
+        let mut spool = std::io::BufReader::with_capacity(1 << 20, spool_file);
+        let mut occurrences: HashMap<[u8; 32], u32> = HashMap::new();
+        let (mut imported, mut duplicate, mut processed) = (0u64, 0u64, rows_rejected);
+        let mut open: HashMap<u32, Vec<BatchRow>> = HashMap::new();
+        let mut in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Result<(u64, u64, u64), JobError>>> = Default::default();
+        loop {
+            let row = Row::read(&mut spool).map_err(|e| JobError::Failed(format!("reading the import spool: {e}")))?;
+            let full = match &row {
+                Some(row) => {
+                    let id = match &row.given_id {
+                        Some(id) => id.clone(),
+                        None if maybe_repeated.contains(&row.content) => {
+                            let n = occurrences.entry(row.content).or_insert(0);
+                            *n += 1;
+                            row_id(&row.content, *n - 1)
+                        }
+                        None => row_id(&row.content, 0),
+                    };
+                    let rows = open.entry(row.meter).or_default();
+                    rows.push(BatchRow {
+                        id: EventId::parse(id).map_err(|e| JobError::Failed(e.0))?,
+                        timestamp: DateTime::from_timestamp_micros(row.at_us).unwrap_or_default(),
+                        customer_id: Some(row.customer.clone()),
+                        subscription_id: row.subscription.clone(),
+                        value: meter_list[row.meter as usize].value_property.as_ref().map(|_| row.quantity.clone()),
+                    });
+                    (rows.len() >= BATCH).then_some(row.meter)
+                }
+                None => None,
+            };
+            // Batches to send: the full one, or at the end every open one.
+            let mut ready: Vec<u32> = full.into_iter().collect();
+            if row.is_none() {
+                ready = open.keys().copied().collect();
+                ready.sort_unstable();
             }
-            if batch.len() >= BATCH {
-                // Several batches in flight: the ingest writer commits them
-                // together (group commit), so the import is not bound by one
-                // round trip per batch. Order does not matter: ids dedup.
+            for m in ready {
+                let Some(rows) = open.remove(&m) else { continue };
+                let Some(header) = headers[m as usize].clone() else { continue };
+                let batch = EventBatch { header, rows };
                 let ingestor = self.ingestor.clone();
-                let events = std::mem::take(&mut batch);
-                in_flight.push(tokio::spawn(async move { submit(&ingestor, events).await }));
-                if in_flight.len() >= IN_FLIGHT {
-                    let out = in_flight.remove(0).await.map_err(|e| JobError::Failed(e.to_string()))??;
-                    imported += out.0;
-                    duplicate += out.1;
+                // Several batches in flight: the ingest writer commits them
+                // together (group commit). Order does not matter: ids dedup.
+                in_flight.push_back(tokio::spawn(async move {
+                    let n = batch.rows.len() as u64;
+                    submit(&ingestor, batch).await.map(|(a, d)| (a, d, n))
+                }));
+                while in_flight.len() >= IN_FLIGHT {
+                    let Some(h) = in_flight.pop_front() else { break };
+                    let (a, d, n) = h.await.map_err(|e| JobError::Failed(e.to_string()))??;
+                    imported += a;
+                    duplicate += d;
+                    processed += n;
                     ctx.progress(processed as i64, Some(rows_total as i64)).await;
                     if ctx.is_cancelled() {
                         return Err(JobError::Cancelled);
                     }
                 }
             }
-        }
-        if !batch.is_empty() {
-            let ingestor = self.ingestor.clone();
-            in_flight.push(tokio::spawn(async move { submit(&ingestor, batch).await }));
+            if row.is_none() {
+                break;
+            }
         }
         for h in in_flight {
-            let out = h.await.map_err(|e| JobError::Failed(e.to_string()))??;
-            imported += out.0;
-            duplicate += out.1;
+            let (a, d, n) = h.await.map_err(|e| JobError::Failed(e.to_string()))??;
+            imported += a;
+            duplicate += d;
+            processed += n;
         }
         ctx.progress(processed as i64, Some(rows_total as i64)).await;
         // The upload is removed in `ended`, once success is recorded: a
@@ -383,11 +463,105 @@ impl JobHandler for UsageImport {
     }
 }
 
+/// What pass 1 found.
+struct Validated {
+    rows_total: u64,
+    rows_rejected: u64,
+    /// The first [`MAX_ERRORS`] errors.
+    errors: Vec<Value>,
+    errors_total: u64,
+    /// Contents that may occur more than once (they get occurrence counters).
+    maybe_repeated: HashSet<[u8; 32]>,
+    /// Meters (indexes) the valid rows use.
+    used_meters: HashSet<u32>,
+}
+
+/// Pass 1: reads the CSV once, validates every row and writes the valid ones
+/// to the spool.
+fn validate(
+    path: &Path,
+    spool_path: &Path,
+    meters: &HashMap<String, (u32, Meter)>,
+    tz: Tz,
+    workspace: &str,
+    cancel: &AtomicBool,
+) -> Result<Validated, JobError> {
+    let fatal = |error: String, result: Value| JobError::Fatal { error, result };
+    let spool_file = std::fs::File::create(spool_path).map_err(|e| JobError::Failed(format!("creating the import spool: {e}")))?;
+    let mut spool = std::io::BufWriter::with_capacity(1 << 20, spool_file);
+    let mut rdr = reader(path).map_err(|e| fatal(e.clone(), json!({"errors": [], "errors_total": 0})))?;
+    let headers = rdr.headers().map_err(|e| fatal(format!("row 1: cannot read the header row: {e}"), json!({})))?.clone();
+    let cols = columns(&headers).map_err(|e| fatal(e.clone(), json!({"errors": [error(1, "", "", e)], "errors_total": 1})))?;
+    let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let mut bloom = Bloom::for_bytes(file_bytes);
+    let mut v = Validated {
+        rows_total: 0,
+        rows_rejected: 0,
+        errors: Vec::new(),
+        errors_total: 0,
+        maybe_repeated: HashSet::new(),
+        used_meters: HashSet::new(),
+    };
+    let mut rec = csv::StringRecord::new();
+    loop {
+        let row = rdr.position().line();
+        match rdr.read_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                let msg = match e.kind() {
+                    csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8 (save the file as UTF-8)".to_owned(),
+                    _ => format!("cannot read the row: {e}"),
+                };
+                let line = e.position().map_or(row, |p| p.line());
+                return Err(fatal(format!("row {line}: {msg}"), json!({"errors": [error(line, "", "", msg)], "errors_total": 1})));
+            }
+        }
+        if rec.iter().all(str::is_empty) {
+            continue; // blank line
+        }
+        let line = rec.position().map_or(row, |p| p.line());
+        v.rows_total += 1;
+        match parse_row(&rec, line, &cols, meters, tz, workspace) {
+            Ok(row) => {
+                if row.given_id.is_none() && bloom.insert(&row.content) {
+                    v.maybe_repeated.insert(row.content);
+                }
+                v.used_meters.insert(row.meter);
+                row.write(&mut spool).map_err(|e| JobError::Failed(format!("writing the import spool: {e}")))?;
+            }
+            Err(errs) => {
+                v.rows_rejected += 1;
+                v.errors_total += errs.len() as u64;
+                for e in errs {
+                    if v.errors.len() < MAX_ERRORS {
+                        v.errors.push(e);
+                    }
+                }
+            }
+        }
+        if v.rows_total % 16_384 == 0 && cancel.load(Ordering::Acquire) {
+            return Err(JobError::Cancelled);
+        }
+    }
+    spool.flush().map_err(|e| JobError::Failed(format!("writing the import spool: {e}")))?;
+    Ok(v)
+}
+
+/// Removes a file when dropped (the spool, whatever way the job ends).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Submits a batch, waiting while ingest is over capacity.
-async fn submit(ingestor: &Ingestor, events: Vec<Event>) -> Result<(u64, u64), JobError> {
+async fn submit(ingestor: &Ingestor, batch: EventBatch) -> Result<(u64, u64), JobError> {
     let mut delay = std::time::Duration::from_millis(20);
     loop {
-        match ingestor.submit(events.clone()).await {
+        match ingestor.submit_batch(batch.clone()).await {
             Ok(o) => return Ok((o.accepted as u64, o.duplicates as u64)),
             Err(sluice_ingest::IngestError::Overloaded) => {
                 tokio::time::sleep(delay).await;
@@ -404,7 +578,7 @@ pub const KEEP_FAILED_UPLOADS: std::time::Duration = std::time::Duration::from_s
 /// Removes uploads in `dir` older than `max_age` (those of failed imports
 /// that nobody retried, or of uploads interrupted before their job was
 /// queued). Returns how many were removed.
-pub fn sweep_uploads(dir: &std::path::Path, max_age: std::time::Duration) -> usize {
+pub fn sweep_uploads(dir: &Path, max_age: std::time::Duration) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut n = 0;
     for e in entries.flatten() {

@@ -131,6 +131,105 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
     Ok(Some(d))
 }
 
+/// The usage a batch record contributes to one meter, summed per bucket,
+/// without expanding the batch into events. `None` when the meter's filter
+/// or group-by reads the batch's varying value (then the caller meters the
+/// expanded events one by one); `Err` if a row's value is not a number
+/// (then the caller does the same, so that only that event fails).
+pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<UsageDelta>, String>> {
+    let h = &b.header;
+    if h.workspace.as_str() != m.workspace || h.event_type.as_str() != m.event_type {
+        return Some(Ok(Vec::new()));
+    }
+    let overlaps = |p: &str| {
+        h.value_path.as_deref().is_some_and(|v| {
+            p == v || v.strip_prefix(p).is_some_and(|r| r.starts_with('.')) || p.strip_prefix(v).is_some_and(|r| r.starts_with('.'))
+        })
+    };
+    if m.filter.keys().any(|k| overlaps(k)) || m.group_by.iter().any(|g| overlaps(g)) {
+        return None;
+    }
+    // Filter and group are the same for every row: read them off the template.
+    let template = Value::Object(h.properties.clone());
+    if m.filter.iter().any(|(k, want)| at(&template, k) != Some(want)) {
+        return Some(Ok(Vec::new()));
+    }
+    let group_key = if m.group_by.is_empty() {
+        String::new()
+    } else {
+        let g: Map<String, Value> = m.group_by.iter().map(|p| (p.clone(), at(&template, p).cloned().unwrap_or(Value::Null))).collect();
+        Value::Object(g).to_string()
+    };
+    let valued = m.aggregation != "count";
+    if valued && m.value_property != h.value_path {
+        // The value is not the row's: only the template can hold it, which
+        // the per-event path handles.
+        return None;
+    }
+    let unique = m.aggregation == "unique_count";
+    let path = m.value_property.as_deref().unwrap_or_default();
+    let mut merged: std::collections::HashMap<(Option<&str>, Option<&str>, i64), UsageDelta> = std::collections::HashMap::new();
+    let mut uniques = Vec::new();
+    for r in &b.rows {
+        let mut d = UsageDelta {
+            workspace: String::new(),
+            meter: String::new(),
+            customer_id: String::new(),
+            subscription_id: String::new(),
+            group_key: String::new(),
+            bucket_start: bucket_of(r.timestamp),
+            count: 1,
+            sum: Decimal::ZERO,
+            min: None,
+            max: None,
+            latest_at: None,
+            latest_value: None,
+            unique: None,
+        };
+        if valued {
+            let Some(raw) = r.value.as_deref() else {
+                return Some(Err(format!("meter {:?}: properties.{path} is missing", m.key)));
+            };
+            if unique {
+                d.unique = Some(raw.to_owned());
+            } else {
+                let Ok(v) = raw.trim().parse::<Decimal>() else {
+                    return Some(Err(format!("meter {:?}: properties.{path} = {raw:?} is not a number", m.key)));
+                };
+                d.sum = v;
+                d.min = Some(v);
+                d.max = Some(v);
+                d.latest_at = Some(r.timestamp.timestamp_micros());
+                d.latest_value = Some(v);
+            }
+        }
+        let key = (r.customer_id.as_deref(), r.subscription_id.as_deref(), d.bucket_start);
+        if unique {
+            uniques.push((key, d));
+            continue;
+        }
+        match merged.get_mut(&key) {
+            Some(m) => m.merge(&d),
+            None => {
+                merged.insert(key, d);
+            }
+        }
+    }
+    let out = merged
+        .into_iter()
+        .chain(uniques)
+        .map(|((c, s, _), d)| UsageDelta {
+            workspace: m.workspace.clone(),
+            meter: m.key.clone(),
+            customer_id: c.unwrap_or_default().to_owned(),
+            subscription_id: s.unwrap_or_default().to_owned(),
+            group_key: group_key.clone(),
+            ..d
+        })
+        .collect();
+    Some(Ok(out))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -90,8 +90,8 @@ pub struct ConsumerCommit {
     pub consumer: String,
     /// New checkpoint: (partition, next offset).
     pub checkpoint: Option<(u32, u64)>,
-    /// Events counted (event_counts consumer).
-    pub counts: Vec<CountKey>,
+    /// Events counted (event_counts consumer): key and how many.
+    pub counts: Vec<(CountKey, i64)>,
     /// Dead letters created.
     pub dead_letters: Vec<NewDeadLetter>,
     /// Dead letters whose replay succeeded.
@@ -206,8 +206,8 @@ impl Store {
     pub async fn commit_consumer(&self, c: &ConsumerCommit) -> Result<()> {
         let now = to_micros(Utc::now());
         let mut counts: HashMap<&CountKey, i64> = HashMap::new();
-        for k in &c.counts {
-            *counts.entry(k).or_default() += 1;
+        for (k, n) in &c.counts {
+            *counts.entry(k).or_default() += n;
         }
         let keys: Vec<(&CountKey, i64)> = counts.into_iter().collect();
         // The statements after the counts are the same on both backends.

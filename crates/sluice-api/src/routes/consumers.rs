@@ -271,7 +271,9 @@ pub async fn dlq_get(State(st): State<AppState>, who: Principal, Path(id): Path<
         .await
         .ok()
         .and_then(|r| r.into_iter().find(|r| r.offset == d.offset))
-        .and_then(|r| serde_json::from_slice::<Value>(&r.payload).ok());
+        .and_then(|r| sluice_core::Payload::decode(&r.payload).ok())
+        .and_then(|p| p.find(&d.event_id))
+        .and_then(|e| serde_json::to_value(e).ok());
     let mut view = DeadLetterView::from(d);
     view.event = event;
     Ok(Json(view))

@@ -181,6 +181,7 @@ impl EventBatch {
     /// Every event of the batch, in row order.
     pub fn events(&self) -> impl Iterator<Item = Event> + '_ {
         let context = raw(&Value::Object(self.header.context.clone()));
+        let template = Template::new(self);
         self.rows.iter().map(move |r| Event {
             workspace: self.header.workspace.clone(),
             id: r.id.clone(),
@@ -190,7 +191,7 @@ impl EventBatch {
             customer_id: r.customer_id.clone(),
             subscription_id: r.subscription_id.clone(),
             user_id: None,
-            properties: raw(&self.properties_of(r)),
+            properties: template.properties(self, r),
             context: context.clone(),
         })
     }
@@ -317,6 +318,54 @@ impl EventBatch {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The properties JSON of a batch's rows as text around the value: the
+/// template serialized once with a marker at `value_path`, split at the
+/// marker. Expanding a row is then two copies and the value, instead of
+/// building and serializing a JSON object per row.
+struct Template {
+    /// Text before and after the value, when the split worked.
+    around: Option<(String, String)>,
+    /// The properties of a row without a value.
+    without: Box<RawValue>,
+}
+
+impl Template {
+    const MARKER: &'static str = "\u{1}sluice-batch-value\u{1}";
+
+    fn new(b: &EventBatch) -> Template {
+        let without = raw(&Value::Object(b.header.properties.clone()));
+        let marked = BatchRow {
+            id: EventId::parse("marker").unwrap_or_else(|_| EventId::generate()),
+            timestamp: DateTime::<Utc>::UNIX_EPOCH,
+            customer_id: None,
+            subscription_id: None,
+            value: Some(Self::MARKER.to_owned()),
+        };
+        let text = b.properties_of(&marked).to_string();
+        let token = serde_json::to_string(Self::MARKER).unwrap_or_default();
+        let around = match text.match_indices(&token).count() {
+            1 => text.split_once(&token).map(|(a, z)| (a.to_owned(), z.to_owned())),
+            _ => None,
+        };
+        Template { around: b.header.value_path.as_ref().and(around), without }
+    }
+
+    fn properties(&self, b: &EventBatch, r: &BatchRow) -> Box<RawValue> {
+        match (&self.around, &r.value) {
+            (_, None) => self.without.clone(),
+            (Some((a, z)), Some(v)) => {
+                let value = serde_json::to_string(v).unwrap_or_default();
+                let mut text = String::with_capacity(a.len() + value.len() + z.len());
+                text.push_str(a);
+                text.push_str(&value);
+                text.push_str(z);
+                RawValue::from_string(text).unwrap_or_else(|_| raw(&b.properties_of(r)))
+            }
+            (None, Some(_)) => raw(&b.properties_of(r)),
+        }
+    }
+}
 
 fn raw(v: &Value) -> Box<RawValue> {
     RawValue::from_string(v.to_string()).unwrap_or_else(|_| Event::empty_object())

@@ -5,29 +5,32 @@
 //! waiting (up to [`IngestorConfig::max_group_events`]) as one *group*, in
 //! two pipelined stages:
 //!
-//! 1. **Writer**: look the group's ids up in the event id index (one query
-//!    per workspace) and in the set of ids appended but not yet indexed; drop
-//!    ids already accepted or repeated inside the group; append the new events
-//!    to the log in one call, which returns after one fsync round (group
-//!    commit: every request of the group shares it).
-//! 2. **Indexer**: record the new ids, their log positions, derived record
-//!    effects and the log's new end in the state store, in one transaction;
-//!    then answer every request of the group.
+//! 1. **Writer**: look the group's ids up in the id index (`sluice_log::index`:
+//!    in-memory filters, no I/O for new ids) and in the set of ids appended
+//!    but not yet indexed; drop ids already accepted or repeated inside the
+//!    group; append the new events to the log in one call, which returns
+//!    after one fsync round (group commit: every request of the group shares
+//!    it).
+//! 2. **Indexer**: add the new ids and their log positions to the id index
+//!    (memory: the index is made durable by its own flushes, and rebuilt from
+//!    the log after a crash); apply derived record effects (users, customers)
+//!    with the log's new end in the state store; then answer every request of
+//!    the group.
 //!
-//! While the indexer commits group N, the writer already appends group N+1,
-//! so the log fsync and the index transaction overlap. A request is answered
-//! only after both stages: a `200` means durable in the log *and* indexed.
+//! While the indexer works on group N, the writer already appends group N+1.
+//! A request is answered only after both stages: a `200` means durable in
+//! the log *and* indexed.
 //!
 //! There is one writer, so no id can be appended twice: an id is either in
-//! the index, or in the in-flight set from before its append until its
-//! commit. If the process dies between append and commit, the log holds
+//! the index, or in the in-flight set from before its append until it is
+//! indexed. If the process dies before the index was flushed, the log holds
 //! events the index does not know; [`Ingestor::start`] indexes them from the
 //! log before the server takes requests (the log is the source of truth), so
 //! a client that retries an unacknowledged request gets "duplicate", never a
-//! second copy. If a commit fails while running, that group and every later
-//! one already appended are answered 503 without moving the progress, and
-//! the writer rebuilds the index from the log before it accepts the next
-//! group.
+//! second copy. The same goes for record effects, whose progress is kept in
+//! the state store. If a state-store commit fails while running, that group
+//! and every later one already appended are answered 503, and the writer
+//! re-applies the effects from the log before it accepts the next group.
 //!
 //! Memory is bounded: the queue holds at most `max_inflight_bytes` of encoded
 //! events; when it is full, [`Ingestor::submit`] fails at once with
@@ -40,7 +43,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sluice_core::{has_record_effects, partition_for, record_effects, AppendRecord, Event, EventBatch, EventLog, Payload};
-use sluice_store::{IndexRow, Store};
+use sluice_log::index::{IdIndex, IndexEntry};
+use sluice_store::Store;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Settings of the writer.
@@ -53,7 +57,8 @@ pub struct IngestorConfig {
     pub max_group_events: usize,
     /// How long an accepted id is remembered for dedup. Default 35 days.
     pub dedup_window: Duration,
-    /// How often expired ids are forgotten. Default 10 minutes.
+    /// How often the id index is flushed to disk and expired ids are
+    /// forgotten. Default 10 minutes.
     pub dedup_sweep_interval: Duration,
 }
 
@@ -132,18 +137,25 @@ impl Items {
     }
 }
 
-/// The in-process key of (workspace, id): 128 bits of two SipHash runs,
-/// so a set of millions of in-flight ids holds no strings.
-fn id_key(workspace: &str, id: &str) -> u128 {
-    use std::hash::{Hash, Hasher};
-    let half = |salt: u8| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        salt.hash(&mut h);
-        workspace.hash(&mut h);
-        id.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
+/// The id index key of (workspace, id): the first 16 bytes of
+/// SHA-256(workspace, 0x00, id), little endian. Stored on disk, so this
+/// function is part of the index format. Two different ids share a key with
+/// a probability of about n²/2¹²⁹ (10⁻¹⁹ for ten billion ids).
+pub fn id_key(workspace: &str, id: &str) -> u128 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(workspace.as_bytes());
+    h.update([0u8]);
+    h.update(id.as_bytes());
+    let d = h.finalize();
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(k)
+}
+
+/// The index hour of a receive time (hours since the Unix epoch).
+fn hour_of(received_at_us: i64) -> u32 {
+    u32::try_from(received_at_us.div_euclid(3_600_000_000)).unwrap_or(0)
 }
 
 /// Handle to the ingest writer. Cheap to clone.
@@ -153,6 +165,7 @@ pub struct Ingestor {
     schemas: crate::schemas::Schemas,
     budget: Arc<Semaphore>,
     max_inflight_bytes: usize,
+    index: Arc<IdIndex>,
 }
 
 impl Ingestor {
@@ -163,14 +176,16 @@ impl Ingestor {
     pub async fn start(
         log: Arc<dyn EventLog>,
         store: Store,
+        index: Arc<IdIndex>,
         config: IngestorConfig,
         schemas: crate::schemas::Schemas,
     ) -> Result<(Ingestor, tokio::task::JoinHandle<()>), IngestError> {
-        let rebuilt = rebuild_index(&*log, &store)
+        let started = Instant::now();
+        let rebuilt = recover(&*log, &store, &index)
             .await
             .map_err(|e| IngestError::Unavailable(format!("rebuilding the event index failed: {e}")))?;
         if rebuilt > 0 {
-            tracing::warn!(events = rebuilt, "indexed events found in the log but not in the state store (recovered after an unclean stop)");
+            tracing::info!(events = rebuilt, ms = started.elapsed().as_millis() as u64, "indexed the events of the log after the index's last flush");
         }
         let (tx, rx) = mpsc::channel(4096);
         let shared = Arc::new(Shared {
@@ -179,11 +194,16 @@ impl Ingestor {
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
         });
-        let writer = Writer { log, store: store.clone(), config: config.clone(), shared };
+        let writer = Writer { log, store: store.clone(), index: index.clone(), config: config.clone(), shared };
         let handle = tokio::spawn(writer.run(rx));
-        tokio::spawn(sweep_dedup_window(store, config.dedup_window, config.dedup_sweep_interval));
+        tokio::spawn(maintain_index(index.clone(), config.dedup_window, config.dedup_sweep_interval));
         let budget = Arc::new(Semaphore::new(config.max_inflight_bytes));
-        Ok((Ingestor { tx, schemas, budget, max_inflight_bytes: config.max_inflight_bytes }, handle))
+        Ok((Ingestor { tx, schemas, budget, max_inflight_bytes: config.max_inflight_bytes, index }, handle))
+    }
+
+    /// The id index (lookups by id).
+    pub fn index(&self) -> &Arc<IdIndex> {
+        &self.index
     }
 
     /// Stores `events` durably (deduplicated) and returns what happened. A
@@ -248,13 +268,15 @@ impl Ingestor {
 struct Writer {
     log: Arc<dyn EventLog>,
     store: Store,
+    index: Arc<IdIndex>,
     config: IngestorConfig,
     shared: Arc<Shared>,
 }
 
 /// State both stages see.
 struct Shared {
-    /// Set by the indexer when a commit failed: the index lags the log.
+    /// Set by the indexer when a state-store commit failed: the record
+    /// effects lag the log.
     needs_rebuild: AtomicBool,
     /// Keys ([`id_key`]) of events appended to the log whose index rows are
     /// not committed yet.
@@ -267,7 +289,7 @@ struct Shared {
 
 /// One appended group on its way to the index.
 struct IndexJob {
-    rows: Vec<IndexRow>,
+    rows: Vec<IndexEntry>,
     effects: Vec<sluice_core::RecordEffect>,
     progress: Vec<(u32, u64)>,
     replies: Vec<(oneshot::Sender<Result<Outcome, IngestError>>, Outcome)>,
@@ -304,7 +326,17 @@ impl Writer {
         // Up to INDEX_QUEUE groups wait while one transaction commits; the
         // indexer then commits all of them in one transaction.
         let (index_tx, index_rx) = mpsc::channel(INDEX_QUEUE);
-        let indexer = tokio::spawn(Indexer { store: self.store.clone(), shared: self.shared.clone() }.run(index_rx));
+        let indexer = tokio::spawn(
+            Indexer {
+                store: self.store.clone(),
+                index: self.index.clone(),
+                shared: self.shared.clone(),
+                flushing: Arc::new(AtomicBool::new(false)),
+                effects_saved: Instant::now(),
+                progress: HashMap::new(),
+            }
+            .run(index_rx),
+        );
         while let Some(first) = rx.recv().await {
             let mut n = first.items.len();
             let mut group = vec![first];
@@ -321,6 +353,13 @@ impl Writer {
         }
         drop(index_tx);
         let _ = indexer.await;
+        // Flush the id index so that the next start does not re-read the log.
+        let index = self.index.clone();
+        match tokio::task::spawn_blocking(move || index.flush()).await {
+            Ok(Ok(n)) => tracing::info!(entries = n, "id index flushed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing the id index failed; the next start re-reads the log"),
+            Err(e) => tracing::warn!(error = %e, "flushing the id index failed; the next start re-reads the log"),
+        }
         tracing::info!("ingest writer stopped: queue drained");
     }
 
@@ -341,7 +380,7 @@ impl Writer {
             // Let the indexer fail what it still holds, then index everything
             // the log has beyond the stored progress.
             self.wait_indexer_idle().await;
-            match rebuild_index(&*self.log, &self.store).await {
+            match recover(&*self.log, &self.store, &self.index).await {
                 Ok(_) => {
                     lock(&self.shared.inflight).clear();
                     self.shared.needs_rebuild.store(false, Ordering::Release);
@@ -356,8 +395,15 @@ impl Writer {
         let dup_mask = match self.find_duplicates(&group).await {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!(error = %e, "dedup lookup failed");
-                return fail_all(group, "state store unavailable");
+                // A damaged index file: start the index over and rebuild it
+                // from the log before the next group.
+                tracing::error!(error = %e, "id index lookup failed; rebuilding the index from the log");
+                self.wait_indexer_idle().await;
+                if let Err(e) = self.index.clear() {
+                    tracing::error!(error = %e, "clearing the id index failed");
+                }
+                self.shared.needs_rebuild.store(true, Ordering::Release);
+                return fail_all(group, "event index unavailable");
             }
         };
         metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "dedup").record(t_dedup.elapsed().as_secs_f64());
@@ -387,14 +433,9 @@ impl Writer {
                         effects.extend(record_effects(e));
                         let partition = partition_for(e.workspace.as_str(), e.customer_id.as_deref(), e.id.as_str(), partitions);
                         let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
-                        rows.push(IndexRow {
-                            workspace: e.workspace.as_str().to_owned(),
-                            event_id: e.id.as_str().to_owned(),
-                            partition,
-                            offset: *off,
-                            received_at_us: e.received_at.timestamp_micros(),
-                        });
-                        keys.push(id_key(e.workspace.as_str(), e.id.as_str()));
+                        let key = id_key(e.workspace.as_str(), e.id.as_str());
+                        rows.push(IndexEntry { key, partition, offset: *off, hour: hour_of(e.received_at.timestamp_micros()) });
+                        keys.push(key);
                         *off += 1;
                         bytes += enc.len();
                         records.push(AppendRecord { partition, timestamp_ms: now_ms, payload: enc });
@@ -404,7 +445,7 @@ impl Writer {
                     // The new rows, per partition in row order, then one
                     // record per partition and MAX_BATCH_ROWS rows.
                     let ws = batch.header.workspace.as_str().to_owned();
-                    let received_at_us = batch.header.received_at.timestamp_micros();
+                    let hour = hour_of(batch.header.received_at.timestamp_micros());
                     let mut by_partition: std::collections::BTreeMap<u32, Vec<sluice_core::BatchRow>> = Default::default();
                     for r in std::mem::take(&mut batch.rows) {
                         if *mask.next().unwrap_or(&true) {
@@ -421,14 +462,9 @@ impl Writer {
                             let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
                             let part = EventBatch { header: batch.header.clone(), rows: chunk.to_vec() };
                             for r in chunk {
-                                rows.push(IndexRow {
-                                    workspace: ws.clone(),
-                                    event_id: r.id.as_str().to_owned(),
-                                    partition,
-                                    offset: *off,
-                                    received_at_us,
-                                });
-                                keys.push(id_key(&ws, r.id.as_str()));
+                                let key = id_key(&ws, r.id.as_str());
+                                rows.push(IndexEntry { key, partition, offset: *off, hour });
+                                keys.push(key);
                             }
                             if with_effects {
                                 for e in part.events() {
@@ -507,52 +543,54 @@ impl Writer {
     }
 
     /// One flag per event of the group, in order: true if it is a duplicate.
-    async fn find_duplicates(&self, group: &[Pending]) -> Result<Vec<bool>, sluice_store::StoreError> {
-        let mut by_ws: HashMap<&str, Vec<&str>> = HashMap::new();
-        for p in group {
-            for (ws, id) in p.items.ids() {
-                by_ws.entry(ws).or_default().push(id);
-            }
+    async fn find_duplicates(&self, group: &[Pending]) -> Result<Vec<bool>, String> {
+        let keys: Vec<u128> = group.iter().flat_map(|p| p.items.ids().map(|(ws, id)| id_key(ws, id))).collect::<Vec<_>>();
+        // The lookups probe in-memory filters (and read a block for the rare
+        // key that may be there): off the async threads for large groups.
+        let (index, keys) = (self.index.clone(), Arc::new(keys));
+        let found = if keys.len() > 4096 {
+            let k = keys.clone();
+            tokio::task::spawn_blocking(move || index.contains(&k)).await.map_err(|e| e.to_string())?
+        } else {
+            index.contains(&keys)
         }
-        let mut existing: HashMap<&str, HashSet<String>> = HashMap::new();
-        for (ws, ids) in &by_ws {
-            existing.insert(ws, self.store.existing_event_ids(ws, ids).await?);
-        }
+        .map_err(|e| e.to_string())?;
         let inflight = lock(&self.shared.inflight);
-        let mut seen: HashSet<u128> = HashSet::new();
-        let mut mask = Vec::new();
-        for p in group {
-            for (ws, id) in p.items.ids() {
-                let key = id_key(ws, id);
-                let dup = existing.get(ws).is_some_and(|s| s.contains(id))
-                    || (!inflight.is_empty() && inflight.contains(&key))
-                    || !seen.insert(key);
-                mask.push(dup);
-            }
-        }
-        Ok(mask)
+        let mut seen: HashSet<u128> = HashSet::with_capacity(keys.len());
+        Ok(keys
+            .iter()
+            .zip(found)
+            .map(|(key, indexed)| indexed || (!inflight.is_empty() && inflight.contains(key)) || !seen.insert(*key))
+            .collect())
     }
 }
 
-/// The second stage: commits index rows (and record effects) with the log
-/// progress, then acknowledges the group's requests.
+/// The second stage: adds the ids to the index and commits record effects
+/// with the log progress, then acknowledges the group's requests.
 struct Indexer {
     store: Store,
+    index: Arc<IdIndex>,
     shared: Arc<Shared>,
+    /// A flush of the id index is running.
+    flushing: Arc<AtomicBool>,
+    /// When the log progress was last saved in the state store.
+    effects_saved: Instant,
+    /// The log progress indexed so far (saved with the effects).
+    progress: HashMap<u32, u64>,
 }
 
 /// Groups that may wait for the indexer.
 const INDEX_QUEUE: usize = 8;
-/// Most index rows committed in one transaction.
-const MAX_INDEX_ROWS: usize = 200_000;
+/// Most index rows handled in one round.
+const MAX_INDEX_ROWS: usize = 2_000_000;
+/// Without record effects, the state store's log progress is saved at most
+/// this often (on start, effects are re-applied from there).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 impl Indexer {
-    async fn run(self, mut rx: mpsc::Receiver<IndexJob>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<IndexJob>) {
         while let Some(first) = rx.recv().await {
-            // Whatever queued up while the previous transaction committed goes
-            // into this one: under load, commits get larger instead of more
-            // frequent (fewer fsyncs, and each index page is written once for
-            // many new ids).
+            // Whatever queued up meanwhile goes into this round.
             let mut rows = first.rows.len();
             let mut jobs = vec![first];
             while rows < MAX_INDEX_ROWS {
@@ -569,45 +607,105 @@ impl Indexer {
             self.shared.pending.fetch_sub(n, Ordering::AcqRel);
             self.shared.idle.notify_waiters();
         }
+        // Save the final progress, so the next start re-applies nothing.
+        let progress: Vec<(u32, u64)> = self.progress.iter().map(|(&p, &o)| (p, o)).collect();
+        if let Err(e) = self.store.apply_log_effects(&[], &progress).await {
+            tracing::warn!(error = %e, "saving the log progress failed; the next start re-applies record effects from the log");
+        }
     }
 
-    async fn index(&self, job: IndexJob) {
+    async fn index(&mut self, job: IndexJob) {
         let fail = |job: IndexJob, why: &str| {
             for (reply, _) in job.replies {
                 let _ = reply.send(Err(IngestError::Unavailable(why.to_owned())));
             }
         };
         if job.rows.is_empty() {
-            // Only duplicates: nothing to commit.
+            // Only duplicates: nothing to record.
             for (reply, out) in job.replies {
                 let _ = reply.send(Ok(out));
             }
             return;
         }
         // After a failed commit, later groups must not move the progress past
-        // the failed one: they fail too, and the writer rebuilds from the log.
+        // the failed one: they fail too, and the writer re-applies from the log.
         if self.shared.needs_rebuild.load(Ordering::Acquire) {
             return fail(job, "state store unavailable");
         }
         let t_index = Instant::now();
-        let indexed = self.store.index_events(&job.rows, &job.effects, &job.progress).await;
-        metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "index").record(t_index.elapsed().as_secs_f64());
-        if let Err(e) = indexed {
-            tracing::error!(error = %e, "indexing appended events failed; will rebuild from the log");
-            self.shared.needs_rebuild.store(true, Ordering::Release);
-            return fail(job, "state store unavailable");
+        // The ids first (memory; durable through the log until flushed).
+        let index = self.index.clone();
+        let (rows, progress) = (job.rows, job.progress);
+        let (rows, progress) = if rows.len() > 4096 {
+            let p = progress.clone();
+            match tokio::task::spawn_blocking(move || {
+                index.insert(&rows, &p);
+                rows
+            })
+            .await
+            {
+                Ok(rows) => (rows, progress),
+                Err(e) => {
+                    tracing::error!(error = %e, "indexing appended events failed");
+                    self.shared.needs_rebuild.store(true, Ordering::Release);
+                    for (reply, _) in job.replies {
+                        let _ = reply.send(Err(IngestError::Unavailable("index unavailable".into())));
+                    }
+                    return;
+                }
+            }
+        } else {
+            index.insert(&rows, &progress);
+            (rows, progress)
+        };
+        let events = rows.len();
+        drop(rows);
+        for &(p, next) in &progress {
+            let e = self.progress.entry(p).or_insert(next);
+            *e = (*e).max(next);
         }
+        let progress: Vec<(u32, u64)> = self.progress.iter().map(|(&p, &o)| (p, o)).collect();
+        // Then the record effects with the log progress, when there are
+        // effects (they must be visible when the request is answered) or the
+        // saved progress is old.
+        if !job.effects.is_empty() || self.effects_saved.elapsed() >= PROGRESS_EVERY {
+            if let Err(e) = self.store.apply_log_effects(&job.effects, &progress).await {
+                tracing::error!(error = %e, "applying record effects failed; will re-apply from the log");
+                self.shared.needs_rebuild.store(true, Ordering::Release);
+                {
+                    let mut inflight = lock(&self.shared.inflight);
+                    for k in &job.keys {
+                        inflight.remove(k);
+                    }
+                }
+                return fail(IndexJob { rows: Vec::new(), progress, ..job }, "state store unavailable");
+            }
+            self.effects_saved = Instant::now();
+        }
+        metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "index").record(t_index.elapsed().as_secs_f64());
         {
             let mut inflight = lock(&self.shared.inflight);
             for k in &job.keys {
                 inflight.remove(k);
             }
         }
-        metrics::counter!("sluice_ingest_events_total", "result" => "accepted").increment(job.events as u64);
+        metrics::counter!("sluice_ingest_events_total", "result" => "accepted").increment(events as u64);
         metrics::counter!("sluice_ingest_bytes_total").increment(job.bytes as u64);
         metrics::histogram!("sluice_ingest_group_seconds").record(job.started.elapsed().as_secs_f64());
         for (reply, out) in job.replies {
             let _ = reply.send(Ok(out));
+        }
+        // A full memtable is written out in the background.
+        if self.index.needs_flush() && !self.flushing.swap(true, Ordering::AcqRel) {
+            let (index, flushing) = (self.index.clone(), self.flushing.clone());
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                match index.flush() {
+                    Ok(n) => tracing::debug!(entries = n, ms = t.elapsed().as_millis() as u64, "id index flushed"),
+                    Err(e) => tracing::error!(error = %e, "flushing the id index failed; retried at the next flush"),
+                }
+                flushing.store(false, Ordering::Release);
+            });
         }
     }
 }
@@ -624,84 +722,97 @@ fn fail_all(group: Vec<Pending>, why: &str) {
     }
 }
 
-/// Indexes every log record at or after the stored progress of its
-/// partition. Returns how many records were (re)indexed.
-async fn rebuild_index(log: &dyn EventLog, store: &Store) -> Result<u64, String> {
-    let progress: HashMap<u32, u64> = store.log_progress().await.map_err(|e| e.to_string())?.into_iter().collect();
+/// Brings the id index and the record effects up to date with the log:
+/// indexes every record at or after the index's progress, and applies the
+/// record effects of every record at or after the state store's progress.
+/// Returns how many events were indexed.
+async fn recover(log: &dyn EventLog, store: &Store, index: &Arc<IdIndex>) -> Result<u64, String> {
+    let effects_progress: HashMap<u32, u64> = store.log_progress().await.map_err(|e| e.to_string())?.into_iter().collect();
+    let index_progress = index.progress();
     let mut total = 0;
     for p in 0..log.partitions() {
         let end = log.next_offset(p);
-        let mut from = progress.get(&p).copied().unwrap_or(0);
-        if from > end {
+        let mut index_from = index_progress.get(&p).copied().unwrap_or(0);
+        let mut effects_from = effects_progress.get(&p).copied().unwrap_or(0);
+        if index_from > end {
             // The log lost a tail (corruption repaired on open): the index must
             // not point past the end of the log.
-            let n = store.truncate_event_index(p, end).await.map_err(|e| e.to_string())?;
-            tracing::warn!(partition = p, from, end, forgotten = n, "log is shorter than the event index; forgot index entries past its end");
-            continue;
+            let n = index.truncate(p, end).map_err(|e| e.to_string())?;
+            tracing::warn!(partition = p, from = index_from, end, forgotten = n, "log is shorter than the id index; forgot index entries past its end");
+            index_from = end;
         }
-        from = from.max(log.start_offset(p));
+        if effects_from > end {
+            store.apply_log_effects(&[], &[(p, end)]).await.map_err(|e| e.to_string())?;
+            effects_from = end;
+        }
+        let mut from = index_from.min(effects_from).max(log.start_offset(p));
         while from < end {
             let records = log.read(p, from, 10_000, 16 << 20).await.map_err(|e| e.to_string())?;
             let Some(last) = records.last().map(|r| r.offset) else { break };
-            let mut rows = Vec::with_capacity(records.len());
+            let mut rows = Vec::new();
             let mut effects = Vec::new();
             for r in &records {
+                let (to_index, to_apply) = (r.offset >= index_from, r.offset >= effects_from);
                 match Payload::decode(&r.payload) {
                     Ok(Payload::Event(e)) => {
-                        effects.extend(record_effects(&e));
-                        rows.push(IndexRow {
-                            workspace: e.workspace.as_str().to_owned(),
-                            event_id: e.id.as_str().to_owned(),
-                            partition: p,
-                            offset: r.offset,
-                            received_at_us: e.received_at.timestamp_micros(),
-                        })
+                        if to_apply {
+                            effects.extend(record_effects(&e));
+                        }
+                        if to_index {
+                            let key = id_key(e.workspace.as_str(), e.id.as_str());
+                            rows.push(IndexEntry { key, partition: p, offset: r.offset, hour: hour_of(e.received_at.timestamp_micros()) });
+                        }
                     }
                     Ok(Payload::Batch(b)) => {
-                        if has_record_effects(b.header.event_type.as_str()) {
+                        if to_apply && has_record_effects(b.header.event_type.as_str()) {
                             for e in b.events() {
                                 effects.extend(record_effects(&e));
                             }
                         }
-                        let received_at_us = b.header.received_at.timestamp_micros();
-                        rows.extend(b.rows.iter().map(|row| IndexRow {
-                            workspace: b.header.workspace.as_str().to_owned(),
-                            event_id: row.id.as_str().to_owned(),
-                            partition: p,
-                            offset: r.offset,
-                            received_at_us,
-                        }));
+                        if to_index {
+                            let (ws, hour) = (b.header.workspace.as_str(), hour_of(b.header.received_at.timestamp_micros()));
+                            rows.extend(b.rows.iter().map(|row| IndexEntry { key: id_key(ws, row.id.as_str()), partition: p, offset: r.offset, hour }));
+                        }
                     }
                     Err(err) => tracing::error!(partition = p, offset = r.offset, error = %err, "log record is not an event; not indexed"),
                 }
             }
-            store.index_events(&rows, &effects, &[(p, last + 1)]).await.map_err(|e| e.to_string())?;
             total += rows.len() as u64;
+            index.insert(&rows, &[(p, last + 1)]);
+            if last + 1 > effects_from {
+                store.apply_log_effects(&effects, &[(p, last + 1)]).await.map_err(|e| e.to_string())?;
+            }
             from = last + 1;
         }
+        // Nothing after the progress (or everything removed by retention).
+        index.insert(&[], &[(p, end)]);
     }
     Ok(total)
 }
 
-async fn sweep_dedup_window(store: Store, window: Duration, every: Duration) {
+/// Flushes the id index and forgets ids older than the dedup window, every
+/// `every`.
+async fn maintain_index(index: Arc<IdIndex>, window: Duration, every: Duration) {
     let mut tick = tokio::time::interval(every);
+    tick.tick().await; // the first tick is immediate
     loop {
         tick.tick().await;
         let cutoff = Utc::now() - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::days(35));
-        let mut forgotten = 0;
-        loop {
-            match store.expire_event_index(cutoff.timestamp_micros(), 10_000).await {
-                Ok(0) => break,
-                Ok(n) => forgotten += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dedup window sweep failed");
-                    break;
+        let index = index.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let flushed = index.flush()?;
+            let m = index.maintain(hour_of(cutoff.timestamp_micros()))?;
+            Ok::<_, std::io::Error>((flushed, m))
+        })
+        .await;
+        match result {
+            Ok(Ok((flushed, m))) => {
+                if m.runs_expired > 0 || m.entries_expired > 0 || m.merges > 0 || flushed > 0 {
+                    tracing::info!(flushed, runs_expired = m.runs_expired, merges = m.merges, entries_expired = m.entries_expired, "id index maintenance");
                 }
             }
-            tokio::task::yield_now().await;
-        }
-        if forgotten > 0 {
-            tracing::info!(forgotten, "forgot event ids older than the dedup window");
+            Ok(Err(e)) => tracing::warn!(error = %e, "id index maintenance failed"),
+            Err(e) => tracing::warn!(error = %e, "id index maintenance failed"),
         }
     }
 }

@@ -13,7 +13,7 @@
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use sluice_core::{Event, EventLog, Payload, WorkspaceName};
-use sluice_store::Store;
+use sluice_log::index::IdIndex;
 
 /// Most log records scanned per partition for one page.
 pub const SCAN_BUDGET: usize = 100_000;
@@ -62,9 +62,6 @@ pub enum ReadError {
     /// The log could not be read.
     #[error(transparent)]
     Log(#[from] sluice_core::LogError),
-    /// The state store could not be read.
-    #[error(transparent)]
-    Store(#[from] sluice_store::StoreError),
 }
 
 /// A position in a partition: a record offset, and how many events of that
@@ -190,8 +187,10 @@ pub async fn list_events(
 }
 
 /// One event of `workspace` by id.
-pub async fn get_event(log: &dyn EventLog, store: &Store, workspace: &WorkspaceName, id: &str) -> Result<Option<Event>, ReadError> {
-    let Some((p, o)) = store.event_position(workspace.as_str(), id).await? else { return Ok(None) };
+pub async fn get_event(log: &dyn EventLog, index: &IdIndex, workspace: &WorkspaceName, id: &str) -> Result<Option<Event>, ReadError> {
+    let key = crate::pipeline::id_key(workspace.as_str(), id);
+    let Some(at) = index.get(key).map_err(|e| ReadError::Log(sluice_core::LogError::Io(e)))? else { return Ok(None) };
+    let (p, o) = (at.partition, at.offset);
     if o < log.start_offset(p) {
         return Ok(None); // removed by log retention
     }

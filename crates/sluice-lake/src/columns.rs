@@ -95,6 +95,10 @@ pub struct BatchBuilder {
     times: [TimestampMicrosecondBuilder; 2],
     typed: Vec<Typed>,
     rows: usize,
+    /// The last context enriched: its text, the context written and the
+    /// enrichment columns. Events of a batch (a CSV import) share their
+    /// context, so they are enriched once.
+    last_context: Option<(String, String, Vec<Option<String>>)>,
 }
 
 // Indexes into `strings`, in file order without the two timestamps.
@@ -128,6 +132,7 @@ impl BatchBuilder {
                 })
                 .collect(),
             rows: 0,
+            last_context: None,
         }
     }
 
@@ -160,15 +165,21 @@ impl BatchBuilder {
             for b in &mut s[S_ENRICH..] {
                 b.append_null();
             }
+        } else if let Some((_, out, vals)) = self.last_context.as_ref().filter(|(text, _, _)| text == ctx_text) {
+            s[S_CONTEXT].append_value(out);
+            for (b, v) in s[S_ENRICH..].iter_mut().zip(vals) {
+                b.append_option(v.as_deref());
+            }
         } else {
             let mut ctx: Value = serde_json::from_str(ctx_text).unwrap_or(Value::Null);
             let en = enricher.enrich(&ctx);
-            if contains_ip(&ctx) {
+            let out = if contains_ip(&ctx) {
                 scrub_ip(&mut ctx, en.ip.as_deref());
-                s[S_CONTEXT].append_value(ctx.to_string());
+                ctx.to_string()
             } else {
-                s[S_CONTEXT].append_value(ctx_text);
-            }
+                ctx_text.to_owned()
+            };
+            s[S_CONTEXT].append_value(&out);
             let vals: [Option<&str>; 13] = [
                 en.ua_browser.as_deref(),
                 en.ua_browser_version.as_deref(),
@@ -187,6 +198,7 @@ impl BatchBuilder {
             for (b, v) in s[S_ENRICH..].iter_mut().zip(vals) {
                 b.append_option(v);
             }
+            self.last_context = Some((ctx_text.to_owned(), out, vals.iter().map(|v| v.map(str::to_owned)).collect()));
         }
         if !self.typed.is_empty() {
             let props: serde_json::Map<String, Value> =

@@ -64,6 +64,7 @@
 //! never deleted.
 
 mod format;
+pub mod index;
 mod open;
 mod read;
 mod retention;

@@ -33,7 +33,6 @@ mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
 pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, NewDeadLetter, Webhook};
-pub use events::IndexRow;
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};

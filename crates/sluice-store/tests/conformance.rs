@@ -5,7 +5,7 @@
 
 use sluice_core::Scope;
 use sluice_store::testing::TestDatabase;
-use sluice_store::{IndexRow, NewApiKey, NewAudit, Store, StoreError};
+use sluice_store::{NewApiKey, NewAudit, Store, StoreError};
 
 enum Guard {
     Dir(#[allow(dead_code)] tempfile::TempDir),
@@ -46,8 +46,7 @@ conformance!(
     bootstrap_happens_once,
     workspaces_unique_and_paged,
     keys_lifecycle,
-    event_index_dedups_and_tracks_progress,
-    event_index_truncate_and_expire,
+    log_effects_and_progress,
     migrations_are_idempotent_on_reconnect,
     audit_entries_are_recorded_with_their_action,
     jobs_are_claimed_once_in_order,
@@ -286,40 +285,20 @@ async fn keys_lifecycle(store: Store) {
     assert_eq!(store.list_keys(Some("w1"), None, 10).await.unwrap().data.len(), 1);
 }
 
-fn row(ws: &str, id: &str, p: u32, o: u64, at: i64) -> IndexRow {
-    IndexRow { workspace: ws.into(), event_id: id.into(), partition: p, offset: o, received_at_us: at }
-}
-
-async fn event_index_dedups_and_tracks_progress(store: Store) {
+async fn log_effects_and_progress(store: Store) {
     assert!(store.log_progress().await.unwrap().is_empty());
-    let rows = vec![row("a", "e1", 0, 0, 10), row("a", "e2", 1, 0, 10), row("b", "e1", 0, 1, 10)];
-    store.index_events(&rows, &[], &[(0, 2), (1, 1)]).await.unwrap();
-    let found = store.existing_event_ids("a", &["e1", "e2", "e3"]).await.unwrap();
-    assert_eq!(found.len(), 2);
-    assert!(found.contains("e1") && found.contains("e2"));
-    let found_b = store.existing_event_ids("b", &["e1", "e2"]).await.unwrap();
-    assert_eq!(found_b.into_iter().collect::<Vec<_>>(), ["e1"]);
-    // Re-indexing the same rows (rebuild after a crash) changes nothing.
-    store.index_events(&[row("a", "e1", 5, 99, 10)], &[], &[(0, 3)]).await.unwrap();
-    assert_eq!(store.event_position("a", "e1").await.unwrap(), Some((0, 0)));
-    assert_eq!(store.event_position("b", "e1").await.unwrap(), Some((0, 1)));
-    assert_eq!(store.event_position("b", "e2").await.unwrap(), None);
+    let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    let traits = |v: &str| serde_json::json!({"plan": v}).as_object().unwrap().clone();
+    let upsert = |v: &str, at| sluice_core::RecordEffect::UpsertCustomer { workspace: "a".into(), customer_id: "c1".into(), attributes: traits(v), at };
+    store.apply_log_effects(&[upsert("pro", at)], &[(0, 2), (1, 1)]).await.unwrap();
+    assert_eq!(store.log_progress().await.unwrap(), vec![(0, 2), (1, 1)]);
+    // Applying the same effects again (a rebuild after a crash) changes
+    // nothing; an older effect does not win over a newer one.
+    store.apply_log_effects(&[upsert("pro", at)], &[(0, 3)]).await.unwrap();
+    store.apply_log_effects(&[upsert("free", at - chrono::Duration::days(1))], &[]).await.unwrap();
+    let c = store.get_customer("a", "c1").await.unwrap().unwrap();
+    assert_eq!(c.attributes["plan"], "pro");
     assert_eq!(store.log_progress().await.unwrap(), vec![(0, 3), (1, 1)]);
-    assert_eq!(store.count_indexed_events().await.unwrap(), 3);
-    // Ids with quotes and unicode survive the bulk paths of both backends.
-    let odd = r#"id "with" 'quotes' \ and 日本"#;
-    store.index_events(&[row("a", odd, 2, 0, 10)], &[], &[]).await.unwrap();
-    assert!(store.existing_event_ids("a", &[odd]).await.unwrap().contains(odd));
-}
-
-async fn event_index_truncate_and_expire(store: Store) {
-    let rows: Vec<_> = (0..10).map(|i| row("a", &format!("e{i}"), 0, i, i as i64 * 100)).collect();
-    store.index_events(&rows, &[], &[(0, 10)]).await.unwrap();
-    assert_eq!(store.truncate_event_index(0, 7).await.unwrap(), 3);
-    assert_eq!(store.log_progress().await.unwrap(), vec![(0, 7)]);
-    assert_eq!(store.expire_event_index(250, 1000).await.unwrap(), 3);
-    assert_eq!(store.count_indexed_events().await.unwrap(), 4);
-    assert_eq!(store.expire_event_index(10_000, 2).await.unwrap(), 2);
 }
 
 async fn migrations_are_idempotent_on_reconnect(store: Store) {

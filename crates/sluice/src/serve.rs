@@ -11,6 +11,7 @@ use sluice_api::{ApiLimits, AppState, WebhookSettings};
 use sluice_consumers::{RetryPolicy, Runtime};
 use sluice_core::EventLog;
 use sluice_ingest::{Ingestor, IngestorConfig};
+use sluice_log::index::{IdIndex, IdIndexConfig};
 use sluice_log::{EmbeddedLog, LogConfig};
 use sluice_store::{NewApiKey, Store};
 use tracing_subscriber::EnvFilter;
@@ -81,9 +82,26 @@ async fn run(cfg: Config) -> Result<()> {
     bootstrap(&store).await?;
 
     let schemas = sluice_ingest::Schemas::load(&store).await.context("loading event schemas")?;
+    // The id index lives beside the log it indexes; a damaged one is
+    // started over (it is rebuilt from the log).
+    let index_dir = cfg.log_dir()?.join("id-index");
+    let index = {
+        let dir = index_dir.clone();
+        tokio::task::spawn_blocking(move || match IdIndex::open(&dir, IdIndexConfig::default()) {
+            Ok(i) => Ok(i),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "the id index cannot be read; rebuilding it from the log");
+                IdIndex::reset(&dir)?;
+                IdIndex::open(&dir, IdIndexConfig::default())
+            }
+        })
+        .await?
+        .with_context(|| format!("opening the id index in {}", index_dir.display()))?
+    };
     let (ingestor, writer) = Ingestor::start(
         log.clone(),
         store.clone(),
+        Arc::new(index),
         IngestorConfig {
             max_inflight_bytes: cfg.ingest.max_inflight_bytes,
             dedup_window: cfg.ingest.dedup_window,

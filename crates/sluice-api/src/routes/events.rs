@@ -261,7 +261,7 @@ pub async fn list(
     responses((status = 200, description = "the event"), (status = 404)), security(("bearer" = [])))]
 pub async fn get(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<Event>, ApiError> {
     who.require_read()?;
-    sluice_ingest::get_event(&*st.log, &st.store, &who.workspace, &id)
+    sluice_ingest::get_event(&*st.log, st.ingestor.index(), &who.workspace, &id)
         .await
         .map_err(read_error)?
         .map(Json)
@@ -271,7 +271,6 @@ pub async fn get(State(st): State<AppState>, who: Principal, Path(id): Path<Stri
 fn read_error(e: ReadError) -> ApiError {
     match e {
         ReadError::BadCursor => ApiError::bad_request("cursor: not a cursor issued by this server"),
-        ReadError::Store(s) => s.into(),
         ReadError::Log(l) => ApiError::internal(l),
     }
 }

@@ -184,7 +184,7 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
             at: start,
         })
         .collect();
-    store.index_events(&[], &effects, &[]).await?;
+    store.apply_log_effects(&effects, &[]).await?;
     let customers_csv = dir.join("customers.csv");
     let mut csv = String::from("customer_id,name,plan\n");
     for c in 0..1000 {

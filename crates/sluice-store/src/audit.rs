@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::BeginWrite as _;
 use crate::{clamp_limit, from_micros, on_pool, Page, Result, Store};
 
 /// An action to record.
@@ -73,7 +74,7 @@ impl Store {
     /// Records an action on its own (for actions that are not a single store write).
     pub async fn record_audit(&self, a: &NewAudit) -> Result<()> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             insert_audit!(tx, a);
             tx.commit().await?;
             Ok(())

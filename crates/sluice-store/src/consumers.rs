@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::BeginWrite as _;
 use crate::audit::NewAudit;
 use crate::{clamp_limit, from_micros, on_pool, to_micros, Page, Result, Store, StoreError};
 
@@ -236,7 +237,7 @@ impl Store {
         // SQLite, as arrays on PostgreSQL.
         match self {
             Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_write().await?;
                 if !keys.is_empty() {
                         let json = serde_json::Value::Array(
                             keys.iter()
@@ -255,7 +256,7 @@ impl Store {
                 tx.commit().await?;
             }
             Store::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_write().await?;
                 if !keys.is_empty() {
                         let col = |f: fn(&CountKey) -> &String| keys.iter().map(|(k, _)| f(k).clone()).collect::<Vec<String>>();
                         sqlx::query(
@@ -281,7 +282,7 @@ impl Store {
     pub async fn reset_consumer(&self, consumer: &str, positions: &[(u32, u64)], clear_counts: bool, audit: &NewAudit) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             if clear_counts {
                 sqlx::query("DELETE FROM event_counts").execute(&mut *tx).await?;
             }
@@ -360,7 +361,7 @@ impl Store {
         let now = to_micros(Utc::now());
         let pattern = error_contains.map(|e| format!("%{}%", e.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let n = sqlx::query(
                 "UPDATE dead_letters SET status = 'replaying', updated_at = $1 WHERE workspace = $2 AND status = 'dead' \
                  AND ($3 IS NULL OR id = $3) AND ($4 IS NULL OR consumer = $4) AND ($5 IS NULL OR event_type = $5) \
@@ -381,7 +382,7 @@ impl Store {
     pub async fn discard_dead_letter(&self, workspace: &str, id: &str, audit: &NewAudit) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let n = sqlx::query("UPDATE dead_letters SET status = 'discarded', updated_at = $1 WHERE workspace = $2 AND id = $3 AND status = 'dead'")
                 .bind(now).bind(workspace).bind(id).execute(&mut *tx).await?.rows_affected();
             if n == 0 {
@@ -418,7 +419,7 @@ impl Store {
     pub async fn create_webhook(&self, w: &Webhook, consumer: &str, start: &[(u32, u64)], created_by: &str, audit: &NewAudit) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             for &(p, next) in start {
                 sqlx::query(UPSERT_CHECKPOINT)
                     .bind(consumer).bind(p as i32).bind(next as i64).bind(now)
@@ -457,7 +458,7 @@ impl Store {
     pub async fn delete_webhook(&self, workspace: &str, id: &str, audit: &NewAudit) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let n = sqlx::query("UPDATE webhooks SET deleted_at = $1 WHERE workspace = $2 AND id = $3 AND deleted_at IS NULL")
                 .bind(now).bind(workspace).bind(id).execute(&mut *tx).await?.rows_affected();
             if n == 0 {

@@ -16,6 +16,7 @@
 
 use sluice_core::RecordEffect;
 
+use crate::BeginWrite as _;
 use crate::{on_pool, Result, Store};
 
 impl Store {
@@ -23,11 +24,7 @@ impl Store {
     /// partitions to the given next offsets, in one transaction.
     pub async fn apply_log_effects(&self, effects: &[RecordEffect], progress: &[(u32, u64)]) -> Result<()> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
-            // Write first: on SQLite a transaction that reads first and then
-            // writes fails with "database is locked" when another writer
-            // committed in between; one that writes first waits its turn.
-            sqlx::query("UPDATE log_progress SET next_offset = next_offset WHERE log_partition < 0").execute(&mut *tx).await?;
+            let mut tx = pool.begin_write().await?;
             for &(p, next) in progress {
                 sqlx::query(
                     "INSERT INTO log_progress (log_partition, next_offset) VALUES ($1, $2) \

@@ -6,6 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::BeginWrite as _;
 use crate::{clamp_limit, from_micros, on_pool, to_micros, Page, Result, Store, StoreError};
 
 /// A job to enqueue.
@@ -317,7 +318,7 @@ impl Store {
     pub async fn reclaim_expired_jobs(&self) -> Result<u64> {
         let now = to_micros(Utc::now());
         let n = on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let failed = sqlx::query(
                 "UPDATE jobs SET state = 'failed', error = 'the process running it stopped (lease expired) and no attempts are left', \
                  finished_at = $1, lease_until = NULL, updated_at = $1 WHERE state = 'running' AND lease_until < $1 AND attempts >= max_attempts")

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use sluice_core::Scope;
 
+use crate::BeginWrite as _;
 use crate::{clamp_limit, from_micros, on_pool, parse_scope, to_micros, NewAudit, Page, Result, Store, StoreError};
 
 /// A key as listed (never with its secret).
@@ -103,7 +104,7 @@ impl Store {
         self.get_workspace(&key.workspace).await?;
         let conflict = |e| StoreError::conflict_on_unique(e, "a key with this secret already exists");
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             insert_key_query(key, now).execute(&mut *tx).await.map_err(conflict)?;
             crate::audit::insert_audit!(tx, audit);
             tx.commit().await?;
@@ -157,7 +158,7 @@ impl Store {
     pub async fn revoke_key(&self, id: &str, audit: &NewAudit) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let n = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
                 .bind(now).bind(id).execute(&mut *tx).await?.rows_affected();
             if n == 0 {

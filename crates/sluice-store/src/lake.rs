@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
+use crate::BeginWrite as _;
 use crate::consumers::UPSERT_CHECKPOINT;
 use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
 
@@ -141,7 +142,7 @@ impl Store {
     pub async fn lake_commit(&self, consumer: &str, added: &[LakeFile], checkpoints: &[(u32, u64)]) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             insert_files!(tx, added);
             for (p, next) in checkpoints {
                 sqlx::query(UPSERT_CHECKPOINT).bind(consumer).bind(*p as i32).bind(*next as i64).bind(now).execute(&mut *tx).await?;
@@ -156,7 +157,7 @@ impl Store {
     /// `removed` is no longer in the manifest.
     pub async fn lake_swap(&self, added: &[LakeFile], removed: &[String]) -> Result<()> {
         let ok = on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let mut all = true;
             for p in removed {
                 let n = sqlx::query("DELETE FROM lake_files WHERE path = $1").bind(p).execute(&mut *tx).await?.rows_affected();

@@ -117,6 +117,32 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// Starting a write transaction on either backend (`pool.begin_write()`).
+///
+/// On SQLite it is `BEGIN IMMEDIATE`: the transaction takes the write lock
+/// at once, waiting up to the busy timeout. A plain (deferred) transaction
+/// that reads first and writes later fails at once with "database is
+/// locked" when another connection committed in between (SQLite cannot wait
+/// there: its snapshot is stale), which stalled consumers behind retries.
+pub(crate) trait BeginWrite {
+    type Db: sqlx::Database;
+    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send + '_;
+}
+
+impl BeginWrite for sqlx::SqlitePool {
+    type Db = sqlx::Sqlite;
+    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error>> + Send + '_ {
+        self.begin_with("BEGIN IMMEDIATE")
+    }
+}
+
+impl BeginWrite for sqlx::PgPool {
+    type Db = sqlx::Postgres;
+    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error>> + Send + '_ {
+        self.begin()
+    }
+}
+
 impl Store {
     /// Connects to `sqlite://path` or `postgres://…` and runs pending migrations.
     pub async fn connect(url: &str) -> Result<Store> {

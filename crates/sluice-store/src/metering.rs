@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
+use crate::BeginWrite as _;
 use crate::audit::NewAudit;
 use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
 
@@ -264,7 +265,7 @@ impl Store {
     pub async fn create_meter(&self, m: &Meter, created_by: &str, audit: &NewAudit) -> Result<()> {
         let conflict = |e| StoreError::conflict_on_unique(e, format!("meter {:?} already exists", m.key));
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             sqlx::query(&format!("INSERT INTO {} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 "meters (workspace, meter_key, event_type, aggregation, value_property, group_by, filter, start_offsets, created_at, created_by)"))
                 .bind(&m.workspace).bind(&m.key).bind(&m.event_type).bind(&m.aggregation).bind(&m.value_property)

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::BeginWrite as _;
 use crate::{clamp_limit, from_micros, on_pool, to_micros, NewApiKey, NewAudit, Page, Result, Store, StoreError};
 
 /// A workspace.
@@ -34,7 +35,7 @@ impl Store {
         let now = Utc::now();
         let conflict = |e| StoreError::conflict_on_unique(e, format!("workspace {name:?} already exists"));
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             sqlx::query("INSERT INTO workspaces (name, time_zone, created_at) VALUES ($1, $2, $3)")
                 .bind(name).bind(time_zone).bind(to_micros(now))
                 .execute(&mut *tx).await.map_err(conflict)?;
@@ -68,7 +69,7 @@ impl Store {
     pub async fn bootstrap(&self, root_key: &NewApiKey) -> Result<bool> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM workspaces").fetch_one(&mut *tx).await?;
             if n > 0 {
                 return Ok(false);

@@ -326,6 +326,9 @@ impl Runtime {
         };
         let mut appended = self.log.subscribe();
         let lag_gauge = metrics::gauge!("sluice_consumer_lag", "consumer" => name.clone(), "partition" => p.to_string());
+        // Effects of records processed but not committed yet: when the log
+        // keeps delivering, several reads share one commit (see COMMIT_*).
+        let mut carry = Carry::new(&name);
         loop {
             if *stop.borrow() {
                 return;
@@ -350,6 +353,13 @@ impl Runtime {
                 }
             }
             if records.is_empty() {
+                // Caught up: commit what is carried before waiting.
+                if carry.events > 0 || carry.commit.checkpoint.is_some() {
+                    if !self.commit(&carry.commit, &mut stop).await {
+                        return;
+                    }
+                    carry = Carry::new(&name);
+                }
                 tokio::select! {
                     _ = appended.changed() => {}
                     _ = stop.changed() => {}
@@ -357,9 +367,15 @@ impl Runtime {
                 }
                 continue;
             }
-            match self.process(&c, p, records, &state, &mut stop).await {
+            match self.process(&c, p, records, &state, &mut stop, &mut carry).await {
                 Some(n) => next = n,
                 None => return, // stopped
+            }
+            if carry.events >= COMMIT_EVENTS || carry.since.elapsed() >= COMMIT_INTERVAL {
+                if !self.commit(&carry.commit, &mut stop).await {
+                    return;
+                }
+                carry = Carry::new(&name);
             }
         }
     }
@@ -373,9 +389,10 @@ impl Runtime {
         records: Vec<Record>,
         state: &Arc<Mutex<ConsumerState>>,
         stop: &mut watch::Receiver<bool>,
+        carry: &mut Carry,
     ) -> Option<u64> {
         let name = c.name().to_owned();
-        let mut pending = ConsumerCommit { consumer: name.clone(), ..Default::default() };
+        let mut pending = std::mem::replace(&mut carry.commit, ConsumerCommit { consumer: name.clone(), ..Default::default() });
         let mut next = records.first().map(|r| r.offset)?;
         let mut n_events = 0usize;
         for r in records {
@@ -456,10 +473,10 @@ impl Runtime {
             }
             next = r.offset + 1;
         }
+        // Carried to the caller, which commits it (with more) soon.
         pending.checkpoint = Some((p, next));
-        if !self.commit(&pending, stop).await {
-            return None;
-        }
+        carry.commit = pending;
+        carry.events += n_events;
         metrics::counter!("sluice_consumer_events_total", "consumer" => name).increment(n_events as u64);
         Some(next)
     }
@@ -563,6 +580,26 @@ impl Runtime {
                 lock(&state).status = "running".into();
             }
         }
+    }
+}
+
+/// A carried commit is written once it holds this many events…
+const COMMIT_EVENTS: usize = 200_000;
+/// …or is this old, or the consumer caught up with the log. Under a burst
+/// (a CSV import) this turns hundreds of small commits, each rewriting the
+/// same usage buckets and counts, into a few large ones.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Effects processed but not committed yet.
+struct Carry {
+    commit: ConsumerCommit,
+    events: usize,
+    since: std::time::Instant,
+}
+
+impl Carry {
+    fn new(consumer: &str) -> Carry {
+        Carry { commit: ConsumerCommit { consumer: consumer.to_owned(), ..Default::default() }, events: 0, since: std::time::Instant::now() }
     }
 }
 

@@ -334,6 +334,7 @@ impl Writer {
                 flushing: Arc::new(AtomicBool::new(false)),
                 effects_saved: Instant::now(),
                 progress: HashMap::new(),
+                saving: Arc::new(AtomicBool::new(false)),
             }
             .run(index_rx),
         );
@@ -577,6 +578,8 @@ struct Indexer {
     effects_saved: Instant,
     /// The log progress indexed so far (saved with the effects).
     progress: HashMap<u32, u64>,
+    /// A background save of the progress is running.
+    saving: Arc<AtomicBool>,
 }
 
 /// Groups that may wait for the indexer.
@@ -666,9 +669,21 @@ impl Indexer {
         }
         let progress: Vec<(u32, u64)> = self.progress.iter().map(|(&p, &o)| (p, o)).collect();
         // Then the record effects with the log progress, when there are
-        // effects (they must be visible when the request is answered) or the
-        // saved progress is old.
-        if !job.effects.is_empty() || self.effects_saved.elapsed() >= PROGRESS_EVERY {
+        // effects: they must be visible when the request is answered. Without
+        // effects, only the progress is saved now and then, in the
+        // background (it only bounds how much of the log a restart reads).
+        if job.effects.is_empty() {
+            if self.effects_saved.elapsed() >= PROGRESS_EVERY && !self.saving.swap(true, Ordering::AcqRel) {
+                self.effects_saved = Instant::now();
+                let (store, saving) = (self.store.clone(), self.saving.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.apply_log_effects(&[], &progress).await {
+                        tracing::warn!(error = %e, "saving the log progress failed; retried in a second");
+                    }
+                    saving.store(false, Ordering::Release);
+                });
+            }
+        } else {
             if let Err(e) = self.store.apply_log_effects(&job.effects, &progress).await {
                 tracing::error!(error = %e, "applying record effects failed; will re-apply from the log");
                 self.shared.needs_rebuild.store(true, Ordering::Release);

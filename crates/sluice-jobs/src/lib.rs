@@ -81,11 +81,26 @@ pub struct JobContext {
     attempt: u32,
     cancelled: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
+    /// When progress was last written.
+    last_progress: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// Progress is written at most this often (the last report, `done ==
+/// total`, always): a handler may report after every small step without
+/// turning each into a state-store write.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 impl JobContext {
     /// Records progress: `done` of `total` units (total when known).
     pub async fn progress(&self, done: i64, total: Option<i64>) {
+        {
+            let mut last = self.last_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let final_report = total == Some(done);
+            if !final_report && last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
         if let Err(e) = self.store.job_progress(&self.id, self.attempt, done, total).await {
             tracing::warn!(job = %self.id, error = %e, "could not record progress");
         }
@@ -217,7 +232,14 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
     let cancelled = Arc::new(AtomicBool::new(job.cancel_requested));
     let lost = Arc::new(AtomicBool::new(false));
     let attempt = job.attempts;
-    let ctx = JobContext { store: store.clone(), id: job.id.clone(), attempt, cancelled: cancelled.clone(), lost: lost.clone() };
+    let ctx = JobContext {
+        store: store.clone(),
+        id: job.id.clone(),
+        attempt,
+        cancelled: cancelled.clone(),
+        lost: lost.clone(),
+        last_progress: std::sync::Mutex::new(None),
+    };
     // Heartbeat: renew the lease and pick up cancellation requests. Every
     // write is fenced by the attempt number, so if this process stalled past
     // its lease and the job was reclaimed, this attempt learns it here, stops,

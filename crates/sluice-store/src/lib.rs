@@ -12,6 +12,7 @@
 //! ordering, comparison and round-tripping are identical.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -119,27 +120,75 @@ pub(crate) use on_pool;
 
 /// Starting a write transaction on either backend (`pool.begin_write()`).
 ///
-/// On SQLite it is `BEGIN IMMEDIATE`: the transaction takes the write lock
-/// at once, waiting up to the busy timeout. A plain (deferred) transaction
-/// that reads first and writes later fails at once with "database is
-/// locked" when another connection committed in between (SQLite cannot wait
-/// there: its snapshot is stale), which stalled consumers behind retries.
+/// On SQLite, only one transaction writes at a time. Write transactions
+/// first take an async lock per database file (FIFO, woken at once when the
+/// previous writer commits), then `BEGIN IMMEDIATE`. Without the lock, the
+/// waiting happened in SQLite's busy handler, which sleeps in steps of up to
+/// 100 ms: under a burst (an import with three consumers, the lake writer
+/// and the job runner all writing) most of the time went to those sleeps.
+/// And without `IMMEDIATE`, a transaction that reads first and writes later
+/// fails at once with "database is locked" when another connection
+/// committed in between (SQLite cannot wait there: its snapshot is stale).
 pub(crate) trait BeginWrite {
     type Db: sqlx::Database;
-    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send + '_;
+    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<WriteTx<Self::Db>, sqlx::Error>> + Send + '_;
+}
+
+/// A write transaction (see [`BeginWrite`]); dereferences to the connection
+/// like a `sqlx::Transaction`.
+pub(crate) struct WriteTx<DB: sqlx::Database> {
+    tx: sqlx::Transaction<'static, DB>,
+    _gate: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for WriteTx<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.tx
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for WriteTx<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+}
+
+impl<DB: sqlx::Database> WriteTx<DB> {
+    /// Commits (and lets the next writer in).
+    pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// Rolls back (and lets the next writer in).
+    pub(crate) async fn rollback(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+/// The write lock of every SQLite database file this process opened.
+fn sqlite_gate(pool: &sqlx::SqlitePool) -> Arc<tokio::sync::Mutex<()>> {
+    static GATES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let file = pool.connect_options().get_filename().display().to_string();
+    GATES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(file).or_default().clone()
 }
 
 impl BeginWrite for sqlx::SqlitePool {
     type Db = sqlx::Sqlite;
-    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error>> + Send + '_ {
-        self.begin_with("BEGIN IMMEDIATE")
+    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<WriteTx<sqlx::Sqlite>, sqlx::Error>> + Send + '_ {
+        async move {
+            let gate = sqlite_gate(self).lock_owned().await;
+            let tx = self.begin_with("BEGIN IMMEDIATE").await?;
+            Ok(WriteTx { tx, _gate: Some(gate) })
+        }
     }
 }
 
 impl BeginWrite for sqlx::PgPool {
     type Db = sqlx::Postgres;
-    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error>> + Send + '_ {
-        self.begin()
+    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<WriteTx<sqlx::Postgres>, sqlx::Error>> + Send + '_ {
+        async move { Ok(WriteTx { tx: self.begin().await?, _gate: None }) }
     }
 }
 

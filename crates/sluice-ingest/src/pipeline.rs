@@ -393,7 +393,7 @@ impl Writer {
             }
         }
         let t_dedup = Instant::now();
-        let dup_mask = match self.find_duplicates(&group).await {
+        let (all_keys, dup_mask) = match self.find_duplicates(&group).await {
             Ok(m) => m,
             Err(e) => {
                 // A damaged index file: start the index over and rebuild it
@@ -418,7 +418,7 @@ impl Writer {
         let mut keys = Vec::new();
         let mut outcomes = Vec::with_capacity(group.len());
         let mut next: HashMap<u32, u64> = HashMap::new();
-        let mut mask = dup_mask.iter();
+        let mut mask = dup_mask.iter().zip(all_keys);
         let mut bytes = 0usize;
         for p in group.iter_mut() {
             let mut out = Outcome { accepted: 0, duplicates: 0 };
@@ -426,15 +426,14 @@ impl Writer {
                 Items::Events { events, encoded } => {
                     let encoded = std::mem::take(encoded);
                     for (e, enc) in events.iter().zip(encoded) {
-                        if *mask.next().unwrap_or(&true) {
+                        let Some((false, key)) = mask.next().map(|(d, k)| (*d, k)) else {
                             out.duplicates += 1;
                             continue;
-                        }
+                        };
                         out.accepted += 1;
                         effects.extend(record_effects(e));
                         let partition = partition_for(e.workspace.as_str(), e.customer_id.as_deref(), e.id.as_str(), partitions);
                         let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
-                        let key = id_key(e.workspace.as_str(), e.id.as_str());
                         rows.push(IndexEntry { key, partition, offset: *off, hour: hour_of(e.received_at.timestamp_micros()) });
                         keys.push(key);
                         *off += 1;
@@ -447,25 +446,26 @@ impl Writer {
                     // record per partition and MAX_BATCH_ROWS rows.
                     let ws = batch.header.workspace.as_str().to_owned();
                     let hour = hour_of(batch.header.received_at.timestamp_micros());
-                    let mut by_partition: std::collections::BTreeMap<u32, Vec<sluice_core::BatchRow>> = Default::default();
+                    let mut by_partition: std::collections::BTreeMap<u32, Vec<(u128, sluice_core::BatchRow)>> = Default::default();
                     for r in std::mem::take(&mut batch.rows) {
-                        if *mask.next().unwrap_or(&true) {
+                        let Some((false, key)) = mask.next().map(|(d, k)| (*d, k)) else {
                             out.duplicates += 1;
                             continue;
-                        }
+                        };
                         out.accepted += 1;
                         let partition = partition_for(&ws, r.customer_id.as_deref(), r.id.as_str(), partitions);
-                        by_partition.entry(partition).or_default().push(r);
+                        by_partition.entry(partition).or_default().push((key, r));
                     }
                     let with_effects = has_record_effects(batch.header.event_type.as_str());
                     for (partition, prows) in by_partition {
-                        for chunk in prows.chunks(sluice_core::batch::MAX_BATCH_ROWS) {
+                        let mut prows = prows.into_iter().peekable();
+                        while prows.peek().is_some() {
                             let off = next.entry(partition).or_insert_with(|| self.log.next_offset(partition));
-                            let part = EventBatch { header: batch.header.clone(), rows: chunk.to_vec() };
-                            for r in chunk {
-                                let key = id_key(&ws, r.id.as_str());
+                            let mut part = EventBatch { header: batch.header.clone(), rows: Vec::new() };
+                            for (key, r) in prows.by_ref().take(sluice_core::batch::MAX_BATCH_ROWS) {
                                 rows.push(IndexEntry { key, partition, offset: *off, hour });
                                 keys.push(key);
+                                part.rows.push(r);
                             }
                             if with_effects {
                                 for e in part.events() {
@@ -543,26 +543,29 @@ impl Writer {
         }
     }
 
-    /// One flag per event of the group, in order: true if it is a duplicate.
-    async fn find_duplicates(&self, group: &[Pending]) -> Result<Vec<bool>, String> {
-        let keys: Vec<u128> = group.iter().flat_map(|p| p.items.ids().map(|(ws, id)| id_key(ws, id))).collect::<Vec<_>>();
+    /// The id key of every event of the group, in order (computed once
+    /// here, reused for the index), and a flag per event: true if it is a
+    /// duplicate.
+    async fn find_duplicates(&self, group: &[Pending]) -> Result<(Vec<u128>, Vec<bool>), String> {
+        let keys: Vec<u128> = group.iter().flat_map(|p| p.items.ids().map(|(ws, id)| id_key(ws, id))).collect();
         // The lookups probe in-memory filters (and read a block for the rare
         // key that may be there): off the async threads for large groups.
-        let (index, keys) = (self.index.clone(), Arc::new(keys));
-        let found = if keys.len() > 4096 {
-            let k = keys.clone();
-            tokio::task::spawn_blocking(move || index.contains(&k)).await.map_err(|e| e.to_string())?
+        let (keys, found) = if keys.len() > 4096 {
+            let index = self.index.clone();
+            tokio::task::spawn_blocking(move || index.contains(&keys).map(|f| (keys, f))).await.map_err(|e| e.to_string())?
         } else {
-            index.contains(&keys)
+            self.index.contains(&keys).map(|f| (keys, f))
         }
         .map_err(|e| e.to_string())?;
         let inflight = lock(&self.shared.inflight);
         let mut seen: HashSet<u128> = HashSet::with_capacity(keys.len());
-        Ok(keys
+        let mask = keys
             .iter()
             .zip(found)
             .map(|(key, indexed)| indexed || (!inflight.is_empty() && inflight.contains(key)) || !seen.insert(*key))
-            .collect())
+            .collect();
+        drop(inflight);
+        Ok((keys, mask))
     }
 }
 

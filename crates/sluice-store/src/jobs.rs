@@ -235,6 +235,22 @@ impl Store {
     /// (its lease expired and another attempt took over): a stale attempt
     /// never overwrites what a later one records.
     pub async fn finish_job(&self, id: &str, attempt: u32, end: &JobEnd) -> Result<Job> {
+        // Success and cancellation touch no earlier state: one statement.
+        let plain = match end {
+            JobEnd::Succeeded(v) => Some(("succeeded", Some(v.to_string()))),
+            JobEnd::Cancelled => Some(("cancelled", None)),
+            _ => None,
+        };
+        if let Some((state, result)) = plain {
+            let now = to_micros(Utc::now());
+            let sql = format!(
+                "UPDATE jobs SET state = $1, result = $2, finished_at = $3, lease_until = NULL, updated_at = $3 \
+                 WHERE id = $4 AND state = 'running' AND attempts = $5 RETURNING {COLUMNS}"
+            );
+            let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
+                .bind(state).bind(result).bind(now).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
+            return row.map(Job::from).ok_or_else(|| StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)")));
+        }
         let job = self.get_job(None, id).await?;
         if job.state != "running" || job.attempts != attempt {
             return Err(StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)")));

@@ -353,19 +353,31 @@ impl Runtime {
                 }
             }
             if records.is_empty() {
-                // Caught up: commit what is carried before waiting.
-                if carry.events > 0 || carry.commit.checkpoint.is_some() {
+                // Caught up: commit what is carried before waiting — unless a
+                // stream is flowing (a large, young carry): then wait for
+                // more appends until the carry is COMMIT_INTERVAL old, so a
+                // stream that arrives a little slower than it is consumed
+                // still shares commits. A trickle commits at once.
+                let pending = carry.events > 0 || carry.commit.checkpoint.is_some();
+                let hold = carry.events >= COMMIT_HOLD_EVENTS && carry.since.elapsed() < COMMIT_INTERVAL;
+                if pending && !hold {
                     if !self.commit(&carry.commit, &mut stop).await {
                         return;
                     }
                     carry = Carry::new(&name);
                 }
+                let wait = if hold { COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()) } else { Duration::from_secs(1) };
                 tokio::select! {
                     _ = appended.changed() => {}
                     _ = stop.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
+            }
+            if carry.events == 0 && carry.commit.checkpoint.is_none() {
+                // The carry's age counts from its first record, not from
+                // the idle time before it.
+                carry.since = std::time::Instant::now();
             }
             match self.process(&c, p, records, &state, &mut stop, &mut carry).await {
                 Some(n) => next = n,
@@ -589,6 +601,9 @@ const COMMIT_EVENTS: usize = 200_000;
 /// (a CSV import) this turns hundreds of small commits, each rewriting the
 /// same usage buckets and counts, into a few large ones.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(250);
+/// A carry at least this large is held when the consumer catches up (the
+/// log is being appended in a stream), until it is COMMIT_INTERVAL old.
+const COMMIT_HOLD_EVENTS: usize = 1_000;
 
 /// Effects processed but not committed yet.
 struct Carry {
@@ -633,18 +648,35 @@ async fn call_batch(c: &Arc<dyn Consumer>, batch: &EventBatch, attempt: Attempt)
 }
 
 fn push_effect(commit: &mut ConsumerCommit, effect: Effect) {
+    let before = commit.usage.len() + commit.counts.len();
     match effect {
         Effect::None => {}
         Effect::Count(k) => commit.counts.push((k, 1)),
         Effect::Counts(v) => commit.counts.extend(v),
         Effect::Usage(u) => commit.usage.extend(u),
     }
+    maybe_compact(commit, before);
 }
+
+/// Memory stays bounded by the buckets touched, not by the events carried:
+/// equal buckets are folded whenever the entries cross a power of two
+/// (amortized linear).
+fn maybe_compact(commit: &mut ConsumerCommit, before: usize) {
+    let after = commit.usage.len() + commit.counts.len();
+    if after >= COMPACT_ENTRIES && after.ilog2() > before.max(1).ilog2() {
+        commit.compact();
+    }
+}
+
+/// Carried effects are folded per bucket once they reach this many entries.
+const COMPACT_ENTRIES: usize = 16_384;
 
 /// Moves the effects of `from` into `into` (not its checkpoint).
 fn absorb(into: &mut ConsumerCommit, from: ConsumerCommit) {
+    let before = into.usage.len() + into.counts.len();
     into.counts.extend(from.counts);
     into.usage.extend(from.usage);
+    maybe_compact(into, before);
     into.dead_letters.extend(from.dead_letters);
     into.replayed.extend(from.replayed);
 }

@@ -28,6 +28,44 @@ pub struct CountKey {
     pub day: String,
 }
 
+impl ConsumerCommit {
+    /// Folds usage deltas of the same bucket (and counts of the same key)
+    /// into one, keeping their order: a commit that carries the effects of
+    /// many events holds one entry per bucket, not one per event. Unique
+    /// values (`unique_count`) stay one entry each. The result commits to
+    /// the same state as before.
+    pub fn compact(&mut self) {
+        let mut at: std::collections::HashMap<(String, String, String, String, String, i64), usize> = std::collections::HashMap::new();
+        let mut usage: Vec<crate::metering::UsageDelta> = Vec::new();
+        for d in self.usage.drain(..) {
+            if d.unique.is_some() {
+                usage.push(d);
+                continue;
+            }
+            match at.entry(d.bucket_id()) {
+                std::collections::hash_map::Entry::Occupied(e) => usage[*e.get()].merge(&d),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(usage.len());
+                    usage.push(d);
+                }
+            }
+        }
+        self.usage = usage;
+        let mut at: std::collections::HashMap<CountKey, usize> = std::collections::HashMap::new();
+        let mut counts: Vec<(CountKey, i64)> = Vec::new();
+        for (k, n) in self.counts.drain(..) {
+            match at.get(&k) {
+                Some(&i) => counts[i].1 += n,
+                None => {
+                    at.insert(k.clone(), counts.len());
+                    counts.push((k, n));
+                }
+            }
+        }
+        self.counts = counts;
+    }
+}
+
 /// A dead letter to create.
 #[derive(Debug, Clone)]
 pub struct NewDeadLetter {
@@ -518,5 +556,61 @@ fn delivery(r: DeliveryRow) -> Delivery {
         next_retry_at: r.8.map(from_micros),
         created_at: from_micros(r.9),
         updated_at: from_micros(r.10),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::metering::UsageDelta;
+    use rust_decimal::Decimal;
+
+    fn delta(customer: &str, bucket: i64, v: &str, at: i64, unique: Option<&str>) -> UsageDelta {
+        let v: Decimal = v.parse().unwrap();
+        UsageDelta {
+            workspace: "w".into(),
+            meter: "m".into(),
+            customer_id: customer.into(),
+            subscription_id: String::new(),
+            group_key: String::new(),
+            bucket_start: bucket,
+            count: 1,
+            sum: v,
+            min: Some(v),
+            max: Some(v),
+            latest_at: Some(at),
+            latest_value: Some(v),
+            unique: unique.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn compact_folds_equal_buckets_and_keeps_uniques() {
+        let key = |c: &str| CountKey { workspace: "w".into(), event_type: "t".into(), customer_id: c.into(), day: "2024-01-01".into() };
+        let mut c = ConsumerCommit {
+            usage: vec![
+                delta("a", 0, "0.1", 5, None),
+                delta("b", 0, "2", 1, None),
+                delta("a", 0, "0.2", 5, None), // same latest_at: the later one wins
+                delta("a", 900, "7", 9, None),
+                delta("a", 0, "1", 0, Some("x")),
+                delta("a", 0, "1", 0, Some("x")),
+            ],
+            counts: vec![(key("a"), 1), (key("b"), 2), (key("a"), 3)],
+            ..Default::default()
+        };
+        c.compact();
+        assert_eq!(c.usage.len(), 5);
+        let a0 = &c.usage[0];
+        assert_eq!((a0.customer_id.as_str(), a0.bucket_start, a0.count), ("a", 0, 2));
+        assert_eq!(a0.sum, "0.3".parse::<Decimal>().unwrap());
+        assert_eq!(a0.min, Some("0.1".parse().unwrap()));
+        assert_eq!(a0.max, Some("0.2".parse().unwrap()));
+        assert_eq!(a0.latest_value, Some("0.2".parse().unwrap()));
+        assert_eq!(c.usage[1].customer_id, "b");
+        assert_eq!(c.usage[2].bucket_start, 900);
+        assert_eq!(c.usage.iter().filter(|d| d.unique.is_some()).count(), 2);
+        assert_eq!(c.counts, vec![(key("a"), 4), (key("b"), 2)]);
     }
 }

@@ -101,7 +101,10 @@ pub struct IdIndexConfig {
 
 impl Default for IdIndexConfig {
     fn default() -> Self {
-        IdIndexConfig { flush_entries: 1 << 20, max_runs: 8 }
+        // 2^18 entries: a memtable of about 17 MiB (and as much for the
+        // frozen one being written), so the index stays small in memory
+        // while a large import streams through.
+        IdIndexConfig { flush_entries: 1 << 18, max_runs: 8 }
     }
 }
 
@@ -551,53 +554,94 @@ fn read_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
     f.read_exact(buf)
 }
 
-impl Run {
-    /// Writes sorted `entries` as run `name` (temporary file, fsync, rename).
-    fn write(dir: &Path, name: &str, entries: &[IndexEntry]) -> io::Result<Run> {
+/// Writes a run entry by entry (sorted by key), one block at a time, so a
+/// merge of large runs needs memory for a block, not for the runs.
+struct RunWriter {
+    tmp: PathBuf,
+    w: BufWriter<File>,
+    bloom: Bloom,
+    fences: Vec<(u128, u32)>,
+    block: Vec<IndexEntry>,
+    bytes: Vec<u8>,
+    count: u64,
+    min_hour: u32,
+    max_hour: u32,
+}
+
+impl RunWriter {
+    /// `expected`: at most how many entries will be pushed (sizes the filter).
+    fn new(dir: &Path, name: &str, expected: usize) -> io::Result<RunWriter> {
         let tmp = dir.join(format!("{name}.tmp"));
-        let mut bloom = Bloom::with_keys(entries.len());
-        let mut fences = Vec::with_capacity(entries.len().div_ceil(BLOCK));
-        let (mut min_hour, mut max_hour) = (u32::MAX, 0u32);
+        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        w.write_all(&[0u8; HEADER])?; // rewritten by finish
+        Ok(RunWriter {
+            tmp,
+            w,
+            bloom: Bloom::with_keys(expected),
+            fences: Vec::with_capacity(expected.div_ceil(BLOCK)),
+            block: Vec::with_capacity(BLOCK),
+            bytes: Vec::with_capacity(BLOCK * ENTRY),
+            count: 0,
+            min_hour: u32::MAX,
+            max_hour: 0,
+        })
+    }
+
+    fn push(&mut self, e: IndexEntry) -> io::Result<()> {
+        self.block.push(e);
+        if self.block.len() == BLOCK {
+            self.write_block()?;
+        }
+        Ok(())
+    }
+
+    fn write_block(&mut self) -> io::Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        self.bytes.clear();
+        self.bytes.resize(self.block.len() * ENTRY, 0);
+        for (e, out) in self.block.iter().zip(self.bytes.chunks_mut(ENTRY)) {
+            entry_bytes(e, out);
+            self.bloom.insert(e.key);
+            self.min_hour = self.min_hour.min(e.hour);
+            self.max_hour = self.max_hour.max(e.hour);
+        }
+        self.fences.push((self.block[0].key, crc32fast::hash(&self.bytes)));
+        self.w.write_all(&self.bytes)?;
+        self.count += self.block.len() as u64;
+        self.block.clear();
+        Ok(())
+    }
+
+    /// Writes fences, filter and header, fsyncs and renames into place.
+    fn finish(mut self, dir: &Path, name: &str) -> io::Result<Run> {
+        self.write_block()?;
+        let mut w = self.w;
+        let mut tail = crc32fast::Hasher::new();
+        for (k, c) in &self.fences {
+            let mut b = [0u8; 20];
+            b[..16].copy_from_slice(&k.to_le_bytes());
+            b[16..].copy_from_slice(&c.to_le_bytes());
+            tail.update(&b);
+            w.write_all(&b)?;
+        }
+        for word in &self.bloom.words {
+            let b = word.to_le_bytes();
+            tail.update(&b);
+            w.write_all(&b)?;
+        }
+        w.write_all(&tail.finalize().to_le_bytes())?;
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..20].copy_from_slice(&self.count.to_le_bytes());
+        header[20..24].copy_from_slice(&(if self.count == 0 { 0 } else { self.min_hour }).to_le_bytes());
+        header[24..28].copy_from_slice(&self.max_hour.to_le_bytes());
+        header[28..32].copy_from_slice(&((self.bloom.words.len() / 8) as u32).to_le_bytes());
+        let crc = crc32fast::hash(&header[..32]);
+        header[32..36].copy_from_slice(&crc.to_le_bytes());
         {
-            let f = File::create(&tmp)?;
-            let mut w = BufWriter::with_capacity(1 << 20, f);
-            let mut header = [0u8; HEADER];
-            w.write_all(&header)?; // rewritten below
-            let mut block = Vec::with_capacity(BLOCK * ENTRY);
-            for chunk in entries.chunks(BLOCK) {
-                block.clear();
-                block.resize(chunk.len() * ENTRY, 0);
-                for (e, out) in chunk.iter().zip(block.chunks_mut(ENTRY)) {
-                    entry_bytes(e, out);
-                    bloom.insert(e.key);
-                    min_hour = min_hour.min(e.hour);
-                    max_hour = max_hour.max(e.hour);
-                }
-                fences.push((chunk[0].key, crc32fast::hash(&block)));
-                w.write_all(&block)?;
-            }
-            let mut tail = crc32fast::Hasher::new();
-            for (k, c) in &fences {
-                let mut b = [0u8; 20];
-                b[..16].copy_from_slice(&k.to_le_bytes());
-                b[16..].copy_from_slice(&c.to_le_bytes());
-                tail.update(&b);
-                w.write_all(&b)?;
-            }
-            for word in &bloom.words {
-                let b = word.to_le_bytes();
-                tail.update(&b);
-                w.write_all(&b)?;
-            }
-            w.write_all(&tail.finalize().to_le_bytes())?;
-            header[..8].copy_from_slice(MAGIC);
-            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            header[12..20].copy_from_slice(&(entries.len() as u64).to_le_bytes());
-            header[20..24].copy_from_slice(&(if entries.is_empty() { 0 } else { min_hour }).to_le_bytes());
-            header[24..28].copy_from_slice(&max_hour.to_le_bytes());
-            header[28..32].copy_from_slice(&((bloom.words.len() / 8) as u32).to_le_bytes());
-            let crc = crc32fast::hash(&header[..32]);
-            header[32..36].copy_from_slice(&crc.to_le_bytes());
             let mut f = w.into_inner().map_err(|e| e.into_error())?;
             use std::io::{Seek, SeekFrom};
             f.seek(SeekFrom::Start(0))?;
@@ -605,9 +649,46 @@ impl Run {
             f.sync_all()?;
         }
         let path = dir.join(name);
-        std::fs::rename(&tmp, &path)?;
+        std::fs::rename(&self.tmp, &path)?;
         sync_dir(dir)?;
-        Ok(Run { name: name.to_owned(), file: File::open(&path)?, count: entries.len() as u64, max_hour, fences, bloom })
+        Ok(Run { name: name.to_owned(), file: File::open(&path)?, count: self.count, max_hour: self.max_hour, fences: self.fences, bloom: self.bloom })
+    }
+}
+
+/// The entries of a run in key order, read one block at a time.
+struct RunEntries<'r> {
+    run: &'r Run,
+    next_block: usize,
+    block: std::vec::IntoIter<IndexEntry>,
+}
+
+impl RunEntries<'_> {
+    fn next(&mut self) -> io::Result<Option<IndexEntry>> {
+        loop {
+            if let Some(e) = self.block.next() {
+                return Ok(Some(e));
+            }
+            if self.next_block >= self.run.fences.len() {
+                return Ok(None);
+            }
+            self.block = self.run.block(self.next_block)?.into_iter();
+            self.next_block += 1;
+        }
+    }
+}
+
+impl Run {
+    /// Writes sorted `entries` as run `name` (temporary file, fsync, rename).
+    fn write(dir: &Path, name: &str, entries: &[IndexEntry]) -> io::Result<Run> {
+        let mut w = RunWriter::new(dir, name, entries.len())?;
+        for e in entries {
+            w.push(*e)?;
+        }
+        w.finish(dir, name)
+    }
+
+    fn entries(&self) -> RunEntries<'_> {
+        RunEntries { run: self, next_block: 0, block: Vec::new().into_iter() }
     }
 
     /// Opens a run: header, fences and filter, all checked.
@@ -698,34 +779,42 @@ impl Run {
 }
 
 /// Merges two runs (`b` newer) into a new run, dropping entries older than
-/// `expire_before_hour`. Returns the run and how many entries were dropped.
+/// `expire_before_hour`, streaming both a block at a time. Returns the run
+/// and how many entries were dropped.
 fn merge(dir: &Path, name: &str, a: &Run, b: &Run, expire_before_hour: u32) -> io::Result<(Run, u64)> {
-    let (x, y) = (a.all_entries()?, b.all_entries()?);
-    let mut out = Vec::with_capacity(x.len() + y.len());
-    let (mut i, mut j) = (0, 0);
-    while i < x.len() || j < y.len() {
-        let take_y = match (x.get(i), y.get(j)) {
+    let (mut xs, mut ys) = (a.entries(), b.entries());
+    let (mut x, mut y) = (xs.next()?, ys.next()?);
+    let mut w = RunWriter::new(dir, name, (a.count + b.count) as usize)?;
+    let mut dropped = 0u64;
+    loop {
+        let e = match (x, y) {
+            (None, None) => break,
             (Some(p), Some(q)) if p.key == q.key => {
-                i += 1; // the newer run wins
-                true
+                // The newer run wins.
+                x = xs.next()?;
+                y = ys.next()?;
+                q
             }
-            (Some(p), Some(q)) => q.key < p.key,
-            (None, _) => true,
-            (_, None) => false,
+            (Some(p), Some(q)) if q.key < p.key => {
+                y = ys.next()?;
+                q
+            }
+            (Some(p), _) => {
+                x = xs.next()?;
+                p
+            }
+            (None, Some(q)) => {
+                y = ys.next()?;
+                q
+            }
         };
-        let e = if take_y {
-            j += 1;
-            y[j - 1]
+        if e.hour >= expire_before_hour {
+            w.push(e)?;
         } else {
-            i += 1;
-            x[i - 1]
-        };
-        out.push(e);
+            dropped += 1;
+        }
     }
-    let before = out.len();
-    out.retain(|e| e.hour >= expire_before_hour);
-    let dropped = (before - out.len()) as u64;
-    Ok((Run::write(dir, name, &out)?, dropped))
+    Ok((w.finish(dir, name)?, dropped))
 }
 
 #[cfg(test)]

@@ -69,12 +69,36 @@ pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
 
 type Key = (String, String, i64);
 
+/// Approximate bytes a buffered event takes in memory beyond its JSON size
+/// (the maps of its properties and context, its strings).
+const EVENT_MEMORY_OVERHEAD: usize = 1024;
+
 #[derive(Default)]
 struct Buffer {
-    groups: HashMap<Key, Vec<Event>>,
+    /// Events per "workspace NUL event type", then per hour: looked up with
+    /// a reused scratch key, so buffering an event allocates no key.
+    groups: HashMap<String, HashMap<i64, Vec<Event>>>,
+    scratch: String,
     bytes: usize,
     events: usize,
     since: Option<Instant>,
+}
+
+impl Buffer {
+    fn push(&mut self, e: Event) {
+        let hour = layout::hour_start(e.timestamp).timestamp_micros();
+        self.events += 1;
+        self.scratch.clear();
+        self.scratch.push_str(e.workspace.as_str());
+        self.scratch.push('\0');
+        self.scratch.push_str(e.event_type.as_str());
+        if !self.groups.contains_key(self.scratch.as_str()) {
+            self.groups.insert(self.scratch.clone(), HashMap::new());
+        }
+        if let Some(hours) = self.groups.get_mut(self.scratch.as_str()) {
+            hours.entry(hour).or_default().push(e);
+        }
+    }
 }
 
 /// Removes what a crash left behind: `_tmp/` and every file under the lake
@@ -140,15 +164,17 @@ impl LakeWriter {
                         pos[p as usize] = r.offset + 1;
                         match Payload::decode(&r.payload) {
                             Ok(payload) => {
+                                // Buffered events are decoded structs, far
+                                // larger than their JSON: count each with
+                                // its in-memory overhead, so flush_bytes
+                                // bounds the memory the buffer takes.
                                 buf.bytes += match &payload {
                                     Payload::Event(_) => r.payload.len(),
                                     Payload::Batch(b) => b.json_size_hint(),
-                                };
+                                } + payload.len() * EVENT_MEMORY_OVERHEAD;
                                 buf.since.get_or_insert_with(Instant::now);
                                 for e in payload.into_events() {
-                                    let hour = layout::hour_start(e.timestamp).timestamp_micros();
-                                    buf.events += 1;
-                                    buf.groups.entry((e.workspace.as_str().to_owned(), e.event_type.as_str().to_owned(), hour)).or_default().push(e);
+                                    buf.push(e);
                                 }
                             }
                             Err(e) => tracing::error!(partition = p, offset = r.offset, error = %e, "lake writer skips a record that is not an event"),
@@ -197,6 +223,10 @@ impl LakeWriter {
         let mut groups: Vec<(Key, Vec<Event>, Vec<(String, PropertyType)>)> = buf
             .groups
             .into_iter()
+            .flat_map(|(wt, hours)| {
+                let (ws, ty) = wt.split_once('\0').map(|(w, t)| (w.to_owned(), t.to_owned())).unwrap_or_default();
+                hours.into_iter().map(move |(h, v)| ((ws.clone(), ty.clone(), h), v))
+            })
             .map(|(k, v)| {
                 let typed = self.schemas.get(&k.0, &k.1).map(|s| s.properties.clone()).unwrap_or_default();
                 (k, v, typed)

@@ -358,7 +358,7 @@ impl Runtime {
                 // more appends until the carry is COMMIT_INTERVAL old, so a
                 // stream that arrives a little slower than it is consumed
                 // still shares commits. A trickle commits at once.
-                let pending = carry.events > 0 || carry.commit.checkpoint.is_some();
+                let pending = !carry.is_empty();
                 let hold = carry.events >= COMMIT_HOLD_EVENTS && carry.since.elapsed() < COMMIT_INTERVAL;
                 if pending && !hold {
                     if !self.commit(&carry.commit, &mut stop).await {
@@ -374,7 +374,7 @@ impl Runtime {
                 }
                 continue;
             }
-            if carry.events == 0 && carry.commit.checkpoint.is_none() {
+            if carry.is_empty() {
                 // The carry's age counts from its first record, not from
                 // the idle time before it.
                 carry.since = std::time::Instant::now();
@@ -615,6 +615,11 @@ struct Carry {
 impl Carry {
     fn new(consumer: &str) -> Carry {
         Carry { commit: ConsumerCommit { consumer: consumer.to_owned(), ..Default::default() }, events: 0, since: std::time::Instant::now() }
+    }
+
+    /// Nothing processed since the last commit.
+    fn is_empty(&self) -> bool {
+        self.events == 0 && self.commit.checkpoint.is_none()
     }
 }
 

@@ -92,11 +92,11 @@ impl Buffer {
         self.scratch.push_str(e.workspace.as_str());
         self.scratch.push('\0');
         self.scratch.push_str(e.event_type.as_str());
-        if !self.groups.contains_key(self.scratch.as_str()) {
-            self.groups.insert(self.scratch.clone(), HashMap::new());
-        }
-        if let Some(hours) = self.groups.get_mut(self.scratch.as_str()) {
-            hours.entry(hour).or_default().push(e);
+        match self.groups.get_mut(self.scratch.as_str()) {
+            Some(hours) => hours.entry(hour).or_default().push(e),
+            None => {
+                self.groups.insert(self.scratch.clone(), HashMap::from([(hour, vec![e])]));
+            }
         }
     }
 }

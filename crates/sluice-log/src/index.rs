@@ -557,6 +557,8 @@ fn read_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
 /// Writes a run entry by entry (sorted by key), one block at a time, so a
 /// merge of large runs needs memory for a block, not for the runs.
 struct RunWriter {
+    dir: PathBuf,
+    name: String,
     tmp: PathBuf,
     w: BufWriter<File>,
     bloom: Bloom,
@@ -575,6 +577,8 @@ impl RunWriter {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         w.write_all(&[0u8; HEADER])?; // rewritten by finish
         Ok(RunWriter {
+            dir: dir.to_path_buf(),
+            name: name.to_owned(),
             tmp,
             w,
             bloom: Bloom::with_keys(expected),
@@ -615,7 +619,7 @@ impl RunWriter {
     }
 
     /// Writes fences, filter and header, fsyncs and renames into place.
-    fn finish(mut self, dir: &Path, name: &str) -> io::Result<Run> {
+    fn finish(mut self) -> io::Result<Run> {
         self.write_block()?;
         let mut w = self.w;
         let mut tail = crc32fast::Hasher::new();
@@ -648,10 +652,10 @@ impl RunWriter {
             f.write_all(&header)?;
             f.sync_all()?;
         }
-        let path = dir.join(name);
+        let path = self.dir.join(&self.name);
         std::fs::rename(&self.tmp, &path)?;
-        sync_dir(dir)?;
-        Ok(Run { name: name.to_owned(), file: File::open(&path)?, count: self.count, max_hour: self.max_hour, fences: self.fences, bloom: self.bloom })
+        sync_dir(&self.dir)?;
+        Ok(Run { name: self.name, file: File::open(&path)?, count: self.count, max_hour: self.max_hour, fences: self.fences, bloom: self.bloom })
     }
 }
 
@@ -684,7 +688,7 @@ impl Run {
         for e in entries {
             w.push(*e)?;
         }
-        w.finish(dir, name)
+        w.finish()
     }
 
     fn entries(&self) -> RunEntries<'_> {
@@ -814,7 +818,7 @@ fn merge(dir: &Path, name: &str, a: &Run, b: &Run, expire_before_hour: u32) -> i
             dropped += 1;
         }
     }
-    Ok((w.finish(dir, name)?, dropped))
+    Ok((w.finish()?, dropped))
 }
 
 #[cfg(test)]

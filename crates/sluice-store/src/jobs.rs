@@ -235,62 +235,62 @@ impl Store {
     /// (its lease expired and another attempt took over): a stale attempt
     /// never overwrites what a later one records.
     pub async fn finish_job(&self, id: &str, attempt: u32, end: &JobEnd) -> Result<Job> {
-        // Success and cancellation touch no earlier state: one statement.
-        let plain = match end {
-            JobEnd::Succeeded(v) => Some(("succeeded", Some(v.to_string()))),
-            JobEnd::Cancelled => Some(("cancelled", None)),
-            _ => None,
+        let lost = || StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)"));
+        let now = Utc::now();
+        // Success and cancellation keep everything earlier attempts recorded:
+        // one statement. A failure appends to the job's errors and decides on
+        // a retry from its attempts: read the job first.
+        let (error, retry_in, fatal_result) = match end {
+            JobEnd::Succeeded(v) => return self.end_job(id, attempt, "succeeded", Some(v.to_string())).await?.ok_or_else(lost),
+            JobEnd::Cancelled => return self.end_job(id, attempt, "cancelled", None).await?.ok_or_else(lost),
+            JobEnd::Fatal { error, result } => (error, std::time::Duration::ZERO, Some(result)),
+            JobEnd::Failed { error, retry_in } => (error, *retry_in, None),
         };
-        if let Some((state, result)) = plain {
-            let now = to_micros(Utc::now());
-            let sql = format!(
-                "UPDATE jobs SET state = $1, result = $2, finished_at = $3, lease_until = NULL, updated_at = $3 \
-                 WHERE id = $4 AND state = 'running' AND attempts = $5 RETURNING {COLUMNS}"
-            );
-            let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
-                .bind(state).bind(result).bind(now).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
-            return row.map(Job::from).ok_or_else(|| StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)")));
-        }
         let job = self.get_job(None, id).await?;
         if job.state != "running" || job.attempts != attempt {
-            return Err(StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)")));
+            return Err(lost());
         }
-        let now = Utc::now();
         let mut errors = job.errors.clone();
-        let (state, result, error, run_after, finished) = match end {
-            JobEnd::Succeeded(v) => ("succeeded", Some(v.to_string()), job.error.clone(), job.run_after, Some(now)),
-            JobEnd::Cancelled => ("cancelled", None, job.error.clone(), job.run_after, Some(now)),
-            JobEnd::Fatal { error, result } => {
-                errors.push(format!("attempt {}: {error}", job.attempts));
-                ("failed", Some(result.to_string()), Some(error.clone()), job.run_after, Some(now))
-            }
-            JobEnd::Failed { error, retry_in } => {
-                errors.push(format!("attempt {}: {error}", job.attempts));
+        errors.push(format!("attempt {}: {error}", job.attempts));
+        let (state, result, run_after, finished) = match fatal_result {
+            Some(result) => ("failed", Some(result.to_string()), job.run_after, Some(now)),
+            None => {
                 if errors.len() > 100 {
                     errors.drain(..errors.len() - 100);
                 }
                 if job.cancel_requested {
                     // The handler failed after a cancellation was asked for:
                     // honour the cancellation rather than retrying.
-                    ("cancelled", None, Some(error.clone()), job.run_after, Some(now))
+                    ("cancelled", None, job.run_after, Some(now))
                 } else if job.attempts < job.max_attempts {
-                    let after = now + chrono::Duration::from_std(*retry_in).unwrap_or_default();
-                    ("queued", None, Some(error.clone()), after, None)
+                    ("queued", None, now + chrono::Duration::from_std(retry_in).unwrap_or_default(), None)
                 } else {
-                    ("failed", None, Some(error.clone()), job.run_after, Some(now))
+                    ("failed", None, job.run_after, Some(now))
                 }
             }
         };
-        let n = on_pool!(self, pool => sqlx::query(
+        let sql = format!(
             "UPDATE jobs SET state = $1, result = $2, error = $3, errors = $4, run_after = $5, finished_at = $6, \
-             lease_until = NULL, updated_at = $7 WHERE id = $8 AND state = 'running' AND attempts = $9")
+             lease_until = NULL, updated_at = $7 WHERE id = $8 AND state = 'running' AND attempts = $9 RETURNING {COLUMNS}"
+        );
+        let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
             .bind(state).bind(result).bind(error).bind(serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()))
             .bind(to_micros(run_after)).bind(finished.map(to_micros)).bind(to_micros(now)).bind(id).bind(attempt as i32)
-            .execute(pool).await.map(|r| r.rows_affected()))?;
-        if n == 0 {
-            return Err(StoreError::Conflict(format!("attempt {attempt} of job {id} no longer holds it (lease lost)")));
-        }
-        self.get_job(None, id).await
+            .fetch_optional(pool).await)?;
+        row.map(Job::from).ok_or_else(lost)
+    }
+
+    /// Ends a running attempt as `state` with `result`, leaving its error
+    /// history as it is; `None` when the attempt no longer holds the job.
+    async fn end_job(&self, id: &str, attempt: u32, state: &str, result: Option<String>) -> Result<Option<Job>> {
+        let now = to_micros(Utc::now());
+        let sql = format!(
+            "UPDATE jobs SET state = $1, result = $2, finished_at = $3, lease_until = NULL, updated_at = $3 \
+             WHERE id = $4 AND state = 'running' AND attempts = $5 RETURNING {COLUMNS}"
+        );
+        let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(state).bind(result).bind(now).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
+        Ok(row.map(Job::from))
     }
 
     /// Cancels a job: a queued one at once, a running one by asking its

@@ -13,7 +13,7 @@ pub mod log;
 pub mod people;
 pub mod scope;
 
-pub use batch::{decode_events, BatchHeader, BatchRow, EventBatch, Payload};
+pub use batch::{decode_events, BatchHeader, BatchRow, BatchRows, EventBatch, Payload};
 pub use event::{partition_for, Event};
 pub use ids::{EventId, EventType, IdError, WorkspaceName};
 pub use log::{AppendRecord, Bytes, EventLog, LogError, LogStats, Record, RetentionReport};

@@ -79,6 +79,45 @@ pub fn file_schema(typed: &[(String, PropertyType)]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// The fields of one event as the lake writes them.
+pub struct Fields<'a> {
+    /// Event id.
+    pub id: &'a str,
+    /// Event type.
+    pub event_type: &'a str,
+    /// Event time, microseconds since the epoch.
+    pub timestamp: i64,
+    /// Receive time, microseconds since the epoch.
+    pub received_at: i64,
+    /// Customer.
+    pub customer_id: Option<&'a str>,
+    /// Subscription.
+    pub subscription_id: Option<&'a str>,
+    /// User.
+    pub user_id: Option<&'a str>,
+    /// Properties (JSON object text).
+    pub properties: &'a str,
+    /// Context (JSON object text).
+    pub context: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of `e`.
+    pub fn of(e: &'a Event) -> Fields<'a> {
+        Fields {
+            id: e.id.as_str(),
+            event_type: e.event_type.as_str(),
+            timestamp: e.timestamp.timestamp_micros(),
+            received_at: e.received_at.timestamp_micros(),
+            customer_id: e.customer_id.as_deref(),
+            subscription_id: e.subscription_id.as_deref(),
+            user_id: e.user_id.as_deref(),
+            properties: e.properties.get(),
+            context: e.context.get(),
+        }
+    }
+}
+
 enum Typed {
     Int(Int64Builder),
     Float(Float64Builder),
@@ -149,16 +188,22 @@ impl BatchBuilder {
     /// Adds one event. Typed columns are filled only for the properties in
     /// `declared` (the schema of the event's type); the others are null.
     pub fn push(&mut self, e: &Event, enricher: &mut Enricher, declared: &[(String, PropertyType)]) {
+        self.push_fields(&Fields::of(e), enricher, declared);
+    }
+
+    /// Adds one event given by its fields (a row of a batch record is
+    /// written this way, without building an [`Event`]).
+    pub fn push_fields(&mut self, e: &Fields<'_>, enricher: &mut Enricher, declared: &[(String, PropertyType)]) {
         let s = &mut self.strings;
-        s[S_ID].append_value(e.id.as_str());
-        s[S_TYPE].append_value(e.event_type.as_str());
-        self.times[0].append_value(e.timestamp.timestamp_micros());
-        self.times[1].append_value(e.received_at.timestamp_micros());
-        s[S_CUSTOMER].append_option(e.customer_id.as_deref());
-        s[S_SUBSCRIPTION].append_option(e.subscription_id.as_deref());
-        s[S_USER].append_option(e.user_id.as_deref());
-        s[S_PROPERTIES].append_value(e.properties.get());
-        let ctx_text = e.context.get();
+        s[S_ID].append_value(e.id);
+        s[S_TYPE].append_value(e.event_type);
+        self.times[0].append_value(e.timestamp);
+        self.times[1].append_value(e.received_at);
+        s[S_CUSTOMER].append_option(e.customer_id);
+        s[S_SUBSCRIPTION].append_option(e.subscription_id);
+        s[S_USER].append_option(e.user_id);
+        s[S_PROPERTIES].append_value(e.properties);
+        let ctx_text = e.context;
         if ctx_text.len() <= 2 {
             // `{}`: nothing to enrich.
             s[S_CONTEXT].append_value(ctx_text);
@@ -202,7 +247,7 @@ impl BatchBuilder {
         }
         if !self.typed.is_empty() {
             let props: serde_json::Map<String, Value> =
-                if declared.is_empty() { serde_json::Map::new() } else { serde_json::from_str(e.properties.get()).unwrap_or_default() };
+                if declared.is_empty() { serde_json::Map::new() } else { serde_json::from_str(e.properties).unwrap_or_default() };
             for (name, b) in self.typed_names.iter().zip(self.typed.iter_mut()) {
                 let v = if declared.iter().any(|(n, _)| n == name) { props.get(name) } else { None };
                 match b {

@@ -30,12 +30,12 @@ use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use sluice_core::{Event, EventLog, Payload};
+use sluice_core::{BatchRows, Event, EventLog, Payload};
 use sluice_ingest::{PropertyType, Schemas};
 use sluice_store::{LakeFile, Store};
 use tokio::sync::watch;
 
-use crate::columns::BatchBuilder;
+use crate::columns::{BatchBuilder, Fields};
 use crate::layout;
 
 /// Checkpoint name of the lake writer (shown by `GET /v1/consumers`).
@@ -69,33 +69,114 @@ pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
 
 type Key = (String, String, i64);
 
-/// Approximate bytes a buffered event takes in memory beyond its JSON size
-/// (the maps of its properties and context, its strings).
+/// Approximate bytes a buffered single event takes in memory beyond its
+/// JSON size (the maps of its properties and context, its strings).
 const EVENT_MEMORY_OVERHEAD: usize = 1024;
+/// Approximate bytes a buffered row of a batch record takes in memory (its
+/// decoded [`sluice_core::BatchRow`] and its place in the buffer).
+const BATCH_ROW_MEMORY: usize = 256;
+/// Most log bytes read from one partition at a time.
+const READ_BYTES: usize = 4 << 20;
+
+/// Where a buffered event is: a single event in [`Sources::events`], or a
+/// row of a batch record in [`Sources::batches`]. Batch records stay decoded
+/// but are not expanded into events: a buffered row costs about
+/// [`BATCH_ROW_MEMORY`], an expanded event several times that.
+#[derive(Clone, Copy)]
+enum Item {
+    Event(u32),
+    Row(u32, u32),
+}
+
+/// The events and batches the buffered [`Item`]s point into.
+#[derive(Default)]
+struct Sources {
+    events: Vec<Event>,
+    batches: Vec<BatchRows>,
+}
+
+impl Sources {
+    fn timestamp(&self, it: Item) -> i64 {
+        match it {
+            Item::Event(e) => self.events[e as usize].timestamp.timestamp_micros(),
+            Item::Row(b, r) => self.batches[b as usize].batch.rows[r as usize].timestamp.timestamp_micros(),
+        }
+    }
+
+    /// Adds the event of `it` to `b` (`props` is scratch space).
+    fn push_to(&self, it: Item, b: &mut BatchBuilder, props: &mut String, enricher: &mut sluice_enrich::Enricher, typed: &[(String, PropertyType)]) {
+        match it {
+            Item::Event(e) => b.push(&self.events[e as usize], enricher, typed),
+            Item::Row(bi, ri) => {
+                let rows = &self.batches[bi as usize];
+                let (h, r) = (&rows.batch.header, &rows.batch.rows[ri as usize]);
+                rows.properties_into(ri as usize, props);
+                let fields = Fields {
+                    id: r.id.as_str(),
+                    event_type: h.event_type.as_str(),
+                    timestamp: r.timestamp.timestamp_micros(),
+                    received_at: h.received_at.timestamp_micros(),
+                    customer_id: r.customer_id.as_deref(),
+                    subscription_id: r.subscription_id.as_deref(),
+                    user_id: None,
+                    properties: props,
+                    context: rows.context(),
+                };
+                b.push_fields(&fields, enricher, typed);
+            }
+        }
+    }
+}
 
 #[derive(Default)]
 struct Buffer {
     /// Events per "workspace NUL event type", then per hour: looked up with
     /// a reused scratch key, so buffering an event allocates no key.
-    groups: HashMap<String, HashMap<i64, Vec<Event>>>,
+    groups: HashMap<String, HashMap<i64, Vec<Item>>>,
+    sources: Sources,
     scratch: String,
+    /// Approximate memory the buffered events take.
     bytes: usize,
     events: usize,
     since: Option<Instant>,
 }
 
 impl Buffer {
-    fn push(&mut self, e: Event) {
-        let hour = layout::hour_start(e.timestamp).timestamp_micros();
-        self.events += 1;
+    /// The hours of the group of (workspace, event type).
+    fn hours(&mut self, workspace: &str, event_type: &str) -> &mut HashMap<i64, Vec<Item>> {
         self.scratch.clear();
-        self.scratch.push_str(e.workspace.as_str());
+        self.scratch.push_str(workspace);
         self.scratch.push('\0');
-        self.scratch.push_str(e.event_type.as_str());
-        match self.groups.get_mut(self.scratch.as_str()) {
-            Some(hours) => hours.entry(hour).or_default().push(e),
-            None => {
-                self.groups.insert(self.scratch.clone(), HashMap::from([(hour, vec![e])]));
+        self.scratch.push_str(event_type);
+        if !self.groups.contains_key(self.scratch.as_str()) {
+            self.groups.insert(self.scratch.clone(), HashMap::new());
+        }
+        self.groups.get_mut(self.scratch.as_str()).expect("inserted above")
+    }
+
+    fn push(&mut self, payload: Payload, payload_bytes: usize) {
+        self.since.get_or_insert_with(Instant::now);
+        match payload {
+            Payload::Event(e) => {
+                self.bytes += payload_bytes + EVENT_MEMORY_OVERHEAD;
+                self.events += 1;
+                let hour = layout::hour_start(e.timestamp).timestamp_micros();
+                let item = Item::Event(self.sources.events.len() as u32);
+                self.hours(e.workspace.as_str(), e.event_type.as_str()).entry(hour).or_default().push(item);
+                self.sources.events.push(e);
+            }
+            Payload::Batch(batch) => {
+                let n = batch.rows.len();
+                self.bytes += payload_bytes + n * BATCH_ROW_MEMORY;
+                self.events += n;
+                let bi = self.sources.batches.len() as u32;
+                let rows = BatchRows::new(batch);
+                let hours = self.hours(rows.batch.header.workspace.as_str(), rows.batch.header.event_type.as_str());
+                for (ri, r) in rows.batch.rows.iter().enumerate() {
+                    let hour = layout::hour_start(r.timestamp).timestamp_micros();
+                    hours.entry(hour).or_default().push(Item::Row(bi, ri as u32));
+                }
+                self.sources.batches.push(rows);
             }
         }
     }
@@ -147,11 +228,20 @@ impl LakeWriter {
                 }
             };
             let mut buf = Buffer::default();
+            let mut round = 0u32;
             loop {
                 let stopping = *stop.borrow();
                 let mut read_any = false;
-                for p in 0..self.log.partitions() {
-                    let recs = match self.log.read(p, pos[p as usize], 20_000, 16 << 20).await {
+                // Start at another partition each round, so that when the
+                // buffer fills up early no partition waits behind the others.
+                let n = self.log.partitions();
+                round = round.wrapping_add(1);
+                for p in (0..n).map(|k| (k + round) % n) {
+                    if buf.bytes >= self.cfg.flush_bytes {
+                        // Full: flush before reading on (the memory bound).
+                        break;
+                    }
+                    let recs = match self.log.read(p, pos[p as usize], 20_000, READ_BYTES).await {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(partition = p, error = %e, "lake writer cannot read the log; retrying");
@@ -160,23 +250,14 @@ impl LakeWriter {
                         }
                     };
                     for r in recs {
+                        if buf.bytes >= self.cfg.flush_bytes {
+                            // The rest is read again after the flush.
+                            break;
+                        }
                         read_any = true;
                         pos[p as usize] = r.offset + 1;
                         match Payload::decode(&r.payload) {
-                            Ok(payload) => {
-                                // Buffered events are decoded structs, far
-                                // larger than their JSON: count each with
-                                // its in-memory overhead, so flush_bytes
-                                // bounds the memory the buffer takes.
-                                buf.bytes += match &payload {
-                                    Payload::Event(_) => r.payload.len(),
-                                    Payload::Batch(b) => b.json_size_hint(),
-                                } + payload.len() * EVENT_MEMORY_OVERHEAD;
-                                buf.since.get_or_insert_with(Instant::now);
-                                for e in payload.into_events() {
-                                    buf.push(e);
-                                }
-                            }
+                            Ok(payload) => buf.push(payload, r.payload.len()),
                             Err(e) => tracing::error!(partition = p, offset = r.offset, error = %e, "lake writer skips a record that is not an event"),
                         }
                     }
@@ -220,7 +301,7 @@ impl LakeWriter {
     async fn flush(&self, buf: Buffer, pos: &[u64]) -> Result<(), String> {
         let started = Instant::now();
         let events = buf.events;
-        let mut groups: Vec<(Key, Vec<Event>, Vec<(String, PropertyType)>)> = buf
+        let mut groups: Vec<(Key, Vec<Item>, Vec<(String, PropertyType)>)> = buf
             .groups
             .into_iter()
             .flat_map(|(wt, hours)| {
@@ -235,7 +316,8 @@ impl LakeWriter {
         groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
         let root = self.cfg.root.clone();
         let rg = self.cfg.row_group_rows;
-        let files = tokio::task::spawn_blocking(move || write_groups(&root, groups, rg)).await.map_err(|e| e.to_string())?;
+        let sources = buf.sources;
+        let files = tokio::task::spawn_blocking(move || write_groups(&root, groups, &sources, rg)).await.map_err(|e| e.to_string())?;
         let files = match files {
             Ok(f) => f,
             Err((written, e)) => {
@@ -264,7 +346,12 @@ fn remove_files(root: &Path, files: &[LakeFile]) {
 
 /// Writes every group as one file, on all cores. On error returns the files
 /// already in place (for removal) and the error.
-fn write_groups(root: &Path, groups: Vec<(Key, Vec<Event>, Vec<(String, PropertyType)>)>, row_group_rows: usize) -> Result<Vec<LakeFile>, (Vec<LakeFile>, String)> {
+fn write_groups(
+    root: &Path,
+    groups: Vec<(Key, Vec<Item>, Vec<(String, PropertyType)>)>,
+    sources: &Sources,
+    row_group_rows: usize,
+) -> Result<Vec<LakeFile>, (Vec<LakeFile>, String)> {
     // Files are written and renamed without an fsync each; one sync of the
     // whole file system below makes them all durable before the manifest
     // commit (thousands of fsyncs cost seconds when a flush spans many
@@ -279,9 +366,10 @@ fn write_groups(root: &Path, groups: Vec<(Key, Vec<Event>, Vec<(String, Property
                     let mut enricher = sluice_enrich::Enricher::new();
                     loop {
                         let next = work.lock().expect("work lock").next();
-                        let Some(((ws, ty, hour), events, typed)) = next else { break };
+                        let Some(((ws, ty, hour), items, typed)) = next else { break };
                         let hour = DateTime::<Utc>::from_timestamp_micros(hour).unwrap_or_default();
-                        out.push(write_file(root, &ws, &ty, hour, &events, &typed, row_group_rows, &mut enricher, false));
+                        let file = FileSpec { root, workspace: &ws, content_type: &ty, hour, typed: &typed, row_group_rows };
+                        out.push(write_items(&file, &items, sources, &mut enricher));
                     }
                     out
                 })
@@ -333,23 +421,23 @@ pub fn sync_files(root: &Path, files: &[LakeFile]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes one Parquet file of `events` (all of one partition) atomically:
-/// temp file, rename into the partition; with `sync`, fsync of the file
-/// before and of the directory after the rename (otherwise the caller
-/// calls [`sync_files`]).
-#[allow(clippy::too_many_arguments)]
-pub fn write_file(
-    root: &Path,
-    workspace: &str,
-    content_type: &str,
+/// Where and how one Parquet file is written: lake root, partition
+/// (workspace, event type, hour), typed columns, rows per row group.
+struct FileSpec<'a> {
+    root: &'a Path,
+    workspace: &'a str,
+    content_type: &'a str,
     hour: DateTime<Utc>,
-    events: &[Event],
-    typed: &[(String, PropertyType)],
+    typed: &'a [(String, PropertyType)],
     row_group_rows: usize,
-    enricher: &mut sluice_enrich::Enricher,
-    sync: bool,
-) -> Result<LakeFile, String> {
-    let mut b = BatchBuilder::new(typed, row_group_rows.min(events.len()).max(1));
+}
+
+/// Writes one Parquet file of the buffered `items` (all of one partition)
+/// atomically: temp file, rename into the partition. Not durable yet: the
+/// caller calls [`sync_files`] for all files of a flush at once.
+fn write_items(spec: &FileSpec<'_>, items: &[Item], sources: &Sources, enricher: &mut sluice_enrich::Enricher) -> Result<LakeFile, String> {
+    let FileSpec { root, workspace, content_type, hour, typed, row_group_rows } = *spec;
+    let mut b = BatchBuilder::new(typed, row_group_rows.min(items.len()).max(1));
     let rel = layout::new_file(workspace, content_type, hour);
     let tmp_dir = root.join("_tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(|e| format!("creating {}: {e}", tmp_dir.display()))?;
@@ -357,36 +445,29 @@ pub fn write_file(
     let f = std::fs::File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
     let mut w = ArrowWriter::try_new(f, b.schema().clone(), Some(writer_properties(row_group_rows))).map_err(|e| e.to_string())?;
     let (mut min, mut max) = (i64::MAX, i64::MIN);
-    for chunk in events.chunks(row_group_rows.max(1)) {
-        for e in chunk {
-            let t = e.timestamp.timestamp_micros();
+    let mut props = String::new();
+    for chunk in items.chunks(row_group_rows.max(1)) {
+        for &it in chunk {
+            let t = sources.timestamp(it);
             min = min.min(t);
             max = max.max(t);
-            b.push(e, enricher, typed);
+            sources.push_to(it, &mut b, &mut props, enricher, typed);
         }
         w.write(&b.finish()).map_err(|e| e.to_string())?;
     }
     let f = w.into_inner().map_err(|e| e.to_string())?;
-    if sync {
-        f.sync_all().map_err(|e| e.to_string())?;
-    }
     let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
     drop(f);
     let dest = root.join(&rel);
     let dir = dest.parent().expect("a partition file has a directory");
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
-    if sync {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
     Ok(LakeFile {
         path: rel,
         workspace: workspace.to_owned(),
         content_type: content_type.to_owned(),
         hour_start: hour,
-        row_count: events.len() as u64,
+        row_count: items.len() as u64,
         bytes,
         min_time: DateTime::from_timestamp_micros(min).unwrap_or(hour),
         max_time: DateTime::from_timestamp_micros(max).unwrap_or(hour),

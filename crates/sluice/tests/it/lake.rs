@@ -574,3 +574,56 @@ async fn saved_queries_run_as_jobs_and_export_files() {
     let (st, _) = admin.post("/v1/queries/signups/run", json!({})).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
+
+/// Rows of a CSV import are stored as batch records and buffered by the lake
+/// writer without being expanded into events: their lake rows must still be
+/// exactly the events the API shows (id, customer, subscription, time, the
+/// value at the meter's nested path beside its filter properties, context).
+/// Fields padded with spaces are trimmed, and two identical rows are two
+/// events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_rows_land_in_the_lake_as_the_events_the_api_shows() {
+    let s = Server::start_with(FAST).await;
+    let k = s.workspace_with_keys("imp").await;
+    let admin = s.api(&k.admin);
+    let meter = json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "usage.gb", "filter": {"region": "eu"}});
+    let (st, v) = admin.post("/v1/meters", meter).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let csv = "customer_id,subscription_id,meter,timestamp,quantity,id\n\
+               \"acme, \"\"inc\"\"\",s1,gb,2024-02-01T10:00:00Z,12.50,\n\
+               \x20 beta \x20,,gb, 2024-02-01T11:30:00+09:00 ,0.1,given-1\n\
+               beta,,gb,2024-02-01T02:30:00Z,0.1,\n\
+               beta,,gb,2024-02-01T02:30:00Z,0.1,\n";
+    let (st, v) = admin
+        .send(admin.req(reqwest::Method::POST, "/v1/imports?kind=usage&wait=true").header("content-type", "text/csv").body(csv))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!((v["status"].as_str(), v["rows_imported"].as_u64()), (Some("succeeded"), Some(4)), "{v}");
+    wait_for_files(&admin, 4).await;
+    let rows = sql(&admin, "SELECT id, customer_id, subscription_id, date_part('epoch', timestamp) AS ts, properties, context FROM events ORDER BY id").await;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"given-1"), "{ids:?}");
+    assert_eq!(ids.iter().filter(|i| i.starts_with("csv_")).count(), 3, "two identical rows are two events: {ids:?}");
+    for r in &rows {
+        let id = r["id"].as_str().unwrap();
+        let (st, e) = admin.get(&format!("/v1/events/{id}")).await;
+        assert_eq!(st, StatusCode::OK, "{e}");
+        assert_eq!(r["customer_id"], e["customer_id"], "{id}");
+        assert_eq!(r["subscription_id"], e["subscription_id"], "{id}");
+        let lake_props: Value = serde_json::from_str(r["properties"].as_str().unwrap()).unwrap();
+        assert_eq!(lake_props, e["properties"], "{id}");
+        let lake_ctx: Value = serde_json::from_str(r["context"].as_str().unwrap()).unwrap();
+        assert_eq!(lake_ctx, e["context"], "{id}");
+        let t: chrono::DateTime<chrono::Utc> = e["timestamp"].as_str().unwrap().parse().unwrap();
+        assert_eq!(r["ts"].as_f64().unwrap().round() as i64, t.timestamp(), "{id}: {} vs {t}", r["ts"]);
+    }
+    let by_customer = |c: &str| rows.iter().filter(|r| r["customer_id"] == c).count();
+    assert_eq!((by_customer("acme, \"inc\""), by_customer("beta")), (1, 3), "{rows:?}");
+    let acme = rows.iter().find(|r| r["customer_id"] == "acme, \"inc\"").unwrap();
+    assert_eq!(serde_json::from_str::<Value>(acme["properties"].as_str().unwrap()).unwrap(), json!({"region": "eu", "usage": {"gb": "12.5"}}));
+    let given = rows.iter().find(|r| r["id"] == "given-1").unwrap();
+    assert_eq!((given["customer_id"].as_str(), given["subscription_id"].as_str()), (Some("beta"), None));
+    let want: chrono::DateTime<chrono::Utc> = "2024-02-01T02:30:00Z".parse().unwrap();
+    assert_eq!(given["ts"].as_f64().unwrap().round() as i64, want.timestamp(), "{given}");
+}

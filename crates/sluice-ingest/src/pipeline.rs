@@ -228,8 +228,36 @@ impl Ingestor {
     /// [`Ingestor::submit`]) as batch records: one log record per partition
     /// and up to `MAX_BATCH_ROWS` events. The CSV importer's path.
     pub async fn submit_batch(&self, batch: EventBatch) -> Result<Outcome, IngestError> {
+        let Some(bytes) = self.check_batch(&batch)? else { return Ok(Outcome { accepted: 0, duplicates: 0 }) };
+        self.enqueue(Items::Batch(batch), bytes).await
+    }
+
+    /// [`Ingestor::submit_batch`], but while ingest is over capacity the
+    /// batch waits (20 ms, doubling up to 1 s) and is submitted again,
+    /// instead of failing with `Overloaded`: the importer's path, so that an
+    /// import and API traffic share ingest and neither is refused.
+    pub async fn submit_batch_waiting(&self, batch: EventBatch) -> Result<Outcome, IngestError> {
+        let Some(bytes) = self.check_batch(&batch)? else { return Ok(Outcome { accepted: 0, duplicates: 0 }) };
+        let mut items = Items::Batch(batch);
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.try_enqueue(items, bytes) {
+                Ok(rx) => return rx.await.map_err(|_| IngestError::Unavailable("writer stopped".into()))?,
+                Err((IngestError::Overloaded, Some(back))) => {
+                    items = back;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Checks a batch against enforced schemas; its budget in bytes, or
+    /// None for an empty batch.
+    fn check_batch(&self, batch: &EventBatch) -> Result<Option<usize>, IngestError> {
         if batch.rows.is_empty() {
-            return Ok(Outcome { accepted: 0, duplicates: 0 });
+            return Ok(None);
         }
         if self.schemas.get(batch.header.workspace.as_str(), batch.header.event_type.as_str()).is_some_and(|s| s.enforce) {
             // Enforced property schemas are checked on the expanded events.
@@ -237,26 +265,30 @@ impl Ingestor {
             self.schemas.check(&events).map_err(IngestError::Invalid)?;
         }
         // Budget by the encoded size (what the writer holds).
-        let bytes = 64 + batch.rows.iter().map(|r| 24 + r.id.as_str().len() + r.value.as_ref().map_or(0, String::len)).sum::<usize>();
-        self.enqueue(Items::Batch(batch), bytes).await
+        Ok(Some(64 + batch.rows.iter().map(|r| 24 + r.id.as_str().len() + r.value.as_ref().map_or(0, String::len)).sum::<usize>()))
     }
 
     async fn enqueue(&self, items: Items, bytes: usize) -> Result<Outcome, IngestError> {
-        if bytes > self.max_inflight_bytes {
-            return Err(IngestError::TooLarge { needed: bytes, budget: self.max_inflight_bytes });
-        }
-        let permit = u32::try_from(bytes)
-            .ok()
-            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
-            .ok_or(IngestError::Overloaded)?;
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Pending { items, reply, _permit: permit })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => IngestError::Unavailable("shutting down".into()),
-            })?;
+        let rx = self.try_enqueue(items, bytes).map_err(|(e, _)| e)?;
         rx.await.map_err(|_| IngestError::Unavailable("writer stopped".into()))?
+    }
+
+    /// Hands `items` to the writer if the budget and queue have room; when
+    /// they have not (`Overloaded`), gives the items back.
+    #[allow(clippy::type_complexity)]
+    fn try_enqueue(&self, items: Items, bytes: usize) -> Result<oneshot::Receiver<Result<Outcome, IngestError>>, (IngestError, Option<Items>)> {
+        if bytes > self.max_inflight_bytes {
+            return Err((IngestError::TooLarge { needed: bytes, budget: self.max_inflight_bytes }, None));
+        }
+        let Some(permit) = u32::try_from(bytes).ok().and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok()) else {
+            return Err((IngestError::Overloaded, Some(items)));
+        };
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Pending { items, reply, _permit: permit }) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::error::TrySendError::Full(p)) => Err((IngestError::Overloaded, Some(p.items))),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err((IngestError::Unavailable("shutting down".into()), None)),
+        }
     }
 }
 

@@ -26,8 +26,8 @@
 //! (normalised decimal), and n is the number of earlier rows in the same
 //! file with exactly that content. So two identical rows are two usages, and
 //! importing the file again (or re-running the job) is a no-op. Memory stays
-//! bounded: a Bloom filter finds the contents that may repeat, and only
-//! those get an occurrence counter.
+//! bounded: Bloom filters find the contents that may repeat, and only those
+//! are numbered, a bucket at a time on disk ([`crate::repeats`]).
 //!
 //! Modes: `strict` (default: any invalid row → nothing is imported, every
 //! error is reported) and `skip_invalid` (valid rows are imported, invalid
@@ -52,6 +52,8 @@ use sluice_core::{BatchHeader, BatchRow, EventBatch, EventId, WorkspaceName};
 use sluice_ingest::Ingestor;
 use sluice_jobs::{JobContext, JobError, JobHandler};
 use sluice_store::{Job, Meter};
+
+use crate::repeats::{Occurrences, RepeatFinder, Repeats};
 
 /// Kind of the job.
 pub const KIND: &str = "import.usage";
@@ -135,6 +137,38 @@ impl Row {
     }
 }
 
+/// Reads the next spool row's content and whether it has an `id`, skipping
+/// the rest; `Ok(None)` at the end. (Numbering repeats needs only these.)
+fn skim(r: &mut impl BufRead) -> std::io::Result<Option<([u8; 32], bool)>> {
+    if r.fill_buf()?.is_empty() {
+        return Ok(None);
+    }
+    let mut head = [0u8; 44];
+    r.read_exact(&mut head)?;
+    let mut content = [0u8; 32];
+    content.copy_from_slice(&head[..32]);
+    let mut given_id = false;
+    let mut b4 = [0u8; 4];
+    for i in 0..4 {
+        r.read_exact(&mut b4)?;
+        let n = u32::from_le_bytes(b4);
+        if n == u32::MAX {
+            continue;
+        }
+        given_id |= i == 1;
+        let mut left = n as usize;
+        while left > 0 {
+            let got = r.fill_buf()?.len().min(left);
+            if got == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            r.consume(got);
+            left -= got;
+        }
+    }
+    Ok(Some((content, given_id)))
+}
+
 fn error(row: u64, column: &str, value: &str, message: impl Into<String>) -> Value {
     json!({"row": row, "column": column, "value": value.chars().take(200).collect::<String>(), "message": message.into()})
 }
@@ -146,7 +180,9 @@ fn reader(path: &Path) -> Result<csv::Reader<std::io::BufReader<std::fs::File>>,
     if r.fill_buf().map(|b| b.starts_with(&[0xEF, 0xBB, 0xBF])).unwrap_or(false) {
         r.consume(3);
     }
-    Ok(csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(r))
+    // Fields are trimmed where they are read (`RowParser::parse`): the csv
+    // crate's `Trim::All` rebuilds every record, several allocations a row.
+    Ok(csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::Headers).from_reader(r))
 }
 
 fn columns(headers: &csv::StringRecord) -> Result<Columns, String> {
@@ -228,7 +264,7 @@ impl<'m> RowParser<'m> {
     /// Parses one record; `Err` holds every error of the row.
     fn parse<'r>(&'r mut self, rec: &'r csv::StringRecord, row: u64) -> Result<Parsed<'r>, Vec<Value>> {
         let c = &self.cols;
-        let get = |i: usize| rec.get(i).unwrap_or("");
+        let get = |i: usize| rec.get(i).unwrap_or("").trim_ascii();
         let mut errs = Vec::new();
         let customer = get(c.customer);
         if customer.is_empty() || (customer.len() > 256 && customer.chars().count() > 256) {
@@ -349,37 +385,6 @@ fn row_id(content: &[u8; 32], occurrence: u32) -> String {
     id
 }
 
-/// A Bloom filter over row contents: finds, in bounded memory, the few
-/// contents that may occur more than once in a file, so that only those need
-/// an occurrence counter.
-struct Bloom {
-    bits: Vec<u64>,
-}
-
-impl Bloom {
-    fn for_bytes(file_bytes: u64) -> Bloom {
-        // ~10 bits per row, assuming rows of at least 20 bytes; at most 64 MiB.
-        let bits = (file_bytes / 2).clamp(1 << 16, 1 << 29);
-        Bloom { bits: vec![0; (bits / 512 + 1) as usize * 8] }
-    }
-    /// Inserts; returns true if it may have been there already. Blocked:
-    /// the 7 bits of a content are in one 512-bit block (one cache line).
-    fn insert(&mut self, h: &[u8; 32]) -> bool {
-        let blocks = (self.bits.len() / 8) as u64;
-        let block = (u64::from_le_bytes(h[..8].try_into().unwrap_or([0; 8])) % blocks) as usize * 8;
-        let mut x = u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8]));
-        let mut present = true;
-        for _ in 0..7 {
-            let bit = (x & 511) as usize;
-            x >>= 9;
-            let (w, b) = (block + bit / 64, bit % 64);
-            present &= self.bits[w] & (1 << b) != 0;
-            self.bits[w] |= 1 << b;
-        }
-        present
-    }
-}
-
 /// The header of the batches of one meter's rows.
 fn batch_header(meter: &Meter, workspace: &WorkspaceName, received_at: DateTime<Utc>) -> Result<BatchHeader, String> {
     let mut context = Map::new();
@@ -451,7 +456,7 @@ impl JobHandler for UsageImport {
                 }
             }
         };
-        let Validated { rows_total, rows_rejected, errors, errors_total, maybe_repeated, used_meters } = v;
+        let Validated { rows_total, rows_rejected, errors, errors_total, repeats, used_meters } = v;
         let validated_ms = started.elapsed().as_millis() as u64;
         let summary = |imported: u64, duplicate: u64, processed: u64| {
             json!({
@@ -489,24 +494,54 @@ impl JobHandler for UsageImport {
             headers[m as usize] = Some(h);
         }
 
+        // Occurrence numbers of the rows whose content may repeat: counted
+        // as pass 2 goes when they are few, else numbered on disk first
+        // (blocking work, on its own thread).
+        let (repeats, mut occurrences) = if repeats.few() {
+            (repeats, Occurrences::in_memory())
+        } else {
+            let (spool_path, flag) = (spool_path.clone(), cancel.clone());
+            let numbered = tokio::task::spawn_blocking(move || {
+                let occ = number_repeats(&repeats, &spool_path, &flag);
+                (repeats, occ)
+            });
+            tokio::pin!(numbered);
+            loop {
+                tokio::select! {
+                    r = &mut numbered => {
+                        let (repeats, occ) = r.map_err(|e| JobError::Failed(e.to_string()))?;
+                        match occ {
+                            Ok(occ) => break (repeats, occ),
+                            Err(_) if ctx.is_cancelled() => return Err(JobError::Cancelled),
+                            Err(e) => return Err(JobError::Failed(format!("numbering repeated rows: {e}"))),
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if ctx.is_cancelled() {
+                            cancel.store(true, Ordering::Release);
+                        }
+                    }
+                }
+            }
+        };
+
         // Pass 2: the spooled rows, with their ids, as batches (one open
         // batch per meter) through the ingest pipeline.
         let spool_file = std::fs::File::open(&spool_path).map_err(|e| JobError::Failed(format!("reading the import spool: {e}")))?;
         let mut spool = std::io::BufReader::with_capacity(1 << 20, spool_file);
-        let mut occurrences: HashMap<[u8; 32], u32> = HashMap::new();
         let (mut imported, mut duplicate, mut processed) = (0u64, 0u64, rows_rejected);
         let mut open: HashMap<u32, Vec<BatchRow>> = HashMap::new();
         let mut in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Result<(u64, u64, u64), JobError>>> = Default::default();
         loop {
             let row = Row::read(&mut spool).map_err(|e| JobError::Failed(format!("reading the import spool: {e}")))?;
-            let full = match &row {
+            let end = row.is_none();
+            let full = match row {
                 Some(row) => {
-                    let id = match &row.given_id {
-                        Some(id) => id.clone(),
-                        None if maybe_repeated.contains(&row.content) => {
-                            let n = occurrences.entry(row.content).or_insert(0);
-                            *n += 1;
-                            row_id(&row.content, *n - 1)
+                    let id = match row.given_id {
+                        Some(id) => id,
+                        None if repeats.candidate(&row.content) => {
+                            let n = occurrences.next(&row.content).map_err(|e| JobError::Failed(format!("reading occurrence numbers: {e}")))?;
+                            row_id(&row.content, n)
                         }
                         None => row_id(&row.content, 0),
                     };
@@ -514,9 +549,9 @@ impl JobHandler for UsageImport {
                     rows.push(BatchRow {
                         id: EventId::parse(id).map_err(|e| JobError::Failed(e.0))?,
                         timestamp: DateTime::from_timestamp_micros(row.at_us).unwrap_or_default(),
-                        customer_id: Some(row.customer.clone()),
-                        subscription_id: row.subscription.clone(),
-                        value: meter_list[row.meter as usize].value_property.as_ref().map(|_| row.quantity.clone()),
+                        customer_id: Some(row.customer),
+                        subscription_id: row.subscription,
+                        value: meter_list[row.meter as usize].value_property.is_some().then_some(row.quantity),
                     });
                     (rows.len() >= BATCH).then_some(row.meter)
                 }
@@ -524,7 +559,7 @@ impl JobHandler for UsageImport {
             };
             // Batches to send: the full one, or at the end every open one.
             let mut ready: Vec<u32> = full.into_iter().collect();
-            if row.is_none() {
+            if end {
                 ready = open.keys().copied().collect();
                 ready.sort_unstable();
             }
@@ -551,7 +586,7 @@ impl JobHandler for UsageImport {
                     }
                 }
             }
-            if row.is_none() {
+            if end {
                 break;
             }
         }
@@ -568,15 +603,16 @@ impl JobHandler for UsageImport {
     }
 }
 
-/// What pass 1 found.
-struct Validated {
+/// What pass 1 found (`R`: the repeat finder while it runs, then what it
+/// found).
+struct Validated<R = Repeats> {
     rows_total: u64,
     rows_rejected: u64,
     /// The first [`MAX_ERRORS`] errors.
     errors: Vec<Value>,
     errors_total: u64,
-    /// Contents that may occur more than once (they get occurrence counters).
-    maybe_repeated: HashSet<[u8; 32]>,
+    /// Contents that may occur more than once (they get occurrence numbers).
+    repeats: R,
     /// Meters (indexes) the valid rows use.
     used_meters: HashSet<u32>,
 }
@@ -599,13 +635,12 @@ fn validate(
     let cols = columns(&headers).map_err(|e| fatal(e.clone(), json!({"errors": [error(1, "", "", e)], "errors_total": 1})))?;
     let mut parser = RowParser::new(cols, meters, tz, workspace);
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let mut bloom = Bloom::for_bytes(file_bytes);
     let mut v = Validated {
         rows_total: 0,
         rows_rejected: 0,
         errors: Vec::new(),
         errors_total: 0,
-        maybe_repeated: HashSet::new(),
+        repeats: RepeatFinder::for_bytes(file_bytes),
         used_meters: HashSet::new(),
     };
     let mut rec = csv::StringRecord::new();
@@ -623,15 +658,15 @@ fn validate(
                 return Err(fatal(format!("row {line}: {msg}"), json!({"errors": [error(line, "", "", msg)], "errors_total": 1})));
             }
         }
-        if rec.iter().all(str::is_empty) {
+        if rec.iter().all(|f| f.trim_ascii().is_empty()) {
             continue; // blank line
         }
         let line = rec.position().map_or(row, |p| p.line());
         v.rows_total += 1;
         match parser.parse(&rec, line) {
             Ok(row) => {
-                if row.given_id.is_none() && bloom.insert(&row.content) {
-                    v.maybe_repeated.insert(row.content);
+                if row.given_id.is_none() {
+                    v.repeats.add(&row.content);
                 }
                 v.used_meters.insert(row.meter);
                 row.write(&mut spool).map_err(|e| JobError::Failed(format!("writing the import spool: {e}")))?;
@@ -651,7 +686,23 @@ fn validate(
         }
     }
     spool.flush().map_err(|e| JobError::Failed(format!("writing the import spool: {e}")))?;
-    Ok(v)
+    let Validated { rows_total, rows_rejected, errors, errors_total, repeats, used_meters } = v;
+    Ok(Validated { rows_total, rows_rejected, errors, errors_total, repeats: repeats.finish(), used_meters })
+}
+
+/// Numbers the rows of the spool whose content may repeat
+/// ([`Repeats::number`]); the bucket files go beside the spool.
+fn number_repeats(repeats: &Repeats, spool_path: &Path, cancel: &AtomicBool) -> std::io::Result<Occurrences> {
+    let mut spool = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(spool_path)?);
+    let contents = std::iter::from_fn(move || loop {
+        match skim(&mut spool) {
+            Ok(Some((_, true))) => continue, // a given id: not numbered
+            Ok(Some((c, false))) => return Some(Ok(c)),
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+    });
+    repeats.number(&spool_path.with_extension("occ"), contents, cancel)
 }
 
 /// Removes a file when dropped (the spool, whatever way the job ends).
@@ -665,16 +716,9 @@ impl Drop for RemoveOnDrop {
 
 /// Submits a batch, waiting while ingest is over capacity.
 async fn submit(ingestor: &Ingestor, batch: EventBatch) -> Result<(u64, u64), JobError> {
-    let mut delay = std::time::Duration::from_millis(20);
-    loop {
-        match ingestor.submit_batch(batch.clone()).await {
-            Ok(o) => return Ok((o.accepted as u64, o.duplicates as u64)),
-            Err(sluice_ingest::IngestError::Overloaded) => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(1));
-            }
-            Err(e) => return Err(JobError::Failed(e.to_string())),
-        }
+    match ingestor.submit_batch_waiting(batch).await {
+        Ok(o) => Ok((o.accepted as u64, o.duplicates as u64)),
+        Err(e) => Err(JobError::Failed(e.to_string())),
     }
 }
 
@@ -752,19 +796,16 @@ mod tests {
         assert_eq!(Row::read(&mut r).unwrap(), Some(want.clone()));
         assert_eq!(Row::read(&mut r).unwrap(), Some(want));
         assert_eq!(Row::read(&mut r).unwrap(), None);
-    }
-
-    #[test]
-    fn the_bloom_filter_finds_every_repeat() {
-        let mut b = Bloom::for_bytes(1 << 20);
-        let content = |i: u32| -> [u8; 32] { Sha256::digest(i.to_le_bytes()).into() };
-        for i in 0..20_000 {
-            b.insert(&content(i));
-        }
-        // No false negatives; few false positives.
-        assert!((0..20_000).all(|i| b.insert(&content(i))));
-        let fp = (20_000..40_000).filter(|&i| b.insert(&content(i))).count();
-        assert!(fp < 1000, "{fp} false positives of 20,000");
+        // skim reads the same rows' content and whether they have an id,
+        // through a small buffer (strings cross buffer boundaries).
+        let without_id = Parsed { given_id: None, content: [9; 32], ..p };
+        let mut buf = Vec::new();
+        p.write(&mut buf).unwrap();
+        without_id.write(&mut buf).unwrap();
+        let mut r = std::io::BufReader::with_capacity(5, std::io::Cursor::new(buf));
+        assert_eq!(skim(&mut r).unwrap(), Some(([7; 32], true)));
+        assert_eq!(skim(&mut r).unwrap(), Some(([9; 32], false)));
+        assert_eq!(skim(&mut r).unwrap(), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod backfill;
 pub mod consumer;
 pub mod import;
 pub mod meter;
+mod repeats;
 pub mod usage;
 
 pub use consumer::{MeterCache, MetersConsumer};

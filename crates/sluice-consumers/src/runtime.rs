@@ -329,12 +329,14 @@ impl Runtime {
         // Effects of records processed but not committed yet: when the log
         // keeps delivering, several reads share one commit (see COMMIT_*).
         let mut carry = Carry::new(&name);
+        // The last wait for appends ended without one: the stream paused.
+        let mut paused = false;
         loop {
             if *stop.borrow() {
                 return;
             }
             lag_gauge.set(self.log.next_offset(p).saturating_sub(next) as f64);
-            let records = match self.log.read(p, next, self.batch, 8 << 20).await {
+            let records = match self.log.read(p, next, self.batch, READ_BYTES).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(consumer = %name, partition = p, error = %e, "cannot read the log");
@@ -354,26 +356,28 @@ impl Runtime {
             }
             if records.is_empty() {
                 // Caught up: commit what is carried before waiting — unless a
-                // stream is flowing (a large, young carry): then wait for
-                // more appends until the carry is COMMIT_INTERVAL old, so a
-                // stream that arrives a little slower than it is consumed
-                // still shares commits. A trickle commits at once.
+                // stream is flowing (a large, young carry, and appends came
+                // within COMMIT_PAUSE): then wait for more appends until the
+                // carry is COMMIT_INTERVAL old, so a stream that arrives a
+                // little slower than it is consumed still shares commits.
+                // A trickle, or the end of a stream, commits at once.
                 let pending = !carry.is_empty();
-                let hold = carry.events >= COMMIT_HOLD_EVENTS && carry.since.elapsed() < COMMIT_INTERVAL;
+                let hold = !paused && carry.events >= COMMIT_HOLD_EVENTS && carry.since.elapsed() < COMMIT_INTERVAL;
                 if pending && !hold {
                     if !self.commit(&carry.commit, &mut stop).await {
                         return;
                     }
                     carry = Carry::new(&name);
                 }
-                let wait = if hold { COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()) } else { Duration::from_secs(1) };
-                tokio::select! {
-                    _ = appended.changed() => {}
-                    _ = stop.changed() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
+                let wait = if hold { COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()).min(COMMIT_PAUSE) } else { Duration::from_secs(1) };
+                paused = tokio::select! {
+                    _ = appended.changed() => false,
+                    _ = stop.changed() => false,
+                    _ = tokio::time::sleep(wait) => hold,
+                };
                 continue;
             }
+            paused = false;
             if carry.is_empty() {
                 // The carry's age counts from its first record, not from
                 // the idle time before it.
@@ -595,15 +599,25 @@ impl Runtime {
     }
 }
 
+/// Most log bytes a worker reads at a time. Every worker of every consumer
+/// holds up to this much: 2 MiB is thousands of JSON events, or about four
+/// batch records of an import (65,536 rows).
+const READ_BYTES: usize = 2 << 20;
 /// A carried commit is written once it holds this many events…
-const COMMIT_EVENTS: usize = 200_000;
-/// …or is this old, or the consumer caught up with the log. Under a burst
-/// (a CSV import) this turns hundreds of small commits, each rewriting the
-/// same usage buckets and counts, into a few large ones.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(250);
+const COMMIT_EVENTS: usize = 1_000_000;
+/// …or is this old, or the consumer caught up with the log and the stream
+/// paused. Under a burst (a CSV import) this turns hundreds of small
+/// commits, each rewriting the same usage buckets and counts, into a few
+/// large ones: at 250 ms, a million-row import rewrote each of its usage
+/// buckets dozens of times, and those commits made over a third of the
+/// import's memory allocations (heaptrack, session 4).
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// A carry at least this large is held when the consumer catches up (the
-/// log is being appended in a stream), until it is COMMIT_INTERVAL old.
+/// log is being appended in a stream), until it is COMMIT_INTERVAL old…
 const COMMIT_HOLD_EVENTS: usize = 1_000;
+/// …or no append came for this long (the stream paused or ended: commit
+/// now rather than at COMMIT_INTERVAL).
+const COMMIT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Effects processed but not committed yet.
 struct Carry {

@@ -30,27 +30,13 @@ pub struct CountKey {
 
 impl ConsumerCommit {
     /// Folds usage deltas of the same bucket (and counts of the same key)
-    /// into one, keeping their order: a commit that carries the effects of
-    /// many events holds one entry per bucket, not one per event. Unique
+    /// into one (usage ends up in bucket order, counts keep their order): a
+    /// commit that carries the effects of many events holds one entry per
+    /// bucket, not one per event. Unique
     /// values (`unique_count`) stay one entry each. The result commits to
     /// the same state as before.
     pub fn compact(&mut self) {
-        let mut at: std::collections::HashMap<(String, String, String, String, String, i64), usize> = std::collections::HashMap::new();
-        let mut usage: Vec<crate::metering::UsageDelta> = Vec::new();
-        for d in self.usage.drain(..) {
-            if d.unique.is_some() {
-                usage.push(d);
-                continue;
-            }
-            match at.entry(d.bucket_id()) {
-                std::collections::hash_map::Entry::Occupied(e) => usage[*e.get()].merge(&d),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(usage.len());
-                    usage.push(d);
-                }
-            }
-        }
-        self.usage = usage;
+        self.usage = crate::metering::fold(std::mem::take(&mut self.usage));
         let mut at: std::collections::HashMap<CountKey, usize> = std::collections::HashMap::new();
         let mut counts: Vec<(CountKey, i64)> = Vec::new();
         for (k, n) in self.counts.drain(..) {
@@ -602,14 +588,17 @@ mod tests {
         };
         c.compact();
         assert_eq!(c.usage.len(), 5);
-        let a0 = &c.usage[0];
-        assert_eq!((a0.customer_id.as_str(), a0.bucket_start, a0.count), ("a", 0, 2));
+        let find = |cust: &str, at: i64| c.usage.iter().filter(|d| d.unique.is_none() && d.customer_id == cust && d.bucket_start == at).collect::<Vec<_>>();
+        let a0 = find("a", 0);
+        assert_eq!(a0.len(), 1);
+        let a0 = a0[0];
+        assert_eq!(a0.count, 2);
         assert_eq!(a0.sum, "0.3".parse::<Decimal>().unwrap());
         assert_eq!(a0.min, Some("0.1".parse().unwrap()));
         assert_eq!(a0.max, Some("0.2".parse().unwrap()));
         assert_eq!(a0.latest_value, Some("0.2".parse().unwrap()));
-        assert_eq!(c.usage[1].customer_id, "b");
-        assert_eq!(c.usage[2].bucket_start, 900);
+        assert_eq!(find("b", 0).len(), 1);
+        assert_eq!(find("a", 900)[0].sum, "7".parse::<Decimal>().unwrap());
         assert_eq!(c.usage.iter().filter(|d| d.unique.is_some()).count(), 2);
         assert_eq!(c.counts, vec![(key("a"), 4), (key("b"), 2)]);
     }

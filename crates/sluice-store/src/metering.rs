@@ -66,14 +66,23 @@ pub struct UsageDelta {
 
 impl UsageDelta {
     pub(crate) fn bucket_id(&self) -> (String, String, String, String, String, i64) {
-        (
-            self.workspace.clone(),
-            self.meter.clone(),
-            self.customer_id.clone(),
-            self.subscription_id.clone(),
-            self.group_key.clone(),
-            self.bucket_start,
-        )
+        let k = self.key();
+        (k.0.to_owned(), k.1.to_owned(), k.2.to_owned(), k.3.to_owned(), k.4.to_owned(), k.5)
+    }
+
+    /// The bucket, borrowed (for sorting and comparing without copies).
+    pub(crate) fn key(&self) -> (&str, &str, &str, &str, &str, i64) {
+        (&self.workspace, &self.meter, &self.customer_id, &self.subscription_id, &self.group_key, self.bucket_start)
+    }
+
+    /// Takes the aggregates (not the bucket) of `other`.
+    pub(crate) fn set_aggregates(&mut self, other: &UsageDelta) {
+        self.count = other.count;
+        self.sum = other.sum;
+        self.min = other.min;
+        self.max = other.max;
+        self.latest_at = other.latest_at;
+        self.latest_value = other.latest_value;
     }
 
     /// Folds `other` (same bucket) into `self`.
@@ -93,6 +102,24 @@ impl UsageDelta {
             self.latest_value = other.latest_value;
         }
     }
+}
+
+/// Folds the deltas of equal buckets into one (`unique_count` deltas are
+/// kept as they are, after the folded ones). The result is in bucket order;
+/// deltas of one bucket are merged in their order in `deltas`. Sorting
+/// instead of hashing: no bucket key is copied.
+pub(crate) fn fold(deltas: Vec<UsageDelta>) -> Vec<UsageDelta> {
+    let (mut plain, uniques): (Vec<UsageDelta>, Vec<UsageDelta>) = deltas.into_iter().partition(|d| d.unique.is_none());
+    plain.sort_by(|a, b| a.key().cmp(&b.key())); // stable: keeps their order
+    let mut out: Vec<UsageDelta> = Vec::with_capacity(plain.len());
+    for d in plain {
+        match out.last_mut() {
+            Some(last) if last.key() == d.key() => last.merge(&d),
+            _ => out.push(d),
+        }
+    }
+    out.extend(uniques);
+    out
 }
 
 /// A stored bucket, as read by the usage query.
@@ -154,27 +181,37 @@ const METER_COLUMNS: &str = "workspace, meter_key, event_type, aggregation, valu
 /// (as arrays).
 macro_rules! apply_usage {
     ($backend:ident, $tx:ident, $deltas:expr) => {{
-        let mut merged: std::collections::HashMap<_, $crate::metering::UsageDelta> = std::collections::HashMap::new();
+        // Fold per bucket by sorting references: one copy per bucket.
+        let mut plain: Vec<&$crate::metering::UsageDelta> = Vec::new();
         let mut uniques = Vec::new();
         for d in $deltas {
-            if let Some(u) = &d.unique {
-                uniques.push((d.bucket_id(), u.clone()));
+            match &d.unique {
+                Some(u) => uniques.push((d.bucket_id(), u.clone())),
+                None => plain.push(d),
             }
-            match merged.get_mut(&d.bucket_id()) {
-                Some(m) => m.merge(d),
-                None => {
-                    merged.insert(d.bucket_id(), d.clone());
-                }
+        }
+        plain.sort_by(|a, b| a.key().cmp(&b.key()));
+        let mut merged: Vec<$crate::metering::UsageDelta> = Vec::new();
+        for d in plain {
+            match merged.last_mut() {
+                Some(last) if last.key() == d.key() => last.merge(d),
+                _ => merged.push(d.clone()),
             }
         }
         if !merged.is_empty() {
-            let keys: Vec<(String, String, String, String, String, i64)> = merged.keys().cloned().collect();
+            let keys: Vec<(&str, &str, &str, &str, &str, i64)> = merged.iter().map(|d| d.key()).collect();
             let existing: Vec<$crate::metering::StoredBucket> = $crate::metering::apply_usage!(@select $backend, $tx, &keys);
-            let mut totals: std::collections::HashMap<_, $crate::metering::UsageDelta> = std::collections::HashMap::new();
+            // Existing buckets: stored aggregates, then this commit's.
             for b in existing {
-                let id = (b.0.clone(), b.1.clone(), b.2.clone(), b.3.clone(), b.4.clone(), b.5);
-                if let Some(d) = merged.get(&id) {
-                    let mut stored = $crate::metering::UsageDelta {
+                let id = (b.0.as_str(), b.1.as_str(), b.2.as_str(), b.3.as_str(), b.4.as_str(), b.5);
+                if let Ok(i) = merged.binary_search_by(|m| m.key().cmp(&id)) {
+                    let mut total = $crate::metering::UsageDelta {
+                        workspace: String::new(),
+                        meter: String::new(),
+                        customer_id: String::new(),
+                        subscription_id: String::new(),
+                        group_key: String::new(),
+                        bucket_start: b.5,
                         count: b.6,
                         sum: b.7.parse().unwrap_or_default(),
                         min: b.8.and_then(|v| v.parse().ok()),
@@ -182,17 +219,12 @@ macro_rules! apply_usage {
                         latest_at: b.10,
                         latest_value: b.11.and_then(|v| v.parse().ok()),
                         unique: None,
-                        ..d.clone()
                     };
-                    stored.merge(d);
-                    totals.insert(id, stored);
+                    total.merge(&merged[i]);
+                    merged[i].set_aggregates(&total);
                 }
             }
-            for (id, d) in merged {
-                totals.entry(id).or_insert(d);
-            }
-            let rows: Vec<$crate::metering::UsageDelta> = totals.into_values().collect();
-            $crate::metering::apply_usage!(@upsert $backend, $tx, &rows);
+            $crate::metering::apply_usage!(@upsert $backend, $tx, &merged);
         }
         for (id, value) in uniques {
             sqlx::query(
@@ -211,14 +243,14 @@ macro_rules! apply_usage {
             .bind(json).fetch_all(&mut *$tx).await?
     }};
     (@select postgres, $tx:ident, $keys:expr) => {{
-        let col = |f: fn(&(String, String, String, String, String, i64)) -> String| $keys.iter().map(f).collect::<Vec<String>>();
+        let col = |i: usize| $keys.iter().map(|k| [k.0, k.1, k.2, k.3, k.4][i]).collect::<Vec<&str>>();
         sqlx::query_as(
             "SELECT b.workspace, b.meter_key, b.customer_id, b.subscription_id, b.group_key, b.bucket_start, b.count, b.sum, b.min, b.max, \
              b.latest_at, b.latest_value FROM usage_buckets b JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[]) \
              AS k(w, m, c, s, g, t) ON b.workspace = k.w AND b.meter_key = k.m AND b.customer_id = k.c AND b.subscription_id = k.s \
              AND b.group_key = k.g AND b.bucket_start = k.t")
-            .bind(col(|k| k.0.clone())).bind(col(|k| k.1.clone())).bind(col(|k| k.2.clone())).bind(col(|k| k.3.clone()))
-            .bind(col(|k| k.4.clone())).bind($keys.iter().map(|k| k.5).collect::<Vec<i64>>())
+            .bind(col(0)).bind(col(1)).bind(col(2)).bind(col(3))
+            .bind(col(4)).bind($keys.iter().map(|k| k.5).collect::<Vec<i64>>())
             .fetch_all(&mut *$tx).await?
     }};
     (@upsert sqlite, $tx:ident, $rows:expr) => {{

@@ -3,6 +3,9 @@
 
 /// mimalloc: DataFusion queries and the lake writer allocate many small
 /// buffers; glibc's allocator showed up as ~15 % of the writer's profile.
+/// The `system-alloc` feature keeps the system allocator instead, for heap
+/// profilers that hook `malloc` (heaptrack, see docs/BENCHMARKS.md).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -600,9 +600,9 @@ impl Runtime {
 }
 
 /// Most log bytes a worker reads at a time. Every worker of every consumer
-/// holds up to this much: 2 MiB is thousands of JSON events, or about four
-/// batch records of an import (65,536 rows).
-const READ_BYTES: usize = 2 << 20;
+/// holds up to this much: 1 MiB is thousands of JSON events, or about two
+/// batch records of an import (32,768 rows).
+const READ_BYTES: usize = 1 << 20;
 /// A carried commit is written once it holds this many events…
 const COMMIT_EVENTS: usize = 1_000_000;
 /// …or is this old, or the consumer caught up with the log and the stream

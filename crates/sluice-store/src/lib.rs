@@ -206,12 +206,12 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
-                // 8 MiB of page cache per connection (64 MiB for the pool):
-                // every connection caches what it touched, so a larger
-                // cache multiplies by the pool size in the server's memory
-                // (at 64 MiB each, a large import's usage buckets took
-                // hundreds of MB). Pages beyond it come from the OS cache.
-                .pragma("cache_size", "-8192");
+                // 2 MiB of page cache per connection (SQLite's default; 16 MiB
+                // for the pool): every connection caches what it touched, so
+                // the cache multiplies by the pool size in the server's
+                // memory (it was 64 MiB each). Pages beyond it come from the
+                // OS page cache, a copy away.
+                .pragma("cache_size", "-2048");
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .connect_with(opts)

@@ -75,6 +75,13 @@ impl UsageDelta {
         (&self.workspace, &self.meter, &self.customer_id, &self.subscription_id, &self.group_key, self.bucket_start)
     }
 
+    /// The bucket, borrowed, in the order deltas are sorted by: the bucket
+    /// start first, then the customer, so that most comparisons end before
+    /// comparing strings (carried effects are sorted often, see [`fold`]).
+    pub(crate) fn sort_key(&self) -> (i64, &str, &str, &str, &str, &str) {
+        (self.bucket_start, &self.customer_id, &self.subscription_id, &self.group_key, &self.meter, &self.workspace)
+    }
+
     /// Takes the aggregates (not the bucket) of `other`.
     pub(crate) fn set_aggregates(&mut self, other: &UsageDelta) {
         self.count = other.count;
@@ -110,11 +117,11 @@ impl UsageDelta {
 /// instead of hashing: no bucket key is copied.
 pub(crate) fn fold(deltas: Vec<UsageDelta>) -> Vec<UsageDelta> {
     let (mut plain, uniques): (Vec<UsageDelta>, Vec<UsageDelta>) = deltas.into_iter().partition(|d| d.unique.is_none());
-    plain.sort_by(|a, b| a.key().cmp(&b.key())); // stable: keeps their order
+    plain.sort_by(|a, b| a.sort_key().cmp(&b.sort_key())); // stable: keeps their order
     let mut out: Vec<UsageDelta> = Vec::with_capacity(plain.len());
     for d in plain {
         match out.last_mut() {
-            Some(last) if last.key() == d.key() => last.merge(&d),
+            Some(last) if last.sort_key() == d.sort_key() => last.merge(&d),
             _ => out.push(d),
         }
     }
@@ -152,6 +159,9 @@ fn dec(s: Option<String>) -> Option<Decimal> {
 }
 
 /// A stored bucket row: the six key columns, count, sum, min, max, latest_at, latest_value.
+/// Usage buckets read and written per statement when a commit applies usage.
+pub(crate) const USAGE_CHUNK: usize = 4096;
+
 pub(crate) type StoredBucket =
     (String, String, String, String, String, i64, i64, String, Option<String>, Option<String>, Option<i64>, Option<String>);
 
@@ -190,21 +200,24 @@ macro_rules! apply_usage {
                 None => plain.push(d),
             }
         }
-        plain.sort_by(|a, b| a.key().cmp(&b.key()));
+        plain.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
         let mut merged: Vec<$crate::metering::UsageDelta> = Vec::new();
         for d in plain {
             match merged.last_mut() {
-                Some(last) if last.key() == d.key() => last.merge(d),
+                Some(last) if last.sort_key() == d.sort_key() => last.merge(d),
                 _ => merged.push(d.clone()),
             }
         }
-        if !merged.is_empty() {
-            let keys: Vec<(&str, &str, &str, &str, &str, i64)> = merged.iter().map(|d| d.key()).collect();
+        // A few thousand buckets per statement: the parameters of one
+        // statement are built in memory, so a commit that touches a million
+        // buckets must not build them all at once.
+        for chunk in merged.chunks_mut($crate::metering::USAGE_CHUNK) {
+            let keys: Vec<(&str, &str, &str, &str, &str, i64)> = chunk.iter().map(|d| d.key()).collect();
             let existing: Vec<$crate::metering::StoredBucket> = $crate::metering::apply_usage!(@select $backend, $tx, &keys);
             // Existing buckets: stored aggregates, then this commit's.
             for b in existing {
-                let id = (b.0.as_str(), b.1.as_str(), b.2.as_str(), b.3.as_str(), b.4.as_str(), b.5);
-                if let Ok(i) = merged.binary_search_by(|m| m.key().cmp(&id)) {
+                let id = (b.5, b.2.as_str(), b.3.as_str(), b.4.as_str(), b.1.as_str(), b.0.as_str());
+                if let Ok(i) = chunk.binary_search_by(|m| m.sort_key().cmp(&id)) {
                     let mut total = $crate::metering::UsageDelta {
                         workspace: String::new(),
                         meter: String::new(),
@@ -220,11 +233,11 @@ macro_rules! apply_usage {
                         latest_value: b.11.and_then(|v| v.parse().ok()),
                         unique: None,
                     };
-                    total.merge(&merged[i]);
-                    merged[i].set_aggregates(&total);
+                    total.merge(&chunk[i]);
+                    chunk[i].set_aggregates(&total);
                 }
             }
-            $crate::metering::apply_usage!(@upsert $backend, $tx, &merged);
+            $crate::metering::apply_usage!(@upsert $backend, $tx, &*chunk);
         }
         for (id, value) in uniques {
             sqlx::query(

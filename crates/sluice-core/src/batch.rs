@@ -217,12 +217,6 @@ impl EventBatch {
         Value::Object(props)
     }
 
-    /// Approximate size of the batch's events as JSON, for buffer budgets.
-    pub fn json_size_hint(&self) -> usize {
-        let base = 200 + self.header.context.len() * 32 + self.header.properties.len() * 32;
-        self.rows.iter().map(|r| base + r.id.as_str().len() + r.customer_id.as_ref().map_or(0, String::len) * 2).sum()
-    }
-
     /// Encodes the batch as a log record payload.
     pub fn encode(&self) -> Vec<u8> {
         let header = serde_json::to_vec(&self.header).unwrap_or_default();
@@ -345,22 +339,7 @@ impl BatchRows {
     /// text [`EventBatch::events`] gives it).
     pub fn properties_into(&self, i: usize, out: &mut String) {
         out.clear();
-        let r = &self.batch.rows[i];
-        match (&self.template.around, &r.value) {
-            (_, None) => out.push_str(self.template.without.get()),
-            (Some((a, z)), Some(v)) => {
-                out.push_str(a);
-                if v.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
-                    out.push('"');
-                    out.push_str(v);
-                    out.push('"');
-                } else {
-                    out.push_str(&serde_json::to_string(v).unwrap_or_default());
-                }
-                out.push_str(z);
-            }
-            (None, Some(_)) => out.push_str(&self.batch.properties_of(r).to_string()),
-        }
+        self.template.write(&self.batch, &self.batch.rows[i], out);
     }
 }
 
@@ -401,15 +380,32 @@ impl Template {
     fn properties(&self, b: &EventBatch, r: &BatchRow) -> Box<RawValue> {
         match (&self.around, &r.value) {
             (_, None) => self.without.clone(),
-            (Some((a, z)), Some(v)) => {
-                let value = serde_json::to_string(v).unwrap_or_default();
-                let mut text = String::with_capacity(a.len() + value.len() + z.len());
-                text.push_str(a);
-                text.push_str(&value);
-                text.push_str(z);
+            (Some(_), Some(_)) => {
+                let mut text = String::new();
+                self.write(b, r, &mut text);
                 RawValue::from_string(text).unwrap_or_else(|_| raw(&b.properties_of(r)))
             }
             (None, Some(_)) => raw(&b.properties_of(r)),
+        }
+    }
+
+    /// Appends the properties JSON of row `r` to `out`.
+    fn write(&self, b: &EventBatch, r: &BatchRow, out: &mut String) {
+        match (&self.around, &r.value) {
+            (_, None) => out.push_str(self.without.get()),
+            (Some((a, z)), Some(v)) => {
+                out.push_str(a);
+                // The value as a JSON string; decimal text needs no escapes.
+                if v.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+                    out.push('"');
+                    out.push_str(v);
+                    out.push('"');
+                } else {
+                    out.push_str(&serde_json::to_string(v).unwrap_or_default());
+                }
+                out.push_str(z);
+            }
+            (None, Some(_)) => out.push_str(&b.properties_of(r).to_string()),
         }
     }
 }

@@ -226,23 +226,17 @@ impl Ingestor {
 
     /// Stores the events of `batch` durably (deduplicated, like
     /// [`Ingestor::submit`]) as batch records: one log record per partition
-    /// and up to `MAX_BATCH_ROWS` events. The CSV importer's path.
-    pub async fn submit_batch(&self, batch: EventBatch) -> Result<Outcome, IngestError> {
-        let Some(bytes) = self.check_batch(&batch)? else { return Ok(Outcome { accepted: 0, duplicates: 0 }) };
-        self.enqueue(Items::Batch(batch), bytes).await
-    }
-
-    /// [`Ingestor::submit_batch`], but while ingest is over capacity the
-    /// batch waits (20 ms, doubling up to 1 s) and is submitted again,
-    /// instead of failing with `Overloaded`: the importer's path, so that an
-    /// import and API traffic share ingest and neither is refused.
+    /// and up to `MAX_BATCH_ROWS` events. The CSV importer's path: while
+    /// ingest is over capacity the batch waits (20 ms, doubling up to 1 s)
+    /// and is submitted again, instead of failing with `Overloaded`, so that
+    /// an import and API traffic share ingest and neither is refused.
     pub async fn submit_batch_waiting(&self, batch: EventBatch) -> Result<Outcome, IngestError> {
         let Some(bytes) = self.check_batch(&batch)? else { return Ok(Outcome { accepted: 0, duplicates: 0 }) };
         let mut items = Items::Batch(batch);
         let mut delay = Duration::from_millis(20);
         loop {
             match self.try_enqueue(items, bytes) {
-                Ok(rx) => return rx.await.map_err(|_| IngestError::Unavailable("writer stopped".into()))?,
+                Ok(rx) => return reply(rx).await,
                 Err((IngestError::Overloaded, Some(back))) => {
                     items = back;
                     tokio::time::sleep(delay).await;
@@ -269,8 +263,7 @@ impl Ingestor {
     }
 
     async fn enqueue(&self, items: Items, bytes: usize) -> Result<Outcome, IngestError> {
-        let rx = self.try_enqueue(items, bytes).map_err(|(e, _)| e)?;
-        rx.await.map_err(|_| IngestError::Unavailable("writer stopped".into()))?
+        reply(self.try_enqueue(items, bytes).map_err(|(e, _)| e)?).await
     }
 
     /// Hands `items` to the writer if the budget and queue have room; when
@@ -290,6 +283,11 @@ impl Ingestor {
             Err(mpsc::error::TrySendError::Closed(_)) => Err((IngestError::Unavailable("shutting down".into()), None)),
         }
     }
+}
+
+/// The writer's answer to an enqueued request.
+async fn reply(rx: oneshot::Receiver<Result<Outcome, IngestError>>) -> Result<Outcome, IngestError> {
+    rx.await.map_err(|_| IngestError::Unavailable("writer stopped".into()))?
 }
 
 /// The first stage of the writer: dedup and durable append. It hands each

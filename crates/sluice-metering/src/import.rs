@@ -440,21 +440,9 @@ impl JobHandler for UsageImport {
         let spool_path = path.with_extension("spool");
         let _spool_guard = RemoveOnDrop(spool_path.clone());
         let cancel = Arc::new(AtomicBool::new(false));
-        let pass1 = {
-            let (path, spool_path, meters, ws_name, cancel) = (path.clone(), spool_path.clone(), meters.clone(), ws.name.clone(), cancel.clone());
-            tokio::task::spawn_blocking(move || validate(&path, &spool_path, &meters, tz, &ws_name, &cancel))
-        };
-        tokio::pin!(pass1);
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-        let v = loop {
-            tokio::select! {
-                r = &mut pass1 => break r.map_err(|e| JobError::Failed(e.to_string()))??,
-                _ = tick.tick() => {
-                    if ctx.is_cancelled() {
-                        cancel.store(true, Ordering::Release);
-                    }
-                }
-            }
+        let v = {
+            let (path, spool_path, meters, ws_name) = (path.clone(), spool_path.clone(), meters.clone(), ws.name.clone());
+            blocking(ctx, &cancel, move |cancel| validate(&path, &spool_path, &meters, tz, &ws_name, cancel)).await??
         };
         let Validated { rows_total, rows_rejected, errors, errors_total, repeats, used_meters } = v;
         let validated_ms = started.elapsed().as_millis() as u64;
@@ -500,28 +488,16 @@ impl JobHandler for UsageImport {
         let (repeats, mut occurrences) = if repeats.few() {
             (repeats, Occurrences::in_memory())
         } else {
-            let (spool_path, flag) = (spool_path.clone(), cancel.clone());
-            let numbered = tokio::task::spawn_blocking(move || {
-                let occ = number_repeats(&repeats, &spool_path, &flag);
+            let spool_path = spool_path.clone();
+            let (repeats, occ) = blocking(ctx, &cancel, move |cancel| {
+                let occ = number_repeats(&repeats, &spool_path, cancel);
                 (repeats, occ)
-            });
-            tokio::pin!(numbered);
-            loop {
-                tokio::select! {
-                    r = &mut numbered => {
-                        let (repeats, occ) = r.map_err(|e| JobError::Failed(e.to_string()))?;
-                        match occ {
-                            Ok(occ) => break (repeats, occ),
-                            Err(_) if ctx.is_cancelled() => return Err(JobError::Cancelled),
-                            Err(e) => return Err(JobError::Failed(format!("numbering repeated rows: {e}"))),
-                        }
-                    }
-                    _ = tick.tick() => {
-                        if ctx.is_cancelled() {
-                            cancel.store(true, Ordering::Release);
-                        }
-                    }
-                }
+            })
+            .await?;
+            match occ {
+                Ok(occ) => (repeats, occ),
+                Err(_) if ctx.is_cancelled() => return Err(JobError::Cancelled),
+                Err(e) => return Err(JobError::Failed(format!("numbering repeated rows: {e}"))),
             }
         };
 
@@ -703,6 +679,29 @@ fn number_repeats(repeats: &Repeats, spool_path: &Path, cancel: &AtomicBool) -> 
         }
     });
     repeats.number(&spool_path.with_extension("occ"), contents, cancel)
+}
+
+/// Runs blocking work `f` on its own thread; while it runs, a cancellation
+/// of the job sets the flag `f` is given (checked every 500 ms).
+async fn blocking<T: Send + 'static>(
+    ctx: &JobContext,
+    cancel: &Arc<AtomicBool>,
+    f: impl FnOnce(&AtomicBool) -> T + Send + 'static,
+) -> Result<T, JobError> {
+    let flag = cancel.clone();
+    let work = tokio::task::spawn_blocking(move || f(&flag));
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            r = &mut work => return r.map_err(|e| JobError::Failed(e.to_string())),
+            _ = tick.tick() => {
+                if ctx.is_cancelled() {
+                    cancel.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
 }
 
 /// Removes a file when dropped (the spool, whatever way the job ends).

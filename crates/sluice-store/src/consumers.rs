@@ -32,9 +32,8 @@ impl ConsumerCommit {
     /// Folds usage deltas of the same bucket (and counts of the same key)
     /// into one (usage ends up in bucket order, counts keep their order): a
     /// commit that carries the effects of many events holds one entry per
-    /// bucket, not one per event. Unique
-    /// values (`unique_count`) stay one entry each. The result commits to
-    /// the same state as before.
+    /// bucket, not one per event. Unique values (`unique_count`) stay one
+    /// entry each. The result commits to the same state as before.
     pub fn compact(&mut self) {
         self.usage = crate::metering::fold(std::mem::take(&mut self.usage));
         let mut at: std::collections::HashMap<CountKey, usize> = std::collections::HashMap::new();

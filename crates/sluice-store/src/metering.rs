@@ -116,16 +116,24 @@ impl UsageDelta {
 /// deltas of one bucket are merged in their order in `deltas`. Sorting
 /// instead of hashing: no bucket key is copied.
 pub(crate) fn fold(deltas: Vec<UsageDelta>) -> Vec<UsageDelta> {
-    let (mut plain, uniques): (Vec<UsageDelta>, Vec<UsageDelta>) = deltas.into_iter().partition(|d| d.unique.is_none());
-    plain.sort_by(|a, b| a.sort_key().cmp(&b.sort_key())); // stable: keeps their order
+    let (plain, uniques): (Vec<UsageDelta>, Vec<UsageDelta>) = deltas.into_iter().partition(|d| d.unique.is_none());
+    let mut out = fold_sorted(plain, |d| d);
+    out.extend(uniques);
+    out
+}
+
+/// Sorts `plain` (deltas without a unique value, owned or borrowed) by
+/// bucket and merges equal buckets, in their order in `plain` (the sort is
+/// stable); `own` turns the first delta of each bucket into the result's.
+pub(crate) fn fold_sorted<D: std::borrow::Borrow<UsageDelta>>(mut plain: Vec<D>, own: impl Fn(D) -> UsageDelta) -> Vec<UsageDelta> {
+    plain.sort_by(|a, b| a.borrow().sort_key().cmp(&b.borrow().sort_key()));
     let mut out: Vec<UsageDelta> = Vec::with_capacity(plain.len());
     for d in plain {
         match out.last_mut() {
-            Some(last) if last.sort_key() == d.sort_key() => last.merge(&d),
-            _ => out.push(d),
+            Some(last) if last.sort_key() == d.borrow().sort_key() => last.merge(d.borrow()),
+            _ => out.push(own(d)),
         }
     }
-    out.extend(uniques);
     out
 }
 
@@ -158,10 +166,10 @@ fn dec(s: Option<String>) -> Option<Decimal> {
     s.and_then(|s| s.parse().ok())
 }
 
-/// A stored bucket row: the six key columns, count, sum, min, max, latest_at, latest_value.
 /// Usage buckets read and written per statement when a commit applies usage.
 pub(crate) const USAGE_CHUNK: usize = 4096;
 
+/// A stored bucket row: the six key columns, count, sum, min, max, latest_at, latest_value.
 pub(crate) type StoredBucket =
     (String, String, String, String, String, i64, i64, String, Option<String>, Option<String>, Option<i64>, Option<String>);
 
@@ -200,14 +208,7 @@ macro_rules! apply_usage {
                 None => plain.push(d),
             }
         }
-        plain.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        let mut merged: Vec<$crate::metering::UsageDelta> = Vec::new();
-        for d in plain {
-            match merged.last_mut() {
-                Some(last) if last.sort_key() == d.sort_key() => last.merge(d),
-                _ => merged.push(d.clone()),
-            }
-        }
+        let mut merged = $crate::metering::fold_sorted(plain, |d| d.clone());
         // A few thousand buckets per statement: the parameters of one
         // statement are built in memory, so a commit that touches a million
         // buckets must not build them all at once.

@@ -1,38 +1,31 @@
 //! `sluice`: the one binary. This file is only the table of contents: parse
 //! the command line, then hand over to the module that does the work.
 
-/// mimalloc: DataFusion queries and the lake writer allocate many small
-/// buffers; glibc's allocator showed up as ~15 % of the writer's profile.
+/// jemalloc (tikv-jemallocator). An import allocates and frees small
+/// buffers on many threads (decoded rows, batches, SQLite rows); what the
+/// allocator keeps of freed memory is what decides the server's peak RSS.
+/// Measured on the same 2M-row import (docs/BENCHMARKS.md, session 5):
+/// mimalloc 3 with a 10 ms purge delay peaked at 302 MB, glibc at 415 MB,
+/// jemalloc with the settings below at 204 MB, at the same import speed.
 /// The `system-alloc` feature keeps the system allocator instead, for heap
 /// profilers that hook `malloc` (heaptrack, see docs/BENCHMARKS.md).
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// mimalloc 3 keeps freed memory for 1 s before it returns it to the OS
-/// (`purge_delay`). Under a large import's allocation churn that held
-/// 150 MB or more of freed memory: the server peaked at 422 MB on a
-/// 2M-row import, and at 260 MB with 10 ms, mimalloc 2's default, at the
-/// same speed (docs/BENCHMARKS.md). `MIMALLOC_PURGE_DELAY` in the
-/// environment still wins.
+/// jemalloc's run-time options (its `malloc_conf` symbol; tikv-jemalloc-sys
+/// prefixes jemalloc's names with `_rjem_`): a background thread returns
+/// freed pages to the OS (`dirty_decay_ms`: within about a second, instead
+/// of 10 s; `muzzy_decay_ms:0`: then at once), so the application threads
+/// never pay for purging. The environment variable `_RJEM_MALLOC_CONF`
+/// (same syntax) overrides any of them.
 #[cfg(not(feature = "system-alloc"))]
-#[allow(unsafe_code)]
-fn tune_allocator() {
-    // `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (mimalloc.h).
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-    extern "C" {
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: mi_option_set only stores an integer option of the
-        // statically linked mimalloc (libmimalloc-sys); any value is valid
-        // for purge_delay, and it may be changed at any time.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
-    }
-}
-
-#[cfg(feature = "system-alloc")]
-fn tune_allocator() {}
+#[allow(unsafe_code, non_upper_case_globals)]
+// SAFETY: jemalloc reads this symbol once, at its initialization, as a
+// NUL-terminated C string (`const char *`); `&[u8; N]` is a thin pointer to
+// static bytes that end with NUL and are never written.
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 mod bench;
 mod client;
@@ -118,7 +111,6 @@ enum ConfigCmd {
 }
 
 fn main() -> std::process::ExitCode {
-    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::main(args),

@@ -36,14 +36,14 @@
 //! events; when it is full, [`Ingestor::submit`] fails at once with
 //! [`IngestError::Overloaded`] (HTTP 503 with `Retry-After`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sluice_core::{has_record_effects, partition_for, record_effects, AppendRecord, Event, EventBatch, EventLog, Payload};
-use sluice_log::index::{IdIndex, IndexEntry};
+use sluice_log::index::{IdIndex, IndexEntry, KeySet};
 use sluice_store::Store;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -190,7 +190,7 @@ impl Ingestor {
         let (tx, rx) = mpsc::channel(4096);
         let shared = Arc::new(Shared {
             needs_rebuild: AtomicBool::new(false),
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(KeySet::default()),
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
         });
@@ -310,7 +310,7 @@ struct Shared {
     needs_rebuild: AtomicBool,
     /// Keys ([`id_key`]) of events appended to the log whose index rows are
     /// not committed yet.
-    inflight: Mutex<HashSet<u128>>,
+    inflight: Mutex<KeySet>,
     /// Groups handed to the indexer and not yet finished.
     pending: AtomicUsize,
     /// Signalled whenever the indexer finishes a group.
@@ -588,7 +588,7 @@ impl Writer {
         }
         .map_err(|e| e.to_string())?;
         let inflight = lock(&self.shared.inflight);
-        let mut seen: HashSet<u128> = HashSet::with_capacity(keys.len());
+        let mut seen = KeySet::with_capacity_and_hasher(keys.len(), Default::default());
         let mask = keys
             .iter()
             .zip(found)

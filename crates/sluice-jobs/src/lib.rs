@@ -81,8 +81,35 @@ pub struct JobContext {
     attempt: u32,
     cancelled: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
-    /// When progress was last written.
+    /// When progress was last reported.
     last_progress: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Progress reported but not written yet, and the order of the writes.
+    progress_out: Arc<ProgressOut>,
+}
+
+/// Progress writes happen in the background, so a handler never waits for
+/// the state store to report progress: on SQLite a progress write queues
+/// behind other writers (a consumer committing thousands of usage
+/// buckets), and an import that waited for each of its progress writes
+/// spent half its time there (session 5). Writes go one at a time, in
+/// report order, each with the latest numbers.
+#[derive(Default)]
+struct ProgressOut {
+    /// The latest numbers not written yet.
+    latest: std::sync::Mutex<Option<(i64, Option<i64>)>>,
+    /// Held while writing (tokio's mutex is fair: writes keep their order).
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl ProgressOut {
+    /// Writes the latest numbers, if no earlier write took them.
+    async fn write(&self, store: &Store, id: &str, attempt: u32) {
+        let _turn = self.writing.lock().await;
+        let Some((done, total)) = self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() else { return };
+        if let Err(e) = store.job_progress(id, attempt, done, total).await {
+            tracing::warn!(job = %id, error = %e, "could not record progress");
+        }
+    }
 }
 
 /// Progress is written at most this often (the last report, `done ==
@@ -91,18 +118,25 @@ pub struct JobContext {
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 impl JobContext {
-    /// Records progress: `done` of `total` units (total when known).
+    /// Records progress: `done` of `total` units (total when known). Returns
+    /// at once, the write happens in the background ([`ProgressOut`]);
+    /// except the last report (`done == total`), which returns once it and
+    /// every earlier report are written.
     pub async fn progress(&self, done: i64, total: Option<i64>) {
+        let final_report = total == Some(done);
         {
             let mut last = self.last_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let final_report = total == Some(done);
             if !final_report && last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
                 return;
             }
             *last = Some(std::time::Instant::now());
         }
-        if let Err(e) = self.store.job_progress(&self.id, self.attempt, done, total).await {
-            tracing::warn!(job = %self.id, error = %e, "could not record progress");
+        *self.progress_out.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((done, total));
+        if final_report {
+            self.progress_out.write(&self.store, &self.id, self.attempt).await;
+        } else {
+            let (out, store, id, attempt) = (self.progress_out.clone(), self.store.clone(), self.id.clone(), self.attempt);
+            tokio::spawn(async move { out.write(&store, &id, attempt).await });
         }
     }
 
@@ -239,6 +273,7 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
         cancelled: cancelled.clone(),
         lost: lost.clone(),
         last_progress: std::sync::Mutex::new(None),
+        progress_out: Arc::default(),
     };
     // Heartbeat: renew the lease and pick up cancellation requests. Every
     // write is fenced by the attempt number, so if this process stalled past

@@ -120,9 +120,9 @@ pub struct Maintenance {
 }
 
 /// Keys are already uniformly distributed hashes: the low 64 bits are the
-/// hash of the memtable.
+/// hash of the memtable (and of [`KeySet`]).
 #[derive(Default)]
-struct KeyHasher(u64);
+pub struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -139,6 +139,10 @@ impl Hasher for KeyHasher {
 }
 
 type Mem = HashMap<u128, (u32, u64, u32), BuildHasherDefault<KeyHasher>>;
+
+/// A set of index keys, hashed by their low 64 bits (no SipHash: keys are
+/// hashes already).
+pub type KeySet = std::collections::HashSet<u128, BuildHasherDefault<KeyHasher>>;
 
 /// The index. Lookups take a read lock; inserts and the swap after a flush
 /// a short write lock; flushes and merges run one at a time.

@@ -201,8 +201,21 @@ impl Store {
              WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND kind = $3 AND run_after <= $2 ORDER BY id LIMIT $4{lock}) \
              RETURNING {COLUMNS}"
         );
-        let mut rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
-            .bind(until).bind(now).bind(kind).bind(n as i64).fetch_all(pool).await)?;
+        // Most polls find nothing due: look with a read first, which waits
+        // for no writer (SQLite's WAL), instead of taking the write lock
+        // every poll of every kind.
+        let due: bool = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND kind = $1 AND run_after <= $2)")
+            .bind(kind).bind(now).fetch_one(pool).await)?;
+        if !due {
+            return Ok(vec![]);
+        }
+        let mut rows: Vec<Row> = on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rows = sqlx::query_as(&sql).bind(until).bind(now).bind(kind).bind(n as i64).fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<Vec<Row>, sqlx::Error>(rows)
+        })?;
         rows.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(rows.into_iter().map(Job::from).collect())
     }
@@ -223,10 +236,15 @@ impl Store {
     /// Records progress of a running job.
     pub async fn job_progress(&self, id: &str, attempt: u32, done: i64, total: Option<i64>) -> Result<()> {
         let now = to_micros(Utc::now());
-        on_pool!(self, pool => sqlx::query(
-            "UPDATE jobs SET progress_done = $1, progress_total = COALESCE($2, progress_total), updated_at = $3 \
-             WHERE id = $4 AND state = 'running' AND attempts = $5")
-            .bind(done).bind(total).bind(now).bind(id).bind(attempt as i32).execute(pool).await.map(|_| ()))?;
+        // Through the write queue (`begin_write`), not SQLite's busy handler.
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query(
+                "UPDATE jobs SET progress_done = $1, progress_total = COALESCE($2, progress_total), updated_at = $3 \
+                 WHERE id = $4 AND state = 'running' AND attempts = $5")
+                .bind(done).bind(total).bind(now).bind(id).bind(attempt as i32).execute(&mut *tx).await?;
+            tx.commit().await
+        })?;
         Ok(())
     }
 

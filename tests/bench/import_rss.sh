@@ -30,5 +30,7 @@ echo "$S" | head -c 600; echo
 while true; do L=$(curl -s localhost:$PORT/v1/consumers -H "Authorization: Bearer $AK" | python3 -c 'import json,sys;d=json.load(sys.stdin)["data"];print(sum(c.get("lag") or 0 for c in d))'); [ "$L" = 0 ] && break; sleep 1; done
 echo "consumers caught up $(echo "$(date +%s.%N) - $T0" | bc) s; max RSS kB: $(cat $D/maxrss)"
 curl -s "localhost:$PORT/v1/meters/gb/usage?granularity=total" -H "Authorization: Bearer $AK" | python3 -c 'import json,sys,decimal;d=json.load(sys.stdin)["data"];print("total",sum(decimal.Decimal(str(r["value"])) for r in d))'
+# The kernel's high-water mark of the resident set (exact; the samples above can miss a short peak).
+echo "peak RSS (VmHWM): $(grep VmHWM /proc/$SP/status)"
 kill $SP; wait $SP 2>/dev/null
 du -sh $D; rm -rf $D

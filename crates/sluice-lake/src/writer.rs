@@ -4,7 +4,7 @@
 //! It is a log consumer with its own loop rather than a per-event
 //! [`sluice_consumers`]-style consumer, because its effect is a file that
 //! covers many events: it buffers by size and time (`lake.flush_bytes`,
-//! 64 MiB, and `lake.flush_interval`, 60 s, in the spirit of delivery-stream
+//! 32 MiB, and `lake.flush_interval`, 60 s, in the spirit of delivery-stream
 //! buffering hints) and then, for every buffered partition,
 //!
 //! 1. writes `_tmp/<uuid>.parquet` and renames it into its partition

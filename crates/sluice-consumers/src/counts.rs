@@ -32,7 +32,7 @@ impl Consumer for EventCounts {
 
     async fn handle_batch(&self, b: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, String>> {
         // Count per (customer, UTC day) first: a batch has few distinct ones.
-        let mut n: std::collections::HashMap<(Option<&str>, chrono::NaiveDate), i64> = std::collections::HashMap::new();
+        let mut n: foldhash::HashMap<(Option<&str>, chrono::NaiveDate), i64> = foldhash::HashMap::default();
         for r in &b.rows {
             *n.entry((r.customer_id.as_deref(), r.timestamp.date_naive())).or_default() += 1;
         }

@@ -118,6 +118,25 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// Runs statements on `&mut *$tx` in one write transaction
+/// ([`BeginWrite`]) and commits; evaluates to the body's value. Single
+/// writes use this too, not an autocommit statement on the pool: on SQLite
+/// an autocommit write waits for the write lock in the busy handler (sleeps
+/// of up to 100 ms) instead of the write queue. The job runner's writes
+/// (claims, progress, heartbeats, ends) waited there behind consumer
+/// commits, and the import behind them.
+macro_rules! write_tx {
+    ($store:expr, $tx:ident => $body:expr) => {
+        $crate::on_pool!($store, pool => {
+            let mut $tx = pool.begin_write().await?;
+            let value = $body;
+            $tx.commit().await?;
+            Ok::<_, sqlx::Error>(value)
+        })
+    };
+}
+pub(crate) use write_tx;
+
 /// Starting a write transaction on either backend (`pool.begin_write()`).
 ///
 /// On SQLite, only one transaction writes at a time. Write transactions

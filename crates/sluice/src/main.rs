@@ -7,7 +7,7 @@
 /// Measured on the same 2M-row import (docs/BENCHMARKS.md, session 5):
 /// mimalloc 3 with a 10 ms purge delay peaked at 302 MB, glibc at 415 MB,
 /// jemalloc with the settings below at 190 MB, at the same import speed;
-/// a 1 GB import at 272 MB (kernel high-water mark).
+/// a 1 GB import at 248–258 MiB (kernel high-water mark).
 /// The `system-alloc` feature keeps the system allocator instead, for heap
 /// profilers that hook `malloc` (heaptrack, see docs/BENCHMARKS.md).
 #[cfg(not(feature = "system-alloc"))]

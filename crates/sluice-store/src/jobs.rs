@@ -154,12 +154,12 @@ impl Store {
     pub async fn enqueue_job(&self, j: &NewJob) -> Result<Job> {
         let now = to_micros(Utc::now());
         let id = format!("job_{}", uuid::Uuid::now_v7().simple());
-        write_tx!(self, tx => sqlx::query(
+        on_pool!(self, pool => sqlx::query(
             "INSERT INTO jobs (id, workspace, kind, state, payload, errors, progress_done, attempts, max_attempts, run_after, \
              cancel_requested, created_by, created_at, updated_at) VALUES ($1, $2, $3, 'queued', $4, '[]', 0, 0, $5, $6, $7, $8, $6, $6)")
             .bind(&id).bind(&j.workspace).bind(&j.kind).bind(j.payload.to_string()).bind(j.max_attempts.max(1) as i32)
             .bind(now).bind(false).bind(&j.created_by)
-            .execute(&mut *tx).await?.rows_affected())?;
+            .execute(pool).await.map(|_| ()))?;
         self.get_job(None, &id).await
     }
 
@@ -223,9 +223,9 @@ impl Store {
     /// nothing it reports afterwards is recorded.
     pub async fn heartbeat_job(&self, id: &str, attempt: u32, lease: std::time::Duration) -> Result<Option<bool>> {
         let until = to_micros(Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30)));
-        let row: Option<(bool,)> = write_tx!(self, tx => sqlx::query_as(
+        let row: Option<(bool,)> = on_pool!(self, pool => sqlx::query_as(
             "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND state = 'running' AND attempts = $3 RETURNING cancel_requested")
-            .bind(until).bind(id).bind(attempt as i32).fetch_optional(&mut *tx).await?)?;
+            .bind(until).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
         Ok(row.map(|(c,)| c))
     }
 
@@ -282,10 +282,10 @@ impl Store {
             "UPDATE jobs SET state = $1, result = $2, error = $3, errors = $4, run_after = $5, finished_at = $6, \
              lease_until = NULL, updated_at = $7 WHERE id = $8 AND state = 'running' AND attempts = $9 RETURNING {COLUMNS}"
         );
-        let row: Option<Row> = write_tx!(self, tx => sqlx::query_as(&sql)
+        let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
             .bind(state).bind(result).bind(error).bind(serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()))
             .bind(to_micros(run_after)).bind(finished.map(to_micros)).bind(to_micros(now)).bind(id).bind(attempt as i32)
-            .fetch_optional(&mut *tx).await?)?;
+            .fetch_optional(pool).await)?;
         row.map(Job::from).ok_or_else(lost)
     }
 
@@ -297,8 +297,8 @@ impl Store {
             "UPDATE jobs SET state = $1, result = $2, finished_at = $3, lease_until = NULL, updated_at = $3 \
              WHERE id = $4 AND state = 'running' AND attempts = $5 RETURNING {COLUMNS}"
         );
-        let row: Option<Row> =
-            write_tx!(self, tx => sqlx::query_as(&sql).bind(state).bind(result).bind(now).bind(id).bind(attempt as i32).fetch_optional(&mut *tx).await?)?;
+        let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(state).bind(result).bind(now).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
         Ok(row.map(Job::from))
     }
 
@@ -309,14 +309,14 @@ impl Store {
         let job = self.get_job(Some(workspace), id).await?;
         match job.state.as_str() {
             "queued" => {
-                write_tx!(self, tx => sqlx::query(
+                on_pool!(self, pool => sqlx::query(
                     "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1 WHERE id = $2 AND state = 'queued'")
-                    .bind(now).bind(id).execute(&mut *tx).await?.rows_affected())?;
+                    .bind(now).bind(id).execute(pool).await.map(|_| ()))?;
             }
             "running" => {
-                write_tx!(self, tx => sqlx::query(
+                on_pool!(self, pool => sqlx::query(
                     "UPDATE jobs SET cancel_requested = $1, updated_at = $2 WHERE id = $3 AND state = 'running'")
-                    .bind(true).bind(now).bind(id).execute(&mut *tx).await?.rows_affected())?;
+                    .bind(true).bind(now).bind(id).execute(pool).await.map(|_| ()))?;
             }
             other => return Err(StoreError::Conflict(format!("job is {other}; only queued or running jobs can be cancelled"))),
         }
@@ -326,10 +326,10 @@ impl Store {
     /// Queues a failed or cancelled job again, with fresh attempts.
     pub async fn retry_job(&self, workspace: &str, id: &str) -> Result<Job> {
         let now = to_micros(Utc::now());
-        let n = write_tx!(self, tx => sqlx::query(
+        let n = on_pool!(self, pool => sqlx::query(
             "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $1, finished_at = NULL, cancel_requested = $2, \
              updated_at = $1 WHERE id = $3 AND workspace = $4 AND state IN ('failed', 'cancelled')")
-            .bind(now).bind(false).bind(id).bind(workspace).execute(&mut *tx).await?.rows_affected())?;
+            .bind(now).bind(false).bind(id).bind(workspace).execute(pool).await.map(|r| r.rows_affected()))?;
         if n == 0 {
             let job = self.get_job(Some(workspace), id).await?;
             return Err(StoreError::Conflict(format!("job is {}; only failed or cancelled jobs can be retried", job.state)));

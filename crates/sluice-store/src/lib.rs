@@ -119,12 +119,17 @@ macro_rules! on_pool {
 pub(crate) use on_pool;
 
 /// Runs statements on `&mut *$tx` in one write transaction
-/// ([`BeginWrite`]) and commits; evaluates to the body's value. Single
-/// writes use this too, not an autocommit statement on the pool: on SQLite
-/// an autocommit write waits for the write lock in the busy handler (sleeps
-/// of up to 100 ms) instead of the write queue. The job runner's writes
-/// (claims, progress, heartbeats, ends) waited there behind consumer
-/// commits, and the import behind them.
+/// ([`BeginWrite`]) and commits; evaluates to the body's value.
+///
+/// A single write that may wait behind a large commit (a consumer writing
+/// thousands of usage buckets) uses this rather than an autocommit
+/// statement on the pool: on SQLite an autocommit write waits for the write
+/// lock in the busy handler (sleeps of up to 100 ms), not in the write
+/// queue. Job claims and progress waited there during imports (session 5).
+/// Short writes that rarely meet a large commit (a job's enqueue and end,
+/// heartbeats) stay autocommit statements: the transaction's extra round
+/// trips cost the job runner about a quarter of its throughput
+/// (`sluice bench jobs`, SQLite and PostgreSQL).
 macro_rules! write_tx {
     ($store:expr, $tx:ident => $body:expr) => {
         $crate::on_pool!($store, pool => {

@@ -362,6 +362,7 @@ fn write_groups(
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    background_priority();
                     let mut out = Vec::new();
                     let mut enricher = sluice_enrich::Enricher::new();
                     loop {
@@ -391,6 +392,19 @@ fn write_groups(
     match sync_files(root, &ok) {
         Ok(()) => Ok(ok),
         Err(e) => Err((ok, format!("making lake files durable: {e}"))),
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice +10 on Linux): encoding
+/// Parquet is background work, and while ingest, the consumers or queries
+/// want both cores they come first. The lake then lags a little longer
+/// behind a large import (its buffer stays bounded by `lake.flush_bytes`:
+/// it reads no further until the flush is written) and catches up as soon
+/// as a core is free. An idle machine writes at full speed.
+fn background_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!(error = %e, "cannot lower the lake writer thread's priority");
     }
 }
 

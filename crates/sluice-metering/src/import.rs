@@ -70,6 +70,7 @@ pub struct UsageImport {
     pub ingestor: Ingestor,
 }
 
+#[derive(Clone)]
 struct Columns {
     customer: usize,
     subscription: Option<usize>,
@@ -593,8 +594,70 @@ struct Validated<R = Repeats> {
     used_meters: HashSet<u32>,
 }
 
+/// Records per chunk that pass 1 hands to a parsing thread.
+const CHUNK_RECORDS: usize = 4096;
+
+/// What a parsing thread made of one chunk of records (pass 1).
+struct Chunk {
+    /// The valid rows, in the spool's encoding, in file order.
+    spool: Vec<u8>,
+    /// Contents of the valid rows without an `id`, in file order.
+    contents: Vec<[u8; 32]>,
+    used_meters: HashSet<u32>,
+    rows: u64,
+    rejected: u64,
+    /// The chunk's first [`MAX_ERRORS`] errors.
+    errors: Vec<Value>,
+    errors_total: u64,
+    /// The records, given back for reuse.
+    records: Vec<csv::StringRecord>,
+}
+
+/// Validates a chunk of records (the work of pass 1 that does not depend on
+/// other rows).
+fn parse_chunk(parser: &mut RowParser<'_>, records: Vec<csv::StringRecord>) -> std::io::Result<Chunk> {
+    let mut c = Chunk {
+        spool: Vec::with_capacity(records.len() * 96),
+        contents: Vec::with_capacity(records.len()),
+        used_meters: HashSet::new(),
+        rows: 0,
+        rejected: 0,
+        errors: Vec::new(),
+        errors_total: 0,
+        records: Vec::new(),
+    };
+    for rec in &records {
+        if rec.iter().all(|f| f.trim_ascii().is_empty()) {
+            continue; // blank line
+        }
+        let line = rec.position().map_or(0, |p| p.line());
+        c.rows += 1;
+        match parser.parse(rec, line) {
+            Ok(row) => {
+                if row.given_id.is_none() {
+                    c.contents.push(row.content);
+                }
+                c.used_meters.insert(row.meter);
+                row.write(&mut c.spool)?;
+            }
+            Err(errs) => {
+                c.rejected += 1;
+                c.errors_total += errs.len() as u64;
+                let room = MAX_ERRORS.saturating_sub(c.errors.len());
+                c.errors.extend(errs.into_iter().take(room));
+            }
+        }
+    }
+    c.records = records;
+    Ok(c)
+}
+
 /// Pass 1: reads the CSV once, validates every row and writes the valid ones
-/// to the spool.
+/// to the spool. This thread reads records (the csv crate: quoting, UTF-8)
+/// in chunks; parsing threads validate them (times, decimals, the content
+/// hash: most of the work); this thread writes their results in file order,
+/// so the spool, the errors and the occurrence numbers are what one thread
+/// would make.
 fn validate(
     path: &Path,
     spool_path: &Path,
@@ -604,12 +667,12 @@ fn validate(
     cancel: &AtomicBool,
 ) -> Result<Validated, JobError> {
     let fatal = |error: String, result: Value| JobError::Fatal { error, result };
+    let spool_error = |e: std::io::Error| JobError::Failed(format!("writing the import spool: {e}"));
     let spool_file = std::fs::File::create(spool_path).map_err(|e| JobError::Failed(format!("creating the import spool: {e}")))?;
     let mut spool = std::io::BufWriter::with_capacity(1 << 20, spool_file);
     let mut rdr = reader(path).map_err(|e| fatal(e.clone(), json!({"errors": [], "errors_total": 0})))?;
     let headers = rdr.headers().map_err(|e| fatal(format!("row 1: cannot read the header row: {e}"), json!({})))?.clone();
     let cols = columns(&headers).map_err(|e| fatal(e.clone(), json!({"errors": [error(1, "", "", e)], "errors_total": 1})))?;
-    let mut parser = RowParser::new(cols, meters, tz, workspace);
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let mut v = Validated {
         rows_total: 0,
@@ -619,49 +682,96 @@ fn validate(
         repeats: RepeatFinder::for_bytes(file_bytes),
         used_meters: HashSet::new(),
     };
-    let mut rec = csv::StringRecord::new();
-    loop {
-        let row = rdr.position().line();
-        match rdr.read_record(&mut rec) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                let msg = match e.kind() {
-                    csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8 (save the file as UTF-8)".to_owned(),
-                    _ => format!("cannot read the row: {e}"),
-                };
-                let line = e.position().map_or(row, |p| p.line());
-                return Err(fatal(format!("row {line}: {msg}"), json!({"errors": [error(line, "", "", msg)], "errors_total": 1})));
-            }
-        }
-        if rec.iter().all(|f| f.trim_ascii().is_empty()) {
-            continue; // blank line
-        }
-        let line = rec.position().map_or(row, |p| p.line());
-        v.rows_total += 1;
-        match parser.parse(&rec, line) {
-            Ok(row) => {
-                if row.given_id.is_none() {
-                    v.repeats.add(&row.content);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let mut free: Vec<Vec<csv::StringRecord>> = Vec::new();
+    let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<csv::StringRecord>)>(threads);
+    let work_rx = std::sync::Mutex::new(work_rx);
+    std::thread::scope(|s| -> Result<(), JobError> {
+        // Owned here: returning (also on an error) closes the channel, so the
+        // parsing threads end before the scope waits for them.
+        let work_tx = work_tx;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(u64, std::io::Result<Chunk>)>();
+        for _ in 0..threads {
+            let (done_tx, work_rx, cols) = (done_tx.clone(), &work_rx, cols.clone());
+            s.spawn(move || {
+                let mut parser = RowParser::new(cols, meters, tz, workspace);
+                loop {
+                    let next = work_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
+                    let Ok((seq, records)) = next else { return };
+                    // A panic is an error of this chunk (the import fails), not a
+                    // chunk that never arrives.
+                    let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_chunk(&mut parser, records)))
+                        .unwrap_or_else(|_| Err(std::io::Error::other("a parsing thread panicked")));
+                    if done_tx.send((seq, chunk)).is_err() {
+                        return;
+                    }
                 }
-                v.used_meters.insert(row.meter);
-                row.write(&mut spool).map_err(|e| JobError::Failed(format!("writing the import spool: {e}")))?;
+            });
+        }
+        drop(done_tx);
+        // Chunks sent, chunks written, and those parsed ahead of their turn.
+        let (mut sent, mut written) = (0u64, 0u64);
+        let mut ahead: std::collections::BTreeMap<u64, Chunk> = Default::default();
+        let mut collect = |v: &mut Validated<RepeatFinder>, free: &mut Vec<Vec<csv::StringRecord>>, written: &mut u64| -> Result<(), JobError> {
+            let (seq, chunk) = done_rx.recv().map_err(|_| JobError::Failed("an import parsing thread stopped".into()))?;
+            ahead.insert(seq, chunk.map_err(spool_error)?);
+            while let Some(c) = ahead.remove(written) {
+                *written += 1;
+                spool.write_all(&c.spool).map_err(spool_error)?;
+                for content in &c.contents {
+                    v.repeats.add(content);
+                }
+                v.used_meters.extend(c.used_meters);
+                v.rows_total += c.rows;
+                v.rows_rejected += c.rejected;
+                v.errors_total += c.errors_total;
+                let room = MAX_ERRORS.saturating_sub(v.errors.len());
+                v.errors.extend(c.errors.into_iter().take(room));
+                free.push(c.records);
             }
-            Err(errs) => {
-                v.rows_rejected += 1;
-                v.errors_total += errs.len() as u64;
-                for e in errs {
-                    if v.errors.len() < MAX_ERRORS {
-                        v.errors.push(e);
+            Ok(())
+        };
+        let mut end = false;
+        while !end {
+            let mut records = free.pop().unwrap_or_default();
+            let mut n = 0;
+            while n < CHUNK_RECORDS {
+                if records.len() == n {
+                    records.push(csv::StringRecord::new());
+                }
+                let row = rdr.position().line();
+                match rdr.read_record(&mut records[n]) {
+                    Ok(true) => n += 1,
+                    Ok(false) => {
+                        end = true;
+                        break;
+                    }
+                    Err(e) => {
+                        let msg = match e.kind() {
+                            csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8 (save the file as UTF-8)".to_owned(),
+                            _ => format!("cannot read the row: {e}"),
+                        };
+                        let line = e.position().map_or(row, |p| p.line());
+                        return Err(fatal(format!("row {line}: {msg}"), json!({"errors": [error(line, "", "", msg)], "errors_total": 1})));
                     }
                 }
             }
+            records.truncate(n);
+            if n > 0 {
+                work_tx.send((sent, records)).map_err(|_| JobError::Failed("an import parsing thread stopped".into()))?;
+                sent += 1;
+            }
+            // A few chunks in flight: memory stays bounded.
+            while sent - written > threads as u64 + 1 || (end && written < sent) {
+                collect(&mut v, &mut free, &mut written)?;
+            }
+            if cancel.load(Ordering::Acquire) {
+                return Err(JobError::Cancelled);
+            }
         }
-        if v.rows_total % 16_384 == 0 && cancel.load(Ordering::Acquire) {
-            return Err(JobError::Cancelled);
-        }
-    }
-    spool.flush().map_err(|e| JobError::Failed(format!("writing the import spool: {e}")))?;
+        Ok(())
+    })?;
+    spool.flush().map_err(spool_error)?;
     let Validated { rows_total, rows_rejected, errors, errors_total, repeats, used_meters } = v;
     Ok(Validated { rows_total, rows_rejected, errors, errors_total, repeats: repeats.finish(), used_meters })
 }

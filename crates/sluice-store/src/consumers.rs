@@ -7,6 +7,7 @@
 //! exactly-once under at-least-once delivery.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher as _;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -30,24 +31,14 @@ pub struct CountKey {
 
 impl ConsumerCommit {
     /// Folds usage deltas of the same bucket (and counts of the same key)
-    /// into one (usage ends up in bucket order, counts keep their order): a
-    /// commit that carries the effects of many events holds one entry per
-    /// bucket, not one per event. Unique values (`unique_count`) stay one
-    /// entry each. The result commits to the same state as before.
+    /// into one, each in the order of its first entry: a commit that
+    /// carries the effects of many events holds one entry per bucket, not
+    /// one per event. Unique values (`unique_count`) stay one entry each.
+    /// The result commits to the same state as before.
     pub fn compact(&mut self) {
         self.usage = crate::metering::fold(std::mem::take(&mut self.usage));
-        let mut at: std::collections::HashMap<CountKey, usize> = std::collections::HashMap::new();
-        let mut counts: Vec<(CountKey, i64)> = Vec::new();
-        for (k, n) in self.counts.drain(..) {
-            match at.get(&k) {
-                Some(&i) => counts[i].1 += n,
-                None => {
-                    at.insert(k.clone(), counts.len());
-                    counts.push((k, n));
-                }
-            }
-        }
-        self.counts = counts;
+        let state = foldhash::fast::RandomState::default();
+        self.counts = crate::fold_hashed(std::mem::take(&mut self.counts), |(k, _)| state.hash_one(k), |a, b| a.0 == b.0, |a, b| a.1 += b.1);
     }
 }
 

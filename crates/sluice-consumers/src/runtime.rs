@@ -32,7 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sluice_core::{Event, EventBatch, EventLog, Payload, Record};
-use sluice_store::{ConsumerCommit, CountKey, NewAudit, NewDeadLetter, Store};
+use sluice_store::{ConsumerCommit, CountKey, Folder, NewAudit, NewDeadLetter, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -409,6 +409,7 @@ impl Runtime {
     ) -> Option<u64> {
         let name = c.name().to_owned();
         let mut pending = std::mem::replace(&mut carry.commit, ConsumerCommit { consumer: name.clone(), ..Default::default() });
+        let mut folder = std::mem::take(&mut carry.folder);
         let mut next = records.first().map(|r| r.offset)?;
         let mut n_events = 0usize;
         for r in records {
@@ -422,7 +423,7 @@ impl Runtime {
                 Ok(Payload::Batch(batch)) => {
                     if let Some(Ok(effect)) = call_batch(c, &batch, first).await {
                         n_events += batch.rows.len();
-                        push_effect(&mut pending, effect);
+                        push_effect(&mut pending, &mut folder, effect);
                         next = r.offset + 1;
                         continue;
                     }
@@ -438,13 +439,14 @@ impl Runtime {
             // The effects of one record commit together with the checkpoint
             // past it: a batch record is never half applied.
             let mut record = ConsumerCommit { consumer: name.clone(), ..Default::default() };
+            let mut record_folder = Folder::default();
             let mut released = false;
             for event in &events {
                 if *stop.borrow() {
                     return None;
                 }
                 match call(c, event, first).await {
-                    Ok(effect) => push_effect(&mut record, effect),
+                    Ok(effect) => push_effect(&mut record, &mut record_folder, effect),
                     Err(err) => {
                         // Commit the records before this one, then retry this event alone.
                         if !released {
@@ -453,10 +455,11 @@ impl Runtime {
                                 return None;
                             }
                             pending = ConsumerCommit { consumer: name.clone(), ..Default::default() };
+                            folder = Folder::default();
                             released = true;
                         }
                         match self.retry(c, event, (p, r.offset), err, state, stop).await? {
-                            Ok(effect) => push_effect(&mut record, effect),
+                            Ok(effect) => push_effect(&mut record, &mut record_folder, effect),
                             Err((error, first_failed_at)) => {
                                 tracing::warn!(consumer = %name, event = %event.id, error = %error, "event dead-lettered after {} attempts", self.policy.attempts);
                                 metrics::counter!("sluice_consumer_dead_letters_total", "consumer" => name.clone()).increment(1);
@@ -485,13 +488,14 @@ impl Runtime {
                     return None;
                 }
             } else {
-                absorb(&mut pending, record);
+                absorb(&mut pending, &mut folder, record);
             }
             next = r.offset + 1;
         }
         // Carried to the caller, which commits it (with more) soon.
         pending.checkpoint = Some((p, next));
         carry.commit = pending;
+        carry.folder = folder;
         carry.events += n_events;
         metrics::counter!("sluice_consumer_events_total", "consumer" => name).increment(n_events as u64);
         Some(next)
@@ -583,7 +587,7 @@ impl Runtime {
                     None => return,
                     Some(Ok(effect)) => {
                         let mut commit = ConsumerCommit { consumer: name.clone(), replayed: vec![d.id.clone()], ..Default::default() };
-                        push_effect(&mut commit, effect);
+                        push_effect(&mut commit, &mut Folder::default(), effect);
                         if !self.commit(&commit, &mut stop).await {
                             return;
                         }
@@ -621,8 +625,9 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// commit writes, and what the carry holds in memory (~250 bytes each), is
 /// bounded by this, whatever the interval. A stream that touches few
 /// buckets (they fold) commits on time; one that touches new buckets all
-/// the time commits every 16,384 of them (the size at which the carry is
-/// folded, `COMPACT_ENTRIES`).
+/// the time commits every 16,384 of them. Effects are folded as they are
+/// added (`sluice_store::Folder`: one hash lookup each), so the count is
+/// exact.
 const COMMIT_ENTRIES: usize = 16_384;
 /// A carry at least this large is held when the consumer catches up (the
 /// log is being appended in a stream), until it is COMMIT_INTERVAL old…
@@ -634,17 +639,23 @@ const COMMIT_PAUSE: Duration = Duration::from_millis(50);
 /// Effects processed but not committed yet.
 struct Carry {
     commit: ConsumerCommit,
+    /// Folds what is added to `commit`.
+    folder: Folder,
     events: usize,
     since: std::time::Instant,
 }
 
 impl Carry {
     fn new(consumer: &str) -> Carry {
-        Carry { commit: ConsumerCommit { consumer: consumer.to_owned(), ..Default::default() }, events: 0, since: std::time::Instant::now() }
+        Carry {
+            commit: ConsumerCommit { consumer: consumer.to_owned(), ..Default::default() },
+            folder: Folder::default(),
+            events: 0,
+            since: std::time::Instant::now(),
+        }
     }
 
-    /// Usage buckets and count keys carried (after folding, give or take the
-    /// entries added since the last fold: see `maybe_compact`).
+    /// Usage buckets and count keys carried (folded).
     fn entries(&self) -> usize {
         self.commit.usage.len() + self.commit.counts.len()
     }
@@ -684,36 +695,22 @@ async fn call_batch(c: &Arc<dyn Consumer>, batch: &EventBatch, attempt: Attempt)
     }
 }
 
-fn push_effect(commit: &mut ConsumerCommit, effect: Effect) {
-    let before = commit.usage.len() + commit.counts.len();
+/// Adds an effect to `commit` through its folder: memory stays bounded by
+/// the buckets and keys touched, not by the events carried.
+fn push_effect(commit: &mut ConsumerCommit, folder: &mut Folder, effect: Effect) {
     match effect {
         Effect::None => {}
-        Effect::Count(k) => commit.counts.push((k, 1)),
-        Effect::Counts(v) => commit.counts.extend(v),
-        Effect::Usage(u) => commit.usage.extend(u),
-    }
-    maybe_compact(commit, before);
-}
-
-/// Memory stays bounded by the buckets touched, not by the events carried:
-/// equal buckets are folded whenever the entries cross a power of two
-/// (amortized linear).
-fn maybe_compact(commit: &mut ConsumerCommit, before: usize) {
-    let after = commit.usage.len() + commit.counts.len();
-    if after >= COMPACT_ENTRIES && after.ilog2() > before.max(1).ilog2() {
-        commit.compact();
+        Effect::Count(k) => folder.add_counts(commit, [(k, 1)]),
+        Effect::Counts(v) => folder.add_counts(commit, v),
+        Effect::Usage(u) => folder.add_usage(commit, u),
     }
 }
 
-/// Carried effects are folded per bucket once they reach this many entries.
-const COMPACT_ENTRIES: usize = 16_384;
-
-/// Moves the effects of `from` into `into` (not its checkpoint).
-fn absorb(into: &mut ConsumerCommit, from: ConsumerCommit) {
-    let before = into.usage.len() + into.counts.len();
-    into.counts.extend(from.counts);
-    into.usage.extend(from.usage);
-    maybe_compact(into, before);
+/// Moves the effects of `from` into `into` (through `into`'s folder; not
+/// `from`'s checkpoint).
+fn absorb(into: &mut ConsumerCommit, folder: &mut Folder, from: ConsumerCommit) {
+    folder.add_counts(into, from.counts);
+    folder.add_usage(into, from.usage);
     into.dead_letters.extend(from.dead_letters);
     into.replayed.extend(from.replayed);
 }

@@ -292,11 +292,10 @@ impl EventBatch {
                     s.push(char::from(HEX[(x >> 4) as usize]));
                     s.push(char::from(HEX[(x & 15) as usize]));
                 }
-                s
+                EventId::trusted(s)
             } else {
-                r.str()?.to_owned()
+                EventId::parse(r.str()?).map_err(|e| format!("batch: bad id: {e}"))?
             };
-            let id = EventId::parse(id).map_err(|e| format!("batch: bad id: {e}"))?;
             prev = prev.wrapping_add(unzigzag(r.varint()?));
             let timestamp = DateTime::from_timestamp_micros(prev).ok_or("batch: time out of range")?;
             let customer_id = if flags & 2 != 0 { Some(get(r.varint()?, &dict)?) } else { None };

@@ -42,6 +42,71 @@ impl ConsumerCommit {
     }
 }
 
+/// Folds effects into a [`ConsumerCommit`] as they arrive: each usage delta
+/// and count is merged into the entry of its bucket or key (found by hash,
+/// without copying a key), so the commit always holds one entry per bucket
+/// and key. A consumer that carries the effects of many reads into one
+/// commit adds them through a folder instead of folding the whole carry
+/// again and again ([`ConsumerCommit::compact`]).
+///
+/// A folder indexes the entries of one commit: use it with the commit it
+/// started with (empty, or compacted by [`Folder::of`]) and add every
+/// effect through it.
+#[derive(Default)]
+pub struct Folder {
+    state: foldhash::fast::RandomState,
+    /// Positions in `usage` of the deltas without a unique value.
+    usage: hashbrown::HashTable<usize>,
+    /// Positions in `counts`.
+    counts: hashbrown::HashTable<usize>,
+}
+
+impl Folder {
+    /// A folder of `commit`'s current entries (folding them first).
+    pub fn of(commit: &mut ConsumerCommit) -> Folder {
+        let usage = std::mem::take(&mut commit.usage);
+        let counts = std::mem::take(&mut commit.counts);
+        let mut f = Folder::default();
+        f.add_usage(commit, usage);
+        f.add_counts(commit, counts);
+        f
+    }
+
+    /// Adds usage deltas to `commit`.
+    pub fn add_usage(&mut self, commit: &mut ConsumerCommit, deltas: impl IntoIterator<Item = crate::metering::UsageDelta>) {
+        let (state, table, out) = (&self.state, &mut self.usage, &mut commit.usage);
+        for d in deltas {
+            if d.unique.is_some() {
+                out.push(d); // unique values stay one entry each
+                continue;
+            }
+            let h = state.hash_one(d.key());
+            match table.find(h, |&i| out[i].key() == d.key()).copied() {
+                Some(i) => out[i].merge(&d),
+                None => {
+                    table.insert_unique(h, out.len(), |&i| state.hash_one(out[i].key()));
+                    out.push(d);
+                }
+            }
+        }
+    }
+
+    /// Adds counts to `commit`.
+    pub fn add_counts(&mut self, commit: &mut ConsumerCommit, counts: impl IntoIterator<Item = (CountKey, i64)>) {
+        let (state, table, out) = (&self.state, &mut self.counts, &mut commit.counts);
+        for (k, n) in counts {
+            let h = state.hash_one(&k);
+            match table.find(h, |&i| out[i].0 == k).copied() {
+                Some(i) => out[i].1 += n,
+                None => {
+                    table.insert_unique(h, out.len(), |&i| state.hash_one(&out[i].0));
+                    out.push((k, n));
+                }
+            }
+        }
+    }
+}
+
 /// A dead letter to create.
 #[derive(Debug, Clone)]
 pub struct NewDeadLetter {
@@ -559,6 +624,38 @@ mod tests {
             latest_value: Some(v),
             unique: unique.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn a_folder_folds_what_is_added_as_compact_does() {
+        let key = |c: &str| CountKey { workspace: "w".into(), event_type: "t".into(), customer_id: c.into(), day: "2024-01-01".into() };
+        let usage = || {
+            vec![
+                delta("a", 0, "0.1", 5, None),
+                delta("b", 0, "2", 1, None),
+                delta("a", 0, "0.2", 5, None),
+                delta("a", 900, "7", 9, None),
+                delta("a", 0, "1", 0, Some("x")),
+                delta("a", 0, "1", 0, Some("x")),
+            ]
+        };
+        let mut compacted = ConsumerCommit { usage: usage(), counts: vec![(key("a"), 1), (key("b"), 2), (key("a"), 3)], ..Default::default() };
+        compacted.compact();
+        // The same effects added in three steps, one of them an unfolded commit.
+        let mut c = ConsumerCommit { usage: usage()[..2].to_vec(), counts: vec![(key("a"), 1), (key("a"), 0)], ..Default::default() };
+        let mut folder = Folder::of(&mut c);
+        assert_eq!(c.usage.len(), 2);
+        assert_eq!(c.counts, vec![(key("a"), 1)]);
+        folder.add_usage(&mut c, usage()[2..].to_vec());
+        folder.add_counts(&mut c, [(key("b"), 2), (key("a"), 3)]);
+        let sorted = |v: &[UsageDelta]| {
+            let mut v = v.to_vec();
+            v.sort_by(|a, b| (a.unique.is_some(), a.sort_key()).cmp(&(b.unique.is_some(), b.sort_key())));
+            v
+        };
+        assert_eq!(sorted(&c.usage), sorted(&compacted.usage));
+        assert_eq!(c.counts, compacted.counts);
+        assert_eq!(c.usage.len(), 5);
     }
 
     #[test]

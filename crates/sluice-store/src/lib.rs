@@ -33,7 +33,7 @@ pub mod testing;
 mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
-pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, NewDeadLetter, Webhook};
+pub use consumers::{ConsumerCommit, CountKey, Folder, DeadLetter, Delivery, NewDeadLetter, Webhook};
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};

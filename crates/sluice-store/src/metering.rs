@@ -263,7 +263,8 @@ macro_rules! apply_usage {
         }
     }};
     (@select sqlite, $tx:ident, $keys:expr) => {{
-        let json = serde_json::Value::Array($keys.iter().map(|k| serde_json::json!([k.0, k.1, k.2, k.3, k.4, k.5])).collect()).to_string();
+        // Tuples serialize as JSON arrays straight into the text (no Value tree).
+        let json = serde_json::to_string($keys).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query_as(
             "SELECT workspace, meter_key, customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
              FROM usage_buckets WHERE (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start) IN \
@@ -283,10 +284,11 @@ macro_rules! apply_usage {
     }};
     (@upsert sqlite, $tx:ident, $rows:expr) => {{
         let dec = |v: &Option<rust_decimal::Decimal>| v.map(|v| v.normalize().to_string());
-        let json = serde_json::Value::Array($rows.iter().map(|d| serde_json::json!([
-            d.workspace, d.meter, d.customer_id, d.subscription_id, d.group_key, d.bucket_start, d.count,
+        let rows: Vec<_> = $rows.iter().map(|d| (
+            &d.workspace, &d.meter, &d.customer_id, &d.subscription_id, &d.group_key, d.bucket_start, d.count,
             d.sum.normalize().to_string(), dec(&d.min), dec(&d.max), d.latest_at, dec(&d.latest_value)
-        ])).collect()).to_string();
+        )).collect();
+        let json = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query(
             "INSERT INTO usage_buckets (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value) \
              SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, value->>11 \

@@ -266,9 +266,15 @@ macro_rules! apply_usage {
         // Tuples serialize as JSON arrays straight into the text (no Value tree).
         let json = serde_json::to_string($keys).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query_as(
-            "SELECT workspace, meter_key, customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
-             FROM usage_buckets WHERE (workspace, meter_key, customer_id, subscription_id, group_key, bucket_start) IN \
-             (SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5 FROM json_each($1))")
+            // A join from the keys, not `(…) IN (SELECT … FROM json_each)`: for
+            // the IN form SQLite's planner searches the primary key on its
+            // first five columns only and filters bucket_start, scanning
+            // every bucket of a customer per key (2× slower on 21,000
+            // buckets, and worse the longer a customer's history).
+            "SELECT b.workspace, b.meter_key, b.customer_id, b.subscription_id, b.group_key, b.bucket_start, b.count, b.sum, b.min, b.max, \
+             b.latest_at, b.latest_value FROM json_each($1) k CROSS JOIN usage_buckets b ON b.workspace = k.value->>0 \
+             AND b.meter_key = k.value->>1 AND b.customer_id = k.value->>2 AND b.subscription_id = k.value->>3 \
+             AND b.group_key = k.value->>4 AND b.bucket_start = k.value->>5")
             .bind(json).fetch_all(&mut *$tx).await?
     }};
     (@select postgres, $tx:ident, $keys:expr) => {{

@@ -36,9 +36,7 @@ impl ConsumerCommit {
     /// one per event. Unique values (`unique_count`) stay one entry each.
     /// The result commits to the same state as before.
     pub fn compact(&mut self) {
-        self.usage = crate::metering::fold(std::mem::take(&mut self.usage));
-        let state = foldhash::fast::RandomState::default();
-        self.counts = crate::fold_hashed(std::mem::take(&mut self.counts), |(k, _)| state.hash_one(k), |a, b| a.0 == b.0, |a, b| a.1 += b.1);
+        Folder::of(self);
     }
 }
 

@@ -290,31 +290,6 @@ pub fn from_micros(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
-/// Folds `items` with equal keys into one, in one pass: the first item of
-/// each key stays, in first-seen order, and later ones are merged into it in
-/// their order. `hash` and `same` must agree (equal keys, equal hashes).
-pub(crate) fn fold_hashed<T>(
-    items: impl IntoIterator<Item = T>,
-    hash: impl Fn(&T) -> u64,
-    same: impl Fn(&T, &T) -> bool,
-    merge: impl Fn(&mut T, T),
-) -> Vec<T> {
-    let items = items.into_iter();
-    let mut out: Vec<T> = Vec::with_capacity(items.size_hint().0);
-    let mut at: hashbrown::HashTable<usize> = hashbrown::HashTable::with_capacity(out.capacity());
-    for item in items {
-        let h = hash(&item);
-        match at.find(h, |&i| same(&out[i], &item)).copied() {
-            Some(i) => merge(&mut out[i], item),
-            None => {
-                at.insert_unique(h, out.len(), |&i| hash(&out[i]));
-                out.push(item);
-            }
-        }
-    }
-    out
-}
-
 fn parse_scope(s: &str) -> Scope {
     // The CHECK constraint makes anything else impossible.
     s.parse().unwrap_or(Scope::Read)

@@ -1,8 +1,6 @@
 //! Meters and the usage read model.
 
 
-use std::hash::BuildHasher as _;
-
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -79,7 +77,7 @@ impl UsageDelta {
 
     /// The bucket, borrowed, in the order deltas are sorted by: the bucket
     /// start first, then the customer, so that most comparisons end before
-    /// comparing strings (carried effects are sorted often, see [`fold`]).
+    /// comparing strings (a commit sorts the buckets it writes).
     pub(crate) fn sort_key(&self) -> (i64, &str, &str, &str, &str, &str) {
         (self.bucket_start, &self.customer_id, &self.subscription_id, &self.group_key, &self.meter, &self.workspace)
     }
@@ -111,29 +109,6 @@ impl UsageDelta {
             self.latest_value = other.latest_value;
         }
     }
-}
-
-/// Folds the deltas of equal buckets into one (`unique_count` deltas are
-/// kept as they are, after the folded ones). Buckets keep the order of
-/// their first delta; deltas of one bucket are merged in their order in
-/// `deltas`. One hash lookup per delta, and no bucket key is copied: the
-/// consumers fold what they carry after every few reads, so this runs on
-/// every delta of a busy stream (it sorted before, which took 18 % of the
-/// server's CPU during a large import).
-pub(crate) fn fold(deltas: Vec<UsageDelta>) -> Vec<UsageDelta> {
-    let state = foldhash::fast::RandomState::default();
-    let mut uniques = Vec::new();
-    let plain = deltas.into_iter().filter_map(|d| {
-        if d.unique.is_some() {
-            uniques.push(d);
-            None
-        } else {
-            Some(d)
-        }
-    });
-    let mut out = crate::fold_hashed(plain, |d| state.hash_one(d.key()), |a, b| a.key() == b.key(), |a, b| a.merge(&b));
-    out.extend(uniques);
-    out
 }
 
 /// Sorts `plain` (deltas without a unique value, owned or borrowed) by

@@ -213,20 +213,19 @@ struct Parsed<'a> {
 
 impl Parsed<'_> {
     /// Writes the row to the spool in [`Row`]'s encoding.
-    fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
-        w.write_all(&self.content)?;
-        w.write_all(&self.meter.to_le_bytes())?;
-        w.write_all(&self.at_us.to_le_bytes())?;
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.content);
+        out.extend_from_slice(&self.meter.to_le_bytes());
+        out.extend_from_slice(&self.at_us.to_le_bytes());
         for s in [Some(self.customer), self.given_id, self.subscription, Some(self.quantity)] {
             match s {
                 Some(s) => {
-                    w.write_all(&(s.len() as u32).to_le_bytes())?;
-                    w.write_all(s.as_bytes())?;
+                    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                    out.extend_from_slice(s.as_bytes());
                 }
-                None => w.write_all(&u32::MAX.to_le_bytes())?,
+                None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
             }
         }
-        Ok(())
     }
 }
 
@@ -615,7 +614,7 @@ struct Chunk {
 
 /// Validates a chunk of records (the work of pass 1 that does not depend on
 /// other rows).
-fn parse_chunk(parser: &mut RowParser<'_>, records: Vec<csv::StringRecord>) -> std::io::Result<Chunk> {
+fn parse_chunk(parser: &mut RowParser<'_>, records: Vec<csv::StringRecord>) -> Chunk {
     let mut c = Chunk {
         spool: Vec::with_capacity(records.len() * 96),
         contents: Vec::with_capacity(records.len()),
@@ -624,9 +623,9 @@ fn parse_chunk(parser: &mut RowParser<'_>, records: Vec<csv::StringRecord>) -> s
         rejected: 0,
         errors: Vec::new(),
         errors_total: 0,
-        records: Vec::new(),
+        records,
     };
-    for rec in &records {
+    for rec in &c.records {
         if rec.iter().all(|f| f.trim_ascii().is_empty()) {
             continue; // blank line
         }
@@ -638,7 +637,7 @@ fn parse_chunk(parser: &mut RowParser<'_>, records: Vec<csv::StringRecord>) -> s
                     c.contents.push(row.content);
                 }
                 c.used_meters.insert(row.meter);
-                row.write(&mut c.spool)?;
+                row.write(&mut c.spool);
             }
             Err(errs) => {
                 c.rejected += 1;
@@ -648,8 +647,7 @@ fn parse_chunk(parser: &mut RowParser<'_>, records: Vec<csv::StringRecord>) -> s
             }
         }
     }
-    c.records = records;
-    Ok(c)
+    c
 }
 
 /// Pass 1: reads the CSV once, validates every row and writes the valid ones
@@ -690,7 +688,8 @@ fn validate(
         // Owned here: returning (also on an error) closes the channel, so the
         // parsing threads end before the scope waits for them.
         let work_tx = work_tx;
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<(u64, std::io::Result<Chunk>)>();
+        // A chunk's result, or None if its parsing thread panicked.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(u64, Option<Chunk>)>();
         for _ in 0..threads {
             let (done_tx, work_rx, cols) = (done_tx.clone(), &work_rx, cols.clone());
             s.spawn(move || {
@@ -700,8 +699,7 @@ fn validate(
                     let Ok((seq, records)) = next else { return };
                     // A panic is an error of this chunk (the import fails), not a
                     // chunk that never arrives.
-                    let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_chunk(&mut parser, records)))
-                        .unwrap_or_else(|_| Err(std::io::Error::other("a parsing thread panicked")));
+                    let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_chunk(&mut parser, records))).ok();
                     if done_tx.send((seq, chunk)).is_err() {
                         return;
                     }
@@ -714,7 +712,7 @@ fn validate(
         let mut ahead: std::collections::BTreeMap<u64, Chunk> = Default::default();
         let mut collect = |v: &mut Validated<RepeatFinder>, free: &mut Vec<Vec<csv::StringRecord>>, written: &mut u64| -> Result<(), JobError> {
             let (seq, chunk) = done_rx.recv().map_err(|_| JobError::Failed("an import parsing thread stopped".into()))?;
-            ahead.insert(seq, chunk.map_err(spool_error)?);
+            ahead.insert(seq, chunk.ok_or_else(|| JobError::Failed("an import parsing thread panicked".into()))?);
             while let Some(c) = ahead.remove(written) {
                 *written += 1;
                 spool.write_all(&c.spool).map_err(spool_error)?;
@@ -890,8 +888,8 @@ mod tests {
             quantity: "12.5",
         };
         let mut buf = Vec::new();
-        p.write(&mut buf).unwrap();
-        p.write(&mut buf).unwrap();
+        p.write(&mut buf);
+        p.write(&mut buf);
         let mut r = std::io::Cursor::new(buf);
         let want = Row {
             content: [7; 32],
@@ -909,8 +907,8 @@ mod tests {
         // through a small buffer (strings cross buffer boundaries).
         let without_id = Parsed { given_id: None, content: [9; 32], ..p };
         let mut buf = Vec::new();
-        p.write(&mut buf).unwrap();
-        without_id.write(&mut buf).unwrap();
+        p.write(&mut buf);
+        without_id.write(&mut buf);
         let mut r = std::io::BufReader::with_capacity(5, std::io::Cursor::new(buf));
         assert_eq!(skim(&mut r).unwrap(), Some(([7; 32], true)));
         assert_eq!(skim(&mut r).unwrap(), Some(([9; 32], false)));

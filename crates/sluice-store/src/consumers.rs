@@ -29,27 +29,17 @@ pub struct CountKey {
     pub day: String,
 }
 
-impl ConsumerCommit {
-    /// Folds usage deltas of the same bucket (and counts of the same key)
-    /// into one, each in the order of its first entry: a commit that
-    /// carries the effects of many events holds one entry per bucket, not
-    /// one per event. Unique values (`unique_count`) stay one entry each.
-    /// The result commits to the same state as before.
-    pub fn compact(&mut self) {
-        Folder::of(self);
-    }
-}
-
 /// Folds effects into a [`ConsumerCommit`] as they arrive: each usage delta
 /// and count is merged into the entry of its bucket or key (found by hash,
 /// without copying a key), so the commit always holds one entry per bucket
-/// and key. A consumer that carries the effects of many reads into one
-/// commit adds them through a folder instead of folding the whole carry
-/// again and again ([`ConsumerCommit::compact`]).
+/// and key, each in the order of its first entry (`unique_count` values stay
+/// one entry each). A consumer that carries the effects of many reads into
+/// one commit adds them through a folder instead of folding the whole carry
+/// again and again; the commit writes the same state either way.
 ///
 /// A folder indexes the entries of one commit: use it with the commit it
-/// started with (empty, or compacted by [`Folder::of`]) and add every
-/// effect through it.
+/// started with (empty, or folded by [`Folder::of`]) and add every effect
+/// through it.
 #[derive(Default)]
 pub struct Folder {
     state: foldhash::fast::RandomState,
@@ -625,7 +615,7 @@ mod tests {
     }
 
     #[test]
-    fn a_folder_folds_what_is_added_as_compact_does() {
+    fn a_folder_folds_step_by_step_as_all_at_once() {
         let key = |c: &str| CountKey { workspace: "w".into(), event_type: "t".into(), customer_id: c.into(), day: "2024-01-01".into() };
         let usage = || {
             vec![
@@ -638,7 +628,7 @@ mod tests {
             ]
         };
         let mut compacted = ConsumerCommit { usage: usage(), counts: vec![(key("a"), 1), (key("b"), 2), (key("a"), 3)], ..Default::default() };
-        compacted.compact();
+        Folder::of(&mut compacted);
         // The same effects added in three steps, one of them an unfolded commit.
         let mut c = ConsumerCommit { usage: usage()[..2].to_vec(), counts: vec![(key("a"), 1), (key("a"), 0)], ..Default::default() };
         let mut folder = Folder::of(&mut c);
@@ -657,7 +647,7 @@ mod tests {
     }
 
     #[test]
-    fn compact_folds_equal_buckets_and_keeps_uniques() {
+    fn folding_merges_equal_buckets_and_keeps_uniques() {
         let key = |c: &str| CountKey { workspace: "w".into(), event_type: "t".into(), customer_id: c.into(), day: "2024-01-01".into() };
         let mut c = ConsumerCommit {
             usage: vec![
@@ -671,7 +661,7 @@ mod tests {
             counts: vec![(key("a"), 1), (key("b"), 2), (key("a"), 3)],
             ..Default::default()
         };
-        c.compact();
+        Folder::of(&mut c);
         assert_eq!(c.usage.len(), 5);
         let find = |cust: &str, at: i64| c.usage.iter().filter(|d| d.unique.is_none() && d.customer_id == cust && d.bucket_start == at).collect::<Vec<_>>();
         let a0 = find("a", 0);

@@ -205,6 +205,7 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let stop_signal = shutdown_signal();
     ready.store(true, Ordering::Release);
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "sluice is ready");
     // A plain line for scripts and tests that start the server on port 0.
@@ -220,7 +221,7 @@ async fn run(cfg: Config) -> Result<()> {
             })
             .await
     });
-    shutdown_signal().await;
+    stop_signal.await;
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(());
     let abort = server.abort_handle();
@@ -358,20 +359,27 @@ async fn run_retention(log: Arc<dyn EventLog>, every: Duration) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    // The handlers are registered here, at once, not when the future is
+    // first polled: a SIGTERM that arrives right after the server announced
+    // itself must drain it, not kill it (the default action).
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        async fn recv(s: Option<Signal>) {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+        let (term, int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+        async move { tokio::select! { _ = recv(term) => {}, _ = recv(int) => {} } }
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

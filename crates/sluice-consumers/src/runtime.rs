@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sluice_core::{Event, EventBatch, EventLog, Payload, Record};
+use sluice_core::{Bursts, Event, EventBatch, EventLog, Payload, Record};
 use sluice_store::{ConsumerCommit, CountKey, Folder, NewAudit, NewDeadLetter, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -147,6 +147,7 @@ pub struct Runtime {
     store: Store,
     policy: RetryPolicy,
     batch: usize,
+    bursts: Bursts,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -175,7 +176,14 @@ impl Runtime {
     /// A runtime over `log` and `store`. `batch` is the most records a worker
     /// reads and commits at once.
     pub fn new(log: Arc<dyn EventLog>, store: Store, policy: RetryPolicy, batch: usize) -> Arc<Runtime> {
-        Arc::new(Runtime { log, store, policy, batch: batch.max(1), running: Mutex::new(HashMap::new()) })
+        Arc::new(Runtime { log, store, policy, batch: batch.max(1), bursts: Bursts::default(), running: Mutex::new(HashMap::new()) })
+    }
+
+    /// Where producers of this process announce bursts of appends (a CSV
+    /// import): during one, consumers hold their effects until it ends
+    /// rather than commit at every pause of the stream.
+    pub fn bursts(&self) -> &Bursts {
+        &self.bursts
     }
 
     /// Starts a consumer (one worker per partition and a replay loop).
@@ -325,12 +333,15 @@ impl Runtime {
             }
         };
         let mut appended = self.log.subscribe();
+        let mut bursts = self.bursts.subscribe();
         let lag_gauge = metrics::gauge!("sluice_consumer_lag", "consumer" => name.clone(), "partition" => p.to_string());
         // Effects of records processed but not committed yet: when the log
         // keeps delivering, several reads share one commit (see COMMIT_*).
         let mut carry = Carry::new(&name);
         // The last wait for appends ended without one: the stream paused.
         let mut paused = false;
+        // A burst ended since the last commit: commit once caught up.
+        let mut burst_ended = false;
         loop {
             if *stop.borrow() {
                 return;
@@ -360,19 +371,34 @@ impl Runtime {
                 // within COMMIT_PAUSE): then wait for more appends until the
                 // carry is COMMIT_INTERVAL old, so a stream that arrives a
                 // little slower than it is consumed still shares commits.
-                // A trickle, or the end of a stream, commits at once.
+                // A trickle, or the end of a stream, commits at once. While a
+                // producer of this process announced a burst (`Bursts`), the
+                // carry is held whatever the pauses, until the burst ends.
                 let pending = !carry.is_empty();
-                let hold = !paused && carry.events >= COMMIT_HOLD_EVENTS && carry.since.elapsed() < COMMIT_INTERVAL;
+                let in_burst = *bursts.borrow_and_update() > 0;
+                let young = carry.since.elapsed() < COMMIT_INTERVAL;
+                let hold = pending && young && !burst_ended && (in_burst || (!paused && carry.events >= COMMIT_HOLD_EVENTS));
                 if pending && !hold {
                     if !self.commit(&carry.commit, &mut stop).await {
                         return;
                     }
                     carry = Carry::new(&name);
+                    burst_ended = false;
                 }
-                let wait = if hold { COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()).min(COMMIT_PAUSE) } else { Duration::from_secs(1) };
+                let wait = match (hold, in_burst) {
+                    (true, true) => COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()),
+                    (true, false) => COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()).min(COMMIT_PAUSE),
+                    (false, _) => Duration::from_secs(1),
+                };
                 paused = tokio::select! {
                     _ = appended.changed() => false,
                     _ = stop.changed() => false,
+                    _ = bursts.changed(), if in_burst => {
+                        // Its last records were appended before it ended: read
+                        // them, then commit without waiting for more.
+                        burst_ended = *bursts.borrow() == 0;
+                        false
+                    }
                     _ = tokio::time::sleep(wait) => hold,
                 };
                 continue;

@@ -48,7 +48,7 @@ use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use sluice_core::{BatchHeader, BatchRow, EventBatch, EventId, WorkspaceName};
+use sluice_core::{BatchHeader, BatchRow, Bursts, EventBatch, EventId, WorkspaceName};
 use sluice_ingest::Ingestor;
 use sluice_jobs::{JobContext, JobError, JobHandler};
 use sluice_store::{Job, Meter};
@@ -68,6 +68,10 @@ const IN_FLIGHT: usize = 4;
 pub struct UsageImport {
     /// Where accepted rows go.
     pub ingestor: Ingestor,
+    /// Where pass 2 announces its burst of appends, so that the consumers
+    /// of this process commit once it ends rather than at every pause
+    /// (`sluice_consumers::Runtime::bursts`).
+    pub bursts: Bursts,
 }
 
 #[derive(Clone)]
@@ -508,6 +512,8 @@ impl JobHandler for UsageImport {
         let (mut imported, mut duplicate, mut processed) = (0u64, 0u64, rows_rejected);
         let mut open: HashMap<u32, Vec<BatchRow>> = HashMap::new();
         let mut in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Result<(u64, u64, u64), JobError>>> = Default::default();
+        // Ends when pass 2 returns, after its last append (or its failure).
+        let burst = self.bursts.begin();
         loop {
             let row = Row::read(&mut spool).map_err(|e| JobError::Failed(format!("reading the import spool: {e}")))?;
             let end = row.is_none();
@@ -572,6 +578,7 @@ impl JobHandler for UsageImport {
             duplicate += d;
             processed += n;
         }
+        drop(burst);
         ctx.progress(processed as i64, Some(rows_total as i64)).await;
         // The upload is removed in `ended`, once success is recorded: a
         // crash before that runs the job again, which needs the file.

@@ -179,7 +179,8 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
     }
     let unique = m.aggregation == "unique_count";
     let path = m.value_property.as_deref().unwrap_or_default();
-    let mut merged: foldhash::HashMap<(Option<&str>, Option<&str>, i64), UsageDelta> = foldhash::HashMap::default();
+    let mut merged: foldhash::HashMap<(Option<&str>, Option<&str>, i64), UsageDelta> =
+        foldhash::HashMap::with_capacity_and_hasher(b.rows.len().min(8192), Default::default());
     let mut uniques = Vec::new();
     for r in &b.rows {
         let mut d = UsageDelta {

@@ -43,10 +43,52 @@ pub struct CountKey {
 #[derive(Default)]
 pub struct Folder {
     state: foldhash::fast::RandomState,
-    /// Positions in `usage` of the deltas without a unique value.
-    usage: hashbrown::HashTable<usize>,
+    /// Deltas without a unique value, by bucket: positions in `usage`.
+    usage: KeyIndex,
     /// Positions in `counts`.
-    counts: hashbrown::HashTable<usize>,
+    counts: KeyIndex,
+}
+
+/// Positions of entries by key, the keys encoded as bytes one after
+/// another in one buffer. Comparing a key is one `memcmp` of bytes that sit
+/// together, not a comparison per string of strings that sit wherever their
+/// entries were allocated: those cache misses were an eighth of an import's
+/// CPU (session 7).
+#[derive(Default)]
+struct KeyIndex {
+    /// Position of the entry, and where its key is in `keys` (start, length).
+    table: hashbrown::HashTable<(usize, usize, usize)>,
+    keys: Vec<u8>,
+    /// The key being looked up.
+    probe: Vec<u8>,
+}
+
+impl KeyIndex {
+    /// The position of the entry whose key `encode` writes; `None` when
+    /// there is none, after indexing that key at position `next`.
+    fn find_or_insert(&mut self, state: &foldhash::fast::RandomState, next: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Option<usize> {
+        let KeyIndex { table, keys, probe } = self;
+        probe.clear();
+        encode(probe);
+        let h = state.hash_one(probe.as_slice());
+        if let Some(&(i, _, _)) = table.find(h, |&(_, at, len)| keys[at..at + len] == probe[..]) {
+            return Some(i);
+        }
+        let at = keys.len();
+        keys.extend_from_slice(probe);
+        let keys = &*keys;
+        table.insert_unique(h, (next, at, probe.len()), |&(_, at, len)| state.hash_one(&keys[at..at + len]));
+        None
+    }
+}
+
+/// Appends strings, each with its length first (so that distinct keys never
+/// encode alike).
+fn encode_strs<'a>(out: &mut Vec<u8>, strs: impl IntoIterator<Item = &'a str>) {
+    for s in strs {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
 }
 
 impl Folder {
@@ -62,34 +104,33 @@ impl Folder {
 
     /// Adds usage deltas to `commit`.
     pub fn add_usage(&mut self, commit: &mut ConsumerCommit, deltas: impl IntoIterator<Item = crate::metering::UsageDelta>) {
-        let (state, table, out) = (&self.state, &mut self.usage, &mut commit.usage);
+        let out = &mut commit.usage;
         for d in deltas {
             if d.unique.is_some() {
                 out.push(d); // unique values stay one entry each
                 continue;
             }
-            let h = state.hash_one(d.key());
-            match table.find(h, |&i| out[i].key() == d.key()).copied() {
+            let found = self.usage.find_or_insert(&self.state, out.len(), |k| {
+                encode_strs(k, [d.workspace.as_str(), &d.meter, &d.customer_id, &d.subscription_id, &d.group_key]);
+                k.extend_from_slice(&d.bucket_start.to_le_bytes());
+            });
+            match found {
                 Some(i) => out[i].merge(&d),
-                None => {
-                    table.insert_unique(h, out.len(), |&i| state.hash_one(out[i].key()));
-                    out.push(d);
-                }
+                None => out.push(d),
             }
         }
     }
 
     /// Adds counts to `commit`.
     pub fn add_counts(&mut self, commit: &mut ConsumerCommit, counts: impl IntoIterator<Item = (CountKey, i64)>) {
-        let (state, table, out) = (&self.state, &mut self.counts, &mut commit.counts);
+        let out = &mut commit.counts;
         for (k, n) in counts {
-            let h = state.hash_one(&k);
-            match table.find(h, |&i| out[i].0 == k).copied() {
+            let found = self.counts.find_or_insert(&self.state, out.len(), |b| {
+                encode_strs(b, [k.workspace.as_str(), &k.event_type, &k.customer_id, &k.day]);
+            });
+            match found {
                 Some(i) => out[i].1 += n,
-                None => {
-                    table.insert_unique(h, out.len(), |&i| state.hash_one(&out[i].0));
-                    out.push((k, n));
-                }
+                None => out.push((k, n)),
             }
         }
     }

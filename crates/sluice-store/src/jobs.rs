@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::BeginWrite as _;
-use crate::{clamp_limit, from_micros, on_pool, to_micros, write_tx, Page, Result, Store, StoreError};
+use crate::{clamp_limit, from_micros, on_pool, to_micros, write_stmt, write_tx, Page, Result, Store, StoreError};
 
 /// A job to enqueue.
 #[derive(Debug, Clone)]
@@ -282,7 +282,7 @@ impl Store {
             "UPDATE jobs SET state = $1, result = $2, error = $3, errors = $4, run_after = $5, finished_at = $6, \
              lease_until = NULL, updated_at = $7 WHERE id = $8 AND state = 'running' AND attempts = $9 RETURNING {COLUMNS}"
         );
-        let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
+        let row: Option<Row> = write_stmt!(self, pool => sqlx::query_as(&sql)
             .bind(state).bind(result).bind(error).bind(serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()))
             .bind(to_micros(run_after)).bind(finished.map(to_micros)).bind(to_micros(now)).bind(id).bind(attempt as i32)
             .fetch_optional(pool).await)?;
@@ -297,7 +297,7 @@ impl Store {
             "UPDATE jobs SET state = $1, result = $2, finished_at = $3, lease_until = NULL, updated_at = $3 \
              WHERE id = $4 AND state = 'running' AND attempts = $5 RETURNING {COLUMNS}"
         );
-        let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
+        let row: Option<Row> = write_stmt!(self, pool => sqlx::query_as(&sql)
             .bind(state).bind(result).bind(now).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
         Ok(row.map(Job::from))
     }

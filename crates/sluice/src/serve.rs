@@ -174,7 +174,7 @@ async fn run(cfg: Config) -> Result<()> {
         vec![
             Arc::new(sluice_consumers::rebuild::ConsumerRebuild),
             Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
-            Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone() }),
+            Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone(), bursts: consumers.bursts().clone() }),
             Arc::new(sluice_lake::compact::Compaction {
                 cfg: sluice_lake::compact::CompactConfig {
                     root: lake_root.clone(),

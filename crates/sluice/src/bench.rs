@@ -407,6 +407,19 @@ fn usage_csv(rows: usize) -> String {
     s
 }
 
+/// CPU time (user + system) a process has used so far, from
+/// `/proc/{pid}/stat` (Linux; `None` elsewhere). Less noisy than wall time
+/// on a shared machine, so it tells whether a change saved work.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th, stime the 13th; in clock ticks (USER_HZ, 100).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 async fn import_bench(args: ImportBenchArgs) -> Result<()> {
     let (url, key, mut server) = spawn_server(args.state_url.as_deref()).await?;
     let http = reqwest::Client::new();
@@ -439,6 +452,8 @@ async fn import_bench(args: ImportBenchArgs) -> Result<()> {
         std::fs::write(p, &csv)?;
     }
     let bytes = csv.len();
+    let pid = server.child.id();
+    let cpu_before = pid.and_then(cpu_seconds);
     let t = Instant::now();
     let r = http.post(format!("{url}/v1/imports?kind=usage")).bearer_auth(&admin).body(csv).send().await?;
     let v: serde_json::Value = r.json().await?;
@@ -466,22 +481,27 @@ async fn import_bench(args: ImportBenchArgs) -> Result<()> {
     }
     let u: serde_json::Value = http.get(format!("{url}/v1/meters/gb/usage?granularity=total")).bearer_auth(&admin).send().await?.json().await?;
     let total = t.elapsed();
+    let cpu = match (cpu_before, pid.and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => format!("{:.2}", b - a),
+        _ => "n/a".into(),
+    };
     let sum: rust_decimal::Decimal = u["data"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|r| r["value"].as_str().and_then(|v| v.parse::<rust_decimal::Decimal>().ok()))
         .sum();
-    println!("| rows | bytes | upload (s) | import job done (s) | meters updated + total queried (s) | rows/s end to end | metered total | 10-row wait=true p50 / max (ms) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| rows | bytes | upload (s) | import job done (s) | meters updated + total queried (s) | rows/s end to end | server CPU (s) | metered total | 10-row wait=true p50 / max (ms) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {:.1} / {:.1} |",
+        "| {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} | {:.1} / {:.1} |",
         args.rows,
         bytes,
         uploaded.as_secs_f64(),
         imported.as_secs_f64(),
         total.as_secs_f64(),
         args.rows as f64 / total.as_secs_f64(),
+        cpu,
         sum,
         small_ms[small_ms.len() / 2],
         small_ms[small_ms.len() - 1]

@@ -38,6 +38,8 @@
 //! and as properties the template with the row's value put at `value_path`
 //! as a JSON string (`{"gb": "12.5"}`; a nested path makes nested objects).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -79,10 +81,12 @@ pub struct BatchRow {
     pub id: EventId,
     /// Event time.
     pub timestamp: DateTime<Utc>,
-    /// Customer.
-    pub customer_id: Option<String>,
-    /// Subscription.
-    pub subscription_id: Option<String>,
+    /// Customer. Shared (`Arc<str>`): a decoded batch's rows point at its
+    /// dictionary entry instead of copying the id per row (three consumers
+    /// decode every batch record).
+    pub customer_id: Option<Arc<str>>,
+    /// Subscription (shared like the customer).
+    pub subscription_id: Option<Arc<str>>,
     /// The value (a decimal number as text), put at `value_path`.
     pub value: Option<String>,
 }
@@ -170,8 +174,8 @@ impl EventBatch {
             event_type: h.event_type.clone(),
             timestamp: r.timestamp,
             received_at: h.received_at,
-            customer_id: r.customer_id.clone(),
-            subscription_id: r.subscription_id.clone(),
+            customer_id: r.customer_id.as_deref().map(str::to_owned),
+            subscription_id: r.subscription_id.as_deref().map(str::to_owned),
             user_id: None,
             properties: raw(&self.properties_of(r)),
             context: raw(&Value::Object(h.context.clone())),
@@ -188,8 +192,8 @@ impl EventBatch {
             event_type: self.header.event_type.clone(),
             timestamp: r.timestamp,
             received_at: self.header.received_at,
-            customer_id: r.customer_id.clone(),
-            subscription_id: r.subscription_id.clone(),
+            customer_id: r.customer_id.as_deref().map(str::to_owned),
+            subscription_id: r.subscription_id.as_deref().map(str::to_owned),
             user_id: None,
             properties: template.properties(self, r),
             context: context.clone(),
@@ -232,9 +236,10 @@ impl EventBatch {
         let mut refs: Vec<u64> = Vec::with_capacity(self.rows.len() * 2);
         for r in &self.rows {
             for s in [&r.customer_id, &r.subscription_id].into_iter().flatten() {
+                let s: &str = s;
                 let next = dict.len() as u64;
-                let i = *lookup.entry(s.as_str()).or_insert_with(|| {
-                    dict.push(s.as_str());
+                let i = *lookup.entry(s).or_insert_with(|| {
+                    dict.push(s);
                     next
                 });
                 refs.push(i);
@@ -282,12 +287,12 @@ impl EventBatch {
         let n_dict = r.len()?;
         let mut dict = Vec::with_capacity(n_dict.min(1 << 16));
         for _ in 0..n_dict {
-            dict.push(r.str()?.to_owned());
+            dict.push(Arc::<str>::from(r.str()?));
         }
         let n = r.len()?;
         let mut rows = Vec::with_capacity(n.min(MAX_BATCH_ROWS * 4));
         let mut prev = 0i64;
-        let get = |i: u64, dict: &[String]| dict.get(i as usize).cloned().ok_or_else(|| format!("batch: dictionary index {i} out of range"));
+        let get = |i: u64, dict: &[Arc<str>]| dict.get(i as usize).cloned().ok_or_else(|| format!("batch: dictionary index {i} out of range"));
         for _ in 0..n {
             let flags = r.take(1)?[0];
             let id = if flags & 1 != 0 {

@@ -142,6 +142,29 @@ impl Row {
     }
 }
 
+/// Customer and subscription ids of pass 2, shared: the rows of a batch
+/// (and the batches in flight) hold one copy of each id, not one per row.
+#[derive(Default)]
+struct Names(foldhash::HashSet<Arc<str>>);
+
+impl Names {
+    /// Bounds the table: a file with millions of distinct ids starts over
+    /// (each id is then still shared within the rows that follow).
+    const MAX: usize = 1 << 16;
+
+    fn get(&mut self, s: String) -> Arc<str> {
+        if let Some(a) = self.0.get(s.as_str()) {
+            return a.clone();
+        }
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        let a: Arc<str> = s.into();
+        self.0.insert(a.clone());
+        a
+    }
+}
+
 /// Reads the next spool row's content and whether it has an `id`, skipping
 /// the rest; `Ok(None)` at the end. (Numbering repeats needs only these.)
 fn skim(r: &mut impl BufRead) -> std::io::Result<Option<([u8; 32], bool)>> {
@@ -512,6 +535,7 @@ impl JobHandler for UsageImport {
         let (mut imported, mut duplicate, mut processed) = (0u64, 0u64, rows_rejected);
         let mut open: HashMap<u32, Vec<BatchRow>> = HashMap::new();
         let mut in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Result<(u64, u64, u64), JobError>>> = Default::default();
+        let mut names = Names::default();
         // Ends when pass 2 returns, after its last append (or its failure).
         let burst = self.bursts.begin();
         loop {
@@ -531,8 +555,8 @@ impl JobHandler for UsageImport {
                     rows.push(BatchRow {
                         id: EventId::parse(id).map_err(|e| JobError::Failed(e.0))?,
                         timestamp: DateTime::from_timestamp_micros(row.at_us).unwrap_or_default(),
-                        customer_id: Some(row.customer),
-                        subscription_id: row.subscription,
+                        customer_id: Some(names.get(row.customer)),
+                        subscription_id: row.subscription.map(|s| names.get(s)),
                         value: meter_list[row.meter as usize].value_property.is_some().then_some(row.quantity),
                     });
                     (rows.len() >= BATCH).then_some(row.meter)

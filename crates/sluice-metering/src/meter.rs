@@ -1,5 +1,7 @@
 //! Meter definitions and how an event becomes usage.
 
+use std::sync::Arc;
+
 use chrono::Timelike;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
@@ -107,11 +109,11 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
         Value::Object(g).to_string()
     };
     let mut d = UsageDelta {
-        workspace: m.workspace.clone(),
-        meter: m.key.clone(),
-        customer_id: e.customer_id.clone().unwrap_or_default(),
-        subscription_id: e.subscription_id.clone().unwrap_or_default(),
-        group_key,
+        workspace: m.workspace.as_str().into(),
+        meter: m.key.as_str().into(),
+        customer_id: e.customer_id.as_deref().unwrap_or_default().into(),
+        subscription_id: e.subscription_id.as_deref().unwrap_or_default().into(),
+        group_key: group_key.into(),
         bucket_start: bucket_of(e.timestamp),
         count: 1,
         sum: Decimal::ZERO,
@@ -179,16 +181,21 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
     }
     let unique = m.aggregation == "unique_count";
     let path = m.value_property.as_deref().unwrap_or_default();
-    let mut merged: foldhash::HashMap<(Option<&str>, Option<&str>, i64), UsageDelta> =
+    // Every delta shares the meter's names and the batch's customer and
+    // subscription ids (no allocation per row).
+    let (workspace, meter, group_key): (Arc<str>, Arc<str>, Arc<str>) = (m.workspace.as_str().into(), m.key.as_str().into(), group_key.into());
+    let none: Arc<str> = Arc::from("");
+    let name = |s: &Option<Arc<str>>| s.clone().unwrap_or_else(|| none.clone());
+    let mut at_row: foldhash::HashMap<(Option<&str>, Option<&str>, i64), usize> =
         foldhash::HashMap::with_capacity_and_hasher(b.rows.len().min(8192), Default::default());
-    let mut uniques = Vec::new();
+    let mut out: Vec<UsageDelta> = Vec::with_capacity(b.rows.len().min(8192));
     for r in &b.rows {
         let mut d = UsageDelta {
-            workspace: String::new(),
-            meter: String::new(),
-            customer_id: String::new(),
-            subscription_id: String::new(),
-            group_key: String::new(),
+            workspace: workspace.clone(),
+            meter: meter.clone(),
+            customer_id: name(&r.customer_id),
+            subscription_id: name(&r.subscription_id),
+            group_key: group_key.clone(),
             bucket_start: bucket_of(r.timestamp),
             count: 1,
             sum: Decimal::ZERO,
@@ -215,30 +222,19 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
                 d.latest_value = Some(v);
             }
         }
-        let key = (r.customer_id.as_deref(), r.subscription_id.as_deref(), d.bucket_start);
         if unique {
-            uniques.push((key, d));
+            out.push(d);
             continue;
         }
-        match merged.get_mut(&key) {
-            Some(m) => m.merge(&d),
-            None => {
-                merged.insert(key, d);
+        // Rows of one bucket fold into its first delta.
+        match at_row.entry((r.customer_id.as_deref(), r.subscription_id.as_deref(), d.bucket_start)) {
+            std::collections::hash_map::Entry::Occupied(e) => out[*e.get()].merge(&d),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(d);
             }
         }
     }
-    let out = merged
-        .into_iter()
-        .chain(uniques)
-        .map(|((c, s, _), d)| UsageDelta {
-            workspace: m.workspace.clone(),
-            meter: m.key.clone(),
-            customer_id: c.unwrap_or_default().to_owned(),
-            subscription_id: s.unwrap_or_default().to_owned(),
-            group_key: group_key.clone(),
-            ..d
-        })
-        .collect();
     Some(Ok(out))
 }
 

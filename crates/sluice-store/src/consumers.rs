@@ -111,7 +111,7 @@ impl Folder {
                 continue;
             }
             let found = self.usage.find_or_insert(&self.state, out.len(), |k| {
-                encode_strs(k, [d.workspace.as_str(), &d.meter, &d.customer_id, &d.subscription_id, &d.group_key]);
+                encode_strs(k, [&*d.workspace, &*d.meter, &*d.customer_id, &*d.subscription_id, &*d.group_key]);
                 k.extend_from_slice(&d.bucket_start.to_le_bytes());
             });
             match found {
@@ -642,8 +642,8 @@ mod tests {
             workspace: "w".into(),
             meter: "m".into(),
             customer_id: customer.into(),
-            subscription_id: String::new(),
-            group_key: String::new(),
+            subscription_id: "".into(),
+            group_key: "".into(),
             bucket_start: bucket,
             count: 1,
             sum: v,
@@ -704,7 +704,7 @@ mod tests {
         };
         Folder::of(&mut c);
         assert_eq!(c.usage.len(), 5);
-        let find = |cust: &str, at: i64| c.usage.iter().filter(|d| d.unique.is_none() && d.customer_id == cust && d.bucket_start == at).collect::<Vec<_>>();
+        let find = |cust: &str, at: i64| c.usage.iter().filter(|d| d.unique.is_none() && &*d.customer_id == cust && d.bucket_start == at).collect::<Vec<_>>();
         let a0 = find("a", 0);
         assert_eq!(a0.len(), 1);
         let a0 = a0[0];

@@ -52,6 +52,7 @@ conformance!(
     jobs_are_claimed_once_in_order,
     jobs_retry_fail_cancel_and_reclaim,
     lake_manifest_commits_with_checkpoints_and_swaps_atomically,
+    usage_commits_merge_into_stored_buckets,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -314,4 +315,52 @@ async fn migrations_are_idempotent_on_reconnect(store: Store) {
     let again = Store::connect(&url).await.unwrap();
     assert_eq!(again.get_workspace("x").await.unwrap().name, "x");
     again.close().await;
+}
+
+/// A usage delta of `value` at `at` (seconds) in bucket `i` of customer `c`.
+fn delta(c: &str, i: i64, value: &str, at: i64) -> sluice_store::UsageDelta {
+    let v: rust_decimal::Decimal = value.parse().unwrap();
+    sluice_store::UsageDelta {
+        workspace: "w".into(),
+        meter: "gb".into(),
+        customer_id: c.into(),
+        subscription_id: "s".into(),
+        group_key: "".into(),
+        bucket_start: i * 900_000_000,
+        count: 1,
+        sum: v,
+        min: Some(v),
+        max: Some(v),
+        latest_at: Some(at * 1_000_000),
+        latest_value: Some(v),
+        unique: None,
+    }
+}
+
+async fn usage_commits_merge_into_stored_buckets(store: Store) {
+    // More buckets than one statement reads or writes (4,096 per chunk,
+    // and on SQLite 256 rows per statement with a remainder of odd size).
+    let n = 4_419;
+    let commit = |usage| sluice_store::ConsumerCommit { consumer: "meters".into(), usage, ..Default::default() };
+    store.commit_consumer(&commit((0..n).map(|i| delta(&format!("c{}", i % 7), i, "0.1", 10)).collect())).await.unwrap();
+    // Again, plus three new buckets: stored aggregates merge with the new ones.
+    let mut again: Vec<_> = (0..n).map(|i| delta(&format!("c{}", i % 7), i, if i % 2 == 0 { "0.2" } else { "0.05" }, 20)).collect();
+    again.extend((n..n + 3).map(|i| delta("new", i, "7", 5)));
+    store.commit_consumer(&commit(again)).await.unwrap();
+
+    let buckets = store.usage_buckets("w", "gb", None, None, None, None).await.unwrap();
+    assert_eq!(buckets.len(), n as usize + 3);
+    let total: rust_decimal::Decimal = buckets.iter().map(|b| b.sum).sum();
+    assert_eq!(total, "0.1".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(n) + "0.2".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(2210) + "0.05".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(2209) + rust_decimal::Decimal::from(21));
+    let at = |c: &str, i: i64| buckets.iter().find(|b| b.customer_id == c && b.bucket_start.timestamp_micros() == i * 900_000_000).unwrap();
+    let b = at("c3", 10);
+    assert_eq!((b.count, b.sum.to_string(), b.min.unwrap().to_string(), b.max.unwrap().to_string()), (2, "0.3".into(), "0.1".into(), "0.2".into()));
+    assert_eq!((b.latest_at.unwrap().timestamp(), b.latest_value.unwrap().to_string()), (20, "0.2".into()));
+    let b = at("c4", 11);
+    assert_eq!((b.count, b.sum.to_string(), b.min.unwrap().to_string(), b.max.unwrap().to_string()), (2, "0.15".into(), "0.05".into(), "0.1".into()));
+    let b = at("new", n + 1);
+    assert_eq!((b.count, b.sum.to_string(), b.latest_value.unwrap().to_string()), (1, "7".into(), "7".into()));
+    // Another customer's filter reads only theirs.
+    let c6 = store.usage_buckets("w", "gb", Some("c6"), None, None, None).await.unwrap();
+    assert_eq!(c6.len(), (0..n).filter(|i| i % 7 == 6).count());
 }

@@ -15,6 +15,16 @@ pub const NAME: &str = "event_counts";
 /// The event_counts consumer.
 pub struct EventCounts;
 
+/// A UTC day as `YYYY-MM-DD` (years 0-9999, as the `event_counts` table
+/// keeps them).
+fn day_text(day: chrono::NaiveDate) -> String {
+    use chrono::Datelike as _;
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(10);
+    let _ = write!(s, "{:04}-{:02}-{:02}", day.year(), day.month(), day.day());
+    s
+}
+
 #[async_trait]
 impl Consumer for EventCounts {
     fn name(&self) -> &str {
@@ -26,13 +36,17 @@ impl Consumer for EventCounts {
             workspace: e.workspace.to_string(),
             event_type: e.event_type.to_string(),
             customer_id: e.customer_id.clone().unwrap_or_default(),
-            day: e.timestamp.format("%Y-%m-%d").to_string(),
+            day: day_text(e.timestamp.date_naive()),
         }))
     }
 
     async fn handle_batch(&self, b: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, String>> {
-        // Count per (customer, UTC day) first: a batch has few distinct ones.
-        let mut n: foldhash::HashMap<(Option<&str>, chrono::NaiveDate), i64> = foldhash::HashMap::default();
+        // Count per (customer, UTC day) first: a batch usually has few
+        // distinct ones (a generated file cycling through 1,000 customers
+        // and 28 days has thousands: hence the sized map and the day
+        // written without chrono's format parser).
+        let mut n: foldhash::HashMap<(Option<&str>, chrono::NaiveDate), i64> =
+            foldhash::HashMap::with_capacity_and_hasher(b.rows.len().min(4096), Default::default());
         for r in &b.rows {
             *n.entry((r.customer_id.as_deref(), r.timestamp.date_naive())).or_default() += 1;
         }
@@ -43,11 +57,24 @@ impl Consumer for EventCounts {
                     workspace: b.header.workspace.to_string(),
                     event_type: b.header.event_type.to_string(),
                     customer_id: customer.unwrap_or_default().to_owned(),
-                    day: day.format("%Y-%m-%d").to_string(),
+                    day: day_text(day),
                 };
                 (key, n)
             })
             .collect();
         Some(Ok(Effect::Counts(counts)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn days_are_written_like_chrono_formats_them() {
+        for d in ["2024-03-01", "0001-01-01", "9999-12-31", "1970-01-01"] {
+            let day: chrono::NaiveDate = d.parse().unwrap();
+            assert_eq!(super::day_text(day), day.format("%Y-%m-%d").to_string());
+        }
     }
 }

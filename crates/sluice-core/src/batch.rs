@@ -296,14 +296,16 @@ impl EventBatch {
         for _ in 0..n {
             let flags = r.take(1)?[0];
             let id = if flags & 1 != 0 {
+                // Written into a buffer, then copied once (a `char` push
+                // per digit checked capacity and encoded UTF-8 32 times).
                 let b = r.take(16)?;
-                let mut s = String::with_capacity(36);
-                s.push_str(HEX_ID_PREFIX);
-                for x in b {
-                    s.push(char::from(HEX[(x >> 4) as usize]));
-                    s.push(char::from(HEX[(x & 15) as usize]));
+                let mut text = [0u8; HEX_ID_PREFIX.len() + 32];
+                text[..HEX_ID_PREFIX.len()].copy_from_slice(HEX_ID_PREFIX.as_bytes());
+                for (pair, x) in text[HEX_ID_PREFIX.len()..].chunks_exact_mut(2).zip(b) {
+                    pair[0] = HEX[(x >> 4) as usize];
+                    pair[1] = HEX[(x & 15) as usize];
                 }
-                EventId::trusted(s)
+                EventId::trusted(String::from_utf8(text.to_vec()).map_err(|e| format!("batch: id: {e}"))?)
             } else {
                 EventId::parse(r.str()?).map_err(|e| format!("batch: bad id: {e}"))?
             };

@@ -85,6 +85,8 @@ pub struct JobContext {
     last_progress: std::sync::Mutex<Option<std::time::Instant>>,
     /// Progress reported but not written yet, and the order of the writes.
     progress_out: Arc<ProgressOut>,
+    /// Dropped once the attempt's end is recorded ([`JobContext::keep_until_recorded`]).
+    kept: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>,
 }
 
 /// Progress writes happen in the background, so a handler never waits for
@@ -118,6 +120,16 @@ impl ProgressOut {
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 impl JobContext {
+    /// Keeps `guard` until the end of this attempt is recorded, then drops
+    /// it: for what must end only after the job does. An import holds its
+    /// burst of appends (`sluice_core::Bursts`) this way: ending it lets
+    /// the consumers commit everything they held, and on SQLite the job's
+    /// last progress and end would queue behind those commits (100-250 ms
+    /// for a million rows) although its rows are long durable.
+    pub fn keep_until_recorded(&self, guard: impl Send + 'static) {
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Box::new(guard));
+    }
+
     /// Records progress: `done` of `total` units (total when known). Returns
     /// at once, the write happens in the background ([`ProgressOut`]);
     /// except the last report (`done == total`), which returns once it and
@@ -274,6 +286,7 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
         lost: lost.clone(),
         last_progress: std::sync::Mutex::new(None),
         progress_out: Arc::default(),
+        kept: std::sync::Mutex::new(Vec::new()),
     };
     // Heartbeat: renew the lease and pick up cancellation requests. Every
     // write is fenced by the attempt number, so if this process stalled past
@@ -310,7 +323,9 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
         Ok(Err(JobError::Failed(e))) => JobEnd::Failed { error: e, retry_in: backoff(cfg.retry_base, job.attempts) },
         Err(_) => JobEnd::Failed { error: "the job handler panicked".into(), retry_in: backoff(cfg.retry_base, job.attempts) },
     };
-    match store.finish_job(&job.id, attempt, &end).await {
+    let recorded = store.finish_job(&job.id, attempt, &end).await;
+    drop(std::mem::take(&mut *ctx.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
+    match recorded {
         Ok(j) => {
             tracing::info!(job = %j.id, kind = %j.kind, state = %j.state, "job attempt ended");
             metrics::counter!("sluice_jobs_finished_total", "kind" => j.kind.clone(), "state" => j.state.clone()).increment(1);

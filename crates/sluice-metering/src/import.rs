@@ -602,7 +602,9 @@ impl JobHandler for UsageImport {
             duplicate += d;
             processed += n;
         }
-        drop(burst);
+        // The burst ends once the job's end is recorded, so that the last
+        // progress and the end do not queue behind the commits it releases.
+        ctx.keep_until_recorded(burst);
         ctx.progress(processed as i64, Some(rows_total as i64)).await;
         // The upload is removed in `ended`, once success is recorded: a
         // crash before that runs the job again, which needs the file.

@@ -121,3 +121,32 @@ async fn a_job_of_a_dead_process_is_reclaimed_and_run_again() {
     assert_eq!(h.order.lock().unwrap().clone(), vec![7]);
     runner.stop().await;
 }
+
+/// Keeps a guard until its end is recorded (as an import keeps its burst).
+struct Keeps(Mutex<Option<tokio::sync::watch::Sender<()>>>);
+
+#[async_trait]
+impl JobHandler for Keeps {
+    fn kind(&self) -> &str {
+        "keeps"
+    }
+    async fn run(&self, _job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
+        let guard = self.0.lock().unwrap().take().unwrap();
+        ctx.keep_until_recorded(guard);
+        Ok(json!({}))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_guard_ends_after_the_job_end_is_recorded() {
+    let (store, _dir) = store().await;
+    let (tx, mut rx) = tokio::sync::watch::channel(());
+    let cfg = RunnerConfig { lease: Duration::from_secs(5), poll: Duration::from_millis(20), retry_base: Duration::from_millis(10) };
+    let id = store.enqueue_job(&NewJob { kind: "keeps".into(), ..new(0) }).await.unwrap().id;
+    let runner = Runner::start(store.clone(), vec![Arc::new(Keeps(Mutex::new(Some(tx))))], cfg);
+    // The receiver sees the sender closed when the runner drops the guard:
+    // by then the job's end is in the store.
+    tokio::time::timeout(Duration::from_secs(20), async { while rx.changed().await.is_ok() {} }).await.unwrap();
+    assert_eq!(store.get_job(None, &id).await.unwrap().state, "succeeded");
+    runner.stop().await;
+}

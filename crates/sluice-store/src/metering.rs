@@ -162,7 +162,9 @@ fn dec(s: Option<String>) -> Option<Decimal> {
     s.and_then(|s| s.parse().ok())
 }
 
-/// Usage buckets read and written per statement when a commit applies usage.
+/// Usage buckets read and written together when a commit applies usage
+/// (one statement each on PostgreSQL; on SQLite split further, see
+/// [`values_ranges`]).
 pub(crate) const USAGE_CHUNK: usize = 4096;
 /// Buckets per page when a usage query reads them from SQLite.
 const USAGE_PAGE: usize = 50_000;
@@ -172,23 +174,26 @@ const USAGE_PAGE: usize = 50_000;
 /// of 32,766).
 const SQLITE_VALUES_ROWS: usize = 256;
 
-/// Splits `n` rows into statement sizes: full statements of
-/// [`SQLITE_VALUES_ROWS`] rows, then powers of two, so that a connection
-/// prepares (and keeps in its statement cache) at most nine texts per kind.
-pub(crate) fn values_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+/// Splits rows `0..n` into the ranges of one statement each: full
+/// statements of [`SQLITE_VALUES_ROWS`] rows, then powers of two, so that a
+/// connection prepares (and keeps in its statement cache) at most nine
+/// texts per kind.
+pub(crate) fn values_ranges(n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let mut at = 0;
     std::iter::from_fn(move || {
-        let size = match n {
+        let size = match n - at {
             0 => return None,
-            n if n >= SQLITE_VALUES_ROWS => SQLITE_VALUES_ROWS,
-            n => 1 << n.ilog2(),
+            left if left >= SQLITE_VALUES_ROWS => SQLITE_VALUES_ROWS,
+            left => 1 << left.ilog2(),
         };
-        n -= size;
-        Some(size)
+        at += size;
+        Some(at - size..at)
     })
 }
 
 /// The SQLite statement that reads (`upsert` false) or writes (`upsert`
-/// true) `rows` usage buckets, `rows` one of [`values_sizes`]'.
+/// true) `rows` usage buckets, `rows` the length of one of
+/// [`values_ranges`].
 ///
 /// Multi-row `VALUES` with bound parameters, not one JSON parameter taken
 /// apart by `json_each`: SQLite parses the JSON text once per `->>`, and
@@ -258,8 +263,8 @@ fn meter(r: MeterRow) -> Meter {
 const METER_COLUMNS: &str = "workspace, meter_key, event_type, aggregation, value_property, group_by, filter, start_offsets, created_at";
 
 /// Applies usage deltas inside an open transaction `$tx`: merge the batch's
-/// deltas per bucket in memory, read the existing buckets in one statement,
-/// merge in Rust (exact decimals), write every bucket back in one statement.
+/// deltas per bucket in memory, read the existing buckets of each chunk of
+/// [`USAGE_CHUNK`], merge in Rust (exact decimals), write them back.
 /// `$backend` is `sqlite` (rows travel as multi-row `VALUES`, see
 /// [`sqlite_usage_sql`]) or `postgres` (as arrays).
 macro_rules! apply_usage {
@@ -274,9 +279,9 @@ macro_rules! apply_usage {
             }
         }
         let mut merged = $crate::metering::fold_sorted(plain, |d| d.clone());
-        // A few thousand buckets per statement: the parameters of one
-        // statement are built in memory, so a commit that touches a million
-        // buckets must not build them all at once.
+        // A few thousand buckets at a time: the parameters of their
+        // statements are built in memory, so a commit that touches a
+        // million buckets must not build them all at once.
         for chunk in merged.chunks_mut($crate::metering::USAGE_CHUNK) {
             let keys: Vec<(&str, &str, &str, &str, &str, i64)> = chunk.iter().map(|d| d.key()).collect();
             let existing: Vec<$crate::metering::StoredBucket> = $crate::metering::apply_usage!(@select $backend, $tx, &keys);
@@ -316,13 +321,11 @@ macro_rules! apply_usage {
     (@select sqlite, $tx:ident, $keys:expr) => {{
         let keys = $keys;
         let mut existing: Vec<$crate::metering::StoredBucket> = Vec::new();
-        let mut at = 0;
-        for n in $crate::metering::values_sizes(keys.len()) {
-            let mut q = sqlx::query_as::<_, (String,)>($crate::metering::sqlite_usage_sql(false, n));
-            for k in &keys[at..at + n] {
+        for range in $crate::metering::values_ranges(keys.len()) {
+            let mut q = sqlx::query_as::<_, (String,)>($crate::metering::sqlite_usage_sql(false, range.len()));
+            for k in &keys[range] {
                 q = q.bind(k.0).bind(k.1).bind(k.2).bind(k.3).bind(k.4).bind(k.5);
             }
-            at += n;
             let (found,) = q.fetch_one(&mut *$tx).await?;
             existing.extend(serde_json::from_str::<Vec<$crate::metering::StoredBucket>>(&found).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
         }
@@ -342,15 +345,13 @@ macro_rules! apply_usage {
     (@upsert sqlite, $tx:ident, $rows:expr) => {{
         let rows = $rows;
         let dec = |v: &Option<rust_decimal::Decimal>| v.map(|v| v.normalize().to_string());
-        let mut at = 0;
-        for n in $crate::metering::values_sizes(rows.len()) {
-            let mut q = sqlx::query($crate::metering::sqlite_usage_sql(true, n));
-            for d in &rows[at..at + n] {
+        for range in $crate::metering::values_ranges(rows.len()) {
+            let mut q = sqlx::query($crate::metering::sqlite_usage_sql(true, range.len()));
+            for d in &rows[range] {
                 q = q.bind(&*d.workspace).bind(&*d.meter).bind(&*d.customer_id).bind(&*d.subscription_id)
                     .bind(&*d.group_key).bind(d.bucket_start).bind(d.count).bind(d.sum.normalize().to_string())
                     .bind(dec(&d.min)).bind(dec(&d.max)).bind(d.latest_at).bind(dec(&d.latest_value));
             }
-            at += n;
             q.execute(&mut *$tx).await?;
         }
     }};

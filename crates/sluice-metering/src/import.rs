@@ -84,7 +84,9 @@ struct Columns {
     id: Option<usize>,
 }
 
-/// A valid row, as pass 1 writes it to the spool and pass 2 reads it back.
+/// A valid spool row, owned (the tests compare rows; pass 2 reads into a
+/// reused [`SpoolRow`]).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
     /// SHA-256 of the row's content (see the module doc).
@@ -101,44 +103,76 @@ struct Row {
     quantity: String,
 }
 
+#[cfg(test)]
 impl Row {
-    // Spool encoding (written by `Parsed::write`): content, meter (u32),
-    // time (i64), then customer, given id, subscription and quantity as u32
-    // length + bytes (u32::MAX = none).
-
     /// Reads one row; `Ok(None)` at the end of the spool.
     fn read(r: &mut impl BufRead) -> std::io::Result<Option<Row>> {
-        if r.fill_buf()?.is_empty() {
+        let mut buf = SpoolRow::default();
+        if !buf.read(r)? {
             return Ok(None);
         }
-        let mut content = [0u8; 32];
-        r.read_exact(&mut content)?;
+        let text = |i: usize| buf.text(i).map(|t| t.map(str::to_owned));
+        Ok(Some(Row {
+            content: buf.content,
+            given_id: text(1)?,
+            meter: buf.meter,
+            customer: text(0)?.unwrap_or_default(),
+            subscription: text(2)?,
+            at_us: buf.at_us,
+            quantity: text(3)?.unwrap_or_default(),
+        }))
+    }
+}
+
+/// A valid row, as pass 1 writes it to the spool and pass 2 reads it back,
+/// into buffers that are reused from row to row (four `String`s a row were
+/// a tenth of pass 2's time).
+///
+/// Spool encoding (written by `Parsed::write`): content, meter (u32), time
+/// (i64), then customer, given id, subscription and quantity as u32 length
+/// + bytes (u32::MAX = none).
+#[derive(Default)]
+struct SpoolRow {
+    content: [u8; 32],
+    meter: u32,
+    at_us: i64,
+    /// Customer, given id, subscription and quantity, as written.
+    fields: [Vec<u8>; 4],
+    present: [bool; 4],
+}
+
+impl SpoolRow {
+    /// Reads the next row; false at the end of the spool.
+    fn read(&mut self, r: &mut impl BufRead) -> std::io::Result<bool> {
+        if r.fill_buf()?.is_empty() {
+            return Ok(false);
+        }
+        r.read_exact(&mut self.content)?;
         let mut b4 = [0u8; 4];
         let mut b8 = [0u8; 8];
         r.read_exact(&mut b4)?;
-        let meter = u32::from_le_bytes(b4);
+        self.meter = u32::from_le_bytes(b4);
         r.read_exact(&mut b8)?;
-        let at_us = i64::from_le_bytes(b8);
-        let mut strings: [Option<String>; 4] = Default::default();
-        for slot in &mut strings {
+        self.at_us = i64::from_le_bytes(b8);
+        for (field, present) in self.fields.iter_mut().zip(&mut self.present) {
             r.read_exact(&mut b4)?;
             let n = u32::from_le_bytes(b4);
-            if n != u32::MAX {
-                let mut buf = vec![0u8; n as usize];
-                r.read_exact(&mut buf)?;
-                *slot = Some(String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?);
+            *present = n != u32::MAX;
+            field.clear();
+            if *present {
+                field.resize(n as usize, 0);
+                r.read_exact(field)?;
             }
         }
-        let [customer, given_id, subscription, quantity] = strings;
-        Ok(Some(Row {
-            content,
-            given_id,
-            meter,
-            customer: customer.unwrap_or_default(),
-            subscription,
-            at_us,
-            quantity: quantity.unwrap_or_default(),
-        }))
+        Ok(true)
+    }
+
+    /// Field `i` (0 customer, 1 given id, 2 subscription, 3 quantity).
+    fn text(&self, i: usize) -> std::io::Result<Option<&str>> {
+        if !self.present[i] {
+            return Ok(None);
+        }
+        std::str::from_utf8(&self.fields[i]).map(Some).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -152,8 +186,8 @@ impl Names {
     /// (each id is then still shared within the rows that follow).
     const MAX: usize = 1 << 16;
 
-    fn get(&mut self, s: String) -> Arc<str> {
-        if let Some(a) = self.0.get(s.as_str()) {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
             return a.clone();
         }
         if self.0.len() >= Self::MAX {
@@ -239,7 +273,7 @@ struct Parsed<'a> {
 }
 
 impl Parsed<'_> {
-    /// Writes the row to the spool in [`Row`]'s encoding.
+    /// Writes the row to the spool in [`SpoolRow`]'s encoding.
     fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.content);
         out.extend_from_slice(&self.meter.to_le_bytes());
@@ -397,19 +431,14 @@ fn rfc3339(t: DateTime<Utc>, buf: &mut [u8; 40]) -> &[u8] {
 
 /// The event id of a row without `id`: its content hash and how many
 /// earlier rows of the file had the same content.
-fn row_id(content: &[u8; 32], occurrence: u32) -> String {
+fn row_id(content: &[u8; 32], occurrence: u32) -> EventId {
     let mut h = Sha256::new();
     h.update(content);
     h.update(occurrence.to_le_bytes());
     let d = h.finalize();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(36);
-    id.push_str("csv_");
-    for b in &d[..16] {
-        id.push(char::from(HEX[(b >> 4) as usize]));
-        id.push(char::from(HEX[(b & 15) as usize]));
-    }
-    id
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&d[..16]);
+    sluice_core::hex_event_id(&first)
 }
 
 /// The header of the batches of one meter's rows.
@@ -538,30 +567,35 @@ impl JobHandler for UsageImport {
         let mut names = Names::default();
         // Ends when pass 2 returns, after its last append (or its failure).
         let burst = self.bursts.begin();
+        let mut row = SpoolRow::default();
         loop {
-            let row = Row::read(&mut spool).map_err(|e| JobError::Failed(format!("reading the import spool: {e}")))?;
-            let end = row.is_none();
-            let full = match row {
-                Some(row) => {
-                    let id = match row.given_id {
-                        Some(id) => id,
-                        None if repeats.candidate(&row.content) => {
-                            let n = occurrences.next(&row.content).map_err(|e| JobError::Failed(format!("reading occurrence numbers: {e}")))?;
-                            row_id(&row.content, n)
-                        }
-                        None => row_id(&row.content, 0),
-                    };
-                    let rows = open.entry(row.meter).or_default();
-                    rows.push(BatchRow {
-                        id: EventId::parse(id).map_err(|e| JobError::Failed(e.0))?,
-                        timestamp: DateTime::from_timestamp_micros(row.at_us).unwrap_or_default(),
-                        customer_id: Some(names.get(row.customer)),
-                        subscription_id: row.subscription.map(|s| names.get(s)),
-                        value: meter_list[row.meter as usize].value_property.is_some().then_some(row.quantity),
-                    });
-                    (rows.len() >= BATCH).then_some(row.meter)
-                }
-                None => None,
+            let spool_error = |e: std::io::Error| JobError::Failed(format!("reading the import spool: {e}"));
+            let end = !row.read(&mut spool).map_err(spool_error)?;
+            let full = if end {
+                None
+            } else {
+                let id = match row.text(1).map_err(spool_error)? {
+                    Some(id) => EventId::parse(id).map_err(|e| JobError::Failed(e.0))?,
+                    None if repeats.candidate(&row.content) => {
+                        let n = occurrences.next(&row.content).map_err(|e| JobError::Failed(format!("reading occurrence numbers: {e}")))?;
+                        row_id(&row.content, n)
+                    }
+                    None => row_id(&row.content, 0),
+                };
+                let meter = &meter_list[row.meter as usize];
+                let batch_row = BatchRow {
+                    id,
+                    timestamp: DateTime::from_timestamp_micros(row.at_us).unwrap_or_default(),
+                    customer_id: Some(names.get(row.text(0).map_err(spool_error)?.unwrap_or_default())),
+                    subscription_id: row.text(2).map_err(spool_error)?.map(|s| names.get(s)),
+                    value: match meter.value_property {
+                        Some(_) => Some(row.text(3).map_err(spool_error)?.unwrap_or_default().to_owned()),
+                        None => None,
+                    },
+                };
+                let rows = open.entry(row.meter).or_default();
+                rows.push(batch_row);
+                (rows.len() >= BATCH).then_some(row.meter)
             };
             // Batches to send: the full one, or at the end every open one.
             let mut ready: Vec<u32> = full.into_iter().collect();
@@ -953,6 +987,7 @@ mod tests {
         let c = [1u8; 32];
         assert_ne!(row_id(&c, 0), row_id(&c, 1));
         assert_eq!(row_id(&c, 1), row_id(&c, 1));
-        assert!(row_id(&c, 0).starts_with("csv_") && row_id(&c, 0).len() == 36);
+        let id = row_id(&c, 0);
+        assert!(id.as_str().starts_with("csv_") && id.as_str().len() == 36, "{id}");
     }
 }

@@ -239,7 +239,8 @@ impl Runtime {
 
     /// Where producers of this process announce bursts of appends (a CSV
     /// import): during one, consumers hold their effects until it ends
-    /// rather than commit at every pause of the stream.
+    /// rather than commit at every pause of the stream, and count as
+    /// settling (`Bursts::busy`) until what they held is committed.
     pub fn bursts(&self) -> &Bursts {
         &self.bursts
     }
@@ -400,6 +401,9 @@ impl Runtime {
         let mut paused = false;
         // A burst ended since the last commit: commit once caught up.
         let mut burst_ended = false;
+        // Held while the carry holds effects kept during a burst, until they
+        // are committed: background work waits for it (`Bursts::busy`).
+        let mut settling: Option<sluice_core::BurstGuard> = None;
         loop {
             if *stop.borrow() {
                 return;
@@ -442,6 +446,7 @@ impl Runtime {
                     }
                     carry = Carry::new(&name);
                     burst_ended = false;
+                    settling = None;
                 }
                 let wait = match (hold, in_burst) {
                     (true, true) => COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()),
@@ -471,11 +476,15 @@ impl Runtime {
                 Some(n) => next = n,
                 None => return, // stopped
             }
+            if settling.is_none() && !carry.is_empty() && *bursts.borrow() > 0 {
+                settling = Some(self.bursts.settle());
+            }
             if carry.events >= COMMIT_EVENTS || carry.since.elapsed() >= COMMIT_INTERVAL || carry.entries() >= COMMIT_ENTRIES {
                 if !self.commit(&carry.commit, &mut stop).await {
                     return;
                 }
                 carry = Carry::new(&name);
+                settling = None;
             }
         }
     }

@@ -145,3 +145,34 @@ fn backoff_doubles_with_jitter_and_is_capped() {
         assert!(p.delay(30) <= Duration::from_millis(1000));
     }
 }
+
+/// Effects kept during a burst are committed when it ends, and until then
+/// the consumer counts as settling: `Bursts::busy` turns false only once
+/// they are in the store (the lake writer waits for that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_kept_during_a_burst_settle_before_the_runtime_is_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(sluice_log::EmbeddedLog::open(sluice_log::LogConfig::new(dir.path().join("log"), 2)).unwrap());
+    let rt = Runtime::new(log.clone(), store.clone(), RetryPolicy::default(), 100);
+    let burst = rt.bursts().begin();
+    let mut busy = rt.bursts().busy();
+    let picky = Arc::new(Picky::default());
+    rt.start(Arc::new(Handle(picky.clone())));
+    let records: Vec<AppendRecord> =
+        (0..10).map(|i| AppendRecord { partition: i % 2, timestamp_ms: 0, payload: event(&format!("e{i}"), &format!("c{i}")) }).collect();
+    log.append(records).await.unwrap();
+    eventually("all handled", || async { picky.calls.lock().unwrap().len() == 10 }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(total(&store).await, 0, "effects were committed during the burst");
+    drop(burst);
+    // Busy until the held effects are committed: the first moment it is not,
+    // every effect is in the store.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while busy.now() {
+        assert!(Instant::now() < deadline, "still busy 20 s after the burst ended");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(total(&store).await, 10, "idle before the effects kept during the burst were committed");
+    rt.stop_all().await;
+}

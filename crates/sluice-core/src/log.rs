@@ -137,14 +137,23 @@ pub trait EventLog: Send + Sync + 'static {
 /// (a hung producer) delays commits by at most the consumer's commit
 /// interval. Producers in other processes (scale-out) are not seen; there
 /// the pause heuristic alone decides.
+///
+/// Consumers that kept effects in memory because of a burst are *settling*
+/// until those effects are committed ([`Bursts::settle`]). Background work
+/// that should not compete with them (the lake writer) waits while a burst
+/// is active or a consumer is settling ([`Bursts::busy`]).
 #[derive(Debug, Clone)]
 pub struct Bursts {
     active: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+    settling: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Default for Bursts {
     fn default() -> Self {
-        Bursts { active: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)) }
+        Bursts {
+            active: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            settling: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
     }
 }
 
@@ -164,6 +173,42 @@ impl Bursts {
     /// The number of active bursts, notified when it changes.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<usize> {
         self.active.subscribe()
+    }
+
+    /// A consumer holds effects it kept because of a burst; drop the guard
+    /// once they are committed (or given up).
+    pub fn settle(&self) -> BurstGuard {
+        self.settling.send_modify(|n| *n += 1);
+        BurstGuard { active: self.settling.clone() }
+    }
+
+    /// Whether a burst is active or a consumer is still settling one, and
+    /// a receiver of each count (notified when it changes) to wait on.
+    pub fn busy(&self) -> Busy {
+        Busy { active: self.active.subscribe(), settling: self.settling.subscribe() }
+    }
+}
+
+/// Watches whether a burst is active or being settled ([`Bursts::busy`]).
+#[derive(Debug)]
+pub struct Busy {
+    active: tokio::sync::watch::Receiver<usize>,
+    settling: tokio::sync::watch::Receiver<usize>,
+}
+
+impl Busy {
+    /// True while a burst is active or a consumer settles one (marks both
+    /// counts seen, for [`Busy::changed`]).
+    pub fn now(&mut self) -> bool {
+        *self.active.borrow_and_update() > 0 || *self.settling.borrow_and_update() > 0
+    }
+
+    /// Waits until either count changes.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            r = self.active.changed() => { if r.is_err() { std::future::pending::<()>().await } }
+            r = self.settling.changed() => { if r.is_err() { std::future::pending::<()>().await } }
+        }
     }
 }
 

@@ -152,6 +152,7 @@ async fn run(cfg: Config) -> Result<()> {
                 flush_bytes: cfg.lake.flush_bytes.max(1),
                 row_group_rows: cfg.lake.row_group_rows.max(1024),
             },
+            bursts: consumers.bursts().clone(),
         }
         .run(lake_stop_rx),
     );

@@ -228,6 +228,7 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
         store: store.clone(),
         schemas: schemas.clone(),
         cfg: sluice_lake::writer::WriterConfig { root: root.clone(), flush_interval: Duration::from_secs(3600), flush_bytes: 64 << 20, row_group_rows: 131_072 },
+        bursts: sluice_core::Bursts::default(),
     };
     let t = Instant::now();
     writer.run(stop_rx).await;

@@ -294,6 +294,25 @@ fn webhook(r: WebhookRow) -> Webhook {
     }
 }
 
+/// The SQLite statement that adds `rows` event counts (a length of one of
+/// `metering::values_ranges`: at most 9 statement texts are cached).
+fn sqlite_counts_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let texts = SQL.get_or_init(|| {
+        (0..=crate::metering::SQLITE_VALUES_ROWS.ilog2())
+            .map(|p| {
+                format!(
+                    "INSERT INTO event_counts (workspace, event_type, customer_id, day, count) VALUES {} \
+                     ON CONFLICT (workspace, event_type, customer_id, day) DO UPDATE SET count = event_counts.count + excluded.count",
+                    vec!["(?, ?, ?, ?, ?)"; 1 << p].join(", ")
+                )
+            })
+            .collect()
+    });
+    debug_assert!(rows.is_power_of_two() && rows <= crate::metering::SQLITE_VALUES_ROWS);
+    &texts[rows.ilog2() as usize]
+}
+
 impl Store {
     /// Checkpoints of a consumer: partition → next offset to process.
     pub async fn checkpoints(&self, consumer: &str) -> Result<HashMap<u32, u64>> {
@@ -318,7 +337,12 @@ impl Store {
         for (k, n) in &c.counts {
             *counts.entry(k).or_default() += n;
         }
-        let keys: Vec<(&CountKey, i64)> = counts.into_iter().collect();
+        let mut keys: Vec<(&CountKey, i64)> = counts.into_iter().collect();
+        // In the table's key order: the B-tree writes go through it in order.
+        fn order(c: &CountKey) -> (&str, &str, &str, &str) {
+            (&c.workspace, &c.event_type, &c.customer_id, &c.day)
+        }
+        keys.sort_unstable_by(|a, b| order(a.0).cmp(&order(b.0)));
         // The statements after the counts are the same on both backends.
         macro_rules! rest_of_commit {
             ($tx:ident) => {{
@@ -341,23 +365,18 @@ impl Store {
             }
             }};
         }
-        // The counts of the whole batch go in one statement: as JSON on
-        // SQLite, as arrays on PostgreSQL.
+        // The counts go as multi-row VALUES on SQLite (see
+        // `metering::sqlite_usage_sql`: bound values need no JSON parsing),
+        // as arrays on PostgreSQL.
         match self {
             Store::Sqlite(pool) => {
                 let mut tx = pool.begin_write().await?;
-                if !keys.is_empty() {
-                        let json = serde_json::Value::Array(
-                            keys.iter()
-                                .map(|(k, n)| serde_json::json!([k.workspace, k.event_type, k.customer_id, k.day, n]))
-                                .collect(),
-                        )
-                        .to_string();
-                        sqlx::query(
-                            "INSERT INTO event_counts (workspace, event_type, customer_id, day, count) \
-                             SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each($1) WHERE 1 \
-                             ON CONFLICT (workspace, event_type, customer_id, day) DO UPDATE SET count = event_counts.count + excluded.count")
-                            .bind(json).execute(&mut *tx).await?;
+                for range in crate::metering::values_ranges(keys.len()) {
+                    let mut q = sqlx::query(sqlite_counts_sql(range.len()));
+                    for (k, n) in &keys[range] {
+                        q = q.bind(&k.workspace).bind(&k.event_type).bind(&k.customer_id).bind(&k.day).bind(*n);
+                    }
+                    q.execute(&mut *tx).await?;
                 }
                 crate::metering::apply_usage!(sqlite, tx, &c.usage);
                 rest_of_commit!(tx);

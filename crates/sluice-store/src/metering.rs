@@ -82,11 +82,14 @@ impl UsageDelta {
         (&self.workspace, &self.meter, &self.customer_id, &self.subscription_id, &self.group_key, self.bucket_start)
     }
 
-    /// The bucket, borrowed, in the order deltas are sorted by: the bucket
-    /// start first, then the customer, so that most comparisons end before
-    /// comparing strings (a commit sorts the buckets it writes).
-    pub(crate) fn sort_key(&self) -> (i64, &str, &str, &str, &str, &str) {
-        (self.bucket_start, &self.customer_id, &self.subscription_id, &self.group_key, &self.meter, &self.workspace)
+    /// The bucket, borrowed, in the order deltas are sorted by (a commit
+    /// sorts the buckets it reads and writes): within a meter, the order of
+    /// the table's primary key, so that the B-tree lookups and inserts of a
+    /// commit go through the key space in order and touch neighbouring pages
+    /// (inserts ~15% faster than in time order, Python sqlite3, session 9).
+    /// The meter and workspace come last: they rarely differ within a commit.
+    pub(crate) fn sort_key(&self) -> (&str, &str, &str, i64, &str, &str) {
+        (&self.customer_id, &self.subscription_id, &self.group_key, self.bucket_start, &self.meter, &self.workspace)
     }
 
     /// Takes the aggregates (not the bucket) of `other`.
@@ -172,7 +175,7 @@ const USAGE_PAGE: usize = 50_000;
 /// Rows per multi-row `VALUES` statement when a commit reads and writes
 /// usage buckets on SQLite (12 parameters a row, far below SQLite's limit
 /// of 32,766).
-const SQLITE_VALUES_ROWS: usize = 256;
+pub(crate) const SQLITE_VALUES_ROWS: usize = 256;
 
 /// Splits rows `0..n` into the ranges of one statement each: full
 /// statements of [`SQLITE_VALUES_ROWS`] rows, then powers of two, so that a
@@ -287,7 +290,7 @@ macro_rules! apply_usage {
             let existing: Vec<$crate::metering::StoredBucket> = $crate::metering::apply_usage!(@select $backend, $tx, &keys);
             // Existing buckets: stored aggregates, then this commit's.
             for b in existing {
-                let id = (b.5, b.2.as_str(), b.3.as_str(), b.4.as_str(), b.1.as_str(), b.0.as_str());
+                let id = (b.2.as_str(), b.3.as_str(), b.4.as_str(), b.5, b.1.as_str(), b.0.as_str());
                 if let Ok(i) = chunk.binary_search_by(|m| m.sort_key().cmp(&id)) {
                     let mut total = $crate::metering::UsageDelta {
                         workspace: Default::default(),

@@ -53,6 +53,7 @@ conformance!(
     jobs_retry_fail_cancel_and_reclaim,
     lake_manifest_commits_with_checkpoints_and_swaps_atomically,
     usage_commits_merge_into_stored_buckets,
+    count_commits_add_to_stored_counts,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -363,4 +364,28 @@ async fn usage_commits_merge_into_stored_buckets(store: Store) {
     // Another customer's filter reads only theirs.
     let c6 = store.usage_buckets("w", "gb", Some("c6"), None, None, None).await.unwrap();
     assert_eq!(c6.len(), (0..n).filter(|i| i % 7 == 6).count());
+}
+
+async fn count_commits_add_to_stored_counts(store: Store) {
+    // More keys than one statement writes (on SQLite 256 rows a statement,
+    // then a remainder of odd size), a key repeated within a commit, and a
+    // second commit that adds to stored counts and creates new ones.
+    let key = |c: usize, day: usize| sluice_store::CountKey {
+        workspace: "w".into(),
+        event_type: "t".into(),
+        customer_id: format!("c{c}"),
+        day: format!("2026-01-{:02}", day % 28 + 1),
+    };
+    let n = 701;
+    let commit = |counts| sluice_store::ConsumerCommit { consumer: "event_counts".into(), counts, ..Default::default() };
+    let mut first: Vec<_> = (0..n).map(|i| (key(i, i / 100), 2)).collect();
+    first.push((key(0, 0), 5));
+    store.commit_consumer(&commit(first)).await.unwrap();
+    store.commit_consumer(&commit((0..n + 9).map(|i| (key(i, i / 100), 1)).collect())).await.unwrap();
+
+    let rows = store.event_counts("w", None, None).await.unwrap();
+    assert_eq!(rows.len(), n + 9);
+    assert_eq!(rows.iter().map(|r| r.3).sum::<i64>(), 2 * n as i64 + 5 + (n + 9) as i64);
+    let count = |c: &str| rows.iter().find(|r| r.1 == c).unwrap().3;
+    assert_eq!((count("c0"), count("c1"), count("c705")), (8, 3, 1));
 }

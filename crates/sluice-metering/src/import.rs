@@ -568,8 +568,8 @@ impl JobHandler for UsageImport {
         // Ends when pass 2 returns, after its last append (or its failure).
         let burst = self.bursts.begin();
         let mut row = SpoolRow::default();
+        let spool_error = |e: std::io::Error| JobError::Failed(format!("reading the import spool: {e}"));
         loop {
-            let spool_error = |e: std::io::Error| JobError::Failed(format!("reading the import spool: {e}"));
             let end = !row.read(&mut spool).map_err(spool_error)?;
             let full = if end {
                 None

@@ -188,21 +188,11 @@ pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Resu
         for b in &buckets {
             let (start, end) = period_of(b.bucket_start);
             let acc = Acc::of(agg, b.count, b.sum, b.min, b.max, b.latest_at.zip(b.latest_value).map(|(at, v)| (at.timestamp_micros(), v)));
-            match folded.entry((&b.customer_id, &b.subscription_id, &b.group_key, start, end)) {
-                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(agg, acc),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(acc);
-                }
-            }
+            folded.entry((&b.customer_id, &b.subscription_id, &b.group_key, start, end)).and_modify(|a| a.merge(agg, acc)).or_insert(acc);
         }
         let mut grouped: BTreeMap<Key, Acc> = BTreeMap::new();
         for ((c, s, gk, start, end), acc) in folded {
-            match grouped.entry((c.to_owned(), s.to_owned(), project(gk).to_string(), start, end)) {
-                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(agg, acc),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(acc);
-                }
-            }
+            grouped.entry((c.to_owned(), s.to_owned(), project(gk).to_string(), start, end)).and_modify(|a| a.merge(agg, acc)).or_insert(acc);
         }
         out = grouped.into_iter().filter_map(|(k, acc)| acc.value().map(|v| (k, v))).collect();
     }

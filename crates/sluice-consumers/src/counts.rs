@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sluice_core::{Event, EventBatch};
 use sluice_store::CountKey;
 
-use crate::runtime::{Attempt, Consumer, Effect};
+use crate::runtime::{Attempt, Consumer, Effect, HandleError};
 
 /// Name of the consumer (and of its checkpoints).
 pub const NAME: &str = "event_counts";
@@ -31,7 +31,7 @@ impl Consumer for EventCounts {
         NAME
     }
 
-    async fn handle(&self, e: &Event, _attempt: Attempt) -> Result<Effect, String> {
+    async fn handle(&self, e: &Event, _attempt: Attempt) -> Result<Effect, HandleError> {
         Ok(Effect::Count(CountKey {
             workspace: e.workspace.to_string(),
             event_type: e.event_type.to_string(),
@@ -40,7 +40,7 @@ impl Consumer for EventCounts {
         }))
     }
 
-    async fn handle_batch(&self, b: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, String>> {
+    async fn handle_batch(&self, b: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, HandleError>> {
         // Count per (customer, UTC day) first: a batch usually has few
         // distinct ones (a generated file cycling through 1,000 customers
         // and 28 days has thousands: hence the sized map and the day

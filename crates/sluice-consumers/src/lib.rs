@@ -7,4 +7,4 @@ pub mod rebuild;
 pub mod runtime;
 pub mod webhooks;
 
-pub use runtime::{Attempt, Consumer, ConsumerState, Effect, RetryPolicy, Runtime, RuntimeError, Start};
+pub use runtime::{Attempt, Consumer, ConsumerState, Effect, HandleError, RetryPolicy, Runtime, RuntimeError, Start};

@@ -13,17 +13,35 @@
 //! it makes its effect idempotent instead (the stable `webhook-id`) and the
 //! checkpoint only moves after the effect succeeded.
 //!
-//! When an event fails, the effects before it are committed, then the event
-//! is retried with exponential backoff and full jitter; after
+//! A failure is either **permanent** (caused by the event's data: a value
+//! the read model cannot take, usage that would overflow, a panic while
+//! handling it) or **transient** (the store, a timeout, a webhook receiver
+//! that is down); see [`HandleError`]. A permanent failure sends the event
+//! to the dead letters at once, with its reason, and the worker goes on: no
+//! retry schedule, no restart, no stall of the other workspaces that share
+//! the partition. A transient failure commits the effects before the event,
+//! then retries it with exponential backoff and full jitter; after
 //! [`RetryPolicy::attempts`] failures it is committed as a dead letter
-//! together with the checkpoint past it, and the worker moves on: no
-//! head-of-line stall. An operator replays a dead letter (it goes through
-//! this consumer only, and its effects commit with its status change, so a
-//! replay applies once) or discards it.
+//! together with the checkpoint past it. Only shared causes are transient
+//! in the shared read models (their handlers fail transiently only when the
+//! store does, which holds every workspace alike), and each webhook is its
+//! own consumer of one workspace, so a retry never holds up another
+//! workspace's events (docs/consumers.md, "Failures").
 //!
-//! A consumer that panics while handling an event has failed that attempt
-//! (the panic is caught and retried like an error, then dead-lettered); a
-//! worker that panics anywhere else is restarted from its last checkpoint.
+//! Effects are folded exactly ([`Folder::add_usage`] is all or nothing):
+//! an event whose usage would overflow what it is added to is a permanent
+//! failure. When the store refuses a commit because of its data (usage that
+//! overflows stored buckets, a value the database cannot hold), the worker
+//! processes the carried records again: with the overflowing buckets known,
+//! the events that add to them go to the dead letters; for any other
+//! refusal, it commits one record at a time and dead-letters the events of
+//! the record the store refuses. A panic anywhere else in a worker restarts
+//! it from its last checkpoint; restarts are counted in its state
+//! (`GET /v1/consumers`, `/readyz`).
+//!
+//! An operator replays a dead letter (it goes through this consumer only,
+//! and its effects commit with its status change, so a replay applies once)
+//! or discards it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +50,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sluice_core::{Bursts, Event, EventBatch, EventLog, Payload, Record};
-use sluice_store::{ConsumerCommit, CountKey, Folder, NewAudit, NewDeadLetter, Store};
+use sluice_store::{ConsumerCommit, CountKey, Folder, NewAudit, NewDeadLetter, Store, StoreError, UsageBucketKey, UsageOverflow};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -77,6 +95,22 @@ pub struct Attempt {
     pub offset: u64,
 }
 
+/// Why handling an event failed. The runtime retries only what can succeed
+/// later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandleError {
+    /// Caused by the event itself (a value the read model cannot take,
+    /// usage that would overflow, a panic while handling it): retrying
+    /// cannot help. The event goes to the dead-letter queue at once.
+    #[error("{0}")]
+    Permanent(String),
+    /// Caused by something outside the event (the store is unavailable, a
+    /// timeout, a webhook receiver is down): retried with backoff, then
+    /// dead-lettered after [`RetryPolicy::attempts`].
+    #[error("{0}")]
+    Transient(String),
+}
+
 /// What handling one event produced, to be committed with the checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -108,8 +142,10 @@ pub trait Consumer: Send + Sync + 'static {
     fn start(&self) -> Start {
         Start::Earliest
     }
-    /// Handles one event. An `Err` is a failed attempt and is retried.
-    async fn handle(&self, event: &Event, attempt: Attempt) -> Result<Effect, String>;
+    /// Handles one event. A [`HandleError::Transient`] is a failed attempt
+    /// and is retried; a [`HandleError::Permanent`] one dead-letters the
+    /// event at once.
+    async fn handle(&self, event: &Event, attempt: Attempt) -> Result<Effect, HandleError>;
 
     /// Handles every event of a batch record at once: a fast path for
     /// consumers that can work on a batch's rows without expanding them into
@@ -118,7 +154,7 @@ pub trait Consumer: Send + Sync + 'static {
     /// runtime fall back to `handle` per event, so that a failing event is
     /// retried and dead-lettered alone. The effect must equal the sum of the
     /// per-event effects.
-    async fn handle_batch(&self, _batch: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, String>> {
+    async fn handle_batch(&self, _batch: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, HandleError>> {
         None
     }
 }
@@ -132,6 +168,24 @@ pub struct ConsumerState {
     pub last_error: Option<String>,
     /// Times a worker panicked and was restarted.
     pub restarts: u64,
+    /// When a worker was last restarted.
+    pub last_restart_at: Option<DateTime<Utc>>,
+    /// Events sent to the dead letters by the workers.
+    pub dead_lettered: u64,
+    /// The workspace of the event whose failure is `last_error` (`None`:
+    /// not an event's failure). Shared consumers show an error only to its
+    /// own workspace.
+    pub last_error_workspace: Option<String>,
+}
+
+impl ConsumerState {
+    /// How long a restart counts as recent.
+    pub const RECENT_RESTART: chrono::Duration = chrono::Duration::minutes(5);
+
+    /// A worker was restarted within [`Self::RECENT_RESTART`].
+    pub fn restarted_recently(&self) -> bool {
+        self.last_restart_at.is_some_and(|t| Utc::now() - t < Self::RECENT_RESTART)
+    }
 }
 
 struct Running {
@@ -347,11 +401,13 @@ impl Runtime {
                 Ok(()) => return,
                 Err(e) if e.is_panic() => {
                     tracing::error!(consumer = c.name(), partition = p, "consumer worker panicked; restarting from its checkpoint");
-                    metrics::counter!("sluice_consumer_restarts_total", "consumer" => c.name().to_owned()).increment(1);
+                    metrics::counter!("sluice_consumer_restarts_total", "consumer" => metric_label(c.name())).increment(1);
                     {
                         let mut s = lock(&state);
                         s.restarts += 1;
+                        s.last_restart_at = Some(Utc::now());
                         s.last_error = Some("worker panicked; restarted".into());
+                        s.last_error_workspace = None;
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     if *stop.borrow() {
@@ -377,10 +433,11 @@ impl Runtime {
                         // Persist the starting point, so a restart does not skip
                         // what arrived meanwhile (Latest) or start elsewhere.
                         let commit = ConsumerCommit { consumer: name.clone(), checkpoint: Some((p, o)), ..Default::default() };
-                        if self.commit(&commit, &mut stop).await {
-                            break o;
+                        match self.commit(&commit, &mut stop).await {
+                            Committed::Yes => break o,
+                            // Only a checkpoint: the data cannot be refused.
+                            Committed::Stopped | Committed::Refused(_) => return,
                         }
-                        return;
                     }
                 },
                 Err(e) => {
@@ -393,10 +450,15 @@ impl Runtime {
         };
         let mut appended = self.log.subscribe();
         let mut bursts = self.bursts.subscribe();
-        let lag_gauge = metrics::gauge!("sluice_consumer_lag", "consumer" => name.clone(), "partition" => p.to_string());
+        let lag_gauge = metrics::gauge!("sluice_consumer_lag", "consumer" => metric_label(&name), "partition" => p.to_string());
         // Effects of records processed but not committed yet: when the log
         // keeps delivering, several reads share one commit (see COMMIT_*).
         let mut carry = Carry::new(&name);
+        // After a refused commit: what is known about the refused data, and
+        // up to where records are processed one per commit.
+        let mut care = Care::default();
+        // The end of the records a refused commit covered.
+        let mut refused_up_to: Option<u64> = None;
         // The last wait for appends ended without one: the stream paused.
         let mut paused = false;
         // A burst ended since the last commit: commit once caught up.
@@ -409,7 +471,8 @@ impl Runtime {
                 return;
             }
             lag_gauge.set(self.log.next_offset(p).saturating_sub(next) as f64);
-            let records = match self.log.read(p, next, self.batch, READ_BYTES).await {
+            let max_records = if care.until.is_some() { 1 } else { self.batch };
+            let records = match self.log.read(p, next, max_records, READ_BYTES).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(consumer = %name, partition = p, error = %e, "cannot read the log");
@@ -424,33 +487,44 @@ impl Runtime {
                     // Retention deleted records this consumer had not processed.
                     tracing::warn!(consumer = %name, partition = p, skipped = first.offset - next, from = next,
                         "records removed by log retention before this consumer processed them");
-                    metrics::counter!("sluice_consumer_skipped_total", "consumer" => name.clone()).increment(first.offset - next);
+                    metrics::counter!("sluice_consumer_skipped_total", "consumer" => metric_label(&name)).increment(first.offset - next);
                 }
             }
             if records.is_empty() {
                 // Caught up: commit what is carried before waiting — unless a
                 // stream is flowing (a large, young carry, and appends came
                 // within COMMIT_PAUSE): then wait for more appends until the
-                // carry is COMMIT_INTERVAL old, so a stream that arrives a
-                // little slower than it is consumed still shares commits.
+                // carry is the commit interval old, so a stream that arrives
+                // a little slower than it is consumed still shares commits.
                 // A trickle, or the end of a stream, commits at once. While a
                 // producer of this process announced a burst (`Bursts`), the
                 // carry is held whatever the pauses, until the burst ends.
                 let pending = !carry.is_empty();
                 let in_burst = *bursts.borrow_and_update() > 0;
-                let young = carry.since.elapsed() < COMMIT_INTERVAL;
+                let interval = commit_interval(in_burst);
+                let young = carry.since.elapsed() < interval;
                 let hold = pending && young && !burst_ended && (in_burst || (!paused && carry.events >= COMMIT_HOLD_EVENTS));
                 if pending && !hold {
-                    if !self.commit(&carry.commit, &mut stop).await {
-                        return;
+                    match self.commit(&carry.commit, &mut stop).await {
+                        Committed::Yes => {
+                            care.committed(next, &mut refused_up_to);
+                            carry = Carry::new(&name);
+                            burst_ended = false;
+                            settling = None;
+                        }
+                        Committed::Stopped => return,
+                        Committed::Refused(e) => {
+                            refused_up_to = Some(refused_up_to.unwrap_or(0).max(next));
+                            care.refused(&name, p, e, carry.from, next);
+                            next = carry.from;
+                            carry = Carry::new(&name);
+                            continue;
+                        }
                     }
-                    carry = Carry::new(&name);
-                    burst_ended = false;
-                    settling = None;
                 }
                 let wait = match (hold, in_burst) {
-                    (true, true) => COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()),
-                    (true, false) => COMMIT_INTERVAL.saturating_sub(carry.since.elapsed()).min(COMMIT_PAUSE),
+                    (true, true) => interval.saturating_sub(carry.since.elapsed()),
+                    (true, false) => interval.saturating_sub(carry.since.elapsed()).min(COMMIT_PAUSE),
                     (false, _) => Duration::from_secs(1),
                 };
                 paused = tokio::select! {
@@ -471,26 +545,58 @@ impl Runtime {
                 // The carry's age counts from its first record, not from
                 // the idle time before it.
                 carry.since = std::time::Instant::now();
+                carry.from = next;
             }
-            match self.process(&c, p, records, &state, &mut stop, &mut carry).await {
-                Some(n) => next = n,
-                None => return, // stopped
+            let read_end = records.last().map_or(next, |r| r.offset + 1);
+            match self.process(&c, p, records, &state, &mut stop, &mut carry, &care).await {
+                Processed::Next(n) => next = n,
+                Processed::Stopped => return,
+                Processed::Refused(e) => {
+                    refused_up_to = Some(refused_up_to.unwrap_or(0).max(read_end));
+                    care.refused(&name, p, e, carry.from, read_end);
+                    next = carry.from;
+                    carry = Carry::new(&name);
+                    // A store that keeps refusing is not hammered.
+                    if wait_or_stop(&mut stop, Duration::from_millis(20)).await {
+                        return;
+                    }
+                    continue;
+                }
             }
             if settling.is_none() && !carry.is_empty() && *bursts.borrow() > 0 {
                 settling = Some(self.bursts.settle());
             }
-            if carry.events >= COMMIT_EVENTS || carry.since.elapsed() >= COMMIT_INTERVAL || carry.entries() >= COMMIT_ENTRIES {
-                if !self.commit(&carry.commit, &mut stop).await {
-                    return;
+            let interval = commit_interval(*bursts.borrow() > 0);
+            if care.until.is_some()
+                || carry.events >= COMMIT_EVENTS
+                || carry.since.elapsed() >= interval
+                || carry.entries() >= COMMIT_ENTRIES
+            {
+                match self.commit(&carry.commit, &mut stop).await {
+                    Committed::Yes => {
+                        care.committed(next, &mut refused_up_to);
+                        carry = Carry::new(&name);
+                        settling = None;
+                    }
+                    Committed::Stopped => return,
+                    Committed::Refused(e) => {
+                        refused_up_to = Some(refused_up_to.unwrap_or(0).max(next));
+                            care.refused(&name, p, e, carry.from, next);
+                        next = carry.from;
+                        carry = Carry::new(&name);
+                        if wait_or_stop(&mut stop, Duration::from_millis(20)).await {
+                            return;
+                        }
+                    }
                 }
-                carry = Carry::new(&name);
-                settling = None;
             }
         }
     }
 
-    /// Processes a batch; returns the new checkpoint, or None if stopped
-    /// before finishing (the rest will be delivered again).
+    /// Processes a batch; returns the new checkpoint, `Stopped` if stopped
+    /// before finishing (the rest will be delivered again), or `Refused`
+    /// when the store refused a commit of the carry because of its data.
+    #[allow(clippy::too_many_arguments)]
     async fn process(
         &self,
         c: &Arc<dyn Consumer>,
@@ -499,26 +605,35 @@ impl Runtime {
         state: &Arc<Mutex<ConsumerState>>,
         stop: &mut watch::Receiver<bool>,
         carry: &mut Carry,
-    ) -> Option<u64> {
+        care: &Care,
+    ) -> Processed {
         let name = c.name().to_owned();
+        let Some(mut next) = records.first().map(|r| r.offset) else {
+            return Processed::Stopped;
+        };
         let mut pending = std::mem::replace(&mut carry.commit, ConsumerCommit { consumer: name.clone(), ..Default::default() });
         let mut folder = std::mem::take(&mut carry.folder);
-        let mut next = records.first().map(|r| r.offset)?;
         let mut n_events = 0usize;
         for r in records {
             if *stop.borrow() {
                 // Stop between records: the uncommitted rest is delivered again.
-                return None;
+                return Processed::Stopped;
             }
             let first = Attempt { n: 1, last: self.policy.attempts <= 1, partition: p, offset: r.offset };
             let events = match self.recent.decode(&r) {
                 Ok(DecodedRecord::Event(e)) => vec![e],
                 Ok(DecodedRecord::Batch(batch)) => {
-                    if let Some(Ok(effect)) = call_batch(c, &batch, first).await {
-                        n_events += batch.rows.len();
-                        push_effect(&mut pending, &mut folder, effect);
-                        next = r.offset + 1;
-                        continue;
+                    if care.forced.is_none() {
+                        if let Some(Ok(effect)) = call_batch(c, &batch, first).await {
+                            // All or nothing: a batch whose usage overflows
+                            // (or adds to a refused bucket) is handled event
+                            // by event, so that only the failing events fail.
+                            if !care.touches(&effect) && push_effect(&mut pending, &mut folder, effect).is_ok() {
+                                n_events += batch.rows.len();
+                                next = r.offset + 1;
+                                continue;
+                            }
+                        }
                     }
                     batch.events().collect()
                 }
@@ -534,54 +649,86 @@ impl Runtime {
             let mut record = ConsumerCommit { consumer: name.clone(), ..Default::default() };
             let mut record_folder = Folder::default();
             let mut released = false;
-            for event in &events {
+            // Each event's usage, kept until the record joins the carry: if
+            // the record's usage overflows what the carry holds, its events
+            // join one by one and only the overflowing ones fail.
+            let mut usages: Vec<(usize, Effect)> = Vec::new();
+            for (index, event) in events.iter().enumerate() {
                 if *stop.borrow() {
-                    return None;
+                    return Processed::Stopped;
                 }
-                match call(c, event, first).await {
-                    Ok(effect) => push_effect(&mut record, &mut record_folder, effect),
-                    Err(err) => {
+                let outcome = match &care.forced {
+                    Some(why) => Err(HandleError::Permanent(why.clone())),
+                    None => call(c, event, first).await,
+                };
+                let outcome = match outcome {
+                    Ok(effect) => care.refusal(&effect).map_or(Ok(effect), |why| Err(HandleError::Permanent(why))),
+                    other => other,
+                };
+                let failed = match outcome {
+                    Ok(effect) => {
+                        if matches!(effect, Effect::Usage(_)) {
+                            usages.push((index, effect.clone()));
+                        }
+                        push_effect(&mut record, &mut record_folder, effect).err().map(|o| (o.to_string(), Utc::now(), 1))
+                    }
+                    Err(HandleError::Permanent(why)) => Some((why, Utc::now(), 1)),
+                    Err(HandleError::Transient(err)) => {
                         // Commit the records before this one, then retry this event alone.
                         if !released {
                             pending.checkpoint = Some((p, r.offset));
-                            if !self.commit(&pending, stop).await {
-                                return None;
+                            match self.commit(&pending, stop).await {
+                                Committed::Yes => carry.from = r.offset,
+                                Committed::Stopped => return Processed::Stopped,
+                                Committed::Refused(e) => return Processed::Refused(e),
                             }
                             pending = ConsumerCommit { consumer: name.clone(), ..Default::default() };
                             folder = Folder::default();
                             released = true;
                         }
-                        match self.retry(c, event, (p, r.offset), err, state, stop).await? {
-                            Ok(effect) => push_effect(&mut record, &mut record_folder, effect),
-                            Err((error, first_failed_at)) => {
-                                tracing::warn!(consumer = %name, event = %event.id, error = %error, "event dead-lettered after {} attempts", self.policy.attempts);
-                                metrics::counter!("sluice_consumer_dead_letters_total", "consumer" => name.clone()).increment(1);
-                                record.dead_letters.push(NewDeadLetter {
-                                    consumer: name.clone(),
-                                    workspace: event.workspace.to_string(),
-                                    event_id: event.id.to_string(),
-                                    event_type: event.event_type.to_string(),
-                                    partition: p,
-                                    offset: r.offset,
-                                    error,
-                                    attempts: self.policy.attempts,
-                                    first_failed_at,
-                                    last_failed_at: Utc::now(),
-                                });
-                            }
-                        }
+                        let outcome = match self.retry(c, event, (p, r.offset), err, state, stop).await {
+                            None => return Processed::Stopped,
+                            Some(o) => o,
+                        };
                         lock(state).status = "running".into();
+                        match outcome {
+                            Ok(effect) => {
+                                if matches!(effect, Effect::Usage(_)) {
+                                    usages.push((index, effect.clone()));
+                                }
+                                push_effect(&mut record, &mut record_folder, effect).err().map(|o| (o.to_string(), Utc::now(), 1))
+                            }
+                            Err(failed) => Some(failed),
+                        }
                     }
+                };
+                if let Some((error, first_failed_at, attempts)) = failed {
+                    usages.retain(|(i, _)| *i != index);
+                    record.dead_letters.push(dead_letter(&name, state, event, (p, r.offset), error, first_failed_at, attempts));
                 }
             }
             if released {
                 // After a retry, this record commits on its own.
                 record.checkpoint = Some((p, r.offset + 1));
-                if !self.commit(&record, stop).await {
-                    return None;
+                match self.commit(&record, stop).await {
+                    Committed::Yes => carry.from = r.offset + 1,
+                    Committed::Stopped => return Processed::Stopped,
+                    Committed::Refused(e) => return Processed::Refused(e),
                 }
-            } else {
-                absorb(&mut pending, &mut folder, record);
+            } else if let Err(mut record) = absorb(&mut pending, &mut folder, record) {
+                // The record's usage overflows what the carry holds: its
+                // events join the carry one by one, and those whose usage
+                // would overflow go to the dead letters.
+                record.usage.clear();
+                for (index, effect) in usages {
+                    if let Err(overflow) = push_effect(&mut pending, &mut folder, effect) {
+                        let event = &events[index];
+                        record.dead_letters.push(dead_letter(&name, state, event, (p, r.offset), overflow.to_string(), Utc::now(), 1));
+                    }
+                }
+                if absorb(&mut pending, &mut folder, *record).is_err() {
+                    unreachable!("a record without usage always joins the carry");
+                }
             }
             next = r.offset + 1;
         }
@@ -590,13 +737,14 @@ impl Runtime {
         carry.commit = pending;
         carry.folder = folder;
         carry.events += n_events;
-        metrics::counter!("sluice_consumer_events_total", "consumer" => name).increment(n_events as u64);
-        Some(next)
+        metrics::counter!("sluice_consumer_events_total", "consumer" => metric_label(&name)).increment(n_events as u64);
+        Processed::Next(next)
     }
 
-    /// Attempts 2..=attempts of a failed event. `Some(Ok(effect))` on
-    /// success, `Some(Err((last error, first failure)))` when exhausted,
-    /// `None` when stopped.
+    /// Attempts 2..=attempts of an event that failed transiently.
+    /// `Some(Ok(effect))` on success, `Some(Err((last error, first failure,
+    /// attempts made)))` when exhausted or when an attempt failed
+    /// permanently, `None` when stopped.
     async fn retry(
         &self,
         c: &Arc<dyn Consumer>,
@@ -605,7 +753,7 @@ impl Runtime {
         first_error: String,
         state: &Arc<Mutex<ConsumerState>>,
         stop: &mut watch::Receiver<bool>,
-    ) -> Option<Result<Effect, (String, DateTime<Utc>)>> {
+    ) -> Option<Result<Effect, (String, DateTime<Utc>, u32)>> {
         let first_failed_at = Utc::now();
         let mut error = first_error;
         for n in 2..=self.policy.attempts {
@@ -613,30 +761,37 @@ impl Runtime {
                 let mut s = lock(state);
                 s.status = "retrying".into();
                 s.last_error = Some(error.clone());
+                s.last_error_workspace = Some(event.workspace.to_string());
             }
             if wait_or_stop(stop, self.policy.delay(n - 1)).await {
                 return None;
             }
             match call(c, event, Attempt { n, last: n == self.policy.attempts, partition, offset }).await {
                 Ok(effect) => return Some(Ok(effect)),
-                Err(e) => error = e,
+                Err(HandleError::Permanent(e)) => return Some(Err((e, first_failed_at, n))),
+                Err(HandleError::Transient(e)) => error = e,
             }
         }
         lock(state).last_error = Some(error.clone());
-        Some(Err((error, first_failed_at)))
+        Some(Err((error, first_failed_at, self.policy.attempts)))
     }
 
     /// Commits, retrying store failures until it works or the consumer is
-    /// stopped (false).
-    async fn commit(&self, c: &ConsumerCommit, stop: &mut watch::Receiver<bool>) -> bool {
+    /// stopped; a failure caused by the data ([`StoreError::is_permanent`])
+    /// is not retried but returned.
+    async fn commit(&self, c: &ConsumerCommit, stop: &mut watch::Receiver<bool>) -> Committed {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.store.commit_consumer(c).await {
-                Ok(()) => return true,
+                Ok(()) => return Committed::Yes,
+                Err(e) if e.is_permanent() => {
+                    tracing::warn!(consumer = %c.consumer, error = %e, "the store refused a commit because of its data; processing its records again to find the events");
+                    return Committed::Refused(e);
+                }
                 Err(e) => {
                     tracing::warn!(consumer = %c.consumer, error = %e, "consumer commit failed; retrying");
                     if wait_or_stop(stop, delay).await {
-                        return false;
+                        return Committed::Stopped;
                     }
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }
@@ -674,21 +829,29 @@ impl Runtime {
                 let first = call(&c, &event, Attempt { n: 1, last: self.policy.attempts <= 1, partition: d.partition, offset: d.offset }).await;
                 let outcome = match first {
                     Ok(effect) => Some(Ok(effect)),
-                    Err(e) => self.retry(&c, &event, (d.partition, d.offset), e, &state, &mut stop).await,
+                    Err(HandleError::Permanent(e)) => Some(Err((e, Utc::now(), 1))),
+                    Err(HandleError::Transient(e)) => self.retry(&c, &event, (d.partition, d.offset), e, &state, &mut stop).await,
                 };
-                match outcome {
+                let outcome = match outcome {
                     None => return,
                     Some(Ok(effect)) => {
                         let mut commit = ConsumerCommit { consumer: name.clone(), replayed: vec![d.id.clone()], ..Default::default() };
-                        push_effect(&mut commit, &mut Folder::default(), effect);
-                        if !self.commit(&commit, &mut stop).await {
-                            return;
+                        match push_effect(&mut commit, &mut Folder::default(), effect) {
+                            Err(overflow) => Err((overflow.to_string(), 1)),
+                            Ok(()) => match self.commit(&commit, &mut stop).await {
+                                Committed::Yes => {
+                                    tracing::info!(consumer = %name, dead_letter = %d.id, "replayed");
+                                    Ok(())
+                                }
+                                Committed::Stopped => return,
+                                Committed::Refused(e) => Err((e.to_string(), 1)),
+                            },
                         }
-                        tracing::info!(consumer = %name, dead_letter = %d.id, "replayed");
                     }
-                    Some(Err((error, _))) => {
-                        let _ = self.store.replay_failed(&d.id, &error, self.policy.attempts).await;
-                    }
+                    Some(Err((error, _, attempts))) => Err((error, attempts)),
+                };
+                if let Err((error, attempts)) = outcome {
+                    let _ = self.store.replay_failed(&d.id, &error, attempts).await;
                 }
                 lock(&state).status = "running".into();
             }
@@ -714,6 +877,10 @@ const COMMIT_EVENTS: usize = 1_000_000;
 /// rewrites all of them; at 1 s the state store's thread took over a fifth
 /// of the import's CPU. Usage lags a stream by at most this long.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+/// Outside bursts, a carry is committed once it is this old: usage and
+/// counts lag a steady stream by at most about this long (a workspace's
+/// usage must not wait seconds behind another workspace's stream).
+const STREAM_COMMIT_INTERVAL: Duration = Duration::from_millis(250);
 /// …or carries this many usage buckets and count keys (folded): what a
 /// commit writes, and what the carry holds in memory (~250 bytes each), is
 /// bounded by this, whatever the interval. A stream that touches few
@@ -731,6 +898,9 @@ const COMMIT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Effects processed but not committed yet.
 struct Carry {
+    /// The first offset of the records whose effects are carried (what is
+    /// processed again when the store refuses the commit).
+    from: u64,
     commit: ConsumerCommit,
     /// Folds what is added to `commit`.
     folder: Folder,
@@ -741,6 +911,7 @@ struct Carry {
 impl Carry {
     fn new(consumer: &str) -> Carry {
         Carry {
+            from: 0,
             commit: ConsumerCommit { consumer: consumer.to_owned(), ..Default::default() },
             folder: Folder::default(),
             events: 0,
@@ -759,10 +930,42 @@ impl Carry {
     }
 }
 
-/// Calls the consumer; a panic in it is a failed attempt like an error, so
-/// an event that always panics ends in the dead-letter queue instead of
-/// stalling its partition.
-async fn call(c: &Arc<dyn Consumer>, event: &Event, attempt: Attempt) -> Result<Effect, String> {
+/// A dead letter for `event` at `(partition, offset)`, logged and counted.
+fn dead_letter(
+    consumer: &str,
+    state: &Arc<Mutex<ConsumerState>>,
+    event: &Event,
+    (partition, offset): (u32, u64),
+    error: String,
+    first_failed_at: DateTime<Utc>,
+    attempts: u32,
+) -> NewDeadLetter {
+    tracing::warn!(consumer, workspace = %event.workspace, event = %event.id, error = %error, attempts, "event dead-lettered");
+    metrics::counter!("sluice_consumer_dead_letters_total", "consumer" => metric_label(consumer)).increment(1);
+    {
+        let mut s = lock(state);
+        s.dead_lettered += 1;
+        s.last_error = Some(error.clone());
+        s.last_error_workspace = Some(event.workspace.to_string());
+    }
+    NewDeadLetter {
+        consumer: consumer.to_owned(),
+        workspace: event.workspace.to_string(),
+        event_id: event.id.to_string(),
+        event_type: event.event_type.to_string(),
+        partition,
+        offset,
+        error,
+        attempts,
+        first_failed_at,
+        last_failed_at: Utc::now(),
+    }
+}
+
+/// Calls the consumer; a panic in it is a permanent failure of that event
+/// (it would panic again): the event goes to the dead letters, the worker
+/// goes on.
+async fn call(c: &Arc<dyn Consumer>, event: &Event, attempt: Attempt) -> Result<Effect, HandleError> {
     use futures::FutureExt;
     match std::panic::AssertUnwindSafe(c.handle(event, attempt)).catch_unwind().await {
         Ok(r) => r,
@@ -772,40 +975,196 @@ async fn call(c: &Arc<dyn Consumer>, event: &Event, attempt: Attempt) -> Result<
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            metrics::counter!("sluice_consumer_panics_total", "consumer" => c.name().to_owned()).increment(1);
-            Err(format!("consumer panicked: {msg}"))
+            metrics::counter!("sluice_consumer_panics_total", "consumer" => metric_label(c.name())).increment(1);
+            Err(HandleError::Permanent(format!("consumer panicked: {msg}")))
         }
     }
 }
 
 /// Calls the batch fast path; a panic is an `Err` (the runtime then falls
 /// back to the events one by one).
-async fn call_batch(c: &Arc<dyn Consumer>, batch: &EventBatch, attempt: Attempt) -> Option<Result<Effect, String>> {
+async fn call_batch(c: &Arc<dyn Consumer>, batch: &EventBatch, attempt: Attempt) -> Option<Result<Effect, HandleError>> {
     use futures::FutureExt;
     match std::panic::AssertUnwindSafe(c.handle_batch(batch, attempt)).catch_unwind().await {
         Ok(r) => r,
-        Err(_) => Some(Err("consumer panicked on a batch".into())),
+        Err(_) => Some(Err(HandleError::Permanent("consumer panicked on a batch".into()))),
     }
 }
 
 /// Adds an effect to `commit` through its folder: memory stays bounded by
-/// the buckets and keys touched, not by the events carried.
-fn push_effect(commit: &mut ConsumerCommit, folder: &mut Folder, effect: Effect) {
+/// the buckets and keys touched, not by the events carried. All or nothing:
+/// usage that would overflow leaves the commit as it was.
+fn push_effect(commit: &mut ConsumerCommit, folder: &mut Folder, effect: Effect) -> Result<(), UsageOverflow> {
     match effect {
         Effect::None => {}
         Effect::Count(k) => folder.add_counts(commit, [(k, 1)]),
         Effect::Counts(v) => folder.add_counts(commit, v),
-        Effect::Usage(u) => folder.add_usage(commit, u),
+        Effect::Usage(u) => folder.add_usage(commit, u)?,
     }
+    Ok(())
 }
 
 /// Moves the effects of `from` into `into` (through `into`'s folder; not
-/// `from`'s checkpoint).
-fn absorb(into: &mut ConsumerCommit, folder: &mut Folder, from: ConsumerCommit) {
+/// `from`'s checkpoint). When its usage would overflow what `into` holds,
+/// nothing is moved and `from` comes back.
+fn absorb(into: &mut ConsumerCommit, folder: &mut Folder, mut from: ConsumerCommit) -> Result<(), Box<ConsumerCommit>> {
+    let usage = std::mem::take(&mut from.usage);
+    if folder.add_usage(into, usage.iter().cloned()).is_err() {
+        from.usage = usage;
+        return Err(Box::new(from));
+    }
     folder.add_counts(into, from.counts);
-    folder.add_usage(into, from.usage);
     into.dead_letters.extend(from.dead_letters);
     into.replayed.extend(from.replayed);
+    Ok(())
+}
+
+/// How long a carry may wait for more records before it is committed:
+/// [`COMMIT_INTERVAL`] during a burst (an import), [`STREAM_COMMIT_INTERVAL`]
+/// otherwise.
+fn commit_interval(in_burst: bool) -> Duration {
+    if in_burst {
+        COMMIT_INTERVAL
+    } else {
+        STREAM_COMMIT_INTERVAL
+    }
+}
+
+/// The `consumer` label of a metric: one value for every webhook (their
+/// names carry webhook ids, which must not appear in `/metrics`).
+pub(crate) fn metric_label(name: &str) -> String {
+    if name.starts_with("webhook:") {
+        "webhook".to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// What processing a read of records came to.
+enum Processed {
+    /// Processed up to this offset (carried, not committed yet).
+    Next(u64),
+    /// The consumer was stopped.
+    Stopped,
+    /// The store refused a commit because of its data.
+    Refused(StoreError),
+}
+
+/// What a commit came to.
+enum Committed {
+    Yes,
+    Stopped,
+    Refused(StoreError),
+}
+
+/// What a worker knows after the store refused a commit of its data, while
+/// it processes those records again.
+#[derive(Default)]
+struct Care {
+    /// Records before this offset are processed and committed one at a
+    /// time (`None`: normal carrying).
+    until: Option<u64>,
+    /// Buckets whose usage would overflow, with the reason: events that add
+    /// to them go to the dead letters.
+    overflowing: HashMap<UsageBucketKey, String>,
+    /// The store refused the one record being processed for another reason:
+    /// its events go to the dead letters with this reason.
+    forced: Option<String>,
+    /// Refusals in a row of the same record without anything new learned.
+    stuck: u32,
+}
+
+impl Care {
+    /// The store refused the commit of the records `from..to`: learn what
+    /// it said, and process them again, one record per commit.
+    fn refused(&mut self, consumer: &str, p: u32, e: StoreError, from: u64, to: u64) {
+        metrics::counter!("sluice_consumer_refused_commits_total", "consumer" => metric_label(consumer)).increment(1);
+        let careful_already = self.until.is_some();
+        match e {
+            StoreError::UsageOverflow(list) => {
+                // The buckets are known: the records are processed again as
+                // usual, and the events that add to them are dead-lettered.
+                let before = self.overflowing.len();
+                for o in list {
+                    let key = UsageBucketKey {
+                        workspace: o.workspace.clone(),
+                        meter: o.meter.clone(),
+                        customer_id: o.customer_id.clone(),
+                        subscription_id: String::new(),
+                        group_key: String::new(),
+                        bucket_start: o.bucket_start,
+                    };
+                    self.overflowing.entry(key).or_insert_with(|| o.to_string());
+                }
+                if self.overflowing.len() == before {
+                    self.stuck += 1;
+                }
+            }
+            other => {
+                self.until = Some(self.until.unwrap_or(0).max(to));
+                if careful_already {
+                    // One record, refused: its events are the cause.
+                    self.forced = Some(format!("the state store cannot take this event's effects: {}", public_reason(&other)));
+                }
+                self.stuck += u32::from(careful_already);
+            }
+        }
+        if self.stuck > 2 {
+            self.forced.get_or_insert_with(|| "the state store keeps refusing this event's effects".into());
+        }
+        tracing::warn!(consumer, partition = p, from, to, "processing refused records again, one record per commit");
+    }
+
+    /// A commit went through, up to `next`.
+    fn committed(&mut self, next: u64, refused_up_to: &mut Option<u64>) {
+        self.forced = None;
+        self.stuck = 0;
+        if self.until.is_some_and(|u| next >= u) {
+            self.until = None;
+        }
+        // The overflowing buckets are kept while the refused records are
+        // processed again, then forgotten (later events to them are
+        // checked by the store again).
+        if self.until.is_none() && refused_up_to.is_none_or(|u| next >= u) {
+            self.overflowing.clear();
+            *refused_up_to = None;
+        }
+    }
+
+    /// Why `effect` must not be applied (it adds to an overflowing bucket).
+    fn refusal(&self, effect: &Effect) -> Option<String> {
+        if self.overflowing.is_empty() {
+            return None;
+        }
+        let Effect::Usage(v) = effect else { return None };
+        v.iter().find_map(|d| {
+            let key = UsageBucketKey {
+                workspace: d.workspace.to_string(),
+                meter: d.meter.to_string(),
+                customer_id: d.customer_id.to_string(),
+                subscription_id: String::new(),
+                group_key: String::new(),
+                bucket_start: d.bucket_start,
+            };
+            self.overflowing.get(&key).cloned()
+        })
+    }
+
+    /// True when `effect` adds to an overflowing bucket.
+    fn touches(&self, effect: &Effect) -> bool {
+        self.refusal(effect).is_some()
+    }
+}
+
+/// A store error as a dead letter may show it (no database internals).
+fn public_reason(e: &StoreError) -> String {
+    match e {
+        StoreError::Database(sqlx_err) => match sqlx_err.as_database_error() {
+            Some(db) => format!("the database refused a value ({})", db.code().unwrap_or_default()),
+            None => "the database refused a value".into(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// Sleeps `d`; true if the consumer was stopped meanwhile.

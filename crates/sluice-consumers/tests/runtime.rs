@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_consumers::{Attempt, Consumer, Effect, RetryPolicy, Runtime};
+use sluice_consumers::{Attempt, Consumer, Effect, HandleError, RetryPolicy, Runtime};
 use sluice_core::{AppendRecord, Event, EventLog};
 use sluice_store::{CountKey, NewAudit, Store};
 
@@ -28,7 +28,7 @@ impl Consumer for Handle {
         "picky"
     }
 
-    async fn handle(&self, e: &Event, _a: Attempt) -> Result<Effect, String> {
+    async fn handle(&self, e: &Event, _a: Attempt) -> Result<Effect, HandleError> {
         let id = e.id.to_string();
         *self.0.calls.lock().unwrap().entry(id.clone()).or_default() += 1;
         if self.0.panic_always.lock().unwrap().contains(&id) {
@@ -38,7 +38,7 @@ impl Consumer for Handle {
             panic!("simulated bug on {id}");
         }
         if self.0.failing.lock().unwrap().contains(&id) {
-            return Err(format!("cannot handle {id}"));
+            return Err(HandleError::Transient(format!("cannot handle {id}")));
         }
         Ok(Effect::Count(CountKey { workspace: "w".into(), event_type: "t".into(), customer_id: String::new(), day: "2024-01-01".into() }))
     }
@@ -76,6 +76,9 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
     picky.panic_always.lock().unwrap().insert("e50".into());
     let mut dead_expected = bad.clone();
     dead_expected.insert("e50".into());
+    // A panic is a permanent failure (issue 11): dead-lettered at once, like
+    // e50, not retried.
+    dead_expected.insert("e23".into());
     let records: Vec<AppendRecord> = (0..60)
         .map(|i| AppendRecord { partition: i % 3, timestamp_ms: 0, payload: event(&format!("e{i}"), &format!("c{}", i % 3)) })
         .collect();
@@ -84,7 +87,7 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
     let policy = RetryPolicy { attempts: 4, base: Duration::from_millis(5), max: Duration::from_millis(20) };
     let rt = Runtime::new(log.clone(), store.clone(), policy, 7);
     rt.start(Arc::new(Handle(picky.clone())));
-    eventually("all processed", || async { total(&store).await == 56 }).await;
+    eventually("all processed", || async { total(&store).await == 55 }).await;
     eventually("checkpoints at the end", || async {
         let cp = store.checkpoints("picky").await.unwrap();
         (0..3).all(|p| cp.get(&p) == Some(&log.next_offset(p)))
@@ -92,18 +95,17 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
     .await;
     let dead = store.list_dead_letters("w", Some("picky"), Some("dead"), None, 100).await.unwrap().data;
     assert_eq!(dead.iter().map(|d| d.event_id.clone()).collect::<HashSet<_>>(), dead_expected);
-    assert!(dead.iter().all(|d| d.attempts == 4));
-    assert!(dead.iter().all(|d| d.error.starts_with(if d.event_id == "e50" { "consumer panicked" } else { "cannot handle" })));
+    let panicked = |id: &str| id == "e50" || id == "e23";
+    assert!(dead.iter().all(|d| d.attempts == if panicked(&d.event_id) { 1 } else { 4 }), "{dead:?}");
+    assert!(dead.iter().all(|d| d.error.starts_with(if panicked(&d.event_id) { "consumer panicked" } else { "cannot handle" })));
     {
         let calls = picky.calls.lock().unwrap();
         for (id, n) in calls.iter() {
-            let expected = if dead_expected.contains(id) { 4 } else if id == "e23" { 2 } else { 1 };
+            let expected = if panicked(id) { 1 } else if dead_expected.contains(id) { 4 } else { 1 };
             assert_eq!(*n, expected, "{id} handled {n} times");
         }
         assert_eq!(calls.len(), 60);
     }
-    // The panic was a failed attempt: retried, then applied once.
-    assert!(!store.list_dead_letters("w", None, None, None, 100).await.unwrap().data.iter().any(|d| d.event_id == "e23"));
 
     // Fix the cause and replay: each dead letter is applied exactly once.
     picky.failing.lock().unwrap().clear();
@@ -116,13 +118,13 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
         target_id: "*".into(),
         details: serde_json::json!({}),
     };
-    assert_eq!(store.claim_replays("w", None, Some("picky"), None, None, &audit).await.unwrap(), 4);
+    assert_eq!(store.claim_replays("w", None, Some("picky"), None, None, &audit).await.unwrap(), 5);
     eventually("replayed", || async { total(&store).await == 60 }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(total(&store).await, 60);
     let replayed = store.list_dead_letters("w", None, Some("replayed"), None, 100).await.unwrap().data;
-    assert_eq!(replayed.len(), 4);
-    assert!(dead_expected.iter().all(|b| picky.calls.lock().unwrap()[b] == 5));
+    assert_eq!(replayed.len(), 5);
+    assert!(dead_expected.iter().all(|b| picky.calls.lock().unwrap()[b] == if panicked(b) { 2 } else { 5 }));
     // A second claim finds nothing to replay.
     assert_eq!(store.claim_replays("w", None, Some("picky"), None, None, &audit).await.unwrap(), 0);
 

@@ -15,6 +15,19 @@ pub const MAX_EVENT_ID_CHARS: usize = 128;
 /// Maximum length of an event type.
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
 
+/// Checks text that is stored as a key or column value by every state
+/// store (customer, user, subscription, group and alias ids, trait and
+/// attribute keys): no NUL character, which PostgreSQL's `text` cannot
+/// hold. Every other character (line breaks included: a quoted CSV field
+/// may hold one) is stored by both backends, as the store's conformance
+/// suite checks with a property test.
+pub fn check_storable(s: &str) -> Result<(), IdError> {
+    match s.find('\0') {
+        None => Ok(()),
+        Some(at) => Err(IdError(format!("must not contain NUL (U+0000, at byte {at}): the state store cannot hold it"))),
+    }
+}
+
 /// The idempotency key of an event: 1–128 characters, unique per workspace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -185,6 +198,14 @@ mod tests {
         assert!(EventId::parse("a".repeat(129)).is_err());
         assert!(EventId::parse("").is_err());
         assert!(EventId::parse("a\nb").is_err());
+    }
+
+    #[test]
+    fn storable_text_has_no_control_characters() {
+        assert!(check_storable("acme 株式会社 🙂 \"quoted\" back\\slash").is_ok());
+        let e = check_storable("g\u{0}").unwrap_err();
+        assert!(e.0.contains("U+0000"), "{e}");
+        assert!(check_storable("a\nb\u{1b}\u{7f}\u{9f}").is_ok());
     }
 
     #[test]

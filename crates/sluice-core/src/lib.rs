@@ -15,7 +15,7 @@ pub mod scope;
 
 pub use batch::{decode_events, hex_event_id, BatchHeader, BatchRow, BatchRows, EventBatch, Payload};
 pub use event::{partition_for, Event};
-pub use ids::{EventId, EventType, IdError, WorkspaceName};
+pub use ids::{check_storable, EventId, EventType, IdError, WorkspaceName};
 pub use log::{AppendRecord, BurstGuard, Bursts, Busy, Bytes, EventLog, LogError, LogStats, Record, RetentionReport};
 pub use people::{has_record_effects, record_effects, RecordEffect};
 pub use scope::Scope;

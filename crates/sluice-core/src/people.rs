@@ -118,7 +118,32 @@ pub fn record_effects(e: &Event) -> Vec<RecordEffect> {
         }
         _ => {}
     }
+    // Events accepted before ids were checked for what a store can hold
+    // (issue 11) may still be in the log: their record effects are left
+    // out, so that one such event cannot stop the indexer (and with it
+    // ingest) for every workspace.
+    out.retain(|r| {
+        let ok = r.is_storable();
+        if !ok {
+            tracing::warn!(workspace = %e.workspace, event = %e.id, "record effect with an id a state store cannot hold; skipped");
+        }
+        ok
+    });
     out
+}
+
+impl RecordEffect {
+    /// True when every id of the effect can be stored
+    /// ([`crate::check_storable`]).
+    pub fn is_storable(&self) -> bool {
+        let ok = |s: &str| crate::check_storable(s).is_ok();
+        match self {
+            RecordEffect::UpsertUser { user_id, traits, .. } => ok(user_id) && traits.keys().all(|k| ok(k)),
+            RecordEffect::UpsertCustomer { customer_id, attributes, .. } => ok(customer_id) && attributes.keys().all(|k| ok(k)),
+            RecordEffect::LinkUser { user_id, customer_id, .. } => ok(user_id) && ok(customer_id),
+            RecordEffect::Alias { previous_id, user_id, .. } => ok(previous_id) && ok(user_id),
+        }
+    }
 }
 
 /// Merges an update into a stored map by the last-write-wins rule above.

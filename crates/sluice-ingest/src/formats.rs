@@ -183,6 +183,12 @@ pub fn parse_body(
         } else {
             parse_native(raw, workspace, received_at)
         };
+        let parsed = parsed.and_then(|e| {
+            let mut errs = Errs::new();
+            let names = if cloud { ["subject", "subscription_id", "user_id", "data"] } else { ["customer_id", "subscription_id", "user_id", "properties"] };
+            check_storable_fields(&e, names, &mut errs);
+            if errs.is_empty() { Ok(e) } else { Err(errs) }
+        });
         match parsed {
             Ok(e) => events.push(e),
             Err(errs) => {
@@ -219,7 +225,7 @@ fn split_ndjson(body: &[u8]) -> Result<Vec<(Option<usize>, &RawValue)>, ParseErr
     Ok(out)
 }
 
-type Errs = Vec<(String, String)>;
+pub(crate) type Errs = Vec<(String, String)>;
 
 /// The native event object. Unknown fields are refused (a typo such as
 /// `customerId` must not silently lose the customer); custom data belongs in
@@ -379,6 +385,36 @@ fn opt_string(raw: Option<&RawValue>, field: &str, errs: &mut Errs) -> Option<St
         Err(_) => {
             errs.push((field.into(), format!("must be a string, got {}", json_kind(raw.get()))));
             None
+        }
+    }
+}
+
+/// Refuses what a state store cannot hold (NUL and other control
+/// characters, see [`sluice_core::check_storable`]) in the ids that are
+/// stored as keys — customer, subscription and user — and, for events that
+/// update user and customer records (`identify`, `group`, `alias`), in the
+/// trait keys and the alias's previous id. `names` are the client's names
+/// of the customer, subscription, user and properties fields.
+pub(crate) fn check_storable_fields(e: &Event, names: [&str; 4], errs: &mut Errs) {
+    let ids = [e.customer_id.as_deref(), e.subscription_id.as_deref(), e.user_id.as_deref()];
+    for (name, id) in names.iter().zip(ids) {
+        if let Some(Err(err)) = id.map(sluice_core::check_storable) {
+            errs.push(((*name).into(), err.0));
+        }
+    }
+    if !sluice_core::has_record_effects(e.event_type.as_str()) {
+        return;
+    }
+    if let Ok(Value::Object(props)) = serde_json::from_str::<Value>(e.properties.get()) {
+        for (k, v) in &props {
+            if let Err(err) = sluice_core::check_storable(k) {
+                errs.push((format!("{}.{}", names[3], k.escape_debug()), format!("key {}", err.0)));
+            }
+            if e.event_type.as_str() == sluice_core::people::ALIAS && k == "previous_id" {
+                if let Some(Err(err)) = v.as_str().map(sluice_core::check_storable) {
+                    errs.push((format!("{}.previous_id", names[3]), err.0));
+                }
+            }
         }
     }
 }

@@ -312,6 +312,13 @@ fn message_to_event(
 
     let to_raw = |m: Map<String, Value>| RawValue::from_string(Value::Object(m).to_string()).unwrap_or_else(|_| Event::empty_object());
     let needs_customer = customer_id.is_none() && (user_id.is_some() || anonymous_id.is_some());
+    for (name, v) in [("anonymousId", &anonymous_id), ("previousId", &properties.get("previous_id").and_then(Value::as_str).map(str::to_owned))] {
+        if let Some(Err(e)) = v.as_deref().map(sluice_core::check_storable) {
+            errs.push((name.into(), e.0));
+        }
+    }
+    let customer_field = if call == SegmentCall::Group { "groupId" } else { "context.groupId" };
+    let traits_field = if matches!(call, SegmentCall::Identify | SegmentCall::Group) { "traits" } else { "properties" };
     let event = Event {
         workspace: workspace.clone(),
         id: id.unwrap_or_else(EventId::generate),
@@ -324,6 +331,11 @@ fn message_to_event(
         properties: to_raw(properties),
         context: to_raw(context),
     };
+    crate::formats::check_storable_fields(&event, [customer_field, "subscription_id", if event.user_id.is_some() && m.get("userId").is_some() { "userId" } else { "anonymousId" }, traits_field], &mut errs);
+    if !errs.is_empty() {
+        errs.dedup();
+        return Err(errs);
+    }
     Ok((event, needs_customer))
 }
 

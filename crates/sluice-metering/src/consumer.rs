@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use sluice_consumers::{Attempt, Consumer, Effect};
+use sluice_consumers::{Attempt, Consumer, Effect, HandleError};
 use sluice_core::{Event, EventBatch};
 use sluice_store::{Meter, Store};
 
@@ -52,7 +52,7 @@ impl Consumer for MetersConsumer {
         NAME
     }
 
-    async fn handle(&self, e: &Event, at: Attempt) -> Result<Effect, String> {
+    async fn handle(&self, e: &Event, at: Attempt) -> Result<Effect, HandleError> {
         let mut usage = Vec::new();
         for m in self.cache.of(e.workspace.as_str(), e.event_type.as_str()) {
             // Events before the meter's start position belong to its backfill.
@@ -60,14 +60,16 @@ impl Consumer for MetersConsumer {
             if at.offset < start {
                 continue;
             }
-            if let Some(d) = crate::meter::usage_of(&m, e)? {
+            // A value the meter cannot take is the event's fault: retrying
+            // cannot help, so it goes to the dead letters at once.
+            if let Some(d) = crate::meter::usage_of(&m, e).map_err(HandleError::Permanent)? {
                 usage.push(d);
             }
         }
         Ok(if usage.is_empty() { Effect::None } else { Effect::Usage(usage) })
     }
 
-    async fn handle_batch(&self, b: &EventBatch, at: Attempt) -> Option<Result<Effect, String>> {
+    async fn handle_batch(&self, b: &EventBatch, at: Attempt) -> Option<Result<Effect, HandleError>> {
         let mut usage = Vec::new();
         for m in self.cache.of(b.header.workspace.as_str(), b.header.event_type.as_str()) {
             let start = m.start_offsets.iter().find(|(p, _)| *p == at.partition).map_or(0, |(_, o)| *o);
@@ -76,7 +78,7 @@ impl Consumer for MetersConsumer {
             }
             match crate::meter::batch_usage(&m, b)? {
                 Ok(d) => usage.extend(d),
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Some(Err(HandleError::Permanent(e))),
             }
         }
         Some(Ok(if usage.is_empty() { Effect::None } else { Effect::Usage(usage) }))

@@ -330,8 +330,13 @@ impl<'m> RowParser<'m> {
         let customer = get(c.customer);
         if customer.is_empty() || (customer.len() > 256 && customer.chars().count() > 256) {
             errs.push(error(row, "customer_id", customer, "must be 1-256 characters"));
+        } else if let Err(e) = sluice_core::check_storable(customer) {
+            errs.push(error(row, "customer_id", customer, e.0));
         }
         let subscription = c.subscription.map(get).filter(|s| !s.is_empty());
+        if let Some(Err(e)) = subscription.map(sluice_core::check_storable) {
+            errs.push(error(row, "subscription_id", subscription.unwrap_or_default(), e.0));
+        }
         let meter_key = get(c.meter);
         let meter = self.meters.get(meter_key).map(|(i, m)| (*i, m));
         if meter.is_none() {
@@ -345,7 +350,15 @@ impl<'m> RowParser<'m> {
         }
         let q = get(q_col);
         let quantity = match Decimal::from_str(q).or_else(|_| Decimal::from_scientific(q)) {
+            Ok(v) if v.abs() > MAX_QUANTITY => {
+                errs.push(error(row, "quantity", q, "must be at most 1e20 in absolute value (so that usage sums stay exact decimals)"));
+                None
+            }
             Ok(v) => Some(v),
+            Err(_) if !q.is_empty() && q.trim_start_matches(['-', '+']).chars().all(|c| c.is_ascii_digit() || c == '.' || c == 'e' || c == 'E' || c == '-' || c == '+') => {
+                errs.push(error(row, "quantity", q, "is beyond the largest exact decimal (about 7.9e28, 28 digits after the point); at most 1e20 in absolute value"));
+                None
+            }
             Err(_) => {
                 errs.push(error(row, "quantity", q, "must be a decimal number such as 12.5"));
                 None
@@ -379,6 +392,13 @@ impl<'m> RowParser<'m> {
         })
     }
 }
+
+/// The largest quantity of one row, in absolute value. A bucket's sum is an
+/// exact decimal (at most about 7.9e28): with rows of at most 1e20, one
+/// file can never overflow a bucket (a 1 GB file has about 24 million
+/// rows); usage beyond that across many files overflows in the meters
+/// consumer, which dead-letters the rows that would overflow.
+const MAX_QUANTITY: Decimal = Decimal::from_parts(1_661_992_960, 1_808_227_885, 5, false, 0);
 
 /// `t.to_rfc3339()` (what the id rule hashes) without allocating:
 /// `2024-05-01T12:00:00.250+00:00`, with 0, 3, 6 or 9 fraction digits as
@@ -918,6 +938,11 @@ pub fn sweep_uploads(dir: &Path, max_age: std::time::Duration) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn max_quantity_is_1e20() {
+        assert_eq!(MAX_QUANTITY, Decimal::from_str("100000000000000000000").unwrap());
+    }
 
     #[test]
     fn the_time_in_the_id_rule_is_chronos_rfc3339() {

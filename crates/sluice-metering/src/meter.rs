@@ -135,7 +135,7 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
         });
         return Ok(Some(d));
     }
-    let v = decimal(raw).ok_or_else(|| format!("meter {:?}: properties.{path} = {raw} is not a number", m.key))?;
+    let v = decimal(raw).ok_or_else(|| format!("meter {:?}: properties.{path} = {raw} is not a number (or not one an exact decimal holds: at most about 7.9e28, 28 digits after the point)", m.key))?;
     d.sum = v;
     d.min = Some(v);
     d.max = Some(v);
@@ -213,7 +213,7 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
                 d.unique = Some(raw.to_owned());
             } else {
                 let Ok(v) = raw.trim().parse::<Decimal>() else {
-                    return Some(Err(format!("meter {:?}: properties.{path} = {raw:?} is not a number", m.key)));
+                    return Some(Err(format!("meter {:?}: properties.{path} = {raw:?} is not a number (or not one an exact decimal holds: at most about 7.9e28, 28 digits after the point)", m.key)));
                 };
                 d.sum = v;
                 d.min = Some(v);
@@ -228,7 +228,13 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
         }
         // Rows of one bucket fold into its first delta.
         match at_row.entry((r.customer_id.as_deref(), r.subscription_id.as_deref(), d.bucket_start)) {
-            std::collections::hash_map::Entry::Occupied(e) => out[*e.get()].merge(&d),
+            std::collections::hash_map::Entry::Occupied(e) => {
+                if let Err(o) = out[*e.get()].merge(&d) {
+                    // The caller meters the events one by one: only the
+                    // event that overflows fails.
+                    return Some(Err(o.to_string()));
+                }
+            }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(out.len());
                 out.push(d);

@@ -129,10 +129,15 @@ impl Acc {
     }
 
     /// Folds `other` in; for latest, the later value wins (the later of
-    /// equal times: buckets come in key order).
-    fn merge(&mut self, agg: Aggregation, other: Acc) {
+    /// equal times: buckets come in key order). A count or sum beyond the
+    /// largest exact decimal is an `Err` of the two addends; `self` is then
+    /// unchanged.
+    fn merge(&mut self, agg: Aggregation, other: Acc) -> Result<(), (Decimal, Decimal)> {
         self.value = match (agg, self.value, other.value) {
-            (Aggregation::Count | Aggregation::Sum, a, b) => Some(a.unwrap_or_default() + b.unwrap_or_default()),
+            (Aggregation::Count | Aggregation::Sum, a, b) => {
+                let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+                Some(a.checked_add(b).ok_or((a, b))?)
+            }
             (Aggregation::Max, Some(a), Some(b)) => Some(a.max(b)),
             (Aggregation::Min, Some(a), Some(b)) => Some(a.min(b)),
             (_, a, b) => a.or(b),
@@ -142,6 +147,7 @@ impl Acc {
                 self.latest = Some((at, v));
             }
         }
+        Ok(())
     }
 
     /// The period's value: none if no bucket had one (max or min of no
@@ -151,8 +157,31 @@ impl Acc {
     }
 }
 
+/// Why a usage query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageQueryError {
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A period's total is beyond the largest exact decimal: refused, never
+    /// rounded (a client error: 422).
+    #[error("the usage of meter {meter:?} for customer {customer_id:?} in the period from {period_start} is beyond the largest exact decimal (about 7.9e28): {total} + {value}; ask for a finer granularity or a shorter period")]
+    Overflow {
+        /// Meter key.
+        meter: String,
+        /// Customer (`""` when none).
+        customer_id: String,
+        /// Start of the period (RFC 3339, or `-` for the whole range).
+        period_start: String,
+        /// What the period held so far.
+        total: Decimal,
+        /// What was being added.
+        value: Decimal,
+    },
+}
+
 /// Rows `{customer_id, subscription_id, period_start, period_end, value, group}`.
-pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Result<Vec<Value>, StoreError> {
+pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Result<Vec<Value>, UsageQueryError> {
     let g = q.granularity.unwrap_or(Granularity::Total);
     let project = |group_key: &str| -> Value {
         if q.group_by.is_empty() {
@@ -184,15 +213,36 @@ pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Resu
         // folded again by the requested groups.
         let agg = Aggregation::of(&meter.aggregation);
         let buckets = store.usage_buckets(&meter.workspace, &meter.key, cust, sub, q.from, q.to).await?;
+        let overflow = |customer: &str, start: DateTime<Utc>, (total, value): (Decimal, Decimal)| UsageQueryError::Overflow {
+            meter: meter.key.clone(),
+            customer_id: customer.to_owned(),
+            period_start: if start == DateTime::<Utc>::MIN_UTC { "-".into() } else { start.to_rfc3339() },
+            total,
+            value,
+        };
         let mut folded: BTreeMap<(&str, &str, &str, DateTime<Utc>, DateTime<Utc>), Acc> = BTreeMap::new();
         for b in &buckets {
             let (start, end) = period_of(b.bucket_start);
             let acc = Acc::of(agg, b.count, b.sum, b.min, b.max, b.latest_at.zip(b.latest_value).map(|(at, v)| (at.timestamp_micros(), v)));
-            folded.entry((&b.customer_id, &b.subscription_id, &b.group_key, start, end)).and_modify(|a| a.merge(agg, acc)).or_insert(acc);
+            match folded.entry((&b.customer_id, &b.subscription_id, &b.group_key, start, end)) {
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    e.get_mut().merge(agg, acc).map_err(|v| overflow(&b.customer_id, start, v))?;
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(acc);
+                }
+            }
         }
         let mut grouped: BTreeMap<Key, Acc> = BTreeMap::new();
         for ((c, s, gk, start, end), acc) in folded {
-            grouped.entry((c.to_owned(), s.to_owned(), project(gk).to_string(), start, end)).and_modify(|a| a.merge(agg, acc)).or_insert(acc);
+            match grouped.entry((c.to_owned(), s.to_owned(), project(gk).to_string(), start, end)) {
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    e.get_mut().merge(agg, acc).map_err(|v| overflow(c, start, v))?;
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(acc);
+                }
+            }
         }
         out = grouped.into_iter().filter_map(|(k, acc)| acc.value().map(|v| (k, v))).collect();
     }
@@ -235,7 +285,7 @@ mod tests {
             let mut it = buckets.iter().map(|&(c, s, mn, mx, l)| Acc::of(agg, c, s, mn, mx, l));
             let mut a = it.next().unwrap();
             for b in it {
-                a.merge(agg, b);
+                a.merge(agg, b).unwrap();
             }
             a.value()
         };
@@ -247,6 +297,14 @@ mod tests {
         // A period whose buckets hold no value has none, not zero.
         assert_eq!(Acc::of(Aggregation::Max, 1, Decimal::ZERO, None, None, None).value(), None);
         assert_eq!(Acc::of(Aggregation::Latest, 1, Decimal::ZERO, None, None, None).value(), None);
+    }
+
+    #[test]
+    fn a_sum_beyond_the_largest_decimal_is_an_error_not_a_panic() {
+        let big: Decimal = "50000000000000000000000000000".parse().unwrap();
+        let mut a = Acc::of(Aggregation::Sum, 1, big, None, None, None);
+        assert_eq!(a.merge(Aggregation::Sum, Acc::of(Aggregation::Sum, 1, big, None, None, None)), Err((big, big)));
+        assert_eq!(a.value(), Some(big), "unchanged after the refused merge");
     }
 
     #[test]

@@ -80,6 +80,18 @@ impl KeyIndex {
         table.insert_unique(h, (next, at, probe.len()), |&(_, at, len)| state.hash_one(&keys[at..at + len]));
         None
     }
+
+    /// Forgets the key `encode` writes (it must be indexed). Its bytes stay
+    /// in `keys` until the caller truncates them.
+    fn remove(&mut self, state: &foldhash::fast::RandomState, encode: impl FnOnce(&mut Vec<u8>)) {
+        let KeyIndex { table, keys, probe } = self;
+        probe.clear();
+        encode(probe);
+        let h = state.hash_one(probe.as_slice());
+        if let Ok(entry) = table.find_entry(h, |&(_, at, len)| keys[at..at + len] == probe[..]) {
+            entry.remove();
+        }
+    }
 }
 
 /// Appends strings, each with its length first (so that distinct keys never
@@ -97,28 +109,67 @@ impl Folder {
         let usage = std::mem::take(&mut commit.usage);
         let counts = std::mem::take(&mut commit.counts);
         let mut f = Folder::default();
-        f.add_usage(commit, usage);
+        // Entries that cannot be folded stay as they are: the commit that
+        // writes them reports the overflow.
+        for d in usage {
+            if f.add_usage(commit, [d.clone()]).is_err() {
+                commit.usage.push(d);
+            }
+        }
         f.add_counts(commit, counts);
         f
     }
 
-    /// Adds usage deltas to `commit`.
-    pub fn add_usage(&mut self, commit: &mut ConsumerCommit, deltas: impl IntoIterator<Item = crate::metering::UsageDelta>) {
+    /// Adds usage deltas to `commit`, all or nothing: when one would
+    /// overflow its bucket, every delta of this call is taken back (the
+    /// commit and the folder are as before the call) and the overflow is
+    /// returned, so that a consumer can dead-letter the event (or fall back
+    /// from a batch to its events) without half of its usage counted.
+    pub fn add_usage(
+        &mut self,
+        commit: &mut ConsumerCommit,
+        deltas: impl IntoIterator<Item = crate::metering::UsageDelta>,
+    ) -> std::result::Result<(), crate::metering::UsageOverflow> {
         let out = &mut commit.usage;
+        let (len_before, keys_before) = (out.len(), self.usage.keys.len());
+        // Entries that existed before this call and were merged into, with
+        // their value before the first merge.
+        let mut changed: Vec<(usize, crate::metering::UsageDelta)> = Vec::new();
         for d in deltas {
             if d.unique.is_some() {
                 out.push(d); // unique values stay one entry each
                 continue;
             }
-            let found = self.usage.find_or_insert(&self.state, out.len(), |k| {
-                encode_strs(k, [&*d.workspace, &*d.meter, &*d.customer_id, &*d.subscription_id, &*d.group_key]);
-                k.extend_from_slice(&d.bucket_start.to_le_bytes());
-            });
-            match found {
-                Some(i) => out[i].merge(&d),
-                None => out.push(d),
+            let found = self.usage.find_or_insert(&self.state, out.len(), |k| Self::usage_key(k, &d));
+            let Some(i) = found else {
+                out.push(d);
+                continue;
+            };
+            if i < len_before && !changed.iter().any(|(j, _)| *j == i) {
+                changed.push((i, out[i].clone()));
+            }
+            if let Err(overflow) = out[i].merge(&d) {
+                // Take the call back: entries it added leave the index and
+                // the commit, entries it merged into get their old values.
+                for e in &out[len_before..] {
+                    if e.unique.is_none() {
+                        self.usage.remove(&self.state, |k| Self::usage_key(k, e));
+                    }
+                }
+                out.truncate(len_before);
+                self.usage.keys.truncate(keys_before);
+                for (j, old) in changed {
+                    out[j] = old;
+                }
+                return Err(overflow);
             }
         }
+        Ok(())
+    }
+
+    fn usage_key(k: &mut Vec<u8>, d: &crate::metering::UsageDelta) {
+        encode_strs(k, [&*d.workspace, &*d.meter, &*d.customer_id, &*d.subscription_id, &*d.group_key]);
+        k.extend_from_slice(&d.bucket_start.to_le_bytes());
     }
 
     /// Adds counts to `commit`.
@@ -694,7 +745,7 @@ mod tests {
         let mut folder = Folder::of(&mut c);
         assert_eq!(c.usage.len(), 2);
         assert_eq!(c.counts, vec![(key("a"), 1)]);
-        folder.add_usage(&mut c, usage()[2..].to_vec());
+        folder.add_usage(&mut c, usage()[2..].to_vec()).expect("no overflow");
         folder.add_counts(&mut c, [(key("b"), 2), (key("a"), 3)]);
         let sorted = |v: &[UsageDelta]| {
             let mut v = v.to_vec();

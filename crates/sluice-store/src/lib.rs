@@ -37,7 +37,7 @@ pub use consumers::{ConsumerCommit, CountKey, Folder, DeadLetter, Delivery, NewD
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
-pub use metering::{Meter, UsageBucket, UsageDelta};
+pub use metering::{Meter, UsageBucket, UsageBucketKey, UsageDelta, UsageOverflow};
 pub use people::{CustomerRecord, UserRecord};
 pub use workspaces::Workspace;
 
@@ -59,6 +59,28 @@ pub enum StoreError {
     /// Schema migration failed on start.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A commit would overflow these usage buckets; nothing was written.
+    /// Permanent: caused by the events' values, not by the store.
+    #[error("usage would overflow in {} bucket(s): {}", .0.len(), .0.first().map(|o| o.to_string()).unwrap_or_default())]
+    UsageOverflow(Vec<crate::metering::UsageOverflow>),
+}
+
+impl StoreError {
+    /// True when the failure comes from the data written, not from the
+    /// store (retrying the same write cannot succeed): usage overflow, and
+    /// values the database refuses (PostgreSQL's class 22, data exception,
+    /// such as a NUL character in text or a number out of range; SQLite's
+    /// TOOBIG and MISMATCH).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::UsageOverflow(_) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                code.starts_with("22") || code == "18" || code == "20"
+            }
+            _ => false,
+        }
+    }
 }
 
 impl StoreError {

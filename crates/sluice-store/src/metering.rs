@@ -102,10 +102,24 @@ impl UsageDelta {
         self.latest_value = other.latest_value;
     }
 
-    /// Folds `other` (same bucket) into `self`.
-    pub fn merge(&mut self, other: &UsageDelta) {
-        self.count += other.count;
-        self.sum += other.sum;
+    /// Folds `other` (same bucket) into `self`, exactly: a count or sum
+    /// beyond what `i64` / [`Decimal`] hold is an [`UsageOverflow`], and
+    /// `self` is left as it was (no partial merge, no panic).
+    pub fn merge(&mut self, other: &UsageDelta) -> std::result::Result<(), UsageOverflow> {
+        let count = self.count.checked_add(other.count);
+        let sum = self.sum.checked_add(other.sum);
+        let (Some(count), Some(sum)) = (count, sum) else {
+            return Err(UsageOverflow {
+                workspace: self.workspace.to_string(),
+                meter: self.meter.to_string(),
+                customer_id: self.customer_id.to_string(),
+                bucket_start: self.bucket_start,
+                value: other.sum,
+                total: self.sum,
+            });
+        };
+        self.count = count;
+        self.sum = sum;
         self.min = match (self.min, other.min) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -118,18 +132,77 @@ impl UsageDelta {
             self.latest_at = other.latest_at;
             self.latest_value = other.latest_value;
         }
+        Ok(())
     }
+
+    /// The bucket's identity as an [`UsageBucketKey`].
+    pub fn bucket_key(&self) -> UsageBucketKey {
+        UsageBucketKey {
+            workspace: self.workspace.to_string(),
+            meter: self.meter.to_string(),
+            customer_id: self.customer_id.to_string(),
+            subscription_id: self.subscription_id.to_string(),
+            group_key: self.group_key.to_string(),
+            bucket_start: self.bucket_start,
+        }
+    }
+}
+
+/// A usage bucket, by value (what an overflow names).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UsageBucketKey {
+    /// Workspace.
+    pub workspace: String,
+    /// Meter key.
+    pub meter: String,
+    /// Customer (`""` when none).
+    pub customer_id: String,
+    /// Subscription (`""` when none).
+    pub subscription_id: String,
+    /// Group values as JSON text (`""` without group_by).
+    pub group_key: String,
+    /// Start of the 15-minute UTC bucket, microseconds.
+    pub bucket_start: i64,
+}
+
+/// Adding usage to a bucket would exceed the largest exact decimal
+/// (about 7.9e28) or the largest event count: the addition is refused, never
+/// rounded or wrapped. Caused by the data, so it is permanent: the consumer
+/// dead-letters the event that would overflow instead of retrying it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("usage of meter {meter:?} for customer {customer_id:?} overflows: adding {value} to {total} exceeds the largest exact decimal (about 7.9e28)")]
+pub struct UsageOverflow {
+    /// Workspace.
+    pub workspace: String,
+    /// Meter key.
+    pub meter: String,
+    /// Customer (`""` when none).
+    pub customer_id: String,
+    /// Start of the bucket, microseconds.
+    pub bucket_start: i64,
+    /// The value being added.
+    pub value: Decimal,
+    /// What the bucket held.
+    pub total: Decimal,
 }
 
 /// Sorts `plain` (deltas without a unique value, owned or borrowed) by
 /// bucket and merges equal buckets, in their order in `plain` (the sort is
 /// stable); `own` turns the first delta of each bucket into the result's.
-pub(crate) fn fold_sorted<D: std::borrow::Borrow<UsageDelta>>(mut plain: Vec<D>, own: impl Fn(D) -> UsageDelta) -> Vec<UsageDelta> {
+pub(crate) fn fold_sorted<D: std::borrow::Borrow<UsageDelta>>(
+    mut plain: Vec<D>,
+    own: impl Fn(D) -> UsageDelta,
+    overflows: &mut Vec<UsageOverflow>,
+) -> Vec<UsageDelta> {
     plain.sort_by(|a, b| a.borrow().sort_key().cmp(&b.borrow().sort_key()));
     let mut out: Vec<UsageDelta> = Vec::with_capacity(plain.len());
     for d in plain {
         match out.last_mut() {
-            Some(last) if last.sort_key() == d.borrow().sort_key() => last.merge(d.borrow()),
+            Some(last) if last.sort_key() == d.borrow().sort_key() => {
+                if let Err(o) = last.merge(d.borrow()) {
+                    overflows.push(o);
+                }
+            }
             _ => out.push(own(d)),
         }
     }
@@ -281,7 +354,11 @@ macro_rules! apply_usage {
                 None => plain.push(d),
             }
         }
-        let mut merged = $crate::metering::fold_sorted(plain, |d| d.clone());
+        // Every bucket that would overflow is collected (not only the
+        // first), so that the consumer learns them all from one failed
+        // commit; nothing is written then.
+        let mut overflows: Vec<$crate::metering::UsageOverflow> = Vec::new();
+        let mut merged = $crate::metering::fold_sorted(plain, |d| d.clone(), &mut overflows);
         // A few thousand buckets at a time: the parameters of their
         // statements are built in memory, so a commit that touches a
         // million buckets must not build them all at once.
@@ -307,11 +384,23 @@ macro_rules! apply_usage {
                         latest_value: b.11.and_then(|v| v.parse().ok()),
                         unique: None,
                     };
-                    total.merge(&chunk[i]);
-                    chunk[i].set_aggregates(&total);
+                    match total.merge(&chunk[i]) {
+                        Ok(()) => chunk[i].set_aggregates(&total),
+                        Err(mut o) => {
+                            o.workspace = chunk[i].workspace.to_string();
+                            o.meter = chunk[i].meter.to_string();
+                            o.customer_id = chunk[i].customer_id.to_string();
+                            overflows.push(o);
+                        }
+                    }
                 }
             }
-            $crate::metering::apply_usage!(@upsert $backend, $tx, &*chunk);
+            if overflows.is_empty() {
+                $crate::metering::apply_usage!(@upsert $backend, $tx, &*chunk);
+            }
+        }
+        if !overflows.is_empty() {
+            return Err($crate::StoreError::UsageOverflow(overflows));
         }
         for (id, value) in uniques {
             sqlx::query(

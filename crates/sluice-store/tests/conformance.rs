@@ -54,6 +54,8 @@ conformance!(
     lake_manifest_commits_with_checkpoints_and_swaps_atomically,
     usage_commits_merge_into_stored_buckets,
     count_commits_add_to_stored_counts,
+    every_id_the_validator_accepts_round_trips_and_nul_is_refused,
+    usage_overflow_is_refused_whole_and_names_every_bucket,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -388,4 +390,90 @@ async fn count_commits_add_to_stored_counts(store: Store) {
     assert_eq!(rows.iter().map(|r| r.3).sum::<i64>(), 2 * n as i64 + 5 + (n + 9) as i64);
     let count = |c: &str| rows.iter().find(|r| r.1 == c).unwrap().3;
     assert_eq!((count("c0"), count("c1"), count("c705")), (8, 3, 1));
+}
+
+/// Issue 11: a value the validator accepted but PostgreSQL could not store
+/// (a NUL in a customer id) stopped ingest for every workspace. Property
+/// test: random ids and trait keys drawn from a wide mix of characters;
+/// every one that `check_storable` accepts (control characters included)
+/// round-trips through the store exactly (records, usage buckets, counts),
+/// and every refused one holds a NUL.
+async fn every_id_the_validator_accepts_round_trips_and_nul_is_refused(store: Store) {
+    use rand::{Rng, SeedableRng};
+    let pool: Vec<char> = "aZ09 -_.:/@+'\"\\%&<>{}[]~`|;,=?!#$^*()\u{0}\u{0}\u{0}\u{1}\u{9}\u{a}\u{d}\u{1b}\u{7f}\u{85}\u{9f}\u{a0}\u{ad}\u{e9}\u{df}\u{300}\u{5d0}\u{627}\u{200b}\u{200d}\u{2028}\u{202e}\u{3000}株式会社日本\u{ff21}\u{fe0f}\u{fffd}\u{fffe}\u{ffff}\u{1f600}\u{1f468}\u{10ffff}"
+        .chars()
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..300 {
+        let len = rng.random_range(1..=24);
+        let s: String = (0..len).map(|_| pool[rng.random_range(0..pool.len())]).collect();
+        match sluice_core::check_storable(&s) {
+            Err(_) => {
+                assert!(s.contains('\0'), "refused without a NUL: {s:?}");
+                refused += 1;
+                continue;
+            }
+            Ok(()) => accepted += 1,
+        }
+        let ws = format!("w{i}");
+        let traits = serde_json::json!({ s.clone(): s.clone() }).as_object().unwrap().clone();
+        let effects = [
+            sluice_core::RecordEffect::UpsertCustomer { workspace: ws.clone(), customer_id: s.clone(), attributes: traits.clone(), at },
+            sluice_core::RecordEffect::UpsertUser { workspace: ws.clone(), user_id: s.clone(), traits: traits.clone(), at },
+            sluice_core::RecordEffect::LinkUser { workspace: ws.clone(), user_id: s.clone(), customer_id: s.clone(), at },
+            sluice_core::RecordEffect::Alias { workspace: ws.clone(), previous_id: format!("{s}-prev"), user_id: s.clone(), at },
+        ];
+        assert!(effects.iter().all(|e| e.is_storable()));
+        store.apply_log_effects(&effects, &[]).await.unwrap_or_else(|e| panic!("{s:?}: {e}"));
+        let c = store.get_customer(&ws, &s).await.unwrap().unwrap_or_else(|| panic!("customer {s:?} not found"));
+        assert_eq!((c.customer_id.as_str(), &c.attributes[&s], &c.users), (s.as_str(), &serde_json::json!(s), &vec![s.clone()]));
+        let u = store.get_user(&ws, &s).await.unwrap().unwrap();
+        assert_eq!((u.customer_id.as_deref(), &u.aliases), (Some(s.as_str()), &vec![format!("{s}-prev")]));
+        let mut d = delta(&s, 1, "1.5", 1);
+        d.workspace = ws.as_str().into();
+        d.subscription_id = s.as_str().into();
+        d.group_key = serde_json::json!({ "g": s.clone() }).to_string().into();
+        let count = sluice_store::CountKey { workspace: ws.clone(), event_type: "t".into(), customer_id: s.clone(), day: "2026-01-01".into() };
+        store
+            .commit_consumer(&sluice_store::ConsumerCommit { consumer: "c".into(), usage: vec![d.clone()], counts: vec![(count, 1)], ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("{s:?}: {e}"));
+        let b = store.usage_buckets(&ws, "gb", Some(&s), Some(&s), None, None).await.unwrap();
+        assert_eq!(b.len(), 1, "{s:?}");
+        assert_eq!((b[0].customer_id.as_str(), b[0].subscription_id.as_str(), b[0].group_key.as_str()), (s.as_str(), s.as_str(), &*d.group_key));
+        let counts = store.event_counts(&ws, None, None).await.unwrap();
+        assert_eq!(counts.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), vec![s.as_str()]);
+    }
+    assert!(accepted > 50 && refused > 50, "the draw must exercise both sides: {accepted} accepted, {refused} refused");
+    // The finding itself: a NUL is refused with a reason that names it.
+    assert!(sluice_core::check_storable("g\u{0}").unwrap_err().0.contains("U+0000"));
+}
+
+/// Issue 11: two values of 5e28 in one bucket made the meters worker panic
+/// (`Addition overflowed`) and restart forever. A commit whose usage would
+/// overflow stored buckets is refused as a whole, permanently, naming each
+/// such bucket; nothing of it is written.
+async fn usage_overflow_is_refused_whole_and_names_every_bucket(store: Store) {
+    let big = "50000000000000000000000000000";
+    let commit = |usage, next| sluice_store::ConsumerCommit { consumer: "meters".into(), usage, checkpoint: Some((0, next)), ..Default::default() };
+    store.commit_consumer(&commit(vec![delta("a", 1, big, 1), delta("b", 1, big, 1)], 1)).await.unwrap();
+    let e = store
+        .commit_consumer(&commit(vec![delta("a", 1, big, 2), delta("ok", 1, "1", 2), delta("b", 1, big, 2)], 2))
+        .await
+        .unwrap_err();
+    assert!(e.is_permanent(), "{e}");
+    let StoreError::UsageOverflow(list) = &e else { panic!("{e}") };
+    let mut customers: Vec<&str> = list.iter().map(|o| o.customer_id.as_str()).collect();
+    customers.sort();
+    assert_eq!(customers, ["a", "b"]);
+    assert!(e.to_string().contains(big), "{e}");
+    // Nothing of the refused commit: no new bucket, sums and checkpoint as before.
+    let buckets = store.usage_buckets("w", "gb", None, None, None, None).await.unwrap();
+    assert_eq!(buckets.len(), 2);
+    assert!(buckets.iter().all(|b| b.sum.to_string() == big && b.count == 1));
+    assert_eq!(store.checkpoints("meters").await.unwrap().get(&0), Some(&1));
+    // In one commit, two deltas of one bucket that overflow together are refused too.
+    assert!(store.commit_consumer(&commit(vec![delta("c", 1, big, 1), delta("c", 1, big, 2)], 3)).await.unwrap_err().is_permanent());
 }

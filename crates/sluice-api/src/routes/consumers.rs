@@ -39,12 +39,21 @@ pub struct ConsumerView {
     pub name: String,
     /// `running`, `retrying` or `stopped`.
     pub status: String,
-    /// Most recent error.
+    /// Most recent error (shown when it concerns the key's workspace, or to
+    /// a root key: an error of another workspace's event is not shown).
     pub last_error: Option<String>,
     /// Total lag over partitions.
     pub lag: u64,
     /// Dead letters waiting (status `dead`) in the key's workspace.
     pub dlq_size: i64,
+    /// Times a worker of this consumer crashed and was restarted since the
+    /// server started (a failing event never restarts it: it is
+    /// dead-lettered).
+    pub restarts: u64,
+    /// When a worker was last restarted.
+    pub last_restart_at: Option<String>,
+    /// A worker was restarted in the last 5 minutes (also in `/readyz`).
+    pub restarting: bool,
     /// Per partition checkpoint and lag.
     pub partitions: Vec<PartitionView>,
 }
@@ -70,12 +79,16 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
             continue;
         }
         let partitions = partition_views(&*log, &st.store.checkpoints(&name).await?);
+        let visible = who.scope.is_root() || state.last_error_workspace.as_deref().is_none_or(|w| w == who.workspace.as_str());
         out.push(ConsumerView {
             lag: partitions.iter().map(|p| p.lag).sum(),
             dlq_size: dlq.get(&name).copied().unwrap_or(0),
             name,
-            status: state.status,
-            last_error: state.last_error,
+            status: state.status.clone(),
+            last_error: if visible { state.last_error.clone() } else { Some("an event of another workspace failed".into()) },
+            restarts: state.restarts,
+            last_restart_at: state.last_restart_at.map(super::rfc3339),
+            restarting: state.restarted_recently(),
             partitions,
         });
     }
@@ -89,6 +102,9 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
             name: sluice_lake::writer::CHECKPOINT.to_owned(),
             status: "running".into(),
             last_error: None,
+            restarts: 0,
+            last_restart_at: None,
+            restarting: false,
             partitions,
         });
     }

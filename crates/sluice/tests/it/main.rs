@@ -21,3 +21,8 @@ mod limits;
 mod metering;
 mod ops;
 mod segment;
+
+// Issue 11 (no tenant can stall, crash or slow the others).
+mod hardening;
+mod hostile_sql;
+mod isolation;

@@ -9,6 +9,13 @@
 //! `next_run_at` with a compare-and-set, so one run is queued per
 //! occurrence even with several processes; a run missed while the server
 //! was down is run once when it starts.
+//!
+//! The temp file (`.<uuid>.tmp` beside the destination) is removed on every
+//! failure; [`sweep_temp_files`], called when the server starts, removes any
+//! left by a crash. Saved queries run with admin scope (`audit_log`
+//! included): only admin keys can create or run them, and their output goes
+//! to a file the admin chose. Job results and errors name paths relative to
+//! the lake root (`exports/<workspace>/<path>`), never absolute ones.
 
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
@@ -19,7 +26,7 @@ use serde_json::{json, Value};
 use sluice_jobs::{JobContext, JobError, JobHandler};
 use sluice_store::{Job, NewJob, Store};
 
-use crate::sql::{encode, Format, SqlEngine};
+use crate::sql::{encode, Access, Format, SqlEngine};
 
 /// Kind of the job.
 pub const KIND: &str = "query.export";
@@ -82,34 +89,70 @@ impl JobHandler for QueryExport {
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
         let name = job.payload["query"].as_str().unwrap_or_default();
         let q = ctx.store().saved_query(&job.workspace, name).await.map_err(|e| JobError::Fatal { error: format!("saved query {name:?}: {e}"), result: json!({}) })?;
-        let result = self.sql.query(&job.workspace, &q.sql).await.map_err(|e| JobError::Fatal { error: e.to_string(), result: json!({}) })?;
+        let result = self.sql.query_as(&job.workspace, &q.sql, Access::Admin).await.map_err(|e| JobError::Fatal { error: e.to_string(), result: json!({}) })?;
         let rows = result.rows;
         let Some(spec) = q.export.as_ref().map(ExportSpec::parse).transpose().map_err(JobError::Failed)? else {
             return Ok(json!({"rows": rows, "elapsed_ms": result.elapsed.as_millis() as u64}));
         };
-        let dest = self.root.join("exports").join(&job.workspace).join(&spec.path);
+        let shown = Path::new("exports").join(&job.workspace).join(&spec.path);
+        let dest = self.root.join(&shown);
         let bytes = tokio::task::spawn_blocking({
-            let dest = dest.clone();
+            let (dest, shown) = (dest.clone(), shown.clone());
             move || -> Result<u64, String> {
                 let data = encode(&result, spec.format).map_err(|e| e.to_string())?;
-                write_atomically(&dest, &data)?;
+                write_atomically(&dest, &shown, &data)?;
                 Ok(data.len() as u64)
             }
         })
         .await
         .map_err(|e| JobError::Failed(e.to_string()))?
         .map_err(JobError::Failed)?;
-        Ok(json!({"rows": rows, "bytes": bytes, "path": dest.display().to_string()}))
+        Ok(json!({"rows": rows, "bytes": bytes, "path": shown.display().to_string()}))
     }
 }
 
-fn write_atomically(dest: &Path, data: &[u8]) -> Result<(), String> {
+/// Writes `data` to `dest` through a temp file in the same directory,
+/// removed if anything fails. Errors name `shown` (relative to the lake
+/// root), not `dest`.
+fn write_atomically(dest: &Path, shown: &Path, data: &[u8]) -> Result<(), String> {
     let dir = dest.parent().ok_or("export path has no directory")?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let shown_dir = shown.parent().unwrap_or(shown).display().to_string();
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {shown_dir}: {}", e.kind()))?;
     let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::now_v7().simple()));
-    std::fs::write(&tmp, data).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))
+    let write = || -> Result<(), String> {
+        std::fs::write(&tmp, data).map_err(|e| format!("writing a temp file in {shown_dir}: {}", e.kind()))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| format!("syncing a temp file in {shown_dir}: {}", e.kind()))?;
+        std::fs::rename(&tmp, dest).map_err(|e| format!("renaming into {}: {}", shown.display(), e.kind()))
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Removes the temp files of exports that never finished (`.<name>.tmp`
+/// under `<root>/exports/`, left by a crash); returns how many. Called once
+/// at start, before any export job runs.
+pub fn sweep_temp_files(root: &Path) -> usize {
+    fn walk(dir: &Path, n: &mut usize) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let path = e.path();
+            if ft.is_dir() {
+                walk(&path, n);
+            } else if ft.is_file() && is_temp_name(&e.file_name().to_string_lossy()) && std::fs::remove_file(&path).is_ok() {
+                *n += 1;
+            }
+        }
+    }
+    let mut n = 0;
+    walk(&root.join("exports"), &mut n);
+    n
+}
+
+/// `.<32 hex digits>.tmp`, the names `write_atomically` uses.
+fn is_temp_name(name: &str) -> bool {
+    name.strip_prefix('.').and_then(|s| s.strip_suffix(".tmp")).is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Queues due scheduled runs; returns how many were queued.
@@ -136,4 +179,34 @@ pub async fn queue_due(store: &Store) -> Result<usize, sluice_store::StoreError>
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_export_leaves_no_temp_file_and_names_no_absolute_path() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        // The destination is a directory: the rename fails after the write.
+        let dest = dir.path().join("exports/ws/out.parquet");
+        std::fs::create_dir_all(&dest).unwrap_or_else(|e| panic!("{e}"));
+        let err = write_atomically(&dest, Path::new("exports/ws/out.parquet"), b"data").err().unwrap_or_default();
+        assert!(err.contains("exports/ws/out.parquet") && !err.contains(&dir.path().display().to_string()), "{err}");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("exports/ws")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert_eq!(left, vec![std::ffi::OsString::from("out.parquet")]);
+    }
+
+    #[test]
+    fn leftover_temp_files_are_swept_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let sub = dir.path().join("exports/ws/daily");
+        std::fs::create_dir_all(&sub).unwrap_or_else(|e| panic!("{e}"));
+        let tmp = sub.join(format!(".{}.tmp", uuid::Uuid::now_v7().simple()));
+        std::fs::write(&tmp, b"x").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(sub.join("keep.tmp"), b"x").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(sub.join("a.parquet"), b"x").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sweep_temp_files(dir.path()), 1);
+        assert!(!tmp.exists() && sub.join("keep.tmp").exists() && sub.join("a.parquet").exists());
+    }
 }

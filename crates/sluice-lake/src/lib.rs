@@ -10,6 +10,8 @@
 //! - [`sql`]: DataFusion over the manifest's files, the not-yet-written tail
 //!   of the log, and the workspace's state tables; read-only and confined to
 //!   one workspace;
+//! - [`sandbox`]: each query in a child process with a memory limit, so no
+//!   query (scalar functions included) can take the server down;
 //! - [`export`]: saved queries run as jobs, on a cron schedule, exported;
 //! - [`ddl`]: table definitions for other engines (Athena, Trino, DuckDB, Spark).
 
@@ -18,5 +20,6 @@ pub mod compact;
 pub mod ddl;
 pub mod export;
 pub mod layout;
+pub mod sandbox;
 pub mod sql;
 pub mod writer;

@@ -56,6 +56,7 @@ use sluice_store::{LakeFile, Store};
 
 use crate::columns::{self, BatchBuilder, PARTITION_COLUMNS};
 use crate::layout;
+use crate::sandbox::{self, Isolation, Mode};
 use crate::writer::CHECKPOINT;
 
 /// Queries hold it shared while they run; compaction holds it exclusively
@@ -83,7 +84,9 @@ pub struct SqlLimits {
     pub max_rows: usize,
     /// Most result bytes (Arrow memory of the result batches).
     pub max_bytes: usize,
-    /// Memory for joins, sorts and aggregations of one query.
+    /// Memory for joins, sorts and aggregations of one query; with process
+    /// isolation also the bound (plus [`sandbox::HEADROOM`]) of everything
+    /// the query allocates.
     pub memory: usize,
     /// Most events read from the log tail (events not yet in a file).
     pub max_tail_events: usize,
@@ -101,9 +104,18 @@ pub enum SqlError {
     /// The query ran longer than the limit.
     #[error("the query ran longer than {0:?} and was stopped; narrow it (e.g. filter on timestamp or content_type)")]
     Timeout(Duration),
-    /// The result is larger than the limit.
+    /// The result is larger than the limit, or the query needed more memory
+    /// than allowed.
     #[error("{0}")]
     TooLarge(String),
+    /// The caller's key may not read a table the query names (`audit_log`
+    /// needs an admin key, as in REST).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A value of a live table cannot be represented in its SQL column (a
+    /// usage value beyond `Decimal128(38, 12)`); never rounded.
+    #[error("{0}")]
+    OutOfRange(String),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -117,12 +129,45 @@ impl From<DataFusionError> for SqlError {
             return SqlError::Internal(root.to_string());
         }
         let e = root.to_string();
-        if e.contains("not supported") && (e.contains("DDL") || e.contains("DML") || e.contains("Statement")) {
+        if e.contains("Recursive CTEs are not enabled") {
+            SqlError::Invalid("recursive queries (WITH RECURSIVE) are not allowed".into())
+        } else if e.contains("not supported") && (e.contains("DDL") || e.contains("DML") || e.contains("Statement")) {
             SqlError::ReadOnly(format!("only read-only queries (SELECT, WITH, EXPLAIN, VALUES) are allowed: {e}"))
         } else if e.contains("Resources exhausted") {
             SqlError::TooLarge(format!("the query needs more memory than allowed: {e}"))
         } else {
             SqlError::Invalid(e)
+        }
+    }
+}
+
+impl SqlError {
+    /// The same error with the lake root's absolute path taken out of its
+    /// message (paths relative to the lake root only).
+    pub fn scrub(self, root: &std::path::Path) -> SqlError {
+        let abs = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+        let abs = abs.to_string_lossy().trim_end_matches('/').to_owned();
+        if abs.is_empty() {
+            return self;
+        }
+        // Object-store paths drop the leading `/`.
+        let bare = abs.trim_start_matches('/').to_owned();
+        let clean = |m: String| {
+            let m = m.replace(&format!("{abs}/"), "").replace(&abs, "<lake>");
+            if bare.is_empty() {
+                m
+            } else {
+                m.replace(&format!("{bare}/"), "").replace(&bare, "<lake>")
+            }
+        };
+        match self {
+            SqlError::Invalid(m) => SqlError::Invalid(clean(m)),
+            SqlError::ReadOnly(m) => SqlError::ReadOnly(clean(m)),
+            SqlError::TooLarge(m) => SqlError::TooLarge(clean(m)),
+            SqlError::Forbidden(m) => SqlError::Forbidden(clean(m)),
+            SqlError::OutOfRange(m) => SqlError::OutOfRange(clean(m)),
+            SqlError::Internal(m) => SqlError::Internal(clean(m)),
+            t @ SqlError::Timeout(_) => t,
         }
     }
 }
@@ -138,6 +183,16 @@ pub struct QueryResult {
     pub rows: usize,
     /// Run time.
     pub elapsed: Duration,
+}
+
+/// What the caller's key may read: scopes in SQL equal scopes in REST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A read key: every table but `audit_log`.
+    Read,
+    /// An admin or root key, and saved queries (only admin keys create and
+    /// run them): every table.
+    Admin,
 }
 
 /// Runs SQL for a workspace.
@@ -156,35 +211,75 @@ pub struct SqlEngine {
     /// Limits.
     pub limits: SqlLimits,
     runtime: Arc<RuntimeEnv>,
+    isolation: Isolation,
+}
+
+/// What a query reads, gathered by the server: the inputs of
+/// [`build_context`], in this process or in a worker.
+pub(crate) struct Inputs {
+    pub(crate) events: Option<EventsInput>,
+    pub(crate) tables: Vec<(String, RecordBatch)>,
+}
+
+/// The `events` table's inputs.
+pub(crate) struct EventsInput {
+    pub(crate) typed: Vec<(String, PropertyType)>,
+    pub(crate) files: Vec<LakeFile>,
+    pub(crate) tail: Vec<RecordBatch>,
 }
 
 impl SqlEngine {
-    /// An engine with a memory pool of `limits.memory` bytes per query.
+    /// An engine with a memory pool of `limits.memory` bytes per query,
+    /// running queries in this process; see [`SqlEngine::with_isolation`].
     pub fn new(store: Store, log: Arc<dyn EventLog>, schemas: Schemas, root: PathBuf, guard: FileGuard, limits: SqlLimits) -> SqlEngine {
         let runtime = RuntimeEnvBuilder::new().with_memory_limit(limits.memory, 1.0).build_arc().expect("a runtime with a memory limit");
-        SqlEngine { store, log, schemas, root, guard, limits, runtime }
+        SqlEngine { store, log, schemas, root, guard, limits, runtime, isolation: Isolation::InProcess }
     }
 
-    /// Runs `sql` over `workspace`'s tables.
+    /// Where queries run: the server uses [`Isolation::Process`] (each query
+    /// in a child process with a memory limit, see [`crate::sandbox`]).
+    pub fn with_isolation(mut self, isolation: Isolation) -> SqlEngine {
+        self.isolation = isolation;
+        self
+    }
+
+    /// Runs `sql` over `workspace`'s tables with every table allowed (the
+    /// operator's tools; requests use [`SqlEngine::query_as`]).
     pub async fn query(&self, workspace: &str, sql: &str) -> Result<QueryResult, SqlError> {
+        self.query_as(workspace, sql, Access::Admin).await
+    }
+
+    /// Runs `sql` over `workspace`'s tables that `access` may read.
+    pub async fn query_as(&self, workspace: &str, sql: &str, access: Access) -> Result<QueryResult, SqlError> {
         let started = Instant::now();
         let limits = self.limits;
         let work = async {
+            let tables = referenced_tables(sql, access)?;
             let _files = self.guard.shared().await;
             // The state-store reads (snapshot, live tables, log tail) run
-            // here; planning and execution run on the SQL runtime, so a
-            // heavy query does not hold the threads that serve ingest.
-            let ctx = self.session(workspace, sql).await?;
-            let sql = sql.to_owned();
-            let mut task = sql_runtime().spawn(async move { execute(ctx, &sql, limits).await });
-            let r = (&mut task).await;
-            r.map_err(|e| SqlError::Internal(format!("the query task failed: {e}")))?
+            // here; planning and execution run on the SQL runtime or in a
+            // worker process, so a heavy query does not hold the threads
+            // that serve ingest.
+            let inputs = self.inputs(workspace, &tables, true).await?;
+            match &self.isolation {
+                Isolation::InProcess => {
+                    let ctx = build_context(&self.root, inputs, Some(self.runtime.clone()), limits.memory)?;
+                    let sql = sql.to_owned();
+                    let mut task = sql_runtime().spawn(async move { execute(ctx, &sql, limits).await });
+                    let r = (&mut task).await;
+                    r.map_err(|e| SqlError::Internal(format!("the query task failed: {e}")))?
+                }
+                Isolation::Process { program } => sandbox::run(program, Mode::Query, sql, &self.root, limits, inputs)
+                    .await?
+                    .ok_or_else(|| SqlError::Internal("the SQL worker sent no result".into())),
+            }
         };
         let mut r = match tokio::time::timeout(limits.timeout, work).await {
-            Ok(r) => r?,
-            // Dropping `work` drops the JoinHandle, which does not stop the
-            // task; `execute` enforces the same time limit itself, so the
-            // task ends (and frees its memory) at the latest then.
+            Ok(r) => r.map_err(|e| e.scrub(&self.root))?,
+            // Dropping `work` kills a worker process (`kill_on_drop`). In
+            // process, dropping the JoinHandle does not stop the task;
+            // `execute` enforces the same time limit itself, so the task
+            // ends (and frees its memory) at the latest then.
             Err(_) => return Err(SqlError::Timeout(limits.timeout)),
         };
         r.elapsed = started.elapsed();
@@ -192,38 +287,49 @@ impl SqlEngine {
         Ok(r)
     }
 
-    /// Plans `sql` without running it: an `Err` says why it would fail.
+    /// Plans `sql` without running it (as an admin: saved queries are
+    /// created by admin keys): an `Err` says why it would fail. Planning
+    /// folds constants, so it runs where queries run.
     pub async fn check(&self, workspace: &str, sql: &str) -> Result<(), SqlError> {
-        let ctx = self.session(workspace, sql).await?;
-        let opts = read_only();
-        ctx.sql_with_options(sql, opts).await?;
-        Ok(())
+        let work = async {
+            let tables = referenced_tables(sql, Access::Admin)?;
+            let _files = self.guard.shared().await;
+            let inputs = self.inputs(workspace, &tables, false).await?;
+            match &self.isolation {
+                Isolation::InProcess => {
+                    let ctx = build_context(&self.root, inputs, Some(self.runtime.clone()), self.limits.memory)?;
+                    ctx.sql_with_options(sql, read_only()).await?;
+                    Ok(())
+                }
+                Isolation::Process { program } => sandbox::run(program, Mode::Check, sql, &self.root, self.limits, inputs).await.map(|_| ()),
+            }
+        };
+        match tokio::time::timeout(self.limits.timeout, work).await {
+            Ok(r) => r.map_err(|e| e.scrub(&self.root)),
+            Err(_) => Err(SqlError::Timeout(self.limits.timeout)),
+        }
     }
 
-    /// A session with the workspace's tables.
-    async fn session(&self, workspace: &str, sql: &str) -> Result<SessionContext, SqlError> {
-        let config = SessionConfig::new()
-            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .with_information_schema(false)
-            .with_batch_size(8192);
-        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
-        register_json_functions(&ctx);
-        let lower = sql.to_ascii_lowercase();
+    /// The inputs of the tables `sql` names: the `events` snapshot and tail,
+    /// the live tables (with their rows when `rows`, else empty: planning
+    /// needs only their schemas).
+    async fn inputs(&self, workspace: &str, tables: &[String], rows: bool) -> Result<Inputs, SqlError> {
         let internal = |e: sluice_store::StoreError| SqlError::Internal(e.to_string());
-        if lower.contains("events") {
+        let mut inputs = Inputs { events: None, tables: Vec::new() };
+        if tables.iter().any(|t| t == "events") {
             let snap = self.store.lake_snapshot(workspace, CHECKPOINT).await.map_err(internal)?;
             let typed = self.schemas.columns(workspace);
-            let tail = self.tail(workspace, &snap.checkpoints, &typed).await?;
-            let table = EventsTable::new(&self.root, columns::file_schema(&typed), snap.files, tail);
-            ctx.register_table("events", Arc::new(table))?;
+            let tail = if rows { self.tail(workspace, &snap.checkpoints, &typed).await? } else { Vec::new() };
+            inputs.events = Some(EventsInput { typed, files: snap.files, tail });
         }
         for (name, load) in LIVE_TABLES {
-            if lower.contains(name) {
-                let (schema, batch) = load(self.store.clone(), workspace.to_owned()).await.map_err(internal)?;
-                ctx.register_table(*name, Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))?;
+            if tables.iter().any(|t| t == name) {
+                let (_, batch) = load(self.store.clone(), workspace.to_owned()).await?;
+                let batch = if rows { batch } else { batch.slice(0, 0) };
+                inputs.tables.push(((*name).to_owned(), batch));
             }
         }
-        Ok(ctx)
+        Ok(inputs)
     }
 
     /// The workspace's events after the lake checkpoints, as batches of the
@@ -293,12 +399,55 @@ impl SqlEngine {
     }
 }
 
+/// The tables `sql` names (CTE names excluded), resolved by DataFusion's
+/// parser rather than by searching the text; `Forbidden` if `access` may
+/// not read one of them.
+pub fn referenced_tables(sql: &str, access: Access) -> Result<Vec<String>, SqlError> {
+    let state = datafusion::execution::SessionStateBuilder::new().build();
+    let statement = state.sql_to_statement(sql, &datafusion::config::Dialect::Generic)?;
+    let refs = state.resolve_table_references(&statement)?;
+    let mut names: Vec<String> = refs.iter().map(|r| r.table().to_owned()).collect();
+    names.sort();
+    names.dedup();
+    if access != Access::Admin && names.iter().any(|n| n == "audit_log") {
+        return Err(SqlError::Forbidden("audit_log can be read with an admin key only (as GET /v1/audit); this key has scope \"read\"".into()));
+    }
+    Ok(names)
+}
+
+/// A session over `inputs`: `events` (files under `root` plus the tail),
+/// the live tables, the JSON functions; recursive CTEs off. `runtime`:
+/// the shared runtime (in process), or a new one with a pool of `memory`
+/// bytes (worker).
+pub(crate) fn build_context(root: &std::path::Path, inputs: Inputs, runtime: Option<Arc<RuntimeEnv>>, memory: usize) -> Result<SessionContext, SqlError> {
+    let mut config = SessionConfig::new()
+        .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .with_information_schema(false)
+        .with_batch_size(8192);
+    // A recursive CTE can grow without bound, out of the pool's sight.
+    config.options_mut().execution.enable_recursive_ctes = false;
+    let runtime = match runtime {
+        Some(r) => r,
+        None => RuntimeEnvBuilder::new().with_memory_limit(memory, 1.0).build_arc()?,
+    };
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    register_json_functions(&ctx);
+    if let Some(ev) = inputs.events {
+        let table = EventsTable::new(root, columns::file_schema(&ev.typed), ev.files, ev.tail);
+        ctx.register_table("events", Arc::new(table))?;
+    }
+    for (name, batch) in inputs.tables {
+        ctx.register_table(name.as_str(), Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?))?;
+    }
+    Ok(ctx)
+}
+
 fn partition_fields() -> Vec<FieldRef> {
     PARTITION_COLUMNS.iter().map(|n| Arc::new(Field::new(*n, DataType::Utf8, false))).collect()
 }
 
 /// What a query may do: no DDL, no DML or `COPY`, no statements (`SET`, …).
-fn read_only() -> SQLOptions {
+pub(crate) fn read_only() -> SQLOptions {
     SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
 }
 
@@ -318,7 +467,7 @@ fn sql_runtime() -> &'static tokio::runtime::Runtime {
 
 /// Plans and runs `sql` in `ctx`, collecting the result within `limits`
 /// (the time limit is enforced here too, so an abandoned query stops).
-async fn execute(ctx: SessionContext, sql: &str, limits: SqlLimits) -> Result<QueryResult, SqlError> {
+pub(crate) async fn execute(ctx: SessionContext, sql: &str, limits: SqlLimits) -> Result<QueryResult, SqlError> {
     let run = async {
         let opts = read_only();
         let df = ctx.sql_with_options(sql, opts).await?;
@@ -330,16 +479,10 @@ async fn execute(ctx: SessionContext, sql: &str, limits: SqlLimits) -> Result<Qu
             rows += b.num_rows();
             bytes += b.get_array_memory_size();
             if rows > limits.max_rows {
-                return Err(SqlError::TooLarge(format!(
-                    "the result has more than {} rows (sql.max_result_rows); add a LIMIT or aggregate",
-                    limits.max_rows
-                )));
+                return Err(sandbox::too_many_rows(limits.max_rows));
             }
             if bytes > limits.max_bytes {
-                return Err(SqlError::TooLarge(format!(
-                    "the result is larger than {} bytes (sql.max_result_bytes); select fewer columns or rows",
-                    limits.max_bytes
-                )));
+                return Err(sandbox::too_many_bytes(limits.max_bytes));
             }
             batches.push(b);
         }
@@ -553,7 +696,7 @@ fn conform(b: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
 // ---------------------------------------------------------------------------
 // Live state tables.
 
-type Loaded = Result<(SchemaRef, RecordBatch), sluice_store::StoreError>;
+type Loaded = Result<(SchemaRef, RecordBatch), SqlError>;
 type Loader = fn(Store, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Loaded> + Send>>;
 
 /// Tables read from the state store, by name.
@@ -568,6 +711,29 @@ const LIVE_TABLES: &[(&str, Loader)] = &[
 
 /// Scale of decimal columns of the `usage` table.
 pub const USAGE_SCALE: u32 = 12;
+
+/// `d` as the value of a `Decimal128(38, 12)` (its mantissa at scale 12),
+/// exactly: `None` when `d` has more than 26 integer digits, or non-zero
+/// digits beyond the 12th decimal. Never rounds.
+pub fn usage_decimal(d: Decimal) -> Option<i128> {
+    let (m, scale) = (d.mantissa(), d.scale());
+    let v = if scale <= USAGE_SCALE {
+        m.checked_mul(10i128.checked_pow(USAGE_SCALE - scale)?)?
+    } else {
+        let div = 10i128.checked_pow(scale - USAGE_SCALE)?;
+        if m % div != 0 {
+            return None;
+        }
+        m / div
+    };
+    (v.unsigned_abs() < 10u128.pow(38)).then_some(v)
+}
+
+impl From<sluice_store::StoreError> for SqlError {
+    fn from(e: sluice_store::StoreError) -> Self {
+        SqlError::Internal(e.to_string())
+    }
+}
 
 fn ts_field(name: &str, nullable: bool) -> Field {
     Field::new(name, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), nullable)
@@ -601,22 +767,19 @@ impl Cols {
         self.arrays.push(Arc::new(b.finish()));
         self
     }
-    fn decimal<I: IntoIterator<Item = Option<Decimal>>>(mut self, name: &str, v: I) -> Cols {
-        let mut b = Decimal128Builder::new().with_precision_and_scale(38, USAGE_SCALE as i8).expect("valid precision and scale");
-        v.into_iter().for_each(|x| {
-            b.append_option(x.map(|d| {
-                let mut d = d;
-                d.rescale(USAGE_SCALE);
-                d.mantissa()
-            }))
-        });
+    /// A `Decimal128(38, 12)` column of values already converted with
+    /// [`usage_decimal`].
+    fn decimal(mut self, name: &str, v: Vec<Option<i128>>) -> Result<Cols, SqlError> {
+        let b = Decimal128Builder::new().with_precision_and_scale(38, USAGE_SCALE as i8).map_err(|e| SqlError::Internal(e.to_string()))?;
+        let mut b = b;
+        v.into_iter().for_each(|x| b.append_option(x));
         self.fields.push(Field::new(name, DataType::Decimal128(38, USAGE_SCALE as i8), true));
         self.arrays.push(Arc::new(b.finish()));
-        self
+        Ok(self)
     }
     fn done(self) -> Loaded {
         let schema = Arc::new(Schema::new(self.fields));
-        let batch = RecordBatch::try_new(schema.clone(), self.arrays).expect("columns of equal length");
+        let batch = RecordBatch::try_new(schema.clone(), self.arrays).map_err(|e| SqlError::Internal(e.to_string()))?;
         Ok((schema, batch))
     }
 }
@@ -689,6 +852,36 @@ async fn load_usage(store: Store, ws: String) -> Loaded {
         }
     }
     let opt = |s: &String| if s.is_empty() { None } else { Some(s.clone()) };
+    // Every decimal exactly, or the query fails naming the value.
+    let exact = |pick: &dyn Fn(&Row) -> Option<Decimal>, what: &str| -> Result<Vec<Option<i128>>, SqlError> {
+        rows.iter()
+            .map(|r| match pick(r) {
+                None => Ok(None),
+                Some(d) => usage_decimal(d).map(Some).ok_or_else(|| {
+                    SqlError::OutOfRange(format!(
+                        "meter `{}`, customer `{}`: the {what} {d} cannot be held exactly in the SQL usage table (Decimal128(38, 12): at most 26 digits before the point and 12 after); read it with GET /v1/meters/{}/usage",
+                        r.meter, r.b.customer_id, r.meter
+                    ))
+                }),
+            })
+            .collect()
+    };
+    let value = exact(
+        &|r: &Row| match r.aggregation.as_str() {
+            "sum" => Some(r.b.sum),
+            "count" => Some(Decimal::from(r.b.count)),
+            "max" => r.b.max,
+            "min" => r.b.min,
+            "latest" => r.b.latest_value,
+            "unique_count" => Some(Decimal::from(r.unique.unwrap_or(0))),
+            _ => None,
+        },
+        "value",
+    )?;
+    let sum = exact(&|r: &Row| Some(r.b.sum), "sum")?;
+    let min = exact(&|r: &Row| r.b.min, "min")?;
+    let max = exact(&|r: &Row| r.b.max, "max")?;
+    let latest = exact(&|r: &Row| r.b.latest_value, "latest value")?;
     Cols::new()
         .text("meter", rows.iter().map(|r| Some(r.meter.clone())))
         .text("customer_id", rows.iter().map(|r| opt(&r.b.customer_id)))
@@ -696,23 +889,12 @@ async fn load_usage(store: Store, ws: String) -> Loaded {
         .text("group", rows.iter().map(|r| opt(&r.b.group_key)))
         .time("period_start", rows.iter().map(|r| Some(r.b.bucket_start)))
         .time("period_end", rows.iter().map(|r| Some(r.b.bucket_start + chrono::Duration::minutes(15))))
-        .decimal(
-            "value",
-            rows.iter().map(|r| match r.aggregation.as_str() {
-                "sum" => Some(r.b.sum),
-                "count" => Some(Decimal::from(r.b.count)),
-                "max" => r.b.max,
-                "min" => r.b.min,
-                "latest" => r.b.latest_value,
-                "unique_count" => Some(Decimal::from(r.unique.unwrap_or(0))),
-                _ => None,
-            }),
-        )
+        .decimal("value", value)?
         .int("count", rows.iter().map(|r| Some(r.b.count)))
-        .decimal("sum", rows.iter().map(|r| Some(r.b.sum)))
-        .decimal("min", rows.iter().map(|r| r.b.min))
-        .decimal("max", rows.iter().map(|r| r.b.max))
-        .decimal("latest", rows.iter().map(|r| r.b.latest_value))
+        .decimal("sum", sum)?
+        .decimal("min", min)?
+        .decimal("max", max)?
+        .decimal("latest", latest)?
         .done()
 }
 
@@ -929,4 +1111,68 @@ pub fn register_json_functions(ctx: &SessionContext) {
         Volatility::Immutable,
         Arc::new(|a| apply(a, |v| Arc::new(arrow::array::BooleanArray::from(v)), serde_json::Value::as_bool)),
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn exact(s: &str) -> Option<String> {
+        usage_decimal(Decimal::from_str(s).ok()?).map(|v| {
+            let a = arrow::array::Decimal128Array::from(vec![v]).with_precision_and_scale(38, USAGE_SCALE as i8).ok();
+            a.map(|a| a.value_as_string(0)).unwrap_or_default()
+        })
+    }
+
+    #[test]
+    fn usage_decimals_are_exact_from_1e17_up() {
+        assert_eq!(exact("123456789012345678.5").as_deref(), Some("123456789012345678.500000000000"));
+        assert_eq!(exact("100000000000000000").as_deref(), Some("100000000000000000.000000000000"));
+        // rust_decimal holds 28 digits: the widest values fit with 12 decimals.
+        assert_eq!(exact("-9999999999999999.999999999999").as_deref(), Some("-9999999999999999.999999999999"));
+        assert_eq!(exact("79228162514264337593543950335").as_deref(), None);
+        assert_eq!(exact("99999999999999999999999999").as_deref(), Some("99999999999999999999999999.000000000000"));
+        assert_eq!(exact("0.000000000001").as_deref(), Some("0.000000000001"));
+        // Zeros beyond the 12th decimal are not a loss.
+        assert_eq!(exact("1.50000000000000000").as_deref(), Some("1.500000000000"));
+        assert_eq!(exact("0").as_deref(), Some("0.000000000000"));
+    }
+
+    #[test]
+    fn usage_decimals_that_do_not_fit_are_refused_not_rounded() {
+        // 27 integer digits.
+        assert_eq!(exact("100000000000000000000000000"), None);
+        assert_eq!(exact("50000000000000000000000000000"), None);
+        assert_eq!(usage_decimal(Decimal::MAX), None);
+        assert_eq!(usage_decimal(Decimal::MIN), None);
+        // A 13th decimal.
+        assert_eq!(exact("0.0000000000001"), None);
+        assert_eq!(exact("1.1234567890123"), None);
+    }
+
+    #[test]
+    fn tables_are_resolved_by_name_not_by_substring() {
+        let t = |q: &str| referenced_tables(q, Access::Admin).unwrap_or_default();
+        assert_eq!(t("SELECT 'usage' AS events_text"), Vec::<String>::new());
+        assert_eq!(t("SELECT * FROM usage u JOIN meters m ON u.meter = m.key"), vec!["meters", "usage"]);
+        assert_eq!(t("WITH events AS (SELECT 1 AS x) SELECT * FROM events"), Vec::<String>::new());
+        assert_eq!(t("SELECT count(*) FROM (SELECT id FROM events) e"), vec!["events"]);
+    }
+
+    #[test]
+    fn a_read_key_cannot_name_audit_log() {
+        assert!(matches!(referenced_tables("SELECT * FROM audit_log", Access::Read), Err(SqlError::Forbidden(_))));
+        assert!(matches!(referenced_tables("SELECT (SELECT count(*) FROM audit_log) AS n", Access::Read), Err(SqlError::Forbidden(_))));
+        assert!(referenced_tables("SELECT * FROM audit_log", Access::Admin).is_ok());
+        assert!(referenced_tables("SELECT 'audit_log' AS t", Access::Read).is_ok());
+    }
+
+    #[test]
+    fn errors_do_not_show_the_lake_root() {
+        let e = SqlError::Internal("Parquet error: /srv/sluice/lake/workspace=a/x.parquet: bad; object srv/sluice/lake/workspace=a/y.parquet".into());
+        let m = e.scrub(std::path::Path::new("/srv/sluice/lake")).to_string();
+        assert!(!m.contains("/srv") && !m.contains("srv/sluice"), "{m}");
+        assert!(m.contains("workspace=a/x.parquet"), "{m}");
+    }
 }

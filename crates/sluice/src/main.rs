@@ -86,6 +86,10 @@ enum Command {
     /// Show configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Internal: runs one SQL query sent on stdin, in a process with a
+    /// memory limit (started by the server; see sluice_lake::sandbox).
+    #[command(name = "sql-worker", hide = true)]
+    SqlWorker,
 }
 
 #[derive(Args, Clone)]
@@ -115,6 +119,7 @@ enum ConfigCmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::SqlWorker => return sluice_lake::sandbox::worker_main(),
         Command::Serve(args) => serve::main(args),
         Command::Events(cmd) => client::run(client::Cmd::Events(cmd)),
         Command::Keys(cmd) => client::run(client::Cmd::Keys(cmd)),

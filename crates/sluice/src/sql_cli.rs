@@ -122,7 +122,6 @@ pub fn lake(cmd: LakeCmd) -> Result<()> {
             }
             LakeCmd::Files { conn } => {
                 let v = Client::new(&conn)?.call(Method::GET, "/v1/lake/files", None).await?;
-                println!("lake root: {}", v["root"].as_str().unwrap_or(""));
                 for f in v["data"].as_array().cloned().unwrap_or_default() {
                     println!("{:>10} rows {:>12} bytes  {}", f["rows"], f["bytes"], f["path"].as_str().unwrap_or(""));
                 }

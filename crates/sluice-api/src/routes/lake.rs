@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_ingest::PropertyType;
-use sluice_lake::sql::{Format, SqlError};
+use sluice_lake::sql::{Access, Format, SqlError};
 use sluice_store::{EventSchema, NewAudit, SavedQuery, StoreError};
 
 use super::jobs::JobView;
@@ -26,6 +26,8 @@ impl From<SqlError> for ApiError {
             SqlError::ReadOnly(m) => ApiError::new(StatusCode::BAD_REQUEST, "read_only", m),
             SqlError::Timeout(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "query_timeout", e.to_string()),
             SqlError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "result_too_large", m),
+            SqlError::Forbidden(m) => ApiError::forbidden(m),
+            SqlError::OutOfRange(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "value_out_of_range", m),
             SqlError::Internal(m) => ApiError::internal(m),
         }
     }
@@ -47,7 +49,7 @@ pub struct SqlRequest {
 
 /// Runs SQL over the workspace's `events` and live state tables.
 #[utoipa::path(post, path = "/v1/sql", tag = "sql", request_body = SqlRequest,
-    responses((status = 200, description = "the result in the requested format"), (status = 400), (status = 413), (status = 422)),
+    responses((status = 200, description = "the result in the requested format"), (status = 400), (status = 403), (status = 413), (status = 422)),
     security(("bearer" = [])))]
 pub async fn sql(State(st): State<AppState>, who: Principal, Json(body): Json<SqlRequest>) -> Result<Response, ApiError> {
     who.require_read()?;
@@ -59,7 +61,9 @@ pub async fn sql(State(st): State<AppState>, who: Principal, Json(body): Json<Sq
         return Err(ApiError::bad_request("query: must not be empty"));
     }
     let lake = lake(&st)?;
-    let result = lake.sql.query(who.workspace.as_str(), &body.query).await?;
+    // Scopes in SQL equal scopes in REST: `audit_log` needs an admin key.
+    let access = if who.scope.can_admin() { Access::Admin } else { Access::Read };
+    let result = lake.sql.query_as(who.workspace.as_str(), &body.query, access).await?;
     let bytes = tokio::task::spawn_blocking(move || sluice_lake::sql::encode(&result, format)).await.map_err(ApiError::internal)??;
     Ok(([(header::CONTENT_TYPE, format.content_type())], Body::from(bytes)).into_response())
 }
@@ -109,23 +113,54 @@ pub async fn put_schema(State(st): State<AppState>, who: Principal, Path(event_t
             .ok_or_else(|| ApiError::bad_request(format!("properties.{name}: {t} is not one of int64, float64, bool, string, timestamp")))?;
         declared.push((name.clone(), ty.name().to_owned()));
     }
-    // One typed column per name in the workspace: the same property may not
-    // have two types in two event types.
-    for other in st.store.event_schemas(Some(who.workspace.as_str())).await? {
+    // One typed column, one property: two names that map to the same column
+    // (`a-b` and `a_b` → `p_a_b`) would give the lake two columns of one
+    // name, and every query on `events` would fail. The typed columns are
+    // shared by all event types of the workspace, so this holds within the
+    // schema and against every other event type's properties, whatever
+    // their types; the same name may appear in several event types if it
+    // has the same type there.
+    let collision = |a: &str, b: &str, col: &str, other: Option<&str>| {
+        let where_ = other.map(|t| format!(" (declared for event type `{t}`)")).unwrap_or_default();
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "column_collision",
+            format!("properties.{a} and properties.{b}{where_} both map to column {col}; a column holds one property: rename one of them"),
+        )
+    };
+    for (i, (n, _)) in declared.iter().enumerate() {
+        let col = sluice_lake::columns::typed_column(n);
+        if let Some((n2, _)) = declared[..i].iter().find(|(n2, _)| sluice_lake::columns::typed_column(n2) == col) {
+            return Err(collision(n2, n, &col, None));
+        }
+    }
+    let existing = st.store.event_schemas(Some(who.workspace.as_str())).await?;
+    for other in &existing {
         if other.event_type == event_type {
             continue;
         }
         for (n, t) in &declared {
-            if let Some((_, t2)) = other.properties.iter().find(|(n2, _)| n2 == n) {
-                if t2 != t {
+            let col = sluice_lake::columns::typed_column(n);
+            for (n2, t2) in &other.properties {
+                if n2 == n && t2 != t {
                     return Err(ApiError::conflict(format!(
-                        "properties.{n}: declared as {t2} for event type `{}`; column {} can have one type only",
-                        other.event_type,
-                        sluice_lake::columns::typed_column(n)
+                        "properties.{n}: declared as {t2} for event type `{}`; column {col} can have one type only",
+                        other.event_type
                     )));
+                }
+                if n2 != n && sluice_lake::columns::typed_column(n2) == col {
+                    return Err(collision(n, n2, &col, Some(&other.event_type)));
                 }
             }
         }
+    }
+    let limit = st.limits.max_schemas;
+    if !existing.iter().any(|s| s.event_type == event_type) && existing.len() >= limit {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "limit_exceeded",
+            format!("this workspace has {} schemas, the most allowed (limits.schemas = {limit}); delete one or raise the limit", existing.len()),
+        ));
     }
     let schema = EventSchema { workspace: who.workspace.to_string(), event_type: event_type.clone(), properties: declared, enforce, updated_at: chrono::Utc::now() };
     st.store.put_event_schema(&schema).await?;
@@ -179,8 +214,10 @@ pub async fn files(State(st): State<AppState>, who: Principal) -> Result<Json<Va
                    "created_at": rfc3339(f.created_at)})
         })
         .collect();
-    let root = lake(&st)?.root.display().to_string();
-    Ok(Json(json!({"root": root, "data": data})))
+    // Paths are relative to the lake root; the server's own paths are not
+    // shown.
+    lake(&st)?;
+    Ok(Json(json!({"data": data})))
 }
 
 /// Starts a compaction job for the workspace.
@@ -223,7 +260,7 @@ fn query_view(q: &SavedQuery) -> Value {
 }
 
 /// Saves a query (replacing one of the same name).
-#[utoipa::path(post, path = "/v1/queries", tag = "sql", request_body = QueryRequest, responses((status = 201), (status = 400)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/queries", tag = "sql", request_body = QueryRequest, responses((status = 201), (status = 400), (status = 409)), security(("bearer" = [])))]
 pub async fn create_query(State(st): State<AppState>, who: Principal, Json(body): Json<QueryRequest>) -> Result<(StatusCode, Json<Value>), ApiError> {
     who.require_admin()?;
     if body.name.is_empty() || body.name.len() > 64 || !body.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
@@ -239,7 +276,16 @@ pub async fn create_query(State(st): State<AppState>, who: Principal, Json(body)
     if let Some(e) = &body.export {
         sluice_lake::export::ExportSpec::parse(e).map_err(|e| ApiError::bad_request(format!("export: {e}")))?;
     }
-    // Check the SQL now (plans it, reads nothing but the tables' schemas' sources).
+    let limit = st.limits.max_saved_queries;
+    let existing = st.store.saved_queries(Some(who.workspace.as_str())).await?;
+    if !existing.iter().any(|q| q.name == body.name) && existing.len() >= limit {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "limit_exceeded",
+            format!("this workspace has {} saved queries, the most allowed (limits.saved_queries = {limit}); delete one or raise the limit", existing.len()),
+        ));
+    }
+    // Check the SQL now (plans it in a worker, with the tables' schemas).
     lake(&st)?.sql.check(who.workspace.as_str(), &body.sql).await?;
     let now = chrono::Utc::now();
     let q = SavedQuery {
@@ -323,12 +369,15 @@ async fn audit(st: &AppState, who: &Principal, action: &str, target_type: &str, 
     }
 }
 
+/// The lake location in DDL when the request gives none.
+pub const LOCATION_PLACEHOLDER: &str = "<lake root>";
+
 /// `GET /v1/lake/ddl` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct DdlQuery {
     /// `athena`, `trino`, `duckdb` or `spark`.
     pub engine: String,
-    /// Lake location as that engine sees it (default: the lake root path).
+    /// Lake location as that engine sees it (default: the placeholder `<lake root>`).
     pub location: Option<String>,
     /// Table name (default `sluice_events`).
     pub table: Option<String>,
@@ -342,8 +391,9 @@ pub async fn ddl(State(st): State<AppState>, who: Principal, crate::json::Query(
     let mut types: Vec<String> = st.store.lake_files(Some(who.workspace.as_str())).await?.into_iter().map(|f| f.content_type).collect();
     types.sort();
     types.dedup();
-    let root = std::path::absolute(&lake.root).unwrap_or_else(|_| lake.root.clone()).display().to_string();
-    let location = q.location.unwrap_or(root);
+    // The server's own path is not shown: without `location` the DDL holds
+    // a placeholder to replace.
+    let location = q.location.unwrap_or_else(|| LOCATION_PLACEHOLDER.to_owned());
     let table = q.table.unwrap_or_else(|| "sluice_events".into());
     if !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(ApiError::bad_request("table: only A-Z a-z 0-9 _"));

@@ -89,7 +89,9 @@ async fn files_land_in_the_partition_layout_and_duckdb_agrees_with_sql() {
         ingest.ingest(Value::Array(chunk.to_vec())).await;
     }
     let files = wait_for_files(&read, 300).await;
-    let root = files["root"].as_str().unwrap().to_owned();
+    // Responses show no server paths (issue 11): the lake is <data_dir>/lake.
+    assert!(files.get("root").is_none(), "{files}");
+    let root = s.data_dir().join("lake").display().to_string();
     let layout = regex_lite(r"workspace=acme/content_type=(page|signup|api\.call)/year=2026/month=03/day=0[1-3]/hour=[0-2][0-9]/[0-9a-f]{32}\.parquet");
     for f in files["data"].as_array().unwrap() {
         let p = f["path"].as_str().unwrap();
@@ -279,8 +281,9 @@ async fn sql_is_read_only_and_confined_to_the_workspace() {
     s.api(&b.ingest).ingest(json!([{"id": "b1", "type": "secret", "properties": {"card": "4242"}}])).await;
     let read_a = s.api(&a.read);
     let files = wait_for_files(&s.api(&b.read), 1).await;
-    let b_file = format!("{}/{}", files["root"].as_str().unwrap(), files["data"][0]["path"].as_str().unwrap());
-    let b_dir = format!("{}/workspace=beta", files["root"].as_str().unwrap());
+    let lake_root = s.data_dir().join("lake").display().to_string();
+    let b_file = format!("{lake_root}/{}", files["data"][0]["path"].as_str().unwrap());
+    let b_dir = format!("{lake_root}/workspace=beta");
     wait_for_files(&read_a, 2).await;
     let rows = sql(&read_a, "SELECT id FROM events ORDER BY id").await;
     assert_eq!(rows, vec![json!({"id": "a1"}), json!({"id": "a2"})]);
@@ -395,11 +398,14 @@ async fn events_join_customers_and_usage() {
     }
     let rows = sql(&read, "SELECT content_type, type, customer_id FROM events WHERE content_type = 'Order Completed/v2'").await;
     assert_eq!(rows, vec![json!({"content_type": "Order Completed/v2", "type": "Order Completed/v2", "customer_id": "cus_a"})]);
-    // The other live tables are there too.
-    for t in ["meters", "imports", "jobs", "audit_log"] {
+    // The other live tables are there too; `audit_log` for admin keys only,
+    // as in REST (issue 11).
+    for t in ["meters", "imports", "jobs"] {
         sql(&read, &format!("SELECT count(*) AS n FROM {t}")).await;
     }
-    assert_eq!(sql(&read, "SELECT count(*) AS n FROM audit_log WHERE action = 'meter.create'").await[0]["n"], 1);
+    assert_eq!(sql(&admin, "SELECT count(*) AS n FROM audit_log WHERE action = 'meter.create'").await[0]["n"], 1);
+    let (st, v) = read.post("/v1/sql", json!({"query": "SELECT count(*) AS n FROM audit_log"})).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -482,7 +488,7 @@ async fn compaction_merges_closed_partitions_and_queries_see_every_row_once() {
     assert_eq!(files.len(), 1, "{after}");
     assert_eq!(files[0]["rows"], 500);
     // Old files are gone from disk too: the directory holds only the merged file.
-    let dir = std::path::Path::new(after["root"].as_str().unwrap()).join(files[0]["path"].as_str().unwrap());
+    let dir = s.data_dir().join("lake").join(files[0]["path"].as_str().unwrap());
     let on_disk = std::fs::read_dir(dir.parent().unwrap()).unwrap().count();
     assert_eq!(on_disk, 1);
     assert_eq!(sql(&read, "SELECT count(*) AS n FROM events").await[0]["n"], 500);
@@ -565,8 +571,9 @@ async fn saved_queries_run_as_jobs_and_export_files() {
     let done = wait_for_job(&admin, &job, Duration::from_secs(30)).await;
     assert_eq!(done["result"]["rows"], 2, "{done}");
     let path = done["result"]["path"].as_str().unwrap();
-    assert!(path.ends_with("exports/mart/daily/signups.csv"), "{path}");
-    assert_eq!(std::fs::read_to_string(path).unwrap(), "type,n\npage,1\nsignup,2\n");
+    // Relative to the lake (issue 11: no server paths in responses).
+    assert!(path.ends_with("exports/mart/daily/signups.csv") && !path.starts_with('/'), "{path}");
+    assert_eq!(std::fs::read_to_string(s.data_dir().join("lake").join(path)).unwrap(), "type,n\npage,1\nsignup,2\n");
     let (_, list) = s.api(&k.read).get("/v1/queries").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
     let (st, _) = admin.delete("/v1/queries/signups").await;

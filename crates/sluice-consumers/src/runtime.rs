@@ -470,7 +470,11 @@ impl Runtime {
             if *stop.borrow() {
                 return;
             }
-            lag_gauge.set(self.log.next_offset(p).saturating_sub(next) as f64);
+            if !name.starts_with("webhook:") {
+                // Webhooks share one label value: their lags are in
+                // `GET /v1/consumers`, not summed into one gauge.
+                lag_gauge.set(self.log.next_offset(p).saturating_sub(next) as f64);
+            }
             let max_records = if care.until.is_some() { 1 } else { self.batch };
             let records = match self.log.read(p, next, max_records, READ_BYTES).await {
                 Ok(r) => r,
@@ -691,6 +695,13 @@ impl Runtime {
                             Some(o) => o,
                         };
                         lock(state).status = "running".into();
+                        let outcome = match outcome {
+                            Ok(effect) => match care.refusal(&effect) {
+                                Some(why) => Err((why, Utc::now(), 1)),
+                                None => Ok(effect),
+                            },
+                            failed => failed,
+                        };
                         match outcome {
                             Ok(effect) => {
                                 if matches!(effect, Effect::Usage(_)) {
@@ -844,7 +855,7 @@ impl Runtime {
                                     Ok(())
                                 }
                                 Committed::Stopped => return,
-                                Committed::Refused(e) => Err((e.to_string(), 1)),
+                                Committed::Refused(e) => Err((public_reason(&e), 1)),
                             },
                         }
                     }
@@ -1086,18 +1097,13 @@ impl Care {
                 // usual, and the events that add to them are dead-lettered.
                 let before = self.overflowing.len();
                 for o in list {
-                    let key = UsageBucketKey {
-                        workspace: o.workspace.clone(),
-                        meter: o.meter.clone(),
-                        customer_id: o.customer_id.clone(),
-                        subscription_id: String::new(),
-                        group_key: String::new(),
-                        bucket_start: o.bucket_start,
-                    };
-                    self.overflowing.entry(key).or_insert_with(|| o.to_string());
+                    self.overflowing.entry(o.bucket_key()).or_insert_with(|| o.to_string());
                 }
                 if self.overflowing.len() == before {
+                    // Refused again with nothing new learned: go on one
+                    // record per commit (a refusal then names one record).
                     self.stuck += 1;
+                    self.until = Some(self.until.unwrap_or(0).max(to));
                 }
             }
             other => {
@@ -1109,7 +1115,9 @@ impl Care {
                 self.stuck += u32::from(careful_already);
             }
         }
-        if self.stuck > 2 {
+        // Forcing dead-letters the events of the one record being processed:
+        // only while records are processed one per commit.
+        if self.stuck > 2 && self.until.is_some() {
             self.forced.get_or_insert_with(|| "the state store keeps refusing this event's effects".into());
         }
         tracing::warn!(consumer, partition = p, from, to, "processing refused records again, one record per commit");
@@ -1137,17 +1145,7 @@ impl Care {
             return None;
         }
         let Effect::Usage(v) = effect else { return None };
-        v.iter().find_map(|d| {
-            let key = UsageBucketKey {
-                workspace: d.workspace.to_string(),
-                meter: d.meter.to_string(),
-                customer_id: d.customer_id.to_string(),
-                subscription_id: String::new(),
-                group_key: String::new(),
-                bucket_start: d.bucket_start,
-            };
-            self.overflowing.get(&key).cloned()
-        })
+        v.iter().find_map(|d| self.overflowing.get(&d.bucket_key()).cloned())
     }
 
     /// True when `effect` adds to an overflowing bucket.

@@ -91,6 +91,12 @@ pub fn bucket_of(t: chrono::DateTime<chrono::Utc>) -> i64 {
     us - us.rem_euclid(QUARTER_US)
 }
 
+/// The most bytes of a usage bucket's group key and of a `unique_count`
+/// value: both are part of a primary key, and PostgreSQL refuses index rows
+/// over about 2.7 KB (a hostile value would otherwise be refused by the store
+/// at commit time instead of being dead-lettered here, by its event).
+pub const MAX_KEY_BYTES: usize = 512;
+
 /// The usage one event contributes to one meter: `Ok(None)` if the meter
 /// does not apply to it, `Err` (naming the property) if it applies but its
 /// value is missing or not a number.
@@ -108,6 +114,9 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
         let g: Map<String, Value> = m.group_by.iter().map(|p| (p.clone(), at(&props, p).cloned().unwrap_or(Value::Null))).collect();
         Value::Object(g).to_string()
     };
+    if group_key.len() > MAX_KEY_BYTES {
+        return Err(format!("meter {:?}: the group_by values take {} bytes; at most {MAX_KEY_BYTES} (they are part of the usage bucket's key)", m.key, group_key.len()));
+    }
     let mut d = UsageDelta {
         workspace: m.workspace.as_str().into(),
         meter: m.key.as_str().into(),
@@ -129,10 +138,14 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
     let path = m.value_property.as_deref().unwrap_or_default();
     let raw = at(&props, path).ok_or_else(|| format!("meter {:?}: properties.{path} is missing", m.key))?;
     if m.aggregation == "unique_count" {
-        d.unique = Some(match raw {
+        let v = match raw {
             Value::String(s) => s.clone(),
             other => other.to_string(),
-        });
+        };
+        if v.len() > MAX_KEY_BYTES || v.contains('\0') {
+            return Err(format!("meter {:?}: properties.{path} must be at most {MAX_KEY_BYTES} bytes without NUL to be counted as a unique value", m.key));
+        }
+        d.unique = Some(v);
         return Ok(Some(d));
     }
     let v = decimal(raw).ok_or_else(|| format!("meter {:?}: properties.{path} = {raw} is not a number (or not one an exact decimal holds: at most about 7.9e28, 28 digits after the point)", m.key))?;
@@ -173,6 +186,9 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
         let g: Map<String, Value> = m.group_by.iter().map(|p| (p.clone(), at(&template, p).cloned().unwrap_or(Value::Null))).collect();
         Value::Object(g).to_string()
     };
+    if group_key.len() > MAX_KEY_BYTES {
+        return Some(Err(format!("meter {:?}: the group_by values take {} bytes; at most {MAX_KEY_BYTES}", m.key, group_key.len())));
+    }
     let valued = m.aggregation != "count";
     if valued && m.value_property != h.value_path {
         // The value is not the row's: only the template can hold it, which
@@ -210,6 +226,9 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
                 return Some(Err(format!("meter {:?}: properties.{path} is missing", m.key)));
             };
             if unique {
+                if raw.len() > MAX_KEY_BYTES || raw.contains('\0') {
+                    return Some(Err(format!("meter {:?}: properties.{path} must be at most {MAX_KEY_BYTES} bytes without NUL to be counted as a unique value", m.key)));
+                }
                 d.unique = Some(raw.to_owned());
             } else {
                 let Ok(v) = raw.trim().parse::<Decimal>() else {

@@ -135,6 +135,7 @@ impl Folder {
         // Entries that existed before this call and were merged into, with
         // their value before the first merge.
         let mut changed: Vec<(usize, crate::metering::UsageDelta)> = Vec::new();
+        let mut changed_at: foldhash::HashSet<usize> = foldhash::HashSet::default();
         for d in deltas {
             if d.unique.is_some() {
                 out.push(d); // unique values stay one entry each
@@ -145,7 +146,7 @@ impl Folder {
                 out.push(d);
                 continue;
             };
-            if i < len_before && !changed.iter().any(|(j, _)| *j == i) {
+            if i < len_before && changed_at.insert(i) {
                 changed.push((i, out[i].clone()));
             }
             if let Err(overflow) = out[i].merge(&d) {
@@ -345,6 +346,28 @@ fn webhook(r: WebhookRow) -> Webhook {
     }
 }
 
+/// The statement that inserts `rows` dead letters (a length of one of
+/// `metering::values_ranges`: at most 9 texts), on both backends.
+fn dlq_insert_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let texts = SQL.get_or_init(|| {
+        (0..=crate::metering::SQLITE_VALUES_ROWS.ilog2())
+            .map(|p| {
+                let values: Vec<String> = (0..1usize << p)
+                    .map(|r| {
+                        let b = r * 12;
+                        let n: Vec<String> = (1..=11).map(|i| format!("${}", b + i)).collect();
+                        format!("({}, 'dead', ${})", n.join(", "), b + 12)
+                    })
+                    .collect();
+                format!("INSERT INTO dead_letters ({DLQ_COLUMNS}) VALUES {}", values.join(", "))
+            })
+            .collect()
+    });
+    debug_assert!(rows.is_power_of_two() && rows <= crate::metering::SQLITE_VALUES_ROWS);
+    &texts[rows.ilog2() as usize]
+}
+
 /// The SQLite statement that adds `rows` event counts (a length of one of
 /// `metering::values_ranges`: at most 9 statement texts are cached).
 fn sqlite_counts_sql(rows: usize) -> &'static str {
@@ -397,13 +420,18 @@ impl Store {
         // The statements after the counts are the same on both backends.
         macro_rules! rest_of_commit {
             ($tx:ident) => {{
-            for d in &c.dead_letters {
-                sqlx::query(&format!("INSERT INTO dead_letters ({DLQ_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'dead', $12)"))
-                    .bind(format!("dlq_{}", uuid::Uuid::now_v7().simple()))
-                    .bind(&d.consumer).bind(&d.workspace).bind(&d.event_id).bind(&d.event_type)
-                    .bind(d.partition as i32).bind(d.offset as i64).bind(&d.error).bind(d.attempts as i32)
-                    .bind(to_micros(d.first_failed_at)).bind(to_micros(d.last_failed_at)).bind(now)
-                    .execute(&mut *$tx).await?;
+            // Many rows a statement: a hostile workspace's thousands of
+            // dead letters must not hold the partition (and the other
+            // workspaces on it) for a round trip each.
+            for range in crate::metering::values_ranges(c.dead_letters.len()) {
+                let mut q = sqlx::query(dlq_insert_sql(range.len()));
+                for d in &c.dead_letters[range] {
+                    q = q.bind(format!("dlq_{}", uuid::Uuid::now_v7().simple()))
+                        .bind(&d.consumer).bind(&d.workspace).bind(&d.event_id).bind(&d.event_type)
+                        .bind(d.partition as i32).bind(d.offset as i64).bind(&d.error).bind(d.attempts as i32)
+                        .bind(to_micros(d.first_failed_at)).bind(to_micros(d.last_failed_at)).bind(now);
+                }
+                q.execute(&mut *$tx).await?;
             }
             for id in &c.replayed {
                 sqlx::query("UPDATE dead_letters SET status = 'replayed', updated_at = $1 WHERE id = $2 AND status = 'replaying'")

@@ -68,15 +68,18 @@ pub enum StoreError {
 impl StoreError {
     /// True when the failure comes from the data written, not from the
     /// store (retrying the same write cannot succeed): usage overflow, and
-    /// values the database refuses (PostgreSQL's class 22, data exception,
-    /// such as a NUL character in text or a number out of range; SQLite's
-    /// TOOBIG and MISMATCH).
+    /// values the database refuses (PostgreSQL's classes 22, data exception,
+    /// such as a NUL character in text, 23, a constraint, and 54, a value
+    /// too large for an index; SQLite's TOOBIG, CONSTRAINT and MISMATCH).
     pub fn is_permanent(&self) -> bool {
         match self {
             StoreError::UsageOverflow(_) => true,
             StoreError::Database(sqlx::Error::Database(db)) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                code.starts_with("22") || code == "18" || code == "20"
+                // PostgreSQL: 22 data exception, 23 integrity constraint,
+                // 54 program limit (an index row too large); SQLite: 18
+                // TOOBIG, 19 CONSTRAINT, 20 MISMATCH.
+                code.starts_with("22") || code.starts_with("23") || code.starts_with("54") || ["18", "19", "20"].contains(&code.as_str())
             }
             _ => false,
         }

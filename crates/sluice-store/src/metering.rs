@@ -71,6 +71,20 @@ pub struct UsageDelta {
     pub unique: Option<String>,
 }
 
+impl UsageOverflow {
+    /// The bucket that would overflow.
+    pub fn bucket_key(&self) -> UsageBucketKey {
+        UsageBucketKey {
+            workspace: self.workspace.clone(),
+            meter: self.meter.clone(),
+            customer_id: self.customer_id.clone(),
+            subscription_id: self.subscription_id.clone(),
+            group_key: self.group_key.clone(),
+            bucket_start: self.bucket_start,
+        }
+    }
+}
+
 impl UsageDelta {
     pub(crate) fn bucket_id(&self) -> (String, String, String, String, String, i64) {
         let k = self.key();
@@ -113,6 +127,8 @@ impl UsageDelta {
                 workspace: self.workspace.to_string(),
                 meter: self.meter.to_string(),
                 customer_id: self.customer_id.to_string(),
+                subscription_id: self.subscription_id.to_string(),
+                group_key: self.group_key.to_string(),
                 bucket_start: self.bucket_start,
                 value: other.sum,
                 total: self.sum,
@@ -178,6 +194,10 @@ pub struct UsageOverflow {
     pub meter: String,
     /// Customer (`""` when none).
     pub customer_id: String,
+    /// Subscription (`""` when none).
+    pub subscription_id: String,
+    /// Group values as JSON text (`""` without group_by).
+    pub group_key: String,
     /// Start of the bucket, microseconds.
     pub bucket_start: i64,
     /// The value being added.
@@ -207,6 +227,18 @@ pub(crate) fn fold_sorted<D: std::borrow::Borrow<UsageDelta>>(
         }
     }
     out
+}
+
+/// The advisory-lock key of a meter's usage on PostgreSQL (see
+/// `apply_usage!`): a stable 64-bit hash (FNV-1a) of the workspace and
+/// meter, the same in every process.
+pub(crate) fn usage_lock_key(workspace: &str, meter: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in workspace.bytes().chain([0u8]).chain(meter.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
 }
 
 /// A stored bucket, as read by the usage query.
@@ -354,6 +386,7 @@ macro_rules! apply_usage {
                 None => plain.push(d),
             }
         }
+        $crate::metering::apply_usage!(@lock $backend, $tx, $deltas);
         // Every bucket that would overflow is collected (not only the
         // first), so that the consumer learns them all from one failed
         // commit; nothing is written then.
@@ -390,6 +423,8 @@ macro_rules! apply_usage {
                             o.workspace = chunk[i].workspace.to_string();
                             o.meter = chunk[i].meter.to_string();
                             o.customer_id = chunk[i].customer_id.to_string();
+                            o.subscription_id = chunk[i].subscription_id.to_string();
+                            o.group_key = chunk[i].group_key.to_string();
                             overflows.push(o);
                         }
                     }
@@ -422,6 +457,24 @@ macro_rules! apply_usage {
             existing.extend(serde_json::from_str::<Vec<$crate::metering::StoredBucket>>(&found).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
         }
         existing
+    }};
+    (@lock sqlite, $tx:ident, $deltas:expr) => {{
+        // SQLite has one writer: the read and the write of a bucket are
+        // never interleaved with another commit's.
+    }};
+    (@lock postgres, $tx:ident, $deltas:expr) => {{
+        // A commit reads stored buckets, adds in Rust and writes the totals
+        // back; two commits on one bucket at once (the customer-less bucket
+        // is written from every partition, and a replay or a backfill beside
+        // the live consumer) would lose one's usage at read committed.
+        // A transaction-scoped advisory lock per (workspace, meter), taken
+        // in key order, serialises them (as SQLite's single writer does).
+        let mut locks: Vec<i64> = $deltas.iter().map(|d: &$crate::metering::UsageDelta| $crate::metering::usage_lock_key(&d.workspace, &d.meter)).collect();
+        locks.sort_unstable();
+        locks.dedup();
+        for k in locks {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(k).execute(&mut *$tx).await?;
+        }
     }};
     (@select postgres, $tx:ident, $keys:expr) => {{
         let col = |i: usize| $keys.iter().map(|k| [k.0, k.1, k.2, k.3, k.4][i]).collect::<Vec<&str>>();

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod json;
 pub mod routes;
+pub mod server;
 pub mod state;
 
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 pub use error::ApiError;
+pub use server::HttpSettings;
 pub use state::{ApiLimits, AppState, WebhookSettings};
 
 #[derive(OpenApi)]

@@ -12,7 +12,8 @@ use tokio::sync::Semaphore;
 
 use crate::auth::KeyCache;
 
-/// Request size limits of the HTTP API.
+/// Request size limits of the HTTP API, and per-workspace limits on
+/// configuration objects (one tenant must not slow the others down).
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
     /// Largest request body, compressed or decompressed. Default 16 MiB.
@@ -28,6 +29,32 @@ pub struct ApiLimits {
     pub segment_max_message_bytes: usize,
     /// Segment-compatible endpoints: largest request. Default 500 KiB.
     pub segment_max_batch_bytes: usize,
+    /// Most webhooks per workspace (`limits.webhooks`). Default 50: every
+    /// webhook is one more consumer reading every event of the log.
+    pub max_webhooks: usize,
+    /// Most event schemas per workspace (`limits.schemas`). Default 200.
+    pub max_schemas: usize,
+    /// Most meters per workspace (`limits.meters`). Default 500.
+    pub max_meters: usize,
+    /// Most saved queries per workspace (`limits.saved_queries`). Default 200.
+    pub max_saved_queries: usize,
+}
+
+impl ApiLimits {
+    /// Fails with 409 `limit_exceeded` when a workspace that has `existing`
+    /// objects of a kind may not get one more; the message names the
+    /// configuration key that raises the limit. Two concurrent creations
+    /// may both pass: the limit guards against runaway numbers, not by one.
+    pub fn check(existing: usize, limit: usize, what: &str, config_key: &str) -> Result<(), crate::ApiError> {
+        if existing < limit {
+            return Ok(());
+        }
+        Err(crate::ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "limit_exceeded",
+            format!("this workspace already has {existing} {what}, the most allowed ({config_key} = {limit}); delete one first or raise {config_key}"),
+        ))
+    }
 }
 
 impl Default for ApiLimits {
@@ -39,6 +66,10 @@ impl Default for ApiLimits {
             max_buffered_body_bytes: 512 << 20,
             segment_max_message_bytes: 32 * 1024,
             segment_max_batch_bytes: 500 * 1024,
+            max_webhooks: 50,
+            max_schemas: 200,
+            max_meters: 500,
+            max_saved_queries: 200,
         }
     }
 }
@@ -69,6 +100,8 @@ pub struct AppState {
     pub limits: ApiLimits,
     /// Renders `/metrics`; `None` when no recorder is installed (tests).
     pub metrics: Option<PrometheusHandle>,
+    /// `/metrics` needs a read, admin or root key (`metrics.require_key`).
+    pub metrics_require_key: bool,
     /// Bytes of request bodies that may be buffered at once.
     pub body_budget: Arc<Semaphore>,
     /// False while starting or draining: `/readyz` answers 503.
@@ -122,6 +155,7 @@ impl AppState {
             body_budget: Arc::new(Semaphore::new(limits.max_buffered_body_bytes)),
             limits,
             metrics,
+            metrics_require_key: false,
             ready: Arc::new(AtomicBool::new(false)),
             consumers,
             webhooks,

@@ -39,6 +39,39 @@ pub struct Config {
     pub ingest: IngestSection,
     pub lake: LakeSection,
     pub sql: SqlSection,
+    pub http: HttpSection,
+    pub limits: LimitsSection,
+    pub metrics: MetricsSection,
+}
+
+/// `[http]`: timeouts and the connection cap of the HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    #[serde(with = "humantime_serde_shim")]
+    pub header_timeout: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub body_timeout: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// `[limits]`: most configuration objects per workspace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub webhooks: usize,
+    pub schemas: usize,
+    pub meters: usize,
+    pub saved_queries: usize,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub require_key: bool,
 }
 
 /// `[lake]`.
@@ -186,6 +219,12 @@ impl Config {
                 cfg.ingest.max_body_bytes
             );
         }
+        if cfg.http.header_timeout.is_zero() || cfg.http.body_timeout.is_zero() || cfg.http.idle_timeout.is_zero() {
+            bail!("http.header_timeout, http.body_timeout and http.idle_timeout must be more than 0s");
+        }
+        if cfg.http.max_connections == 0 {
+            bail!("http.max_connections must be at least 1");
+        }
         if !matches!(cfg.log_format.as_str(), "text" | "json") {
             bail!("log_format must be \"text\" or \"json\" (got {:?})", cfg.log_format);
         }
@@ -284,6 +323,15 @@ mod tests {
         assert_eq!(c.state_url.expose(), "sqlite://./sluice-data/state.db");
         assert_eq!(c.ingest.dedup_window, Duration::from_secs(35 * 86400));
         assert_eq!(c.log.partitions, 4);
+        assert_eq!(c.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.max_connections, 1024);
+        assert_eq!(c.limits.webhooks, 50);
+        assert!(!c.metrics.require_key);
+        let e = env(&[("SLUICE_HTTP_HEADER_TIMEOUT", "2s"), ("SLUICE_LIMITS_METERS", "3"), ("SLUICE_METRICS_REQUIRE_KEY", "true")]);
+        let c = Config::load(None, &e, &Overrides::default()).unwrap();
+        assert_eq!(c.http.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.meters, 3);
+        assert!(c.metrics.require_key);
     }
 
     #[test]

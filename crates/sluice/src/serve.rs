@@ -47,8 +47,12 @@ fn init_tracing(format: &str) {
 }
 
 async fn run(cfg: Config) -> Result<()> {
+    // Before anything is created: what Sluice writes is for its own user only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    secure_data_dir(&cfg.data_dir).with_context(|| format!("restricting access to the data directory {}", cfg.data_dir.display()))?;
+    raise_fd_limit(cfg.http.max_connections);
     // One process per data directory: the embedded log has a single writer.
     // The OS releases the lock when the process dies, even on kill -9.
     let lock_path = cfg.data_dir.join("sluice.lock");
@@ -129,6 +133,10 @@ async fn run(cfg: Config) -> Result<()> {
         max_buffered_body_bytes: cfg.ingest.max_buffered_body_bytes,
         segment_max_message_bytes: cfg.ingest.segment_max_message_bytes,
         segment_max_batch_bytes: cfg.ingest.segment_max_batch_bytes,
+        max_webhooks: cfg.limits.webhooks,
+        max_schemas: cfg.limits.schemas,
+        max_meters: cfg.limits.meters,
+        max_saved_queries: cfg.limits.saved_queries,
     };
     let meters = sluice_metering::MeterCache::load(&store).await.context("loading meters")?;
     consumers.start(Arc::new(sluice_metering::MetersConsumer { cache: meters.clone() }));
@@ -138,6 +146,10 @@ async fn run(cfg: Config) -> Result<()> {
     let removed = sluice_lake::writer::recover(&store, &lake_root).await.map_err(anyhow::Error::msg).context("recovering the lake")?;
     if removed > 0 {
         tracing::warn!(files = removed, "removed lake files that were written but not committed before an unclean stop; their events are written again");
+    }
+    let swept = sluice_lake::export::sweep_temp_files(&lake_root);
+    if swept > 0 {
+        tracing::info!(files = swept, "removed temporary export files left by an earlier run");
     }
     let file_guard = sluice_lake::sql::FileGuard::default();
     let (lake_stop, lake_stop_rx) = tokio::sync::watch::channel(false);
@@ -169,7 +181,9 @@ async fn run(cfg: Config) -> Result<()> {
             memory: cfg.sql.memory_limit,
             max_tail_events: cfg.sql.max_tail_events,
         },
-    );
+    )
+    // Each query in a `sluice sql-worker` child with a memory limit.
+    .with_isolation(sluice_lake::sandbox::Isolation::Process { program: std::env::current_exe().context("locating the sluice binary for SQL workers")? });
     let jobs = Arc::new(sluice_jobs::Runner::start(
         store.clone(),
         vec![
@@ -194,6 +208,7 @@ async fn run(cfg: Config) -> Result<()> {
         tracing::info!(files = swept, "removed import uploads older than 7 days");
     }
     let mut state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
+    state.metrics_require_key = cfg.metrics.require_key;
     state.lake = Some(sluice_api::state::LakeHandle { sql, schemas: schemas.clone(), root: lake_root.clone() });
     let schedulers = tokio::spawn(run_schedulers(store.clone(), jobs.clone(), cfg.lake.compact_interval));
     for hook in store.list_webhooks(None).await.context("loading webhooks")? {
@@ -214,14 +229,16 @@ async fn run(cfg: Config) -> Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let ready_on_stop = ready.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-                ready_on_stop.store(false, Ordering::Release);
-            })
-            .await
-    });
+    let http = sluice_api::HttpSettings {
+        header_timeout: cfg.http.header_timeout,
+        body_timeout: cfg.http.body_timeout,
+        idle_timeout: cfg.http.idle_timeout,
+        max_connections: cfg.http.max_connections,
+    };
+    let server = tokio::spawn(sluice_api::server::serve(listener, app, http, async move {
+        let _ = stop_rx.await;
+        ready_on_stop.store(false, Ordering::Release);
+    }));
     stop_signal.await;
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(());
@@ -263,6 +280,73 @@ async fn run(cfg: Config) -> Result<()> {
         tracing::warn!("stopped; some requests were still open and were not acknowledged");
     }
     Ok(())
+}
+
+/// Makes the data directory `0700` and everything in it owner-only
+/// (directories `0700`, files `0600`): it holds webhook secrets, key hashes
+/// and every tenant's events. New files get this from the umask set before;
+/// this walk fixes what an older version created. Symbolic links are not
+/// followed, and what is already private is left untouched.
+fn secure_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_path_buf()];
+    let mut changed = 0usize;
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let want = if meta.is_dir() {
+            0o700
+        } else if meta.is_file() {
+            mode & 0o700
+        } else {
+            continue;
+        };
+        if mode != want {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want))
+                .with_context(|| format!("chmod {:o} {}", want, path.display()))?;
+            changed += 1;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    if changed > 1 {
+        tracing::info!(dir = %dir.display(), paths = changed, "made the data directory readable by its owner only (0700/0600)");
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every HTTP
+/// connection holds a descriptor, and so do log segments, lake files and
+/// the state store. Warns when even the hard limit leaves little room above
+/// `http.max_connections`.
+fn raise_fd_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let mut soft = lim.current;
+    // An unlimited hard limit is not accepted for open files; take 2^20 (the
+    // usual fs.nr_open).
+    let target = lim.maximum.unwrap_or(1 << 20);
+    if lim.current.is_some_and(|c| c < target) {
+        match setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: lim.maximum }) {
+            Ok(()) => {
+                tracing::info!(from = ?lim.current, to = target, "raised the open-files limit (RLIMIT_NOFILE) to its hard limit");
+                soft = Some(target);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit (RLIMIT_NOFILE)"),
+        }
+    }
+    if let Some(soft) = soft {
+        if soft < max_connections as u64 + 256 {
+            tracing::warn!(
+                open_files = soft,
+                max_connections,
+                "the open-files limit leaves too little room above http.max_connections; raise `ulimit -n` or lower http.max_connections"
+            );
+        }
+    }
 }
 
 /// On an empty store: creates workspace `default` and the root key. The key

@@ -93,6 +93,8 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
     sluice_metering::validate(&spec).map_err(|(field, reason)| {
         ApiError::bad_request(format!("{field}: {reason}")).with_details(vec![json!({"field": field, "reason": reason})])
     })?;
+    let existing = st.store.list_meters(Some(who.workspace.as_str())).await?.len();
+    crate::ApiLimits::check(existing, st.limits.max_meters, "meters", "limits.meters")?;
     // Pause the meters consumer so that its position is exact: events from
     // there on are metered live, events before it by the backfill job.
     st.consumers.stop(consumer::NAME).await;
@@ -219,6 +221,11 @@ pub async fn usage(
         granularity,
         group_by,
     };
-    let data = sluice_metering::usage::query(&st.store, &meter, tz, &query).await?;
+    let data = sluice_metering::usage::query(&st.store, &meter, tz, &query).await.map_err(|e| match e {
+        sluice_metering::usage::UsageQueryError::Store(e) => ApiError::from(e),
+        e @ sluice_metering::usage::UsageQueryError::Overflow { .. } => {
+            ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, "usage_overflow", e.to_string())
+        }
+    })?;
     Ok(Json(json!({"data": data, "next_cursor": null, "time_zone": ws.time_zone})))
 }

@@ -28,12 +28,40 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": "state store unreachable"})))
             .into_response();
     }
-    axum::Json(json!({"status": "ready", "state_backend": st.store.backend()})).into_response()
+    // A consumer whose worker crashed and restarted recently is shown (its
+    // events still flow: a failing event is dead-lettered, never a reason to
+    // restart, so a restart means a bug or a broken store). The server stays
+    // ready for traffic: status "degraded", HTTP 200.
+    let restarting: Vec<serde_json::Value> = st
+        .consumers
+        .states()
+        .into_iter()
+        .filter(|(_, s)| s.restarted_recently())
+        .map(|(name, s)| {
+            let name = if name.starts_with("webhook:") { "webhook".to_owned() } else { name };
+            json!({"name": name, "restarts": s.restarts, "last_restart_at": s.last_restart_at.map(|t| t.to_rfc3339())})
+        })
+        .collect();
+    let status = if restarting.is_empty() { "ready" } else { "degraded" };
+    axum::Json(json!({"status": status, "state_backend": st.store.backend(), "consumers_restarting": restarting})).into_response()
 }
 
-/// Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain")))]
-pub async fn metrics(State(st): State<AppState>) -> Response {
+/// Prometheus text format. With `metrics.require_key = true` it needs a
+/// read, admin or root key like any data endpoint; series carry no workspace
+/// or webhook ids either way (webhook consumers share the label `webhook`).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, content_type = "text/plain"), (status = 401), (status = 403)))]
+pub async fn metrics(State(st): State<AppState>, mut parts: axum::http::request::Parts) -> Response {
+    if st.metrics_require_key {
+        use axum::extract::FromRequestParts as _;
+        let who = match crate::auth::Principal::from_request_parts(&mut parts, &st).await {
+            Ok(who) => who,
+            Err(e) => return e.into_response(),
+        };
+        if let Err(e) = who.require_read() {
+            return e.into_response();
+        }
+    }
     let stats = st.log.stats();
     metrics::gauge!("sluice_log_bytes").set(stats.bytes as f64);
     for (p, (start, next)) in stats.partitions.iter().enumerate() {

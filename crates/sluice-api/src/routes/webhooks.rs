@@ -50,7 +50,7 @@ impl From<Webhook> for WebhookView {
 
 /// Registers a webhook; the response carries the signing secret, once.
 #[utoipa::path(post, path = "/v1/webhooks", request_body = CreateWebhook, tag = "webhooks",
-    responses((status = 201, body = WebhookView), (status = 400), (status = 422)), security(("bearer" = [])))]
+    responses((status = 201, body = WebhookView), (status = 400), (status = 409), (status = 422)), security(("bearer" = [])))]
 pub async fn create(State(st): State<AppState>, who: Principal, Json(body): Json<CreateWebhook>) -> Result<(StatusCode, Json<WebhookView>), ApiError> {
     who.require_admin()?;
     if body.event_types.is_empty() {
@@ -59,6 +59,8 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(body): Json
     if let Some(t) = body.event_types.iter().find(|t| t.is_empty() || t.len() > 128) {
         return Err(ApiError::bad_request(format!("event_types: {t:?} is not an event type")));
     }
+    let existing = st.store.list_webhooks(Some(who.workspace.as_str())).await?.len();
+    crate::ApiLimits::check(existing, st.limits.max_webhooks, "webhooks", "limits.webhooks")?;
     let allow = st.webhooks.allow_private;
     let url = ssrf::check_url(&body.url, allow).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "forbidden_target", format!("url: {e}")))?;
     ssrf::check_resolved(&url, allow)

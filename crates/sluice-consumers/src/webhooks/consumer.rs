@@ -22,7 +22,7 @@ use sluice_core::Event;
 use sluice_store::{Delivery, Store, Webhook};
 
 use super::{sign, ssrf};
-use crate::runtime::{Attempt, Consumer, Effect, RetryPolicy, Start};
+use crate::runtime::{Attempt, Consumer, Effect, HandleError, RetryPolicy, Start};
 
 /// Consumer name of a webhook.
 pub fn consumer_name(webhook_id: &str) -> String {
@@ -113,7 +113,7 @@ impl Consumer for WebhookConsumer {
         Start::Latest
     }
 
-    async fn handle(&self, e: &Event, attempt: Attempt) -> Result<Effect, String> {
+    async fn handle(&self, e: &Event, attempt: Attempt) -> Result<Effect, HandleError> {
         if !self.wants(e) {
             return Ok(Effect::None);
         }
@@ -164,6 +164,9 @@ impl Consumer for WebhookConsumer {
         if let Err(err) = self.store.upsert_delivery(&d).await {
             tracing::warn!(webhook = %self.hook.id, error = %err, "could not record the delivery");
         }
-        outcome
+        // A receiver that is down or answers an error may work later: a
+        // transient failure, retried (it holds only this webhook's own
+        // worker: every webhook is its own consumer of one workspace).
+        outcome.map_err(HandleError::Transient)
     }
 }

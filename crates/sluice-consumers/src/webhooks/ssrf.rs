@@ -5,7 +5,9 @@
 //! `http://169.254.169.254/latest/meta-data/` (cloud credentials), `http://127.0.0.1:…`
 //! (admin ports) or any internal service and use Sluice as a proxy into the network.
 //! Unless `SLUICE_WEBHOOK_ALLOW_PRIVATE=1` (the `allow_private` flag) is set, targets
-//! must be public addresses; [`is_forbidden_ip`] lists what is refused.
+//! must be public addresses: every range of the IANA IPv4 and IPv6 Special-Purpose
+//! Address Registries is refused, also when an IPv6 address embeds a refused IPv4 one
+//! (`::ffff:127.0.0.1`, `64:ff9b::7f00:1`, `2002:7f00:1::`); [`is_forbidden_ip`] lists them.
 //!
 //! The check runs at two points:
 //!
@@ -43,74 +45,126 @@ const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// User agent sent with webhook deliveries.
 pub const USER_AGENT: &str = concat!("Sluice-Webhooks/", env!("CARGO_PKG_VERSION"));
 
+/// IPv4 ranges of the IANA IPv4 Special-Purpose Address Registry (and multicast and
+/// the reserved block), every one refused. Some entries of the registry are marked
+/// "globally reachable" (e.g. `192.0.0.9/32`); they are refused with their block all
+/// the same: no webhook needs them, and a smaller rule is easier to trust.
+const V4_REFUSED: &[(Ipv4Addr, u8, &str)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this network\" (includes the unspecified address)"),
+    (Ipv4Addr::new(10, 0, 0, 0), 8, "private"),
+    (Ipv4Addr::new(100, 64, 0, 0), 10, "shared address space (CGNAT)"),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
+    (Ipv4Addr::new(169, 254, 0, 0), 16, "link-local (includes cloud metadata 169.254.169.254)"),
+    (Ipv4Addr::new(172, 16, 0, 0), 12, "private"),
+    (Ipv4Addr::new(192, 0, 0, 0), 24, "IETF protocol assignments"),
+    (Ipv4Addr::new(192, 0, 2, 0), 24, "documentation (TEST-NET-1)"),
+    (Ipv4Addr::new(192, 31, 196, 0), 24, "AS112-v4"),
+    (Ipv4Addr::new(192, 52, 193, 0), 24, "AMT"),
+    (Ipv4Addr::new(192, 88, 99, 0), 24, "deprecated 6to4 relay anycast"),
+    (Ipv4Addr::new(192, 168, 0, 0), 16, "private"),
+    (Ipv4Addr::new(192, 175, 48, 0), 24, "direct delegation AS112"),
+    (Ipv4Addr::new(198, 18, 0, 0), 15, "benchmarking"),
+    (Ipv4Addr::new(198, 51, 100, 0), 24, "documentation (TEST-NET-2)"),
+    (Ipv4Addr::new(203, 0, 113, 0), 24, "documentation (TEST-NET-3)"),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast"),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved (includes broadcast 255.255.255.255)"),
+];
+
+/// IPv6 ranges refused outright, from the IANA IPv6 Special-Purpose Address Registry
+/// (the forms that embed an IPv4 address are handled before this table; see
+/// [`embedded_ipv4`]). Addresses outside `2000::/3`, the only block IANA allocates as
+/// global unicast, are refused as well, so a block reserved today cannot become a gap.
+const V6_REFUSED: &[(Ipv6Addr, u8, &str)] = &[
+    (Ipv6Addr::UNSPECIFIED, 128, "unspecified"),
+    (Ipv6Addr::LOCALHOST, 128, "loopback"),
+    (Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48, "local-use IPv4/IPv6 translation"),
+    (Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 0), 64, "discard-only"),
+    (Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 23, "IETF protocol assignments (includes Teredo)"),
+    (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32, "documentation"),
+    (Ipv6Addr::new(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20, "documentation"),
+    (Ipv6Addr::new(0x5f00, 0, 0, 0, 0, 0, 0, 0), 16, "segment routing SIDs"),
+    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7, "unique-local (includes AWS metadata fd00:ec2::254)"),
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10, "link-local"),
+    (Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10, "deprecated site-local"),
+    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8, "multicast"),
+];
+
 /// Whether `ip` must not be used as a webhook target (unless private targets are
 /// explicitly allowed).
 ///
-/// Refused IPv4 ranges: `0.0.0.0/8` (includes the unspecified address), loopback
-/// `127.0.0.0/8`, private `10.0.0.0/8`, `172.16.0.0/12`, `192.168.0.0/16`, CGNAT
-/// `100.64.0.0/10`, link-local `169.254.0.0/16` (includes the cloud metadata address
-/// `169.254.169.254`), multicast `224.0.0.0/4` and reserved `240.0.0.0/4` (includes the
-/// broadcast address).
-///
-/// Refused IPv6 ranges: unspecified `::`, loopback `::1`, link-local `fe80::/10`,
-/// deprecated site-local `fec0::/10`, unique-local `fc00::/7` (includes the AWS metadata
-/// address `fd00:ec2::254`) and multicast `ff00::/8`. IPv6 addresses that embed an IPv4
-/// address — IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d` and NAT64
-/// `64:ff9b::a.b.c.d` — are judged by that IPv4 address.
+/// Refused: every IPv4 range of [`V4_REFUSED`] and every IPv6 range of [`V6_REFUSED`]
+/// (the IANA special-purpose registries: loopback, private, link-local, CGNAT,
+/// documentation, benchmarking, protocol assignments, multicast, reserved …), and any
+/// IPv6 address outside global unicast `2000::/3`. IPv6 addresses that embed an IPv4
+/// address — IPv4-mapped `::ffff:a.b.c.d`, SIIT `::ffff:0:a.b.c.d`, IPv4-compatible
+/// `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d` and 6to4 `2002:aabb:ccdd::/48` — are judged by
+/// that IPv4 address: `::ffff:127.0.0.1` is refused, `::ffff:8.8.8.8` is not.
 pub fn is_forbidden_ip(ip: IpAddr) -> bool {
+    refused_because(ip).is_some()
+}
+
+/// Why `ip` is refused (the name of its special-purpose range), or `None`.
+pub fn refused_because(ip: IpAddr) -> Option<&'static str> {
     match ip {
-        IpAddr::V4(v4) => is_forbidden_v4(v4),
-        IpAddr::V6(v6) => is_forbidden_v6(v6),
+        IpAddr::V4(v4) => refused_v4(v4),
+        IpAddr::V6(v6) => refused_v6(v6),
     }
 }
 
-fn is_forbidden_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    a == 0 // 0.0.0.0/8 ("this network"), includes the unspecified address
-        || ip.is_loopback() // 127.0.0.0/8
-        || ip.is_private() // 10/8, 172.16/12, 192.168/16
-        || ip.is_link_local() // 169.254/16, includes 169.254.169.254
-        || (a == 100 && (b & 0xc0) == 64) // CGNAT 100.64.0.0/10
-        || ip.is_multicast() // 224.0.0.0/4
-        || a >= 240 // reserved 240.0.0.0/4, includes 255.255.255.255
-        || ip.is_broadcast()
-        || ip.is_unspecified()
+fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let bits = u32::from(ip);
+    V4_REFUSED.iter().find_map(|(net, len, why)| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+        (bits & mask == u32::from(*net) & mask).then_some(*why)
+    })
 }
 
-fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
-    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-        return true;
+fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip == Ipv6Addr::UNSPECIFIED {
+        return Some("unspecified");
     }
-    let segments = ip.segments();
-    if (segments[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-        || (segments[0] & 0xffc0) == 0xfec0 // deprecated site-local fec0::/10
-        || (segments[0] & 0xfe00) == 0xfc00
-    // unique-local fc00::/7, includes fd00:ec2::254
-    {
-        return true;
+    if ip == Ipv6Addr::LOCALHOST {
+        return Some("loopback");
     }
     if let Some(v4) = embedded_ipv4(ip) {
-        return is_forbidden_v4(v4);
+        return refused_v4(v4);
     }
-    false
+    let bits = u128::from(ip);
+    let listed = V6_REFUSED.iter().find_map(|(net, len, why)| {
+        let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+        (bits & mask == u128::from(*net) & mask).then_some(*why)
+    });
+    if listed.is_some() {
+        return listed;
+    }
+    // 2000::/3 is the only global unicast block; the rest is reserved.
+    if ip.segments()[0] & 0xe000 != 0x2000 {
+        return Some("not global unicast (outside 2000::/3)");
+    }
+    None
 }
 
-/// The IPv4 address embedded in an IPv4-mapped (`::ffff:0:0/96`), IPv4-compatible
-/// (`::/96`) or NAT64 well-known-prefix (`64:ff9b::/96`) IPv6 address.
+/// The IPv4 address embedded in an IPv4-mapped (`::ffff:0:0/96`), SIIT
+/// (`::ffff:0:0:0/96`), IPv4-compatible (`::/96`, deprecated), NAT64 well-known-prefix
+/// (`64:ff9b::/96`) or 6to4 (`2002::/16`, the address in bits 16–48) IPv6 address.
+/// `::` and `::1` are not IPv4-compatible addresses and are handled before.
 fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let last = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     match s {
-        [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0, 0, _, _] => Some(last),
-        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(last),
+        [0, 0, 0, 0, 0, 0xffff, hi, lo]
+        | [0, 0, 0, 0, 0xffff, 0, hi, lo]
+        | [0, 0, 0, 0, 0, 0, hi, lo]
+        | [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
         _ => None,
     }
 }
 
 fn refusal(host: &str) -> String {
     format!(
-        "refusing webhook target {host}: loopback/private/link-local addresses are not allowed \
-         (set SLUICE_WEBHOOK_ALLOW_PRIVATE=1 to allow)"
+        "refusing webhook target {host}: loopback, private, link-local and other special-purpose \
+         addresses are not allowed (set SLUICE_WEBHOOK_ALLOW_PRIVATE=1 to allow)"
     )
 }
 
@@ -340,15 +394,13 @@ mod tests {
             "fd00:ec2::254",
             "ff02::1",
             "ff0e::1",
-        ] {
-            assert!(forbidden(ip), "{ip} should be forbidden");
-        }
-        for ip in [
-            "2001:4860:4860::8888",
-            "2606:4700::1111",
+            // Reserved, outside global unicast 2000::/3.
             "fbff::1",
             "fe7f::1",
         ] {
+            assert!(forbidden(ip), "{ip} should be forbidden");
+        }
+        for ip in ["2001:4860:4860::8888", "2606:4700::1111"] {
             assert!(!forbidden(ip), "{ip} should be allowed");
         }
     }
@@ -368,6 +420,64 @@ mod tests {
         }
         for ip in ["::ffff:8.8.8.8", "::8.8.8.8", "64:ff9b::808:808"] {
             assert!(!forbidden(ip), "{ip} should be allowed");
+        }
+    }
+
+    /// One address at the start, one inside and one at the end of every refused
+    /// range (IANA special-purpose registries), and the nearest public neighbours.
+    #[test]
+    fn every_special_purpose_range_is_refused() {
+        let refused = [
+            // IPv4
+            "0.0.0.0", "0.255.255.255", "10.0.0.0", "10.255.255.255", "100.64.0.0", "100.127.255.255",
+            "127.0.0.1", "127.255.255.255", "169.254.0.0", "169.254.255.255", "172.16.0.0", "172.31.255.255",
+            "192.0.0.0", "192.0.0.9", "192.0.0.255", "192.0.2.0", "192.0.2.1", "192.0.2.255",
+            "192.31.196.0", "192.31.196.255", "192.52.193.0", "192.52.193.255", "192.88.99.0", "192.88.99.255",
+            "192.168.0.0", "192.168.255.255", "192.175.48.0", "192.175.48.255", "198.18.0.0", "198.18.0.1",
+            "198.19.255.255", "198.51.100.0", "198.51.100.255", "203.0.113.0", "203.0.113.255",
+            "224.0.0.0", "239.255.255.255", "240.0.0.0", "255.255.255.254", "255.255.255.255",
+            // IPv6
+            "::", "::1", "64:ff9b:1::", "64:ff9b:1:ffff:ffff:ffff:ffff:ffff", "64:ff9b:1::808:808",
+            "100::", "100::ffff:ffff:ffff:ffff", "2001::", "2001:1ff:ffff:ffff::", "2001::1", "2001:2::1",
+            "2001:db8::", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "3fff::", "3fff:fff:ffff::1",
+            "5f00::", "5f00:ffff::1", "fc00::", "fdff:ffff::1", "fe80::", "febf:ffff::1", "fec0::1",
+            "ff00::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "4000::1", "1::1", "::2:1:1",
+            // IPv6 embedding a refused IPv4: mapped, SIIT, compatible, NAT64, 6to4
+            "::ffff:127.0.0.1", "::ffff:0:127.0.0.1", "::127.0.0.1", "64:ff9b::127.0.0.1", "2002:7f00:1::",
+            "2002:7f00:1:ffff::1", "::ffff:169.254.169.254", "::ffff:0:10.0.0.1", "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1", "::ffff:198.18.0.1", "64:ff9b::192.0.2.1", "2002:c000:201::", "::ffff:0.0.0.0",
+        ];
+        for ip in refused {
+            assert!(forbidden(ip), "{ip} should be refused");
+        }
+        let allowed = [
+            "1.1.1.1", "8.8.8.8", "9.255.255.255", "11.0.0.0", "100.63.255.255", "100.128.0.0",
+            "126.255.255.255", "128.0.0.0", "169.253.255.255", "169.255.0.0", "172.15.255.255", "172.32.0.0",
+            "191.255.255.255", "192.0.1.0", "192.0.3.0", "192.31.195.255", "192.31.197.0", "192.52.192.255",
+            "192.52.194.0", "192.88.98.255", "192.88.100.0", "192.167.255.255", "192.169.0.0", "192.175.47.255",
+            "192.175.49.0", "198.17.255.255", "198.20.0.0", "198.51.99.255", "198.51.101.0", "203.0.112.255",
+            "203.0.114.0", "223.255.255.255",
+            "2001:200::1", "2001:4860:4860::8888", "2001:db7:ffff::1", "2001:db9::1", "2606:4700::1111",
+            "3ffe:ffff::1", "3fff:1000::1",
+            "::ffff:8.8.8.8", "::ffff:0:8.8.8.8", "::8.8.8.8", "64:ff9b::808:808", "2002:808:808::1",
+        ];
+        for ip in allowed {
+            assert!(!forbidden(ip), "{ip} should be allowed");
+        }
+    }
+
+    #[test]
+    fn the_findings_addresses_are_refused_as_url_literals() {
+        for u in [
+            "http://198.18.0.1/", "http://192.0.0.1/", "http://192.0.2.1/", "http://[2001:db8::1]/",
+            "http://[100::1]/", "http://[64:ff9b:1::1]/", "http://[2002:7f00:1::1]/", "http://[::ffff:127.0.0.1]/",
+            "http://[::ffff:0:127.0.0.1]/", "http://[64:ff9b::127.0.0.1]/",
+        ] {
+            let e = check_url(u, false).unwrap_err();
+            assert!(e.contains("refusing webhook target"), "{u}: {e}");
+            let url = Url::parse(u).unwrap();
+            assert!(check_before_send(&url, false).is_err(), "{u} at send time");
+            check_url(u, true).unwrap();
         }
     }
 
@@ -402,8 +512,8 @@ mod tests {
         }
         assert_eq!(
             err("http://127.0.0.1:9/x"),
-            "refusing webhook target 127.0.0.1: loopback/private/link-local addresses are not \
-             allowed (set SLUICE_WEBHOOK_ALLOW_PRIVATE=1 to allow)"
+            "refusing webhook target 127.0.0.1: loopback, private, link-local and other \
+             special-purpose addresses are not allowed (set SLUICE_WEBHOOK_ALLOW_PRIVATE=1 to allow)"
         );
         assert!(err("http://user:pw@example.com/").contains("credentials"));
         assert!(err("http://user@example.com/").contains("credentials"));

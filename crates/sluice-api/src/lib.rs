@@ -32,7 +32,7 @@ pub use state::{ApiLimits, AppState, WebhookSettings};
     info(title = "Sluice API", description = "Events, usage and lake: the Sluice HTTP API (v1). \
         Authenticate with `Authorization: Bearer <key>`. Errors are `{\"error\": {\"code\", \"message\", \"details\"}}`."),
     paths(
-        routes::events::ingest, routes::events::list, routes::events::get, routes::events::discard,
+        routes::events::ingest, routes::events::list, routes::events::get,
         routes::workspaces::create, routes::workspaces::list, routes::workspaces::get,
         routes::keys::create, routes::keys::list, routes::keys::delete,
         routes::audit::list,
@@ -75,10 +75,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// Every route of the server.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // The benchmark's parse-and-discard endpoint exists only on a server
+    // started for a benchmark: in production it would let any ingest key
+    // burn CPU for nothing, and it is not part of the API (not in OpenAPI).
+    let bench = if state.bench_endpoints {
+        Router::new().route("/v1/bench/discard", post(routes::events::discard))
+    } else {
+        Router::new()
+    };
+    bench
         .route("/v1/events", post(routes::events::ingest).get(routes::events::list))
         .route("/v1/events/{id}", get(routes::events::get))
-        .route("/v1/bench/discard", post(routes::events::discard))
         .route("/v1/workspaces", post(routes::workspaces::create).get(routes::workspaces::list))
         .route("/v1/workspaces/{name}", get(routes::workspaces::get))
         .route("/v1/keys", post(routes::keys::create).get(routes::keys::list))

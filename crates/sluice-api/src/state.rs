@@ -102,6 +102,10 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// `/metrics` needs a read, admin or root key (`metrics.require_key`).
     pub metrics_require_key: bool,
+    /// Serve `POST /v1/bench/discard` (only when the server was started for
+    /// a benchmark: `SLUICE_BENCH_ENDPOINTS=1`, as `sluice bench ingest`
+    /// does for the server it starts).
+    pub bench_endpoints: bool,
     /// Bytes of request bodies that may be buffered at once.
     pub body_budget: Arc<Semaphore>,
     /// False while starting or draining: `/readyz` answers 503.
@@ -156,6 +160,7 @@ impl AppState {
             limits,
             metrics,
             metrics_require_key: false,
+            bench_endpoints: false,
             ready: Arc::new(AtomicBool::new(false)),
             consumers,
             webhooks,

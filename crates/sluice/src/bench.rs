@@ -122,6 +122,7 @@ async fn spawn_server(state_url: Option<&str>) -> Result<(String, String, Spawne
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("SLUICE_BOOTSTRAP_KEY", &key)
+        .env("SLUICE_BENCH_ENDPOINTS", "1")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

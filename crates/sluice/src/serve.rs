@@ -209,6 +209,8 @@ async fn run(cfg: Config) -> Result<()> {
     }
     let mut state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
     state.metrics_require_key = cfg.metrics.require_key;
+    // Not a configuration key: only `sluice bench` starts servers with it.
+    state.bench_endpoints = std::env::var("SLUICE_BENCH_ENDPOINTS").is_ok_and(|v| v == "1");
     state.lake = Some(sluice_api::state::LakeHandle { sql, schemas: schemas.clone(), root: lake_root.clone() });
     let schedulers = tokio::spawn(run_schedulers(store.clone(), jobs.clone(), cfg.lake.compact_interval));
     for hook in store.list_webhooks(None).await.context("loading webhooks")? {

@@ -415,3 +415,20 @@ async fn data_directory_is_0700_and_files_0600() {
     s.root().ingest(json!([{"id": "p2", "type": "t"}])).await;
     assert_private(&dir);
 }
+
+/// Issue 7 (the binary as glue): the benchmark's parse-and-discard endpoint
+/// was served to any ingest key in production and listed in the OpenAPI
+/// document. It exists only on a server started for a benchmark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_discard_exists_only_on_a_server_started_for_a_benchmark() {
+    let s = Server::start().await;
+    let (st, _) = s.root().post("/v1/bench/discard", json!({"type": "x"})).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (_, doc) = s.anonymous().get("/openapi.json").await;
+    assert!(doc["paths"].get("/v1/bench/discard").is_none());
+    let bench = Server::start_with(&[("SLUICE_BENCH_ENDPOINTS", "1")]).await;
+    let (st, v) = bench.root().post("/v1/bench/discard", json!({"type": "x"})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["accepted"], 1);
+    assert!(bench.root().all_events("").await.is_empty(), "nothing is stored");
+}

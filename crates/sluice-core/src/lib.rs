@@ -6,6 +6,7 @@
 //! [`EventLog`] trait that the embedded log and (later) NATS JetStream
 //! implement.
 
+pub mod aggregation;
 pub mod batch;
 pub mod event;
 pub mod ids;
@@ -13,6 +14,7 @@ pub mod log;
 pub mod people;
 pub mod scope;
 
+pub use aggregation::{Aggregation, UnknownAggregation};
 pub use batch::{decode_events, hex_event_id, BatchHeader, BatchRow, BatchRows, EventBatch, Payload};
 pub use event::{partition_for, Event};
 pub use ids::{check_storable, EventId, EventType, IdError, WorkspaceName};

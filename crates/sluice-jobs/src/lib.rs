@@ -49,9 +49,44 @@ pub enum JobError {
     },
 }
 
-impl<E: std::fmt::Display> From<E> for JobError {
-    fn from(e: E) -> Self {
+impl JobError {
+    /// A failure another attempt may fix (the store or the log was
+    /// unavailable, a timeout): retried while attempts are left.
+    pub fn retryable(e: impl std::fmt::Display) -> JobError {
         JobError::Failed(e.to_string())
+    }
+
+    /// A failure another attempt cannot fix (a payload that does not
+    /// decode, invalid input): the job fails at once.
+    pub fn permanent(e: impl std::fmt::Display) -> JobError {
+        JobError::Fatal { error: e.to_string(), result: Value::Null }
+    }
+}
+
+// Which errors are worth another attempt is decided per type, not by
+// converting anything displayable into a retry (issue 7): the store's
+// failures are retryable unless they come from the data, the log's and the
+// file system's are retryable; everything else is mapped at its call site
+// with `JobError::retryable` or `JobError::permanent`.
+impl From<sluice_store::StoreError> for JobError {
+    fn from(e: sluice_store::StoreError) -> Self {
+        if e.is_permanent() {
+            JobError::permanent(e)
+        } else {
+            JobError::retryable(e)
+        }
+    }
+}
+
+impl From<sluice_core::LogError> for JobError {
+    fn from(e: sluice_core::LogError) -> Self {
+        JobError::retryable(e)
+    }
+}
+
+impl From<std::io::Error> for JobError {
+    fn from(e: std::io::Error) -> Self {
+        JobError::retryable(e)
     }
 }
 

@@ -91,7 +91,7 @@ impl JobHandler for QueryExport {
         let q = ctx.store().saved_query(&job.workspace, name).await.map_err(|e| JobError::Fatal { error: format!("saved query {name:?}: {e}"), result: json!({}) })?;
         let result = self.sql.query_as(&job.workspace, &q.sql, Access::Admin).await.map_err(|e| JobError::Fatal { error: e.to_string(), result: json!({}) })?;
         let rows = result.rows;
-        let Some(spec) = q.export.as_ref().map(ExportSpec::parse).transpose().map_err(JobError::Failed)? else {
+        let Some(spec) = q.export.as_ref().map(ExportSpec::parse).transpose().map_err(JobError::permanent)? else {
             return Ok(json!({"rows": rows, "elapsed_ms": result.elapsed.as_millis() as u64}));
         };
         let shown = Path::new("exports").join(&job.workspace).join(&spec.path);

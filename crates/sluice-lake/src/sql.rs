@@ -823,7 +823,7 @@ async fn load_meters(store: Store, ws: String) -> Loaded {
     Cols::new()
         .text("key", m.iter().map(|m| Some(m.key.clone())))
         .text("event_type", m.iter().map(|m| Some(m.event_type.clone())))
-        .text("aggregation", m.iter().map(|m| Some(m.aggregation.clone())))
+        .text("aggregation", m.iter().map(|m| Some(m.aggregation.as_str().to_owned())))
         .text("value_property", m.iter().map(|m| m.value_property.clone()))
         .text("group_by", m.iter().map(|m| Some(serde_json::to_string(&m.group_by).unwrap_or_default())))
         .text("filter", m.iter().map(|m| Some(serde_json::Value::Object(m.filter.clone()).to_string())))
@@ -834,21 +834,21 @@ async fn load_meters(store: Store, ws: String) -> Loaded {
 async fn load_usage(store: Store, ws: String) -> Loaded {
     struct Row {
         meter: String,
-        aggregation: String,
+        aggregation: sluice_core::Aggregation,
         b: sluice_store::UsageBucket,
         unique: Option<i64>,
     }
     let mut rows = Vec::new();
     for m in store.list_meters(Some(&ws)).await? {
         let mut uniques: HashMap<(String, String, String, i64), i64> = HashMap::new();
-        if m.aggregation == "unique_count" {
+        if m.aggregation == sluice_core::Aggregation::UniqueCount {
             for (c, s, g, at, _) in store.usage_unique_values(&ws, &m.key, None, None, None, None).await? {
                 *uniques.entry((c, s, g, at.timestamp_micros())).or_default() += 1;
             }
         }
         for b in store.usage_buckets(&ws, &m.key, None, None, None, None).await? {
             let unique = uniques.get(&(b.customer_id.clone(), b.subscription_id.clone(), b.group_key.clone(), b.bucket_start.timestamp_micros())).copied();
-            rows.push(Row { meter: m.key.clone(), aggregation: m.aggregation.clone(), b, unique });
+            rows.push(Row { meter: m.key.clone(), aggregation: m.aggregation, b, unique });
         }
     }
     let opt = |s: &String| if s.is_empty() { None } else { Some(s.clone()) };
@@ -867,14 +867,16 @@ async fn load_usage(store: Store, ws: String) -> Loaded {
             .collect()
     };
     let value = exact(
-        &|r: &Row| match r.aggregation.as_str() {
-            "sum" => Some(r.b.sum),
-            "count" => Some(Decimal::from(r.b.count)),
-            "max" => r.b.max,
-            "min" => r.b.min,
-            "latest" => r.b.latest_value,
-            "unique_count" => Some(Decimal::from(r.unique.unwrap_or(0))),
-            _ => None,
+        &|r: &Row| {
+            use sluice_core::Aggregation as A;
+            match r.aggregation {
+                A::Sum => Some(r.b.sum),
+                A::Count => Some(Decimal::from(r.b.count)),
+                A::Max => r.b.max,
+                A::Min => r.b.min,
+                A::Latest => r.b.latest_value,
+                A::UniqueCount => Some(Decimal::from(r.unique.unwrap_or(0))),
+            }
         },
         "value",
     )?;

@@ -505,8 +505,9 @@ impl JobHandler for UsageImport {
         let path = PathBuf::from(job.payload["file"].as_str().unwrap_or_default());
         let strict = job.payload["mode"].as_str() != Some("skip_invalid");
         let ws = ctx.store().get_workspace(&job.workspace).await?;
-        let tz = Tz::from_str(&ws.time_zone).map_err(|e| JobError::Failed(e.to_string()))?;
-        let workspace = WorkspaceName::parse(ws.name.clone()).map_err(|e| JobError::Failed(e.0))?;
+        // A stored workspace that does not parse will not parse next time.
+        let tz = Tz::from_str(&ws.time_zone).map_err(JobError::permanent)?;
+        let workspace = WorkspaceName::parse(ws.name.clone()).map_err(JobError::permanent)?;
         let meter_list = ctx.store().list_meters(Some(&ws.name)).await?;
         let meters: HashMap<String, (u32, Meter)> = meter_list.iter().enumerate().map(|(i, m)| (m.key.clone(), (i as u32, m.clone()))).collect();
         let fatal = |error: String, result: Value| JobError::Fatal { error, result };
@@ -544,7 +545,7 @@ impl JobHandler for UsageImport {
             let sample = EventBatch {
                 header: h.clone(),
                 rows: vec![BatchRow {
-                    id: EventId::parse("csv_sample").map_err(|e| JobError::Failed(e.0))?,
+                    id: EventId::parse("csv_sample").map_err(JobError::permanent)?,
                     timestamp: received_at,
                     customer_id: Some("sample".into()),
                     subscription_id: None,

@@ -5,11 +5,8 @@ use std::sync::Arc;
 use chrono::Timelike;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
-use sluice_core::Event;
+use sluice_core::{Aggregation, Event};
 use sluice_store::{Meter, UsageDelta};
-
-/// The aggregations.
-pub const AGGREGATIONS: [&str; 6] = ["sum", "count", "unique_count", "max", "min", "latest"];
 
 /// A meter as requested by a client.
 #[derive(Debug, Clone)]
@@ -19,7 +16,7 @@ pub struct MeterSpec {
     /// Event type.
     pub event_type: String,
     /// Aggregation.
-    pub aggregation: String,
+    pub aggregation: Aggregation,
     /// Value path.
     pub value_property: Option<String>,
     /// Group-by paths.
@@ -37,11 +34,8 @@ pub fn validate(m: &MeterSpec) -> Result<(), (String, String)> {
     if sluice_core::EventType::parse(m.event_type.clone()).is_err() {
         return e("event_type", "must be an event type: 1-128 of A-Z a-z 0-9 _ . : -".into());
     }
-    if !AGGREGATIONS.contains(&m.aggregation.as_str()) {
-        return e("aggregation", format!("must be one of {}", AGGREGATIONS.join(", ")));
-    }
-    match (&m.value_property, m.aggregation.as_str()) {
-        (None, a) if a != "count" => return e("value_property", format!("is required for {a}")),
+    match (&m.value_property, m.aggregation) {
+        (None, a) if a.reads_values() => return e("value_property", format!("is required for {a}")),
         (Some(p), _) if !valid_path(p) => return e("value_property", "must be a dot path such as usage.bytes".into()),
         _ => {}
     }
@@ -132,12 +126,12 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
         latest_value: None,
         unique: None,
     };
-    if m.aggregation == "count" {
+    if m.aggregation == Aggregation::Count {
         return Ok(Some(d));
     }
     let path = m.value_property.as_deref().unwrap_or_default();
     let raw = at(&props, path).ok_or_else(|| format!("meter {:?}: properties.{path} is missing", m.key))?;
-    if m.aggregation == "unique_count" {
+    if m.aggregation == Aggregation::UniqueCount {
         let v = match raw {
             Value::String(s) => s.clone(),
             other => other.to_string(),
@@ -189,13 +183,13 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
     if group_key.len() > MAX_KEY_BYTES {
         return Some(Err(format!("meter {:?}: the group_by values take {} bytes; at most {MAX_KEY_BYTES}", m.key, group_key.len())));
     }
-    let valued = m.aggregation != "count";
+    let valued = m.aggregation.reads_values();
     if valued && m.value_property != h.value_path {
         // The value is not the row's: only the template can hold it, which
         // the per-event path handles.
         return None;
     }
-    let unique = m.aggregation == "unique_count";
+    let unique = m.aggregation == Aggregation::UniqueCount;
     let path = m.value_property.as_deref().unwrap_or_default();
     // Every delta shares the meter's names and the batch's customer and
     // subscription ids (no allocation per row).

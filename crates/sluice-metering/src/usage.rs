@@ -6,6 +6,7 @@ use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, TimeZone, Utc
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
+use sluice_core::Aggregation;
 use sluice_store::{Meter, Store, StoreError};
 
 /// `hour`, `day`, `month` or `total`.
@@ -84,28 +85,6 @@ pub struct UsageQuery {
     pub group_by: Vec<String>,
 }
 
-/// How a meter folds values (every aggregation but `unique_count`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Aggregation {
-    Count,
-    Sum,
-    Max,
-    Min,
-    Latest,
-}
-
-impl Aggregation {
-    fn of(name: &str) -> Aggregation {
-        match name {
-            "count" => Aggregation::Count,
-            "sum" => Aggregation::Sum,
-            "max" => Aggregation::Max,
-            "min" => Aggregation::Min,
-            _ => Aggregation::Latest,
-        }
-    }
-}
-
 /// A period's value while buckets fold into it: `value` for count, sum,
 /// max and min (none yet: no bucket had a max or min), `latest` (event
 /// time in microseconds, value) for latest.
@@ -123,7 +102,7 @@ impl Acc {
             Aggregation::Sum => Some(sum),
             Aggregation::Max => max,
             Aggregation::Min => min,
-            Aggregation::Latest => None,
+            Aggregation::Latest | Aggregation::UniqueCount => None,
         };
         Acc { value, latest: if agg == Aggregation::Latest { latest } else { None } }
     }
@@ -199,7 +178,7 @@ pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Resu
     };
     type Key = (String, String, String, DateTime<Utc>, DateTime<Utc>);
     let out: BTreeMap<Key, Decimal>;
-    if meter.aggregation == "unique_count" {
+    if meter.aggregation == Aggregation::UniqueCount {
         let mut seen: BTreeMap<Key, HashSet<String>> = BTreeMap::new();
         for (c, s, gk, t, v) in store.usage_unique_values(&meter.workspace, &meter.key, cust, sub, q.from, q.to).await? {
             let (start, end) = period_of(t);
@@ -211,7 +190,7 @@ pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Resu
         // the buckets (21,000 buckets made 84,000 strings and as many
         // string comparisons in the map); the few folded periods are then
         // folded again by the requested groups.
-        let agg = Aggregation::of(&meter.aggregation);
+        let agg = meter.aggregation;
         let buckets = store.usage_buckets(&meter.workspace, &meter.key, cust, sub, q.from, q.to).await?;
         let overflow = |customer: &str, start: DateTime<Utc>, (total, value): (Decimal, Decimal)| UsageQueryError::Overflow {
             meter: meter.key.clone(),

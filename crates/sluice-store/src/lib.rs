@@ -59,6 +59,10 @@ pub enum StoreError {
     /// Schema migration failed on start.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value this version cannot read (e.g. an unknown meter
+    /// aggregation): never replaced by a default.
+    #[error("unreadable stored value: {0}")]
+    Corrupt(String),
     /// A commit would overflow these usage buckets; nothing was written.
     /// Permanent: caused by the events' values, not by the store.
     #[error("usage would overflow in {} bucket(s): {}", .0.len(), .0.first().map(|o| o.to_string()).unwrap_or_default())]

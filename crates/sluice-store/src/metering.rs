@@ -20,8 +20,8 @@ pub struct Meter {
     pub key: String,
     /// Events of this type are metered.
     pub event_type: String,
-    /// `sum`, `count`, `unique_count`, `max`, `min` or `latest`.
-    pub aggregation: String,
+    /// How values fold.
+    pub aggregation: sluice_core::Aggregation,
     /// Dot path of the value in `properties` (not for `count`).
     pub value_property: Option<String>,
     /// Property paths that split usage into groups.
@@ -354,18 +354,22 @@ pub(crate) type StoredBucket =
 type MeterRow = (String, String, String, String, Option<String>, String, String, String, i64);
 type BucketRow = (String, String, String, i64, i64, String, Option<String>, Option<String>, Option<i64>, Option<String>);
 
-fn meter(r: MeterRow) -> Meter {
-    Meter {
+fn meter(r: MeterRow) -> Result<Meter> {
+    // Stored by this code: an unknown name means a newer binary wrote it (or
+    // the row was edited by hand), and is an error, never another
+    // aggregation.
+    let aggregation = r.3.parse().map_err(|e: sluice_core::UnknownAggregation| StoreError::Corrupt(format!("meter {:?}: {e}", r.1)))?;
+    Ok(Meter {
         workspace: r.0,
         key: r.1,
         event_type: r.2,
-        aggregation: r.3,
+        aggregation,
         value_property: r.4,
         group_by: serde_json::from_str(&r.5).unwrap_or_default(),
         filter: serde_json::from_str(&r.6).unwrap_or_default(),
         start_offsets: serde_json::from_str(&r.7).unwrap_or_default(),
         created_at: from_micros(r.8),
-    }
+    })
 }
 
 const METER_COLUMNS: &str = "workspace, meter_key, event_type, aggregation, value_property, group_by, filter, start_offsets, created_at";
@@ -532,7 +536,7 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             sqlx::query(&format!("INSERT INTO {} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 "meters (workspace, meter_key, event_type, aggregation, value_property, group_by, filter, start_offsets, created_at, created_by)"))
-                .bind(&m.workspace).bind(&m.key).bind(&m.event_type).bind(&m.aggregation).bind(&m.value_property)
+                .bind(&m.workspace).bind(&m.key).bind(&m.event_type).bind(m.aggregation.as_str()).bind(&m.value_property)
                 .bind(serde_json::to_string(&m.group_by).unwrap_or_else(|_| "[]".into()))
                 .bind(Value::Object(m.filter.clone()).to_string())
                 .bind(serde_json::to_string(&m.start_offsets).unwrap_or_else(|_| "[]".into()))
@@ -548,14 +552,14 @@ impl Store {
     pub async fn list_meters(&self, workspace: Option<&str>) -> Result<Vec<Meter>> {
         let sql = format!("SELECT {METER_COLUMNS} FROM meters WHERE ($1 IS NULL OR workspace = $1) ORDER BY workspace, meter_key");
         let rows: Vec<MeterRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).fetch_all(pool).await)?;
-        Ok(rows.into_iter().map(meter).collect())
+        rows.into_iter().map(meter).collect()
     }
 
     /// One meter.
     pub async fn get_meter(&self, workspace: &str, key: &str) -> Result<Meter> {
         let sql = format!("SELECT {METER_COLUMNS} FROM meters WHERE workspace = $1 AND meter_key = $2");
         let row: Option<MeterRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(key).fetch_optional(pool).await)?;
-        row.map(meter).ok_or(StoreError::NotFound)
+        row.map(meter).ok_or(StoreError::NotFound)?
     }
 
     /// Usage buckets of a meter in `[from, to)`, optionally of one customer and subscription.

@@ -66,7 +66,7 @@ impl From<Meter> for MeterView {
         MeterView {
             key: m.key,
             event_type: m.event_type,
-            aggregation: m.aggregation,
+            aggregation: m.aggregation.as_str().to_owned(),
             value_property: m.value_property,
             group_by: m.group_by,
             filter: m.filter,
@@ -82,10 +82,16 @@ impl From<Meter> for MeterView {
     responses((status = 201, body = MeterView), (status = 400), (status = 409)), security(("bearer" = [])))]
 pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<CreateMeter>) -> Result<(StatusCode, Json<MeterView>), ApiError> {
     who.require_admin()?;
+    // Parsed here, not by serde: the error names the field like every other
+    // meter error.
+    let aggregation: sluice_core::Aggregation = b.aggregation.parse().map_err(|_| {
+        let reason = "must be one of sum, count, unique_count, max, min, latest";
+        ApiError::bad_request(format!("aggregation: {reason}")).with_details(vec![json!({"field": "aggregation", "reason": reason})])
+    })?;
     let spec = MeterSpec {
         key: b.key,
         event_type: b.event_type,
-        aggregation: b.aggregation,
+        aggregation,
         value_property: b.value_property,
         group_by: b.group_by,
         filter: b.filter,
@@ -106,7 +112,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
             workspace: who.workspace.to_string(),
             key: spec.key.clone(),
             event_type: spec.event_type.clone(),
-            aggregation: spec.aggregation.clone(),
+            aggregation: spec.aggregation,
             value_property: spec.value_property.clone(),
             group_by: spec.group_by.clone(),
             filter: spec.filter.clone(),

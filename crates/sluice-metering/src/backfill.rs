@@ -3,12 +3,19 @@
 //! creation). It commits usage with its own checkpoint
 //! (`backfill:<workspace>:<meter>`), so a restarted job resumes and nothing
 //! counts twice.
+//!
+//! An event the meter cannot take (a value that is not a number, usage that
+//! would overflow its bucket) is skipped, logged at WARN and counted in the
+//! job's result (`events_skipped`, with the first reasons), so that one bad
+//! event cannot stop the backfill of all the others. It is not a dead letter:
+//! a replay goes through the live `meters` consumer, which would apply every
+//! meter of the event again, not this one.
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use sluice_core::{EventLog, Payload};
 use sluice_jobs::{JobContext, JobError, JobHandler};
-use sluice_store::{ConsumerCommit, Job};
+use sluice_store::{ConsumerCommit, Folder, Job, StoreError};
 use std::sync::Arc;
 
 /// Kind of the job.
@@ -44,6 +51,14 @@ impl JobHandler for MeterBackfill {
         let mut done = 0u64;
         let cps = ctx.store().checkpoints(&name).await?;
         let mut counted = 0u64;
+        let mut skipped = 0u64;
+        let mut reasons: Vec<String> = Vec::new();
+        let mut skip = |n: u64, why: String, reasons: &mut Vec<String>| {
+            skipped += n;
+            if reasons.len() < 10 {
+                reasons.push(why);
+            }
+        };
         for &(p, until) in &meter.start_offsets {
             let mut next = cps.get(&p).copied().unwrap_or(0).max(self.log.start_offset(p));
             done += next.saturating_sub(self.log.start_offset(p));
@@ -54,13 +69,19 @@ impl JobHandler for MeterBackfill {
                 let records = self.log.read(p, next, 5000, 8 << 20).await?;
                 let Some(last) = records.last().map(|r| r.offset) else { break };
                 let mut commit = ConsumerCommit { consumer: name.clone(), ..Default::default() };
+                // Folded exactly: a delta that would overflow is refused
+                // whole, and its event skipped.
+                let mut folder = Folder::default();
                 for r in records.iter().filter(|r| r.offset < until) {
                     let events = match Payload::decode(&r.payload) {
                         Ok(Payload::Batch(b)) => match crate::meter::batch_usage(&meter, &b) {
                             Some(Ok(d)) => {
-                                counted += d.iter().map(|d| d.count as u64).sum::<u64>();
-                                commit.usage.extend(d);
-                                continue;
+                                let n = d.iter().map(|d| d.count as u64).sum::<u64>();
+                                if folder.add_usage(&mut commit, d).is_ok() {
+                                    counted += n;
+                                    continue;
+                                }
+                                b.events().collect()
                             }
                             _ => b.events().collect(),
                         },
@@ -68,25 +89,48 @@ impl JobHandler for MeterBackfill {
                         Err(_) => continue,
                     };
                     for e in events {
-                        match crate::meter::usage_of(&meter, &e) {
-                            Ok(Some(d)) => {
-                                counted += 1;
-                                commit.usage.push(d);
-                            }
-                            Ok(None) => {}
-                            Err(err) => tracing::warn!(meter = %key, event = %e.id, error = %err, "event not metered by the backfill"),
-                        }
+                        let why = match crate::meter::usage_of(&meter, &e) {
+                            Ok(Some(d)) => match folder.add_usage(&mut commit, [d]) {
+                                Ok(()) => {
+                                    counted += 1;
+                                    continue;
+                                }
+                                Err(o) => o.to_string(),
+                            },
+                            Ok(None) => continue,
+                            Err(err) => err,
+                        };
+                        tracing::warn!(meter = %key, event = %e.id, error = %why, "event not metered by the backfill");
+                        skip(1, format!("event {}: {why}", e.id), &mut reasons);
                     }
                 }
                 let new_next = (last + 1).min(until);
                 commit.checkpoint = Some((p, new_next));
-                ctx.store().commit_consumer(&commit).await?;
+                loop {
+                    match ctx.store().commit_consumer(&commit).await {
+                        Ok(()) => break,
+                        // Stored usage plus this commit's would overflow these
+                        // buckets: their usage in this commit is skipped, the
+                        // rest is committed.
+                        Err(StoreError::UsageOverflow(list)) => {
+                            let keys: std::collections::HashSet<_> = list.iter().map(|o| o.bucket_key()).collect();
+                            for o in &list {
+                                tracing::warn!(meter = %key, error = %o, "usage not metered by the backfill");
+                            }
+                            let n: u64 = commit.usage.iter().filter(|d| keys.contains(&d.bucket_key())).map(|d| d.count as u64).sum();
+                            commit.usage.retain(|d| !keys.contains(&d.bucket_key()));
+                            counted = counted.saturating_sub(n);
+                            skip(n, list.first().map(|o| o.to_string()).unwrap_or_default(), &mut reasons);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 done += new_next - next;
                 next = new_next;
                 ctx.progress(done as i64, Some(total as i64)).await;
             }
         }
         ctx.progress(total as i64, Some(total as i64)).await;
-        Ok(json!({"meter": key, "records_read": total, "events_metered": counted}))
+        Ok(json!({"meter": key, "records_read": total, "events_metered": counted, "events_skipped": skipped, "skipped_reasons": reasons}))
     }
 }

@@ -400,3 +400,39 @@ async fn a_group_by_value_too_long_for_a_bucket_key_is_dead_lettered_not_a_stall
     }
     no_consumer_restarted(&s, &read).await;
 }
+
+/// Found in review: a meter's backfill whose usage overflowed failed the
+/// whole job (every later event of the meter's history never counted).
+/// The overflowing and non-numeric events are skipped, named in the job's
+/// result, and the rest is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_skips_events_that_overflow_or_are_not_numbers_and_counts_the_rest() {
+    let s = Server::start().await;
+    let k = s.workspace_with_keys("a").await;
+    let at = "2026-01-05T10:00:00Z";
+    s.api(&k.ingest)
+        .ingest(json!([
+            {"id": "b1", "type": "use", "customer_id": "c", "timestamp": at, "properties": {"v": BIG}},
+            {"id": "b2", "type": "use", "customer_id": "c", "timestamp": at, "properties": {"v": BIG}},
+            {"id": "b3", "type": "use", "customer_id": "c", "timestamp": at, "properties": {"v": "NaN"}},
+            {"id": "b4", "type": "use", "customer_id": "d", "timestamp": at, "properties": {"v": "2.5"}},
+        ]))
+        .await;
+    let admin = s.api(&k.admin);
+    let (st, m) = admin.post("/v1/meters", json!({"key": "v", "event_type": "use", "aggregation": "sum", "value_property": "v"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{m}");
+    let job = m["backfill_job"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let (_, j) = admin.get(&format!("/v1/jobs/{job}")).await;
+        if j["status"] == "succeeded" {
+            break j;
+        }
+        assert!(Instant::now() < deadline && j["status"] != "failed", "backfill: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((done["result"]["events_metered"].as_u64(), done["result"]["events_skipped"].as_u64()), (Some(2), Some(2)), "{done}");
+    let reasons = done["result"]["skipped_reasons"].to_string();
+    assert!(reasons.contains("overflow") && reasons.contains("is not a number"), "{reasons}");
+    assert_eq!(totals(&s.api(&k.read)).await, vec![("c".to_owned(), BIG.to_owned()), ("d".to_owned(), "2.5".to_owned())]);
+}

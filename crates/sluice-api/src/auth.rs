@@ -8,6 +8,15 @@
 //! computed one in constant time. Verified keys are cached for
 //! [`KEY_CACHE_TTL`]; revoking a key evicts it from this process's cache at
 //! once (other processes notice within the TTL).
+//!
+//! The dashboard signs in once with a key (`POST /v1/sessions`) and then
+//! sends a session cookie instead ([`SESSION_COOKIE`]); see
+//! `routes/sessions.rs`. A request with an `Authorization` header is always
+//! authenticated by that header. A request without one may carry the cookie;
+//! if its method changes state (POST, PUT, PATCH, DELETE) it must also carry
+//! the session's CSRF token in [`CSRF_HEADER`], or it is refused with 403
+//! `csrf`. The cookie is `SameSite=Strict` already; the token is a second,
+//! independent guard (older browsers, subdomain attacks).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -15,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::header::AUTHORIZATION;
-use axum::http::HeaderMap;
+use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::{HeaderMap, Method, StatusCode};
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -172,12 +181,105 @@ pub(crate) async fn authenticate(state: &AppState, secret: &str) -> Result<Princ
     }
 }
 
+/// Name of the dashboard's session cookie.
+pub const SESSION_COOKIE: &str = "sluice_session";
+/// Header that carries the CSRF token of a cookie-authenticated request.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// A new random token: 32 bytes, URL-safe base64 without padding.
+pub(crate) fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// SHA-256 of a session token: what the state store keeps.
+pub(crate) fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// The value of the session cookie, if the request has one.
+pub(crate) fn session_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, value)| *name == SESSION_COOKIE && !value.is_empty())
+        .map(|(_, value)| value.trim_matches('"').to_owned())
+}
+
+/// The live session of a request's cookie: `Ok(None)` without a cookie,
+/// 401 when the cookie names no live session (expired, signed out, or its
+/// key revoked).
+pub(crate) async fn session_of(state: &AppState, headers: &HeaderMap) -> Result<Option<(Vec<u8>, sluice_store::Session)>, ApiError> {
+    let Some(token) = session_token(headers) else { return Ok(None) };
+    let hash = token_hash(&token);
+    match state.store.find_session(&hash, chrono::Utc::now()).await? {
+        Some(s) => Ok(Some((hash, s))),
+        None => Err(ApiError::unauthorized("your session has expired or was ended; sign in again")),
+    }
+}
+
+/// Fails with 403 `csrf` unless a state-changing request carries the
+/// session's CSRF token. Safe methods (GET, HEAD, OPTIONS) need none.
+pub(crate) fn check_csrf(method: &Method, headers: &HeaderMap, session: &sluice_store::Session) -> Result<(), ApiError> {
+    if !matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+        return Ok(());
+    }
+    let sent = headers.get(CSRF_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if !sent.is_empty() && bool::from(sent.ct_eq(session.csrf_token.as_bytes())) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "csrf",
+        "this request changes state and is authenticated by a session cookie: send the session's CSRF token in the X-CSRF-Token header",
+    ))
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let secret = key_from_headers(&parts.headers)?
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization header; send `Authorization: Bearer <key>`"))?;
-        authenticate(state, &secret).await
+        if let Some(secret) = key_from_headers(&parts.headers)? {
+            return authenticate(state, &secret).await;
+        }
+        let Some((_, session)) = session_of(state, &parts.headers).await? else {
+            return Err(ApiError::unauthorized("missing Authorization header; send `Authorization: Bearer <key>`"));
+        };
+        check_csrf(&parts.method, &parts.headers, &session)?;
+        let workspace = WorkspaceName::parse(session.workspace).map_err(ApiError::internal)?;
+        Ok(Principal { key_id: session.key_id, workspace, scope: session.scope })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(cookies: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for c in cookies {
+            h.append(COOKIE, c.parse().expect("header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        assert_eq!(session_token(&headers(&["a=1; sluice_session=tok; b=2"])).as_deref(), Some("tok"));
+        assert_eq!(session_token(&headers(&["a=1", "sluice_session=\"tok\""])).as_deref(), Some("tok"));
+        assert_eq!(session_token(&headers(&["xsluice_session=tok; sluice_session="])), None);
+        assert_eq!(session_token(&headers(&[])), None);
+    }
+
+    #[test]
+    fn tokens_are_32_random_bytes_in_url_safe_base64() {
+        let (a, b) = (random_token(), random_token());
+        assert_eq!(a.len(), 43);
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
     }
 }

@@ -35,6 +35,7 @@ pub use state::{ApiLimits, AppState, WebhookSettings};
         routes::events::ingest, routes::events::list, routes::events::get,
         routes::workspaces::create, routes::workspaces::list, routes::workspaces::get,
         routes::keys::create, routes::keys::list, routes::keys::delete,
+        routes::sessions::create, routes::sessions::current, routes::sessions::delete,
         routes::audit::list,
         routes::consumers::list, routes::consumers::reset, routes::consumers::dlq_list, routes::consumers::dlq_get,
         routes::consumers::dlq_replay, routes::consumers::dlq_replay_bulk, routes::consumers::dlq_discard,
@@ -65,6 +66,12 @@ impl utoipa::Modify for BearerAuth {
         let components = doc.components.get_or_insert_with(Default::default);
         components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
         components.add_security_scheme("basic", SecurityScheme::Http(Http::new(HttpAuthScheme::Basic)));
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Cookie(utoipa::openapi::security::ApiKeyValue::new(
+                auth::SESSION_COOKIE,
+            ))),
+        );
     }
 }
 
@@ -90,6 +97,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workspaces/{name}", get(routes::workspaces::get))
         .route("/v1/keys", post(routes::keys::create).get(routes::keys::list))
         .route("/v1/keys/{id}", delete(routes::keys::delete))
+        .route("/v1/sessions", post(routes::sessions::create))
+        .route("/v1/sessions/current", get(routes::sessions::current).delete(routes::sessions::delete))
         .route("/v1/audit", get(routes::audit::list))
         .route("/v1/consumers", get(routes::consumers::list))
         .route("/v1/consumers/{name}/reset", post(routes::consumers::reset))

@@ -122,7 +122,13 @@ pub struct AppState {
     pub imports_dir: std::path::PathBuf,
     /// The lake and SQL (set by `serve` once the lake is open).
     pub lake: Option<LakeHandle>,
+    /// How long a dashboard session lasts after sign-in
+    /// (`dashboard.session_ttl`). Default [`DEFAULT_SESSION_TTL`].
+    pub session_ttl: std::time::Duration,
 }
+
+/// Default lifetime of a dashboard session: 12 hours.
+pub const DEFAULT_SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// The lake as the API sees it.
 #[derive(Clone)]
@@ -168,6 +174,7 @@ impl AppState {
             meters,
             imports_dir,
             lake: None,
+            session_ttl: DEFAULT_SESSION_TTL,
         }
     }
 }

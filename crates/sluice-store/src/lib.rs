@@ -29,6 +29,7 @@ mod keys;
 mod lake;
 pub(crate) mod metering;
 mod people;
+mod sessions;
 pub mod testing;
 mod workspaces;
 
@@ -39,6 +40,7 @@ pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
 pub use metering::{Meter, UsageBucket, UsageBucketKey, UsageDelta, UsageOverflow};
 pub use people::{CustomerRecord, UserRecord};
+pub use sessions::{NewSession, Session};
 pub use workspaces::Workspace;
 
 /// Errors of the state store. Each maps to a stable API error code.

@@ -42,6 +42,15 @@ pub struct Config {
     pub http: HttpSection,
     pub limits: LimitsSection,
     pub metrics: MetricsSection,
+    pub dashboard: DashboardSection,
+}
+
+/// `[dashboard]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardSection {
+    #[serde(with = "humantime_serde_shim")]
+    pub session_ttl: Duration,
 }
 
 /// `[http]`: timeouts and the connection cap of the HTTP server.

@@ -11,6 +11,7 @@ pub mod lake;
 pub mod ops;
 pub mod people;
 pub mod segment;
+pub mod sessions;
 pub mod webhooks;
 pub mod workspaces;
 

@@ -77,11 +77,12 @@ pub async fn openapi() -> Response {
     axum::Json(crate::openapi()).into_response()
 }
 
-/// The dashboard: one static page that calls this API with the key the user
-/// enters (kept in the browser's localStorage). It shows consumers and their
-/// lag, jobs and their progress, dead letters (with replay and discard),
-/// webhooks and the latest events. The page itself holds no data, so it
-/// needs no key.
+/// The dashboard: one static page that signs in with a key once
+/// (`POST /v1/sessions`: an `HttpOnly` session cookie and a CSRF token kept
+/// in memory; the key is never stored in the browser) and then calls this
+/// API. It shows consumers and their lag, jobs and their progress, dead
+/// letters (with replay and discard), webhooks and the latest events, in
+/// English or Japanese. The page itself holds no data, so it needs no key.
 pub async fn dashboard() -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],

@@ -21,6 +21,7 @@ mod limits;
 mod metering;
 mod ops;
 mod segment;
+mod sessions;
 
 // Issue 11 (no tenant can stall, crash or slow the others).
 mod hardening;

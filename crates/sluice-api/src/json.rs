@@ -56,9 +56,7 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or_default();
-        serde_urlencoded_shim::from_str(q)
-            .map(Query)
-            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+        serde_urlencoded_shim::from_str(q).map(Query)
     }
 }
 
@@ -66,8 +64,12 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
 mod serde_urlencoded_shim {
     use serde::de::DeserializeOwned;
 
-    pub fn from_str<T: DeserializeOwned>(q: &str) -> Result<T, String> {
-        let uri: axum::http::Uri = format!("/?{q}").parse().map_err(|e: axum::http::uri::InvalidUri| e.to_string())?;
-        axum::extract::Query::<T>::try_from_uri(&uri).map(|axum::extract::Query(v)| v).map_err(|e| e.body_text())
+    use crate::error::ApiError;
+
+    /// Parses a query string; a 400 naming what is wrong if it does not fit `T`.
+    pub fn from_str<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
+        let invalid = |e: &dyn std::fmt::Display| ApiError::bad_request(format!("invalid query string: {e}"));
+        let uri: axum::http::Uri = format!("/?{q}").parse().map_err(|e: axum::http::uri::InvalidUri| invalid(&e))?;
+        axum::extract::Query::<T>::try_from_uri(&uri).map(|axum::extract::Query(v)| v).map_err(|e| invalid(&e.body_text()))
     }
 }

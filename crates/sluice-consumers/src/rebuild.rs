@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use sluice_jobs::{JobContext, JobError, JobHandler};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload};
 use sluice_store::Job;
 
 /// Kind of the job.
@@ -21,12 +21,29 @@ pub const KIND: &str = "consumer.reset";
 pub struct ConsumerRebuild;
 
 /// The payload of a `consumer.reset` job.
-pub fn payload(consumer: &str, to: &str, from: &[(u32, u64)], until: &[(u32, u64)]) -> Value {
-    json!({"consumer": consumer, "to": to, "from": from, "until": until})
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResetPayload {
+    /// Payload version (1).
+    #[serde(default = "sluice_jobs::payload_v1")]
+    pub v: u32,
+    /// The consumer that was reset.
+    pub consumer: String,
+    /// Where it was moved: `earliest`, `latest` or an RFC 3339 time.
+    pub to: String,
+    /// Per partition, the checkpoint it was moved to.
+    pub from: Vec<(u32, u64)>,
+    /// Per partition, the end of the log at the reset: the rebuild is done
+    /// when the consumer has passed it.
+    pub until: Vec<(u32, u64)>,
 }
 
-fn positions(v: &Value) -> Vec<(u32, u64)> {
-    serde_json::from_value(v.clone()).unwrap_or_default()
+impl JobPayload for ResetPayload {
+    const KIND: &'static str = KIND;
+}
+
+/// The payload of a `consumer.reset` job, as stored.
+pub fn payload(consumer: &str, to: &str, from: &[(u32, u64)], until: &[(u32, u64)]) -> Value {
+    ResetPayload { v: 1, consumer: consumer.to_owned(), to: to.to_owned(), from: from.to_vec(), until: until.to_vec() }.to_value()
 }
 
 #[async_trait]
@@ -40,9 +57,7 @@ impl JobHandler for ConsumerRebuild {
     }
 
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
-        let consumer = job.payload["consumer"].as_str().unwrap_or_default().to_owned();
-        let from = positions(&job.payload["from"]);
-        let until = positions(&job.payload["until"]);
+        let ResetPayload { consumer, from, until, .. } = ResetPayload::of(job)?;
         let total: u64 = until.iter().zip(&from).map(|((_, u), (_, f))| u.saturating_sub(*f)).sum();
         loop {
             if ctx.is_cancelled() {

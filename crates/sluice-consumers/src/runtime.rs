@@ -235,7 +235,7 @@ impl RecentBatches {
     /// 0.5 MB decoded; more when partitions are fewer).
     const KEEP: usize = 16;
 
-    fn decode(&self, r: &Record) -> Result<DecodedRecord, String> {
+    fn decode(&self, r: &Record) -> Result<DecodedRecord, sluice_core::PayloadError> {
         let id = RecordId { partition: r.partition, offset: r.offset, timestamp_ms: r.timestamp_ms, len: r.payload.len() };
         if let Some((_, b)) = lock(&self.0).iter().find(|(k, _)| *k == id) {
             return Ok(DecodedRecord::Batch(b.clone()));
@@ -457,8 +457,6 @@ impl Runtime {
         // After a refused commit: what is known about the refused data, and
         // up to where records are processed one per commit.
         let mut care = Care::default();
-        // The end of the records a refused commit covered.
-        let mut refused_up_to: Option<u64> = None;
         // The last wait for appends ended without one: the stream paused.
         let mut paused = false;
         // A burst ended since the last commit: commit once caught up.
@@ -511,17 +509,17 @@ impl Runtime {
                 if pending && !hold {
                     match self.commit(&carry.commit, &mut stop).await {
                         Committed::Yes => {
-                            care.committed(next, &mut refused_up_to);
+                            care.committed(next);
                             carry = Carry::new(&name);
                             burst_ended = false;
                             settling = None;
                         }
                         Committed::Stopped => return,
                         Committed::Refused(e) => {
-                            refused_up_to = Some(refused_up_to.unwrap_or(0).max(next));
-                            care.refused(&name, p, e, carry.from, next);
-                            next = carry.from;
-                            carry = Carry::new(&name);
+                            next = care.refused(&name, p, e, &mut carry, next);
+                            if wait_or_stop(&mut stop, REFUSED_PAUSE).await {
+                                return;
+                            }
                             continue;
                         }
                     }
@@ -556,12 +554,8 @@ impl Runtime {
                 Processed::Next(n) => next = n,
                 Processed::Stopped => return,
                 Processed::Refused(e) => {
-                    refused_up_to = Some(refused_up_to.unwrap_or(0).max(read_end));
-                    care.refused(&name, p, e, carry.from, read_end);
-                    next = carry.from;
-                    carry = Carry::new(&name);
-                    // A store that keeps refusing is not hammered.
-                    if wait_or_stop(&mut stop, Duration::from_millis(20)).await {
+                    next = care.refused(&name, p, e, &mut carry, read_end);
+                    if wait_or_stop(&mut stop, REFUSED_PAUSE).await {
                         return;
                     }
                     continue;
@@ -578,17 +572,14 @@ impl Runtime {
             {
                 match self.commit(&carry.commit, &mut stop).await {
                     Committed::Yes => {
-                        care.committed(next, &mut refused_up_to);
+                        care.committed(next);
                         carry = Carry::new(&name);
                         settling = None;
                     }
                     Committed::Stopped => return,
                     Committed::Refused(e) => {
-                        refused_up_to = Some(refused_up_to.unwrap_or(0).max(next));
-                            care.refused(&name, p, e, carry.from, next);
-                        next = carry.from;
-                        carry = Carry::new(&name);
-                        if wait_or_stop(&mut stop, Duration::from_millis(20)).await {
+                        next = care.refused(&name, p, e, &mut carry, next);
+                        if wait_or_stop(&mut stop, REFUSED_PAUSE).await {
                             return;
                         }
                     }
@@ -618,6 +609,7 @@ impl Runtime {
         let mut pending = std::mem::replace(&mut carry.commit, ConsumerCommit { consumer: name.clone(), ..Default::default() });
         let mut folder = std::mem::take(&mut carry.folder);
         let mut n_events = 0usize;
+        let mut dead = DeadLog::default();
         for r in records {
             if *stop.borrow() {
                 // Stop between records: the uncommitted rest is delivered again.
@@ -715,6 +707,7 @@ impl Runtime {
                 };
                 if let Some((error, first_failed_at, attempts)) = failed {
                     usages.retain(|(i, _)| *i != index);
+                    dead.note(event, &error);
                     record.dead_letters.push(dead_letter(&name, state, event, (p, r.offset), error, first_failed_at, attempts));
                 }
             }
@@ -734,7 +727,9 @@ impl Runtime {
                 for (index, effect) in usages {
                     if let Err(overflow) = push_effect(&mut pending, &mut folder, effect) {
                         let event = &events[index];
-                        record.dead_letters.push(dead_letter(&name, state, event, (p, r.offset), overflow.to_string(), Utc::now(), 1));
+                        let error = overflow.to_string();
+                        dead.note(event, &error);
+                        record.dead_letters.push(dead_letter(&name, state, event, (p, r.offset), error, Utc::now(), 1));
                     }
                 }
                 if absorb(&mut pending, &mut folder, *record).is_err() {
@@ -743,6 +738,7 @@ impl Runtime {
             }
             next = r.offset + 1;
         }
+        dead.flush(&name, p);
         // Carried to the caller, which commits it (with more) soon.
         pending.checkpoint = Some((p, next));
         carry.commit = pending;
@@ -941,6 +937,33 @@ impl Carry {
     }
 }
 
+/// The dead letters of one read, logged as one line.
+#[derive(Default)]
+struct DeadLog {
+    n: usize,
+    workspaces: std::collections::BTreeSet<String>,
+    first: Option<(String, String)>,
+}
+
+impl DeadLog {
+    fn note(&mut self, event: &Event, error: &str) {
+        self.n += 1;
+        if self.workspaces.len() < 8 {
+            self.workspaces.insert(event.workspace.to_string());
+        }
+        self.first.get_or_insert_with(|| (event.id.to_string(), error.to_owned()));
+    }
+
+    fn flush(&mut self, consumer: &str, partition: u32) {
+        if let Some((event, error)) = self.first.take() {
+            let workspaces: Vec<&str> = self.workspaces.iter().map(String::as_str).collect();
+            tracing::warn!(consumer, partition, dead_lettered = self.n, workspaces = ?workspaces, first_event = %event, first_error = %error,
+                "events dead-lettered (GET /v1/dlq lists them with their reasons)");
+        }
+        *self = DeadLog::default();
+    }
+}
+
 /// A dead letter for `event` at `(partition, offset)`, logged and counted.
 fn dead_letter(
     consumer: &str,
@@ -951,7 +974,9 @@ fn dead_letter(
     first_failed_at: DateTime<Utc>,
     attempts: u32,
 ) -> NewDeadLetter {
-    tracing::warn!(consumer, workspace = %event.workspace, event = %event.id, error = %error, attempts, "event dead-lettered");
+    // One line per event at DEBUG; `process` logs one WARN line per read
+    // (a hostile workspace's thousands of bad events must not flood the log).
+    tracing::debug!(consumer, workspace = %event.workspace, event = %event.id, error = %error, attempts, "event dead-lettered");
     metrics::counter!("sluice_consumer_dead_letters_total", "consumer" => metric_label(consumer)).increment(1);
     {
         let mut s = lock(state);
@@ -1083,12 +1108,23 @@ struct Care {
     forced: Option<String>,
     /// Refusals in a row of the same record without anything new learned.
     stuck: u32,
+    /// The end of the records refused commits covered.
+    refused_up_to: Option<u64>,
 }
 
+/// How long a worker waits after the store refused a commit before it
+/// processes the records again: a store that keeps refusing is not
+/// hammered.
+const REFUSED_PAUSE: Duration = Duration::from_millis(20);
+
 impl Care {
-    /// The store refused the commit of the records `from..to`: learn what
-    /// it said, and process them again, one record per commit.
-    fn refused(&mut self, consumer: &str, p: u32, e: StoreError, from: u64, to: u64) {
+    /// The store refused the commit of the carried records (from
+    /// `carry.from` up to `to`): learn what it said, drop the carry, and
+    /// return where to process again.
+    fn refused(&mut self, consumer: &str, p: u32, e: StoreError, carry: &mut Carry, to: u64) -> u64 {
+        let from = carry.from;
+        *carry = Carry::new(consumer);
+        self.refused_up_to = Some(self.refused_up_to.unwrap_or(0).max(to));
         metrics::counter!("sluice_consumer_refused_commits_total", "consumer" => metric_label(consumer)).increment(1);
         let careful_already = self.until.is_some();
         match e {
@@ -1120,11 +1156,12 @@ impl Care {
         if self.stuck > 2 && self.until.is_some() {
             self.forced.get_or_insert_with(|| "the state store keeps refusing this event's effects".into());
         }
-        tracing::warn!(consumer, partition = p, from, to, "processing refused records again, one record per commit");
+        tracing::warn!(consumer, partition = p, from, to, "processing refused records again");
+        from
     }
 
     /// A commit went through, up to `next`.
-    fn committed(&mut self, next: u64, refused_up_to: &mut Option<u64>) {
+    fn committed(&mut self, next: u64) {
         self.forced = None;
         self.stuck = 0;
         if self.until.is_some_and(|u| next >= u) {
@@ -1133,9 +1170,9 @@ impl Care {
         // The overflowing buckets are kept while the refused records are
         // processed again, then forgotten (later events to them are
         // checked by the store again).
-        if self.until.is_none() && refused_up_to.is_none_or(|u| next >= u) {
+        if self.until.is_none() && self.refused_up_to.is_none_or(|u| next >= u) {
             self.overflowing.clear();
-            *refused_up_to = None;
+            self.refused_up_to = None;
         }
     }
 

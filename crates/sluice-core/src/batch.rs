@@ -46,7 +46,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::event::Event;
-use crate::ids::{EventId, EventType, WorkspaceName};
+use crate::ids::{EventId, EventType, IdError, WorkspaceName};
 
 /// The first bytes of a batch payload.
 pub const MAGIC: [u8; 4] = [0, b'S', b'B', b'1'];
@@ -100,6 +100,46 @@ pub struct EventBatch {
     pub rows: Vec<BatchRow>,
 }
 
+/// Why a log record payload could not be decoded: it is neither a JSON
+/// event nor a well-formed event batch. The messages are stable: they end up
+/// in dead letters and job results.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// The payload is not a batch and not a JSON event.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// [`EventBatch::decode`] was given something without the batch magic.
+    #[error("not an event batch")]
+    NotABatch,
+    /// The batch header is not valid JSON of a [`BatchHeader`].
+    #[error("batch header: {0}")]
+    Header(#[source] serde_json::Error),
+    /// The batch ends before a field it announces.
+    #[error("batch: truncated")]
+    Truncated,
+    /// A variable-length integer runs past 64 bits.
+    #[error("batch: varint too long")]
+    VarintTooLong,
+    /// A length does not fit this platform's `usize`.
+    #[error("batch: length out of range")]
+    LengthOutOfRange,
+    /// A string field is not UTF-8.
+    #[error("batch: a string is not UTF-8")]
+    NotUtf8,
+    /// A row refers to a dictionary entry that does not exist.
+    #[error("batch: dictionary index {0} out of range")]
+    DictionaryIndex(u64),
+    /// A row's event id is not a valid id.
+    #[error("batch: bad id: {0}")]
+    BadId(#[source] IdError),
+    /// A row's timestamp is outside the representable range.
+    #[error("batch: time out of range")]
+    TimeOutOfRange,
+    /// Bytes follow the last row.
+    #[error("batch: trailing bytes")]
+    TrailingBytes,
+}
+
 /// A decoded log record payload.
 #[derive(Debug, Clone)]
 pub enum Payload {
@@ -111,11 +151,11 @@ pub enum Payload {
 
 impl Payload {
     /// Decodes a log record payload.
-    pub fn decode(bytes: &[u8]) -> Result<Payload, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Payload, PayloadError> {
         if bytes.starts_with(&MAGIC) {
             EventBatch::decode(bytes).map(Payload::Batch)
         } else {
-            serde_json::from_slice::<Event>(bytes).map(Payload::Event).map_err(|e| e.to_string())
+            Ok(Payload::Event(serde_json::from_slice::<Event>(bytes)?))
         }
     }
 
@@ -159,7 +199,7 @@ impl Payload {
 
 /// The events of a log record payload; an error if it is neither an event
 /// nor a batch.
-pub fn decode_events(bytes: &[u8]) -> Result<Vec<Event>, String> {
+pub fn decode_events(bytes: &[u8]) -> Result<Vec<Event>, PayloadError> {
     Payload::decode(bytes).map(Payload::into_events)
 }
 
@@ -277,13 +317,13 @@ impl EventBatch {
     }
 
     /// Decodes a payload written by [`EventBatch::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<EventBatch, String> {
+    pub fn decode(bytes: &[u8]) -> Result<EventBatch, PayloadError> {
         let mut r = Reader { b: bytes, pos: 0 };
         if r.take(4)? != MAGIC {
-            return Err("not an event batch".into());
+            return Err(PayloadError::NotABatch);
         }
         let hlen = r.len()?;
-        let header: BatchHeader = serde_json::from_slice(r.take(hlen)?).map_err(|e| format!("batch header: {e}"))?;
+        let header: BatchHeader = serde_json::from_slice(r.take(hlen)?).map_err(PayloadError::Header)?;
         let n_dict = r.len()?;
         let mut dict = Vec::with_capacity(n_dict.min(1 << 16));
         for _ in 0..n_dict {
@@ -292,7 +332,7 @@ impl EventBatch {
         let n = r.len()?;
         let mut rows = Vec::with_capacity(n.min(MAX_BATCH_ROWS * 4));
         let mut prev = 0i64;
-        let get = |i: u64, dict: &[Arc<str>]| dict.get(i as usize).cloned().ok_or_else(|| format!("batch: dictionary index {i} out of range"));
+        let get = |i: u64, dict: &[Arc<str>]| dict.get(i as usize).cloned().ok_or(PayloadError::DictionaryIndex(i));
         for _ in 0..n {
             let flags = r.take(1)?[0];
             let id = if flags & 1 != 0 {
@@ -300,17 +340,17 @@ impl EventBatch {
                 b.copy_from_slice(r.take(16)?);
                 hex_event_id(&b)
             } else {
-                EventId::parse(r.str()?).map_err(|e| format!("batch: bad id: {e}"))?
+                EventId::parse(r.str()?).map_err(PayloadError::BadId)?
             };
             prev = prev.wrapping_add(unzigzag(r.varint()?));
-            let timestamp = DateTime::from_timestamp_micros(prev).ok_or("batch: time out of range")?;
+            let timestamp = DateTime::from_timestamp_micros(prev).ok_or(PayloadError::TimeOutOfRange)?;
             let customer_id = if flags & 2 != 0 { Some(get(r.varint()?, &dict)?) } else { None };
             let subscription_id = if flags & 4 != 0 { Some(get(r.varint()?, &dict)?) } else { None };
             let value = if flags & 8 != 0 { Some(r.str()?.to_owned()) } else { None };
             rows.push(BatchRow { id, timestamp, customer_id, subscription_id, value });
         }
         if r.pos != bytes.len() {
-            return Err("batch: trailing bytes".into());
+            return Err(PayloadError::TrailingBytes);
         }
         Ok(EventBatch { header, rows })
     }
@@ -479,14 +519,14 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or("batch: truncated")?;
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PayloadError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or(PayloadError::Truncated)?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
     }
 
-    fn varint(&mut self) -> Result<u64, String> {
+    fn varint(&mut self) -> Result<u64, PayloadError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.take(1)?[0];
@@ -495,16 +535,16 @@ impl<'a> Reader<'a> {
                 return Ok(v);
             }
         }
-        Err("batch: varint too long".into())
+        Err(PayloadError::VarintTooLong)
     }
 
-    fn len(&mut self) -> Result<usize, String> {
-        usize::try_from(self.varint()?).map_err(|_| "batch: length out of range".to_owned())
+    fn len(&mut self) -> Result<usize, PayloadError> {
+        usize::try_from(self.varint()?).map_err(|_| PayloadError::LengthOutOfRange)
     }
 
-    fn str(&mut self) -> Result<&'a str, String> {
+    fn str(&mut self) -> Result<&'a str, PayloadError> {
         let n = self.len()?;
-        std::str::from_utf8(self.take(n)?).map_err(|_| "batch: a string is not UTF-8".to_owned())
+        std::str::from_utf8(self.take(n)?).map_err(|_| PayloadError::NotUtf8)
     }
 }
 

@@ -15,7 +15,7 @@ pub mod people;
 pub mod scope;
 
 pub use aggregation::{Aggregation, UnknownAggregation};
-pub use batch::{decode_events, hex_event_id, BatchHeader, BatchRow, BatchRows, EventBatch, Payload};
+pub use batch::{decode_events, hex_event_id, BatchHeader, BatchRow, BatchRows, EventBatch, Payload, PayloadError};
 pub use event::{partition_for, Event};
 pub use ids::{check_storable, EventId, EventType, IdError, WorkspaceName};
 pub use log::{AppendRecord, BurstGuard, Bursts, Busy, Bytes, EventLog, LogError, LogStats, Record, RetentionReport};

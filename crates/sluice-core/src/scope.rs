@@ -55,17 +55,20 @@ impl fmt::Display for Scope {
     }
 }
 
+/// A scope name that is not one of `ingest`, `read`, `admin`, `root`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scope {0:?}; expected admin, read or ingest")]
+pub struct UnknownScope(pub String);
+
 impl FromStr for Scope {
-    type Err = String;
+    type Err = UnknownScope;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "ingest" => Ok(Scope::Ingest),
             "read" => Ok(Scope::Read),
             "admin" => Ok(Scope::Admin),
             "root" => Ok(Scope::Root),
-            other => Err(format!(
-                "unknown scope {other:?}; expected admin, read or ingest"
-            )),
+            other => Err(UnknownScope(other.to_owned())),
         }
     }
 }

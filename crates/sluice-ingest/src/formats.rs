@@ -269,7 +269,7 @@ fn parse_native(raw: &RawValue, workspace: &WorkspaceName, received_at: DateTime
         }
     };
     let timestamp = opt_string(input.timestamp, "timestamp", &mut errs).and_then(|s| {
-        parse_time(&s).map_err(|reason| errs.push(("timestamp".into(), reason))).ok()
+        parse_time(&s).map_err(|reason| errs.push(("timestamp".into(), reason.to_string()))).ok()
     });
     let customer_id = opt_ref(input.customer_id, "customer_id", &mut errs);
     let subscription_id = opt_ref(input.subscription_id, "subscription_id", &mut errs);
@@ -330,7 +330,7 @@ fn parse_cloudevent(raw: &RawValue, workspace: &WorkspaceName, received_at: Date
     let event_type =
         take_str("type", true, &mut errs).and_then(|s| EventType::parse(s).map_err(|e| errs.push(("type".into(), e.0))).ok());
     let timestamp = take_str("time", false, &mut errs)
-        .and_then(|s| parse_time(&s).map_err(|reason| errs.push(("time".into(), reason))).ok());
+        .and_then(|s| parse_time(&s).map_err(|reason| errs.push(("time".into(), reason.to_string()))).ok());
     let customer_id = take_str("subject", false, &mut errs);
     if customer_id.as_ref().is_some_and(|s| s.is_empty() || s.chars().count() > MAX_REF_CHARS) {
         errs.push(("subject".into(), format!("must be 1-{MAX_REF_CHARS} characters")));
@@ -368,11 +368,28 @@ fn parse_cloudevent(raw: &RawValue, workspace: &WorkspaceName, received_at: Date
     })
 }
 
+/// Why a time field was refused. The message is the `reason` a client
+/// sees for the field, and stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeError {
+    /// Not an RFC 3339 time ([`parse_time`]).
+    #[error("must be an RFC 3339 time such as 2024-05-01T12:00:00Z ({reason}): {value:?}")]
+    NotRfc3339 {
+        /// The text refused.
+        value: String,
+        /// What chrono found wrong with it.
+        reason: chrono::ParseError,
+    },
+    /// Not an ISO 8601 time, with or without an offset (Segment's formats).
+    #[error("must be an ISO 8601 time such as 2024-05-01T12:00:00Z: {0:?}")]
+    NotIso8601(String),
+}
+
 /// RFC 3339 only, e.g. `2024-05-01T12:00:00Z` or `2024-05-01T21:00:00+09:00`.
-pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, TimeError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("must be an RFC 3339 time such as 2024-05-01T12:00:00Z ({e}): {s:?}"))
+        .map_err(|reason| TimeError::NotRfc3339 { value: s.to_owned(), reason })
 }
 
 fn opt_string(raw: Option<&RawValue>, field: &str, errs: &mut Errs) -> Option<String> {

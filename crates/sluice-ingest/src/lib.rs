@@ -14,7 +14,7 @@ pub mod read;
 pub mod schemas;
 pub mod segment;
 
-pub use formats::{parse_body, BodyFormat, FieldError, IngestLimits, ParseError};
+pub use formats::{parse_body, BodyFormat, FieldError, IngestLimits, ParseError, TimeError};
 pub use pipeline::{IngestError, Ingestor, IngestorConfig, Outcome};
 pub use schemas::{PropertyType, Schemas, TypeSchema};
 pub use read::{get_event, latest_cursor, list_events, EventFilter, EventPage, ReadError};

@@ -82,6 +82,26 @@ pub struct Outcome {
     pub duplicates: usize,
 }
 
+/// Why the id index could not be consulted or brought up to date with the
+/// log; the writer then refuses writes until a rebuild succeeds. Shown as
+/// the underlying error's text (in logs and in
+/// [`IngestError::Unavailable`] at start-up).
+#[derive(Debug, thiserror::Error)]
+enum IndexError {
+    /// Reading or writing the index files failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The state store failed (progress, record effects).
+    #[error("{0}")]
+    Store(#[from] sluice_store::StoreError),
+    /// Reading the log failed.
+    #[error("{0}")]
+    Log(#[from] sluice_core::LogError),
+    /// The blocking lookup task panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Why events could not be accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -576,17 +596,16 @@ impl Writer {
     /// The id key of every event of the group, in order (computed once
     /// here, reused for the index), and a flag per event: true if it is a
     /// duplicate.
-    async fn find_duplicates(&self, group: &[Pending]) -> Result<(Vec<u128>, Vec<bool>), String> {
+    async fn find_duplicates(&self, group: &[Pending]) -> Result<(Vec<u128>, Vec<bool>), IndexError> {
         let keys: Vec<u128> = group.iter().flat_map(|p| p.items.ids().map(|(ws, id)| id_key(ws, id))).collect();
         // The lookups probe in-memory filters (and read a block for the rare
         // key that may be there): off the async threads for large groups.
         let (keys, found) = if keys.len() > 4096 {
             let index = self.index.clone();
-            tokio::task::spawn_blocking(move || index.contains(&keys).map(|f| (keys, f))).await.map_err(|e| e.to_string())?
+            tokio::task::spawn_blocking(move || index.contains(&keys).map(|f| (keys, f))).await??
         } else {
-            self.index.contains(&keys).map(|f| (keys, f))
-        }
-        .map_err(|e| e.to_string())?;
+            self.index.contains(&keys).map(|f| (keys, f))?
+        };
         let inflight = lock(&self.shared.inflight);
         let mut seen = KeySet::with_capacity_and_hasher(keys.len(), Default::default());
         let mask = keys
@@ -774,8 +793,8 @@ fn fail_all(group: Vec<Pending>, why: &str) {
 /// indexes every record at or after the index's progress, and applies the
 /// record effects of every record at or after the state store's progress.
 /// Returns how many events were indexed.
-async fn recover(log: &dyn EventLog, store: &Store, index: &Arc<IdIndex>) -> Result<u64, String> {
-    let effects_progress: HashMap<u32, u64> = store.log_progress().await.map_err(|e| e.to_string())?.into_iter().collect();
+async fn recover(log: &dyn EventLog, store: &Store, index: &Arc<IdIndex>) -> Result<u64, IndexError> {
+    let effects_progress: HashMap<u32, u64> = store.log_progress().await?.into_iter().collect();
     let index_progress = index.progress();
     let mut total = 0;
     for p in 0..log.partitions() {
@@ -785,17 +804,17 @@ async fn recover(log: &dyn EventLog, store: &Store, index: &Arc<IdIndex>) -> Res
         if index_from > end {
             // The log lost a tail (corruption repaired on open): the index must
             // not point past the end of the log.
-            let n = index.truncate(p, end).map_err(|e| e.to_string())?;
+            let n = index.truncate(p, end)?;
             tracing::warn!(partition = p, from = index_from, end, forgotten = n, "log is shorter than the id index; forgot index entries past its end");
             index_from = end;
         }
         if effects_from > end {
-            store.apply_log_effects(&[], &[(p, end)]).await.map_err(|e| e.to_string())?;
+            store.apply_log_effects(&[], &[(p, end)]).await?;
             effects_from = end;
         }
         let mut from = index_from.min(effects_from).max(log.start_offset(p));
         while from < end {
-            let records = log.read(p, from, 10_000, 16 << 20).await.map_err(|e| e.to_string())?;
+            let records = log.read(p, from, 10_000, 16 << 20).await?;
             let Some(last) = records.last().map(|r| r.offset) else { break };
             let mut rows = Vec::new();
             let mut effects = Vec::new();
@@ -828,7 +847,7 @@ async fn recover(log: &dyn EventLog, store: &Store, index: &Arc<IdIndex>) -> Res
             total += rows.len() as u64;
             index.insert(&rows, &[(p, last + 1)]);
             if last + 1 > effects_from {
-                store.apply_log_effects(&effects, &[(p, last + 1)]).await.map_err(|e| e.to_string())?;
+                store.apply_log_effects(&effects, &[(p, last + 1)]).await?;
             }
             from = last + 1;
         }

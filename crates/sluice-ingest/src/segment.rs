@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sluice_core::{people, Event, EventId, EventType, WorkspaceName};
 
-use crate::formats::{FieldError, ParseError, MAX_LISTED_ERRORS, MAX_REF_CHARS};
+use crate::formats::{FieldError, ParseError, TimeError, MAX_LISTED_ERRORS, MAX_REF_CHARS};
 
 /// Which call an endpoint receives; `None` in [`parse_segment`] means `/v1/batch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,7 +204,7 @@ fn message_to_event(
     let time = |field: &str, errs: &mut Errs| -> Option<DateTime<Utc>> {
         match m.get(field) {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => parse_iso(s).map_err(|r| errs.push((field.into(), r))).ok(),
+            Some(Value::String(s)) => parse_iso(s).map_err(|r| errs.push((field.into(), r.to_string()))).ok(),
             Some(_) => {
                 errs.push((field.into(), "must be an ISO 8601 string".into()));
                 None
@@ -340,7 +340,7 @@ fn message_to_event(
 }
 
 /// ISO 8601 as clients send it: RFC 3339, or without an offset (taken as UTC).
-fn parse_iso(s: &str) -> Result<DateTime<Utc>, String> {
+fn parse_iso(s: &str) -> Result<DateTime<Utc>, TimeError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
@@ -349,7 +349,7 @@ fn parse_iso(s: &str) -> Result<DateTime<Utc>, String> {
             return Ok(t.and_utc());
         }
     }
-    Err(format!("must be an ISO 8601 time such as 2024-05-01T12:00:00Z: {s:?}"))
+    Err(TimeError::NotIso8601(s.to_owned()))
 }
 
 /// Fills `customer_id` of the events listed in `batch.unresolved` with the

@@ -90,6 +90,34 @@ impl From<std::io::Error> for JobError {
     }
 }
 
+/// The payload of one job kind: a serde struct, never a loose JSON object
+/// read with defaults (issue 7). Every payload has a version `v` (absent in
+/// payloads of older binaries: 1), so that a job enqueued by an older binary
+/// still runs; unknown fields are ignored, so that an older binary runs a
+/// newer payload it understands.
+pub trait JobPayload: serde::Serialize + serde::de::DeserializeOwned {
+    /// The job kind this payload belongs to.
+    const KIND: &'static str;
+
+    /// The payload as stored in the job.
+    fn to_value(&self) -> Value {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// The payload of `job`; one that does not decode fails the job at once
+    /// (another attempt would not decode it either).
+    fn of(job: &Job) -> Result<Self, JobError> {
+        serde_json::from_value(job.payload.clone())
+            .map_err(|e| JobError::permanent(format!("the payload of this {} job does not decode: {e}", Self::KIND)))
+    }
+}
+
+/// The version of payloads written by this binary (see [`JobPayload`]).
+pub fn payload_v1() -> u32 {
+    1
+}
+
 /// Runs jobs of one kind.
 #[async_trait]
 pub trait JobHandler: Send + Sync + 'static {

@@ -30,12 +30,13 @@ use chrono::{DateTime, Utc};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use serde_json::{json, Value};
-use sluice_jobs::{JobContext, JobError, JobHandler};
+use sluice_jobs::{JobPayload as _, JobContext, JobError, JobHandler};
 use sluice_store::{Job, LakeFile, Store};
 
 use crate::layout;
 use crate::sql::FileGuard;
 use crate::writer::writer_properties;
+use crate::LakeError;
 
 /// Kind of the compaction job.
 pub const KIND: &str = "lake.compact";
@@ -78,6 +79,21 @@ pub fn candidates(files: Vec<LakeFile>, now: DateTime<Utc>, cfg: &CompactConfig)
         .collect()
 }
 
+/// The payload of a `lake.compact` job.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CompactPayload {
+    /// Payload version (1).
+    #[serde(default = "sluice_jobs::payload_v1")]
+    pub v: u32,
+    /// The workspace whose files are compacted (`None`: every workspace).
+    #[serde(default)]
+    pub workspace: Option<String>,
+}
+
+impl sluice_jobs::JobPayload for CompactPayload {
+    const KIND: &'static str = KIND;
+}
+
 #[async_trait]
 impl JobHandler for Compaction {
     fn kind(&self) -> &str {
@@ -85,7 +101,8 @@ impl JobHandler for Compaction {
     }
 
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
-        let workspace = job.payload["workspace"].as_str();
+        let payload = CompactPayload::of(job)?;
+        let workspace = payload.workspace.as_deref();
         let files = ctx.store().lake_files(workspace).await?;
         let parts = candidates(files, Utc::now(), &self.cfg);
         let total = parts.len() as i64;
@@ -95,7 +112,7 @@ impl JobHandler for Compaction {
             if ctx.is_cancelled() {
                 return Err(JobError::Cancelled);
             }
-            let (n_in, out) = compact_partition(ctx.store(), &self.cfg, &self.guard, part).await.map_err(JobError::Failed)?;
+            let (n_in, out) = compact_partition(ctx.store(), &self.cfg, &self.guard, part).await.map_err(JobError::retryable)?;
             merged_in += n_in;
             merged_out += out.len() as u64;
             rows += out.iter().map(|f| f.row_count).sum::<u64>();
@@ -106,17 +123,17 @@ impl JobHandler for Compaction {
 }
 
 /// Compacts one partition; returns how many files were replaced and the new files.
-pub async fn compact_partition(store: &Store, cfg: &CompactConfig, guard: &FileGuard, part: Vec<LakeFile>) -> Result<(u64, Vec<LakeFile>), String> {
+pub async fn compact_partition(store: &Store, cfg: &CompactConfig, guard: &FileGuard, part: Vec<LakeFile>) -> Result<(u64, Vec<LakeFile>), LakeError> {
     let root = cfg.root.clone();
     let (target, rg) = (cfg.target_bytes, cfg.row_group_rows);
     let inputs = part.clone();
-    let written = tokio::task::spawn_blocking(move || merge(&root, &inputs, target, rg)).await.map_err(|e| e.to_string())??;
+    let written = tokio::task::spawn_blocking(move || merge(&root, &inputs, target, rg)).await??;
     let removed: Vec<String> = part.iter().map(|f| f.path.clone()).collect();
     if let Err(e) = store.lake_swap(&written, &removed).await {
         for f in &written {
             let _ = std::fs::remove_file(cfg.root.join(&f.path));
         }
-        return Err(format!("swapping compacted files: {e}"));
+        return Err(LakeError::Swap(e));
     }
     // Queries that took their snapshot before the swap may still read the
     // old files: wait for them, then delete.
@@ -130,13 +147,13 @@ pub async fn compact_partition(store: &Store, cfg: &CompactConfig, guard: &FileG
 
 /// Reads `inputs` in order and writes them into as few files as the target
 /// allows. Runs on a blocking thread.
-fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -> Result<Vec<LakeFile>, String> {
+fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -> Result<Vec<LakeFile>, LakeError> {
     let first = &inputs[0];
     // The union of the files' schemas, by column name (first type wins).
     let mut fields: Vec<Field> = Vec::new();
     for f in inputs {
-        let file = std::fs::File::open(root.join(&f.path)).map_err(|e| format!("{}: {e}", f.path))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("{}: {e}", f.path))?;
+        let file = std::fs::File::open(root.join(&f.path)).map_err(LakeError::in_file(&f.path))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(LakeError::in_file(&f.path))?;
         for fld in b.schema().fields() {
             if !fields.iter().any(|x| x.name() == fld.name()) {
                 fields.push(fld.as_ref().clone().with_nullable(true));
@@ -146,13 +163,13 @@ fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -
     let schema: SchemaRef = Arc::new(Schema::new(fields));
     let mut out: Vec<LakeFile> = Vec::new();
     let mut cur: Option<(ArrowWriter<std::fs::File>, PathBuf, String, u64, i64, i64)> = None;
-    let finish = |c: (ArrowWriter<std::fs::File>, PathBuf, String, u64, i64, i64), out: &mut Vec<LakeFile>| -> Result<(), String> {
+    let finish = |c: (ArrowWriter<std::fs::File>, PathBuf, String, u64, i64, i64), out: &mut Vec<LakeFile>| -> Result<(), LakeError> {
         let (w, tmp, rel, rows, min, max) = c;
-        let f = w.into_inner().map_err(|e| e.to_string())?;
-        f.sync_all().map_err(|e| e.to_string())?;
+        let f = w.into_inner()?;
+        f.sync_all()?;
         let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
         let dest = root.join(&rel);
-        std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
+        std::fs::rename(&tmp, &dest).map_err(|source| LakeError::Step { step: format!("renaming into {}", dest.display()), source })?;
         if let Some(d) = dest.parent().and_then(|d| std::fs::File::open(d).ok()) {
             let _ = d.sync_all();
         }
@@ -169,24 +186,24 @@ fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -
         });
         Ok(())
     };
-    let result = (|| -> Result<(), String> {
-        std::fs::create_dir_all(root.join("_tmp")).map_err(|e| e.to_string())?;
+    let result = (|| -> Result<(), LakeError> {
+        std::fs::create_dir_all(root.join("_tmp"))?;
         for f in inputs {
-            let file = std::fs::File::open(root.join(&f.path)).map_err(|e| format!("{}: {e}", f.path))?;
+            let file = std::fs::File::open(root.join(&f.path)).map_err(LakeError::in_file(&f.path))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.with_batch_size(row_group_rows.min(65_536)).build())
-                .map_err(|e| format!("{}: {e}", f.path))?;
+                .map_err(LakeError::in_file(&f.path))?;
             for batch in reader {
-                let batch = batch.map_err(|e| format!("{}: {e}", f.path))?;
+                let batch = batch.map_err(LakeError::in_file(&f.path))?;
                 let batch = conform(&batch, &schema)?;
                 if cur.is_none() {
                     let tmp = root.join("_tmp").join(format!("{}.parquet", uuid::Uuid::now_v7().simple()));
-                    let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
-                    let w = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(row_group_rows))).map_err(|e| e.to_string())?;
+                    let file = std::fs::File::create(&tmp)?;
+                    let w = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(row_group_rows)))?;
                     cur = Some((w, tmp, layout::new_file(&first.workspace, &first.content_type, first.hour_start), 0, i64::MAX, i64::MIN));
                 }
                 let c = cur.as_mut().expect("set above");
-                c.0.write(&batch).map_err(|e| e.to_string())?;
+                c.0.write(&batch)?;
                 c.3 += batch.num_rows() as u64;
                 if let Some((lo, hi)) = time_range(&batch) {
                     c.4 = c.4.min(lo);
@@ -212,7 +229,7 @@ fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -
 }
 
 /// `batch` with exactly the columns of `schema` (missing ones null).
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, LakeError> {
     let cols: Vec<ArrayRef> = schema
         .fields()
         .iter()
@@ -222,7 +239,7 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Strin
             None => new_null_array(f.data_type(), batch.num_rows()),
         })
         .collect();
-    RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
 
 fn time_range(batch: &RecordBatch) -> Option<(i64, i64)> {

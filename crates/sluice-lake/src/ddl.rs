@@ -16,6 +16,8 @@
 
 use arrow::datatypes::{DataType, SchemaRef};
 
+use crate::LakeError;
+
 /// Engines with a DDL.
 pub const ENGINES: [&str; 4] = ["athena", "trino", "duckdb", "spark"];
 
@@ -56,7 +58,7 @@ fn trino_type(t: &DataType) -> &'static str {
 }
 
 /// The DDL text, or why not.
-pub fn ddl(i: &DdlInput) -> Result<String, String> {
+pub fn ddl(i: &DdlInput) -> Result<String, LakeError> {
     let loc = i.location.trim_end_matches('/');
     let parts = ["workspace", "content_type", "year", "month", "day", "hour"];
     let cols = |f: &dyn Fn(&DataType) -> &'static str, quote: char| -> String {
@@ -127,6 +129,6 @@ pub fn ddl(i: &DdlInput) -> Result<String, String> {
             p = parts.iter().map(|p| format!("  `{p}` string")).collect::<Vec<_>>().join(",\n"),
             pl = parts.join(", "),
         ),
-        other => return Err(format!("engine {other:?} is not one of {}", ENGINES.join(", "))),
+        other => return Err(LakeError::UnknownEngine(other.to_owned())),
     })
 }

@@ -23,10 +23,11 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use sluice_jobs::{JobContext, JobError, JobHandler};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload as _};
 use sluice_store::{Job, NewJob, Store};
 
 use crate::sql::{encode, Access, Format, SqlEngine};
+use crate::LakeError;
 
 /// Kind of the job.
 pub const KIND: &str = "query.export";
@@ -42,30 +43,31 @@ pub struct ExportSpec {
 
 impl ExportSpec {
     /// Parses `{"format": "parquet"|"csv", "path": "relative/file"}`.
-    pub fn parse(v: &Value) -> Result<ExportSpec, String> {
+    pub fn parse(v: &Value) -> Result<ExportSpec, LakeError> {
         let format = match v.get("format").and_then(Value::as_str).unwrap_or("parquet") {
             "parquet" => Format::Parquet,
             "csv" => Format::Csv,
-            other => return Err(format!("format {other:?} is not parquet or csv")),
+            other => return Err(LakeError::ExportFormat(other.to_owned())),
         };
-        let path = v.get("path").and_then(Value::as_str).ok_or("path: required, a relative path such as daily/signups.parquet")?;
+        let path = v.get("path").and_then(Value::as_str).ok_or(LakeError::ExportPathMissing)?;
         let p = PathBuf::from(path);
         if path.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(format!("path {path:?} must be relative, without `..`"));
+            return Err(LakeError::ExportPathNotRelative(path.to_owned()));
         }
         Ok(ExportSpec { format, path: p })
     }
 }
 
 /// The next run of a 5-field cron schedule strictly after `after` (UTC).
-pub fn next_run(schedule: &str, after: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+pub fn next_run(schedule: &str, after: DateTime<Utc>) -> Result<DateTime<Utc>, LakeError> {
     let fields: Vec<&str> = schedule.split_whitespace().collect();
     if fields.len() != 5 {
-        return Err(format!("{schedule:?} is not a 5-field cron expression (minute hour day month weekday), e.g. \"0 6 * * *\""));
+        return Err(LakeError::ScheduleFields(schedule.to_owned()));
     }
     // The cron crate wants seconds first.
-    let s = cron::Schedule::from_str(&format!("0 {schedule}")).map_err(|e| format!("{schedule:?}: {e}"))?;
-    s.after(&after).next().ok_or_else(|| format!("{schedule:?} never runs"))
+    let s = cron::Schedule::from_str(&format!("0 {schedule}"))
+        .map_err(|e| LakeError::ScheduleInvalid { schedule: schedule.to_owned(), reason: e.to_string() })?;
+    s.after(&after).next().ok_or_else(|| LakeError::ScheduleNever(schedule.to_owned()))
 }
 
 /// Runs saved queries and writes their exports.
@@ -74,6 +76,23 @@ pub struct QueryExport {
     pub sql: SqlEngine,
     /// Lake root (exports go under `exports/`).
     pub root: PathBuf,
+}
+
+/// The payload of a saved query's run (`lake.export` jobs).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportPayload {
+    /// Payload version (1).
+    #[serde(default = "sluice_jobs::payload_v1")]
+    pub v: u32,
+    /// The saved query's name.
+    pub query: String,
+    /// For a scheduled run: the time it was due (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<String>,
+}
+
+impl sluice_jobs::JobPayload for ExportPayload {
+    const KIND: &'static str = KIND;
 }
 
 #[async_trait]
@@ -87,7 +106,8 @@ impl JobHandler for QueryExport {
     }
 
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
-        let name = job.payload["query"].as_str().unwrap_or_default();
+        let payload = ExportPayload::of(job)?;
+        let name = payload.query.as_str();
         let q = ctx.store().saved_query(&job.workspace, name).await.map_err(|e| JobError::Fatal { error: format!("saved query {name:?}: {e}"), result: json!({}) })?;
         let result = self.sql.query_as(&job.workspace, &q.sql, Access::Admin).await.map_err(|e| JobError::Fatal { error: e.to_string(), result: json!({}) })?;
         let rows = result.rows;
@@ -98,15 +118,15 @@ impl JobHandler for QueryExport {
         let dest = self.root.join(&shown);
         let bytes = tokio::task::spawn_blocking({
             let (dest, shown) = (dest.clone(), shown.clone());
-            move || -> Result<u64, String> {
-                let data = encode(&result, spec.format).map_err(|e| e.to_string())?;
+            move || -> Result<u64, LakeError> {
+                let data = encode(&result, spec.format)?;
                 write_atomically(&dest, &shown, &data)?;
                 Ok(data.len() as u64)
             }
         })
         .await
-        .map_err(|e| JobError::Failed(e.to_string()))?
-        .map_err(JobError::Failed)?;
+        .map_err(JobError::retryable)?
+        .map_err(JobError::retryable)?;
         Ok(json!({"rows": rows, "bytes": bytes, "path": shown.display().to_string()}))
     }
 }
@@ -114,15 +134,15 @@ impl JobHandler for QueryExport {
 /// Writes `data` to `dest` through a temp file in the same directory,
 /// removed if anything fails. Errors name `shown` (relative to the lake
 /// root), not `dest`.
-fn write_atomically(dest: &Path, shown: &Path, data: &[u8]) -> Result<(), String> {
-    let dir = dest.parent().ok_or("export path has no directory")?;
+fn write_atomically(dest: &Path, shown: &Path, data: &[u8]) -> Result<(), LakeError> {
+    let dir = dest.parent().ok_or(LakeError::ExportNoDirectory)?;
     let shown_dir = shown.parent().unwrap_or(shown).display().to_string();
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {shown_dir}: {}", e.kind()))?;
+    std::fs::create_dir_all(dir).map_err(|e| LakeError::ExportWrite { step: format!("creating {shown_dir}"), kind: e.kind() })?;
     let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::now_v7().simple()));
-    let write = || -> Result<(), String> {
-        std::fs::write(&tmp, data).map_err(|e| format!("writing a temp file in {shown_dir}: {}", e.kind()))?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| format!("syncing a temp file in {shown_dir}: {}", e.kind()))?;
-        std::fs::rename(&tmp, dest).map_err(|e| format!("renaming into {}: {}", shown.display(), e.kind()))
+    let write = || -> Result<(), LakeError> {
+        std::fs::write(&tmp, data).map_err(|e| LakeError::ExportWrite { step: format!("writing a temp file in {shown_dir}"), kind: e.kind() })?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| LakeError::ExportWrite { step: format!("syncing a temp file in {shown_dir}"), kind: e.kind() })?;
+        std::fs::rename(&tmp, dest).map_err(|e| LakeError::ExportWrite { step: format!("renaming into {}", shown.display()), kind: e.kind() })
     };
     write().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
@@ -170,7 +190,7 @@ pub async fn queue_due(store: &Store) -> Result<usize, sluice_store::StoreError>
                 .enqueue_job(&NewJob {
                     workspace: q.workspace.clone(),
                     kind: KIND.into(),
-                    payload: json!({"query": q.name, "scheduled_for": due.to_rfc3339()}),
+                    payload: ExportPayload { v: 1, query: q.name.clone(), scheduled_for: Some(due.to_rfc3339()) }.to_value(),
                     max_attempts: 3,
                     created_by: None,
                 })
@@ -191,7 +211,7 @@ mod tests {
         // The destination is a directory: the rename fails after the write.
         let dest = dir.path().join("exports/ws/out.parquet");
         std::fs::create_dir_all(&dest).unwrap_or_else(|e| panic!("{e}"));
-        let err = write_atomically(&dest, Path::new("exports/ws/out.parquet"), b"data").err().unwrap_or_default();
+        let err = write_atomically(&dest, Path::new("exports/ws/out.parquet"), b"data").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("exports/ws/out.parquet") && !err.contains(&dir.path().display().to_string()), "{err}");
         let left: Vec<_> = std::fs::read_dir(dir.path().join("exports/ws")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
         assert_eq!(left, vec![std::ffi::OsString::from("out.parquet")]);

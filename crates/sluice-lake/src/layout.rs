@@ -54,18 +54,18 @@ pub fn new_file(workspace: &str, content_type: &str, hour: DateTime<Utc>) -> Str
 
 /// The lake root directory from `lake.url` (`file:///abs/path`, or a plain
 /// path; empty means `<data_dir>/lake`).
-pub fn root_from_url(url: &str, data_dir: &Path) -> Result<PathBuf, String> {
+pub fn root_from_url(url: &str, data_dir: &Path) -> Result<PathBuf, crate::LakeError> {
     if url.is_empty() {
         return Ok(data_dir.join("lake"));
     }
     if let Some(rest) = url.strip_prefix("file://") {
         if rest.is_empty() {
-            return Err("lake.url: `file://` needs a path, e.g. file:///var/lib/sluice/lake".into());
+            return Err(crate::LakeError::UrlWithoutPath);
         }
         return Ok(PathBuf::from(rest));
     }
     if url.contains("://") {
-        return Err(format!("lake.url: {url:?} is not supported in this version; use file:///path (s3:// comes later)"));
+        return Err(crate::LakeError::UnsupportedUrl(url.to_owned()));
     }
     Ok(PathBuf::from(url))
 }

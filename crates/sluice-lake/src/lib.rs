@@ -18,8 +18,11 @@
 pub mod columns;
 pub mod compact;
 pub mod ddl;
+mod error;
 pub mod export;
 pub mod layout;
 pub mod sandbox;
 pub mod sql;
 pub mod writer;
+
+pub use error::LakeError;

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 
 use crate::columns::{BatchBuilder, Fields};
 use crate::layout;
+use crate::LakeError;
 
 /// Checkpoint name of the lake writer (shown by `GET /v1/consumers`).
 pub const CHECKPOINT: &str = "lake";
@@ -184,8 +185,8 @@ impl Buffer {
 
 /// Removes what a crash left behind: `_tmp/` and every file under the lake
 /// that the manifest does not list. Returns how many files were removed.
-pub async fn recover(store: &Store, root: &Path) -> Result<usize, String> {
-    let listed: HashSet<String> = store.lake_files(None).await.map_err(|e| e.to_string())?.into_iter().map(|f| f.path).collect();
+pub async fn recover(store: &Store, root: &Path) -> Result<usize, LakeError> {
+    let listed: HashSet<String> = store.lake_files(None).await?.into_iter().map(|f| f.path).collect();
     let root = root.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(root.join("_tmp"));
@@ -198,7 +199,7 @@ pub async fn recover(store: &Store, root: &Path) -> Result<usize, String> {
         n
     })
     .await
-    .map_err(|e| e.to_string())
+    .map_err(LakeError::from)
 }
 
 /// The lake writer.
@@ -335,12 +336,12 @@ impl LakeWriter {
         }
     }
 
-    async fn positions(&self) -> Result<Vec<u64>, String> {
-        let cps = self.store.checkpoints(CHECKPOINT).await.map_err(|e| e.to_string())?;
+    async fn positions(&self) -> Result<Vec<u64>, LakeError> {
+        let cps = self.store.checkpoints(CHECKPOINT).await?;
         Ok((0..self.log.partitions()).map(|p| cps.get(&p).copied().unwrap_or_else(|| self.log.start_offset(p))).collect())
     }
 
-    async fn flush(&self, buf: Buffer, pos: &[u64]) -> Result<(), String> {
+    async fn flush(&self, buf: Buffer, pos: &[u64]) -> Result<(), LakeError> {
         let started = Instant::now();
         let events = buf.events;
         let mut groups: Vec<(Key, Vec<Item>, Vec<(String, PropertyType)>)> = buf
@@ -359,7 +360,7 @@ impl LakeWriter {
         let root = self.cfg.root.clone();
         let rg = self.cfg.row_group_rows;
         let sources = buf.sources;
-        let files = tokio::task::spawn_blocking(move || write_groups(&root, groups, &sources, rg)).await.map_err(|e| e.to_string())?;
+        let files = tokio::task::spawn_blocking(move || write_groups(&root, groups, &sources, rg)).await?;
         let files = match files {
             Ok(f) => f,
             Err((written, e)) => {
@@ -370,7 +371,7 @@ impl LakeWriter {
         let checkpoints: Vec<(u32, u64)> = pos.iter().enumerate().map(|(p, o)| (p as u32, *o)).collect();
         if let Err(e) = self.store.lake_commit(CHECKPOINT, &files, &checkpoints).await {
             remove_files(&self.cfg.root, &files);
-            return Err(format!("committing lake files: {e}"));
+            return Err(LakeError::Commit(e));
         }
         metrics::counter!("sluice_lake_files_written_total").increment(files.len() as u64);
         metrics::counter!("sluice_lake_rows_written_total").increment(events as u64);
@@ -393,14 +394,14 @@ fn write_groups(
     groups: Vec<(Key, Vec<Item>, Vec<(String, PropertyType)>)>,
     sources: &Sources,
     row_group_rows: usize,
-) -> Result<Vec<LakeFile>, (Vec<LakeFile>, String)> {
+) -> Result<Vec<LakeFile>, (Vec<LakeFile>, LakeError)> {
     // Files are written and renamed without an fsync each; one sync of the
     // whole file system below makes them all durable before the manifest
     // commit (thousands of fsyncs cost seconds when a flush spans many
     // partitions, e.g. a backfill of old events).
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(groups.len().max(1));
     let work = std::sync::Mutex::new(groups.into_iter());
-    let results: Vec<Result<LakeFile, String>> = std::thread::scope(|s| {
+    let results: Vec<Result<LakeFile, LakeError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -418,7 +419,7 @@ fn write_groups(
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec![Err("a lake writer thread panicked".into())])).collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(LakeError::WriterPanicked)])).collect()
     });
     let mut ok = Vec::new();
     let mut err = None;
@@ -433,7 +434,7 @@ fn write_groups(
     }
     match sync_files(root, &ok) {
         Ok(()) => Ok(ok),
-        Err(e) => Err((ok, format!("making lake files durable: {e}"))),
+        Err(e) => Err((ok, LakeError::Sync(e))),
     }
 }
 
@@ -491,15 +492,15 @@ struct FileSpec<'a> {
 /// Writes one Parquet file of the buffered `items` (all of one partition)
 /// atomically: temp file, rename into the partition. Not durable yet: the
 /// caller calls [`sync_files`] for all files of a flush at once.
-fn write_items(spec: &FileSpec<'_>, items: &[Item], sources: &Sources, enricher: &mut sluice_enrich::Enricher) -> Result<LakeFile, String> {
+fn write_items(spec: &FileSpec<'_>, items: &[Item], sources: &Sources, enricher: &mut sluice_enrich::Enricher) -> Result<LakeFile, LakeError> {
     let FileSpec { root, workspace, content_type, hour, typed, row_group_rows } = *spec;
     let mut b = BatchBuilder::new(typed, row_group_rows.min(items.len()).max(1));
     let rel = layout::new_file(workspace, content_type, hour);
     let tmp_dir = root.join("_tmp");
-    std::fs::create_dir_all(&tmp_dir).map_err(|e| format!("creating {}: {e}", tmp_dir.display()))?;
+    std::fs::create_dir_all(&tmp_dir).map_err(|source| LakeError::Step { step: format!("creating {}", tmp_dir.display()), source })?;
     let tmp = tmp_dir.join(format!("{}.parquet", uuid::Uuid::now_v7().simple()));
-    let f = std::fs::File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-    let mut w = ArrowWriter::try_new(f, b.schema().clone(), Some(writer_properties(row_group_rows))).map_err(|e| e.to_string())?;
+    let f = std::fs::File::create(&tmp).map_err(|source| LakeError::Step { step: format!("creating {}", tmp.display()), source })?;
+    let mut w = ArrowWriter::try_new(f, b.schema().clone(), Some(writer_properties(row_group_rows)))?;
     let (mut min, mut max) = (i64::MAX, i64::MIN);
     let mut props = String::new();
     for chunk in items.chunks(row_group_rows.max(1)) {
@@ -509,15 +510,15 @@ fn write_items(spec: &FileSpec<'_>, items: &[Item], sources: &Sources, enricher:
             max = max.max(t);
             sources.push_to(it, &mut b, &mut props, enricher, typed);
         }
-        w.write(&b.finish()).map_err(|e| e.to_string())?;
+        w.write(&b.finish())?;
     }
-    let f = w.into_inner().map_err(|e| e.to_string())?;
+    let f = w.into_inner()?;
     let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
     drop(f);
     let dest = root.join(&rel);
     let dir = dest.parent().expect("a partition file has a directory");
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
+    std::fs::create_dir_all(dir).map_err(|source| LakeError::Step { step: format!("creating {}", dir.display()), source })?;
+    std::fs::rename(&tmp, &dest).map_err(|source| LakeError::Step { step: format!("renaming into {}", dest.display()), source })?;
     Ok(LakeFile {
         path: rel,
         workspace: workspace.to_owned(),

@@ -74,40 +74,93 @@ pub(crate) fn encode_segment_header(partition: u32, base: u64) -> [u8; 32] {
     h
 }
 
+/// Why a segment header or the meta file is unusable. The messages are
+/// part of [`sluice_core::LogError::Corrupt`] and [`sluice_core::LogError::Config`]
+/// texts, and stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FormatError {
+    /// The segment file is shorter than its header.
+    #[error("short segment header ({0} of {SEGMENT_HEADER_LEN} bytes)")]
+    ShortHeader(usize),
+    /// The segment does not start with the magic bytes.
+    #[error("bad segment magic")]
+    BadMagic,
+    /// The segment header's CRC does not match.
+    #[error("segment header checksum mismatch")]
+    HeaderChecksum,
+    /// The segment was written in a format version this build cannot read.
+    #[error("unsupported segment format version {0} (this build reads {FORMAT_VERSION})")]
+    SegmentVersion(u32),
+    /// The segment header names another partition than its directory.
+    #[error("segment header names partition {found}, expected {expected}")]
+    WrongPartition {
+        /// In the header.
+        found: u32,
+        /// From the directory.
+        expected: u32,
+    },
+    /// The segment header names another base offset than its file name.
+    #[error("segment header names base offset {found}, expected {expected}")]
+    WrongBase {
+        /// In the header.
+        found: u64,
+        /// From the file name.
+        expected: u64,
+    },
+    /// The meta file is not a flat JSON object.
+    #[error("not a JSON object")]
+    MetaNotObject,
+    /// A meta field is not `"key": value`.
+    #[error("malformed field {0:?}")]
+    MetaMalformedField(String),
+    /// The meta `version` is not a number.
+    #[error("bad version {0:?}")]
+    MetaBadVersion(String),
+    /// The meta `partitions` is not a number.
+    #[error("bad partition count {0:?}")]
+    MetaBadPartitions(String),
+    /// The meta file has a field this build does not know.
+    #[error("unknown field {0}")]
+    MetaUnknownField(String),
+    /// The meta `format` is missing or not `"sluice-log"`.
+    #[error("missing or wrong \"format\" (expected \"sluice-log\")")]
+    MetaWrongFormat,
+    /// The meta file records a format version this build cannot read.
+    #[error("unsupported format version {0} (this build reads {FORMAT_VERSION})")]
+    MetaVersion(u32),
+    /// The meta file has no `version`.
+    #[error("missing \"version\"")]
+    MetaMissingVersion,
+    /// The meta file has no `partitions`.
+    #[error("missing \"partitions\"")]
+    MetaMissingPartitions,
+}
+
 /// Checks a segment header against the partition and base offset the file is
 /// expected to hold. The error says what is wrong, for logs and
 /// [`sluice_core::LogError::Corrupt`].
-pub(crate) fn check_segment_header(h: &[u8], partition: u32, base: u64) -> Result<(), String> {
+pub(crate) fn check_segment_header(h: &[u8], partition: u32, base: u64) -> Result<(), FormatError> {
     if h.len() < SEGMENT_HEADER_LEN as usize {
-        return Err(format!(
-            "short segment header ({} of {SEGMENT_HEADER_LEN} bytes)",
-            h.len()
-        ));
+        return Err(FormatError::ShortHeader(h.len()));
     }
     if h[0..8] != SEGMENT_MAGIC {
-        return Err("bad segment magic".into());
+        return Err(FormatError::BadMagic);
     }
     let crc = u32_at(h, 28);
     if crc != crc32fast::hash(&h[0..28]) {
-        return Err("segment header checksum mismatch".into());
+        return Err(FormatError::HeaderChecksum);
     }
     let version = u32_at(h, 8);
     if version != FORMAT_VERSION {
-        return Err(format!(
-            "unsupported segment format version {version} (this build reads {FORMAT_VERSION})"
-        ));
+        return Err(FormatError::SegmentVersion(version));
     }
     let p = u32_at(h, 12);
     if p != partition {
-        return Err(format!(
-            "segment header names partition {p}, expected {partition}"
-        ));
+        return Err(FormatError::WrongPartition { found: p, expected: partition });
     }
     let b = u64_at(h, 16);
     if b != base {
-        return Err(format!(
-            "segment header names base offset {b}, expected {base}"
-        ));
+        return Err(FormatError::WrongBase { found: b, expected: base });
     }
     Ok(())
 }
@@ -187,51 +240,47 @@ pub(crate) fn encode_meta(partitions: u32) -> String {
 ///
 /// Only the flat object written by [`encode_meta`] is accepted (whitespace
 /// may differ); anything else is an error with a reason.
-pub(crate) fn parse_meta(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_meta(text: &str) -> Result<u32, FormatError> {
     let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     let body = compact
         .strip_prefix('{')
         .and_then(|s| s.strip_suffix('}'))
-        .ok_or("not a JSON object")?;
+        .ok_or(FormatError::MetaNotObject)?;
     let mut format = None;
     let mut version = None;
     let mut partitions = None;
     for field in body.split(',') {
         let (key, value) = field
             .split_once(':')
-            .ok_or_else(|| format!("malformed field {field:?}"))?;
+            .ok_or_else(|| FormatError::MetaMalformedField(field.to_owned()))?;
         match key {
             "\"format\"" => format = Some(value.to_owned()),
             "\"version\"" => {
                 version = Some(
                     value
                         .parse::<u32>()
-                        .map_err(|_| format!("bad version {value:?}"))?,
+                        .map_err(|_| FormatError::MetaBadVersion(value.to_owned()))?,
                 )
             }
             "\"partitions\"" => {
                 partitions = Some(
                     value
                         .parse::<u32>()
-                        .map_err(|_| format!("bad partition count {value:?}"))?,
+                        .map_err(|_| FormatError::MetaBadPartitions(value.to_owned()))?,
                 )
             }
-            other => return Err(format!("unknown field {other}")),
+            other => return Err(FormatError::MetaUnknownField(other.to_owned())),
         }
     }
     if format.as_deref() != Some("\"sluice-log\"") {
-        return Err("missing or wrong \"format\" (expected \"sluice-log\")".into());
+        return Err(FormatError::MetaWrongFormat);
     }
     match version {
         Some(FORMAT_VERSION) => {}
-        Some(v) => {
-            return Err(format!(
-                "unsupported format version {v} (this build reads {FORMAT_VERSION})"
-            ))
-        }
-        None => return Err("missing \"version\"".into()),
+        Some(v) => return Err(FormatError::MetaVersion(v)),
+        None => return Err(FormatError::MetaMissingVersion),
     }
-    partitions.ok_or_else(|| "missing \"partitions\"".to_owned())
+    partitions.ok_or(FormatError::MetaMissingPartitions)
 }
 
 fn array8(b: &[u8], at: usize) -> [u8; 8] {
@@ -287,22 +336,27 @@ mod tests {
         assert!(check_segment_header(&h, 3, 4096).is_ok());
         assert!(check_segment_header(&h, 2, 4096)
             .unwrap_err()
+            .to_string()
             .contains("partition 3"));
         assert!(check_segment_header(&h, 3, 0)
             .unwrap_err()
+            .to_string()
             .contains("base offset 4096"));
         assert!(check_segment_header(&h[..31], 3, 4096)
             .unwrap_err()
+            .to_string()
             .contains("short"));
         let mut bad = h;
         bad[17] ^= 1;
         assert!(check_segment_header(&bad, 3, 4096)
             .unwrap_err()
+            .to_string()
             .contains("checksum"));
         let mut bad = h;
         bad[0] = b'X';
         assert!(check_segment_header(&bad, 3, 4096)
             .unwrap_err()
+            .to_string()
             .contains("magic"));
     }
 
@@ -336,6 +390,7 @@ mod tests {
         assert!(
             parse_meta("{\"format\": \"sluice-log\", \"version\": 2, \"partitions\": 8}")
                 .unwrap_err()
+                .to_string()
                 .contains("version 2")
         );
         assert!(parse_meta("{\"format\": \"sluice-log\", \"version\": 1}").is_err());

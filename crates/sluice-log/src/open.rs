@@ -160,7 +160,7 @@ pub(crate) fn open_partition(cfg: &LogConfig, id: u32) -> Result<OpenedPartition
             segment: tail_path.clone(),
             cut_bytes: tail_len,
             at_offset: tail_base,
-            reason: why.clone(),
+            reason: why.to_string(),
         });
         (SEGMENT_HEADER_LEN, scan)
     } else {

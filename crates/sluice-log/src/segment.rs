@@ -15,7 +15,7 @@ use std::path::Path;
 #[derive(Debug)]
 pub(crate) struct Scan {
     /// Why the header is unusable, if it is.
-    pub header_problem: Option<String>,
+    pub header_problem: Option<crate::format::FormatError>,
     /// Bytes covered by the header and the complete, valid records.
     pub valid_len: u64,
     /// Offset after the last valid record.
@@ -191,7 +191,7 @@ pub(crate) fn read_segment(
         ));
     }
     r.read_exact(&mut header)?;
-    check_segment_header(&header, p, req.base).map_err(|why| corrupt(0, why))?;
+    check_segment_header(&header, p, req.base).map_err(|why| corrupt(0, why.to_string()))?;
     let mut pos = req.start.pos;
     let mut off = req.start.offset;
     if pos != SEGMENT_HEADER_LEN {

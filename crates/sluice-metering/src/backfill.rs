@@ -14,7 +14,7 @@
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use sluice_core::{EventLog, Payload};
-use sluice_jobs::{JobContext, JobError, JobHandler};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload};
 use sluice_store::{ConsumerCommit, Folder, Job, StoreError};
 use std::sync::Arc;
 
@@ -25,6 +25,22 @@ pub const KIND: &str = "meter.backfill";
 pub struct MeterBackfill {
     /// The log to read.
     pub log: Arc<dyn EventLog>,
+}
+
+/// The payload of a `meter.backfill` job.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BackfillPayload {
+    /// Payload version (1).
+    #[serde(default = "sluice_jobs::payload_v1")]
+    pub v: u32,
+    /// The meter's workspace.
+    pub workspace: String,
+    /// The meter's key.
+    pub meter: String,
+}
+
+impl JobPayload for BackfillPayload {
+    const KIND: &'static str = KIND;
 }
 
 /// Consumer name (checkpoint key) of a meter's backfill.
@@ -43,8 +59,7 @@ impl JobHandler for MeterBackfill {
     }
 
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
-        let ws = job.payload["workspace"].as_str().unwrap_or_default().to_owned();
-        let key = job.payload["meter"].as_str().unwrap_or_default().to_owned();
+        let BackfillPayload { workspace: ws, meter: key, .. } = BackfillPayload::of(job)?;
         let meter = ctx.store().get_meter(&ws, &key).await?;
         let name = checkpoint_name(&ws, &key);
         let total: u64 = meter.start_offsets.iter().map(|(p, o)| o.saturating_sub(self.log.start_offset(*p))).sum();
@@ -98,7 +113,7 @@ impl JobHandler for MeterBackfill {
                                 Err(o) => o.to_string(),
                             },
                             Ok(None) => continue,
-                            Err(err) => err,
+                            Err(err) => err.to_string(),
                         };
                         tracing::warn!(meter = %key, event = %e.id, error = %why, "event not metered by the backfill");
                         skip(1, format!("event {}: {why}", e.id), &mut reasons);

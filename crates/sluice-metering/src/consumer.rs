@@ -62,7 +62,7 @@ impl Consumer for MetersConsumer {
             }
             // A value the meter cannot take is the event's fault: retrying
             // cannot help, so it goes to the dead letters at once.
-            if let Some(d) = crate::meter::usage_of(&m, e).map_err(HandleError::Permanent)? {
+            if let Some(d) = crate::meter::usage_of(&m, e).map_err(|e| HandleError::Permanent(e.to_string()))? {
                 usage.push(d);
             }
         }
@@ -78,7 +78,7 @@ impl Consumer for MetersConsumer {
             }
             match crate::meter::batch_usage(&m, b)? {
                 Ok(d) => usage.extend(d),
-                Err(e) => return Some(Err(HandleError::Permanent(e))),
+                Err(e) => return Some(Err(HandleError::Permanent(e.to_string()))),
             }
         }
         Some(Ok(if usage.is_empty() { Effect::None } else { Effect::Usage(usage) }))

@@ -50,13 +50,60 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use sluice_core::{BatchHeader, BatchRow, Bursts, EventBatch, EventId, WorkspaceName};
 use sluice_ingest::Ingestor;
-use sluice_jobs::{JobContext, JobError, JobHandler};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload};
 use sluice_store::{Job, Meter};
 
 use crate::repeats::{Occurrences, RepeatFinder, Repeats};
+use crate::MeterError;
 
 /// Kind of the job.
 pub const KIND: &str = "import.usage";
+/// What invalid rows do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportMode {
+    /// Any invalid row: nothing is imported.
+    #[default]
+    Strict,
+    /// Valid rows are imported, invalid ones listed.
+    SkipInvalid,
+}
+
+impl FromStr for ImportMode {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(ImportMode::Strict),
+            "skip_invalid" => Ok(ImportMode::SkipInvalid),
+            _ => Err(()),
+        }
+    }
+}
+
+/// The payload of an `import.usage` job.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImportPayload {
+    /// Payload version (1).
+    #[serde(default = "sluice_jobs::payload_v1")]
+    pub v: u32,
+    /// The uploaded file (in the imports directory).
+    pub file: PathBuf,
+    /// What invalid rows do.
+    #[serde(default)]
+    pub mode: ImportMode,
+    /// Size of the upload.
+    #[serde(default)]
+    pub bytes: u64,
+    /// The file's name as uploaded (multipart), if any.
+    #[serde(default)]
+    pub filename: Option<String>,
+}
+
+impl JobPayload for ImportPayload {
+    const KIND: &'static str = KIND;
+}
+
 /// Errors listed in an import (more are only counted).
 pub const MAX_ERRORS: usize = 1000;
 /// Rows per batch handed to ingest.
@@ -235,8 +282,8 @@ fn error(row: u64, column: &str, value: &str, message: impl Into<String>) -> Val
     json!({"row": row, "column": column, "value": value.chars().take(200).collect::<String>(), "message": message.into()})
 }
 
-fn reader(path: &Path) -> Result<csv::Reader<std::io::BufReader<std::fs::File>>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("cannot open the uploaded file: {e}"))?;
+fn reader(path: &Path) -> Result<csv::Reader<std::io::BufReader<std::fs::File>>, MeterError> {
+    let f = std::fs::File::open(path).map_err(MeterError::OpenFile)?;
     let mut r = std::io::BufReader::with_capacity(1 << 20, f);
     // Skip a UTF-8 byte order mark.
     if r.fill_buf().map(|b| b.starts_with(&[0xEF, 0xBB, 0xBF])).unwrap_or(false) {
@@ -247,9 +294,9 @@ fn reader(path: &Path) -> Result<csv::Reader<std::io::BufReader<std::fs::File>>,
     Ok(csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::Headers).from_reader(r))
 }
 
-fn columns(headers: &csv::StringRecord) -> Result<Columns, String> {
+fn columns(headers: &csv::StringRecord) -> Result<Columns, MeterError> {
     let find = |name: &str| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
-    let need = |name: &str| find(name).ok_or_else(|| format!("the header row has no `{name}` column (required: customer_id, meter, timestamp, quantity)"));
+    let need = |name: &'static str| find(name).ok_or(MeterError::MissingColumn(name));
     Ok(Columns {
         customer: need("customer_id")?,
         subscription: find("subscription_id"),
@@ -462,15 +509,15 @@ fn row_id(content: &[u8; 32], occurrence: u32) -> EventId {
 }
 
 /// The header of the batches of one meter's rows.
-fn batch_header(meter: &Meter, workspace: &WorkspaceName, received_at: DateTime<Utc>) -> Result<BatchHeader, String> {
+fn batch_header(meter: &Meter, workspace: &WorkspaceName, received_at: DateTime<Utc>) -> Result<BatchHeader, MeterError> {
     let mut context = Map::new();
     context.insert("source".into(), Value::String("csv_import".into()));
     if meter.value_property.as_deref().is_some_and(|p| meter.filter.keys().any(|k| k == p || p.starts_with(&format!("{k}.")))) {
-        return Err(format!("meter {:?}: its filter and value property overlap", meter.key));
+        return Err(MeterError::FilterValueOverlap(meter.key.clone()));
     }
     Ok(BatchHeader {
         workspace: workspace.clone(),
-        event_type: sluice_core::EventType::parse(meter.event_type.clone()).map_err(|e| e.0)?,
+        event_type: sluice_core::EventType::parse(meter.event_type.clone())?,
         received_at,
         context,
         // Filter properties, so that the rows count for their meter.
@@ -490,11 +537,12 @@ impl JobHandler for UsageImport {
     }
 
     async fn ended(&self, job: &Job) {
+        let file = ImportPayload::of(job).ok().map(|p| p.file);
         // A succeeded import is done with its upload; a failed or cancelled
         // one keeps it so `POST /v1/jobs/{id}/retry` can run it again (e.g.
         // after creating a missing meter) until `sweep_uploads` removes it.
         if job.state == "succeeded" {
-            if let Some(f) = job.payload["file"].as_str() {
+            if let Some(f) = file {
                 let _ = std::fs::remove_file(f);
             }
         }
@@ -502,8 +550,9 @@ impl JobHandler for UsageImport {
 
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
         let started = std::time::Instant::now();
-        let path = PathBuf::from(job.payload["file"].as_str().unwrap_or_default());
-        let strict = job.payload["mode"].as_str() != Some("skip_invalid");
+        let payload = ImportPayload::of(job)?;
+        let path = payload.file;
+        let strict = payload.mode == ImportMode::Strict;
         let ws = ctx.store().get_workspace(&job.workspace).await?;
         // A stored workspace that does not parse will not parse next time.
         let tz = Tz::from_str(&ws.time_zone).map_err(JobError::permanent)?;
@@ -541,7 +590,7 @@ impl JobHandler for UsageImport {
         let received_at = Utc::now();
         let mut headers: Vec<Option<BatchHeader>> = vec![None; meter_list.len()];
         for &m in &used_meters {
-            let h = batch_header(&meter_list[m as usize], &workspace, received_at).map_err(|e| fatal(e, summary(0, 0, 0)))?;
+            let h = batch_header(&meter_list[m as usize], &workspace, received_at).map_err(|e| fatal(e.to_string(), summary(0, 0, 0)))?;
             let sample = EventBatch {
                 header: h.clone(),
                 rows: vec![BatchRow {
@@ -756,9 +805,9 @@ fn validate(
     let spool_error = |e: std::io::Error| JobError::Failed(format!("writing the import spool: {e}"));
     let spool_file = std::fs::File::create(spool_path).map_err(|e| JobError::Failed(format!("creating the import spool: {e}")))?;
     let mut spool = std::io::BufWriter::with_capacity(1 << 20, spool_file);
-    let mut rdr = reader(path).map_err(|e| fatal(e.clone(), json!({"errors": [], "errors_total": 0})))?;
+    let mut rdr = reader(path).map_err(|e| fatal(e.to_string(), json!({"errors": [], "errors_total": 0})))?;
     let headers = rdr.headers().map_err(|e| fatal(format!("row 1: cannot read the header row: {e}"), json!({})))?.clone();
-    let cols = columns(&headers).map_err(|e| fatal(e.clone(), json!({"errors": [error(1, "", "", e)], "errors_total": 1})))?;
+    let cols = columns(&headers).map_err(|e| fatal(e.to_string(), json!({"errors": [error(1, "", "", e.to_string())], "errors_total": 1})))?;
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let mut v = Validated {
         rows_total: 0,
@@ -939,6 +988,23 @@ pub fn sweep_uploads(dir: &Path, max_age: std::time::Duration) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn payloads_of_older_binaries_still_decode() {
+        // As enqueued before payloads were typed (no version).
+        let old = json!({"file": "/data/imports/x.csv", "mode": "skip_invalid", "bytes": 10, "filename": null});
+        let p: ImportPayload = serde_json::from_value(old).unwrap();
+        assert_eq!((p.v, p.mode, p.bytes), (1, ImportMode::SkipInvalid, 10));
+        let strict: ImportPayload = serde_json::from_value(json!({"file": "f", "mode": "strict"})).unwrap();
+        assert_eq!(strict.mode, ImportMode::Strict);
+        // What this binary writes reads back the same.
+        assert_eq!(serde_json::from_value::<ImportPayload>(p.to_value()).unwrap(), p);
+        // A payload without its file is refused, not read as an empty path.
+        assert!(serde_json::from_value::<ImportPayload>(json!({"mode": "strict"})).is_err());
+        assert!(serde_json::from_value::<ImportPayload>(json!({"file": "f", "mode": "lenient"})).is_err());
+        let backfill: crate::backfill::BackfillPayload = serde_json::from_value(json!({"workspace": "w", "meter": "gb"})).unwrap();
+        assert_eq!((backfill.v, backfill.meter.as_str()), (1, "gb"));
+    }
 
     #[test]
     fn max_quantity_is_1e20() {

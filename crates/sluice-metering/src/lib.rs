@@ -14,10 +14,12 @@
 
 pub mod backfill;
 pub mod consumer;
+mod error;
 pub mod import;
 pub mod meter;
 mod repeats;
 pub mod usage;
 
 pub use consumer::{MeterCache, MetersConsumer};
+pub use error::MeterError;
 pub use meter::{validate, MeterSpec};

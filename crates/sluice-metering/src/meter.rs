@@ -8,6 +8,8 @@ use serde_json::{Map, Value};
 use sluice_core::{Aggregation, Event};
 use sluice_store::{Meter, UsageDelta};
 
+use crate::MeterError;
+
 /// A meter as requested by a client.
 #[derive(Debug, Clone)]
 pub struct MeterSpec {
@@ -94,7 +96,7 @@ pub const MAX_KEY_BYTES: usize = 512;
 /// The usage one event contributes to one meter: `Ok(None)` if the meter
 /// does not apply to it, `Err` (naming the property) if it applies but its
 /// value is missing or not a number.
-pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
+pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, MeterError> {
     if e.workspace.as_str() != m.workspace || e.event_type.as_str() != m.event_type {
         return Ok(None);
     }
@@ -109,7 +111,7 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
         Value::Object(g).to_string()
     };
     if group_key.len() > MAX_KEY_BYTES {
-        return Err(format!("meter {:?}: the group_by values take {} bytes; at most {MAX_KEY_BYTES} (they are part of the usage bucket's key)", m.key, group_key.len()));
+        return Err(MeterError::GroupKeyTooLong { meter: m.key.clone(), bytes: group_key.len() });
     }
     let mut d = UsageDelta {
         workspace: m.workspace.as_str().into(),
@@ -130,19 +132,19 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
         return Ok(Some(d));
     }
     let path = m.value_property.as_deref().unwrap_or_default();
-    let raw = at(&props, path).ok_or_else(|| format!("meter {:?}: properties.{path} is missing", m.key))?;
+    let raw = at(&props, path).ok_or_else(|| MeterError::MissingValue { meter: m.key.clone(), path: path.to_owned() })?;
     if m.aggregation == Aggregation::UniqueCount {
         let v = match raw {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
         if v.len() > MAX_KEY_BYTES || v.contains('\0') {
-            return Err(format!("meter {:?}: properties.{path} must be at most {MAX_KEY_BYTES} bytes without NUL to be counted as a unique value", m.key));
+            return Err(MeterError::BadUniqueValue { meter: m.key.clone(), path: path.to_owned() });
         }
         d.unique = Some(v);
         return Ok(Some(d));
     }
-    let v = decimal(raw).ok_or_else(|| format!("meter {:?}: properties.{path} = {raw} is not a number (or not one an exact decimal holds: at most about 7.9e28, 28 digits after the point)", m.key))?;
+    let v = decimal(raw).ok_or_else(|| MeterError::NotANumber { meter: m.key.clone(), path: path.to_owned(), shown: raw.to_string() })?;
     d.sum = v;
     d.min = Some(v);
     d.max = Some(v);
@@ -156,7 +158,7 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, String> {
 /// or group-by reads the batch's varying value (then the caller meters the
 /// expanded events one by one); `Err` if a row's value is not a number
 /// (then the caller does the same, so that only that event fails).
-pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<UsageDelta>, String>> {
+pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<UsageDelta>, MeterError>> {
     let h = &b.header;
     if h.workspace.as_str() != m.workspace || h.event_type.as_str() != m.event_type {
         return Some(Ok(Vec::new()));
@@ -181,7 +183,7 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
         Value::Object(g).to_string()
     };
     if group_key.len() > MAX_KEY_BYTES {
-        return Some(Err(format!("meter {:?}: the group_by values take {} bytes; at most {MAX_KEY_BYTES}", m.key, group_key.len())));
+        return Some(Err(MeterError::GroupKeyTooLong { meter: m.key.clone(), bytes: group_key.len() }));
     }
     let valued = m.aggregation.reads_values();
     if valued && m.value_property != h.value_path {
@@ -217,16 +219,16 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
         };
         if valued {
             let Some(raw) = r.value.as_deref() else {
-                return Some(Err(format!("meter {:?}: properties.{path} is missing", m.key)));
+                return Some(Err(MeterError::MissingValue { meter: m.key.clone(), path: path.to_owned() }));
             };
             if unique {
                 if raw.len() > MAX_KEY_BYTES || raw.contains('\0') {
-                    return Some(Err(format!("meter {:?}: properties.{path} must be at most {MAX_KEY_BYTES} bytes without NUL to be counted as a unique value", m.key)));
+                    return Some(Err(MeterError::BadUniqueValue { meter: m.key.clone(), path: path.to_owned() }));
                 }
                 d.unique = Some(raw.to_owned());
             } else {
                 let Ok(v) = raw.trim().parse::<Decimal>() else {
-                    return Some(Err(format!("meter {:?}: properties.{path} = {raw:?} is not a number (or not one an exact decimal holds: at most about 7.9e28, 28 digits after the point)", m.key)));
+                    return Some(Err(MeterError::NotANumber { meter: m.key.clone(), path: path.to_owned(), shown: format!("{raw:?}") }));
                 };
                 d.sum = v;
                 d.min = Some(v);
@@ -245,7 +247,7 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
                 if let Err(o) = out[*e.get()].merge(&d) {
                     // The caller meters the events one by one: only the
                     // event that overflows fails.
-                    return Some(Err(o.to_string()));
+                    return Some(Err(o.into()));
                 }
             }
             std::collections::hash_map::Entry::Vacant(e) => {

@@ -23,14 +23,14 @@ pub enum Granularity {
 }
 
 impl std::str::FromStr for Granularity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::MeterError;
+    fn from_str(s: &str) -> Result<Self, crate::MeterError> {
         match s {
             "hour" => Ok(Granularity::Hour),
             "day" => Ok(Granularity::Day),
             "month" => Ok(Granularity::Month),
             "total" => Ok(Granularity::Total),
-            _ => Err("must be hour, day, month or total".into()),
+            _ => Err(crate::MeterError::UnknownGranularity),
         }
     }
 }

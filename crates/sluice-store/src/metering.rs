@@ -74,14 +74,8 @@ pub struct UsageDelta {
 impl UsageOverflow {
     /// The bucket that would overflow.
     pub fn bucket_key(&self) -> UsageBucketKey {
-        UsageBucketKey {
-            workspace: self.workspace.clone(),
-            meter: self.meter.clone(),
-            customer_id: self.customer_id.clone(),
-            subscription_id: self.subscription_id.clone(),
-            group_key: self.group_key.clone(),
-            bucket_start: self.bucket_start,
-        }
+        let (workspace, meter, customer_id, subscription_id, group_key) = (&self.workspace, &self.meter, &self.customer_id, &self.subscription_id, &self.group_key);
+        UsageBucketKey::of([workspace, meter, customer_id, subscription_id, group_key], self.bucket_start)
     }
 }
 
@@ -153,14 +147,8 @@ impl UsageDelta {
 
     /// The bucket's identity as an [`UsageBucketKey`].
     pub fn bucket_key(&self) -> UsageBucketKey {
-        UsageBucketKey {
-            workspace: self.workspace.to_string(),
-            meter: self.meter.to_string(),
-            customer_id: self.customer_id.to_string(),
-            subscription_id: self.subscription_id.to_string(),
-            group_key: self.group_key.to_string(),
-            bucket_start: self.bucket_start,
-        }
+        let (workspace, meter, customer_id, subscription_id, group_key) = (&self.workspace, &self.meter, &self.customer_id, &self.subscription_id, &self.group_key);
+        UsageBucketKey::of([&**workspace, meter, customer_id, subscription_id, group_key], self.bucket_start)
     }
 }
 
@@ -179,6 +167,13 @@ pub struct UsageBucketKey {
     pub group_key: String,
     /// Start of the 15-minute UTC bucket, microseconds.
     pub bucket_start: i64,
+}
+
+impl UsageBucketKey {
+    fn of(names: [&str; 5], bucket_start: i64) -> UsageBucketKey {
+        let [workspace, meter, customer_id, subscription_id, group_key] = names.map(str::to_owned);
+        UsageBucketKey { workspace, meter, customer_id, subscription_id, group_key, bucket_start }
+    }
 }
 
 /// Adding usage to a bucket would exceed the largest exact decimal

@@ -209,6 +209,8 @@ async fn run(cfg: Config) -> Result<()> {
     }
     let mut state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
     state.metrics_require_key = cfg.metrics.require_key;
+    // "0s" would make every sign-in expire at once: a session lasts at least a second.
+    state.session_ttl = cfg.dashboard.session_ttl.max(Duration::from_secs(1));
     // Not a configuration key: only `sluice bench` starts servers with it.
     state.bench_endpoints = std::env::var("SLUICE_BENCH_ENDPOINTS").is_ok_and(|v| v == "1");
     state.lake = Some(sluice_api::state::LakeHandle { sql, schemas: schemas.clone(), root: lake_root.clone() });
@@ -419,7 +421,7 @@ async fn queue_compactions(store: &Store) -> Result<()> {
                 .enqueue_job(&sluice_store::NewJob {
                     workspace: ws.clone(),
                     kind: sluice_lake::compact::KIND.into(),
-                    payload: serde_json::json!({"workspace": ws}),
+                    payload: sluice_jobs::JobPayload::to_value(&sluice_lake::compact::CompactPayload { v: 1, workspace: Some(ws.clone()) }),
                     max_attempts: 3,
                     created_by: None,
                 })

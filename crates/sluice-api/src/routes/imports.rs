@@ -72,10 +72,10 @@ pub async fn create(State(st): State<AppState>, who: Principal, Query(q): Query<
     if q.kind.as_deref().unwrap_or("usage") != "usage" {
         return Err(ApiError::bad_request("kind: only `usage` imports exist"));
     }
-    let mode = q.mode.clone().unwrap_or_else(|| "strict".into());
-    if mode != "strict" && mode != "skip_invalid" {
-        return Err(ApiError::bad_request("mode: must be strict or skip_invalid"));
-    }
+    let mode: sluice_metering::import::ImportMode = match q.mode.as_deref() {
+        None => Default::default(),
+        Some(m) => m.parse().map_err(|()| ApiError::bad_request("mode: must be strict or skip_invalid"))?,
+    };
     tokio::fs::create_dir_all(&st.imports_dir).await.map_err(ApiError::internal)?;
     let path = st.imports_dir.join(format!("{}.csv", uuid::Uuid::now_v7().simple()));
     let multipart = req
@@ -104,7 +104,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Query(q): Query<
         .enqueue_job(&sluice_store::NewJob {
             workspace: who.workspace.to_string(),
             kind: sluice_metering::import::KIND.into(),
-            payload: json!({"file": path.display().to_string(), "mode": mode, "bytes": bytes, "filename": filename}),
+            payload: sluice_jobs::JobPayload::to_value(&sluice_metering::import::ImportPayload { v: 1, file: path.clone(), mode, bytes, filename }),
             max_attempts: 3,
             created_by: Some(who.key_id.clone()),
         })

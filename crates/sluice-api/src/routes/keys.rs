@@ -84,7 +84,7 @@ pub async fn create(
     Json(body): Json<CreateKey>,
 ) -> Result<(StatusCode, Json<KeyView>), ApiError> {
     who.require_admin()?;
-    let scope: Scope = body.scope.parse().map_err(|e: String| ApiError::bad_request(format!("scope: {e}")))?;
+    let scope: Scope = body.scope.parse().map_err(|e: sluice_core::scope::UnknownScope| ApiError::bad_request(format!("scope: {e}")))?;
     if scope == Scope::Root {
         return Err(ApiError::bad_request("scope: root keys cannot be created through the API; use admin"));
     }

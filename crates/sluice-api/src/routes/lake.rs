@@ -229,7 +229,7 @@ pub async fn compact(State(st): State<AppState>, who: Principal) -> Result<(Stat
         .enqueue_job(&sluice_store::NewJob {
             workspace: who.workspace.to_string(),
             kind: sluice_lake::compact::KIND.into(),
-            payload: json!({"workspace": who.workspace.as_str()}),
+            payload: sluice_jobs::JobPayload::to_value(&sluice_lake::compact::CompactPayload { v: 1, workspace: Some(who.workspace.to_string()) }),
             max_attempts: 3,
             created_by: Some(who.key_id.clone()),
         })
@@ -345,7 +345,7 @@ pub async fn run_query(State(st): State<AppState>, who: Principal, Path(name): P
         .enqueue_job(&sluice_store::NewJob {
             workspace: who.workspace.to_string(),
             kind: sluice_lake::export::KIND.into(),
-            payload: json!({"query": name}),
+            payload: sluice_jobs::JobPayload::to_value(&sluice_lake::export::ExportPayload { v: 1, query: name.clone(), scheduled_for: None }),
             max_attempts: 3,
             created_by: Some(who.key_id.clone()),
         })

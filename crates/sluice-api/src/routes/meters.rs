@@ -139,7 +139,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
         .enqueue_job(&sluice_store::NewJob {
             workspace: who.workspace.to_string(),
             kind: sluice_metering::backfill::KIND.into(),
-            payload: json!({"workspace": m.workspace, "meter": m.key}),
+            payload: sluice_jobs::JobPayload::to_value(&sluice_metering::backfill::BackfillPayload { v: 1, workspace: m.workspace.clone(), meter: m.key.clone() }),
             max_attempts: 5,
             created_by: Some(who.key_id.clone()),
         })

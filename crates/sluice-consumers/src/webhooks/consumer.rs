@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use sluice_core::Event;
 use sluice_store::{Delivery, Store, Webhook};
 
-use super::{sign, ssrf};
+use super::{sign, ssrf, WebhookError};
 use crate::runtime::{Attempt, Consumer, Effect, HandleError, RetryPolicy, Start};
 
 /// Consumer name of a webhook.
@@ -69,11 +69,11 @@ impl WebhookConsumer {
             && self.hook.event_types.iter().any(|t| t == "*" || t == e.event_type.as_str())
     }
 
-    async fn send(&self, msg_id: &str, body: &str) -> Result<u16, String> {
-        let url = reqwest::Url::parse(&self.hook.url).map_err(|e| format!("invalid URL: {e}"))?;
+    async fn send(&self, msg_id: &str, body: &str) -> Result<u16, WebhookError> {
+        let url = reqwest::Url::parse(&self.hook.url).map_err(WebhookError::StoredUrl)?;
         ssrf::check_before_send(&url, self.allow_private)?;
         let ts = Utc::now().timestamp();
-        let signature = sign::sign(&self.hook.secret, msg_id, ts, body.as_bytes()).map_err(|e| e.to_string())?;
+        let signature = sign::sign(&self.hook.secret, msg_id, ts, body.as_bytes())?;
         let resp = self
             .http
             .post(url)
@@ -84,7 +84,7 @@ impl WebhookConsumer {
             .body(body.to_owned())
             .send()
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| WebhookError::Request(describe(&e)))?;
         Ok(resp.status().as_u16())
     }
 }
@@ -150,7 +150,7 @@ impl Consumer for WebhookConsumer {
                 d.last_status_code = Some(i32::from(code));
                 Err(format!("receiver answered HTTP {code}"))
             }
-            Err(err) => Err(err),
+            Err(err) => Err(err.to_string()),
         };
         if let Err(err) = &outcome {
             d.last_error = Some(err.clone());

@@ -36,6 +36,8 @@ use std::time::Duration;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
 
+use super::WebhookError;
+
 /// How long [`check_resolved`] waits for DNS before giving up.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -161,11 +163,8 @@ fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     }
 }
 
-fn refusal(host: &str) -> String {
-    format!(
-        "refusing webhook target {host}: loopback, private, link-local and other special-purpose \
-         addresses are not allowed (set SLUICE_WEBHOOK_ALLOW_PRIVATE=1 to allow)"
-    )
+fn refusal(host: &str) -> WebhookError {
+    WebhookError::Forbidden(host.to_owned())
 }
 
 /// The IP address of an IP-literal host, if it is one.
@@ -186,24 +185,17 @@ fn literal_ip(url: &Url) -> Option<IpAddr> {
 /// see [`check_resolved`].
 ///
 /// Errors are human-readable messages meant for the API client.
-pub fn check_url(raw: &str, allow_private: bool) -> Result<Url, String> {
-    let url = Url::parse(raw.trim()).map_err(|e| format!("invalid webhook URL: {e}"))?;
+pub fn check_url(raw: &str, allow_private: bool) -> Result<Url, WebhookError> {
+    let url = Url::parse(raw.trim()).map_err(WebhookError::InvalidUrl)?;
     match url.scheme() {
         "http" | "https" => {}
-        other => {
-            return Err(format!(
-                "invalid webhook URL: scheme {other:?} is not allowed (use http or https)"
-            ))
-        }
+        other => return Err(WebhookError::Scheme(other.to_owned())),
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(
-            "invalid webhook URL: credentials in the URL are not allowed (use a signing secret)"
-                .to_owned(),
-        );
+        return Err(WebhookError::Credentials);
     }
     let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
-        return Err("invalid webhook URL: a host is required".to_owned());
+        return Err(WebhookError::NoHost);
     };
     if let Some(ip) = literal_ip(&url) {
         if !allow_private && is_forbidden_ip(ip) {
@@ -221,12 +213,12 @@ pub fn check_url(raw: &str, allow_private: bool) -> Result<Url, String> {
 ///
 /// Passing this check does not make later deliveries safe, because DNS answers can
 /// change; deliveries go through [`client`], which checks again at connect time.
-pub async fn check_resolved(url: &Url, allow_private: bool) -> Result<(), String> {
+pub async fn check_resolved(url: &Url, allow_private: bool) -> Result<(), WebhookError> {
     if allow_private {
         return Ok(());
     }
     let host = match url.host() {
-        None => return Err("invalid webhook URL: a host is required".to_owned()),
+        None => return Err(WebhookError::NoHost),
         Some(Host::Ipv4(v4)) => return check_ip(IpAddr::V4(v4), &v4.to_string()),
         Some(Host::Ipv6(v6)) => return check_ip(IpAddr::V6(v6), &format!("[{v6}]")),
         Some(Host::Domain(domain)) => domain,
@@ -235,11 +227,11 @@ pub async fn check_resolved(url: &Url, allow_private: bool) -> Result<(), String
     let addrs: Vec<SocketAddr> =
         tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
             .await
-            .map_err(|_| format!("cannot resolve webhook host {host}: timed out"))?
-            .map_err(|e| format!("cannot resolve webhook host {host}: {e}"))?
+            .map_err(|_| WebhookError::ResolveTimeout(host.to_owned()))?
+            .map_err(|source| WebhookError::Resolve { host: host.to_owned(), source })?
             .collect();
     if addrs.is_empty() {
-        return Err(format!("cannot resolve webhook host {host}: no addresses"));
+        return Err(WebhookError::NoAddresses(host.to_owned()));
     }
     if let Some(bad) = addrs.iter().find(|a| is_forbidden_ip(a.ip())) {
         return Err(refusal(&format!("{host} (resolves to {})", bad.ip())));
@@ -247,7 +239,7 @@ pub async fn check_resolved(url: &Url, allow_private: bool) -> Result<(), String
     Ok(())
 }
 
-fn check_ip(ip: IpAddr, shown: &str) -> Result<(), String> {
+fn check_ip(ip: IpAddr, shown: &str) -> Result<(), WebhookError> {
     if is_forbidden_ip(ip) {
         Err(refusal(shown))
     } else {
@@ -260,7 +252,7 @@ fn check_ip(ip: IpAddr, shown: &str) -> Result<(), String> {
 /// reqwest connects to IP literals without calling the DNS resolver, so
 /// [`GuardedResolver`] never sees them; call this before every delivery. Host names
 /// pass here and are checked by the resolver when the connection is made.
-pub fn check_before_send(url: &Url, allow_private: bool) -> Result<(), String> {
+pub fn check_before_send(url: &Url, allow_private: bool) -> Result<(), WebhookError> {
     match literal_ip(url) {
         Some(ip) if !allow_private && is_forbidden_ip(ip) => {
             Err(refusal(url.host_str().unwrap_or_default()))
@@ -473,7 +465,7 @@ mod tests {
             "http://[100::1]/", "http://[64:ff9b:1::1]/", "http://[2002:7f00:1::1]/", "http://[::ffff:127.0.0.1]/",
             "http://[::ffff:0:127.0.0.1]/", "http://[64:ff9b::127.0.0.1]/",
         ] {
-            let e = check_url(u, false).unwrap_err();
+            let e = check_url(u, false).unwrap_err().to_string();
             assert!(e.contains("refusing webhook target"), "{u}: {e}");
             let url = Url::parse(u).unwrap();
             assert!(check_before_send(&url, false).is_err(), "{u} at send time");
@@ -494,7 +486,7 @@ mod tests {
         // Host names are not resolved here, even obviously local ones.
         ok("http://localhost/x");
 
-        let err = |u: &str| check_url(u, false).unwrap_err();
+        let err = |u: &str| check_url(u, false).unwrap_err().to_string();
         for u in [
             "http://127.0.0.1/",
             "http://[::1]:8080/x",
@@ -537,11 +529,13 @@ mod tests {
         let url = Url::parse("http://127.0.0.1:8080/x").unwrap();
         assert!(check_before_send(&url, false)
             .unwrap_err()
+            .to_string()
             .contains("refusing webhook target 127.0.0.1"));
         check_before_send(&url, true).unwrap();
         let url = Url::parse("http://[::1]/").unwrap();
         assert!(check_before_send(&url, false)
             .unwrap_err()
+            .to_string()
             .contains("[::1]"));
         check_before_send(&Url::parse("http://localhost/").unwrap(), false).unwrap();
         check_before_send(&Url::parse("http://8.8.8.8/").unwrap(), false).unwrap();
@@ -550,7 +544,7 @@ mod tests {
     #[tokio::test]
     async fn check_resolved_refuses_local_names_and_literals() {
         let url = Url::parse("http://localhost:8080/").unwrap();
-        let e = check_resolved(&url, false).await.unwrap_err();
+        let e = check_resolved(&url, false).await.unwrap_err().to_string();
         assert!(e.contains("refusing webhook target localhost"), "{e}");
         check_resolved(&url, true).await.unwrap();
         let url = Url::parse("http://[::1]/").unwrap();

@@ -57,6 +57,7 @@ const HEALTHZ_CLOSE: &str = "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: clo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_silent_connections_do_not_stop_healthz_or_ingest_and_are_closed_within_the_header_timeout() {
+    let _heavy = crate::helpers::heavy().await;
     raise_own_fd_limit();
     let header_timeout = Duration::from_secs(4);
     let s = Server::start_with(&[("SLUICE_HTTP_HEADER_TIMEOUT", "4s"), ("SLUICE_HTTP_MAX_CONNECTIONS", "1010")]).await;

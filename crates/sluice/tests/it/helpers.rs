@@ -12,6 +12,15 @@ use sluice_store::testing::TestDatabase;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
+/// Held by the tests that load the machine on purpose (a hostile tenant,
+/// hostile SQL, a thousand connections) and measure latency meanwhile: they
+/// run one at a time, so that one's load does not fail another's timing on
+/// a 2-core machine. Other tests still run beside them.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 /// Which state backend the suite runs against.
 pub fn backend() -> String {
     std::env::var("SLUICE_TEST_STATE").unwrap_or_else(|_| "sqlite".into())

@@ -80,6 +80,7 @@ async fn sql_repeat_of_a_billion_bytes_is_refused_and_the_server_stays_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_sql_queries_are_refused_or_bounded_and_rss_stays_under_the_limit() {
+    let _heavy = crate::helpers::heavy().await;
     let s = Server::start_with(ENV).await;
     let k = s.workspace_with_keys("hostile").await;
     let read = s.api(&k.read);

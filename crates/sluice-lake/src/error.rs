@@ -1,0 +1,112 @@
+//! The errors of the lake outside SQL queries ([`crate::sql::SqlError`]):
+//! configuration, DDL, export specs and schedules, writing, compacting and
+//! recovering files. The messages are stable: they are shown to API clients
+//! and written to job results.
+
+use crate::ddl::ENGINES;
+use crate::sql::SqlError;
+
+/// Errors of the lake (other than queries).
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    /// `lake.url` is `file://` without a path.
+    #[error("lake.url: `file://` needs a path, e.g. file:///var/lib/sluice/lake")]
+    UrlWithoutPath,
+    /// `lake.url` has a scheme other than `file://`.
+    #[error("lake.url: {0:?} is not supported in this version; use file:///path (s3:// comes later)")]
+    UnsupportedUrl(String),
+    /// DDL asked for an engine it cannot print.
+    #[error("engine {0:?} is not one of {engines}", engines = ENGINES.join(", "))]
+    UnknownEngine(String),
+    /// An export's format is not `parquet` or `csv`.
+    #[error("format {0:?} is not parquet or csv")]
+    ExportFormat(String),
+    /// An export has no `path`.
+    #[error("path: required, a relative path such as daily/signups.parquet")]
+    ExportPathMissing,
+    /// An export's path is empty, absolute or climbs out with `..`.
+    #[error("path {0:?} must be relative, without `..`")]
+    ExportPathNotRelative(String),
+    /// A schedule is not five cron fields.
+    #[error("{0:?} is not a 5-field cron expression (minute hour day month weekday), e.g. \"0 6 * * *\"")]
+    ScheduleFields(String),
+    /// A schedule has five fields that cron does not accept.
+    #[error("{schedule:?}: {reason}")]
+    ScheduleInvalid {
+        /// The schedule.
+        schedule: String,
+        /// What the cron parser found wrong.
+        reason: String,
+    },
+    /// A schedule that never comes due.
+    #[error("{0:?} never runs")]
+    ScheduleNever(String),
+    /// An export's destination has no parent directory.
+    #[error("export path has no directory")]
+    ExportNoDirectory,
+    /// Writing an export file failed; `step` names the step and the
+    /// directory or file relative to the lake root (never an absolute path).
+    #[error("{step}: {kind}")]
+    ExportWrite {
+        /// E.g. `creating exports/ws/daily`.
+        step: String,
+        /// What went wrong (the I/O error kind only).
+        kind: std::io::ErrorKind,
+    },
+    /// Encoding a query result for an export failed.
+    #[error("{0}")]
+    Encode(#[from] SqlError),
+    /// A file or directory operation failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Reading or writing Parquet failed.
+    #[error("{0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    /// An Arrow operation failed.
+    #[error("{0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// An operation on a named lake file failed (`path` relative to the root).
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// What failed.
+        #[source]
+        source: Box<LakeError>,
+    },
+    /// A step on a named path failed, e.g. `creating /lake/_tmp` or
+    /// `renaming into /lake/workspace=…`.
+    #[error("{step}: {source}")]
+    Step {
+        /// What was being done, and to what.
+        step: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state store failed.
+    #[error("{0}")]
+    Store(#[from] sluice_store::StoreError),
+    /// Committing written files to the manifest failed (they were removed).
+    #[error("committing lake files: {0}")]
+    Commit(#[source] sluice_store::StoreError),
+    /// Swapping compacted files into the manifest failed (the new ones were removed).
+    #[error("swapping compacted files: {0}")]
+    Swap(#[source] sluice_store::StoreError),
+    /// Written files could not be made durable.
+    #[error("making lake files durable: {0}")]
+    Sync(#[source] std::io::Error),
+    /// A lake writer thread panicked.
+    #[error("a lake writer thread panicked")]
+    WriterPanicked,
+    /// A blocking task panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl LakeError {
+    /// An error of the lake file `path` (relative to the root).
+    pub(crate) fn in_file<E: Into<LakeError>>(path: &str) -> impl FnOnce(E) -> LakeError + '_ {
+        move |e| LakeError::File { path: path.to_owned(), source: Box::new(e.into()) }
+    }
+}

@@ -23,8 +23,8 @@ use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode};
 use base64::Engine;
 use rand::RngCore;
@@ -71,10 +71,7 @@ impl Principal {
         if ok {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!(
-                "a key with scope {:?} cannot {what}; this needs {needs}",
-                self.scope.as_str()
-            )))
+            Err(ApiError::forbidden(format!("a key with scope {:?} cannot {what}; this needs {needs}", self.scope.as_str())))
         }
     }
 }

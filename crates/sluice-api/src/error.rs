@@ -130,8 +130,9 @@ impl From<ParseError> for ApiError {
                 }
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_events", message).with_details(details)
             }
-            ParseError::TooLarge { limit, max, message } => ApiError::too_large(message)
-                .with_details(vec![serde_json::json!({"limit": limit, "max": max})]),
+            ParseError::TooLarge { limit, max, message } => {
+                ApiError::too_large(message).with_details(vec![serde_json::json!({"limit": limit, "max": max})])
+            }
         }
     }
 }
@@ -146,7 +147,11 @@ impl From<IngestError> for ApiError {
                 tracing::error!(reason = %m, "ingest unavailable");
                 ApiError {
                     retry_after: Some(1),
-                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; nothing was acknowledged, retry later")
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "events could not be stored; nothing was acknowledged, retry later",
+                    )
                 }
             }
         }

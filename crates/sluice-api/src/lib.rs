@@ -68,9 +68,7 @@ impl utoipa::Modify for BearerAuth {
         components.add_security_scheme("basic", SecurityScheme::Http(Http::new(HttpAuthScheme::Basic)));
         components.add_security_scheme(
             "session",
-            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Cookie(utoipa::openapi::security::ApiKeyValue::new(
-                auth::SESSION_COOKIE,
-            ))),
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Cookie(utoipa::openapi::security::ApiKeyValue::new(auth::SESSION_COOKIE))),
         );
     }
 }
@@ -85,11 +83,7 @@ pub fn router(state: AppState) -> Router {
     // The benchmark's parse-and-discard endpoint exists only on a server
     // started for a benchmark: in production it would let any ingest key
     // burn CPU for nothing, and it is not part of the API (not in OpenAPI).
-    let bench = if state.bench_endpoints {
-        Router::new().route("/v1/bench/discard", post(routes::events::discard))
-    } else {
-        Router::new()
-    };
+    let bench = if state.bench_endpoints { Router::new().route("/v1/bench/discard", post(routes::events::discard)) } else { Router::new() };
     bench
         .route("/v1/events", post(routes::events::ingest).get(routes::events::list))
         .route("/v1/events/{id}", get(routes::events::get))
@@ -157,9 +151,7 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(axum::middleware::from_fn(record_http_metrics))
         .layer(TraceLayer::new_for_http())
-        .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {
-            ApiError::internal("handler panicked").into_response()
-        }))
+        .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| ApiError::internal("handler panicked").into_response()))
         .with_state(state)
 }
 
@@ -169,16 +161,13 @@ async fn record_http_metrics(req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!("sluice_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("sluice_http_request_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("sluice_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("sluice_http_request_seconds", "method" => method, "route" => route).record(started.elapsed().as_secs_f64());
     resp
 }
 
 /// Histogram buckets (seconds) for latency metrics.
-pub const LATENCY_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Installs the process-wide Prometheus recorder and returns its handle.
 pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {

@@ -160,12 +160,8 @@ fn raw_response(status: StatusCode, code: &str, message: &str, retry_after: bool
 /// Answers 503 to a connection over the cap and closes it, without waiting:
 /// the answer fits in the empty socket buffer.
 fn reject(stream: TcpStream, lingering: &Arc<Semaphore>) {
-    let busy = raw_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        "too many open connections (http.max_connections); retry in a second",
-        true,
-    );
+    let busy =
+        raw_response(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many open connections (http.max_connections); retry in a second", true);
     let _ = stream.try_write(&busy);
     if let Ok(permit) = lingering.clone().try_acquire_owned() {
         tokio::spawn(async move {
@@ -411,12 +407,8 @@ impl tower::Service<Request<Incoming>> for ConnService {
             let Ok(resp) = router.oneshot(req).await;
             let resp = if stalled.load(Ordering::Acquire) {
                 metrics::counter!("sluice_http_body_timeouts_total").increment(1);
-                let mut r = ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    "the request body stalled (http.body_timeout)",
-                )
-                .into_response();
+                let mut r =
+                    ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body stalled (http.body_timeout)").into_response();
                 // The rest of the body is not read: the connection cannot be reused.
                 r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 r

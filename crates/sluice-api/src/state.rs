@@ -52,7 +52,9 @@ impl ApiLimits {
         Err(crate::ApiError::new(
             axum::http::StatusCode::CONFLICT,
             "limit_exceeded",
-            format!("this workspace already has {existing} {what}, the most allowed ({config_key} = {limit}); delete one first or raise {config_key}"),
+            format!(
+                "this workspace already has {existing} {what}, the most allowed ({config_key} = {limit}); delete one first or raise {config_key}"
+            ),
         ))
     }
 }

@@ -64,11 +64,7 @@ impl JobHandler for ConsumerRebuild {
                 return Err(JobError::Cancelled);
             }
             let cps = ctx.store().checkpoints(&consumer).await?;
-            let done: u64 = until
-                .iter()
-                .zip(&from)
-                .map(|((p, u), (_, f))| cps.get(p).copied().unwrap_or(*f).min(*u).saturating_sub(*f))
-                .sum();
+            let done: u64 = until.iter().zip(&from).map(|((p, u), (_, f))| cps.get(p).copied().unwrap_or(*f).min(*u).saturating_sub(*f)).sum();
             ctx.progress(done as i64, Some(total as i64)).await;
             if done >= total {
                 return Ok(json!({"consumer": consumer, "records": total}));

@@ -565,11 +565,7 @@ impl Runtime {
                 settling = Some(self.bursts.settle());
             }
             let interval = commit_interval(*bursts.borrow() > 0);
-            if care.until.is_some()
-                || carry.events >= COMMIT_EVENTS
-                || carry.since.elapsed() >= interval
-                || carry.entries() >= COMMIT_ENTRIES
-            {
+            if care.until.is_some() || carry.events >= COMMIT_EVENTS || carry.since.elapsed() >= interval || carry.entries() >= COMMIT_ENTRIES {
                 match self.commit(&carry.commit, &mut stop).await {
                     Committed::Yes => {
                         care.committed(next);

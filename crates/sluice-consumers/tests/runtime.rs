@@ -79,9 +79,8 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
     // A panic is a permanent failure (issue 11): dead-lettered at once, like
     // e50, not retried.
     dead_expected.insert("e23".into());
-    let records: Vec<AppendRecord> = (0..60)
-        .map(|i| AppendRecord { partition: i % 3, timestamp_ms: 0, payload: event(&format!("e{i}"), &format!("c{}", i % 3)) })
-        .collect();
+    let records: Vec<AppendRecord> =
+        (0..60).map(|i| AppendRecord { partition: i % 3, timestamp_ms: 0, payload: event(&format!("e{i}"), &format!("c{}", i % 3)) }).collect();
     log.append(records).await.unwrap();
 
     let policy = RetryPolicy { attempts: 4, base: Duration::from_millis(5), max: Duration::from_millis(20) };
@@ -101,7 +100,13 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
     {
         let calls = picky.calls.lock().unwrap();
         for (id, n) in calls.iter() {
-            let expected = if panicked(id) { 1 } else if dead_expected.contains(id) { 4 } else { 1 };
+            let expected = if panicked(id) {
+                1
+            } else if dead_expected.contains(id) {
+                4
+            } else {
+                1
+            };
             assert_eq!(*n, expected, "{id} handled {n} times");
         }
         assert_eq!(calls.len(), 60);

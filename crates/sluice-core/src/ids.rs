@@ -49,9 +49,7 @@ impl EventId {
         }
         let n = s.chars().count();
         if n > MAX_EVENT_ID_CHARS {
-            return Err(IdError(format!(
-                "must be at most {MAX_EVENT_ID_CHARS} characters (got {n})"
-            )));
+            return Err(IdError(format!("must be at most {MAX_EVENT_ID_CHARS} characters (got {n})")));
         }
         if s.chars().any(char::is_control) {
             return Err(IdError("must not contain control characters".into()));
@@ -89,18 +87,10 @@ impl EventType {
             return Err(IdError("must not be empty".into()));
         }
         if s.len() > MAX_EVENT_TYPE_LEN {
-            return Err(IdError(format!(
-                "must be at most {MAX_EVENT_TYPE_LEN} characters (got {})",
-                s.len()
-            )));
+            return Err(IdError(format!("must be at most {MAX_EVENT_TYPE_LEN} characters (got {})", s.len())));
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
-        {
-            return Err(IdError(format!(
-                "may only contain letters, digits and _ . : - (found {c:?})"
-            )));
+        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))) {
+            return Err(IdError(format!("may only contain letters, digits and _ . : - (found {c:?})")));
         }
         Ok(EventType(s))
     }
@@ -145,18 +135,10 @@ impl WorkspaceName {
     /// Validates a workspace name.
     pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
         let s = s.into();
-        let ok_first = s
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        let ok_rest = s
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        let ok_first = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let ok_rest = s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
         if !ok_first || !ok_rest || s.len() > 64 {
-            return Err(IdError(
-                "must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
-                    .into(),
-            ));
+            return Err(IdError("must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit".into()));
         }
         Ok(WorkspaceName(s))
     }

@@ -103,13 +103,7 @@ pub trait EventLog: Send + Sync + 'static {
     /// Reads records of `partition` starting at `from` (or at the first
     /// available offset if `from` is older), at most `max_records` and about
     /// `max_bytes` (at least one record is returned if any exists).
-    async fn read(
-        &self,
-        partition: u32,
-        from: u64,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError>;
+    async fn read(&self, partition: u32, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, LogError>;
 
     /// A receiver that changes after every successful append, for tailing readers.
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
@@ -150,10 +144,7 @@ pub struct Bursts {
 
 impl Default for Bursts {
     fn default() -> Self {
-        Bursts {
-            active: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
-            settling: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
-        }
+        Bursts { active: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)), settling: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)) }
     }
 }
 

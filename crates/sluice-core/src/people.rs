@@ -100,12 +100,7 @@ pub fn record_effects(e: &Event) -> Vec<RecordEffect> {
         }
         GROUP => {
             if let Some(c) = &e.customer_id {
-                out.push(RecordEffect::UpsertCustomer {
-                    workspace: ws.clone(),
-                    customer_id: c.clone(),
-                    attributes: props(),
-                    at: e.timestamp,
-                });
+                out.push(RecordEffect::UpsertCustomer { workspace: ws.clone(), customer_id: c.clone(), attributes: props(), at: e.timestamp });
                 if let Some(u) = &e.user_id {
                     out.push(RecordEffect::LinkUser { workspace: ws, user_id: u.clone(), customer_id: c.clone(), at: e.timestamp });
                 }

@@ -240,10 +240,7 @@ impl Enricher {
     /// An enricher caching up to `capacity` user agents (`0` disables the
     /// cache).
     pub fn with_cache_capacity(capacity: usize) -> Self {
-        Self {
-            user_agents: HashMap::new(),
-            capacity,
-        }
+        Self { user_agents: HashMap::new(), capacity }
     }
 
     /// Enriches one event context, like [`enrich`].
@@ -282,24 +279,15 @@ fn build(context: &Value, parse_user_agent: impl FnOnce(&str) -> UserAgentInfo) 
     let fields = context::Fields::read(context);
     // The page URL only matters for its UTM parameters and, when there is a
     // referrer, its host: skip parsing it when neither can be needed.
-    let page = fields
-        .page_url
-        .filter(|url| fields.referrer.is_some() || url.contains("utm_"))
-        .and_then(|url| Url::parse(url).ok());
+    let page = fields.page_url.filter(|url| fields.referrer.is_some() || url.contains("utm_")).and_then(|url| Url::parse(url).ok());
 
     let utm = campaign::Utm::read(page.as_ref(), fields.campaign);
     let page_host = page.as_ref().and_then(Url::host_str);
-    let (referrer_host, referrer_medium, referrer_source) = match fields
-        .referrer
-        .and_then(|referrer| referrer::classify(referrer, page_host, utm.medium.as_deref()))
-    {
-        Some(referrer) => (
-            Some(referrer.host),
-            Some(referrer.medium),
-            referrer.source.map(str::to_owned),
-        ),
-        None => (None, None, None),
-    };
+    let (referrer_host, referrer_medium, referrer_source) =
+        match fields.referrer.and_then(|referrer| referrer::classify(referrer, page_host, utm.medium.as_deref())) {
+            Some(referrer) => (Some(referrer.host), Some(referrer.medium), referrer.source.map(str::to_owned)),
+            None => (None, None, None),
+        };
     let agent = fields.user_agent.map(parse_user_agent).unwrap_or_default();
 
     Enrichment {

@@ -17,46 +17,17 @@ const UNKNOWN: &str = "unknown";
 /// by [`is_google_search`] instead of being listed per country.
 const TABLE: &[(&str, &str, &[&str])] = &[
     // Search engines.
-    (
-        SEARCH,
-        "Google",
-        &["com.google.android.googlequicksearchbox"],
-    ),
+    (SEARCH, "Google", &["com.google.android.googlequicksearchbox"]),
     (SEARCH, "Bing", &["bing.com"]),
     (SEARCH, "Yahoo!", &["search.yahoo.com"]),
-    (
-        SEARCH,
-        "Yahoo! JAPAN",
-        &["search.yahoo.co.jp", "yahoo.co.jp"],
-    ),
+    (SEARCH, "Yahoo! JAPAN", &["search.yahoo.co.jp", "yahoo.co.jp"]),
     (SEARCH, "DuckDuckGo", &["duckduckgo.com"]),
     (SEARCH, "Baidu", &["baidu.com"]),
-    (
-        SEARCH,
-        "Yandex",
-        &[
-            "yandex.ru",
-            "yandex.com",
-            "yandex.com.tr",
-            "yandex.by",
-            "yandex.kz",
-            "yandex.ua",
-            "ya.ru",
-        ],
-    ),
+    (SEARCH, "Yandex", &["yandex.ru", "yandex.com", "yandex.com.tr", "yandex.by", "yandex.kz", "yandex.ua", "ya.ru"]),
     (SEARCH, "Naver", &["search.naver.com"]),
     (SEARCH, "Ecosia", &["ecosia.org"]),
     // Social networks.
-    (
-        SOCIAL,
-        "Facebook",
-        &[
-            "facebook.com",
-            "m.facebook.com",
-            "l.facebook.com",
-            "lm.facebook.com",
-        ],
-    ),
+    (SOCIAL, "Facebook", &["facebook.com", "m.facebook.com", "l.facebook.com", "lm.facebook.com"]),
     (SOCIAL, "X", &["twitter.com", "x.com", "t.co"]),
     (SOCIAL, "LinkedIn", &["linkedin.com", "lnkd.in"]),
     (SOCIAL, "Reddit", &["reddit.com"]),
@@ -66,41 +37,15 @@ const TABLE: &[(&str, &str, &[&str])] = &[
     (SOCIAL, "TikTok", &["tiktok.com"]),
     (SOCIAL, "Hacker News", &["news.ycombinator.com"]),
     // Web mail and mail apps.
-    (
-        EMAIL,
-        "Gmail",
-        &["mail.google.com", "com.google.android.gm"],
-    ),
-    (
-        EMAIL,
-        "Outlook",
-        &[
-            "outlook.live.com",
-            "outlook.office.com",
-            "outlook.office365.com",
-        ],
-    ),
-    (
-        EMAIL,
-        "Yahoo! Mail",
-        &["mail.yahoo.com", "mail.yahoo.co.jp"],
-    ),
-    (
-        EMAIL,
-        "Proton Mail",
-        &["mail.proton.me", "mail.protonmail.com"],
-    ),
+    (EMAIL, "Gmail", &["mail.google.com", "com.google.android.gm"]),
+    (EMAIL, "Outlook", &["outlook.live.com", "outlook.office.com", "outlook.office365.com"]),
+    (EMAIL, "Yahoo! Mail", &["mail.yahoo.com", "mail.yahoo.co.jp"]),
+    (EMAIL, "Proton Mail", &["mail.proton.me", "mail.protonmail.com"]),
 ];
 
 /// [`TABLE`] indexed by host: host → (medium, source).
-static HOSTS: LazyLock<HashMap<&'static str, (&'static str, &'static str)>> = LazyLock::new(|| {
-    TABLE
-        .iter()
-        .flat_map(|&(medium, source, hosts)| {
-            hosts.iter().map(move |&host| (host, (medium, source)))
-        })
-        .collect()
-});
+static HOSTS: LazyLock<HashMap<&'static str, (&'static str, &'static str)>> =
+    LazyLock::new(|| TABLE.iter().flat_map(|&(medium, source, hosts)| hosts.iter().map(move |&host| (host, (medium, source)))).collect());
 
 /// A classified referrer.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,11 +61,7 @@ pub(crate) struct Referrer {
 /// Classifies the referrer URL `referrer` of a visit to a page on
 /// `page_host` whose campaign medium is `utm_medium`. `None` when the
 /// referrer is not an absolute URL with a host, which counts as no referrer.
-pub(crate) fn classify(
-    referrer: &str,
-    page_host: Option<&str>,
-    utm_medium: Option<&str>,
-) -> Option<Referrer> {
+pub(crate) fn classify(referrer: &str, page_host: Option<&str>, utm_medium: Option<&str>) -> Option<Referrer> {
     let url = Url::parse(referrer).ok()?;
     let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
     if host.is_empty() {
@@ -136,11 +77,7 @@ pub(crate) fn classify(
     } else {
         (UNKNOWN, None)
     };
-    Some(Referrer {
-        host,
-        medium,
-        source,
-    })
+    Some(Referrer { host, medium, source })
 }
 
 /// Whether two hosts are the same site, ignoring a leading `www.`.
@@ -194,10 +131,7 @@ mod tests {
 
     #[test]
     fn table_hosts_are_unique_lower_case_and_without_www() {
-        let hosts: Vec<&str> = TABLE
-            .iter()
-            .flat_map(|(_, _, hosts)| hosts.iter().copied())
-            .collect();
+        let hosts: Vec<&str> = TABLE.iter().flat_map(|(_, _, hosts)| hosts.iter().copied()).collect();
         assert_eq!(HOSTS.len(), hosts.len(), "a host is listed twice");
         for host in hosts {
             assert_eq!(host, host.to_ascii_lowercase());
@@ -207,22 +141,10 @@ mod tests {
 
     #[test]
     fn google_search_rule() {
-        for host in [
-            "google.com",
-            "google.de",
-            "google.co.jp",
-            "google.com.au",
-            "google.cat",
-        ] {
+        for host in ["google.com", "google.de", "google.co.jp", "google.com.au", "google.cat"] {
             assert!(is_google_search(host), "{host}");
         }
-        for host in [
-            "google.example.org",
-            "google.net.jp",
-            "google.c",
-            "google.com.x1",
-            "googleapis.com",
-        ] {
+        for host in ["google.example.org", "google.net.jp", "google.c", "google.com.x1", "googleapis.com"] {
             assert!(!is_google_search(host), "{host}");
         }
         assert_eq!(lookup("www.google.co.jp"), Some((SEARCH, "Google")));
@@ -242,14 +164,7 @@ mod tests {
 
     #[test]
     fn hostless_referrers_are_no_referrer() {
-        for referrer in [
-            "",
-            "$direct",
-            "(direct)",
-            "about:blank",
-            "www.google.com",
-            "data:text/plain,x",
-        ] {
+        for referrer in ["", "$direct", "(direct)", "about:blank", "www.google.com", "data:text/plain,x"] {
             assert_eq!(classify(referrer, None, None), None, "{referrer:?}");
         }
     }

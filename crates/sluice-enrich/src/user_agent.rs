@@ -17,10 +17,7 @@ pub(crate) struct UserAgentInfo {
 /// Parses a non-empty user agent.
 pub(crate) fn parse(agent: &str) -> UserAgentInfo {
     let Some(result) = Parser::new().parse(agent) else {
-        return UserAgentInfo {
-            device: Some(device(agent, VALUE_UNKNOWN)),
-            ..UserAgentInfo::default()
-        };
+        return UserAgentInfo { device: Some(device(agent, VALUE_UNKNOWN)), ..UserAgentInfo::default() };
     };
     UserAgentInfo {
         browser: known(result.name),

@@ -32,14 +32,9 @@ pub enum BodyFormat {
 impl BodyFormat {
     /// Chooses the format from a `Content-Type` header value.
     pub fn from_content_type(ct: Option<&str>) -> BodyFormat {
-        let mime = ct
-            .and_then(|c| c.split(';').next())
-            .map(|m| m.trim().to_ascii_lowercase())
-            .unwrap_or_default();
+        let mime = ct.and_then(|c| c.split(';').next()).map(|m| m.trim().to_ascii_lowercase()).unwrap_or_default();
         match mime.as_str() {
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines" => {
-                BodyFormat::Ndjson
-            }
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines" => BodyFormat::Ndjson,
             "application/cloudevents+json" => BodyFormat::CloudEvent,
             "application/cloudevents-batch+json" => BodyFormat::CloudEventsBatch,
             _ => BodyFormat::Json,
@@ -114,8 +109,7 @@ pub fn parse_body(
     let items: Vec<(Option<usize>, &RawValue)> = match format {
         BodyFormat::Ndjson => split_ndjson(body)?,
         BodyFormat::Json | BodyFormat::CloudEvent | BodyFormat::CloudEventsBatch => {
-            let text = std::str::from_utf8(body)
-                .map_err(|e| ParseError::Malformed(format!("body is not valid UTF-8: {e}")))?;
+            let text = std::str::from_utf8(body).map_err(|e| ParseError::Malformed(format!("body is not valid UTF-8: {e}")))?;
             let first = text.trim_start().as_bytes().first().copied();
             match (first, format) {
                 (Some(b'['), BodyFormat::CloudEvent) => {
@@ -129,21 +123,14 @@ pub fn parse_body(
                     .map(|r| (None, r))
                     .collect(),
                 (Some(b'{'), BodyFormat::CloudEventsBatch) => {
-                    return Err(ParseError::Malformed(
-                        "application/cloudevents-batch+json must be a JSON array of events".into(),
-                    ))
+                    return Err(ParseError::Malformed("application/cloudevents-batch+json must be a JSON array of events".into()))
                 }
                 (Some(b'{'), _) => {
-                    let raw: &RawValue = serde_json::from_str(text)
-                        .map_err(|e| ParseError::Malformed(format!("invalid JSON: {e}")))?;
+                    let raw: &RawValue = serde_json::from_str(text).map_err(|e| ParseError::Malformed(format!("invalid JSON: {e}")))?;
                     vec![(None, raw)]
                 }
                 (None, _) => return Err(ParseError::Malformed("body is empty".into())),
-                _ => {
-                    return Err(ParseError::Malformed(
-                        "body must be a JSON object (one event) or a JSON array of events".into(),
-                    ))
-                }
+                _ => return Err(ParseError::Malformed("body must be a JSON object (one event) or a JSON array of events".into())),
             }
         }
     };
@@ -154,11 +141,7 @@ pub fn parse_body(
         return Err(ParseError::TooLarge {
             limit: "max_events",
             max: limits.max_events,
-            message: format!(
-                "request has {} events; at most {} events per request (limit max_events)",
-                items.len(),
-                limits.max_events
-            ),
+            message: format!("request has {} events; at most {} events per request (limit max_events)", items.len(), limits.max_events),
         });
     }
     if let Some((i, (_, raw))) = items.iter().enumerate().find(|(_, (_, r))| r.get().len() > limits.max_event_bytes) {
@@ -178,16 +161,17 @@ pub fn parse_body(
     let mut errors = Vec::new();
     let mut invalid_events = 0;
     for (index, (line, raw)) in items.into_iter().enumerate() {
-        let parsed = if cloud {
-            parse_cloudevent(raw, workspace, received_at)
-        } else {
-            parse_native(raw, workspace, received_at)
-        };
+        let parsed = if cloud { parse_cloudevent(raw, workspace, received_at) } else { parse_native(raw, workspace, received_at) };
         let parsed = parsed.and_then(|e| {
             let mut errs = Errs::new();
-            let names = if cloud { ["subject", "subscription_id", "user_id", "data"] } else { ["customer_id", "subscription_id", "user_id", "properties"] };
+            let names =
+                if cloud { ["subject", "subscription_id", "user_id", "data"] } else { ["customer_id", "subscription_id", "user_id", "properties"] };
             check_storable_fields(&e, names, &mut errs);
-            if errs.is_empty() { Ok(e) } else { Err(errs) }
+            if errs.is_empty() {
+                Ok(e)
+            } else {
+                Err(errs)
+            }
         });
         match parsed {
             Ok(e) => events.push(e),
@@ -218,8 +202,7 @@ fn split_ndjson(body: &[u8]) -> Result<Vec<(Option<usize>, &RawValue)>, ParseErr
         if line.trim().is_empty() {
             continue;
         }
-        let raw: &RawValue = serde_json::from_str(line)
-            .map_err(|e| ParseError::Malformed(format!("line {}: invalid JSON: {e}", i + 1)))?;
+        let raw: &RawValue = serde_json::from_str(line).map_err(|e| ParseError::Malformed(format!("line {}: invalid JSON: {e}", i + 1)))?;
         out.push((Some(i + 1), raw));
     }
     Ok(out)
@@ -257,8 +240,7 @@ fn parse_native(raw: &RawValue, workspace: &WorkspaceName, received_at: DateTime
     }
     let input: NativeIn<'_> = serde_json::from_str(raw.get()).map_err(|e| vec![serde_field_error(&e)])?;
     let mut errs = Errs::new();
-    let id = opt_string(input.id, "id", &mut errs)
-        .and_then(|s| EventId::parse(s).map_err(|e| errs.push(("id".into(), e.0))).ok());
+    let id = opt_string(input.id, "id", &mut errs).and_then(|s| EventId::parse(s).map_err(|e| errs.push(("id".into(), e.0))).ok());
     let event_type = match opt_string(input.event_type, "type", &mut errs) {
         Some(s) => EventType::parse(s).map_err(|e| errs.push(("type".into(), e.0))).ok(),
         None => {
@@ -268,9 +250,8 @@ fn parse_native(raw: &RawValue, workspace: &WorkspaceName, received_at: DateTime
             None
         }
     };
-    let timestamp = opt_string(input.timestamp, "timestamp", &mut errs).and_then(|s| {
-        parse_time(&s).map_err(|reason| errs.push(("timestamp".into(), reason.to_string()))).ok()
-    });
+    let timestamp = opt_string(input.timestamp, "timestamp", &mut errs)
+        .and_then(|s| parse_time(&s).map_err(|reason| errs.push(("timestamp".into(), reason.to_string()))).ok());
     let customer_id = opt_ref(input.customer_id, "customer_id", &mut errs);
     let subscription_id = opt_ref(input.subscription_id, "subscription_id", &mut errs);
     let user_id = opt_ref(input.user_id, "user_id", &mut errs);
@@ -327,10 +308,9 @@ fn parse_cloudevent(raw: &RawValue, workspace: &WorkspaceName, received_at: Date
     }
     let id = take_str("id", true, &mut errs).and_then(|s| EventId::parse(s).map_err(|e| errs.push(("id".into(), e.0))).ok());
     let source = take_str("source", true, &mut errs);
-    let event_type =
-        take_str("type", true, &mut errs).and_then(|s| EventType::parse(s).map_err(|e| errs.push(("type".into(), e.0))).ok());
-    let timestamp = take_str("time", false, &mut errs)
-        .and_then(|s| parse_time(&s).map_err(|reason| errs.push(("time".into(), reason.to_string()))).ok());
+    let event_type = take_str("type", true, &mut errs).and_then(|s| EventType::parse(s).map_err(|e| errs.push(("type".into(), e.0))).ok());
+    let timestamp =
+        take_str("time", false, &mut errs).and_then(|s| parse_time(&s).map_err(|reason| errs.push(("time".into(), reason.to_string()))).ok());
     let customer_id = take_str("subject", false, &mut errs);
     if customer_id.as_ref().is_some_and(|s| s.is_empty() || s.chars().count() > MAX_REF_CHARS) {
         errs.push(("subject".into(), format!("must be 1-{MAX_REF_CHARS} characters")));
@@ -387,9 +367,7 @@ pub enum TimeError {
 
 /// RFC 3339 only, e.g. `2024-05-01T12:00:00Z` or `2024-05-01T21:00:00+09:00`.
 pub fn parse_time(s: &str) -> Result<DateTime<Utc>, TimeError> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|reason| TimeError::NotRfc3339 { value: s.to_owned(), reason })
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|reason| TimeError::NotRfc3339 { value: s.to_owned(), reason })
 }
 
 fn opt_string(raw: Option<&RawValue>, field: &str, errs: &mut Errs) -> Option<String> {
@@ -476,7 +454,8 @@ fn serde_field_error(e: &serde_json::Error) -> (String, String) {
         let field = rest.split('`').next().unwrap_or("").to_owned();
         return (
             field,
-            "unknown field; allowed: id, type, timestamp, customer_id, subscription_id, user_id, properties, context (put custom data in properties)".into(),
+            "unknown field; allowed: id, type, timestamp, customer_id, subscription_id, user_id, properties, context (put custom data in properties)"
+                .into(),
         );
     }
     if let Some(rest) = msg.strip_prefix("duplicate field `") {
@@ -516,24 +495,17 @@ mod tests {
 
     #[test]
     fn every_bad_event_is_named() {
-        let body = r#"[{"type":"ok"},{"type":"bad type"},{"id":5,"type":"x","timestamp":"yesterday"},{"customerId":"c","type":"y"},{"properties":[]}, 7]"#;
-        let ParseError::Invalid { errors, invalid_events } = parse(body, BodyFormat::Json).unwrap_err() else {
-            panic!()
-        };
+        let body =
+            r#"[{"type":"ok"},{"type":"bad type"},{"id":5,"type":"x","timestamp":"yesterday"},{"customerId":"c","type":"y"},{"properties":[]}, 7]"#;
+        let ParseError::Invalid { errors, invalid_events } = parse(body, BodyFormat::Json).unwrap_err() else { panic!() };
         assert_eq!(invalid_events, 5);
         let got: Vec<(usize, &str)> = errors.iter().map(|e| (e.index, e.field.as_str())).collect();
-        assert_eq!(
-            got,
-            [(1, "type"), (2, "id"), (2, "timestamp"), (3, "customerId"), (4, "type"), (4, "properties"), (5, "")]
-        );
+        assert_eq!(got, [(1, "type"), (2, "id"), (2, "timestamp"), (3, "customerId"), (4, "type"), (4, "properties"), (5, "")]);
     }
 
     #[test]
     fn ndjson_errors_carry_lines() {
-        let ParseError::Invalid { errors, .. } = parse("{\"type\":\"a\"}\n\n{\"type\":1}\n", BodyFormat::Ndjson).unwrap_err()
-        else {
-            panic!()
-        };
+        let ParseError::Invalid { errors, .. } = parse("{\"type\":\"a\"}\n\n{\"type\":1}\n", BodyFormat::Ndjson).unwrap_err() else { panic!() };
         assert_eq!((errors[0].index, errors[0].line), (1, Some(3)));
         assert!(matches!(parse("{\"type\":\"a\"}\n{oops\n", BodyFormat::Ndjson), Err(ParseError::Malformed(m)) if m.starts_with("line 2")));
     }

@@ -16,5 +16,5 @@ pub mod segment;
 
 pub use formats::{parse_body, BodyFormat, FieldError, IngestLimits, ParseError, TimeError};
 pub use pipeline::{IngestError, Ingestor, IngestorConfig, Outcome};
-pub use schemas::{PropertyType, Schemas, TypeSchema};
 pub use read::{get_event, latest_cursor, list_events, EventFilter, EventPage, ReadError};
+pub use schemas::{PropertyType, Schemas, TypeSchema};

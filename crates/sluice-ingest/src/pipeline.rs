@@ -201,9 +201,8 @@ impl Ingestor {
         schemas: crate::schemas::Schemas,
     ) -> Result<(Ingestor, tokio::task::JoinHandle<()>), IngestError> {
         let started = Instant::now();
-        let rebuilt = recover(&*log, &store, &index)
-            .await
-            .map_err(|e| IngestError::Unavailable(format!("rebuilding the event index failed: {e}")))?;
+        let rebuilt =
+            recover(&*log, &store, &index).await.map_err(|e| IngestError::Unavailable(format!("rebuilding the event index failed: {e}")))?;
         if rebuilt > 0 {
             tracing::info!(events = rebuilt, ms = started.elapsed().as_millis() as u64, "indexed the events of the log after the index's last flush");
         }
@@ -230,10 +229,8 @@ impl Ingestor {
     /// returned `Ok` means every accepted event is on disk and indexed.
     pub async fn submit(&self, events: Vec<Event>) -> Result<Outcome, IngestError> {
         self.schemas.check(&events).map_err(IngestError::Invalid)?;
-        let encoded: Vec<Vec<u8>> = events
-            .iter()
-            .map(|e| serde_json::to_vec(e).map_err(|e| IngestError::Unavailable(e.to_string())))
-            .collect::<Result<_, _>>()?;
+        let encoded: Vec<Vec<u8>> =
+            events.iter().map(|e| serde_json::to_vec(e).map_err(|e| IngestError::Unavailable(e.to_string()))).collect::<Result<_, _>>()?;
         let bytes: usize = encoded.iter().map(Vec::len).sum::<usize>().max(1);
         self.enqueue(Items::Events { events, encoded }, bytes).await
     }
@@ -608,11 +605,8 @@ impl Writer {
         };
         let inflight = lock(&self.shared.inflight);
         let mut seen = KeySet::with_capacity_and_hasher(keys.len(), Default::default());
-        let mask = keys
-            .iter()
-            .zip(found)
-            .map(|(key, indexed)| indexed || (!inflight.is_empty() && inflight.contains(key)) || !seen.insert(*key))
-            .collect();
+        let mask =
+            keys.iter().zip(found).map(|(key, indexed)| indexed || (!inflight.is_empty() && inflight.contains(key)) || !seen.insert(*key)).collect();
         drop(inflight);
         Ok((keys, mask))
     }
@@ -805,7 +799,13 @@ async fn recover(log: &dyn EventLog, store: &Store, index: &Arc<IdIndex>) -> Res
             // The log lost a tail (corruption repaired on open): the index must
             // not point past the end of the log.
             let n = index.truncate(p, end)?;
-            tracing::warn!(partition = p, from = index_from, end, forgotten = n, "log is shorter than the id index; forgot index entries past its end");
+            tracing::warn!(
+                partition = p,
+                from = index_from,
+                end,
+                forgotten = n,
+                "log is shorter than the id index; forgot index entries past its end"
+            );
             index_from = end;
         }
         if effects_from > end {
@@ -838,7 +838,12 @@ async fn recover(log: &dyn EventLog, store: &Store, index: &Arc<IdIndex>) -> Res
                         }
                         if to_index {
                             let (ws, hour) = (b.header.workspace.as_str(), hour_of(b.header.received_at.timestamp_micros()));
-                            rows.extend(b.rows.iter().map(|row| IndexEntry { key: id_key(ws, row.id.as_str()), partition: p, offset: r.offset, hour }));
+                            rows.extend(b.rows.iter().map(|row| IndexEntry {
+                                key: id_key(ws, row.id.as_str()),
+                                partition: p,
+                                offset: r.offset,
+                                hour,
+                            }));
                         }
                     }
                     Err(err) => tracing::error!(partition = p, offset = r.offset, error = %err, "log record is not an event; not indexed"),
@@ -875,7 +880,13 @@ async fn maintain_index(index: Arc<IdIndex>, window: Duration, every: Duration) 
         match result {
             Ok(Ok((flushed, m))) => {
                 if m.runs_expired > 0 || m.entries_expired > 0 || m.merges > 0 || flushed > 0 {
-                    tracing::info!(flushed, runs_expired = m.runs_expired, merges = m.merges, entries_expired = m.entries_expired, "id index maintenance");
+                    tracing::info!(
+                        flushed,
+                        runs_expired = m.runs_expired,
+                        merges = m.merges,
+                        entries_expired = m.entries_expired,
+                        "id index maintenance"
+                    );
                 }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "id index maintenance failed"),

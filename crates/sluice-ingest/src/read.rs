@@ -69,11 +69,7 @@ pub enum ReadError {
 type Position = (u64, usize);
 
 fn encode_cursor(positions: &[Position]) -> String {
-    let text = positions
-        .iter()
-        .map(|&(o, skip)| if skip == 0 { o.to_string() } else { format!("{o}.{skip}") })
-        .collect::<Vec<_>>()
-        .join(",");
+    let text = positions.iter().map(|&(o, skip)| if skip == 0 { o.to_string() } else { format!("{o}.{skip}") }).collect::<Vec<_>>().join(",");
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v2:{text}"))
 }
 
@@ -171,8 +167,7 @@ pub async fn list_events(
         candidates.push(found);
     }
     // Merge partitions by append time, then partition, then position.
-    let mut merged: Vec<(u32, Candidate)> =
-        candidates.into_iter().enumerate().flat_map(|(p, v)| v.into_iter().map(move |c| (p as u32, c))).collect();
+    let mut merged: Vec<(u32, Candidate)> = candidates.into_iter().enumerate().flat_map(|(p, v)| v.into_iter().map(move |c| (p as u32, c))).collect();
     merged.sort_by_key(|(p, c)| (c.at, *p, c.offset, c.index));
     merged.truncate(limit);
     // Resume each partition after the last taken event of it.

@@ -121,10 +121,7 @@ pub fn parse_segment(
             return Err(ParseError::TooLarge {
                 limit: "max_message_bytes",
                 max: limits.max_message_bytes,
-                message: format!(
-                    "message at index {index} is {size} bytes; at most {} bytes per message",
-                    limits.max_message_bytes
-                ),
+                message: format!("message at index {index} is {size} bytes; at most {} bytes per message", limits.max_message_bytes),
             });
         }
         match message_to_event(msg, call, batch_context, batch_sent_at, workspace, received_at) {
@@ -168,12 +165,7 @@ fn message_to_event(
         Some(c) => c,
         None => match m.get("type").and_then(Value::as_str).and_then(SegmentCall::from_type) {
             Some(c) => c,
-            None => {
-                return Err(vec![(
-                    "type".into(),
-                    "must be one of track, identify, group, page, screen, alias".into(),
-                )])
-            }
+            None => return Err(vec![("type".into(), "must be one of track, identify, group, page, screen, alias".into())]),
         },
     };
     let id_text = |v: Option<&Value>| -> Option<String> {
@@ -331,7 +323,16 @@ fn message_to_event(
         properties: to_raw(properties),
         context: to_raw(context),
     };
-    crate::formats::check_storable_fields(&event, [customer_field, "subscription_id", if event.user_id.is_some() && m.get("userId").is_some() { "userId" } else { "anonymousId" }, traits_field], &mut errs);
+    crate::formats::check_storable_fields(
+        &event,
+        [
+            customer_field,
+            "subscription_id",
+            if event.user_id.is_some() && m.get("userId").is_some() { "userId" } else { "anonymousId" },
+            traits_field,
+        ],
+        &mut errs,
+    );
     if !errs.is_empty() {
         errs.dedup();
         return Err(errs);
@@ -431,8 +432,7 @@ mod tests {
             {"type": "group", "userId": "u"},
             {"type": "wat", "userId": "u"},
         ]});
-        let ParseError::Invalid { errors, invalid_events } =
-            parse_segment(&body, None, &ws(), Utc::now(), SegmentLimits::default()).unwrap_err()
+        let ParseError::Invalid { errors, invalid_events } = parse_segment(&body, None, &ws(), Utc::now(), SegmentLimits::default()).unwrap_err()
         else {
             panic!()
         };

@@ -256,9 +256,7 @@ impl BatchBuilder {
                     Typed::Bool(b) => b.append_option(v.and_then(Value::as_bool)),
                     Typed::Str(b) => b.append_option(v.and_then(Value::as_str)),
                     Typed::Time(b) => b.append_option(
-                        v.and_then(Value::as_str)
-                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                            .map(|t| t.timestamp_micros()),
+                        v.and_then(Value::as_str).and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.timestamp_micros()),
                     ),
                 }
             }

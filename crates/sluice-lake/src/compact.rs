@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use serde_json::{json, Value};
-use sluice_jobs::{JobPayload as _, JobContext, JobError, JobHandler};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload as _};
 use sluice_store::{Job, LakeFile, Store};
 
 use crate::layout;
@@ -123,7 +123,12 @@ impl JobHandler for Compaction {
 }
 
 /// Compacts one partition; returns how many files were replaced and the new files.
-pub async fn compact_partition(store: &Store, cfg: &CompactConfig, guard: &FileGuard, part: Vec<LakeFile>) -> Result<(u64, Vec<LakeFile>), LakeError> {
+pub async fn compact_partition(
+    store: &Store,
+    cfg: &CompactConfig,
+    guard: &FileGuard,
+    part: Vec<LakeFile>,
+) -> Result<(u64, Vec<LakeFile>), LakeError> {
     let root = cfg.root.clone();
     let (target, rg) = (cfg.target_bytes, cfg.row_group_rows);
     let inputs = part.clone();

@@ -108,8 +108,16 @@ impl JobHandler for QueryExport {
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
         let payload = ExportPayload::of(job)?;
         let name = payload.query.as_str();
-        let q = ctx.store().saved_query(&job.workspace, name).await.map_err(|e| JobError::Fatal { error: format!("saved query {name:?}: {e}"), result: json!({}) })?;
-        let result = self.sql.query_as(&job.workspace, &q.sql, Access::Admin).await.map_err(|e| JobError::Fatal { error: e.to_string(), result: json!({}) })?;
+        let q = ctx
+            .store()
+            .saved_query(&job.workspace, name)
+            .await
+            .map_err(|e| JobError::Fatal { error: format!("saved query {name:?}: {e}"), result: json!({}) })?;
+        let result = self
+            .sql
+            .query_as(&job.workspace, &q.sql, Access::Admin)
+            .await
+            .map_err(|e| JobError::Fatal { error: e.to_string(), result: json!({}) })?;
         let rows = result.rows;
         let Some(spec) = q.export.as_ref().map(ExportSpec::parse).transpose().map_err(JobError::permanent)? else {
             return Ok(json!({"rows": rows, "elapsed_ms": result.elapsed.as_millis() as u64}));
@@ -141,7 +149,9 @@ fn write_atomically(dest: &Path, shown: &Path, data: &[u8]) -> Result<(), LakeEr
     let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::now_v7().simple()));
     let write = || -> Result<(), LakeError> {
         std::fs::write(&tmp, data).map_err(|e| LakeError::ExportWrite { step: format!("writing a temp file in {shown_dir}"), kind: e.kind() })?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| LakeError::ExportWrite { step: format!("syncing a temp file in {shown_dir}"), kind: e.kind() })?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| LakeError::ExportWrite { step: format!("syncing a temp file in {shown_dir}"), kind: e.kind() })?;
         std::fs::rename(&tmp, dest).map_err(|e| LakeError::ExportWrite { step: format!("renaming into {}", shown.display()), kind: e.kind() })
     };
     write().inspect_err(|_| {

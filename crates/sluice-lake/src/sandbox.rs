@@ -232,7 +232,14 @@ pub(crate) fn ipc_read(bytes: &[u8]) -> Result<(SchemaRef, Vec<RecordBatch>), Sq
 
 /// Runs `sql` over `inputs` in a child process of `program`. `Ok(None)` in
 /// [`Mode::Check`].
-pub(crate) async fn run(program: &Path, mode: Mode, sql: &str, root: &Path, limits: SqlLimits, inputs: Inputs) -> Result<Option<QueryResult>, SqlError> {
+pub(crate) async fn run(
+    program: &Path,
+    mode: Mode,
+    sql: &str,
+    root: &Path,
+    limits: SqlLimits,
+    inputs: Inputs,
+) -> Result<Option<QueryResult>, SqlError> {
     let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
     // The inputs, encoded before the child starts.
     let mut sections: Vec<Vec<u8>> = Vec::new();

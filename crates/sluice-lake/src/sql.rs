@@ -40,9 +40,9 @@ use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType};
 use datafusion::object_store::path::Path as ObjPath;
 use datafusion::object_store::ObjectMeta;
-use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType};
 use datafusion::physical_expr::{conjunction as phys_conjunction, PhysicalExpr};
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
@@ -419,7 +419,12 @@ pub fn referenced_tables(sql: &str, access: Access) -> Result<Vec<String>, SqlEr
 /// the live tables, the JSON functions; recursive CTEs off. `runtime`:
 /// the shared runtime (in process), or a new one with a pool of `memory`
 /// bytes (worker).
-pub(crate) fn build_context(root: &std::path::Path, inputs: Inputs, runtime: Option<Arc<RuntimeEnv>>, memory: usize) -> Result<SessionContext, SqlError> {
+pub(crate) fn build_context(
+    root: &std::path::Path,
+    inputs: Inputs,
+    runtime: Option<Arc<RuntimeEnv>>,
+    memory: usize,
+) -> Result<SessionContext, SqlError> {
     let mut config = SessionConfig::new()
         .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
         .with_information_schema(false)
@@ -631,7 +636,13 @@ impl TableProvider for EventsTable {
         Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 
-    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         let files = self.prune(filters);
         if !files.is_empty() {
@@ -644,9 +655,8 @@ impl TableProvider for EventsTable {
                     let location = ObjPath::from_absolute_path(self.root.join(&f.path)).map_err(|e| DataFusionError::External(Box::new(e)))?;
                     let meta = ObjectMeta { location, last_modified: f.created_at, size: f.bytes, e_tag: None, version: None };
                     let [y, m, d, h] = layout::hour_values(f.hour_start);
-                    Ok(PartitionedFile::new_from_meta(meta).with_partition_values(
-                        [f.content_type.clone(), y, m, d, h].into_iter().map(|v| ScalarValue::Utf8(Some(v))).collect(),
-                    ))
+                    Ok(PartitionedFile::new_from_meta(meta)
+                        .with_partition_values([f.content_type.clone(), y, m, d, h].into_iter().map(|v| ScalarValue::Utf8(Some(v))).collect()))
                 })
                 .collect::<DfResult<_>>()?;
             let n = state.config().target_partitions().max(1);
@@ -847,7 +857,8 @@ async fn load_usage(store: Store, ws: String) -> Loaded {
             }
         }
         for b in store.usage_buckets(&ws, &m.key, None, None, None, None).await? {
-            let unique = uniques.get(&(b.customer_id.clone(), b.subscription_id.clone(), b.group_key.clone(), b.bucket_start.timestamp_micros())).copied();
+            let unique =
+                uniques.get(&(b.customer_id.clone(), b.subscription_id.clone(), b.group_key.clone(), b.bucket_start.timestamp_micros())).copied();
             rows.push(Row { meter: m.key.clone(), aggregation: m.aggregation, b, unique });
         }
     }
@@ -1066,7 +1077,11 @@ pub fn register_json_functions(ctx: &SessionContext) {
             _ => None,
         })
     }
-    fn apply<T>(args: &[ColumnarValue], out: impl Fn(Vec<Option<T>>) -> ArrayRef, f: impl Fn(&serde_json::Value) -> Option<T>) -> DfResult<ColumnarValue> {
+    fn apply<T>(
+        args: &[ColumnarValue],
+        out: impl Fn(Vec<Option<T>>) -> ArrayRef,
+        f: impl Fn(&serde_json::Value) -> Option<T>,
+    ) -> DfResult<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(args)?;
         let cast = |a: &ArrayRef| arrow::compute::cast(a, &DataType::Utf8);
         let (json, path) = (cast(&arrays[0])?, cast(&arrays[1])?);

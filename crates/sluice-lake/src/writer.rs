@@ -301,7 +301,9 @@ impl LakeWriter {
                         pos[p as usize] = r.offset + 1;
                         match Payload::decode(&r.payload) {
                             Ok(payload) => buf.push(payload, r.payload.len()),
-                            Err(e) => tracing::error!(partition = p, offset = r.offset, error = %e, "lake writer skips a record that is not an event"),
+                            Err(e) => {
+                                tracing::error!(partition = p, offset = r.offset, error = %e, "lake writer skips a record that is not an event")
+                            }
                         }
                     }
                 }
@@ -543,8 +545,9 @@ mod tests {
     async fn setup(dir: &Path, n: usize, cap: Duration, bursts: Bursts) -> (Store, LakeWriter) {
         let store = Store::connect(&format!("sqlite://{}", dir.join("state.db").display())).await.unwrap();
         let log_dir = dir.join("log");
-        let log: Arc<dyn EventLog> =
-            Arc::new(tokio::task::spawn_blocking(move || sluice_log::EmbeddedLog::open(sluice_log::LogConfig::new(log_dir, 2))).await.unwrap().unwrap());
+        let log: Arc<dyn EventLog> = Arc::new(
+            tokio::task::spawn_blocking(move || sluice_log::EmbeddedLog::open(sluice_log::LogConfig::new(log_dir, 2))).await.unwrap().unwrap(),
+        );
         let recs = (0..n)
             .map(|i| {
                 let e = serde_json::json!({"workspace": "w", "id": format!("e{i}"), "type": "page.viewed",

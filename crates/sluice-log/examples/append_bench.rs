@@ -21,10 +21,7 @@ use std::time::Instant;
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = args
-        .get(1)
-        .filter(|d| *d != "-")
-        .map_or_else(|| tmp.path().to_path_buf(), Into::into);
+    let dir = args.get(1).filter(|d| *d != "-").map_or_else(|| tmp.path().to_path_buf(), Into::into);
     let arg = |i: usize, default: u64| args.get(i).map_or(default, |a| a.parse().unwrap());
     let records = arg(2, 2_000_000);
     let batch = arg(3, 2_000);
@@ -81,9 +78,6 @@ async fn main() {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "read back {read} records in {secs:.2}s: {:.0} records/s",
-        read as f64 / secs
-    );
+    println!("read back {read} records in {secs:.2}s: {:.0} records/s", read as f64 / secs);
     log.close().await.unwrap();
 }

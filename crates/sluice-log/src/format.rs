@@ -178,8 +178,7 @@ pub(crate) fn check_segment_header(h: &[u8], partition: u32, base: u64) -> Resul
 /// The caller has checked `payload.len() <= MAX_PAYLOAD_BYTES`.
 pub(crate) fn encode_record(buf: &mut Vec<u8>, offset: u64, timestamp_ms: i64, payload: &[u8]) {
     let start = buf.len();
-    let len =
-        u32::try_from(payload.len()).expect("payload length checked against MAX_PAYLOAD_BYTES");
+    let len = u32::try_from(payload.len()).expect("payload length checked against MAX_PAYLOAD_BYTES");
     buf.extend_from_slice(&[0u8; 4]);
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&offset.to_le_bytes());
@@ -210,20 +209,11 @@ pub(crate) struct RecordHeader {
 impl RecordHeader {
     /// Decodes the 24 header bytes.
     pub(crate) fn decode(h: &[u8; RECORD_HEADER_LEN as usize]) -> RecordHeader {
-        RecordHeader {
-            crc: u32_at(h, 0),
-            len: u32_at(h, 4),
-            offset: u64_at(h, 8),
-            timestamp_ms: i64::from_le_bytes(array8(h, 16)),
-        }
+        RecordHeader { crc: u32_at(h, 0), len: u32_at(h, 4), offset: u64_at(h, 8), timestamp_ms: i64::from_le_bytes(array8(h, 16)) }
     }
 
     /// Whether the stored checksum matches the header fields and `payload`.
-    pub(crate) fn checksum_ok(
-        &self,
-        raw: &[u8; RECORD_HEADER_LEN as usize],
-        payload: &[u8],
-    ) -> bool {
+    pub(crate) fn checksum_ok(&self, raw: &[u8; RECORD_HEADER_LEN as usize], payload: &[u8]) -> bool {
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&raw[4..]);
         hasher.update(payload);
@@ -242,33 +232,16 @@ pub(crate) fn encode_meta(partitions: u32) -> String {
 /// may differ); anything else is an error with a reason.
 pub(crate) fn parse_meta(text: &str) -> Result<u32, FormatError> {
     let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    let body = compact
-        .strip_prefix('{')
-        .and_then(|s| s.strip_suffix('}'))
-        .ok_or(FormatError::MetaNotObject)?;
+    let body = compact.strip_prefix('{').and_then(|s| s.strip_suffix('}')).ok_or(FormatError::MetaNotObject)?;
     let mut format = None;
     let mut version = None;
     let mut partitions = None;
     for field in body.split(',') {
-        let (key, value) = field
-            .split_once(':')
-            .ok_or_else(|| FormatError::MetaMalformedField(field.to_owned()))?;
+        let (key, value) = field.split_once(':').ok_or_else(|| FormatError::MetaMalformedField(field.to_owned()))?;
         match key {
             "\"format\"" => format = Some(value.to_owned()),
-            "\"version\"" => {
-                version = Some(
-                    value
-                        .parse::<u32>()
-                        .map_err(|_| FormatError::MetaBadVersion(value.to_owned()))?,
-                )
-            }
-            "\"partitions\"" => {
-                partitions = Some(
-                    value
-                        .parse::<u32>()
-                        .map_err(|_| FormatError::MetaBadPartitions(value.to_owned()))?,
-                )
-            }
+            "\"version\"" => version = Some(value.parse::<u32>().map_err(|_| FormatError::MetaBadVersion(value.to_owned()))?),
+            "\"partitions\"" => partitions = Some(value.parse::<u32>().map_err(|_| FormatError::MetaBadPartitions(value.to_owned()))?),
             other => return Err(FormatError::MetaUnknownField(other.to_owned())),
         }
     }
@@ -308,20 +281,11 @@ mod tests {
     fn names_round_trip() {
         assert_eq!(segment_file_name(0), "00000000000000000000.log");
         assert_eq!(segment_file_name(1234), "00000000000000001234.log");
-        assert_eq!(
-            parse_segment_file_name("00000000000000001234.log"),
-            Some(1234)
-        );
-        assert_eq!(
-            parse_segment_file_name(&segment_file_name(u64::MAX)),
-            Some(u64::MAX)
-        );
+        assert_eq!(parse_segment_file_name("00000000000000001234.log"), Some(1234));
+        assert_eq!(parse_segment_file_name(&segment_file_name(u64::MAX)), Some(u64::MAX));
         assert_eq!(parse_segment_file_name("1234.log"), None);
         assert_eq!(parse_segment_file_name("0000000000000000123x.log"), None);
-        assert_eq!(
-            parse_segment_file_name("00000000000000001234.log.tmp"),
-            None
-        );
+        assert_eq!(parse_segment_file_name("00000000000000001234.log.tmp"), None);
         assert_eq!(partition_dir_name(7), "p-0007");
         assert_eq!(parse_partition_dir_name("p-0007"), Some(7));
         assert_eq!(parse_partition_dir_name("p-12345"), Some(12345));
@@ -334,30 +298,15 @@ mod tests {
         let h = encode_segment_header(3, 4096);
         assert_eq!(&h[0..8], b"SLUICELG");
         assert!(check_segment_header(&h, 3, 4096).is_ok());
-        assert!(check_segment_header(&h, 2, 4096)
-            .unwrap_err()
-            .to_string()
-            .contains("partition 3"));
-        assert!(check_segment_header(&h, 3, 0)
-            .unwrap_err()
-            .to_string()
-            .contains("base offset 4096"));
-        assert!(check_segment_header(&h[..31], 3, 4096)
-            .unwrap_err()
-            .to_string()
-            .contains("short"));
+        assert!(check_segment_header(&h, 2, 4096).unwrap_err().to_string().contains("partition 3"));
+        assert!(check_segment_header(&h, 3, 0).unwrap_err().to_string().contains("base offset 4096"));
+        assert!(check_segment_header(&h[..31], 3, 4096).unwrap_err().to_string().contains("short"));
         let mut bad = h;
         bad[17] ^= 1;
-        assert!(check_segment_header(&bad, 3, 4096)
-            .unwrap_err()
-            .to_string()
-            .contains("checksum"));
+        assert!(check_segment_header(&bad, 3, 4096).unwrap_err().to_string().contains("checksum"));
         let mut bad = h;
         bad[0] = b'X';
-        assert!(check_segment_header(&bad, 3, 4096)
-            .unwrap_err()
-            .to_string()
-            .contains("magic"));
+        assert!(check_segment_header(&bad, 3, 4096).unwrap_err().to_string().contains("magic"));
     }
 
     #[test]
@@ -383,22 +332,11 @@ mod tests {
     #[test]
     fn meta_round_trip_and_errors() {
         assert_eq!(parse_meta(&encode_meta(8)), Ok(8));
-        assert_eq!(
-            parse_meta("{ \"partitions\": 2, \"version\": 1, \"format\": \"sluice-log\" }"),
-            Ok(2)
-        );
-        assert!(
-            parse_meta("{\"format\": \"sluice-log\", \"version\": 2, \"partitions\": 8}")
-                .unwrap_err()
-                .to_string()
-                .contains("version 2")
-        );
+        assert_eq!(parse_meta("{ \"partitions\": 2, \"version\": 1, \"format\": \"sluice-log\" }"), Ok(2));
+        assert!(parse_meta("{\"format\": \"sluice-log\", \"version\": 2, \"partitions\": 8}").unwrap_err().to_string().contains("version 2"));
         assert!(parse_meta("{\"format\": \"sluice-log\", \"version\": 1}").is_err());
         assert!(parse_meta("partitions=8").is_err());
         assert!(parse_meta("{\"format\": \"x\", \"version\": 1, \"partitions\": 8}").is_err());
-        assert!(parse_meta(
-            "{\"format\": \"sluice-log\", \"version\": 1, \"partitions\": 8, \"y\": 1}"
-        )
-        .is_err());
+        assert!(parse_meta("{\"format\": \"sluice-log\", \"version\": 1, \"partitions\": 8, \"y\": 1}").is_err());
     }
 }

@@ -775,10 +775,7 @@ impl Run {
             return Ok(None);
         }
         let block = self.block(i - 1)?;
-        Ok(block
-            .binary_search_by_key(&key, |e| e.key)
-            .ok()
-            .map(|j| Position { partition: block[j].partition, offset: block[j].offset }))
+        Ok(block.binary_search_by_key(&key, |e| e.key).ok().map(|j| Position { partition: block[j].partition, offset: block[j].offset }))
     }
 
     fn all_entries(&self) -> io::Result<Vec<IndexEntry>> {

@@ -109,13 +109,7 @@ pub struct LogConfig {
 impl LogConfig {
     /// A configuration with 64 MiB segments and no retention limits.
     pub fn new(dir: impl Into<PathBuf>, partitions: u32) -> LogConfig {
-        LogConfig {
-            dir: dir.into(),
-            partitions,
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
-            retention_max_age: None,
-            retention_max_bytes: None,
-        }
+        LogConfig { dir: dir.into(), partitions, segment_bytes: DEFAULT_SEGMENT_BYTES, retention_max_age: None, retention_max_bytes: None }
     }
 }
 
@@ -188,20 +182,14 @@ impl EmbeddedLog {
             fail_partition: std::sync::atomic::AtomicU32::new(u32::MAX),
         });
         let writer = Writer::new(Arc::clone(&shared), active);
-        let handle = std::thread::Builder::new()
-            .name("sluice-log-writer".into())
-            .spawn(move || writer.run())?;
+        let handle = std::thread::Builder::new().name("sluice-log-writer".into()).spawn(move || writer.run())?;
         tracing::info!(
             dir = %shared.cfg.dir.display(),
             partitions = shared.cfg.partitions,
             repaired = recovery.partitions_repaired.len(),
             "event log opened"
         );
-        Ok(EmbeddedLog {
-            shared,
-            writer: Mutex::new(Some(handle)),
-            recovery,
-        })
+        Ok(EmbeddedLog { shared, writer: Mutex::new(Some(handle)), recovery })
     }
 
     /// What recovery repaired when the log was opened.
@@ -222,10 +210,7 @@ impl EmbeddedLog {
     }
 
     fn partition(&self, partition: u32) -> Result<&state::PartitionState, LogError> {
-        self.shared
-            .partitions
-            .get(partition as usize)
-            .ok_or(LogError::NoSuchPartition(partition))
+        self.shared.partitions.get(partition as usize).ok_or(LogError::NoSuchPartition(partition))
     }
 }
 
@@ -250,14 +235,12 @@ impl EventLog for EmbeddedLog {
     /// Exact: offsets are reserved when an append is queued. Returns 0 for a
     /// partition that does not exist.
     fn next_offset(&self, partition: u32) -> u64 {
-        self.partition(partition)
-            .map_or(0, |p| p.next.load(Ordering::Acquire))
+        self.partition(partition).map_or(0, |p| p.next.load(Ordering::Acquire))
     }
 
     /// Returns 0 for a partition that does not exist.
     fn start_offset(&self, partition: u32) -> u64 {
-        self.partition(partition)
-            .map_or(0, |p| p.start.load(Ordering::Acquire))
+        self.partition(partition).map_or(0, |p| p.start.load(Ordering::Acquire))
     }
 
     async fn append(&self, records: Vec<AppendRecord>) -> Result<Vec<u64>, LogError> {
@@ -267,10 +250,7 @@ impl EventLog for EmbeddedLog {
             if r.payload.len() > MAX_PAYLOAD_BYTES {
                 return Err(LogError::Io(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!(
-                        "record payload of {} bytes exceeds the maximum of {MAX_PAYLOAD_BYTES}",
-                        r.payload.len()
-                    ),
+                    format!("record payload of {} bytes exceeds the maximum of {MAX_PAYLOAD_BYTES}", r.payload.len()),
                 )));
             }
             payload_bytes += r.payload.len();
@@ -296,40 +276,22 @@ impl EventLog for EmbeddedLog {
                     o
                 })
                 .collect();
-            q.pending.push_back(Pending {
-                records,
-                offsets,
-                payload_bytes,
-                reply: tx,
-            });
+            q.pending.push_back(Pending { records, offsets, payload_bytes, reply: tx });
         }
         self.shared.wake.notify_one();
         rx.await.map_err(|_| writer_gone())?
     }
 
-    async fn read(
-        &self,
-        partition: u32,
-        from: u64,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError> {
+    async fn read(&self, partition: u32, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
         let part = self.partition(partition)?;
         let from = from.max(part.start.load(Ordering::Acquire));
         if max_records == 0 || from >= part.durable.load(Ordering::Acquire) {
             return Ok(Vec::new());
         }
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || {
-            read::read_partition(
-                &shared.partitions[partition as usize],
-                from,
-                max_records,
-                max_bytes,
-            )
-        })
-        .await
-        .map_err(|e| LogError::Io(io::Error::other(format!("log read task failed: {e}"))))?
+        tokio::task::spawn_blocking(move || read::read_partition(&shared.partitions[partition as usize], from, max_records, max_bytes))
+            .await
+            .map_err(|e| LogError::Io(io::Error::other(format!("log read task failed: {e}"))))?
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -337,17 +299,13 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn enforce_retention(&self) -> Result<RetentionReport, LogError> {
-        if self.shared.cfg.retention_max_age.is_none()
-            && self.shared.cfg.retention_max_bytes.is_none()
-        {
+        if self.shared.cfg.retention_max_age.is_none() && self.shared.cfg.retention_max_bytes.is_none() {
             return Ok(RetentionReport::default());
         }
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || retention::enforce(&shared))
             .await
-            .map_err(|e| {
-                LogError::Io(io::Error::other(format!("log retention task failed: {e}")))
-            })?
+            .map_err(|e| LogError::Io(io::Error::other(format!("log retention task failed: {e}"))))?
     }
 
     /// `next` is the durable watermark (what readers can see), which equals
@@ -357,10 +315,7 @@ impl EventLog for EmbeddedLog {
         for p in &self.shared.partitions {
             let segs = read_lock(&p.segments);
             stats.bytes += segs.iter().map(|s| s.len).sum::<u64>();
-            stats.partitions.push((
-                p.start.load(Ordering::Acquire),
-                p.durable.load(Ordering::Acquire),
-            ));
+            stats.partitions.push((p.start.load(Ordering::Acquire), p.durable.load(Ordering::Acquire)));
         }
         stats
     }

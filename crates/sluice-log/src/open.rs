@@ -2,8 +2,8 @@
 //! recovery of each partition's tail segment.
 
 use crate::format::{
-    encode_meta, encode_segment_header, parse_meta, parse_partition_dir_name,
-    parse_segment_file_name, segment_file_name, META_FILE, SEGMENT_HEADER_LEN,
+    encode_meta, encode_segment_header, parse_meta, parse_partition_dir_name, parse_segment_file_name, segment_file_name, META_FILE,
+    SEGMENT_HEADER_LEN,
 };
 use crate::segment::scan_segment;
 use crate::state::{partition_dir, sync_dir, PartitionState, SegmentInfo};
@@ -34,35 +34,23 @@ pub(crate) struct OpenedPartition {
 /// directory holds none.
 pub(crate) fn prepare_dir(cfg: &LogConfig) -> Result<(), LogError> {
     if cfg.partitions == 0 || cfg.partitions > MAX_PARTITIONS {
-        return Err(LogError::Config(format!(
-            "partitions must be between 1 and {MAX_PARTITIONS}, got {}",
-            cfg.partitions
-        )));
+        return Err(LogError::Config(format!("partitions must be between 1 and {MAX_PARTITIONS}, got {}", cfg.partitions)));
     }
     if cfg.segment_bytes < MIN_SEGMENT_BYTES {
-        return Err(LogError::Config(format!(
-            "segment_bytes must be at least {MIN_SEGMENT_BYTES}, got {}",
-            cfg.segment_bytes
-        )));
+        return Err(LogError::Config(format!("segment_bytes must be at least {MIN_SEGMENT_BYTES}, got {}", cfg.segment_bytes)));
     }
     fs::create_dir_all(&cfg.dir)?;
     let meta_path = cfg.dir.join(META_FILE);
     let mut existing_partitions = Vec::new();
     for entry in fs::read_dir(&cfg.dir)? {
         let entry = entry?;
-        if let Some(p) = entry
-            .file_name()
-            .to_str()
-            .and_then(parse_partition_dir_name)
-        {
+        if let Some(p) = entry.file_name().to_str().and_then(parse_partition_dir_name) {
             existing_partitions.push(p);
         }
     }
     match fs::read_to_string(&meta_path) {
         Ok(text) => {
-            let stored = parse_meta(&text).map_err(|why| {
-                LogError::Config(format!("cannot read {}: {why}", meta_path.display()))
-            })?;
+            let stored = parse_meta(&text).map_err(|why| LogError::Config(format!("cannot read {}: {why}", meta_path.display())))?;
             if stored != cfg.partitions {
                 return Err(LogError::Config(format!(
                     "the log in {} has {stored} partitions but the configuration asks for {}; \
@@ -124,11 +112,7 @@ pub(crate) fn open_partition(cfg: &LogConfig, id: u32) -> Result<OpenedPartition
     if files.is_empty() {
         // A new partition, or a crash before its first segment was durable.
         let path = dir.join(segment_file_name(0));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&path)?;
         f.write_all(&encode_segment_header(id, 0))?;
         f.sync_all()?;
         sync_dir(&dir)?;
@@ -155,21 +139,12 @@ pub(crate) fn open_partition(cfg: &LogConfig, id: u32) -> Result<OpenedPartition
         f.set_len(0)?;
         f.write_all(&encode_segment_header(id, tail_base))?;
         f.sync_all()?;
-        repair = Some(TailRepair {
-            partition: id,
-            segment: tail_path.clone(),
-            cut_bytes: tail_len,
-            at_offset: tail_base,
-            reason: why.to_string(),
-        });
+        repair = Some(TailRepair { partition: id, segment: tail_path.clone(), cut_bytes: tail_len, at_offset: tail_base, reason: why.to_string() });
         (SEGMENT_HEADER_LEN, scan)
     } else {
         if scan.valid_len < tail_len {
             let cut = tail_len - scan.valid_len;
-            let why = scan
-                .problem
-                .clone()
-                .unwrap_or_else(|| "trailing bytes".into());
+            let why = scan.problem.clone().unwrap_or_else(|| "trailing bytes".into());
             tracing::warn!(
                 partition = id,
                 segment = %tail_path.display(),
@@ -181,13 +156,7 @@ pub(crate) fn open_partition(cfg: &LogConfig, id: u32) -> Result<OpenedPartition
             let f = OpenOptions::new().write(true).open(&tail_path)?;
             f.set_len(scan.valid_len)?;
             f.sync_all()?;
-            repair = Some(TailRepair {
-                partition: id,
-                segment: tail_path.clone(),
-                cut_bytes: cut,
-                at_offset: scan.end,
-                reason: why,
-            });
+            repair = Some(TailRepair { partition: id, segment: tail_path.clone(), cut_bytes: cut, at_offset: scan.end, reason: why });
         }
         (scan.valid_len, scan)
     };
@@ -195,14 +164,7 @@ pub(crate) fn open_partition(cfg: &LogConfig, id: u32) -> Result<OpenedPartition
     let mut segments = Vec::with_capacity(files.len());
     for w in files.windows(2) {
         let ((base, len), (next_base, _)) = (w[0], w[1]);
-        segments.push(SegmentInfo {
-            base,
-            end: next_base,
-            len,
-            max_ts: None,
-            index: None,
-            last_used: AtomicU64::new(0),
-        });
+        segments.push(SegmentInfo { base, end: next_base, len, max_ts: None, index: None, last_used: AtomicU64::new(0) });
     }
     segments.push(SegmentInfo {
         base: tail_base,
@@ -215,13 +177,7 @@ pub(crate) fn open_partition(cfg: &LogConfig, id: u32) -> Result<OpenedPartition
     let file = OpenOptions::new().append(true).open(&tail_path)?;
     let active = ActiveSegment {
         file,
-        st: SegState {
-            base: tail_base,
-            len: valid_len,
-            end: scan.end,
-            last_index_pos: scan.last_index_pos,
-            max_ts: scan.max_ts,
-        },
+        st: SegState { base: tail_base, len: valid_len, end: scan.end, last_index_pos: scan.last_index_pos, max_ts: scan.max_ts },
     };
     let start = files[0].0;
     let state = PartitionState {
@@ -234,41 +190,23 @@ pub(crate) fn open_partition(cfg: &LogConfig, id: u32) -> Result<OpenedPartition
         tick: AtomicU64::new(1),
         read_hints: Mutex::new(VecDeque::new()),
     };
-    Ok(OpenedPartition {
-        state,
-        active,
-        repair,
-    })
+    Ok(OpenedPartition { state, active, repair })
 }
 
 /// Opens every partition, in parallel (recovery reads each tail segment).
-pub(crate) fn open_partitions(
-    cfg: &LogConfig,
-) -> Result<(Vec<OpenedPartition>, RecoveryReport), LogError> {
+pub(crate) fn open_partitions(cfg: &LogConfig) -> Result<(Vec<OpenedPartition>, RecoveryReport), LogError> {
     let results: Vec<Result<OpenedPartition, LogError>> = std::thread::scope(|s| {
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(cfg.partitions as usize);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(cfg.partitions as usize);
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                s.spawn(move || {
-                    (0..cfg.partitions)
-                        .filter(|p| *p as usize % threads == t)
-                        .map(|p| (p, open_partition(cfg, p)))
-                        .collect::<Vec<_>>()
-                })
+                s.spawn(move || (0..cfg.partitions).filter(|p| *p as usize % threads == t).map(|p| (p, open_partition(cfg, p))).collect::<Vec<_>>())
             })
             .collect();
         let mut all: Vec<(u32, Result<OpenedPartition, LogError>)> = Vec::new();
         for h in handles {
             match h.join() {
                 Ok(v) => all.extend(v),
-                Err(_) => all.push((
-                    u32::MAX,
-                    Err(LogError::Io(io::Error::other(
-                        "log recovery thread panicked",
-                    ))),
-                )),
+                Err(_) => all.push((u32::MAX, Err(LogError::Io(io::Error::other("log recovery thread panicked"))))),
             }
         }
         all.sort_by_key(|(p, _)| *p);

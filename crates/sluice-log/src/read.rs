@@ -18,12 +18,7 @@ struct Located {
 }
 
 /// Reads records of one partition (blocking; run it off the async executor).
-pub(crate) fn read_partition(
-    part: &PartitionState,
-    from: u64,
-    max_records: usize,
-    max_bytes: usize,
-) -> Result<Vec<Record>, LogError> {
+pub(crate) fn read_partition(part: &PartitionState, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
     let mut out = Vec::new();
     let mut bytes = 0usize;
     let mut cur = from;
@@ -61,15 +56,7 @@ pub(crate) fn read_partition(
                 entry
             }
         };
-        let req = SegmentRead {
-            path: &path,
-            partition: part.id,
-            base: loc.base,
-            len: loc.len,
-            start: entry,
-            from: cur,
-            until: loc.end.min(durable),
-        };
+        let req = SegmentRead { path: &path, partition: part.id, base: loc.base, len: loc.len, start: entry, from: cur, until: loc.end.min(durable) };
         match read_segment(&req, max_records, max_bytes, &mut out, &mut bytes) {
             Ok((next, full)) => {
                 cur = next.offset;
@@ -104,14 +91,10 @@ fn locate(part: &PartitionState, offset: u64) -> Option<Located> {
     let seg = &segs[i];
     let sealed = i + 1 < segs.len();
     let from_index = if offset == seg.base {
-        Some(IndexEntry {
-            offset: seg.base,
-            pos: crate::format::SEGMENT_HEADER_LEN,
-        })
+        Some(IndexEntry { offset: seg.base, pos: crate::format::SEGMENT_HEADER_LEN })
     } else {
         seg.index.as_deref().map(|idx| {
-            seg.last_used
-                .store(part.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+            seg.last_used.store(part.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
             index_lookup(idx, seg.base, offset)
         })
     };
@@ -120,11 +103,5 @@ fn locate(part: &PartitionState, offset: u64) -> Option<Located> {
         (Some(a), Some(b)) => Some(if b.offset > a.offset { b } else { a }),
         (a, b) => a.or(b),
     };
-    Some(Located {
-        base: seg.base,
-        end: seg.end,
-        len: seg.len,
-        sealed,
-        start,
-    })
+    Some(Located { base: seg.base, end: seg.end, len: seg.len, sealed, start })
 }

@@ -25,10 +25,7 @@ struct Candidate {
 pub(crate) fn enforce(shared: &Shared) -> Result<RetentionReport, LogError> {
     let _pass = lock(&shared.retention);
     let mut report = RetentionReport::default();
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis();
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis();
     let cutoff_ms = shared.cfg.retention_max_age.map(|age| {
         let cutoff = now_ms.saturating_sub(age.as_millis());
         i64::try_from(cutoff).unwrap_or(i64::MAX)
@@ -47,26 +44,14 @@ pub(crate) fn enforce(shared: &Shared) -> Result<RetentionReport, LogError> {
     Ok(report)
 }
 
-fn enforce_partition(
-    part: &PartitionState,
-    cutoff_ms: Option<i64>,
-    max_bytes: Option<u64>,
-    report: &mut RetentionReport,
-) -> Result<(), LogError> {
+fn enforce_partition(part: &PartitionState, cutoff_ms: Option<i64>, max_bytes: Option<u64>, report: &mut RetentionReport) -> Result<(), LogError> {
     // Snapshot the sealed segments and the partition size. Only retention
     // removes segments (and we hold the retention lock); the writer only adds
     // segments at the end, so this prefix stays valid.
     let (sealed, mut total): (Vec<Candidate>, u64) = {
         let segs = read(&part.segments);
-        let sealed = segs[..segs.len().saturating_sub(1)]
-            .iter()
-            .map(|s| Candidate {
-                base: s.base,
-                end: s.end,
-                len: s.len,
-                max_ts: s.max_ts,
-            })
-            .collect();
+        let sealed =
+            segs[..segs.len().saturating_sub(1)].iter().map(|s| Candidate { base: s.base, end: s.end, len: s.len, max_ts: s.max_ts }).collect();
         (sealed, segs.iter().map(|s| s.len).sum())
     };
     let mut delete = 0usize;

@@ -29,10 +29,7 @@ pub(crate) struct IndexEntry {
 pub(crate) fn index_lookup(index: &[IndexEntry], base: u64, offset: u64) -> IndexEntry {
     let n = index.partition_point(|e| e.offset <= offset);
     if n == 0 {
-        IndexEntry {
-            offset: base,
-            pos: crate::format::SEGMENT_HEADER_LEN,
-        }
+        IndexEntry { offset: base, pos: crate::format::SEGMENT_HEADER_LEN }
     } else {
         index[n - 1]
     }
@@ -97,11 +94,7 @@ impl PartitionState {
 
     /// The closest remembered read position at or before `offset` in segment `base`.
     pub(crate) fn read_hint(&self, base: u64, offset: u64) -> Option<IndexEntry> {
-        lock(&self.read_hints)
-            .iter()
-            .filter(|(b, e)| *b == base && e.offset <= offset)
-            .map(|(_, e)| *e)
-            .max_by_key(|e| e.offset)
+        lock(&self.read_hints).iter().filter(|(b, e)| *b == base && e.offset <= offset).map(|(_, e)| *e).max_by_key(|e| e.offset)
     }
 
     /// Path of the segment file with base offset `base`.
@@ -210,38 +203,11 @@ mod tests {
 
     #[test]
     fn index_lookup_finds_floor_entry() {
-        let idx = [
-            IndexEntry {
-                offset: 10,
-                pos: 1000,
-            },
-            IndexEntry {
-                offset: 20,
-                pos: 2000,
-            },
-        ];
+        let idx = [IndexEntry { offset: 10, pos: 1000 }, IndexEntry { offset: 20, pos: 2000 }];
         assert_eq!(index_lookup(&idx, 0, 5), IndexEntry { offset: 0, pos: 32 });
-        assert_eq!(
-            index_lookup(&idx, 0, 10),
-            IndexEntry {
-                offset: 10,
-                pos: 1000
-            }
-        );
-        assert_eq!(
-            index_lookup(&idx, 0, 19),
-            IndexEntry {
-                offset: 10,
-                pos: 1000
-            }
-        );
-        assert_eq!(
-            index_lookup(&idx, 0, 25),
-            IndexEntry {
-                offset: 20,
-                pos: 2000
-            }
-        );
+        assert_eq!(index_lookup(&idx, 0, 10), IndexEntry { offset: 10, pos: 1000 });
+        assert_eq!(index_lookup(&idx, 0, 19), IndexEntry { offset: 10, pos: 1000 });
+        assert_eq!(index_lookup(&idx, 0, 25), IndexEntry { offset: 20, pos: 2000 });
         assert_eq!(index_lookup(&[], 7, 25), IndexEntry { offset: 7, pos: 32 });
     }
 }

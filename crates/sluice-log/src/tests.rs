@@ -8,11 +8,7 @@ use crate::state::{read as read_lock, MAX_CACHED_INDEXES};
 use std::path::Path;
 
 fn record(partition: u32, i: u64) -> AppendRecord {
-    AppendRecord {
-        partition,
-        timestamp_ms: i as i64,
-        payload: format!("record {i:>90}").into_bytes(),
-    }
+    AppendRecord { partition, timestamp_ms: i as i64, payload: format!("record {i:>90}").into_bytes() }
 }
 
 /// Every segment file of the log with its size, sorted.
@@ -23,10 +19,7 @@ fn files(dir: &Path) -> Vec<(String, u64)> {
         if p.is_dir() {
             for f in std::fs::read_dir(&p).unwrap() {
                 let f = f.unwrap().path();
-                out.push((
-                    f.display().to_string(),
-                    std::fs::metadata(&f).unwrap().len(),
-                ));
+                out.push((f.display().to_string(), std::fs::metadata(&f).unwrap().len()));
             }
         }
     }
@@ -49,29 +42,12 @@ async fn failed_append_changes_nothing(partitions: u32, touched: &[u32]) {
 
     // Enough records to roll segments in every touched partition; the last
     // touched partition fails after writing everything.
-    log.shared
-        .fail_partition
-        .store(*touched.last().unwrap(), Ordering::Relaxed);
-    let batch: Vec<_> = touched
-        .iter()
-        .flat_map(|&p| (100..130).map(move |i| record(p, i)))
-        .collect();
+    log.shared.fail_partition.store(*touched.last().unwrap(), Ordering::Relaxed);
+    let batch: Vec<_> = touched.iter().flat_map(|&p| (100..130).map(move |i| record(p, i))).collect();
     let err = log.append(batch).await.unwrap_err();
-    assert!(
-        matches!(&err, LogError::Io(e) if e.to_string().contains("rolled back")),
-        "{err}"
-    );
-    assert_eq!(
-        files(dir.path()),
-        before,
-        "files are back to their old contents"
-    );
-    assert_eq!(
-        (0..partitions)
-            .map(|p| log.next_offset(p))
-            .collect::<Vec<_>>(),
-        next
-    );
+    assert!(matches!(&err, LogError::Io(e) if e.to_string().contains("rolled back")), "{err}");
+    assert_eq!(files(dir.path()), before, "files are back to their old contents");
+    assert_eq!((0..partitions).map(|p| log.next_offset(p)).collect::<Vec<_>>(), next);
     assert_eq!(log.sync_rounds(), rounds);
     assert!(!rx.has_changed().unwrap());
 
@@ -82,10 +58,7 @@ async fn failed_append_changes_nothing(partitions: u32, touched: &[u32]) {
     for p in 0..partitions {
         let got = log.read(p, 0, 1000, usize::MAX).await.unwrap();
         assert!(got.iter().enumerate().all(|(i, r)| r.offset == i as u64));
-        assert!(
-            got.iter().all(|r| !(100..130).contains(&r.timestamp_ms)),
-            "no trace of the failed append"
-        );
+        assert!(got.iter().all(|r| !(100..130).contains(&r.timestamp_ms)), "no trace of the failed append");
     }
     drop(log);
     let mut cfg = LogConfig::new(dir.path(), partitions);
@@ -126,15 +99,9 @@ async fn cached_indexes_of_sealed_segments_are_bounded() {
         assert_eq!(got[0].timestamp_ms, k as i64);
     }
     let segs = read_lock(&log.shared.partitions[0].segments);
-    let cached = segs[..segs.len() - 1]
-        .iter()
-        .filter(|s| s.index.is_some())
-        .count();
+    let cached = segs[..segs.len() - 1].iter().filter(|s| s.index.is_some()).count();
     assert!(cached <= MAX_CACHED_INDEXES, "{cached} cached indexes");
-    assert!(
-        segs.last().unwrap().index.is_some(),
-        "the active segment keeps its index"
-    );
+    assert!(segs.last().unwrap().index.is_some(), "the active segment keeps its index");
 }
 
 #[tokio::test]
@@ -159,8 +126,5 @@ async fn sequential_readers_need_no_index_of_sealed_segments() {
     assert_eq!(next, 6000);
     let segs = read_lock(&log.shared.partitions[0].segments);
     assert!(segs.len() > 5);
-    assert!(
-        segs[..segs.len() - 1].iter().all(|s| s.index.is_none()),
-        "remembered positions were used"
-    );
+    assert!(segs[..segs.len() - 1].iter().all(|s| s.index.is_none()), "remembered positions were used");
 }

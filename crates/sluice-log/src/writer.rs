@@ -7,9 +7,7 @@
 //! durable watermarks and answers every caller of the round. While it syncs,
 //! new appends pile up in the queue and share the next round's fsyncs.
 
-use crate::format::{
-    encode_record, encode_segment_header, record_size, INDEX_INTERVAL_BYTES, SEGMENT_HEADER_LEN,
-};
+use crate::format::{encode_record, encode_segment_header, record_size, INDEX_INTERVAL_BYTES, SEGMENT_HEADER_LEN};
 use crate::state::{lock, sync_dir, write, IndexEntry, PartitionState, SegmentInfo, Shared};
 use sluice_core::{AppendRecord, LogError};
 use std::collections::VecDeque;
@@ -103,54 +101,30 @@ struct Chunk {
 /// Builds the chunks for one partition: usually a single buffer appended to
 /// the active segment; more when the data crosses `segment_bytes`.
 fn plan(partition: u32, active: SegState, records: &[Slot<'_>], segment_bytes: u64) -> Vec<Chunk> {
-    let total: u64 = records
-        .iter()
-        .map(|(_, r)| record_size(r.payload.len()))
-        .sum();
+    let total: u64 = records.iter().map(|(_, r)| record_size(r.payload.len())).sum();
     let first_cap = total.min(segment_bytes) as usize;
     let mut chunks = Vec::with_capacity(1);
-    let mut cur = Chunk {
-        new_file: false,
-        st: active,
-        index: Vec::new(),
-        buf: Vec::with_capacity(first_cap),
-    };
+    let mut cur = Chunk { new_file: false, st: active, index: Vec::new(), buf: Vec::with_capacity(first_cap) };
     for &(offset, rec) in records {
-        debug_assert_eq!(
-            offset, cur.st.end,
-            "offsets of a partition are dense within a round"
-        );
+        debug_assert_eq!(offset, cur.st.end, "offsets of a partition are dense within a round");
         let size = record_size(rec.payload.len());
         if cur.st.end > cur.st.base && cur.st.len + size > segment_bytes {
             let next = Chunk {
                 new_file: true,
-                st: SegState {
-                    base: offset,
-                    len: SEGMENT_HEADER_LEN,
-                    end: offset,
-                    last_index_pos: SEGMENT_HEADER_LEN,
-                    max_ts: None,
-                },
+                st: SegState { base: offset, len: SEGMENT_HEADER_LEN, end: offset, last_index_pos: SEGMENT_HEADER_LEN, max_ts: None },
                 index: Vec::new(),
                 buf: encode_segment_header(partition, offset).to_vec(),
             };
             chunks.push(std::mem::replace(&mut cur, next));
         }
         if cur.st.len - cur.st.last_index_pos >= INDEX_INTERVAL_BYTES {
-            cur.index.push(IndexEntry {
-                offset,
-                pos: cur.st.len,
-            });
+            cur.index.push(IndexEntry { offset, pos: cur.st.len });
             cur.st.last_index_pos = cur.st.len;
         }
         encode_record(&mut cur.buf, offset, rec.timestamp_ms, &rec.payload);
         cur.st.len += size;
         cur.st.end += 1;
-        cur.st.max_ts = Some(
-            cur.st
-                .max_ts
-                .map_or(rec.timestamp_ms, |m| m.max(rec.timestamp_ms)),
-        );
+        cur.st.max_ts = Some(cur.st.max_ts.map_or(rec.timestamp_ms, |m| m.max(rec.timestamp_ms)));
     }
     chunks.push(cur);
     chunks
@@ -185,12 +159,10 @@ fn write_partition(
         } else {
             staged.touched_active = true;
             let mut f = &active.file;
-            f.write_all(&chunk.buf)
-                .and_then(|()| active.file.sync_data())
-                .map(|()| {
-                    staged.active = chunk.st;
-                    staged.active_index = chunk.index;
-                })
+            f.write_all(&chunk.buf).and_then(|()| active.file.sync_data()).map(|()| {
+                staged.active = chunk.st;
+                staged.active_index = chunk.index;
+            })
         };
         if let Err(e) = step {
             result = Err(e);
@@ -213,14 +185,8 @@ fn write_partition(
 /// included) and fsyncs the file and the directory.
 fn write_new_segment(part: &PartitionState, chunk: &Chunk) -> io::Result<(File, PathBuf)> {
     let path = part.segment_path(chunk.st.base);
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create_new(true)
-        .open(&path)?;
-    let written = file
-        .write_all(&chunk.buf)
-        .and_then(|()| file.sync_data())
-        .and_then(|()| sync_dir(&part.dir));
+    let mut file = OpenOptions::new().append(true).create_new(true).open(&path)?;
+    let written = file.write_all(&chunk.buf).and_then(|()| file.sync_data()).and_then(|()| sync_dir(&part.dir));
     match written {
         Ok(()) => Ok((file, path)),
         Err(e) => {
@@ -238,11 +204,7 @@ fn write_new_segment(part: &PartitionState, chunk: &Chunk) -> io::Result<(File, 
 fn rollback(part: &PartitionState, active: &ActiveSegment, staged: Staged) -> bool {
     let mut ok = true;
     if staged.touched_active {
-        ok &= active
-            .file
-            .set_len(staged.old_len)
-            .and_then(|()| active.file.sync_data())
-            .is_ok();
+        ok &= active.file.set_len(staged.old_len).and_then(|()| active.file.sync_data()).is_ok();
     }
     let created = !staged.created.is_empty();
     for (_, _, file, path) in staged.created.into_iter().rev() {
@@ -253,10 +215,7 @@ fn rollback(part: &PartitionState, active: &ActiveSegment, staged: Staged) -> bo
         ok &= sync_dir(&part.dir).is_ok();
     }
     if !ok {
-        tracing::error!(
-            partition = part.id,
-            "rolling back a failed log write failed too"
-        );
+        tracing::error!(partition = part.id, "rolling back a failed log write failed too");
     }
     ok
 }
@@ -271,21 +230,13 @@ impl Drop for ExitGuard {
         let pending = {
             let mut q = lock(&self.0.queue);
             if panicked {
-                tracing::error!(
-                    "the log writer thread panicked; appends fail until the log is reopened"
-                );
+                tracing::error!("the log writer thread panicked; appends fail until the log is reopened");
                 q.failed = Some("the log writer thread panicked; reopen the log".into());
             }
             std::mem::take(&mut q.pending)
         };
         for p in pending {
-            let err = if panicked {
-                LogError::Io(io::Error::other(
-                    "the log writer thread panicked; reopen the log",
-                ))
-            } else {
-                LogError::Closed
-            };
+            let err = if panicked { LogError::Io(io::Error::other("the log writer thread panicked; reopen the log")) } else { LogError::Closed };
             let _ = p.reply.send(Err(err));
         }
     }
@@ -357,13 +308,7 @@ impl Writer {
             .collect();
         let results: Vec<Result<Staged, (io::Error, bool)>> = if jobs.len() == 1 {
             let (part, active, recs) = jobs[0];
-            vec![write_partition(
-                part,
-                active,
-                recs,
-                seg_bytes,
-                shared.injected_failure(part.id),
-            )]
+            vec![write_partition(part, active, recs, seg_bytes, shared.injected_failure(part.id))]
         } else {
             std::thread::scope(|s| {
                 let handles: Vec<_> = jobs
@@ -373,14 +318,7 @@ impl Writer {
                         s.spawn(move || write_partition(part, active, recs, seg_bytes, fail))
                     })
                     .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err((io::Error::other("log partition writer panicked"), false))
-                        })
-                    })
-                    .collect()
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err((io::Error::other("log partition writer panicked"), false)))).collect()
             })
         };
         drop(jobs);
@@ -433,9 +371,7 @@ impl Writer {
             last.len = s.active.len;
             last.end = s.active.end;
             last.max_ts = s.active.max_ts;
-            last.index
-                .get_or_insert_with(Vec::new)
-                .extend(s.active_index);
+            last.index.get_or_insert_with(Vec::new).extend(s.active_index);
         }
         active.st = s.active;
         for (st, index, file, path) in s.created {
@@ -460,9 +396,7 @@ impl Writer {
         let msg = if rolled_back {
             format!("append failed and was rolled back: {err}")
         } else {
-            format!(
-                "append failed and could not be rolled back (reopen the log to repair it): {err}"
-            )
+            format!("append failed and could not be rolled back (reopen the log to repair it): {err}")
         };
         tracing::error!(error = %err, rolled_back, "log append failed");
         let queued = {
@@ -471,15 +405,12 @@ impl Writer {
                 q.failed = Some(msg.clone());
             }
             for part in &self.shared.partitions {
-                part.next
-                    .store(part.durable.load(Ordering::Acquire), Ordering::Release);
+                part.next.store(part.durable.load(Ordering::Acquire), Ordering::Release);
             }
             std::mem::take(&mut q.pending)
         };
         for p in group.into_iter().chain(queued) {
-            let _ = p
-                .reply
-                .send(Err(LogError::Io(io::Error::new(err.kind(), msg.clone()))));
+            let _ = p.reply.send(Err(LogError::Io(io::Error::new(err.kind(), msg.clone()))));
         }
     }
 }

@@ -362,9 +362,10 @@ impl<'m> RowParser<'m> {
                 self.days.clear();
             }
             let tz = self.tz;
-            return *self.days.entry(d).or_insert_with(|| {
-                tz.from_local_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default()).earliest().map(|t| t.with_timezone(&Utc))
-            });
+            return *self
+                .days
+                .entry(d)
+                .or_insert_with(|| tz.from_local_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default()).earliest().map(|t| t.with_timezone(&Utc)));
         }
         DateTime::parse_from_rfc3339(ts).ok().map(|t| t.with_timezone(&Utc))
     }
@@ -402,8 +403,18 @@ impl<'m> RowParser<'m> {
                 None
             }
             Ok(v) => Some(v),
-            Err(_) if !q.is_empty() && q.trim_start_matches(['-', '+']).chars().all(|c| c.is_ascii_digit() || c == '.' || c == 'e' || c == 'E' || c == '-' || c == '+') => {
-                errs.push(error(row, "quantity", q, "is beyond the largest exact decimal (about 7.9e28, 28 digits after the point); at most 1e20 in absolute value"));
+            Err(_)
+                if !q.is_empty()
+                    && q.trim_start_matches(['-', '+'])
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == '.' || c == 'e' || c == 'E' || c == '-' || c == '+') =>
+            {
+                errs.push(error(
+                    row,
+                    "quantity",
+                    q,
+                    "is beyond the largest exact decimal (about 7.9e28, 28 digits after the point); at most 1e20 in absolute value",
+                ));
                 None
             }
             Err(_) => {
@@ -422,21 +433,20 @@ impl<'m> RowParser<'m> {
         let _ = write!(self.quantity, "{}", quantity.normalize());
         let mut time = [0u8; 40];
         let mut h = Sha256::new();
-        for part in [self.workspace.as_bytes(), m.key.as_bytes(), customer.as_bytes(), subscription.unwrap_or("").as_bytes(), rfc3339(at, &mut time), self.quantity.as_bytes()] {
+        for part in [
+            self.workspace.as_bytes(),
+            m.key.as_bytes(),
+            customer.as_bytes(),
+            subscription.unwrap_or("").as_bytes(),
+            rfc3339(at, &mut time),
+            self.quantity.as_bytes(),
+        ] {
             h.update(part);
             h.update([0u8]);
         }
         // The log keeps event times to the microsecond (the id above still sees
         // the time as written, so ids do not depend on this).
-        Ok(Parsed {
-            content: h.finalize().into(),
-            given_id,
-            meter,
-            customer,
-            subscription,
-            at_us: at.timestamp_micros(),
-            quantity: &self.quantity,
-        })
+        Ok(Parsed { content: h.finalize().into(), given_id, meter, customer, subscription, at_us: at.timestamp_micros(), quantity: &self.quantity })
     }
 }
 

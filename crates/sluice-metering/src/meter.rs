@@ -164,9 +164,9 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
         return Some(Ok(Vec::new()));
     }
     let overlaps = |p: &str| {
-        h.value_path.as_deref().is_some_and(|v| {
-            p == v || v.strip_prefix(p).is_some_and(|r| r.starts_with('.')) || p.strip_prefix(v).is_some_and(|r| r.starts_with('.'))
-        })
+        h.value_path
+            .as_deref()
+            .is_some_and(|v| p == v || v.strip_prefix(p).is_some_and(|r| r.starts_with('.')) || p.strip_prefix(v).is_some_and(|r| r.starts_with('.')))
     };
     if m.filter.keys().any(|k| overlaps(k)) || m.group_by.iter().any(|g| overlaps(g)) {
         return None;

@@ -143,7 +143,8 @@ impl Repeats {
         let mut occ = Occurrences { dir: Some(dir.to_path_buf()), buckets: self.buckets(), readers: Vec::new(), counts: HashMap::new() };
         let input = |k: u64| dir.join(format!("{k}.in"));
         let output = |k: u64| dir.join(format!("{k}.n"));
-        let mut writers = (0..occ.buckets).map(|k| File::create(input(k)).map(|f| BufWriter::with_capacity(32 << 10, f))).collect::<io::Result<Vec<_>>>()?;
+        let mut writers =
+            (0..occ.buckets).map(|k| File::create(input(k)).map(|f| BufWriter::with_capacity(32 << 10, f))).collect::<io::Result<Vec<_>>>()?;
         for (i, c) in contents.enumerate() {
             let c = c?;
             if self.candidate(&c) {
@@ -178,7 +179,8 @@ impl Repeats {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
             }
         }
-        occ.readers = (0..occ.buckets).map(|k| File::open(output(k)).map(|f| BufReader::with_capacity(16 << 10, f))).collect::<io::Result<Vec<_>>>()?;
+        occ.readers =
+            (0..occ.buckets).map(|k| File::open(output(k)).map(|f| BufReader::with_capacity(16 << 10, f))).collect::<io::Result<Vec<_>>>()?;
         Ok(occ)
     }
 }

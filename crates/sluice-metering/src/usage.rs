@@ -56,12 +56,9 @@ pub fn period(tz: Tz, g: Granularity, t: DateTime<Utc>) -> (DateTime<Utc>, DateT
         Granularity::Day => (local_start(tz, d, 0), local_start(tz, d.succ_opt().unwrap_or(d), 0)),
         Granularity::Month => {
             let first = NaiveDate::from_ymd_opt(d.year(), d.month(), 1).unwrap_or(d);
-            let next = if d.month() == 12 {
-                NaiveDate::from_ymd_opt(d.year() + 1, 1, 1)
-            } else {
-                NaiveDate::from_ymd_opt(d.year(), d.month() + 1, 1)
-            }
-            .unwrap_or(first);
+            let next =
+                if d.month() == 12 { NaiveDate::from_ymd_opt(d.year() + 1, 1, 1) } else { NaiveDate::from_ymd_opt(d.year(), d.month() + 1, 1) }
+                    .unwrap_or(first);
             (local_start(tz, first, 0), local_start(tz, next, 0))
         }
         Granularity::Total => (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC),

@@ -12,8 +12,8 @@ use std::hash::BuildHasher as _;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::BeginWrite as _;
 use crate::audit::NewAudit;
+use crate::BeginWrite as _;
 use crate::{clamp_limit, from_micros, on_pool, to_micros, Page, Result, Store, StoreError};
 
 /// One event counted by the event_counts consumer.
@@ -420,28 +420,38 @@ impl Store {
         // The statements after the counts are the same on both backends.
         macro_rules! rest_of_commit {
             ($tx:ident) => {{
-            // Many rows a statement: a hostile workspace's thousands of
-            // dead letters must not hold the partition (and the other
-            // workspaces on it) for a round trip each.
-            for range in crate::metering::values_ranges(c.dead_letters.len()) {
-                let mut q = sqlx::query(dlq_insert_sql(range.len()));
-                for d in &c.dead_letters[range] {
-                    q = q.bind(format!("dlq_{}", uuid::Uuid::now_v7().simple()))
-                        .bind(&d.consumer).bind(&d.workspace).bind(&d.event_id).bind(&d.event_type)
-                        .bind(d.partition as i32).bind(d.offset as i64).bind(&d.error).bind(d.attempts as i32)
-                        .bind(to_micros(d.first_failed_at)).bind(to_micros(d.last_failed_at)).bind(now);
+                // Many rows a statement: a hostile workspace's thousands of
+                // dead letters must not hold the partition (and the other
+                // workspaces on it) for a round trip each.
+                for range in crate::metering::values_ranges(c.dead_letters.len()) {
+                    let mut q = sqlx::query(dlq_insert_sql(range.len()));
+                    for d in &c.dead_letters[range] {
+                        q = q
+                            .bind(format!("dlq_{}", uuid::Uuid::now_v7().simple()))
+                            .bind(&d.consumer)
+                            .bind(&d.workspace)
+                            .bind(&d.event_id)
+                            .bind(&d.event_type)
+                            .bind(d.partition as i32)
+                            .bind(d.offset as i64)
+                            .bind(&d.error)
+                            .bind(d.attempts as i32)
+                            .bind(to_micros(d.first_failed_at))
+                            .bind(to_micros(d.last_failed_at))
+                            .bind(now);
+                    }
+                    q.execute(&mut *$tx).await?;
                 }
-                q.execute(&mut *$tx).await?;
-            }
-            for id in &c.replayed {
-                sqlx::query("UPDATE dead_letters SET status = 'replayed', updated_at = $1 WHERE id = $2 AND status = 'replaying'")
-                    .bind(now).bind(id).execute(&mut *$tx).await?;
-            }
-            if let Some((p, next)) = c.checkpoint {
-                sqlx::query(UPSERT_CHECKPOINT)
-                    .bind(&c.consumer).bind(p as i32).bind(next as i64).bind(now)
-                    .execute(&mut *$tx).await?;
-            }
+                for id in &c.replayed {
+                    sqlx::query("UPDATE dead_letters SET status = 'replayed', updated_at = $1 WHERE id = $2 AND status = 'replaying'")
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *$tx)
+                        .await?;
+                }
+                if let Some((p, next)) = c.checkpoint {
+                    sqlx::query(UPSERT_CHECKPOINT).bind(&c.consumer).bind(p as i32).bind(next as i64).bind(now).execute(&mut *$tx).await?;
+                }
             }};
         }
         // The counts go as multi-row VALUES on SQLite (see
@@ -464,14 +474,19 @@ impl Store {
             Store::Postgres(pool) => {
                 let mut tx = pool.begin_write().await?;
                 if !keys.is_empty() {
-                        let col = |f: fn(&CountKey) -> &String| keys.iter().map(|(k, _)| f(k).clone()).collect::<Vec<String>>();
-                        sqlx::query(
-                            "INSERT INTO event_counts (workspace, event_type, customer_id, day, count) \
+                    let col = |f: fn(&CountKey) -> &String| keys.iter().map(|(k, _)| f(k).clone()).collect::<Vec<String>>();
+                    sqlx::query(
+                        "INSERT INTO event_counts (workspace, event_type, customer_id, day, count) \
                              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
-                             ON CONFLICT (workspace, event_type, customer_id, day) DO UPDATE SET count = event_counts.count + excluded.count")
-                            .bind(col(|k| &k.workspace)).bind(col(|k| &k.event_type)).bind(col(|k| &k.customer_id))
-                            .bind(col(|k| &k.day)).bind(keys.iter().map(|(_, n)| *n).collect::<Vec<i64>>())
-                            .execute(&mut *tx).await?;
+                             ON CONFLICT (workspace, event_type, customer_id, day) DO UPDATE SET count = event_counts.count + excluded.count",
+                    )
+                    .bind(col(|k| &k.workspace))
+                    .bind(col(|k| &k.event_type))
+                    .bind(col(|k| &k.customer_id))
+                    .bind(col(|k| &k.day))
+                    .bind(keys.iter().map(|(_, n)| *n).collect::<Vec<i64>>())
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 crate::metering::apply_usage!(postgres, tx, &c.usage);
                 rest_of_commit!(tx);
@@ -505,7 +520,12 @@ impl Store {
 
     /// Counts of the event_counts read model for a workspace:
     /// (event type, customer id, day, count), optionally filtered.
-    pub async fn event_counts(&self, workspace: &str, event_type: Option<&str>, customer_id: Option<&str>) -> Result<Vec<(String, String, String, i64)>> {
+    pub async fn event_counts(
+        &self,
+        workspace: &str,
+        event_type: Option<&str>,
+        customer_id: Option<&str>,
+    ) -> Result<Vec<(String, String, String, i64)>> {
         let rows = on_pool!(self, pool => sqlx::query_as(
             "SELECT event_type, customer_id, day, count FROM event_counts WHERE workspace = $1 \
              AND ($2 IS NULL OR event_type = $2) AND ($3 IS NULL OR customer_id = $3) \
@@ -802,7 +822,9 @@ mod tests {
         };
         Folder::of(&mut c);
         assert_eq!(c.usage.len(), 5);
-        let find = |cust: &str, at: i64| c.usage.iter().filter(|d| d.unique.is_none() && &*d.customer_id == cust && d.bucket_start == at).collect::<Vec<_>>();
+        let find = |cust: &str, at: i64| {
+            c.usage.iter().filter(|d| d.unique.is_none() && &*d.customer_id == cust && d.bucket_start == at).collect::<Vec<_>>()
+        };
         let a0 = find("a", 0);
         assert_eq!(a0.len(), 1);
         let a0 = a0[0];

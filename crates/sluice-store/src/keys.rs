@@ -72,10 +72,7 @@ impl From<KeyRow> for ApiKey {
 const KEY_COLUMNS: &str = "id, workspace, name, scope, prefix, created_at, created_by";
 
 /// The insert statement of a key, bindable on either backend.
-pub(crate) fn insert_key_query<DB: sqlx::Database>(
-    key: &NewApiKey,
-    now: i64,
-) -> sqlx::query::Query<'_, DB, <DB as sqlx::Database>::Arguments<'_>>
+pub(crate) fn insert_key_query<DB: sqlx::Database>(key: &NewApiKey, now: i64) -> sqlx::query::Query<'_, DB, <DB as sqlx::Database>::Arguments<'_>>
 where
     for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,

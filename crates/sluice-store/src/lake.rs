@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::BeginWrite as _;
 use crate::consumers::UPSERT_CHECKPOINT;
+use crate::BeginWrite as _;
 use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
 
 /// One committed Parquet file of the lake.
@@ -128,10 +128,17 @@ macro_rules! insert_files {
     ($tx:ident, $files:expr) => {
         for f in $files {
             sqlx::query(&format!("INSERT INTO lake_files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"))
-                .bind(&f.path).bind(&f.workspace).bind(&f.content_type).bind(to_micros(f.hour_start))
-                .bind(f.row_count as i64).bind(f.bytes as i64).bind(to_micros(f.min_time)).bind(to_micros(f.max_time))
+                .bind(&f.path)
+                .bind(&f.workspace)
+                .bind(&f.content_type)
+                .bind(to_micros(f.hour_start))
+                .bind(f.row_count as i64)
+                .bind(f.bytes as i64)
+                .bind(to_micros(f.min_time))
+                .bind(to_micros(f.max_time))
                 .bind(to_micros(f.created_at))
-                .execute(&mut *$tx).await?;
+                .execute(&mut *$tx)
+                .await?;
         }
     };
 }
@@ -179,7 +186,8 @@ impl Store {
 
     /// Committed files (of one workspace, when given), by partition and path.
     pub async fn lake_files(&self, workspace: Option<&str>) -> Result<Vec<LakeFile>> {
-        let sql = format!("SELECT {FILE_COLUMNS} FROM lake_files WHERE ($1 IS NULL OR workspace = $1) ORDER BY workspace, content_type, hour_start, path");
+        let sql =
+            format!("SELECT {FILE_COLUMNS} FROM lake_files WHERE ($1 IS NULL OR workspace = $1) ORDER BY workspace, content_type, hour_start, path");
         let rows: Vec<FileRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).fetch_all(pool).await)?;
         Ok(rows.into_iter().map(file).collect())
     }

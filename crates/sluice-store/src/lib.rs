@@ -34,7 +34,7 @@ pub mod testing;
 mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
-pub use consumers::{ConsumerCommit, CountKey, Folder, DeadLetter, Delivery, NewDeadLetter, Webhook};
+pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, Folder, NewDeadLetter, Webhook};
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
@@ -287,26 +287,16 @@ impl Store {
                 // memory (it was 64 MiB each). Pages beyond it come from the
                 // OS page cache, a copy away.
                 .pragma("cache_size", "-2048");
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .connect_with(opts)
-                .await?;
+            let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
             Store::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let opts = PgConnectOptions::from_str(url)
-                .map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
-                .await?;
+            let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
+            let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect_with(opts).await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
             Store::Postgres(pool)
         } else {
-            return Err(StoreError::InvalidUrl(format!(
-                "{url:?}: expected sqlite://… or postgres://…"
-            )));
+            return Err(StoreError::InvalidUrl(format!("{url:?}: expected sqlite://… or postgres://…")));
         };
         Ok(store)
     }

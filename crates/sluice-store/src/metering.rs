@@ -1,14 +1,13 @@
 //! Meters and the usage read model.
 
-
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use crate::BeginWrite as _;
 use crate::audit::NewAudit;
+use crate::BeginWrite as _;
 use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
 
 /// A meter definition.
@@ -74,8 +73,7 @@ pub struct UsageDelta {
 impl UsageOverflow {
     /// The bucket that would overflow.
     pub fn bucket_key(&self) -> UsageBucketKey {
-        let (workspace, meter, customer_id, subscription_id, group_key) = (&self.workspace, &self.meter, &self.customer_id, &self.subscription_id, &self.group_key);
-        UsageBucketKey::of([workspace, meter, customer_id, subscription_id, group_key], self.bucket_start)
+        self.bucket.clone()
     }
 }
 
@@ -117,16 +115,7 @@ impl UsageDelta {
         let count = self.count.checked_add(other.count);
         let sum = self.sum.checked_add(other.sum);
         let (Some(count), Some(sum)) = (count, sum) else {
-            return Err(UsageOverflow {
-                workspace: self.workspace.to_string(),
-                meter: self.meter.to_string(),
-                customer_id: self.customer_id.to_string(),
-                subscription_id: self.subscription_id.to_string(),
-                group_key: self.group_key.to_string(),
-                bucket_start: self.bucket_start,
-                value: other.sum,
-                total: self.sum,
-            });
+            return Err(UsageOverflow { bucket: self.bucket_key(), value: other.sum, total: self.sum });
         };
         self.count = count;
         self.sum = sum;
@@ -147,8 +136,14 @@ impl UsageDelta {
 
     /// The bucket's identity as an [`UsageBucketKey`].
     pub fn bucket_key(&self) -> UsageBucketKey {
-        let (workspace, meter, customer_id, subscription_id, group_key) = (&self.workspace, &self.meter, &self.customer_id, &self.subscription_id, &self.group_key);
-        UsageBucketKey::of([&**workspace, meter, customer_id, subscription_id, group_key], self.bucket_start)
+        UsageBucketKey {
+            workspace: self.workspace.to_string(),
+            meter: self.meter.to_string(),
+            customer_id: self.customer_id.to_string(),
+            subscription_id: self.subscription_id.to_string(),
+            group_key: self.group_key.to_string(),
+            bucket_start: self.bucket_start,
+        }
     }
 }
 
@@ -169,32 +164,15 @@ pub struct UsageBucketKey {
     pub bucket_start: i64,
 }
 
-impl UsageBucketKey {
-    fn of(names: [&str; 5], bucket_start: i64) -> UsageBucketKey {
-        let [workspace, meter, customer_id, subscription_id, group_key] = names.map(str::to_owned);
-        UsageBucketKey { workspace, meter, customer_id, subscription_id, group_key, bucket_start }
-    }
-}
-
 /// Adding usage to a bucket would exceed the largest exact decimal
 /// (about 7.9e28) or the largest event count: the addition is refused, never
 /// rounded or wrapped. Caused by the data, so it is permanent: the consumer
 /// dead-letters the event that would overflow instead of retrying it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("usage of meter {meter:?} for customer {customer_id:?} overflows: adding {value} to {total} exceeds the largest exact decimal (about 7.9e28)")]
+#[error("usage of meter {meter:?} for customer {customer:?} overflows: adding {value} to {total} exceeds the largest exact decimal (about 7.9e28)", meter = .bucket.meter, customer = .bucket.customer_id)]
 pub struct UsageOverflow {
-    /// Workspace.
-    pub workspace: String,
-    /// Meter key.
-    pub meter: String,
-    /// Customer (`""` when none).
-    pub customer_id: String,
-    /// Subscription (`""` when none).
-    pub subscription_id: String,
-    /// Group values as JSON text (`""` without group_by).
-    pub group_key: String,
-    /// Start of the bucket, microseconds.
-    pub bucket_start: i64,
+    /// The bucket.
+    pub bucket: UsageBucketKey,
     /// The value being added.
     pub value: Decimal,
     /// What the bucket held.
@@ -419,11 +397,8 @@ macro_rules! apply_usage {
                     match total.merge(&chunk[i]) {
                         Ok(()) => chunk[i].set_aggregates(&total),
                         Err(mut o) => {
-                            o.workspace = chunk[i].workspace.to_string();
-                            o.meter = chunk[i].meter.to_string();
-                            o.customer_id = chunk[i].customer_id.to_string();
-                            o.subscription_id = chunk[i].subscription_id.to_string();
-                            o.group_key = chunk[i].group_key.to_string();
+                            // `total` was read without its names.
+                            o.bucket = chunk[i].bucket_key();
                             overflows.push(o);
                         }
                     }
@@ -592,9 +567,18 @@ impl Store {
                     );
                     let a = after.as_ref();
                     let (page,): (String,) = sqlx::query_as(&sql)
-                        .bind(workspace).bind(meter).bind(from).bind(to).bind(customer_id).bind(subscription_id)
-                        .bind(a.map(|a| &a.0)).bind(a.map(|a| &a.1)).bind(a.map(|a| &a.2)).bind(a.map(|a| a.3))
-                        .fetch_one(pool).await?;
+                        .bind(workspace)
+                        .bind(meter)
+                        .bind(from)
+                        .bind(to)
+                        .bind(customer_id)
+                        .bind(subscription_id)
+                        .bind(a.map(|a| &a.0))
+                        .bind(a.map(|a| &a.1))
+                        .bind(a.map(|a| &a.2))
+                        .bind(a.map(|a| a.3))
+                        .fetch_one(pool)
+                        .await?;
                     let page: Vec<BucketRow> = serde_json::from_str(&page).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
                     let full = page.len() >= USAGE_PAGE;
                     // The page's last key in primary-key order, whatever order
@@ -606,12 +590,21 @@ impl Store {
                     }
                 }
             }
-            Store::Postgres(pool) => sqlx::query_as(
-                "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
+            Store::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
                  FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND ($3::text IS NULL OR customer_id = $3) \
-                 AND ($4::text IS NULL OR subscription_id = $4) AND bucket_start >= $5 AND bucket_start < $6")
-                .bind(workspace).bind(meter).bind(customer_id).bind(subscription_id).bind(from).bind(to)
-                .fetch_all(pool).await?,
+                 AND ($4::text IS NULL OR subscription_id = $4) AND bucket_start >= $5 AND bucket_start < $6",
+                )
+                .bind(workspace)
+                .bind(meter)
+                .bind(customer_id)
+                .bind(subscription_id)
+                .bind(from)
+                .bind(to)
+                .fetch_all(pool)
+                .await?
+            }
         };
         Ok(rows
             .into_iter()

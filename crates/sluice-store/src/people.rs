@@ -58,10 +58,12 @@ macro_rules! apply_effects {
         for effect in $effects {
             match effect {
                 E::UpsertUser { workspace, user_id, traits, at } => {
-                    let row: Option<(String, i64, i64)> = sqlx::query_as(
-                        "SELECT traits, first_seen, updated_at FROM users WHERE workspace = $1 AND user_id = $2",
-                    )
-                    .bind(workspace).bind(user_id).fetch_optional(&mut *$tx).await?;
+                    let row: Option<(String, i64, i64)> =
+                        sqlx::query_as("SELECT traits, first_seen, updated_at FROM users WHERE workspace = $1 AND user_id = $2")
+                            .bind(workspace)
+                            .bind(user_id)
+                            .fetch_optional(&mut *$tx)
+                            .await?;
                     let (old, first, old_at) = match row {
                         Some((t, f, u)) => (crate::people::parse_map(&t), f, crate::from_micros(u)),
                         None => (serde_json::Map::new(), i64::MAX, chrono::DateTime::<chrono::Utc>::MIN_UTC),
@@ -72,15 +74,21 @@ macro_rules! apply_effects {
                          ON CONFLICT (workspace, user_id) DO UPDATE SET traits = excluded.traits, \
                          first_seen = excluded.first_seen, updated_at = excluded.updated_at",
                     )
-                    .bind(workspace).bind(user_id).bind(serde_json::Value::Object(merged).to_string())
-                    .bind(first.min(crate::to_micros(*at))).bind(crate::to_micros(new_at))
-                    .execute(&mut *$tx).await?;
+                    .bind(workspace)
+                    .bind(user_id)
+                    .bind(serde_json::Value::Object(merged).to_string())
+                    .bind(first.min(crate::to_micros(*at)))
+                    .bind(crate::to_micros(new_at))
+                    .execute(&mut *$tx)
+                    .await?;
                 }
                 E::UpsertCustomer { workspace, customer_id, attributes, at } => {
-                    let row: Option<(String, i64, i64)> = sqlx::query_as(
-                        "SELECT attributes, first_seen, updated_at FROM customers WHERE workspace = $1 AND customer_id = $2",
-                    )
-                    .bind(workspace).bind(customer_id).fetch_optional(&mut *$tx).await?;
+                    let row: Option<(String, i64, i64)> =
+                        sqlx::query_as("SELECT attributes, first_seen, updated_at FROM customers WHERE workspace = $1 AND customer_id = $2")
+                            .bind(workspace)
+                            .bind(customer_id)
+                            .fetch_optional(&mut *$tx)
+                            .await?;
                     let (old, first, old_at) = match row {
                         Some((t, f, u)) => (crate::people::parse_map(&t), f, crate::from_micros(u)),
                         None => (serde_json::Map::new(), i64::MAX, chrono::DateTime::<chrono::Utc>::MIN_UTC),
@@ -91,36 +99,54 @@ macro_rules! apply_effects {
                          ON CONFLICT (workspace, customer_id) DO UPDATE SET attributes = excluded.attributes, \
                          first_seen = excluded.first_seen, updated_at = excluded.updated_at",
                     )
-                    .bind(workspace).bind(customer_id).bind(serde_json::Value::Object(merged).to_string())
-                    .bind(first.min(crate::to_micros(*at))).bind(crate::to_micros(new_at))
-                    .execute(&mut *$tx).await?;
+                    .bind(workspace)
+                    .bind(customer_id)
+                    .bind(serde_json::Value::Object(merged).to_string())
+                    .bind(first.min(crate::to_micros(*at)))
+                    .bind(crate::to_micros(new_at))
+                    .execute(&mut *$tx)
+                    .await?;
                 }
                 E::LinkUser { workspace, user_id, customer_id, at } => {
                     let at = crate::to_micros(*at);
-                    let link: Option<(i64,)> = sqlx::query_as(
-                        "SELECT linked_at FROM user_customers WHERE workspace = $1 AND user_id = $2 AND customer_id = $3",
-                    )
-                    .bind(workspace).bind(user_id).bind(customer_id).fetch_optional(&mut *$tx).await?;
+                    let link: Option<(i64,)> =
+                        sqlx::query_as("SELECT linked_at FROM user_customers WHERE workspace = $1 AND user_id = $2 AND customer_id = $3")
+                            .bind(workspace)
+                            .bind(user_id)
+                            .bind(customer_id)
+                            .fetch_optional(&mut *$tx)
+                            .await?;
                     if link.is_none_or(|(l,)| at > l) {
                         sqlx::query(
                             "INSERT INTO user_customers (workspace, user_id, customer_id, linked_at) VALUES ($1, $2, $3, $4) \
                              ON CONFLICT (workspace, user_id, customer_id) DO UPDATE SET linked_at = excluded.linked_at",
                         )
-                        .bind(workspace).bind(user_id).bind(customer_id).bind(at).execute(&mut *$tx).await?;
+                        .bind(workspace)
+                        .bind(user_id)
+                        .bind(customer_id)
+                        .bind(at)
+                        .execute(&mut *$tx)
+                        .await?;
                     }
-                    let user: Option<(Option<String>, Option<i64>, i64)> = sqlx::query_as(
-                        "SELECT customer_id, customer_linked_at, first_seen FROM users WHERE workspace = $1 AND user_id = $2",
-                    )
-                    .bind(workspace).bind(user_id).fetch_optional(&mut *$tx).await?;
+                    let user: Option<(Option<String>, Option<i64>, i64)> =
+                        sqlx::query_as("SELECT customer_id, customer_linked_at, first_seen FROM users WHERE workspace = $1 AND user_id = $2")
+                            .bind(workspace)
+                            .bind(user_id)
+                            .fetch_optional(&mut *$tx)
+                            .await?;
                     match user {
                         None => {
                             sqlx::query(
                                 "INSERT INTO users (workspace, user_id, traits, customer_id, customer_linked_at, first_seen, updated_at) \
                                  VALUES ($1, $2, '{}', $3, $4, $4, $5)",
                             )
-                            .bind(workspace).bind(user_id).bind(customer_id).bind(at)
+                            .bind(workspace)
+                            .bind(user_id)
+                            .bind(customer_id)
                             .bind(at)
-                            .execute(&mut *$tx).await?;
+                            .bind(at)
+                            .execute(&mut *$tx)
+                            .await?;
                         }
                         Some((cur, cur_at, first)) => {
                             // Latest link wins; ties go to the larger id so that
@@ -137,23 +163,32 @@ macro_rules! apply_effects {
                                 .bind(if newer { Some(customer_id.clone()) } else { cur })
                                 .bind(if newer { Some(at) } else { cur_at })
                                 .bind(first.min(at))
-                                .bind(workspace).bind(user_id).execute(&mut *$tx).await?;
+                                .bind(workspace)
+                                .bind(user_id)
+                                .execute(&mut *$tx)
+                                .await?;
                             }
                         }
                     }
                 }
                 E::Alias { workspace, previous_id, user_id, at } => {
                     let at = crate::to_micros(*at);
-                    let cur: Option<(i64,)> = sqlx::query_as(
-                        "SELECT aliased_at FROM user_aliases WHERE workspace = $1 AND previous_id = $2",
-                    )
-                    .bind(workspace).bind(previous_id).fetch_optional(&mut *$tx).await?;
+                    let cur: Option<(i64,)> = sqlx::query_as("SELECT aliased_at FROM user_aliases WHERE workspace = $1 AND previous_id = $2")
+                        .bind(workspace)
+                        .bind(previous_id)
+                        .fetch_optional(&mut *$tx)
+                        .await?;
                     if cur.is_none_or(|(t,)| at > t) {
                         sqlx::query(
                             "INSERT INTO user_aliases (workspace, previous_id, user_id, aliased_at) VALUES ($1, $2, $3, $4) \
                              ON CONFLICT (workspace, previous_id) DO UPDATE SET user_id = excluded.user_id, aliased_at = excluded.aliased_at",
                         )
-                        .bind(workspace).bind(previous_id).bind(user_id).bind(at).execute(&mut *$tx).await?;
+                        .bind(workspace)
+                        .bind(previous_id)
+                        .bind(user_id)
+                        .bind(at)
+                        .execute(&mut *$tx)
+                        .await?;
                     }
                 }
             }
@@ -161,8 +196,6 @@ macro_rules! apply_effects {
     }};
 }
 pub(crate) use apply_effects;
-
-
 
 impl Store {
     /// One user with its customers and aliases.
@@ -231,25 +264,26 @@ impl Store {
         let mut out = HashMap::new();
         for chunk in user_ids.chunks(500) {
             let rows: Vec<(String, String)> = match self {
-                Store::Sqlite(pool) => sqlx::query_as(
-                    "SELECT user_id, customer_id FROM users WHERE workspace = $1 AND customer_id IS NOT NULL \
+                Store::Sqlite(pool) => {
+                    sqlx::query_as(
+                        "SELECT user_id, customer_id FROM users WHERE workspace = $1 AND customer_id IS NOT NULL \
                      AND user_id IN (SELECT value FROM json_each($2))",
-                )
-                .bind(workspace)
-                .bind(serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into()))
-                .fetch_all(pool)
-                .await?,
-                Store::Postgres(pool) => sqlx::query_as(
-                    "SELECT user_id, customer_id FROM users WHERE workspace = $1 AND customer_id IS NOT NULL AND user_id = ANY($2)",
-                )
-                .bind(workspace)
-                .bind(chunk)
-                .fetch_all(pool)
-                .await?,
+                    )
+                    .bind(workspace)
+                    .bind(serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into()))
+                    .fetch_all(pool)
+                    .await?
+                }
+                Store::Postgres(pool) => {
+                    sqlx::query_as("SELECT user_id, customer_id FROM users WHERE workspace = $1 AND customer_id IS NOT NULL AND user_id = ANY($2)")
+                        .bind(workspace)
+                        .bind(chunk)
+                        .fetch_all(pool)
+                        .await?
+                }
             };
             out.extend(rows);
         }
         Ok(out)
     }
-
 }

@@ -11,8 +11,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 /// The URL of the server used to create per-test PostgreSQL databases.
 pub fn postgres_admin_url() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("SLUICE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 /// True when running in CI (`CI=true` or `CI=1`).
@@ -44,9 +43,7 @@ impl TestDatabase {
             }
         };
         let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .expect("create test database");
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
         let _ = conn.close().await;
         let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin_url.clone());
         Some(TestDatabase { url: format!("{base}/{name}"), name, admin_url })
@@ -65,9 +62,7 @@ impl Drop for TestDatabase {
             };
             rt.block_on(async move {
                 if let Ok(mut conn) = PgConnection::connect(&admin_url).await {
-                    let _ = conn
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                        .await;
+                    let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
                 }
             });
         })

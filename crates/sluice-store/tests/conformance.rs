@@ -266,14 +266,8 @@ async fn keys_lifecycle(store: Store) {
     store.create_key(&key("key_1", "w1", Scope::Ingest, "s1"), &audit("key.create")).await.unwrap();
     store.create_key(&key("key_2", "w1", Scope::Read, "s2"), &audit("key.create")).await.unwrap();
     store.create_key(&key("key_3", "w2", Scope::Admin, "s3"), &audit("key.create")).await.unwrap();
-    assert!(matches!(
-        store.create_key(&key("key_4", "nope", Scope::Admin, "s4"), &audit("key.create")).await,
-        Err(StoreError::NotFound)
-    ));
-    assert!(matches!(
-        store.create_key(&key("key_5", "w1", Scope::Admin, "s1"), &audit("key.create")).await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(store.create_key(&key("key_4", "nope", Scope::Admin, "s4"), &audit("key.create")).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.create_key(&key("key_5", "w1", Scope::Admin, "s1"), &audit("key.create")).await, Err(StoreError::Conflict(_))));
     let w1 = store.list_keys(Some("w1"), None, 10).await.unwrap();
     assert_eq!(w1.data.len(), 2);
     assert!(w1.data.iter().all(|k| k.workspace == "w1"));
@@ -293,7 +287,8 @@ async fn log_effects_and_progress(store: Store) {
     assert!(store.log_progress().await.unwrap().is_empty());
     let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
     let traits = |v: &str| serde_json::json!({"plan": v}).as_object().unwrap().clone();
-    let upsert = |v: &str, at| sluice_core::RecordEffect::UpsertCustomer { workspace: "a".into(), customer_id: "c1".into(), attributes: traits(v), at };
+    let upsert =
+        |v: &str, at| sluice_core::RecordEffect::UpsertCustomer { workspace: "a".into(), customer_id: "c1".into(), attributes: traits(v), at };
     store.apply_log_effects(&[upsert("pro", at)], &[(0, 2), (1, 1)]).await.unwrap();
     assert_eq!(store.log_progress().await.unwrap(), vec![(0, 2), (1, 1)]);
     // Applying the same effects again (a rebuild after a crash) changes
@@ -354,7 +349,13 @@ async fn usage_commits_merge_into_stored_buckets(store: Store) {
     let buckets = store.usage_buckets("w", "gb", None, None, None, None).await.unwrap();
     assert_eq!(buckets.len(), n as usize + 3);
     let total: rust_decimal::Decimal = buckets.iter().map(|b| b.sum).sum();
-    assert_eq!(total, "0.1".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(n) + "0.2".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(2210) + "0.05".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(2209) + rust_decimal::Decimal::from(21));
+    assert_eq!(
+        total,
+        "0.1".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(n)
+            + "0.2".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(2210)
+            + "0.05".parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(2209)
+            + rust_decimal::Decimal::from(21)
+    );
     let at = |c: &str, i: i64| buckets.iter().find(|b| b.customer_id == c && b.bucket_start.timestamp_micros() == i * 900_000_000).unwrap();
     let b = at("c3", 10);
     assert_eq!((b.count, b.sum.to_string(), b.min.unwrap().to_string(), b.max.unwrap().to_string()), (2, "0.3".into(), "0.1".into(), "0.2".into()));
@@ -437,7 +438,12 @@ async fn every_id_the_validator_accepts_round_trips_and_nul_is_refused(store: St
         d.group_key = serde_json::json!({ "g": s.clone() }).to_string().into();
         let count = sluice_store::CountKey { workspace: ws.clone(), event_type: "t".into(), customer_id: s.clone(), day: "2026-01-01".into() };
         store
-            .commit_consumer(&sluice_store::ConsumerCommit { consumer: "c".into(), usage: vec![d.clone()], counts: vec![(count, 1)], ..Default::default() })
+            .commit_consumer(&sluice_store::ConsumerCommit {
+                consumer: "c".into(),
+                usage: vec![d.clone()],
+                counts: vec![(count, 1)],
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|e| panic!("{s:?}: {e}"));
         let b = store.usage_buckets(&ws, "gb", Some(&s), Some(&s), None, None).await.unwrap();
@@ -459,13 +465,10 @@ async fn usage_overflow_is_refused_whole_and_names_every_bucket(store: Store) {
     let big = "50000000000000000000000000000";
     let commit = |usage, next| sluice_store::ConsumerCommit { consumer: "meters".into(), usage, checkpoint: Some((0, next)), ..Default::default() };
     store.commit_consumer(&commit(vec![delta("a", 1, big, 1), delta("b", 1, big, 1)], 1)).await.unwrap();
-    let e = store
-        .commit_consumer(&commit(vec![delta("a", 1, big, 2), delta("ok", 1, "1", 2), delta("b", 1, big, 2)], 2))
-        .await
-        .unwrap_err();
+    let e = store.commit_consumer(&commit(vec![delta("a", 1, big, 2), delta("ok", 1, "1", 2), delta("b", 1, big, 2)], 2)).await.unwrap_err();
     assert!(e.is_permanent(), "{e}");
     let StoreError::UsageOverflow(list) = &e else { panic!("{e}") };
-    let mut customers: Vec<&str> = list.iter().map(|o| o.customer_id.as_str()).collect();
+    let mut customers: Vec<&str> = list.iter().map(|o| o.bucket.customer_id.as_str()).collect();
     customers.sort();
     assert_eq!(customers, ["a", "b"]);
     assert!(e.to_string().contains(big), "{e}");

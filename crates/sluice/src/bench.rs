@@ -242,10 +242,7 @@ async fn ingest(args: IngestArgs) -> Result<()> {
             (u, k, Some(s))
         }
     };
-    eprintln!(
-        "batch {} events (~250 B each, {} ids), concurrency {}, {:?} per phase",
-        args.batch, args.ids, args.concurrency, args.duration
-    );
+    eprintln!("batch {} events (~250 B each, {} ids), concurrency {}, {:?} per phase", args.batch, args.ids, args.concurrency, args.duration);
     let discard = phase(&url, &key, "/v1/bench/discard", &args, None).await?;
     let durable = phase(&url, &key, "/v1/events", &args, None).await?;
     let half = phase(&url, &key, "/v1/events", &args, Some(durable.events_per_s / 2.0)).await?;
@@ -486,12 +483,8 @@ async fn import_bench(args: ImportBenchArgs) -> Result<()> {
         (Some(a), Some(b)) => format!("{:.2}", b - a),
         _ => "n/a".into(),
     };
-    let sum: rust_decimal::Decimal = u["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["value"].as_str().and_then(|v| v.parse::<rust_decimal::Decimal>().ok()))
-        .sum();
+    let sum: rust_decimal::Decimal =
+        u["data"].as_array().into_iter().flatten().filter_map(|r| r["value"].as_str().and_then(|v| v.parse::<rust_decimal::Decimal>().ok())).sum();
     println!("| rows | bytes | upload (s) | import job done (s) | meters updated + total queried (s) | rows/s end to end | server CPU (s) | metered total | 10-row wait=true p50 / max (ms) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(

@@ -282,9 +282,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
                 Ok(())
             }
             Cmd::Workspaces(WorkspacesCmd::Create { name, time_zone, conn }) => {
-                let v = Client::new(&conn)?
-                    .call(Method::POST, "/v1/workspaces", Some(json!({"name": name, "time_zone": time_zone})))
-                    .await?;
+                let v = Client::new(&conn)?.call(Method::POST, "/v1/workspaces", Some(json!({"name": name, "time_zone": time_zone}))).await?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 Ok(())
             }
@@ -294,15 +292,17 @@ pub fn run(cmd: Cmd) -> Result<()> {
                 for c in rows {
                     println!(
                         "{:<48}  {:<9}  {:>10}  {:>5}  {}",
-                        s(&c["name"]), s(&c["status"]), s(&c["lag"]), s(&c["dlq_size"]), s(&c["last_error"])
+                        s(&c["name"]),
+                        s(&c["status"]),
+                        s(&c["lag"]),
+                        s(&c["dlq_size"]),
+                        s(&c["last_error"])
                     );
                 }
                 Ok(())
             }
             Cmd::Consumers(ConsumersCmd::Reset { name, to, conn }) => {
-                let v = Client::new(&conn)?
-                    .call(Method::POST, &format!("/v1/consumers/{}/reset", urlencode(&name)), Some(json!({"to": to})))
-                    .await?;
+                let v = Client::new(&conn)?.call(Method::POST, &format!("/v1/consumers/{}/reset", urlencode(&name)), Some(json!({"to": to}))).await?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 Ok(())
             }
@@ -319,7 +319,12 @@ pub fn run(cmd: Cmd) -> Result<()> {
                 for d in rows {
                     println!(
                         "{:<36}  {:<10}  {:<32}  {:<24}  {:>3}  {}",
-                        s(&d["id"]), s(&d["status"]), s(&d["consumer"]), s(&d["event_id"]), s(&d["attempts"]), s(&d["error"])
+                        s(&d["id"]),
+                        s(&d["status"]),
+                        s(&d["consumer"]),
+                        s(&d["event_id"]),
+                        s(&d["attempts"]),
+                        s(&d["error"])
                     );
                 }
                 Ok(())
@@ -380,12 +385,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
                         format!("[{}{}] {p:5.1}%", "#".repeat(filled), " ".repeat(20 - filled.min(20)))
                     });
                     let eta = j["progress"]["eta_seconds"].as_f64().map(|e| format!(" ETA {e:.0}s")).unwrap_or_default();
-                    eprint!(
-                        "\r{status:<10} {} {}/{}{eta}   ",
-                        bar.unwrap_or_default(),
-                        s(&j["progress"]["done"]),
-                        s(&j["progress"]["total"])
-                    );
+                    eprint!("\r{status:<10} {} {}/{}{eta}   ", bar.unwrap_or_default(), s(&j["progress"]["done"]), s(&j["progress"]["total"]));
                     if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
                         eprintln!();
                         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -528,10 +528,9 @@ async fn send(client: &Client, file: &str, batch: usize) -> Result<()> {
     let events = read_events(file)?;
     let (mut accepted, mut duplicates) = (0u64, 0u64);
     for (n, chunk) in events.chunks(batch.max(1)).enumerate() {
-        let v = client
-            .call(Method::POST, "/v1/events", Some(Value::Array(chunk.to_vec())))
-            .await
-            .with_context(|| format!("batch {} (events {}..{}; indexes in errors are within the batch)", n + 1, n * batch, n * batch + chunk.len()))?;
+        let v = client.call(Method::POST, "/v1/events", Some(Value::Array(chunk.to_vec()))).await.with_context(|| {
+            format!("batch {} (events {}..{}; indexes in errors are within the batch)", n + 1, n * batch, n * batch + chunk.len())
+        })?;
         accepted += v["accepted"].as_u64().unwrap_or(0);
         duplicates += v["duplicates"].as_u64().unwrap_or(0);
     }
@@ -601,7 +600,11 @@ async fn import(args: ImportArgs) -> Result<()> {
     }
     eprintln!(
         "\r{}: {} rows, {} imported, {} duplicate, {} rejected",
-        s(&v["status"]), s(&v["rows_total"]), s(&v["rows_imported"]), s(&v["rows_duplicate"]), s(&v["rows_rejected"])
+        s(&v["status"]),
+        s(&v["rows_total"]),
+        s(&v["rows_imported"]),
+        s(&v["rows_duplicate"]),
+        s(&v["rows_rejected"])
     );
     for e in v["errors"].as_array().into_iter().flatten() {
         eprintln!("  row {} {}: {} ({:?})", s(&e["row"]), s(&e["column"]), s(&e["message"]), s(&e["value"]));

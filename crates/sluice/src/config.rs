@@ -192,8 +192,7 @@ impl Config {
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
             let file_table: Table = text.parse().with_context(|| format!("config file {} is not valid TOML", path.display()))?;
-            merge_checked(&mut table, file_table, &schema, "")
-                .with_context(|| format!("in config file {}", path.display()))?;
+            merge_checked(&mut table, file_table, &schema, "").with_context(|| format!("in config file {}", path.display()))?;
         }
         apply_env(&mut table, &schema, env, "")?;
         let set = |t: &mut Table, k: &str, v: String| {
@@ -244,10 +243,7 @@ impl Config {
     pub fn log_dir(&self) -> Result<PathBuf> {
         match self.log.url.strip_prefix("file://") {
             Some(p) => Ok(PathBuf::from(p)),
-            None => bail!(
-                "log.url {:?} is not supported by this build; use file://PATH (NATS JetStream is planned)",
-                self.log.url
-            ),
+            None => bail!("log.url {:?} is not supported by this build; use file://PATH (NATS JetStream is planned)", self.log.url),
         }
     }
 }
@@ -311,8 +307,7 @@ mod humantime_serde_shim {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s, 5m, 35d: {e}")))
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s, 5m, 35d: {e}")))
     }
 }
 

@@ -124,9 +124,7 @@ fn main() -> std::process::ExitCode {
         Command::Events(cmd) => client::run(client::Cmd::Events(cmd)),
         Command::Keys(cmd) => client::run(client::Cmd::Keys(cmd)),
         Command::Workspaces(cmd) => client::run(client::Cmd::Workspaces(cmd)),
-        Command::Consumers { cmd, conn } => {
-            client::run(client::Cmd::Consumers(cmd.unwrap_or(client::ConsumersCmd::List { conn })))
-        }
+        Command::Consumers { cmd, conn } => client::run(client::Cmd::Consumers(cmd.unwrap_or(client::ConsumersCmd::List { conn }))),
         Command::Dlq(cmd) => client::run(client::Cmd::Dlq(cmd)),
         Command::Jobs(cmd) => client::run(client::Cmd::Jobs(cmd)),
         Command::Import(args) => client::run(client::Cmd::Import(args)),

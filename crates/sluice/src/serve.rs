@@ -35,10 +35,7 @@ pub fn main(args: ServeArgs) -> Result<()> {
 fn init_tracing(format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else {
@@ -49,8 +46,7 @@ fn init_tracing(format: &str) {
 async fn run(cfg: Config) -> Result<()> {
     // Before anything is created: what Sluice writes is for its own user only.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     secure_data_dir(&cfg.data_dir).with_context(|| format!("restricting access to the data directory {}", cfg.data_dir.display()))?;
     raise_fd_limit(cfg.http.max_connections);
     // One process per data directory: the embedded log has a single writer.
@@ -62,15 +58,11 @@ async fn run(cfg: Config) -> Result<()> {
         .write(true)
         .open(&lock_path)
         .with_context(|| format!("opening {}", lock_path.display()))?;
-    _lock.try_lock().map_err(|_| {
-        anyhow::anyhow!("another sluice process is using the data directory {}", cfg.data_dir.display())
-    })?;
+    _lock.try_lock().map_err(|_| anyhow::anyhow!("another sluice process is using the data directory {}", cfg.data_dir.display()))?;
     let metrics = sluice_api::install_metrics();
 
     tracing::info!(state = %cfg.state_url, "opening state store");
-    let store = Store::connect(cfg.state_url.expose())
-        .await
-        .with_context(|| format!("connecting to the state store {}", cfg.state_url))?;
+    let store = Store::connect(cfg.state_url.expose()).await.with_context(|| format!("connecting to the state store {}", cfg.state_url))?;
 
     let log_dir = cfg.log_dir()?;
     let mut log_cfg = LogConfig::new(log_dir.clone(), cfg.log.partitions);
@@ -106,22 +98,14 @@ async fn run(cfg: Config) -> Result<()> {
         log.clone(),
         store.clone(),
         Arc::new(index),
-        IngestorConfig {
-            max_inflight_bytes: cfg.ingest.max_inflight_bytes,
-            dedup_window: cfg.ingest.dedup_window,
-            ..IngestorConfig::default()
-        },
+        IngestorConfig { max_inflight_bytes: cfg.ingest.max_inflight_bytes, dedup_window: cfg.ingest.dedup_window, ..IngestorConfig::default() },
         schemas.clone(),
     )
     .await?;
 
     let retention = tokio::spawn(run_retention(log.clone(), cfg.log.retention_interval));
 
-    let retry = RetryPolicy {
-        attempts: cfg.retry_attempts,
-        base: Duration::from_millis(cfg.retry_base_ms),
-        ..RetryPolicy::default()
-    };
+    let retry = RetryPolicy { attempts: cfg.retry_attempts, base: Duration::from_millis(cfg.retry_base_ms), ..RetryPolicy::default() };
     let consumers = Runtime::new(log.clone(), store.clone(), retry, cfg.consumer_batch);
     consumers.start(Arc::new(sluice_consumers::counts::EventCounts));
     let webhooks = WebhookSettings { allow_private: cfg.webhook_allow_private, timeout: cfg.webhook_timeout, retry };
@@ -145,7 +129,10 @@ async fn run(cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&lake_root).with_context(|| format!("creating the lake at {}", lake_root.display()))?;
     let removed = sluice_lake::writer::recover(&store, &lake_root).await.map_err(anyhow::Error::msg).context("recovering the lake")?;
     if removed > 0 {
-        tracing::warn!(files = removed, "removed lake files that were written but not committed before an unclean stop; their events are written again");
+        tracing::warn!(
+            files = removed,
+            "removed lake files that were written but not committed before an unclean stop; their events are written again"
+        );
     }
     let swept = sluice_lake::export::sweep_temp_files(&lake_root);
     if swept > 0 {
@@ -183,7 +170,9 @@ async fn run(cfg: Config) -> Result<()> {
         },
     )
     // Each query in a `sluice sql-worker` child with a memory limit.
-    .with_isolation(sluice_lake::sandbox::Isolation::Process { program: std::env::current_exe().context("locating the sluice binary for SQL workers")? });
+    .with_isolation(sluice_lake::sandbox::Isolation::Process {
+        program: std::env::current_exe().context("locating the sluice binary for SQL workers")?,
+    });
     let jobs = Arc::new(sluice_jobs::Runner::start(
         store.clone(),
         vec![
@@ -207,7 +196,18 @@ async fn run(cfg: Config) -> Result<()> {
     if swept > 0 {
         tracing::info!(files = swept, "removed import uploads older than 7 days");
     }
-    let mut state = AppState::new(store.clone(), log.clone(), ingestor, limits, metrics, consumers.clone(), webhooks, jobs.clone(), meters, cfg.data_dir.join("imports"));
+    let mut state = AppState::new(
+        store.clone(),
+        log.clone(),
+        ingestor,
+        limits,
+        metrics,
+        consumers.clone(),
+        webhooks,
+        jobs.clone(),
+        meters,
+        cfg.data_dir.join("imports"),
+    );
     state.metrics_require_key = cfg.metrics.require_key;
     // "0s" would make every sign-in expire at once: a session lasts at least a second.
     state.session_ttl = cfg.dashboard.session_ttl.max(Duration::from_secs(1));
@@ -221,9 +221,7 @@ async fn run(cfg: Config) -> Result<()> {
     let ready = state.ready.clone();
     let app = sluice_api::router(state);
 
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     let stop_signal = shutdown_signal();
     ready.store(true, Ordering::Release);
@@ -306,8 +304,7 @@ fn secure_data_dir(dir: &std::path::Path) -> Result<()> {
             continue;
         };
         if mode != want {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want))
-                .with_context(|| format!("chmod {:o} {}", want, path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want)).with_context(|| format!("chmod {:o} {}", want, path.display()))?;
             changed += 1;
         }
         if meta.is_dir() {
@@ -465,7 +462,9 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             }
         }
         let (term, int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
-        async move { tokio::select! { _ = recv(term) => {}, _ = recv(int) => {} } }
+        async move {
+            tokio::select! { _ = recv(term) => {}, _ = recv(int) => {} }
+        }
     }
     #[cfg(not(unix))]
     async {

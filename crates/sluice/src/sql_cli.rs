@@ -75,7 +75,8 @@ pub fn sql(args: SqlArgs) -> Result<()> {
 
 /// Renders a `POST /v1/sql` JSON answer as an aligned text table.
 pub fn table(v: &Value) -> String {
-    let names: Vec<String> = v["columns"].as_array().map(|c| c.iter().map(|c| c["name"].as_str().unwrap_or("").to_owned()).collect()).unwrap_or_default();
+    let names: Vec<String> =
+        v["columns"].as_array().map(|c| c.iter().map(|c| c["name"].as_str().unwrap_or("").to_owned()).collect()).unwrap_or_default();
     let rows: Vec<Vec<String>> = v["data"]
         .as_array()
         .map(|rows| {

@@ -145,9 +145,7 @@ pub async fn reset(
     if name == "meters" {
         // Usage buckets are added to, not rebuilt: moving this consumer
         // would count events twice or skip them.
-        return Err(ApiError::conflict(
-            "the meters consumer cannot be reset: its usage is cumulative; meters are backfilled when created",
-        ));
+        return Err(ApiError::conflict("the meters consumer cannot be reset: its usage is cumulative; meters are backfilled when created"));
     }
     if !name.starts_with("webhook:") {
         who.require_root().map_err(|_| ApiError::forbidden(format!("resetting {name:?} rebuilds data of every workspace; it needs the root key")))?;
@@ -342,10 +340,7 @@ pub struct BulkReplay {
 pub async fn dlq_replay_bulk(State(st): State<AppState>, who: Principal, Json(f): Json<BulkReplay>) -> Result<(StatusCode, Json<Value>), ApiError> {
     who.require_admin()?;
     let a = audit(&who, "dlq.replay_bulk", "*", json!({"consumer": f.consumer, "event_type": f.event_type, "error": f.error}));
-    let n = st
-        .store
-        .claim_replays(who.workspace.as_str(), None, f.consumer.as_deref(), f.event_type.as_deref(), f.error.as_deref(), &a)
-        .await?;
+    let n = st.store.claim_replays(who.workspace.as_str(), None, f.consumer.as_deref(), f.event_type.as_deref(), f.error.as_deref(), &a).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"replaying": n}))))
 }
 

@@ -3,9 +3,9 @@
 use std::io::Read;
 use std::time::Instant;
 
+use crate::json::Query;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use crate::json::Query;
 use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -39,12 +39,7 @@ pub struct IngestResponse {
     responses((status = 200, body = IngestResponse), (status = 400, description = "invalid events: details list index, field, reason"),
         (status = 401), (status = 403), (status = 413), (status = 503, description = "over capacity; see Retry-After")),
     security(("bearer" = [])))]
-pub async fn ingest(
-    State(st): State<AppState>,
-    who: Principal,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<IngestResponse>, ApiError> {
+pub async fn ingest(State(st): State<AppState>, who: Principal, headers: HeaderMap, body: Body) -> Result<Json<IngestResponse>, ApiError> {
     let started = Instant::now();
     who.require_ingest()?;
     let result = ingest_inner(&st, &who, &headers, body, true).await;
@@ -61,12 +56,7 @@ pub async fn ingest(
 /// it. Nothing is stored.
 #[utoipa::path(post, path = "/v1/bench/discard", tag = "events",
     responses((status = 200, body = IngestResponse)), security(("bearer" = [])))]
-pub async fn discard(
-    State(st): State<AppState>,
-    who: Principal,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<IngestResponse>, ApiError> {
+pub async fn discard(State(st): State<AppState>, who: Principal, headers: HeaderMap, body: Body) -> Result<Json<IngestResponse>, ApiError> {
     who.require_ingest()?;
     let out = ingest_inner(&st, &who, &headers, body, false).await?;
     Ok(Json(IngestResponse { accepted: out.accepted, duplicates: out.duplicates }))
@@ -97,8 +87,7 @@ async fn ingest_inner(st: &AppState, who: &Principal, headers: &HeaderMap, body:
     let parse_limits = IngestLimits { max_event_bytes: limits.max_event_bytes, max_events: limits.max_events };
     let received_at = chrono::Utc::now();
     let work = move || -> Result<Vec<Event>, ApiError> {
-        let text: std::borrow::Cow<'_, [u8]> =
-            if gzip { gunzip(&raw, limits.max_body_bytes)?.into() } else { raw[..].into() };
+        let text: std::borrow::Cow<'_, [u8]> = if gzip { gunzip(&raw, limits.max_body_bytes)?.into() } else { raw[..].into() };
         Ok(parse_body(&text, format, &workspace, received_at, parse_limits)?)
     };
     let events = if gzip || raw_len_over(headers, BLOCKING_THRESHOLD) {
@@ -115,11 +104,7 @@ async fn ingest_inner(st: &AppState, who: &Principal, headers: &HeaderMap, body:
 }
 
 fn raw_len_over(headers: &HeaderMap, n: usize) -> bool {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_none_or(|len| len > n)
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()).is_none_or(|len| len > n)
 }
 
 pub(crate) fn reserve(st: &AppState, bytes: usize) -> Result<OwnedSemaphorePermit, ApiError> {
@@ -132,12 +117,7 @@ pub(crate) fn reserve(st: &AppState, bytes: usize) -> Result<OwnedSemaphorePermi
 
 /// Reads the body, refusing it (413) once it passes the limit and charging
 /// every buffered byte to the shared budget (503 when exhausted).
-pub(crate) async fn read_limited(
-    st: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-    max: usize,
-) -> Result<(Bytes, Vec<OwnedSemaphorePermit>), ApiError> {
+pub(crate) async fn read_limited(st: &AppState, headers: &HeaderMap, body: Body, max: usize) -> Result<(Bytes, Vec<OwnedSemaphorePermit>), ApiError> {
     let too_large = || ApiError::too_large(format!("request body exceeds {max} bytes (limit max_body_bytes)"));
     let mut body = body;
     if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
@@ -188,9 +168,7 @@ pub(crate) fn gunzip(data: &[u8], max: usize) -> Result<Vec<u8>, ApiError> {
         .read_to_end(&mut out)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", format!("invalid gzip body: {e}")))?;
     if out.len() > max {
-        return Err(ApiError::too_large(format!(
-            "decompressed body exceeds {max} bytes (limit max_body_bytes)"
-        )));
+        return Err(ApiError::too_large(format!("decompressed body exceeds {max} bytes (limit max_body_bytes)")));
     }
     Ok(out)
 }
@@ -229,26 +207,15 @@ pub struct EventList {
 #[utoipa::path(get, path = "/v1/events", params(ListQuery), tag = "events",
     responses((status = 200, description = "`{data: [Event], next_cursor, tail_cursor}`"), (status = 400), (status = 403)),
     security(("bearer" = [])))]
-pub async fn list(
-    State(st): State<AppState>,
-    who: Principal,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<EventList>, ApiError> {
+pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<ListQuery>) -> Result<Json<EventList>, ApiError> {
     who.require_read()?;
     let time = |name: &str, v: &Option<String>| -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-        v.as_deref()
-            .map(|s| sluice_ingest::formats::parse_time(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}"))))
-            .transpose()
+        v.as_deref().map(|s| sluice_ingest::formats::parse_time(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))).transpose()
     };
-    let filter = EventFilter {
-        event_type: q.event_type.clone(),
-        customer_id: q.customer_id.clone(),
-        from: time("from", &q.from)?,
-        to: time("to", &q.to)?,
-    };
-    let page = sluice_ingest::list_events(&*st.log, &who.workspace, &filter, q.cursor.as_deref(), q.limit.unwrap_or(100))
-        .await
-        .map_err(read_error)?;
+    let filter =
+        EventFilter { event_type: q.event_type.clone(), customer_id: q.customer_id.clone(), from: time("from", &q.from)?, to: time("to", &q.to)? };
+    let page =
+        sluice_ingest::list_events(&*st.log, &who.workspace, &filter, q.cursor.as_deref(), q.limit.unwrap_or(100)).await.map_err(read_error)?;
     Ok(Json(EventList {
         data: page.data,
         next_cursor: if page.at_end { None } else { Some(page.next_cursor.clone()) },

@@ -67,7 +67,12 @@ pub fn view(j: &Job) -> Value {
     responses((status = 202, description = "the import (queued or running)"), (status = 200, description = "the finished import (wait=true)"),
         (status = 400), (status = 413)),
     security(("bearer" = [])))]
-pub async fn create(State(st): State<AppState>, who: Principal, Query(q): Query<ImportQuery>, req: Request) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn create(
+    State(st): State<AppState>,
+    who: Principal,
+    Query(q): Query<ImportQuery>,
+    req: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     who.require_admin()?;
     if q.kind.as_deref().unwrap_or("usage") != "usage" {
         return Err(ApiError::bad_request("kind: only `usage` imports exist"));
@@ -78,11 +83,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Query(q): Query<
     };
     tokio::fs::create_dir_all(&st.imports_dir).await.map_err(ApiError::internal)?;
     let path = st.imports_dir.join(format!("{}.csv", uuid::Uuid::now_v7().simple()));
-    let multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let multipart = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
     let (bytes, filename) = if multipart {
         let mut mp = Multipart::from_request(req, &st).await.map_err(|e| ApiError::bad_request(format!("multipart: {}", e.body_text())))?;
         let mut found = None;
@@ -178,9 +179,7 @@ pub async fn get(State(st): State<AppState>, who: Principal, Path(id): Path<Stri
 #[utoipa::path(get, path = "/v1/imports", tag = "imports", responses((status = 200)), security(("bearer" = [])))]
 pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<super::PageQuery>) -> Result<Json<List<Value>>, ApiError> {
     who.require_read()?;
-    let page = st
-        .store
-        .list_jobs(who.workspace.as_str(), Some(sluice_metering::import::KIND), None, q.cursor.as_deref(), q.limit.unwrap_or(100))
-        .await?;
+    let page =
+        st.store.list_jobs(who.workspace.as_str(), Some(sluice_metering::import::KIND), None, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.iter().map(view).collect(), next_cursor: page.next_cursor }))
 }

@@ -121,10 +121,8 @@ fn not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
 #[utoipa::path(get, path = "/v1/jobs", params(JobQuery), tag = "jobs", responses((status = 200)), security(("bearer" = [])))]
 pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<JobQuery>) -> Result<Json<List<JobView>>, ApiError> {
     who.require_read()?;
-    let page = st
-        .store
-        .list_jobs(who.workspace.as_str(), q.kind.as_deref(), q.status.as_deref(), q.cursor.as_deref(), q.limit.unwrap_or(100))
-        .await?;
+    let page =
+        st.store.list_jobs(who.workspace.as_str(), q.kind.as_deref(), q.status.as_deref(), q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }))
 }
 

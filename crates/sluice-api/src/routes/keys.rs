@@ -1,8 +1,8 @@
 //! `/v1/keys`: admin keys manage the keys of their workspace; the root key
 //! manages keys of every workspace. A secret is shown once, at creation.
 
-use axum::extract::{Path, State};
 use crate::json::Query;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use sluice_core::Scope;
@@ -78,11 +78,7 @@ pub struct KeyQuery {
 /// Create a key. The response carries the secret, once.
 #[utoipa::path(post, path = "/v1/keys", request_body = CreateKey, tag = "keys",
     responses((status = 201, body = KeyView), (status = 400), (status = 403), (status = 404)), security(("bearer" = [])))]
-pub async fn create(
-    State(st): State<AppState>,
-    who: Principal,
-    Json(body): Json<CreateKey>,
-) -> Result<(StatusCode, Json<KeyView>), ApiError> {
+pub async fn create(State(st): State<AppState>, who: Principal, Json(body): Json<CreateKey>) -> Result<(StatusCode, Json<KeyView>), ApiError> {
     who.require_admin()?;
     let scope: Scope = body.scope.parse().map_err(|e: sluice_core::scope::UnknownScope| ApiError::bad_request(format!("scope: {e}")))?;
     if scope == Scope::Root {
@@ -127,11 +123,7 @@ pub async fn create(
 /// List live keys (never their secrets).
 #[utoipa::path(get, path = "/v1/keys", params(KeyQuery), tag = "keys",
     responses((status = 200, description = "`{data: [Key], next_cursor}`"), (status = 403)), security(("bearer" = [])))]
-pub async fn list(
-    State(st): State<AppState>,
-    who: Principal,
-    Query(q): Query<KeyQuery>,
-) -> Result<Json<List<KeyView>>, ApiError> {
+pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<KeyQuery>) -> Result<Json<List<KeyView>>, ApiError> {
     who.require_admin()?;
     let ws = if who.scope.is_root() {
         q.workspace
@@ -148,11 +140,7 @@ pub async fn list(
 /// Revoke a key. It stops working at once on this server.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
     responses((status = 204), (status = 404), (status = 409)), security(("bearer" = [])))]
-pub async fn delete(
-    State(st): State<AppState>,
-    who: Principal,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+pub async fn delete(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     who.require_admin()?;
     let not_found = || ApiError::not_found(format!("key {id:?} not found"));
     let key = st.store.get_key(&id).await.map_err(|e| match e {

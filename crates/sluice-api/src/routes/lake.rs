@@ -79,11 +79,19 @@ fn schema_view(s: &EventSchema) -> Value {
 /// properties object). Types: `int64`, `float64`, `bool`, `string`,
 /// `timestamp`.
 #[utoipa::path(put, path = "/v1/schemas/{type}", tag = "lake", responses((status = 200), (status = 400), (status = 409)), security(("bearer" = [])))]
-pub async fn put_schema(State(st): State<AppState>, who: Principal, Path(event_type): Path<String>, Json(body): Json<Value>) -> Result<Json<Value>, ApiError> {
+pub async fn put_schema(
+    State(st): State<AppState>,
+    who: Principal,
+    Path(event_type): Path<String>,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, ApiError> {
     who.require_admin()?;
-    sluice_core::EventType::parse(event_type.clone()).or_else(|_| sluice_core::EventType::from_name(event_type.clone()))
+    sluice_core::EventType::parse(event_type.clone())
+        .or_else(|_| sluice_core::EventType::from_name(event_type.clone()))
         .map_err(|e| ApiError::bad_request(format!("event type {event_type:?}: {}", e.0)))?;
-    let obj = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object: {\"properties\": {\"name\": \"int64\"}, \"enforce\": true}"))?;
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object: {\"properties\": {\"name\": \"int64\"}, \"enforce\": true}"))?;
     let (props, enforce) = match obj.get("properties") {
         Some(Value::Object(p)) => {
             if let Some(k) = obj.keys().find(|k| *k != "properties" && *k != "enforce") {
@@ -162,7 +170,13 @@ pub async fn put_schema(State(st): State<AppState>, who: Principal, Path(event_t
             format!("this workspace has {} schemas, the most allowed (limits.schemas = {limit}); delete one or raise the limit", existing.len()),
         ));
     }
-    let schema = EventSchema { workspace: who.workspace.to_string(), event_type: event_type.clone(), properties: declared, enforce, updated_at: chrono::Utc::now() };
+    let schema = EventSchema {
+        workspace: who.workspace.to_string(),
+        event_type: event_type.clone(),
+        properties: declared,
+        enforce,
+        updated_at: chrono::Utc::now(),
+    };
     st.store.put_event_schema(&schema).await?;
     lake(&st)?.schemas.set(&schema);
     audit(&st, &who, "schema.put", "schema", &event_type, json!({"properties": props, "enforce": enforce})).await;
@@ -282,7 +296,10 @@ pub async fn create_query(State(st): State<AppState>, who: Principal, Json(body)
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "limit_exceeded",
-            format!("this workspace has {} saved queries, the most allowed (limits.saved_queries = {limit}); delete one or raise the limit", existing.len()),
+            format!(
+                "this workspace has {} saved queries, the most allowed (limits.saved_queries = {limit}); delete one or raise the limit",
+                existing.len()
+            ),
         ));
     }
     // Check the SQL now (plans it in a worker, with the tables' schemas).

@@ -88,14 +88,8 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
         let reason = "must be one of sum, count, unique_count, max, min, latest";
         ApiError::bad_request(format!("aggregation: {reason}")).with_details(vec![json!({"field": "aggregation", "reason": reason})])
     })?;
-    let spec = MeterSpec {
-        key: b.key,
-        event_type: b.event_type,
-        aggregation,
-        value_property: b.value_property,
-        group_by: b.group_by,
-        filter: b.filter,
-    };
+    let spec =
+        MeterSpec { key: b.key, event_type: b.event_type, aggregation, value_property: b.value_property, group_by: b.group_by, filter: b.filter };
     sluice_metering::validate(&spec).map_err(|(field, reason)| {
         ApiError::bad_request(format!("{field}: {reason}")).with_details(vec![json!({"field": field, "reason": reason})])
     })?;
@@ -139,7 +133,11 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
         .enqueue_job(&sluice_store::NewJob {
             workspace: who.workspace.to_string(),
             kind: sluice_metering::backfill::KIND.into(),
-            payload: sluice_jobs::JobPayload::to_value(&sluice_metering::backfill::BackfillPayload { v: 1, workspace: m.workspace.clone(), meter: m.key.clone() }),
+            payload: sluice_jobs::JobPayload::to_value(&sluice_metering::backfill::BackfillPayload {
+                v: 1,
+                workspace: m.workspace.clone(),
+                meter: m.key.clone(),
+            }),
             max_attempts: 5,
             created_by: Some(who.key_id.clone()),
         })
@@ -205,16 +203,10 @@ pub async fn usage(
     let ws = st.store.get_workspace(who.workspace.as_str()).await?;
     let tz = chrono_tz::Tz::from_str(&ws.time_zone).map_err(ApiError::internal)?;
     let time = |name: &str, v: &Option<String>| -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-        v.as_deref()
-            .map(|s| sluice_ingest::formats::parse_time(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}"))))
-            .transpose()
+        v.as_deref().map(|s| sluice_ingest::formats::parse_time(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))).transpose()
     };
-    let granularity = q
-        .granularity
-        .as_deref()
-        .map(Granularity::from_str)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(format!("granularity: {e}")))?;
+    let granularity =
+        q.granularity.as_deref().map(Granularity::from_str).transpose().map_err(|e| ApiError::bad_request(format!("granularity: {e}")))?;
     let group_by: Vec<String> = q.group_by.as_deref().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
     if let Some(g) = group_by.iter().find(|g| !meter.group_by.contains(g)) {
         return Err(ApiError::bad_request(format!("group_by: {g:?} is not a group_by path of meter {key:?} ({:?})", meter.group_by)));

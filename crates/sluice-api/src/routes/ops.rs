@@ -20,13 +20,11 @@ pub async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200), (status = 503)))]
 pub async fn readyz(State(st): State<AppState>) -> Response {
     if !st.ready.load(Ordering::Acquire) {
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": "starting or draining"})))
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": "starting or draining"}))).into_response();
     }
     if let Err(e) = st.store.ping().await {
         tracing::warn!(error = %e, "readiness: state store unreachable");
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": "state store unreachable"})))
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": "state store unreachable"}))).into_response();
     }
     // A consumer whose worker crashed and restarted recently is shown (its
     // events still flow: a failing event is dead-lettered, never a reason to
@@ -84,9 +82,6 @@ pub async fn openapi() -> Response {
 /// letters (with replay and discard), webhooks and the latest events, in
 /// English or Japanese. The page itself holds no data, so it needs no key.
 pub async fn dashboard() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
-        include_str!("../dashboard/index.html"),
-    )
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], include_str!("../dashboard/index.html"))
         .into_response()
 }

@@ -1,8 +1,8 @@
 //! `/v1/customers` and `/v1/users`: records derived from `identify`,
 //! `group` and `alias` events (see `sluice_core::people`).
 
-use axum::extract::{Path, State};
 use crate::json::Query;
+use axum::extract::{Path, State};
 use serde::Serialize;
 use serde_json::Value;
 use sluice_store::{CustomerRecord, UserRecord};
@@ -79,11 +79,7 @@ impl From<UserRecord> for UserView {
 /// Customers of the workspace, by id.
 #[utoipa::path(get, path = "/v1/customers", params(PageQuery), tag = "customers",
     responses((status = 200, description = "`{data: [Customer], next_cursor}`")), security(("bearer" = [])))]
-pub async fn list_customers(
-    State(st): State<AppState>,
-    who: Principal,
-    Query(q): Query<PageQuery>,
-) -> Result<Json<List<CustomerView>>, ApiError> {
+pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q): Query<PageQuery>) -> Result<Json<List<CustomerView>>, ApiError> {
     who.require_read()?;
     let page = st.store.list_customers(who.workspace.as_str(), q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.into_iter().map(|c| CustomerView::new(c, false)).collect(), next_cursor: page.next_cursor }))
@@ -106,9 +102,5 @@ pub async fn get_customer(State(st): State<AppState>, who: Principal, Path(id): 
     responses((status = 200, body = UserView), (status = 404)), security(("bearer" = [])))]
 pub async fn get_user(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<UserView>, ApiError> {
     who.require_read()?;
-    st.store
-        .get_user(who.workspace.as_str(), &id)
-        .await?
-        .map(|u| Json(u.into()))
-        .ok_or_else(|| ApiError::not_found(format!("user {id:?} not found")))
+    st.store.get_user(who.workspace.as_str(), &id).await?.map(|u| Json(u.into())).ok_or_else(|| ApiError::not_found(format!("user {id:?} not found")))
 }

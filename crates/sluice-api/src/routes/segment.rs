@@ -31,6 +31,9 @@ pub struct SegmentOk {
     pub success: bool,
 }
 
+// rustfmt re-indents the attribute inside this macro on every run (it is
+// not idempotent there), so the macro is left as written.
+#[rustfmt::skip]
 macro_rules! endpoint {
     ($name:ident, $path:literal, $call:expr, $doc:literal) => {
         #[doc = $doc]
@@ -63,24 +66,20 @@ async fn handle(st: &AppState, headers: &HeaderMap, body: Body, call: Option<Seg
         None => None,
     };
     let (raw, mut permits) = read_limited(st, headers, body, limits.max_batch_bytes).await.map_err(as_400)?;
-    let gzip = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+    let gzip = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
     let text: Vec<u8> = if gzip {
         permits.push(reserve(st, limits.max_batch_bytes)?);
         gunzip(&raw, limits.max_batch_bytes).map_err(as_400)?
     } else {
         raw.to_vec()
     };
-    let value: Value = serde_json::from_slice(&text)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", format!("invalid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(&text).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", format!("invalid JSON: {e}")))?;
     let principal = match principal {
         Some(p) => p,
         None => {
-            let key = body_write_key(&value).ok_or_else(|| {
-                ApiError::unauthorized("no write key: send it as the HTTP Basic user name or as `writeKey` in the body")
-            })?;
+            let key = body_write_key(&value)
+                .ok_or_else(|| ApiError::unauthorized("no write key: send it as the HTTP Basic user name or as `writeKey` in the body"))?;
             authenticate(st, &key).await?
         }
     };

@@ -60,10 +60,7 @@ impl From<Session> for SessionView {
 }
 
 fn cookie(headers: &HeaderMap, value: &str, max_age: u64) -> Result<HeaderValue, ApiError> {
-    let tls = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
+    let tls = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
     let secure = if tls { "; Secure" } else { "" };
     HeaderValue::from_str(&format!("{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}"))
         .map_err(ApiError::internal)

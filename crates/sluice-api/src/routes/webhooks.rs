@@ -44,14 +44,25 @@ pub struct WebhookView {
 
 impl From<Webhook> for WebhookView {
     fn from(w: Webhook) -> Self {
-        WebhookView { consumer: consumer_name(&w.id), id: w.id, url: w.url, event_types: w.event_types, created_at: rfc3339(w.created_at), secret: None }
+        WebhookView {
+            consumer: consumer_name(&w.id),
+            id: w.id,
+            url: w.url,
+            event_types: w.event_types,
+            created_at: rfc3339(w.created_at),
+            secret: None,
+        }
     }
 }
 
 /// Registers a webhook; the response carries the signing secret, once.
 #[utoipa::path(post, path = "/v1/webhooks", request_body = CreateWebhook, tag = "webhooks",
     responses((status = 201, body = WebhookView), (status = 400), (status = 409), (status = 422)), security(("bearer" = [])))]
-pub async fn create(State(st): State<AppState>, who: Principal, Json(body): Json<CreateWebhook>) -> Result<(StatusCode, Json<WebhookView>), ApiError> {
+pub async fn create(
+    State(st): State<AppState>,
+    who: Principal,
+    Json(body): Json<CreateWebhook>,
+) -> Result<(StatusCode, Json<WebhookView>), ApiError> {
     who.require_admin()?;
     if body.event_types.is_empty() {
         return Err(ApiError::bad_request("event_types: list at least one event type, or \"*\" for all"));
@@ -62,10 +73,9 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(body): Json
     let existing = st.store.list_webhooks(Some(who.workspace.as_str())).await?.len();
     crate::ApiLimits::check(existing, st.limits.max_webhooks, "webhooks", "limits.webhooks")?;
     let allow = st.webhooks.allow_private;
-    let url = ssrf::check_url(&body.url, allow).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "forbidden_target", format!("url: {e}")))?;
-    ssrf::check_resolved(&url, allow)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "forbidden_target", format!("url: {e}")))?;
+    let url =
+        ssrf::check_url(&body.url, allow).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "forbidden_target", format!("url: {e}")))?;
+    ssrf::check_resolved(&url, allow).await.map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "forbidden_target", format!("url: {e}")))?;
     let hook = Webhook {
         id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
         workspace: who.workspace.to_string(),

@@ -2,8 +2,8 @@
 
 use std::str::FromStr;
 
-use axum::extract::{Path, State};
 use crate::json::Query;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use sluice_core::WorkspaceName;
@@ -52,12 +52,10 @@ pub async fn create(
     Json(body): Json<CreateWorkspace>,
 ) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
     who.require_root()?;
-    let name = WorkspaceName::parse(body.name.clone())
-        .map_err(|e| ApiError::bad_request(format!("name {:?} {}", body.name, e.0)))?;
+    let name = WorkspaceName::parse(body.name.clone()).map_err(|e| ApiError::bad_request(format!("name {:?} {}", body.name, e.0)))?;
     let tz = body.time_zone.unwrap_or_else(|| "UTC".to_owned());
-    chrono_tz::Tz::from_str(&tz).map_err(|_| {
-        ApiError::bad_request(format!("time_zone {tz:?} is not an IANA time zone name such as \"Asia/Tokyo\" or \"UTC\""))
-    })?;
+    chrono_tz::Tz::from_str(&tz)
+        .map_err(|_| ApiError::bad_request(format!("time_zone {tz:?} is not an IANA time zone name such as \"Asia/Tokyo\" or \"UTC\"")))?;
     let audit = sluice_store::NewAudit {
         workspace: who.workspace.to_string(),
         actor_key_id: Some(who.key_id.clone()),
@@ -74,11 +72,7 @@ pub async fn create(
 /// List workspaces: all for the root key, the key's own for any other key.
 #[utoipa::path(get, path = "/v1/workspaces", params(PageQuery), tag = "workspaces",
     responses((status = 200, description = "`{data: [Workspace], next_cursor}`")), security(("bearer" = [])))]
-pub async fn list(
-    State(st): State<AppState>,
-    who: Principal,
-    Query(q): Query<PageQuery>,
-) -> Result<Json<List<WorkspaceView>>, ApiError> {
+pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<PageQuery>) -> Result<Json<List<WorkspaceView>>, ApiError> {
     if who.scope.is_root() {
         let page = st.store.list_workspaces(q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
         return Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }));
@@ -91,11 +85,7 @@ pub async fn list(
 /// One workspace. Keys other than root only see their own.
 #[utoipa::path(get, path = "/v1/workspaces/{name}", tag = "workspaces",
     responses((status = 200, body = WorkspaceView), (status = 404)), security(("bearer" = [])))]
-pub async fn get(
-    State(st): State<AppState>,
-    who: Principal,
-    Path(name): Path<String>,
-) -> Result<Json<WorkspaceView>, ApiError> {
+pub async fn get(State(st): State<AppState>, who: Principal, Path(name): Path<String>) -> Result<Json<WorkspaceView>, ApiError> {
     if !who.scope.is_root() {
         who.require_read()?;
         if name != who.workspace.as_str() {

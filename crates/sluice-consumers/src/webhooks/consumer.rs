@@ -54,19 +54,11 @@ pub struct WebhookConsumer {
 impl WebhookConsumer {
     /// A consumer for `hook`.
     pub fn new(hook: Webhook, store: Store, allow_private: bool, timeout: Duration, policy: RetryPolicy) -> Self {
-        WebhookConsumer {
-            name: consumer_name(&hook.id),
-            http: ssrf::client(allow_private, timeout),
-            hook,
-            store,
-            allow_private,
-            policy,
-        }
+        WebhookConsumer { name: consumer_name(&hook.id), http: ssrf::client(allow_private, timeout), hook, store, allow_private, policy }
     }
 
     fn wants(&self, e: &Event) -> bool {
-        e.workspace.as_str() == self.hook.workspace
-            && self.hook.event_types.iter().any(|t| t == "*" || t == e.event_type.as_str())
+        e.workspace.as_str() == self.hook.workspace && self.hook.event_types.iter().any(|t| t == "*" || t == e.event_type.as_str())
     }
 
     async fn send(&self, msg_id: &str, body: &str) -> Result<u16, WebhookError> {

@@ -35,10 +35,8 @@ pub const SECRET_PREFIX: &str = "whsec_";
 
 /// Standard base64 that accepts the secret with or without `=` padding, like the
 /// reference libraries do.
-const SECRET_ENGINE: GeneralPurpose = GeneralPurpose::new(
-    &alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
+const SECRET_ENGINE: GeneralPurpose =
+    GeneralPurpose::new(&alphabet::STANDARD, GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent));
 
 /// Errors from [`sign`].
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +57,7 @@ pub fn generate_secret() -> String {
 /// Decodes the HMAC key of a secret; the `whsec_` prefix is optional.
 fn decode_key(secret: &str) -> Result<Vec<u8>, SignError> {
     let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
-    let key = SECRET_ENGINE
-        .decode(encoded.trim())
-        .map_err(|_| SignError::BadSecret)?;
+    let key = SECRET_ENGINE.decode(encoded.trim()).map_err(|_| SignError::BadSecret)?;
     if key.is_empty() {
         // The reference libraries refuse empty secrets too; an empty HMAC key signs nothing.
         return Err(SignError::BadSecret);
@@ -70,8 +66,7 @@ fn decode_key(secret: &str) -> Result<Vec<u8>, SignError> {
 }
 
 fn mac(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
-    let mut mac =
-        <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(msg_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
@@ -98,13 +93,7 @@ pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> Result<S
 ///
 /// This does not check the timestamp's freshness; receivers should reject old
 /// timestamps to prevent replays.
-pub fn verify(
-    secret: &str,
-    msg_id: &str,
-    timestamp: i64,
-    body: &[u8],
-    signature_header: &str,
-) -> bool {
+pub fn verify(secret: &str, msg_id: &str, timestamp: i64, body: &[u8], signature_header: &str) -> bool {
     let Ok(key) = decode_key(secret) else {
         return false;
     };
@@ -134,13 +123,7 @@ mod tests {
     fn spec_vector() {
         let sig = sign(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes()).unwrap();
         assert_eq!(sig, SPEC_SIG);
-        assert!(verify(
-            SPEC_SECRET,
-            SPEC_ID,
-            SPEC_TS,
-            SPEC_BODY.as_bytes(),
-            SPEC_SIG
-        ));
+        assert!(verify(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes(), SPEC_SIG));
     }
 
     /// Vector computed with the Python `standardwebhooks` 1.1.0 package:
@@ -153,44 +136,26 @@ mod tests {
         let expected = "v1,lo/SNg5dWGtPMQEHhl+M0apGkxXeIKsbNiLnvNgLLuE=";
         let sig = sign(secret, "msg_2b9Yk1sluice", 1_700_000_000, body.as_bytes()).unwrap();
         assert_eq!(sig, expected);
-        assert!(verify(
-            secret,
-            "msg_2b9Yk1sluice",
-            1_700_000_000,
-            body.as_bytes(),
-            expected
-        ));
+        assert!(verify(secret, "msg_2b9Yk1sluice", 1_700_000_000, body.as_bytes(), expected));
     }
 
     #[test]
     fn prefix_and_padding_are_optional() {
         let bare = SPEC_SECRET.strip_prefix(SECRET_PREFIX).unwrap();
-        assert_eq!(
-            sign(bare, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes()).unwrap(),
-            SPEC_SIG
-        );
+        assert_eq!(sign(bare, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes()).unwrap(), SPEC_SIG);
 
         let padded = "whsec_c2x1aWNlLXRlc3Qtc2VjcmV0LTMyLWJ5dGVzLWxvbmchIQ==";
         let unpadded = "whsec_c2x1aWNlLXRlc3Qtc2VjcmV0LTMyLWJ5dGVzLWxvbmchIQ";
-        assert_eq!(
-            sign(padded, "m", 1, b"x").unwrap(),
-            sign(unpadded, "m", 1, b"x").unwrap()
-        );
+        assert_eq!(sign(padded, "m", 1, b"x").unwrap(), sign(unpadded, "m", 1, b"x").unwrap());
     }
 
     #[test]
     fn bad_secrets_are_rejected() {
         for secret in ["whsec_not base64!", "whsec_", "", "@@@@"] {
-            assert!(
-                matches!(sign(secret, "m", 1, b"x"), Err(SignError::BadSecret)),
-                "{secret:?}"
-            );
+            assert!(matches!(sign(secret, "m", 1, b"x"), Err(SignError::BadSecret)), "{secret:?}");
             assert!(!verify(secret, "m", 1, b"x", "v1,AAAA"));
         }
-        assert_eq!(
-            SignError::BadSecret.to_string(),
-            "webhook secret is not valid base64"
-        );
+        assert_eq!(SignError::BadSecret.to_string(), "webhook secret is not valid base64");
     }
 
     #[test]
@@ -198,9 +163,7 @@ mod tests {
         let a = generate_secret();
         let b = generate_secret();
         assert_ne!(a, b);
-        let key = STANDARD
-            .decode(a.strip_prefix(SECRET_PREFIX).unwrap())
-            .unwrap();
+        let key = STANDARD.decode(a.strip_prefix(SECRET_PREFIX).unwrap()).unwrap();
         assert_eq!(key.len(), 32);
         let sig = sign(&a, "msg_1", 42, b"{}").unwrap();
         assert!(verify(&a, "msg_1", 42, b"{}", &sig));
@@ -211,37 +174,13 @@ mod tests {
     fn any_of_several_signatures_may_match() {
         let other = sign(&generate_secret(), SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes()).unwrap();
         let header = format!("v2,abcd {other} garbage v1,!!!notbase64 {SPEC_SIG}");
-        assert!(verify(
-            SPEC_SECRET,
-            SPEC_ID,
-            SPEC_TS,
-            SPEC_BODY.as_bytes(),
-            &header
-        ));
+        assert!(verify(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes(), &header));
         let header = format!("v2,abcd {other}");
-        assert!(!verify(
-            SPEC_SECRET,
-            SPEC_ID,
-            SPEC_TS,
-            SPEC_BODY.as_bytes(),
-            &header
-        ));
+        assert!(!verify(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes(), &header));
         // The right MAC under another version tag does not count.
         let v2 = SPEC_SIG.replacen("v1,", "v2,", 1);
-        assert!(!verify(
-            SPEC_SECRET,
-            SPEC_ID,
-            SPEC_TS,
-            SPEC_BODY.as_bytes(),
-            &v2
-        ));
-        assert!(!verify(
-            SPEC_SECRET,
-            SPEC_ID,
-            SPEC_TS,
-            SPEC_BODY.as_bytes(),
-            ""
-        ));
+        assert!(!verify(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes(), &v2));
+        assert!(!verify(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY.as_bytes(), ""));
     }
 
     #[test]
@@ -249,20 +188,8 @@ mod tests {
         let body = SPEC_BODY.as_bytes();
         assert!(!verify(SPEC_SECRET, "msg_other", SPEC_TS, body, SPEC_SIG));
         assert!(!verify(SPEC_SECRET, SPEC_ID, SPEC_TS + 1, body, SPEC_SIG));
-        assert!(!verify(
-            SPEC_SECRET,
-            SPEC_ID,
-            SPEC_TS,
-            br#"{"test": 2432232315}"#,
-            SPEC_SIG
-        ));
+        assert!(!verify(SPEC_SECRET, SPEC_ID, SPEC_TS, br#"{"test": 2432232315}"#, SPEC_SIG));
         // A truncated MAC must not verify.
-        assert!(!verify(
-            SPEC_SECRET,
-            SPEC_ID,
-            SPEC_TS,
-            body,
-            "v1,g0hM9SsE+OTPJTGt"
-        ));
+        assert!(!verify(SPEC_SECRET, SPEC_ID, SPEC_TS, body, "v1,g0hM9SsE+OTPJTGt"));
     }
 }

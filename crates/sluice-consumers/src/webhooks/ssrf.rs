@@ -154,10 +154,9 @@ fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     match s {
-        [0, 0, 0, 0, 0, 0xffff, hi, lo]
-        | [0, 0, 0, 0, 0xffff, 0, hi, lo]
-        | [0, 0, 0, 0, 0, 0, hi, lo]
-        | [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] | [0, 0, 0, 0, 0xffff, 0, hi, lo] | [0, 0, 0, 0, 0, 0, hi, lo] | [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => {
+            Some(v4(hi, lo))
+        }
         [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
         _ => None,
     }
@@ -224,12 +223,11 @@ pub async fn check_resolved(url: &Url, allow_private: bool) -> Result<(), Webhoo
         Some(Host::Domain(domain)) => domain,
     };
     let port = url.port_or_known_default().unwrap_or(0);
-    let addrs: Vec<SocketAddr> =
-        tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
-            .await
-            .map_err(|_| WebhookError::ResolveTimeout(host.to_owned()))?
-            .map_err(|source| WebhookError::Resolve { host: host.to_owned(), source })?
-            .collect();
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| WebhookError::ResolveTimeout(host.to_owned()))?
+        .map_err(|source| WebhookError::Resolve { host: host.to_owned(), source })?
+        .collect();
     if addrs.is_empty() {
         return Err(WebhookError::NoAddresses(host.to_owned()));
     }
@@ -254,9 +252,7 @@ fn check_ip(ip: IpAddr, shown: &str) -> Result<(), WebhookError> {
 /// pass here and are checked by the resolver when the connection is made.
 pub fn check_before_send(url: &Url, allow_private: bool) -> Result<(), WebhookError> {
     match literal_ip(url) {
-        Some(ip) if !allow_private && is_forbidden_ip(ip) => {
-            Err(refusal(url.host_str().unwrap_or_default()))
-        }
+        Some(ip) if !allow_private && is_forbidden_ip(ip) => Err(refusal(url.host_str().unwrap_or_default())),
         _ => Ok(()),
     }
 }
@@ -275,10 +271,8 @@ pub struct GuardedResolver {
 
 impl GuardedResolver {
     async fn lookup(self, host: String) -> Result<Vec<SocketAddr>, std::io::Error> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-            .await?
-            .filter(|a| self.allow_private || !is_forbidden_ip(a.ip()))
-            .collect();
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| self.allow_private || !is_forbidden_ip(a.ip())).collect();
         if addrs.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
@@ -421,37 +415,138 @@ mod tests {
     fn every_special_purpose_range_is_refused() {
         let refused = [
             // IPv4
-            "0.0.0.0", "0.255.255.255", "10.0.0.0", "10.255.255.255", "100.64.0.0", "100.127.255.255",
-            "127.0.0.1", "127.255.255.255", "169.254.0.0", "169.254.255.255", "172.16.0.0", "172.31.255.255",
-            "192.0.0.0", "192.0.0.9", "192.0.0.255", "192.0.2.0", "192.0.2.1", "192.0.2.255",
-            "192.31.196.0", "192.31.196.255", "192.52.193.0", "192.52.193.255", "192.88.99.0", "192.88.99.255",
-            "192.168.0.0", "192.168.255.255", "192.175.48.0", "192.175.48.255", "198.18.0.0", "198.18.0.1",
-            "198.19.255.255", "198.51.100.0", "198.51.100.255", "203.0.113.0", "203.0.113.255",
-            "224.0.0.0", "239.255.255.255", "240.0.0.0", "255.255.255.254", "255.255.255.255",
+            "0.0.0.0",
+            "0.255.255.255",
+            "10.0.0.0",
+            "10.255.255.255",
+            "100.64.0.0",
+            "100.127.255.255",
+            "127.0.0.1",
+            "127.255.255.255",
+            "169.254.0.0",
+            "169.254.255.255",
+            "172.16.0.0",
+            "172.31.255.255",
+            "192.0.0.0",
+            "192.0.0.9",
+            "192.0.0.255",
+            "192.0.2.0",
+            "192.0.2.1",
+            "192.0.2.255",
+            "192.31.196.0",
+            "192.31.196.255",
+            "192.52.193.0",
+            "192.52.193.255",
+            "192.88.99.0",
+            "192.88.99.255",
+            "192.168.0.0",
+            "192.168.255.255",
+            "192.175.48.0",
+            "192.175.48.255",
+            "198.18.0.0",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.0",
+            "198.51.100.255",
+            "203.0.113.0",
+            "203.0.113.255",
+            "224.0.0.0",
+            "239.255.255.255",
+            "240.0.0.0",
+            "255.255.255.254",
+            "255.255.255.255",
             // IPv6
-            "::", "::1", "64:ff9b:1::", "64:ff9b:1:ffff:ffff:ffff:ffff:ffff", "64:ff9b:1::808:808",
-            "100::", "100::ffff:ffff:ffff:ffff", "2001::", "2001:1ff:ffff:ffff::", "2001::1", "2001:2::1",
-            "2001:db8::", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "3fff::", "3fff:fff:ffff::1",
-            "5f00::", "5f00:ffff::1", "fc00::", "fdff:ffff::1", "fe80::", "febf:ffff::1", "fec0::1",
-            "ff00::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "4000::1", "1::1", "::2:1:1",
+            "::",
+            "::1",
+            "64:ff9b:1::",
+            "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+            "64:ff9b:1::808:808",
+            "100::",
+            "100::ffff:ffff:ffff:ffff",
+            "2001::",
+            "2001:1ff:ffff:ffff::",
+            "2001::1",
+            "2001:2::1",
+            "2001:db8::",
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff",
+            "3fff::",
+            "3fff:fff:ffff::1",
+            "5f00::",
+            "5f00:ffff::1",
+            "fc00::",
+            "fdff:ffff::1",
+            "fe80::",
+            "febf:ffff::1",
+            "fec0::1",
+            "ff00::",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "4000::1",
+            "1::1",
+            "::2:1:1",
             // IPv6 embedding a refused IPv4: mapped, SIIT, compatible, NAT64, 6to4
-            "::ffff:127.0.0.1", "::ffff:0:127.0.0.1", "::127.0.0.1", "64:ff9b::127.0.0.1", "2002:7f00:1::",
-            "2002:7f00:1:ffff::1", "::ffff:169.254.169.254", "::ffff:0:10.0.0.1", "64:ff9b::a9fe:a9fe",
-            "2002:a9fe:a9fe::1", "::ffff:198.18.0.1", "64:ff9b::192.0.2.1", "2002:c000:201::", "::ffff:0.0.0.0",
+            "::ffff:127.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::127.0.0.1",
+            "2002:7f00:1::",
+            "2002:7f00:1:ffff::1",
+            "::ffff:169.254.169.254",
+            "::ffff:0:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "::ffff:198.18.0.1",
+            "64:ff9b::192.0.2.1",
+            "2002:c000:201::",
+            "::ffff:0.0.0.0",
         ];
         for ip in refused {
             assert!(forbidden(ip), "{ip} should be refused");
         }
         let allowed = [
-            "1.1.1.1", "8.8.8.8", "9.255.255.255", "11.0.0.0", "100.63.255.255", "100.128.0.0",
-            "126.255.255.255", "128.0.0.0", "169.253.255.255", "169.255.0.0", "172.15.255.255", "172.32.0.0",
-            "191.255.255.255", "192.0.1.0", "192.0.3.0", "192.31.195.255", "192.31.197.0", "192.52.192.255",
-            "192.52.194.0", "192.88.98.255", "192.88.100.0", "192.167.255.255", "192.169.0.0", "192.175.47.255",
-            "192.175.49.0", "198.17.255.255", "198.20.0.0", "198.51.99.255", "198.51.101.0", "203.0.112.255",
-            "203.0.114.0", "223.255.255.255",
-            "2001:200::1", "2001:4860:4860::8888", "2001:db7:ffff::1", "2001:db9::1", "2606:4700::1111",
-            "3ffe:ffff::1", "3fff:1000::1",
-            "::ffff:8.8.8.8", "::ffff:0:8.8.8.8", "::8.8.8.8", "64:ff9b::808:808", "2002:808:808::1",
+            "1.1.1.1",
+            "8.8.8.8",
+            "9.255.255.255",
+            "11.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+            "169.253.255.255",
+            "169.255.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "191.255.255.255",
+            "192.0.1.0",
+            "192.0.3.0",
+            "192.31.195.255",
+            "192.31.197.0",
+            "192.52.192.255",
+            "192.52.194.0",
+            "192.88.98.255",
+            "192.88.100.0",
+            "192.167.255.255",
+            "192.169.0.0",
+            "192.175.47.255",
+            "192.175.49.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "198.51.99.255",
+            "198.51.101.0",
+            "203.0.112.255",
+            "203.0.114.0",
+            "223.255.255.255",
+            "2001:200::1",
+            "2001:4860:4860::8888",
+            "2001:db7:ffff::1",
+            "2001:db9::1",
+            "2606:4700::1111",
+            "3ffe:ffff::1",
+            "3fff:1000::1",
+            "::ffff:8.8.8.8",
+            "::ffff:0:8.8.8.8",
+            "::8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
         ];
         for ip in allowed {
             assert!(!forbidden(ip), "{ip} should be allowed");
@@ -461,9 +556,16 @@ mod tests {
     #[test]
     fn the_findings_addresses_are_refused_as_url_literals() {
         for u in [
-            "http://198.18.0.1/", "http://192.0.0.1/", "http://192.0.2.1/", "http://[2001:db8::1]/",
-            "http://[100::1]/", "http://[64:ff9b:1::1]/", "http://[2002:7f00:1::1]/", "http://[::ffff:127.0.0.1]/",
-            "http://[::ffff:0:127.0.0.1]/", "http://[64:ff9b::127.0.0.1]/",
+            "http://198.18.0.1/",
+            "http://192.0.0.1/",
+            "http://192.0.2.1/",
+            "http://[2001:db8::1]/",
+            "http://[100::1]/",
+            "http://[64:ff9b:1::1]/",
+            "http://[2002:7f00:1::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[::ffff:0:127.0.0.1]/",
+            "http://[64:ff9b::127.0.0.1]/",
         ] {
             let e = check_url(u, false).unwrap_err().to_string();
             assert!(e.contains("refusing webhook target"), "{u}: {e}");
@@ -476,10 +578,7 @@ mod tests {
     #[test]
     fn url_forms() {
         let ok = |u: &str| check_url(u, false).unwrap();
-        assert_eq!(
-            ok("https://example.com/hook").host_str(),
-            Some("example.com")
-        );
+        assert_eq!(ok("https://example.com/hook").host_str(), Some("example.com"));
         ok("http://example.com:8080/x?y=1");
         ok("http://8.8.8.8/x");
         ok("http://[2001:4860:4860::8888]/x");
@@ -527,16 +626,10 @@ mod tests {
     #[test]
     fn check_before_send_rechecks_ip_literals() {
         let url = Url::parse("http://127.0.0.1:8080/x").unwrap();
-        assert!(check_before_send(&url, false)
-            .unwrap_err()
-            .to_string()
-            .contains("refusing webhook target 127.0.0.1"));
+        assert!(check_before_send(&url, false).unwrap_err().to_string().contains("refusing webhook target 127.0.0.1"));
         check_before_send(&url, true).unwrap();
         let url = Url::parse("http://[::1]/").unwrap();
-        assert!(check_before_send(&url, false)
-            .unwrap_err()
-            .to_string()
-            .contains("[::1]"));
+        assert!(check_before_send(&url, false).unwrap_err().to_string().contains("[::1]"));
         check_before_send(&Url::parse("http://localhost/").unwrap(), false).unwrap();
         check_before_send(&Url::parse("http://8.8.8.8/").unwrap(), false).unwrap();
     }
@@ -555,24 +648,9 @@ mod tests {
 
     #[tokio::test]
     async fn guarded_resolver_drops_local_addresses() {
-        let refused = GuardedResolver {
-            allow_private: false,
-        }
-        .resolve("localhost".parse().unwrap())
-        .await
-        .err()
-        .unwrap();
-        assert_eq!(
-            refused.to_string(),
-            "refused: localhost resolves only to private or local addresses"
-        );
-        let addrs: Vec<_> = GuardedResolver {
-            allow_private: true,
-        }
-        .resolve("localhost".parse().unwrap())
-        .await
-        .unwrap()
-        .collect();
+        let refused = GuardedResolver { allow_private: false }.resolve("localhost".parse().unwrap()).await.err().unwrap();
+        assert_eq!(refused.to_string(), "refused: localhost resolves only to private or local addresses");
+        let addrs: Vec<_> = GuardedResolver { allow_private: true }.resolve("localhost".parse().unwrap()).await.unwrap().collect();
         assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
         assert!(!addrs.is_empty());
     }
@@ -617,22 +695,11 @@ mod tests {
         let port = tiny_server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
         let url = format!("http://localhost:{port}/");
 
-        let e = client(false, Duration::from_secs(5))
-            .get(&url)
-            .send()
-            .await
-            .unwrap_err();
+        let e = client(false, Duration::from_secs(5)).get(&url).send().await.unwrap_err();
         let chain = error_chain(&e);
-        assert!(
-            chain.contains("refused: localhost resolves only to private or local addresses"),
-            "{chain}"
-        );
+        assert!(chain.contains("refused: localhost resolves only to private or local addresses"), "{chain}");
 
-        let resp = client(true, Duration::from_secs(5))
-            .get(&url)
-            .send()
-            .await
-            .unwrap();
+        let resp = client(true, Duration::from_secs(5)).get(&url).send().await.unwrap();
         assert_eq!(resp.status(), 200);
     }
 
@@ -643,11 +710,7 @@ mod tests {
              content-length: 0\r\n\r\n",
         )
         .await;
-        let resp = client(true, Duration::from_secs(5))
-            .get(format!("http://127.0.0.1:{port}/"))
-            .send()
-            .await
-            .unwrap();
+        let resp = client(true, Duration::from_secs(5)).get(format!("http://127.0.0.1:{port}/")).send().await.unwrap();
         assert_eq!(resp.status(), 302);
     }
 }

@@ -195,12 +195,7 @@ mod user_agent {
         let mut failures = Vec::new();
         for &(what, agent, browser, version, os, device) in CASES {
             let got = enriched(json!({ "userAgent": agent }));
-            let got = (
-                got.ua_browser.as_deref(),
-                got.ua_browser_version.as_deref(),
-                got.ua_os.as_deref(),
-                got.ua_device.as_deref(),
-            );
+            let got = (got.ua_browser.as_deref(), got.ua_browser_version.as_deref(), got.ua_os.as_deref(), got.ua_device.as_deref());
             if got != (browser, version, os, Some(device)) {
                 failures.push(format!("{what}: got {got:?}"));
             }
@@ -219,21 +214,9 @@ mod user_agent {
 
     #[test]
     fn no_or_empty_user_agent_leaves_the_columns_empty() {
-        for context in [
-            json!({}),
-            json!({ "userAgent": "" }),
-            json!({ "userAgent": 42 }),
-        ] {
+        for context in [json!({}), json!({ "userAgent": "" }), json!({ "userAgent": 42 })] {
             let got = enriched(context);
-            assert_eq!(
-                (
-                    got.ua_browser,
-                    got.ua_browser_version,
-                    got.ua_os,
-                    got.ua_device
-                ),
-                (None, None, None, None)
-            );
+            assert_eq!((got.ua_browser, got.ua_browser_version, got.ua_os, got.ua_device), (None, None, None, None));
         }
     }
 
@@ -248,8 +231,7 @@ mod user_agent {
     fn the_cache_is_bounded() {
         let mut enricher = Enricher::with_cache_capacity(3);
         for i in 0..10 {
-            let agent =
-                format!("Mozilla/5.0 (X11; Linux x86_64; rv:{i}.0) Gecko/20100101 Firefox/{i}.0");
+            let agent = format!("Mozilla/5.0 (X11; Linux x86_64; rv:{i}.0) Gecko/20100101 Firefox/{i}.0");
             let got = enricher.enrich(&json!({ "userAgent": agent }));
             assert_eq!(got.ua_browser_version, Some(format!("{i}.0")));
             assert!(enricher.cached_user_agents() <= 3);
@@ -260,16 +242,9 @@ mod user_agent {
         assert_eq!(disabled.cached_user_agents(), 0);
 
         let mut enricher = Enricher::new();
-        let huge = format!(
-            "Mozilla/5.0 {}",
-            "x".repeat(Enricher::MAX_CACHED_USER_AGENT_LEN)
-        );
+        let huge = format!("Mozilla/5.0 {}", "x".repeat(Enricher::MAX_CACHED_USER_AGENT_LEN));
         enricher.enrich(&json!({ "userAgent": huge }));
-        assert_eq!(
-            enricher.cached_user_agents(),
-            0,
-            "over-long agents are not cached"
-        );
+        assert_eq!(enricher.cached_user_agents(), 0, "over-long agents are not cached");
     }
 }
 
@@ -280,111 +255,26 @@ mod referrer {
 
     /// (referrer, host, medium, source) for a visit to [`PAGE`].
     const CASES: &[(&str, &str, &str, Option<&str>)] = &[
-        (
-            "https://www.google.com/",
-            "www.google.com",
-            "search",
-            Some("Google"),
-        ),
-        (
-            "https://www.google.co.jp/search?q=x",
-            "www.google.co.jp",
-            "search",
-            Some("Google"),
-        ),
+        ("https://www.google.com/", "www.google.com", "search", Some("Google")),
+        ("https://www.google.co.jp/search?q=x", "www.google.co.jp", "search", Some("Google")),
         ("https://google.de/", "google.de", "search", Some("Google")),
-        (
-            "https://search.yahoo.co.jp/search?p=x",
-            "search.yahoo.co.jp",
-            "search",
-            Some("Yahoo! JAPAN"),
-        ),
-        (
-            "https://search.yahoo.com/search?p=x",
-            "search.yahoo.com",
-            "search",
-            Some("Yahoo!"),
-        ),
-        (
-            "https://www.bing.com/search?q=x",
-            "www.bing.com",
-            "search",
-            Some("Bing"),
-        ),
-        (
-            "https://duckduckgo.com/",
-            "duckduckgo.com",
-            "search",
-            Some("DuckDuckGo"),
-        ),
+        ("https://search.yahoo.co.jp/search?p=x", "search.yahoo.co.jp", "search", Some("Yahoo! JAPAN")),
+        ("https://search.yahoo.com/search?p=x", "search.yahoo.com", "search", Some("Yahoo!")),
+        ("https://www.bing.com/search?q=x", "www.bing.com", "search", Some("Bing")),
+        ("https://duckduckgo.com/", "duckduckgo.com", "search", Some("DuckDuckGo")),
         ("https://t.co/abc", "t.co", "social", Some("X")),
         ("https://x.com/foo", "x.com", "social", Some("X")),
-        (
-            "https://l.facebook.com/",
-            "l.facebook.com",
-            "social",
-            Some("Facebook"),
-        ),
-        (
-            "https://news.ycombinator.com/item?id=1",
-            "news.ycombinator.com",
-            "social",
-            Some("Hacker News"),
-        ),
-        (
-            "https://mail.google.com/mail/u/0/",
-            "mail.google.com",
-            "email",
-            Some("Gmail"),
-        ),
-        (
-            "https://outlook.live.com/",
-            "outlook.live.com",
-            "email",
-            Some("Outlook"),
-        ),
-        (
-            "https://mail.yahoo.co.jp/",
-            "mail.yahoo.co.jp",
-            "email",
-            Some("Yahoo! Mail"),
-        ),
-        (
-            "android-app://com.google.android.gm/",
-            "com.google.android.gm",
-            "email",
-            Some("Gmail"),
-        ),
-        (
-            "https://shop.example/cart",
-            "shop.example",
-            "internal",
-            None,
-        ),
-        (
-            "https://www.shop.example/",
-            "www.shop.example",
-            "internal",
-            None,
-        ),
-        (
-            "https://blog.example.org/post",
-            "blog.example.org",
-            "unknown",
-            None,
-        ),
-        (
-            "https://docs.google.com/document/d/1",
-            "docs.google.com",
-            "unknown",
-            None,
-        ),
-        (
-            "HTTPS://WWW.Google.COM/",
-            "www.google.com",
-            "search",
-            Some("Google"),
-        ),
+        ("https://l.facebook.com/", "l.facebook.com", "social", Some("Facebook")),
+        ("https://news.ycombinator.com/item?id=1", "news.ycombinator.com", "social", Some("Hacker News")),
+        ("https://mail.google.com/mail/u/0/", "mail.google.com", "email", Some("Gmail")),
+        ("https://outlook.live.com/", "outlook.live.com", "email", Some("Outlook")),
+        ("https://mail.yahoo.co.jp/", "mail.yahoo.co.jp", "email", Some("Yahoo! Mail")),
+        ("android-app://com.google.android.gm/", "com.google.android.gm", "email", Some("Gmail")),
+        ("https://shop.example/cart", "shop.example", "internal", None),
+        ("https://www.shop.example/", "www.shop.example", "internal", None),
+        ("https://blog.example.org/post", "blog.example.org", "unknown", None),
+        ("https://docs.google.com/document/d/1", "docs.google.com", "unknown", None),
+        ("HTTPS://WWW.Google.COM/", "www.google.com", "search", Some("Google")),
     ];
 
     #[test]
@@ -392,11 +282,7 @@ mod referrer {
         let mut failures = Vec::new();
         for &(referrer, host, medium, source) in CASES {
             let got = enriched(json!({ "page": { "url": PAGE, "referrer": referrer } }));
-            let got = (
-                got.referrer_host.as_deref(),
-                got.referrer_medium,
-                got.referrer_source.as_deref(),
-            );
+            let got = (got.referrer_host.as_deref(), got.referrer_medium, got.referrer_source.as_deref());
             if got != (Some(host), Some(medium), source) {
                 failures.push(format!("{referrer}: got {got:?}"));
             }
@@ -420,18 +306,9 @@ mod referrer {
 
     #[test]
     fn no_referrer_leaves_every_referrer_column_empty() {
-        for referrer in [
-            Value::Null,
-            json!(""),
-            json!("$direct"),
-            json!("about:blank"),
-        ] {
+        for referrer in [Value::Null, json!(""), json!("$direct"), json!("about:blank")] {
             let got = enriched(json!({ "page_url": PAGE, "referrer": referrer }));
-            assert_eq!(
-                (got.referrer_host, got.referrer_medium, got.referrer_source),
-                (None, None, None),
-                "{referrer}"
-            );
+            assert_eq!((got.referrer_host, got.referrer_medium, got.referrer_source), (None, None, None), "{referrer}");
         }
     }
 
@@ -468,13 +345,7 @@ mod utm {
     use super::*;
 
     fn utm(got: &Enrichment) -> [Option<&str>; 5] {
-        [
-            got.utm_source.as_deref(),
-            got.utm_medium.as_deref(),
-            got.utm_campaign.as_deref(),
-            got.utm_term.as_deref(),
-            got.utm_content.as_deref(),
-        ]
+        [got.utm_source.as_deref(), got.utm_medium.as_deref(), got.utm_campaign.as_deref(), got.utm_term.as_deref(), got.utm_content.as_deref()]
     }
 
     #[test]
@@ -482,16 +353,7 @@ mod utm {
         let got = enriched(json!({
             "page_url": "https://shop.example/?utm_source=google&utm_medium=cpc&utm_campaign=spring%20sale&utm_term=red+shoes&utm_content=ad-1&x=y",
         }));
-        assert_eq!(
-            utm(&got),
-            [
-                Some("google"),
-                Some("cpc"),
-                Some("spring sale"),
-                Some("red shoes"),
-                Some("ad-1")
-            ]
-        );
+        assert_eq!(utm(&got), [Some("google"), Some("cpc"), Some("spring sale"), Some("red shoes"), Some("ad-1")]);
     }
 
     #[test]
@@ -500,16 +362,7 @@ mod utm {
             "page": { "url": "https://shop.example/" },
             "campaign": { "source": "newsletter", "medium": "email", "name": "weekly-42", "term": "shoes", "content": "hero" },
         }));
-        assert_eq!(
-            utm(&got),
-            [
-                Some("newsletter"),
-                Some("email"),
-                Some("weekly-42"),
-                Some("shoes"),
-                Some("hero")
-            ]
-        );
+        assert_eq!(utm(&got), [Some("newsletter"), Some("email"), Some("weekly-42"), Some("shoes"), Some("hero")]);
     }
 
     #[test]
@@ -517,16 +370,7 @@ mod utm {
         let got = enriched(json!({
             "campaign": { "utm_source": "partner", "utm_medium": "referral", "campaign": 2024, "utm_term": "", "utm_content": "banner" },
         }));
-        assert_eq!(
-            utm(&got),
-            [
-                Some("partner"),
-                Some("referral"),
-                Some("2024"),
-                None,
-                Some("banner")
-            ]
-        );
+        assert_eq!(utm(&got), [Some("partner"), Some("referral"), Some("2024"), None, Some("banner")]);
     }
 
     #[test]
@@ -535,10 +379,7 @@ mod utm {
             "page_url": "https://shop.example/?utm_source=google&utm_source=bing&utm_medium=",
             "campaign": { "source": "newsletter", "medium": "email", "name": "weekly-42" },
         }));
-        assert_eq!(
-            utm(&got),
-            [Some("google"), Some("email"), Some("weekly-42"), None, None]
-        );
+        assert_eq!(utm(&got), [Some("google"), Some("email"), Some("weekly-42"), None, None]);
     }
 
     #[test]
@@ -559,10 +400,7 @@ mod ip {
             ("203.0.113.77", Some("203.0.113.0")),
             ("10.0.0.255", Some("10.0.0.0")),
             (" 198.51.100.1 ", Some("198.51.100.0")),
-            (
-                "2001:db8:1234:5678:9abc:def0:1234:5678",
-                Some("2001:db8:1234::"),
-            ),
+            ("2001:db8:1234:5678:9abc:def0:1234:5678", Some("2001:db8:1234::")),
             ("2001:0DB8:0000:0001::1", Some("2001:db8::")),
             ("::1", Some("::")),
             ("::ffff:203.0.113.77", Some("203.0.113.0")),

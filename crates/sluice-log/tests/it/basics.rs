@@ -46,11 +46,7 @@ async fn append_read_round_trip_across_segment_rolls() {
         // Several segments, named by zero-padded base offset, none (but a
         // single-record one) larger than the configured size.
         let files = segment_files(dir.path(), p);
-        assert!(
-            files.len() > 3,
-            "partition {p} has {} segments",
-            files.len()
-        );
+        assert!(files.len() > 3, "partition {p} has {} segments", files.len());
         assert_eq!(files[0].file_name().unwrap(), "00000000000000000000.log");
         for f in &files {
             let len = std::fs::metadata(f).unwrap().len();
@@ -66,17 +62,9 @@ async fn append_read_round_trip_across_segment_rolls() {
         }
     }
     let stats = log.stats();
-    let on_disk: u64 = (0..3)
-        .flat_map(|p| segment_files(dir.path(), p))
-        .map(|f| std::fs::metadata(f).unwrap().len())
-        .sum();
+    let on_disk: u64 = (0..3).flat_map(|p| segment_files(dir.path(), p)).map(|f| std::fs::metadata(f).unwrap().len()).sum();
     assert_eq!(stats.bytes, on_disk);
-    assert_eq!(
-        stats.partitions,
-        (0..3)
-            .map(|p| (0, expected[p].len() as u64))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(stats.partitions, (0..3).map(|p| (0, expected[p].len() as u64)).collect::<Vec<_>>());
     log.close().await.unwrap();
 }
 
@@ -87,14 +75,7 @@ async fn reopen_keeps_offsets_and_data() {
     {
         let log = open(&c);
         for i in 0..50u64 {
-            let offs = log
-                .append(vec![rec(
-                    (i % 2) as u32,
-                    i as i64,
-                    payload(&format!("e{i}"), 100),
-                )])
-                .await
-                .unwrap();
+            let offs = log.append(vec![rec((i % 2) as u32, i as i64, payload(&format!("e{i}"), 100))]).await.unwrap();
             assert_eq!(offs, vec![i / 2]);
         }
         log.close().await.unwrap();
@@ -105,10 +86,7 @@ async fn reopen_keeps_offsets_and_data() {
         assert_eq!(log.recovery().truncated_bytes, 0);
         assert_eq!(log.next_offset(0), 25);
         assert_eq!(log.next_offset(1), 25);
-        let offs = log
-            .append(vec![rec(1, 0, b"after reopen".to_vec())])
-            .await
-            .unwrap();
+        let offs = log.append(vec![rec(1, 0, b"after reopen".to_vec())]).await.unwrap();
         assert_eq!(offs, vec![25]);
     }
     let log = open(&c);
@@ -156,9 +134,7 @@ async fn next_offset_predicts_the_offsets_of_a_single_appender() {
 async fn read_limits_and_bounds() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(&cfg(dir.path(), 1, 1 << 20));
-    let batch: Vec<_> = (0..10)
-        .map(|i| rec(0, i, payload(&format!("x{i}"), 100)))
-        .collect();
+    let batch: Vec<_> = (0..10).map(|i| rec(0, i, payload(&format!("x{i}"), 100))).collect();
     log.append(batch).await.unwrap();
     assert_eq!(log.read(0, 0, 3, 1 << 20).await.unwrap().len(), 3);
     // max_bytes counts payload bytes; at least one record comes back.
@@ -166,40 +142,20 @@ async fn read_limits_and_bounds() {
     let one = log.read(0, 4, 100, 1).await.unwrap();
     assert_eq!(one.len(), 1);
     assert_eq!(one[0].offset, 4);
-    assert_eq!(
-        log.read(0, 7, 100, 1 << 20)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.offset)
-            .collect::<Vec<_>>(),
-        vec![7, 8, 9]
-    );
+    assert_eq!(log.read(0, 7, 100, 1 << 20).await.unwrap().iter().map(|r| r.offset).collect::<Vec<_>>(), vec![7, 8, 9]);
     assert!(log.read(0, 10, 100, 1 << 20).await.unwrap().is_empty());
     assert!(log.read(0, 1000, 100, 1 << 20).await.unwrap().is_empty());
     assert!(log.read(0, 0, 0, 1 << 20).await.unwrap().is_empty());
-    assert!(matches!(
-        log.read(1, 0, 1, 1).await,
-        Err(LogError::NoSuchPartition(1))
-    ));
-    assert!(matches!(
-        log.append(vec![rec(3, 0, vec![])]).await,
-        Err(LogError::NoSuchPartition(3))
-    ));
+    assert!(matches!(log.read(1, 0, 1, 1).await, Err(LogError::NoSuchPartition(1))));
+    assert!(matches!(log.append(vec![rec(3, 0, vec![])]).await, Err(LogError::NoSuchPartition(3))));
     // A rejected append reserves nothing.
     assert_eq!(log.next_offset(0), 10);
     let too_big = vec![0u8; sluice_log::MAX_PAYLOAD_BYTES + 1];
-    assert!(matches!(
-        log.append(vec![rec(0, 0, too_big)]).await,
-        Err(LogError::Io(_))
-    ));
+    assert!(matches!(log.append(vec![rec(0, 0, too_big)]).await, Err(LogError::Io(_))));
     assert_eq!(log.next_offset(0), 10);
     // Empty payloads are fine.
     assert_eq!(log.append(vec![rec(0, 0, vec![])]).await.unwrap(), vec![10]);
-    assert_eq!(
-        log.read(0, 10, 1, 1).await.unwrap()[0].payload,
-        Vec::<u8>::new()
-    );
+    assert_eq!(log.read(0, 10, 1, 1).await.unwrap()[0].payload, Vec::<u8>::new());
 }
 
 #[tokio::test]
@@ -211,9 +167,7 @@ async fn random_access_uses_the_sparse_index_also_after_reopen() {
     {
         let log = open(&c);
         for chunk in 0..(n / 500) {
-            let batch = (0..500)
-                .map(|i| rec(0, 0, payload(&format!("n{}", chunk * 500 + i), 300)))
-                .collect();
+            let batch = (0..500).map(|i| rec(0, 0, payload(&format!("n{}", chunk * 500 + i), 300))).collect();
             log.append(batch).await.unwrap();
         }
         let mut rng = Rng::new(1);
@@ -236,10 +190,7 @@ async fn random_access_uses_the_sparse_index_also_after_reopen() {
     // Large pages cross segment boundaries.
     let all = read_all_from(&log, 0, 17, 1000).await;
     assert_eq!(all.len() as u64, n - 17);
-    assert!(all
-        .iter()
-        .enumerate()
-        .all(|(i, r)| r.offset == 17 + i as u64));
+    assert!(all.iter().enumerate().all(|(i, r)| r.offset == 17 + i as u64));
 }
 
 #[tokio::test]
@@ -259,23 +210,14 @@ async fn reopening_with_another_partition_count_fails() {
     drop(open(&cfg(dir.path(), 2, 4096)));
     // A directory with partitions but no meta file is refused, not guessed.
     std::fs::remove_file(dir.path().join("meta.json")).unwrap();
-    assert!(matches!(
-        EmbeddedLog::open(cfg(dir.path(), 2, 4096)),
-        Err(LogError::Config(_))
-    ));
+    assert!(matches!(EmbeddedLog::open(cfg(dir.path(), 2, 4096)), Err(LogError::Config(_))));
 }
 
 #[tokio::test]
 async fn invalid_configuration_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(matches!(
-        EmbeddedLog::open(cfg(dir.path(), 0, 4096)),
-        Err(LogError::Config(_))
-    ));
-    assert!(matches!(
-        EmbeddedLog::open(cfg(dir.path(), 1, 10)),
-        Err(LogError::Config(_))
-    ));
+    assert!(matches!(EmbeddedLog::open(cfg(dir.path(), 0, 4096)), Err(LogError::Config(_))));
+    assert!(matches!(EmbeddedLog::open(cfg(dir.path(), 1, 10)), Err(LogError::Config(_))));
     let c = LogConfig::new(dir.path(), 1);
     assert_eq!(c.segment_bytes, 64 << 20);
     assert_eq!(c.retention_max_age, None);
@@ -288,14 +230,8 @@ async fn close_then_append_fails() {
     let log: Arc<dyn EventLog> = Arc::new(open(&cfg(dir.path(), 1, 4096)));
     log.append(vec![rec(0, 0, b"one".to_vec())]).await.unwrap();
     log.close().await.unwrap();
-    assert!(matches!(
-        log.append(vec![rec(0, 0, b"two".to_vec())]).await,
-        Err(LogError::Closed)
-    ));
-    assert!(matches!(
-        log.append(Vec::new()).await,
-        Err(LogError::Closed)
-    ));
+    assert!(matches!(log.append(vec![rec(0, 0, b"two".to_vec())]).await, Err(LogError::Closed)));
+    assert!(matches!(log.append(Vec::new()).await, Err(LogError::Closed)));
     log.close().await.unwrap(); // idempotent
                                 // What was written stays readable.
     assert_eq!(read_all(log.as_ref(), 0).await.len(), 1);
@@ -329,10 +265,7 @@ async fn subscribers_see_every_durable_append() {
         log.append(vec![rec(1, 0, vec![i])]).await.unwrap();
         tokio::task::yield_now().await;
     }
-    let got = tokio::time::timeout(std::time::Duration::from_secs(10), tail)
-        .await
-        .unwrap()
-        .unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), tail).await.unwrap().unwrap();
     assert_eq!(got, (0..5u8).map(|i| vec![i]).collect::<Vec<_>>());
     assert!(*log.subscribe().borrow() > before);
 }

@@ -20,22 +20,9 @@ async fn concurrent_appends_get_dense_offsets_and_share_fsyncs() {
             let mut acked = Vec::new();
             for a in 0..appends_per_task {
                 let n = rng.range(1, 6);
-                let batch: Vec<_> = (0..n)
-                    .map(|i| {
-                        rec(
-                            rng.range(0, 4) as u32,
-                            t as i64,
-                            format!("t{t}-a{a}-i{i}").into_bytes(),
-                        )
-                    })
-                    .collect();
+                let batch: Vec<_> = (0..n).map(|i| rec(rng.range(0, 4) as u32, t as i64, format!("t{t}-a{a}-i{i}").into_bytes())).collect();
                 let offsets = log.append(batch.clone()).await.unwrap();
-                acked.extend(
-                    batch
-                        .into_iter()
-                        .zip(offsets)
-                        .map(|(r, o)| (r.partition, o, r.payload)),
-                );
+                acked.extend(batch.into_iter().zip(offsets).map(|(r, o)| (r.partition, o, r.payload)));
             }
             acked
         }));
@@ -48,18 +35,12 @@ async fn concurrent_appends_get_dense_offsets_and_share_fsyncs() {
     }
     let appends = tasks * appends_per_task;
     let rounds = log.sync_rounds();
-    assert!(
-        rounds < appends,
-        "{rounds} fsync rounds for {appends} appends: no group commit"
-    );
+    assert!(rounds < appends, "{rounds} fsync rounds for {appends} appends: no group commit");
     for p in 0..4u32 {
         let mut acked = by_partition.remove(&p).unwrap_or_default();
         acked.sort();
         // Distinct and dense from 0.
-        assert!(
-            acked.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
-            "partition {p}"
-        );
+        assert!(acked.iter().enumerate().all(|(i, (o, _))| *o == i as u64), "partition {p}");
         assert_eq!(log.next_offset(p), acked.len() as u64);
         let got = read_all(log.as_ref(), p).await;
         assert_eq!(got.len(), acked.len());
@@ -90,9 +71,7 @@ async fn readers_run_while_writers_append() {
         let log = Arc::clone(&log);
         tokio::spawn(async move {
             for i in 0..300u64 {
-                let batch = (0..5)
-                    .map(|j| rec((j % 2) as u32, 0, payload(&format!("w{i}-{j}"), 50)))
-                    .collect();
+                let batch = (0..5).map(|j| rec((j % 2) as u32, 0, payload(&format!("w{i}-{j}"), 50))).collect();
                 log.append(batch).await.unwrap();
             }
         })

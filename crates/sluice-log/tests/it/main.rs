@@ -28,11 +28,7 @@ pub fn open(c: &LogConfig) -> EmbeddedLog {
 
 /// A record for `partition` with `payload`.
 pub fn rec(partition: u32, timestamp_ms: i64, payload: Vec<u8>) -> AppendRecord {
-    AppendRecord {
-        partition,
-        timestamp_ms,
-        payload,
-    }
+    AppendRecord { partition, timestamp_ms, payload }
 }
 
 /// A deterministic payload of `len` bytes that names `tag`.
@@ -48,12 +44,7 @@ pub fn payload(tag: &str, len: usize) -> Vec<u8> {
 }
 
 /// Reads a whole partition from `from`, in pages of at most `page` records.
-pub async fn read_all_from(
-    log: &dyn EventLog,
-    partition: u32,
-    from: u64,
-    page: usize,
-) -> Vec<Record> {
+pub async fn read_all_from(log: &dyn EventLog, partition: u32, from: u64, page: usize) -> Vec<Record> {
     let mut out: Vec<Record> = Vec::new();
     let mut next = from;
     loop {
@@ -89,10 +80,7 @@ pub fn base_of(path: &Path) -> u64 {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 /// A tiny deterministic PRNG (SplitMix64), so property tests need no crate.
@@ -151,10 +139,7 @@ impl tracing::Subscriber for Capture {
     fn event(&self, event: &tracing::Event<'_>) {
         let mut f = Fields(String::new());
         event.record(&mut f);
-        LINES
-            .lock()
-            .unwrap()
-            .push(format!("{} {}", event.metadata().level(), f.0));
+        LINES.lock().unwrap().push(format!("{} {}", event.metadata().level(), f.0));
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
@@ -168,11 +153,5 @@ pub fn capture_logs() {
 
 /// Captured log lines that contain `needle`.
 pub fn log_lines_with(needle: &str) -> Vec<String> {
-    LINES
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains(needle))
-        .cloned()
-        .collect()
+    LINES.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
 }

@@ -11,23 +11,14 @@ use std::path::Path;
 
 type Expected = Vec<Vec<(i64, Vec<u8>)>>;
 
-async fn append_random(
-    c: &sluice_log::LogConfig,
-    rng: &mut Rng,
-    batches: u64,
-    expected: &mut Expected,
-) {
+async fn append_random(c: &sluice_log::LogConfig, rng: &mut Rng, batches: u64, expected: &mut Expected) {
     let log = open(c);
     for _ in 0..batches {
         let n = rng.range(1, 20);
         let batch: Vec<AppendRecord> = (0..n)
             .map(|_| {
                 let p = rng.range(0, u64::from(c.partitions)) as u32;
-                let len = if rng.range(0, 20) == 0 {
-                    rng.range(0, 3000)
-                } else {
-                    rng.range(0, 600)
-                };
+                let len = if rng.range(0, 20) == 0 { rng.range(0, 3000) } else { rng.range(0, 600) };
                 let ts = rng.next_u64() as i64;
                 rec(p, ts, rng.bytes(len as usize))
             })
@@ -67,12 +58,7 @@ fn crash(dir: &Path, p: u32, acked_total: u64, rng: &mut Rng) {
                 if tail.is_some() {
                     std::fs::remove_file(f).unwrap();
                 } else if cut <= acc + len {
-                    OpenOptions::new()
-                        .write(true)
-                        .open(f)
-                        .unwrap()
-                        .set_len(cut - acc)
-                        .unwrap();
+                    OpenOptions::new().write(true).open(f).unwrap().set_len(cut - acc).unwrap();
                     tail = Some(f.clone());
                 }
                 acc += len;
@@ -81,12 +67,7 @@ fn crash(dir: &Path, p: u32, acked_total: u64, rng: &mut Rng) {
             if mode == 1 {
                 let n = rng.range(1, 100) as usize;
                 let garbage = rng.bytes(n);
-                OpenOptions::new()
-                    .append(true)
-                    .open(tail.unwrap())
-                    .unwrap()
-                    .write_all(&garbage)
-                    .unwrap();
+                OpenOptions::new().append(true).open(tail.unwrap()).unwrap().write_all(&garbage).unwrap();
             }
         }
         _ => {
@@ -117,9 +98,7 @@ async fn reopened_log_is_a_prefix_containing_every_acknowledged_record() {
         let batches = rng.range(1, 15);
         append_random(&c, &mut rng, batches, &mut expected).await;
         let acked: Vec<usize> = expected.iter().map(Vec::len).collect();
-        let acked_bytes: Vec<u64> = (0..partitions)
-            .map(|p| sizes(dir.path(), p).iter().map(|(_, l)| l).sum())
-            .collect();
+        let acked_bytes: Vec<u64> = (0..partitions).map(|p| sizes(dir.path(), p).iter().map(|(_, l)| l).sum()).collect();
 
         // Appends "in flight" when the crash happens.
         let batches = rng.range(1, 10);
@@ -138,52 +117,28 @@ async fn reopened_log_is_a_prefix_containing_every_acknowledged_record() {
             for p in 0..partitions {
                 let got = read_all(&log, p).await;
                 let exp = &expected[p as usize];
-                assert!(
-                    got.len() >= acked[p as usize],
-                    "seed {seed} partition {p}: lost acknowledged records"
-                );
-                assert!(
-                    got.len() <= exp.len(),
-                    "seed {seed} partition {p}: invented records"
-                );
+                assert!(got.len() >= acked[p as usize], "seed {seed} partition {p}: lost acknowledged records");
+                assert!(got.len() <= exp.len(), "seed {seed} partition {p}: invented records");
                 if !crashed[p as usize] {
                     assert_eq!(got.len(), exp.len(), "seed {seed} partition {p}");
                 }
                 for (g, (ts, payload)) in got.iter().zip(exp) {
-                    assert_eq!(
-                        (g.timestamp_ms, &g.payload),
-                        (*ts, payload),
-                        "seed {seed} partition {p}"
-                    );
+                    assert_eq!((g.timestamp_ms, &g.payload), (*ts, payload), "seed {seed} partition {p}");
                 }
-                assert_eq!(
-                    log.next_offset(p),
-                    got.len() as u64,
-                    "seed {seed} partition {p}"
-                );
+                assert_eq!(log.next_offset(p), got.len() as u64, "seed {seed} partition {p}");
                 lens.push(got.len() as u64);
             }
-            let batch = (0..partitions)
-                .map(|p| rec(p, 0, b"after".to_vec()))
-                .collect();
+            let batch = (0..partitions).map(|p| rec(p, 0, b"after".to_vec())).collect();
             assert_eq!(log.append(batch).await.unwrap(), lens, "seed {seed}");
             log.close().await.unwrap();
             lens
         };
 
         let log = open(&c);
-        assert!(
-            log.recovery().partitions_repaired.is_empty(),
-            "seed {seed}: {:?}",
-            log.recovery()
-        );
+        assert!(log.recovery().partitions_repaired.is_empty(), "seed {seed}: {:?}", log.recovery());
         for p in 0..partitions {
             let got = read_all(&log, p).await;
-            assert_eq!(
-                got.len() as u64,
-                lens[p as usize] + 1,
-                "seed {seed} partition {p}"
-            );
+            assert_eq!(got.len() as u64, lens[p as usize] + 1, "seed {seed} partition {p}");
             assert_eq!(got.last().unwrap().payload, b"after");
         }
     }

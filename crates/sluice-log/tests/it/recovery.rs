@@ -18,15 +18,10 @@ async fn write_records(dir: &Path, n: u64, segment_bytes: u64) -> Vec<Vec<u8>> {
     let mut payloads = Vec::new();
     for i in 0..n {
         let p = payload(&format!("rec{i}"), PAYLOAD);
-        assert_eq!(
-            log.append(vec![rec(0, i as i64, p.clone())]).await.unwrap(),
-            vec![i]
-        );
+        assert_eq!(log.append(vec![rec(0, i as i64, p.clone())]).await.unwrap(), vec![i]);
         payloads.push(p);
     }
-    log.append(vec![rec(1, 0, b"other partition".to_vec())])
-        .await
-        .unwrap();
+    log.append(vec![rec(1, 0, b"other partition".to_vec())]).await.unwrap();
     log.close().await.unwrap();
     payloads
 }
@@ -52,11 +47,7 @@ async fn check_repaired(dir: &Path, payloads: &[Vec<u8>], cut: u64, at: u64, rea
         assert_eq!(report.partitions_repaired, vec![0]);
         assert_eq!(report.repairs.len(), 1);
         assert_eq!(report.repairs[0].at_offset, at);
-        assert!(
-            report.repairs[0].reason.contains(reason),
-            "{:?}",
-            report.repairs[0].reason
-        );
+        assert!(report.repairs[0].reason.contains(reason), "{:?}", report.repairs[0].reason);
         let seg = report.repairs[0].segment.display().to_string();
         let lines = log_lines_with(&seg);
         assert!(
@@ -72,17 +63,8 @@ async fn check_repaired(dir: &Path, payloads: &[Vec<u8>], cut: u64, at: u64, rea
         for (g, w) in got.iter().zip(payloads) {
             assert_eq!(&g.payload, w);
         }
-        assert_eq!(
-            read_all(&log, 1).await.len(),
-            1,
-            "other partitions are untouched"
-        );
-        assert_eq!(
-            log.append(vec![rec(0, 0, b"after repair".to_vec())])
-                .await
-                .unwrap(),
-            vec![at]
-        );
+        assert_eq!(read_all(&log, 1).await.len(), 1, "other partitions are untouched");
+        assert_eq!(log.append(vec![rec(0, 0, b"after repair".to_vec())]).await.unwrap(), vec![at]);
         log.close().await.unwrap();
     }
     let log = open(&c);
@@ -99,12 +81,7 @@ async fn torn_tail_cut_mid_payload_is_truncated() {
     let payloads = write_records(dir.path(), 10, 1 << 20).await;
     let seg = last_segment(dir.path());
     assert_eq!(file_len(&seg), 32 + 10 * RECORD);
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(32 + 10 * RECORD - 50)
-        .unwrap();
+    OpenOptions::new().write(true).open(&seg).unwrap().set_len(32 + 10 * RECORD - 50).unwrap();
     check_repaired(dir.path(), &payloads, RECORD - 50, 9, "short payload").await;
 }
 
@@ -113,12 +90,7 @@ async fn torn_tail_cut_mid_header_is_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let payloads = write_records(dir.path(), 10, 1 << 20).await;
     let seg = last_segment(dir.path());
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(32 + 9 * RECORD + 10)
-        .unwrap();
+    OpenOptions::new().write(true).open(&seg).unwrap().set_len(32 + 9 * RECORD + 10).unwrap();
     check_repaired(dir.path(), &payloads, 10, 9, "short record header").await;
 }
 
@@ -127,12 +99,7 @@ async fn garbage_after_the_tail_is_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let payloads = write_records(dir.path(), 10, 1 << 20).await;
     let seg = last_segment(dir.path());
-    OpenOptions::new()
-        .append(true)
-        .open(&seg)
-        .unwrap()
-        .write_all(&Rng::new(3).bytes(37))
-        .unwrap();
+    OpenOptions::new().append(true).open(&seg).unwrap().write_all(&Rng::new(3).bytes(37)).unwrap();
     check_repaired(dir.path(), &payloads, 37, 10, "").await;
 }
 
@@ -142,12 +109,7 @@ async fn zero_filled_tail_is_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let payloads = write_records(dir.path(), 10, 1 << 20).await;
     let seg = last_segment(dir.path());
-    OpenOptions::new()
-        .append(true)
-        .open(&seg)
-        .unwrap()
-        .write_all(&[0u8; 4096])
-        .unwrap();
+    OpenOptions::new().append(true).open(&seg).unwrap().write_all(&[0u8; 4096]).unwrap();
     check_repaired(dir.path(), &payloads, 4096, 10, "checksum").await;
 }
 
@@ -177,12 +139,7 @@ async fn record_with_a_wrong_offset_is_truncated() {
     r.extend_from_slice(b"abc");
     let crc = crc32fast::hash(&r[4..]);
     r[..4].copy_from_slice(&crc.to_le_bytes());
-    OpenOptions::new()
-        .append(true)
-        .open(&seg)
-        .unwrap()
-        .write_all(&r)
-        .unwrap();
+    OpenOptions::new().append(true).open(&seg).unwrap().write_all(&r).unwrap();
     check_repaired(dir.path(), &payloads, 27, 10, "offset 42").await;
 }
 
@@ -193,10 +150,7 @@ async fn crash_while_creating_segment(bytes: &[u8]) -> (tempfile::TempDir, Vec<V
     let dir = tempfile::tempdir().unwrap();
     let payloads = write_records(dir.path(), 20, 1024).await;
     let files = segment_files(dir.path(), 0);
-    assert_eq!(
-        files.iter().map(|f| base_of(f)).collect::<Vec<_>>(),
-        vec![0, 8, 16]
-    );
+    assert_eq!(files.iter().map(|f| base_of(f)).collect::<Vec<_>>(), vec![0, 8, 16]);
     std::fs::write(dir.path().join("p-0000/00000000000000000020.log"), bytes).unwrap();
     (dir, payloads)
 }
@@ -247,10 +201,7 @@ async fn header_only_segment_needs_no_repair() {
     assert_eq!(log.recovery().truncated_bytes, 0);
     assert!(log.recovery().partitions_repaired.is_empty());
     assert_eq!(log.next_offset(0), 20);
-    assert_eq!(
-        log.append(vec![rec(0, 0, b"x".to_vec())]).await.unwrap(),
-        vec![20]
-    );
+    assert_eq!(log.append(vec![rec(0, 0, b"x".to_vec())]).await.unwrap(), vec![20]);
     let got = read_all(&log, 0).await;
     assert_eq!(got.len(), 21);
     assert_eq!(got[19].payload, payloads[19]);
@@ -265,10 +216,7 @@ async fn missing_first_segment_is_recreated() {
     std::fs::remove_file(dir.path().join("p-0001/00000000000000000000.log")).unwrap();
     let log = open(&cfg(dir.path(), 2, 4096));
     assert_eq!(log.next_offset(1), 0);
-    assert_eq!(
-        log.append(vec![rec(1, 0, b"x".to_vec())]).await.unwrap(),
-        vec![0]
-    );
+    assert_eq!(log.append(vec![rec(1, 0, b"x".to_vec())]).await.unwrap(), vec![0]);
 }
 
 #[tokio::test]
@@ -293,10 +241,7 @@ async fn corrupt_record_in_a_sealed_segment_is_reported_on_read() {
         other => panic!("expected corruption, got {other:?}"),
     }
     // ... also when starting inside that segment (the index build checks it) ...
-    assert!(matches!(
-        log.read(0, 5, 100, 1 << 20).await,
-        Err(LogError::Corrupt(_))
-    ));
+    assert!(matches!(log.read(0, 5, 100, 1 << 20).await, Err(LogError::Corrupt(_))));
     // ... records before it and later segments are still readable.
     assert_eq!(log.read(0, 0, 3, 1 << 20).await.unwrap().len(), 3);
     assert_eq!(log.read(0, 8, 100, 1 << 20).await.unwrap().len(), 22);
@@ -307,20 +252,12 @@ async fn shortened_sealed_segment_is_reported_on_read() {
     let dir = tempfile::tempdir().unwrap();
     write_records(dir.path(), 30, 1024).await;
     let second = dir.path().join("p-0000/00000000000000000008.log");
-    OpenOptions::new()
-        .write(true)
-        .open(&second)
-        .unwrap()
-        .set_len(32 + 5 * RECORD)
-        .unwrap();
+    OpenOptions::new().write(true).open(&second).unwrap().set_len(32 + 5 * RECORD).unwrap();
     let log = open(&cfg(dir.path(), 2, 1024));
     assert!(log.recovery().partitions_repaired.is_empty());
     match log.read(0, 0, 100, 1 << 20).await {
         Err(LogError::Corrupt(msg)) => assert!(msg.contains("ends before offset 13"), "{msg}"),
         other => panic!("expected corruption, got {other:?}"),
     }
-    assert!(matches!(
-        log.read(0, 10, 100, 1 << 20).await,
-        Err(LogError::Corrupt(_))
-    ));
+    assert!(matches!(log.read(0, 10, 100, 1 << 20).await, Err(LogError::Corrupt(_))));
 }

@@ -7,18 +7,13 @@ use std::time::Duration;
 /// 100-byte payloads and 1 KiB segments: 8 records per segment.
 async fn fill(log: &dyn EventLog, partition: u32, n: u64, ts: i64) {
     for chunk in 0..n.div_ceil(10) {
-        let batch = (chunk * 10..((chunk + 1) * 10).min(n))
-            .map(|i| rec(partition, ts, payload(&format!("{partition}-{i}"), 100)))
-            .collect();
+        let batch = (chunk * 10..((chunk + 1) * 10).min(n)).map(|i| rec(partition, ts, payload(&format!("{partition}-{i}"), 100))).collect();
         log.append(batch).await.unwrap();
     }
 }
 
 fn dir_bytes(dir: &std::path::Path, partition: u32) -> u64 {
-    segment_files(dir, partition)
-        .iter()
-        .map(|f| std::fs::metadata(f).unwrap().len())
-        .sum()
+    segment_files(dir, partition).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum()
 }
 
 #[tokio::test]
@@ -35,14 +30,8 @@ async fn retention_by_size_deletes_oldest_sealed_segments() {
     let files_after = segment_files(dir.path(), 0);
     let after = dir_bytes(dir.path(), 0);
     assert!(after <= 3000, "{after} bytes left");
-    assert!(
-        after + 1024 > 3000,
-        "deleted more than needed: {after} bytes left"
-    );
-    assert_eq!(
-        report.segments_deleted as usize,
-        files_before.len() - files_after.len()
-    );
+    assert!(after + 1024 > 3000, "deleted more than needed: {after} bytes left");
+    assert_eq!(report.segments_deleted as usize, files_before.len() - files_after.len());
     assert_eq!(report.bytes_deleted, before - after);
     let start = base_of(&files_after[0]);
     assert_eq!(report.records_deleted, start);
@@ -60,10 +49,7 @@ async fn retention_by_size_deletes_oldest_sealed_segments() {
 
     // A second pass has nothing to do; appends continue densely.
     assert_eq!(log.enforce_retention().await.unwrap(), Default::default());
-    assert_eq!(
-        log.append(vec![rec(0, 0, vec![1])]).await.unwrap(),
-        vec![100]
-    );
+    assert_eq!(log.append(vec![rec(0, 0, vec![1])]).await.unwrap(), vec![100]);
     drop(log);
     let log = open(&c);
     assert_eq!(log.start_offset(0), start);
@@ -92,17 +78,11 @@ async fn retention_by_age_deletes_segments_whose_newest_record_is_old() {
     let p1 = segment_files(dir.path(), 1);
     assert_eq!(p1.len(), 1);
     assert_eq!(log.start_offset(1), base_of(&p1[0]));
-    assert_eq!(
-        log.read(1, 0, 100, 1 << 20).await.unwrap()[0].offset,
-        base_of(&p1[0])
-    );
+    assert_eq!(log.read(1, 0, 100, 1 << 20).await.unwrap()[0].offset, base_of(&p1[0]));
     assert_eq!(report.records_deleted, 40 + base_of(&p1[0]));
     assert_eq!(report.segments_deleted, 5 + (base_of(&p1[0]) / 8));
     // Appends carry on at the right offsets.
-    assert_eq!(
-        log.append(vec![rec(1, now_ms(), vec![])]).await.unwrap(),
-        vec![30]
-    );
+    assert_eq!(log.append(vec![rec(1, now_ms(), vec![])]).await.unwrap(), vec![30]);
 }
 
 #[tokio::test]
@@ -134,10 +114,7 @@ async fn retention_reports_corruption_in_an_old_segment() {
     bytes[100] ^= 1;
     std::fs::write(&first, bytes).unwrap();
     let log = open(&c);
-    assert!(matches!(
-        log.enforce_retention().await,
-        Err(LogError::Corrupt(_))
-    ));
+    assert!(matches!(log.enforce_retention().await, Err(LogError::Corrupt(_))));
 }
 
 #[tokio::test]

@@ -170,7 +170,8 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let store = Store::connect(&format!("sqlite://{}", dir.join("state.db").display())).await?;
     let log_dir = dir.join("log");
-    let log: Arc<dyn EventLog> = Arc::new(tokio::task::spawn_blocking(move || sluice_log::EmbeddedLog::open(sluice_log::LogConfig::new(log_dir, 4))).await??);
+    let log: Arc<dyn EventLog> =
+        Arc::new(tokio::task::spawn_blocking(move || sluice_log::EmbeddedLog::open(sluice_log::LogConfig::new(log_dir, 4))).await??);
     let partitions = log.partitions();
     let root = dir.join("lake");
 
@@ -227,7 +228,12 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
         log: log.clone(),
         store: store.clone(),
         schemas: schemas.clone(),
-        cfg: sluice_lake::writer::WriterConfig { root: root.clone(), flush_interval: Duration::from_secs(3600), flush_bytes: 64 << 20, row_group_rows: 131_072 },
+        cfg: sluice_lake::writer::WriterConfig {
+            root: root.clone(),
+            flush_interval: Duration::from_secs(3600),
+            flush_bytes: 64 << 20,
+            row_group_rows: 131_072,
+        },
         bursts: sluice_core::Bursts::default(),
     };
     let t = Instant::now();
@@ -238,11 +244,19 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
     let file_bytes: u64 = files.iter().map(|f| f.bytes).sum();
     let rows: u64 = files.iter().map(|f| f.row_count).sum();
     anyhow::ensure!(rows == args.events as u64, "the lake holds {rows} rows, expected {}", args.events);
-    println!("lake writer: {} events in {:.2} s = {:.0} events/s; {} files, {:.0} MB Parquet", args.events, write_secs, args.events as f64 / write_secs, files.len(), file_bytes as f64 / 1e6);
+    println!(
+        "lake writer: {} events in {:.2} s = {:.0} events/s; {} files, {:.0} MB Parquet",
+        args.events,
+        write_secs,
+        args.events as f64 / write_secs,
+        files.len(),
+        file_bytes as f64 / 1e6
+    );
 
     // Compaction of every (closed) partition, then the share of files that
     // are at the target size or the whole partition.
-    let ccfg = sluice_lake::compact::CompactConfig { root: root.clone(), target_bytes: 64 << 20, closed_after: Duration::ZERO, row_group_rows: 131_072 };
+    let ccfg =
+        sluice_lake::compact::CompactConfig { root: root.clone(), target_bytes: 64 << 20, closed_after: Duration::ZERO, row_group_rows: 131_072 };
     let guard = sluice_lake::sql::FileGuard::default();
     let t = Instant::now();
     let parts = sluice_lake::compact::candidates(store.lake_files(Some("bench")).await?, Utc::now(), &ccfg);
@@ -273,7 +287,13 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
         schemas,
         root.clone(),
         sluice_lake::sql::FileGuard::default(),
-        sluice_lake::sql::SqlLimits { timeout: Duration::from_secs(600), max_rows: 1_000_000, max_bytes: 1 << 30, memory: 8 << 30, max_tail_events: 1_000_000 },
+        sluice_lake::sql::SqlLimits {
+            timeout: Duration::from_secs(600),
+            max_rows: 1_000_000,
+            max_bytes: 1 << 30,
+            memory: 8 << 30,
+            max_tail_events: 1_000_000,
+        },
     );
     let qs = queries();
     let mut ours = Vec::new();

@@ -49,7 +49,8 @@ impl Receiver {
                     }
                     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
                     let webhook_id = h("webhook-id");
-                    let event_id = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["data"]["id"].as_str().map(str::to_owned)).unwrap_or_default();
+                    let event_id =
+                        serde_json::from_str::<Value>(&body).ok().and_then(|v| v["data"]["id"].as_str().map(str::to_owned)).unwrap_or_default();
                     let mut status = 200u16;
                     if state.fail_events.lock().unwrap().contains(&event_id) {
                         status = 500;
@@ -104,8 +105,7 @@ where
     }
 }
 
-const FAST_RETRIES: [(&str, &str); 3] =
-    [("SLUICE_RETRY_ATTEMPTS", "3"), ("SLUICE_RETRY_BASE_MS", "20"), ("SLUICE_WEBHOOK_ALLOW_PRIVATE", "1")];
+const FAST_RETRIES: [(&str, &str); 3] = [("SLUICE_RETRY_ATTEMPTS", "3"), ("SLUICE_RETRY_BASE_MS", "20"), ("SLUICE_WEBHOOK_ALLOW_PRIVATE", "1")];
 
 async fn webhook(api: &Api, url: &str, types: Value) -> Value {
     let (st, v) = api.post("/v1/webhooks", json!({"url": url, "event_types": types})).await;
@@ -128,7 +128,8 @@ async fn webhook_retried_twice_then_delivered_with_one_id_and_a_valid_signature(
     let secret = hook["secret"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("whsec_"));
     api.ingest(json!([{"id": "o1", "type": "order.paid", "customer_id": "c1", "properties": {"amount": "9.99"}},
-                      {"id": "x1", "type": "other.type"}])).await;
+                      {"id": "x1", "type": "other.type"}]))
+        .await;
     eventually("a successful delivery", 20, || async { rx.successes().get("o1") == Some(&1) }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = rx.got();
@@ -248,7 +249,14 @@ async fn failing_events_go_to_the_dlq_others_are_delivered_once_and_replay_deliv
 async fn private_webhook_targets_are_refused_unless_allowed() {
     let s = Server::start().await;
     let api = s.root();
-    for url in ["http://127.0.0.1:9/hook", "http://localhost:9/x", "http://169.254.169.254/latest/meta-data", "http://[::1]/x", "http://10.1.2.3/x", "ftp://example.com/x"] {
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://localhost:9/x",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/x",
+        "http://10.1.2.3/x",
+        "ftp://example.com/x",
+    ] {
         let (st, v) = api.post("/v1/webhooks", json!({"url": url, "event_types": ["*"]})).await;
         assert!(st == StatusCode::UNPROCESSABLE_ENTITY || st == StatusCode::BAD_REQUEST, "{url}: {st} {v}");
     }
@@ -290,7 +298,8 @@ async fn event_counts_are_exact_after_kill9_and_after_a_reset() {
         tasks.push(tokio::spawn(async move {
             for seq in 0.. {
                 let ids: Vec<String> = (0..100).map(|i| format!("k{w}-{seq}-{i}")).collect();
-                let body: Vec<_> = ids.iter().map(|id| json!({"id": id, "type": if id.ends_with('0') { "a" } else { "b" }, "customer_id": "c"})).collect();
+                let body: Vec<_> =
+                    ids.iter().map(|id| json!({"id": id, "type": if id.ends_with('0') { "a" } else { "b" }, "customer_id": "c"})).collect();
                 match api.req(reqwest::Method::POST, "/v1/events").json(&body).send().await {
                     Ok(r) if r.status() == StatusCode::OK => acked.lock().unwrap().extend(ids),
                     _ => return,
@@ -326,7 +335,11 @@ async fn event_counts_are_exact_after_kill9_and_after_a_reset() {
     let (_, counts) = api.get("/v1/event-counts").await;
     assert_eq!(counts["total"], expected);
     let (_, audit) = api.get("/v1/audit").await;
-    assert!(audit["data"].as_array().unwrap().iter().any(|e| e["action"] == "consumer.reset" && e["target_id"] == "event_counts" && e["actor_key_id"].is_string()));
+    assert!(audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["action"] == "consumer.reset" && e["target_id"] == "event_counts" && e["actor_key_id"].is_string()));
     // Reset to latest: nothing is counted from before.
     api.post("/v1/consumers/event_counts/reset", json!({"to": "latest"})).await;
     api.ingest(json!([{"id": "after-reset", "type": "z"}])).await;

@@ -172,9 +172,7 @@ impl Server {
             let root = self.root();
             let name = name.to_owned();
             async move {
-                let (st, v) = root
-                    .post("/v1/keys", serde_json::json!({"name": format!("{name} {scope}"), "scope": scope, "workspace": name}))
-                    .await;
+                let (st, v) = root.post("/v1/keys", serde_json::json!({"name": format!("{name} {scope}"), "scope": scope, "workspace": name})).await;
                 assert_eq!(st, StatusCode::CREATED, "{v}");
                 v["secret"].as_str().unwrap().to_owned()
             }

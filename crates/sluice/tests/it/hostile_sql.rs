@@ -124,10 +124,7 @@ async fn hostile_sql_queries_are_refused_or_bounded_and_rss_stays_under_the_limi
         let (st, v) = read.post("/v1/sql", json!({"query": q})).await;
         let took = t.elapsed();
         answers.push(format!("{name}: {st} in {took:?}: {}", v["error"]["message"].as_str().unwrap_or("")));
-        assert!(
-            [StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE, StatusCode::UNPROCESSABLE_ENTITY].contains(&st),
-            "{name}: {st} {v}"
-        );
+        assert!([StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE, StatusCode::UNPROCESSABLE_ENTITY].contains(&st), "{name}: {st} {v}");
         // The 5 s time limit, plus the worker's start and the answer.
         assert!(took < Duration::from_secs(12), "{name} took {took:?}");
         healthy(&s).await;
@@ -351,7 +348,9 @@ async fn lake_responses_show_no_absolute_paths() {
     assert_eq!(st, StatusCode::ACCEPTED, "{job}");
     shown.push(job.to_string());
     // An export's job names its file relative to the lake root.
-    let (st, v) = admin.post("/v1/queries", json!({"name": "q", "sql": "SELECT count(*) AS n FROM events", "export": {"format": "csv", "path": "n.csv"}})).await;
+    let (st, v) = admin
+        .post("/v1/queries", json!({"name": "q", "sql": "SELECT count(*) AS n FROM events", "export": {"format": "csv", "path": "n.csv"}}))
+        .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let (_, job) = admin.post("/v1/queries/q/run", json!({})).await;
     let id = job["id"].as_str().unwrap();

@@ -14,7 +14,8 @@ async fn setup() -> (Server, Api, String) {
     let (_, key) = root.post("/v1/keys", json!({"name": "a", "scope": "admin", "workspace": "jst"})).await;
     let secret = key["secret"].as_str().unwrap().to_owned();
     let api = s.api(&secret);
-    let (st, _) = api.post("/v1/meters", json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "usage.gb"})).await;
+    let (st, _) =
+        api.post("/v1/meters", json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "usage.gb"})).await;
     assert_eq!(st, StatusCode::CREATED);
     (s, api, secret)
 }
@@ -30,10 +31,18 @@ async fn monthly(api: &Api, customer: &str) -> Vec<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while stable < 3 {
         let (_, v) = api.get(&format!("/v1/meters/gb/usage?granularity=month&customer_id={customer}")).await;
-        let rows: Vec<(String, String)> = v["data"].as_array().unwrap().iter()
-            .map(|r| (r["period_start"].as_str().unwrap().to_owned(), r["value"].as_str().unwrap().to_owned())).collect();
+        let rows: Vec<(String, String)> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["period_start"].as_str().unwrap().to_owned(), r["value"].as_str().unwrap().to_owned()))
+            .collect();
         let lag = api.get("/v1/consumers").await.1["data"].as_array().unwrap().iter().find(|c| c["name"] == "meters").map(|c| c["lag"].clone());
-        if rows == last && lag == Some(json!(0)) { stable += 1 } else { stable = 0 }
+        if rows == last && lag == Some(json!(0)) {
+            stable += 1
+        } else {
+            stable = 0
+        }
         last = rows;
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -75,7 +84,8 @@ async fn a_real_world_csv_imports_once_in_the_workspace_time_zone() {
     assert_eq!(v["status"], "failed", "{v}");
     assert_eq!(v["rows_rejected"], 2);
     assert_eq!(v["rows_imported"], 0);
-    let errs: Vec<(u64, String)> = v["errors"].as_array().unwrap().iter().map(|e| (e["row"].as_u64().unwrap(), e["column"].as_str().unwrap().to_owned())).collect();
+    let errs: Vec<(u64, String)> =
+        v["errors"].as_array().unwrap().iter().map(|e| (e["row"].as_u64().unwrap(), e["column"].as_str().unwrap().to_owned())).collect();
     assert_eq!(errs, vec![(3, "meter".into()), (4, "timestamp".into()), (4, "quantity".into())]);
     assert_eq!(monthly(&api, "beta").await, vec![("2024-01-31T15:00:00Z".to_owned(), "2.7".to_owned())]);
     // skip_invalid: exactly the good rows.
@@ -105,7 +115,10 @@ async fn a_real_world_csv_imports_once_in_the_workspace_time_zone() {
     let (st, v) = api.send(api.req(reqwest::Method::POST, "/v1/imports?kind=usage&wait=true").multipart(form)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "succeeded", "{v}");
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(b"customer_id,meter,timestamp,quantity\ngamma,gb,2024-04-01,4\n".to_vec()).file_name("usage.csv"));
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(b"customer_id,meter,timestamp,quantity\ngamma,gb,2024-04-01,4\n".to_vec()).file_name("usage.csv"),
+    );
     let (st, v) = api.send(api.req(reqwest::Method::POST, "/v1/imports?kind=usage&wait=true").multipart(form)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!((v["rows_imported"].as_u64(), v["filename"].as_str()), (Some(1), Some("usage.csv")));
@@ -120,7 +133,11 @@ async fn a_real_world_csv_imports_once_in_the_workspace_time_zone() {
     let (ok, out, err) = cli(&["import", file.to_str().unwrap()], &[("SLUICE_URL", s.url.as_str()), ("SLUICE_KEY", secret.as_str())], None);
     assert!(ok, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["rows_imported"], 1, "{out}");
-    let (ok, _, err) = cli(&["import", "--mode", "strict", "-"], &[("SLUICE_URL", s.url.as_str()), ("SLUICE_KEY", secret.as_str())], Some("customer_id,meter,timestamp,quantity\ndelta,gb,never,1\n"));
+    let (ok, _, err) = cli(
+        &["import", "--mode", "strict", "-"],
+        &[("SLUICE_URL", s.url.as_str()), ("SLUICE_KEY", secret.as_str())],
+        Some("customer_id,meter,timestamp,quantity\ndelta,gb,never,1\n"),
+    );
     assert!(!ok);
     assert!(err.contains("row 2") && err.contains("timestamp"), "{err}");
 }
@@ -144,7 +161,8 @@ async fn an_import_interrupted_by_kill9_completes_after_restart_exactly_once() {
     let api = s.api(&secret);
     api.post("/v1/meters", json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "gb"})).await;
     let rows = 60_000;
-    let (st, v) = api.send(api.req(reqwest::Method::POST, "/v1/imports?kind=usage").header("content-type", "text/csv").body(big_csv(rows, "k"))).await;
+    let (st, v) =
+        api.send(api.req(reqwest::Method::POST, "/v1/imports?kind=usage").header("content-type", "text/csv").body(big_csv(rows, "k"))).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
     // Crash once the import has made progress (or right away if it is fast).
@@ -173,7 +191,8 @@ async fn an_import_interrupted_by_kill9_completes_after_restart_exactly_once() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, u) = api.get("/v1/meters/gb/usage").await;
-        let total: rust_decimal::Decimal = u["data"].as_array().unwrap().iter().map(|r| r["value"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap()).sum();
+        let total: rust_decimal::Decimal =
+            u["data"].as_array().unwrap().iter().map(|r| r["value"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap()).sum();
         let events = api.all_events("&type=storage.used").await.len();
         if events == rows && total == rust_decimal::Decimal::from(27_000) {
             break;
@@ -192,7 +211,9 @@ async fn queued_imports_run_in_order_and_can_be_cancelled() {
         // The first is larger, so that it is still running when cancelled
         // (a release build imports 20,000 rows in 60 ms).
         let rows = if i == 0 { 150_000 } else { 20_000 };
-        let (st, v) = api.send(api.req(reqwest::Method::POST, "/v1/imports?kind=usage").header("content-type", "text/csv").body(big_csv(rows, &format!("q{i}-")))).await;
+        let (st, v) = api
+            .send(api.req(reqwest::Method::POST, "/v1/imports?kind=usage").header("content-type", "text/csv").body(big_csv(rows, &format!("q{i}-"))))
+            .await;
         assert_eq!(st, StatusCode::ACCEPTED);
         ids.push(v["id"].as_str().unwrap().to_owned());
     }
@@ -288,7 +309,11 @@ async fn a_million_rows_give_the_monthly_totals_of_an_independent_computation() 
     loop {
         let (_, v) = api.get(&format!("/v1/imports/{id}")).await;
         if v["status"] == "succeeded" {
-            assert_eq!((v["rows_total"].as_u64(), v["rows_imported"].as_u64(), v["rows_rejected"].as_u64()), (Some(rows as u64), Some(rows as u64), Some(0)), "{v}");
+            assert_eq!(
+                (v["rows_total"].as_u64(), v["rows_imported"].as_u64(), v["rows_rejected"].as_u64()),
+                (Some(rows as u64), Some(rows as u64), Some(0)),
+                "{v}"
+            );
             break;
         }
         assert!(v["status"] != "failed" && Instant::now() < deadline, "{v}");
@@ -319,5 +344,9 @@ async fn a_million_rows_give_the_monthly_totals_of_an_independent_computation() 
     let got: std::collections::BTreeMap<String, String> = got.into_iter().map(|(k, v)| (k, v.normalize().to_string())).collect();
     assert_eq!(got.len(), expected.len());
     let diff: Vec<_> = expected.iter().filter(|(k, v)| got.get(*k) != Some(*v)).take(5).collect();
-    assert!(diff.is_empty(), "monthly totals differ from the independent computation, e.g. {diff:?} (ours: {:?})", diff.iter().map(|(k, _)| got.get(*k)).collect::<Vec<_>>());
+    assert!(
+        diff.is_empty(),
+        "monthly totals differ from the independent computation, e.g. {diff:?} (ours: {:?})",
+        diff.iter().map(|(k, _)| got.get(*k)).collect::<Vec<_>>()
+    );
 }

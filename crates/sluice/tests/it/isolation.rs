@@ -20,7 +20,12 @@ async fn sum_meter(admin: &Api) {
 async fn totals(api: &Api) -> Vec<(String, String)> {
     let (st, v) = api.get("/v1/meters/v/usage").await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    v["data"].as_array().unwrap().iter().map(|r| (r["customer_id"].as_str().unwrap_or("").to_owned(), r["value"].as_str().unwrap().to_owned())).collect()
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["customer_id"].as_str().unwrap_or("").to_owned(), r["value"].as_str().unwrap().to_owned()))
+        .collect()
 }
 
 async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = Result<(), String>>>(secs: u64, mut f: F) {
@@ -89,7 +94,11 @@ async fn two_values_of_5e28_in_one_bucket_dead_letter_the_overflow_instead_of_a_
     eventually(20, || async {
         let t = totals(&read).await;
         let d = meter_dead_letters(&read).await;
-        if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), "1.5".to_owned())] && d.len() == 1 { Ok(()) } else { Err(format!("{t:?} {d:?}")) }
+        if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), "1.5".to_owned())] && d.len() == 1 {
+            Ok(())
+        } else {
+            Err(format!("{t:?} {d:?}"))
+        }
     })
     .await;
     // … and across commits (the stored bucket would overflow): refused by
@@ -103,7 +112,11 @@ async fn two_values_of_5e28_in_one_bucket_dead_letter_the_overflow_instead_of_a_
     eventually(20, || async {
         let t = totals(&read).await;
         let d = meter_dead_letters(&read).await;
-        if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), "3.5".to_owned())] && d.len() == 2 { Ok(()) } else { Err(format!("{t:?} {d:?}")) }
+        if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), "3.5".to_owned())] && d.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{t:?} {d:?}"))
+        }
     })
     .await;
     let dead = meter_dead_letters(&read).await;
@@ -138,7 +151,11 @@ async fn a_usage_query_whose_total_overflows_answers_422_not_500() {
         .await;
     eventually(20, || async {
         let (st, v) = read.get("/v1/meters/v/usage?granularity=hour").await;
-        if st == StatusCode::OK && v["data"].as_array().unwrap().len() == 2 { Ok(()) } else { Err(format!("{st} {v}")) }
+        if st == StatusCode::OK && v["data"].as_array().unwrap().len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{st} {v}"))
+        }
     })
     .await;
     for q in ["/v1/meters/v/usage", "/v1/meters/v/usage?granularity=day", "/v1/meters/v/usage?granularity=month&customer_id=c"] {
@@ -178,7 +195,8 @@ async fn a_nul_in_customer_or_group_ids_is_refused_with_400_and_ingest_goes_on_f
     for round in 0..3 {
         for keys in [&k, &other] {
             let api = s.api(&keys.ingest);
-            let (st, v) = api.post("/v1/events", json!({"id": format!("ok{round}"), "type": "use", "customer_id": "c", "properties": {"v": 1}})).await;
+            let (st, v) =
+                api.post("/v1/events", json!({"id": format!("ok{round}"), "type": "use", "customer_id": "c", "properties": {"v": 1}})).await;
             assert_eq!(st, StatusCode::OK, "{v}");
             let (st, v) = api.post("/v1/group", json!({"userId": "u1", "groupId": "acme 株式会社", "traits": {"plan": "pro"}})).await;
             assert_eq!(st, StatusCode::OK, "{v}");
@@ -210,13 +228,24 @@ async fn non_numeric_meter_values_are_dead_lettered_at_once_and_do_not_delay_oth
     let started = Instant::now();
     s.api(&b.ingest).ingest(json!({"id": "b1", "type": "use", "customer_id": "bc", "properties": {"v": "7"}})).await;
     let read_b = s.api(&b.read);
-    eventually(10, || async { if totals(&read_b).await == vec![("bc".to_owned(), "7".to_owned())] { Ok(()) } else { Err("b's usage".into()) } }).await;
+    eventually(10, || async {
+        if totals(&read_b).await == vec![("bc".to_owned(), "7".to_owned())] {
+            Ok(())
+        } else {
+            Err("b's usage".into())
+        }
+    })
+    .await;
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(2), "b's usage waited {waited:?} behind a's bad events");
     let read_a = s.api(&k.read);
     eventually(10, || async {
         let d = meter_dead_letters(&read_a).await;
-        if d.len() == 16 { Ok(()) } else { Err(format!("{} dead letters", d.len())) }
+        if d.len() == 16 {
+            Ok(())
+        } else {
+            Err(format!("{} dead letters", d.len()))
+        }
     })
     .await;
     for d in meter_dead_letters(&read_a).await {
@@ -241,8 +270,10 @@ async fn csv_rows_near_the_largest_decimal_are_row_errors_naming_the_value() {
     let send = |mode: &'static str| {
         let api = api.clone();
         async move {
-            api.send(api.req(reqwest::Method::POST, &format!("/v1/imports?kind=usage&wait=true&mode={mode}")).header("content-type", "text/csv").body(csv))
-                .await
+            api.send(
+                api.req(reqwest::Method::POST, &format!("/v1/imports?kind=usage&wait=true&mode={mode}")).header("content-type", "text/csv").body(csv),
+            )
+            .await
         }
     };
     let (st, v) = send("strict").await;
@@ -268,7 +299,11 @@ async fn csv_rows_near_the_largest_decimal_are_row_errors_naming_the_value() {
     let read = s.api(&k.read);
     eventually(20, || async {
         let t = totals(&read).await;
-        if t == vec![("c".to_owned(), "100000000000000000000.5".to_owned())] { Ok(()) } else { Err(format!("{t:?}")) }
+        if t == vec![("c".to_owned(), "100000000000000000000.5".to_owned())] {
+            Ok(())
+        } else {
+            Err(format!("{t:?}"))
+        }
     })
     .await;
     no_consumer_restarted(&s, &read).await;
@@ -355,7 +390,11 @@ async fn hostile_tenant_cannot_delay_or_corrupt_another_workspaces_metering() {
     let a_read = s.api(&a.read);
     eventually(60, || async {
         let d = meter_dead_letters(&a_read).await;
-        if d.len() == 7_500 { Ok(()) } else { Err(format!("{} of 7500 dead letters", d.len())) }
+        if d.len() == 7_500 {
+            Ok(())
+        } else {
+            Err(format!("{} of 7500 dead letters", d.len()))
+        }
     })
     .await;
     let dead = meter_dead_letters(&a_read).await;
@@ -378,7 +417,8 @@ async fn a_group_by_value_too_long_for_a_bucket_key_is_dead_lettered_not_a_stall
     let s = Server::start().await;
     let k = s.workspace_with_keys("a").await;
     let admin = s.api(&k.admin);
-    let (st, v) = admin.post("/v1/meters", json!({"key": "v", "event_type": "use", "aggregation": "sum", "value_property": "v", "group_by": ["region"]})).await;
+    let (st, v) =
+        admin.post("/v1/meters", json!({"key": "v", "event_type": "use", "aggregation": "sum", "value_property": "v", "group_by": ["region"]})).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let (st, v) = admin.post("/v1/meters", json!({"key": "u", "event_type": "use", "aggregation": "unique_count", "value_property": "who"})).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
@@ -393,7 +433,11 @@ async fn a_group_by_value_too_long_for_a_bucket_key_is_dead_lettered_not_a_stall
     eventually(20, || async {
         let t = totals(&read).await;
         let d = meter_dead_letters(&read).await;
-        if t == vec![("c".to_owned(), "2".to_owned())] && d.len() == 2 { Ok(()) } else { Err(format!("{t:?} {d:?}")) }
+        if t == vec![("c".to_owned(), "2".to_owned())] && d.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{t:?} {d:?}"))
+        }
     })
     .await;
     for d in meter_dead_letters(&read).await {
@@ -420,6 +464,18 @@ async fn a_backfill_skips_events_that_overflow_or_are_not_numbers_and_counts_the
         ]))
         .await;
     let admin = s.api(&k.admin);
+    // All four events before the meters consumer's position, so that the
+    // backfill (not the live consumer) meets them.
+    eventually(20, || async {
+        let (_, v) = admin.get("/v1/consumers").await;
+        let lag = v["data"].as_array().unwrap().iter().find(|c| c["name"] == "meters").map(|c| c["lag"].clone());
+        if lag == Some(json!(0)) {
+            Ok(())
+        } else {
+            Err(format!("meters lag {lag:?}"))
+        }
+    })
+    .await;
     let (st, m) = admin.post("/v1/meters", json!({"key": "v", "event_type": "use", "aggregation": "sum", "value_property": "v"})).await;
     assert_eq!(st, StatusCode::CREATED, "{m}");
     let job = m["backfill_job"].as_str().unwrap().to_owned();

@@ -92,14 +92,19 @@ async fn files_land_in_the_partition_layout_and_duckdb_agrees_with_sql() {
     // Responses show no server paths (issue 11): the lake is <data_dir>/lake.
     assert!(files.get("root").is_none(), "{files}");
     let root = s.data_dir().join("lake").display().to_string();
-    let layout = regex_lite(r"workspace=acme/content_type=(page|signup|api\.call)/year=2026/month=03/day=0[1-3]/hour=[0-2][0-9]/[0-9a-f]{32}\.parquet");
+    let layout =
+        regex_lite(r"workspace=acme/content_type=(page|signup|api\.call)/year=2026/month=03/day=0[1-3]/hour=[0-2][0-9]/[0-9a-f]{32}\.parquet");
     for f in files["data"].as_array().unwrap() {
         let p = f["path"].as_str().unwrap();
         assert!(layout(p), "unexpected path {p}");
         assert!(std::path::Path::new(&root).join(p).is_file(), "{p} is not on disk");
     }
     // The first event (22:10 UTC on March 1st) is in hour=22 of day=01.
-    assert!(files["data"].as_array().unwrap().iter().any(|f| f["path"].as_str().unwrap().contains("content_type=page/year=2026/month=03/day=01/hour=22/")));
+    assert!(files["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["path"].as_str().unwrap().contains("content_type=page/year=2026/month=03/day=01/hour=22/")));
 
     let out = Command::new(python()).arg(clients_dir().join("lake_duckdb.py")).arg(&root).arg("acme").output().unwrap();
     assert!(out.status.success(), "duckdb script failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -150,12 +155,19 @@ async fn enrichment_of_real_user_agents_and_referrers() {
     let ingest = s.api(&k.ingest);
     let read = s.api(&k.read);
     let chrome_win = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36";
-    let iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1";
+    let iphone =
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1";
     let ipad = "Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.6 Mobile/15E148 Safari/604.1";
     let googlebot = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
     let firefox_linux = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
     let cases = [
-        ("e1", chrome_win, "https://www.google.com/search?q=sluice", "https://app.example.com/?utm_source=google&utm_medium=cpc&utm_campaign=launch", "203.0.113.77"),
+        (
+            "e1",
+            chrome_win,
+            "https://www.google.com/search?q=sluice",
+            "https://app.example.com/?utm_source=google&utm_medium=cpc&utm_campaign=launch",
+            "203.0.113.77",
+        ),
         ("e2", iphone, "https://search.yahoo.co.jp/search?p=sluice", "https://app.example.com/pricing", "2001:db8:1234:5678:9abc:def0:1234:5678"),
         ("e3", ipad, "https://t.co/abc", "https://app.example.com/", "198.51.100.23"),
         ("e4", googlebot, "https://www.bing.com/search?q=x", "https://app.example.com/", "66.249.66.1"),
@@ -227,7 +239,8 @@ async fn kill9_during_lake_writes_then_every_acknowledged_event_once() {
         let api = Api { http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap(), base: url, key: Some(secret) };
         let mut acked: Vec<String> = Vec::new();
         for b in 0..100_000 {
-            let batch: Vec<Value> = (0..200).map(|i| json!({"id": format!("k-{b}-{i}"), "type": "tick", "customer_id": format!("c{}", i % 7)})).collect();
+            let batch: Vec<Value> =
+                (0..200).map(|i| json!({"id": format!("k-{b}-{i}"), "type": "tick", "customer_id": format!("c{}", i % 7)})).collect();
             match api.req(reqwest::Method::POST, "/v1/events").json(&batch).send().await {
                 Ok(r) if r.status() == StatusCode::OK => acked.extend(batch.iter().map(|e| e["id"].as_str().unwrap().to_owned())),
                 _ => break,
@@ -322,11 +335,17 @@ async fn sql_is_read_only_and_confined_to_the_workspace() {
     assert_eq!((st, code.as_str()), (StatusCode::BAD_REQUEST, "invalid_sql"), "{msg}");
     let (st, v) = read_a.post("/v1/sql", json!({"query": "SELECT 1", "format": "xml"})).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
-    let resp = read_a.req(reqwest::Method::POST, "/v1/sql").json(&json!({"query": "SELECT id FROM events ORDER BY id", "format": "csv"})).send().await.unwrap();
+    let resp = read_a
+        .req(reqwest::Method::POST, "/v1/sql")
+        .json(&json!({"query": "SELECT id FROM events ORDER BY id", "format": "csv"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.text().await.unwrap(), "id\na1\na2\n");
     for (format, magic) in [("parquet", &b"PAR1"[..]), ("arrow", &[0xFF, 0xFF, 0xFF, 0xFF][..])] {
-        let resp = read_a.req(reqwest::Method::POST, "/v1/sql").json(&json!({"query": "SELECT id FROM events", "format": format})).send().await.unwrap();
+        let resp =
+            read_a.req(reqwest::Method::POST, "/v1/sql").json(&json!({"query": "SELECT id FROM events", "format": format})).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(resp.bytes().await.unwrap().starts_with(magic), "{format}");
     }
@@ -340,10 +359,8 @@ async fn events_join_customers_and_usage() {
     let read = s.api(&k.read);
     // Customers come from Segment `group` calls.
     for (id, name) in [("cus_a", "Acme"), ("cus_b", "Globex")] {
-        let (st, v) = s
-            .api(&k.ingest)
-            .post("/v1/group", json!({"userId": format!("u-{id}"), "groupId": id, "traits": {"name": name, "plan": "pro"}}))
-            .await;
+        let (st, v) =
+            s.api(&k.ingest).post("/v1/group", json!({"userId": format!("u-{id}"), "groupId": id, "traits": {"name": name, "plan": "pro"}})).await;
         assert_eq!(st, StatusCode::OK, "{v}");
     }
     let (st, v) = admin.post("/v1/meters", json!({"key": "gb", "event_type": "storage", "aggregation": "sum", "value_property": "gb"})).await;
@@ -351,7 +368,9 @@ async fn events_join_customers_and_usage() {
     let mut evs = Vec::new();
     for i in 0..30 {
         let c = if i % 3 == 0 { "cus_b" } else { "cus_a" };
-        evs.push(json!({"id": format!("s{i}"), "type": "storage", "customer_id": c, "timestamp": "2026-02-10T10:00:00Z", "properties": {"gb": "0.1"}}));
+        evs.push(
+            json!({"id": format!("s{i}"), "type": "storage", "customer_id": c, "timestamp": "2026-02-10T10:00:00Z", "properties": {"gb": "0.1"}}),
+        );
     }
     admin.ingest(Value::Array(evs)).await;
     // Wait for the meter to count everything.
@@ -415,7 +434,11 @@ async fn declared_schemas_add_typed_columns_and_refuse_violations() {
     let admin = s.api(&k.admin);
     let read = s.api(&k.read);
     let (st, v) = admin
-        .send(admin.req(reqwest::Method::PUT, "/v1/schemas/purchase").json(&json!({"properties": {"amount": "float64", "qty": "int64", "gift": "bool", "at": "timestamp"}})))
+        .send(
+            admin
+                .req(reqwest::Method::PUT, "/v1/schemas/purchase")
+                .json(&json!({"properties": {"amount": "float64", "qty": "int64", "gift": "bool", "at": "timestamp"}})),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["columns"]["amount"], "p_amount");
@@ -429,7 +452,12 @@ async fn declared_schemas_add_typed_columns_and_refuse_violations() {
             {"id": "p2", "type": "purchase", "properties": {"amount": 0.5, "qty": 1}},
         ]))
         .await;
-    let (st, v) = admin.post("/v1/events", json!([{"id": "p3", "type": "purchase", "properties": {"amount": 1.0}}, {"id": "p4", "type": "purchase", "properties": {"qty": "two"}}])).await;
+    let (st, v) = admin
+        .post(
+            "/v1/events",
+            json!([{"id": "p3", "type": "purchase", "properties": {"amount": 1.0}}, {"id": "p4", "type": "purchase", "properties": {"qty": "two"}}]),
+        )
+        .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"]["details"][0]["index"], 1);
     assert_eq!(v["error"]["details"][0]["field"], "properties.qty");
@@ -519,7 +547,14 @@ async fn sql_and_lake_ddl_from_the_cli() {
     wait_for_files(&s.api(&k.read), 3).await;
     let (ok, out, err) = cli(&["lake", "ddl", "--engine", "athena", "--location", "s3://bucket/lake"], &env, None);
     assert!(ok, "{err}");
-    for needle in ["CREATE EXTERNAL TABLE", "'projection.enabled' = 'true'", "storage.location.template", "s3://bucket/lake/workspace=${workspace}/content_type=${content_type}/year=${year}", "page,signup", "STORED AS PARQUET"] {
+    for needle in [
+        "CREATE EXTERNAL TABLE",
+        "'projection.enabled' = 'true'",
+        "storage.location.template",
+        "s3://bucket/lake/workspace=${workspace}/content_type=${content_type}/year=${year}",
+        "page,signup",
+        "STORED AS PARQUET",
+    ] {
         assert!(out.contains(needle), "{needle} missing in\n{out}");
     }
     for engine in ["trino", "duckdb", "spark"] {
@@ -601,13 +636,13 @@ async fn imported_rows_land_in_the_lake_as_the_events_the_api_shows() {
                \x20 beta \x20,,gb, 2024-02-01T11:30:00+09:00 ,0.1,given-1\n\
                beta,,gb,2024-02-01T02:30:00Z,0.1,\n\
                beta,,gb,2024-02-01T02:30:00Z,0.1,\n";
-    let (st, v) = admin
-        .send(admin.req(reqwest::Method::POST, "/v1/imports?kind=usage&wait=true").header("content-type", "text/csv").body(csv))
-        .await;
+    let (st, v) = admin.send(admin.req(reqwest::Method::POST, "/v1/imports?kind=usage&wait=true").header("content-type", "text/csv").body(csv)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!((v["status"].as_str(), v["rows_imported"].as_u64()), (Some("succeeded"), Some(4)), "{v}");
     wait_for_files(&admin, 4).await;
-    let rows = sql(&admin, "SELECT id, customer_id, subscription_id, date_part('epoch', timestamp) AS ts, properties, context FROM events ORDER BY id").await;
+    let rows =
+        sql(&admin, "SELECT id, customer_id, subscription_id, date_part('epoch', timestamp) AS ts, properties, context FROM events ORDER BY id")
+            .await;
     assert_eq!(rows.len(), 4, "{rows:?}");
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"given-1"), "{ids:?}");

@@ -34,24 +34,20 @@ async fn bad_bodies_get_clear_4xx_and_change_nothing() {
     // Same, without a Content-Length (chunked upload).
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..20).map(|_| Ok(vec![b' '; 8192])).collect();
     let stream = futures::stream::iter(chunks);
-    let (st, _) = api
-        .send(api.req(Method::POST, "/v1/events").header("content-type", "application/json").body(reqwest::Body::wrap_stream(stream)))
-        .await;
+    let (st, _) =
+        api.send(api.req(Method::POST, "/v1/events").header("content-type", "application/json").body(reqwest::Body::wrap_stream(stream))).await;
     assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
 
     // A gzip bomb: under 64 KiB compressed, 60 MiB inflated (deflate tops out near 1:1000).
     let bomb = gzip(&vec![b' '; 60 << 20]);
     assert!(bomb.len() < 65536, "bomb is {} bytes", bomb.len());
-    let (st, v) = api
-        .send(api.req(Method::POST, "/v1/events").header("content-type", "application/json").header("content-encoding", "gzip").body(bomb))
-        .await;
+    let (st, v) =
+        api.send(api.req(Method::POST, "/v1/events").header("content-type", "application/json").header("content-encoding", "gzip").body(bomb)).await;
     assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("decompressed"), "{v}");
 
     // Broken gzip, unknown encodings.
-    let (st, _) = api
-        .send(api.req(Method::POST, "/v1/events").header("content-encoding", "gzip").body(b"not gzip".to_vec()))
-        .await;
+    let (st, _) = api.send(api.req(Method::POST, "/v1/events").header("content-encoding", "gzip").body(b"not gzip".to_vec())).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
     let (st, _) = api.send(api.req(Method::POST, "/v1/events").header("content-encoding", "br").body("{}")).await;
     assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE);

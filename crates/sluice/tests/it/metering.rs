@@ -31,7 +31,13 @@ async fn wait_usage(api: &Api, q: &str, want: &[(&str, &str, &str)]) {
         let rows = usage(api, q).await;
         let got: Vec<(String, String, String)> = rows
             .iter()
-            .map(|r| (r["customer_id"].as_str().unwrap_or("").to_owned(), r["period_start"].as_str().unwrap_or("").to_owned(), r["value"].as_str().unwrap().to_owned()))
+            .map(|r| {
+                (
+                    r["customer_id"].as_str().unwrap_or("").to_owned(),
+                    r["period_start"].as_str().unwrap_or("").to_owned(),
+                    r["value"].as_str().unwrap().to_owned(),
+                )
+            })
             .collect();
         let want: Vec<(String, String, String)> = want.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
         if got == want {
@@ -77,12 +83,20 @@ async fn monthly_usage_in_tokyo_with_backfill_live_events_and_no_double_counting
         assert!(Instant::now() < deadline, "meters consumer lags: {c}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (st, m) = api.post("/v1/meters", json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "gb", "group_by": ["region"]})).await;
+    let (st, m) = api
+        .post("/v1/meters", json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "gb", "group_by": ["region"]}))
+        .await;
     assert_eq!(st, StatusCode::CREATED, "{m}");
     assert_eq!(api.post("/v1/meters", json!({"key": "gb", "event_type": "t", "aggregation": "count"})).await.0, StatusCode::CONFLICT);
-    let (_, users) = api.post("/v1/meters", json!({"key": "users", "event_type": "storage.used", "aggregation": "unique_count", "value_property": "user"})).await;
+    let (_, users) =
+        api.post("/v1/meters", json!({"key": "users", "event_type": "storage.used", "aggregation": "unique_count", "value_property": "user"})).await;
     let (_, count) = api.post("/v1/meters", json!({"key": "n", "event_type": "storage.used", "aggregation": "count"})).await;
-    let (_, peak) = api.post("/v1/meters", json!({"key": "peak", "event_type": "storage.used", "aggregation": "max", "value_property": "gb", "filter": {"region": "us"}})).await;
+    let (_, peak) = api
+        .post(
+            "/v1/meters",
+            json!({"key": "peak", "event_type": "storage.used", "aggregation": "max", "value_property": "gb", "filter": {"region": "us"}}),
+        )
+        .await;
     let backfill = wait_job(&api, m["backfill_job"].as_str().unwrap()).await;
     assert_eq!(backfill["result"]["events_metered"], 2, "{backfill}");
     for job in [&m, &users, &count, &peak] {
@@ -101,11 +115,11 @@ async fn monthly_usage_in_tokyo_with_backfill_live_events_and_no_double_counting
     // Sent again: duplicates, nothing counts twice.
     assert_eq!(api.ingest(json!(live)).await, (0, 10));
 
-    wait_usage(&api, "/v1/meters/gb/usage?granularity=month", &[
-        ("c1", "2023-12-31T15:00:00Z", "0.1"),
-        ("c1", "2024-01-31T15:00:00Z", "0.1"),
-        ("c2", "2024-01-31T15:00:00Z", "1"),
-    ])
+    wait_usage(
+        &api,
+        "/v1/meters/gb/usage?granularity=month",
+        &[("c1", "2023-12-31T15:00:00Z", "0.1"), ("c1", "2024-01-31T15:00:00Z", "0.1"), ("c2", "2024-01-31T15:00:00Z", "1")],
+    )
     .await;
     let rows = usage(&api, "/v1/meters/gb/usage?granularity=month&customer_id=c2").await;
     assert_eq!(rows.len(), 1);

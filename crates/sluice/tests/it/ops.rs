@@ -59,11 +59,8 @@ fn unknown_config_keys_stop_the_server_with_a_clear_error() {
 #[tokio::test]
 async fn a_second_server_on_the_same_data_directory_is_refused() {
     let s = Server::start().await;
-    let (ok, _, err) = cli(
-        &["serve", "--listen", "127.0.0.1:0", "--data-dir", s.data_dir().to_str().unwrap(), "--state-url", &s.state_url()],
-        &[],
-        None,
-    );
+    let (ok, _, err) =
+        cli(&["serve", "--listen", "127.0.0.1:0", "--data-dir", s.data_dir().to_str().unwrap(), "--state-url", &s.state_url()], &[], None);
     assert!(!ok);
     assert!(err.contains("another sluice process is using the data directory"), "{err}");
     assert_eq!(s.anonymous().get("/healthz").await.0, StatusCode::OK);

@@ -23,12 +23,22 @@ async fn every_call_maps_to_events_and_records() {
     // Before any group call, a user's track has no customer.
     let (st, v) = seg(&anon, "/v1/track", &k.ingest, json!({"userId": "u1", "event": "Signed Up", "messageId": "t0"})).await;
     assert_eq!((st, v), (StatusCode::OK, ok.clone()));
-    let (st, _) = seg(&anon, "/v1/identify", &k.ingest, json!({"userId": "u1", "traits": {"email": "u1@x.test", "name": "U1"}, "messageId": "i1", "timestamp": "2024-01-01T00:00:00Z"})).await;
+    let (st, _) = seg(
+        &anon,
+        "/v1/identify",
+        &k.ingest,
+        json!({"userId": "u1", "traits": {"email": "u1@x.test", "name": "U1"}, "messageId": "i1", "timestamp": "2024-01-01T00:00:00Z"}),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
-    let (st, _) = seg(&anon, "/v1/group", &k.ingest, json!({"userId": "u1", "groupId": "acme", "traits": {"name": "Acme", "plan": "pro"}, "messageId": "g1"})).await;
+    let (st, _) =
+        seg(&anon, "/v1/group", &k.ingest, json!({"userId": "u1", "groupId": "acme", "traits": {"name": "Acme", "plan": "pro"}, "messageId": "g1"}))
+            .await;
     assert_eq!(st, StatusCode::OK);
     // writeKey in the body instead of Basic auth.
-    let (st, _) = anon.post("/v1/track", json!({"writeKey": k.ingest, "userId": "u1", "event": "Order Completed", "messageId": "t1", "properties": {"total": 5}})).await;
+    let (st, _) = anon
+        .post("/v1/track", json!({"writeKey": k.ingest, "userId": "u1", "event": "Order Completed", "messageId": "t1", "properties": {"total": 5}}))
+        .await;
     assert_eq!(st, StatusCode::OK);
     let (st, _) = seg(&anon, "/v1/page", &k.ingest, json!({"userId": "u1", "name": "Home", "properties": {"path": "/"}, "messageId": "p1", "context": {"page": {"url": "https://app.test/?utm_source=x", "referrer": "https://www.google.com/"}, "userAgent": "Mozilla/5.0", "ip": "198.51.100.4"}})).await;
     assert_eq!(st, StatusCode::OK);
@@ -85,7 +95,8 @@ async fn every_call_maps_to_events_and_records() {
 
     // Later identify merges traits; an older one only fills missing traits.
     seg(&anon, "/v1/identify", &k.ingest, json!({"userId": "u1", "traits": {"name": "U-one"}, "timestamp": "2024-02-01T00:00:00Z"})).await;
-    seg(&anon, "/v1/identify", &k.ingest, json!({"userId": "u1", "traits": {"name": "old", "city": "Tokyo"}, "timestamp": "2023-01-01T00:00:00Z"})).await;
+    seg(&anon, "/v1/identify", &k.ingest, json!({"userId": "u1", "traits": {"name": "old", "city": "Tokyo"}, "timestamp": "2023-01-01T00:00:00Z"}))
+        .await;
     let (_, user) = read.get("/v1/users/u1").await;
     assert_eq!(user["traits"], json!({"email": "u1@x.test", "name": "U-one", "city": "Tokyo"}));
 }
@@ -131,13 +142,21 @@ async fn limits_missing_identity_and_wrong_keys() {
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"]["code"], "payload_too_large");
     // A batch over 500 KB (of messages under 32 KB each).
-    let items: Vec<_> = (0..20).map(|i| json!({"type": "track", "userId": "u", "event": "E", "messageId": format!("big-{i}"), "properties": {"pad": "y".repeat(30_000)}})).collect();
+    let items: Vec<_> = (0..20)
+        .map(|i| json!({"type": "track", "userId": "u", "event": "E", "messageId": format!("big-{i}"), "properties": {"pad": "y".repeat(30_000)}}))
+        .collect();
     let (st, v) = seg(&api, "/v1/batch", &s.key, json!({"batch": items})).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     // A batch with one message lacking userId and anonymousId: nothing is stored.
-    let (st, v) = seg(&api, "/v1/batch", &s.key, json!({"batch": [
+    let (st, v) = seg(
+        &api,
+        "/v1/batch",
+        &s.key,
+        json!({"batch": [
         {"type": "track", "userId": "u", "event": "Fine", "messageId": "fine-1"},
-        {"type": "track", "event": "NoOne", "messageId": "no-one"}]})).await;
+        {"type": "track", "event": "NoOne", "messageId": "no-one"}]}),
+    )
+    .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"]["details"][0]["index"], 1);
     assert_eq!(v["error"]["details"][0]["field"], "userId");

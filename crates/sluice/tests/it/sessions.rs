@@ -35,7 +35,14 @@ async fn sign_in(s: &Server, key: &str, headers: &[(&str, &str)]) -> Result<Sign
 }
 
 /// A request with the session cookie (and the CSRF token if given), no key.
-async fn with_cookie(s: &Server, method: Method, path: &str, cookie: &str, csrf: Option<&str>, body: Option<Value>) -> (StatusCode, Value, Option<String>) {
+async fn with_cookie(
+    s: &Server,
+    method: Method,
+    path: &str,
+    cookie: &str,
+    csrf: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value, Option<String>) {
     let mut rb = reqwest::Client::new().request(method, format!("{}{path}", s.url)).header(COOKIE, cookie);
     if let Some(t) = csrf {
         rb = rb.header("X-CSRF-Token", t);
@@ -158,8 +165,7 @@ async fn ingest_keys_and_unknown_keys_cannot_sign_in_and_read_sessions_stay_read
     assert_eq!(read.body["scope"], "read");
     let (st, _, _) = with_cookie(&s, Method::GET, "/v1/dlq", &read.cookie, None, None).await;
     assert_eq!(st, StatusCode::OK);
-    let (st, v, _) =
-        with_cookie(&s, Method::POST, "/v1/keys", &read.cookie, Some(&read.csrf), Some(json!({"name": "x", "scope": "read"}))).await;
+    let (st, v, _) = with_cookie(&s, Method::POST, "/v1/keys", &read.cookie, Some(&read.csrf), Some(json!({"name": "x", "scope": "read"}))).await;
     assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
     assert_eq!(v["error"]["code"], "forbidden");
     // The root key may sign in too (its workspace is `default`).

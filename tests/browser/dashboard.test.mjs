@@ -9,7 +9,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir, homedir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -225,15 +225,17 @@ test('an expired session brings back the sign-in form and keeps the page as it w
   await context.close();
 });
 
+async function axeCheck(page, where) {
+  await page.addScriptTag({ path: AXE });
+  const violations = await page.evaluate(async () => (await globalThis.axe.run()).violations
+    .map((v) => ({ id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map((n) => n.target.join(' ')).slice(0, 5) })));
+  const bad = violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+  assert.deepEqual(bad, [], `${where}: ${JSON.stringify(bad, null, 2)}`);
+}
+
 test('axe-core finds no serious or critical violation on the sign-in and signed-in pages', { skip }, async () => {
   const { context, page } = await newPage();
-  const check = async (where) => {
-    await page.addScriptTag({ path: AXE });
-    const violations = await page.evaluate(async () => (await globalThis.axe.run()).violations
-      .map((v) => ({ id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map((n) => n.target.join(' ')).slice(0, 5) })));
-    const bad = violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
-    assert.deepEqual(bad, [], `${where}: ${JSON.stringify(bad, null, 2)}`);
-  };
+  const check = (where) => axeCheck(page, where);
   await page.getByRole('button', { name: 'Sign in' }).waitFor();
   await check('sign-in page');
   await signIn(page, keys.read);
@@ -259,4 +261,208 @@ test('switching to Japanese shows Japanese labels; a Japanese browser starts in 
   await ja.page.getByRole('button', { name: 'サインイン' }).waitFor();
   await ja.page.getByLabel('APIキー').waitFor();
   await ja.context.close();
+});
+
+// ---- Imports ---------------------------------------------------------------
+
+async function ensureMeter() {
+  const r = await call(keys.admin, 'POST', '/v1/meters', { key: 'gb', event_type: 'storage.used', aggregation: 'sum', value_property: 'gb' });
+  assert.ok(r.status === 201 || r.status === 409, JSON.stringify(r.body));
+}
+
+const dropZone = (page) => page.getByRole('group', { name: 'Drop a usage CSV file here' });
+const filePicker = (page) => page.getByLabel('or choose a CSV file', { exact: true });
+const importDetail = (page) => page.getByRole('region', { name: /^Import job_/ });
+const uploadButton = (page) => page.getByRole('button', { name: 'Upload', exact: true });
+
+// Drops files on the zone as a person's drag-and-drop does: dragenter,
+// dragover, drop, with a DataTransfer holding Files.
+async function dropFiles(page, files) {
+  await dropZone(page).evaluate((zone, files) => {
+    const dataTransfer = new DataTransfer();
+    for (const f of files) dataTransfer.items.add(new File([f.text], f.name, { type: f.type }));
+    for (const type of ['dragenter', 'dragover', 'drop']) {
+      zone.dispatchEvent(new DragEvent(type, { dataTransfer, bubbles: true, cancelable: true }));
+    }
+  }, files);
+}
+
+// Every POST to /v1/imports the page sends.
+function watchUploads(page) {
+  const posts = [];
+  page.on('request', (r) => { if (r.method() === 'POST' && new URL(r.url()).pathname === '/v1/imports') posts.push(r.url()); });
+  return posts;
+}
+
+const rowErrors = (page) => importDetail(page).getByRole('table', { name: 'Row errors' }).evaluate((table) =>
+  [...table.tBodies[0].rows].map((tr) => [...tr.cells].map((td) => td.textContent)));
+
+test('imports: a CSV with bad rows dropped in strict mode shows the exact row errors, downloadable as CSV', { skip }, async () => {
+  await ensureMeter();
+  const { context, page } = await newPage();
+  const posts = watchUploads(page);
+  await signIn(page, keys.admin);
+  assert.equal(await uploadButton(page).isDisabled(), true, 'nothing to upload yet');
+  await dropFiles(page, [{
+    name: 'bad-usage.csv', type: 'text/csv',
+    text: 'customer_id,meter,timestamp,quantity\n'
+      + 'cus_a,gb,2024-02-01T00:00:00Z,1.5\n'
+      + 'cus_a,nope,2024-02-01T00:00:00Z,2\n'
+      + 'cus_a,gb,2024-02-01T00:00:00Z,"1,5 ""GB"""\n'
+      + 'cus_a,gb,yesterday,3\n',
+  }]);
+  await dropZone(page).getByText('Selected: bad-usage.csv').waitFor();
+  await page.getByLabel('Mode', { exact: true }).selectOption('strict');
+  await uploadButton(page).click();
+
+  const detail = importDetail(page);
+  await detail.getByRole('status').getByText('failed').waitFor();
+  await detail.getByText('The import failed: 3 invalid row(s); nothing was imported (mode strict)').waitFor();
+  assert.deepEqual(await rowErrors(page), [
+    ['3', 'meter', 'nope', 'no meter with this key in the workspace'],
+    ['4', 'quantity', '1,5 "GB"', 'must be a decimal number such as 12.5'],
+    ['5', 'timestamp', 'yesterday', 'must be RFC 3339 (2024-05-01T12:00:00Z) or a date YYYY-MM-DD'],
+  ]);
+  assert.equal(posts.length, 1);
+  assert.match(posts[0], /\?kind=usage&mode=strict$/);
+
+  const [download] = await Promise.all([
+    page.waitForEvent('download'),
+    detail.getByRole('link', { name: 'Download errors as CSV' }).click(),
+  ]);
+  assert.match(download.suggestedFilename(), /^job_[0-9a-f]+-errors\.csv$/);
+  assert.equal(readFileSync(await download.path(), 'utf8'),
+    '\ufeffrow,column,value,message\r\n'
+    + '3,meter,nope,no meter with this key in the workspace\r\n'
+    + '4,quantity,"1,5 ""GB""",must be a decimal number such as 12.5\r\n'
+    + '5,timestamp,yesterday,must be RFC 3339 (2024-05-01T12:00:00Z) or a date YYYY-MM-DD\r\n');
+
+  // Nothing was imported, and the API agrees with the page.
+  const id = (await detail.getByRole('heading').textContent()).replace('Import ', '');
+  const api = await call(keys.admin, 'GET', `/v1/imports/${id}`);
+  assert.equal(api.body.status, 'failed');
+  assert.equal(api.body.rows_imported, 0);
+  await page.getByRole('table', { name: 'Past imports' }).getByRole('link', { name: id }).waitFor();
+  await axeCheck(page, 'imports with row errors (admin key)');
+  await context.close();
+});
+
+test('imports: a valid CSV chosen with the file picker reaches 100 % and succeeded, and the usage changes', { skip }, async () => {
+  await ensureMeter();
+  const usage = async () => (await call(keys.admin, 'GET', '/v1/meters/gb/usage?customer_id=cus_imp')).body.data;
+  assert.deepEqual(await usage(), []);
+  const { context, page } = await newPage();
+  await signIn(page, keys.admin);
+  await filePicker(page).setInputFiles({
+    name: 'usage.csv', mimeType: 'text/csv',
+    buffer: Buffer.from('customer_id,meter,timestamp,quantity\n'
+      + 'cus_imp,gb,2024-02-01T00:00:00Z,1.5\n'
+      + 'cus_imp,gb,2024-02-02T00:00:00Z,2.5\n'
+      + 'cus_imp,gb,2024-02-03T00:00:00Z,3\n'),
+  });
+  await page.getByLabel('Mode', { exact: true }).selectOption('skip_invalid');
+  await uploadButton(page).click();
+
+  const detail = importDetail(page);
+  await detail.getByRole('status').getByText('succeeded').waitFor();
+  await detail.getByText('3 / 3 rows · 100 %').waitFor();
+  assert.equal(await page.getByRole('progressbar', { name: 'Upload progress' }).evaluate((el) => el.value), 100);
+  assert.equal(await detail.getByRole('progressbar', { name: 'Import progress' }).evaluate((el) => el.value), 100);
+  await detail.getByText('No row errors.').waitFor();
+  const counts = await detail.locator('dl').evaluate((dl) =>
+    Object.fromEntries([...dl.querySelectorAll('dt')].map((dt) => [dt.textContent, dt.nextElementSibling.textContent])));
+  assert.equal(counts.rows, '3');
+  assert.equal(counts.imported, '3');
+  assert.equal(counts.rejected, '0');
+  assert.equal(counts.duplicate, '0');
+  assert.equal(counts.mode, 'skip_invalid');
+  assert.equal(counts.file, 'usage.csv');
+
+  // The meter's usage changed (once the meters consumer has caught up).
+  const rows = await until('usage of cus_imp', async () => { const d = await usage(); return d.length && d; });
+  assert.equal(rows.reduce((sum, r) => sum + Number(r.value), 0), 7);
+
+  // The list links to each import's detail, with its row errors.
+  const failed = page.getByRole('table', { name: 'Past imports' }).getByRole('row').filter({ hasText: 'failed' }).first();
+  await failed.getByRole('link').click();
+  await importDetail(page).getByRole('status').getByText('failed').waitFor();
+  assert.equal((await rowErrors(page)).length, 3);
+  await context.close();
+});
+
+test('imports: a read key sees the upload controls disabled, with the reason', { skip }, async () => {
+  const { context, page } = await newPage();
+  const posts = watchUploads(page);
+  await signIn(page, keys.read);
+  for (const control of [uploadButton(page), filePicker(page), page.getByLabel('Mode', { exact: true })]) {
+    await control.waitFor({ state: 'attached' });
+    assert.equal(await control.isDisabled(), true);
+    assert.match(await control.getAttribute('title'), /admin key/);
+    assert.match(await control.getAttribute('aria-describedby'), /\breadonly-note\b/);
+  }
+  await dropZone(page).getByText('Read-only key').waitFor();
+  await dropFiles(page, [{ name: 'usage.csv', type: 'text/csv', text: 'customer_id,meter,timestamp,quantity\ncus_r,gb,2024-02-01,1\n' }]);
+  await dropZone(page).getByRole('alert').getByText(/admin key/).waitFor();
+  assert.equal(await uploadButton(page).isDisabled(), true);
+  assert.deepEqual(posts, []);
+  await context.close();
+});
+
+test('imports: a non-CSV file or one over 8 GiB gets a message at the drop zone and is not uploaded', { skip }, async () => {
+  const before = (await call(keys.admin, 'GET', '/v1/imports?limit=1000')).body.data.length;
+  const { context, page } = await newPage();
+  const posts = watchUploads(page);
+  await signIn(page, keys.admin);
+  const alert = dropZone(page).getByRole('alert');
+
+  await dropFiles(page, [{ name: 'notes.txt', type: 'text/plain', text: 'customer_id,meter,timestamp,quantity\n' }]);
+  await alert.getByText('notes.txt is not a CSV file').waitFor();
+  assert.equal(await uploadButton(page).isDisabled(), true);
+  assert.equal(await filePicker(page).getAttribute('aria-invalid'), 'true');
+
+  await filePicker(page).setInputFiles({ name: 'report.pdf', mimeType: 'application/pdf', buffer: Buffer.from('%PDF-1.4') });
+  await alert.getByText('report.pdf is not a CSV file').waitFor();
+  assert.equal(await uploadButton(page).isDisabled(), true);
+
+  // A file over the API's limit (8 GiB): its size is faked, no such file is made.
+  await dropZone(page).evaluate((zone) => {
+    const file = new File(['x'], 'huge.csv', { type: 'text/csv' });
+    Object.defineProperty(file, 'size', { value: 9 * 1024 ** 3 });
+    const drop = new Event('drop', { bubbles: true, cancelable: true });
+    Object.defineProperty(drop, 'dataTransfer', { value: { files: [file] } });
+    zone.dispatchEvent(drop);
+  });
+  await alert.getByText('files over 8 GiB cannot be imported').waitFor();
+  assert.equal(await uploadButton(page).isDisabled(), true);
+
+  // A CSV clears the message and can be uploaded (not pressed here).
+  await dropFiles(page, [{ name: 'fine.csv', type: 'text/csv', text: 'customer_id,meter,timestamp,quantity\n' }]);
+  await until('the message to clear', async () => (await alert.textContent()) === '');
+  assert.equal(await uploadButton(page).isEnabled(), true);
+
+  assert.deepEqual(posts, []);
+  assert.equal((await call(keys.admin, 'GET', '/v1/imports?limit=1000')).body.data.length, before);
+  await context.close();
+});
+
+test('imports: the list of past imports pages on the server, "More" shows the next page', { skip }, async () => {
+  // Header-only files: each is an import that succeeds with 0 rows.
+  for (let i = 0; i < 21; i++) {
+    const r = await fetch(server.url + '/v1/imports?kind=usage&wait=true', {
+      method: 'POST', headers: { authorization: `Bearer ${keys.admin}`, 'content-type': 'text/csv' }, body: 'customer_id,meter,timestamp,quantity\n',
+    });
+    assert.equal(r.status, 200, await r.text());
+  }
+  const total = (await call(keys.admin, 'GET', '/v1/imports?limit=1000')).body.data.length;
+  assert.ok(total > 20);
+  const { context, page } = await newPage();
+  await signIn(page, keys.admin);
+  const rows = page.getByRole('table', { name: 'Past imports' }).locator('tbody tr');
+  const more = page.getByRole('button', { name: 'More', exact: true });
+  await more.waitFor();
+  assert.equal(await rows.count(), 20);
+  await more.click();
+  await until('the next page', async () => (await rows.count()) === total);
+  assert.equal(await more.isHidden(), true);
+  await context.close();
 });

@@ -54,7 +54,7 @@ async fn wait_state(store: &Store, id: &str, state: &str) -> Job {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let j = store.get_job(None, id).await.unwrap();
-        if j.state == state {
+        if j.state.as_str() == state {
             return j;
         }
         assert!(Instant::now() < deadline, "job {id} is {} (wanted {state}): {j:?}", j.state);
@@ -147,6 +147,6 @@ async fn a_kept_guard_ends_after_the_job_end_is_recorded() {
     // The receiver sees the sender closed when the runner drops the guard:
     // by then the job's end is in the store.
     tokio::time::timeout(Duration::from_secs(20), async { while rx.changed().await.is_ok() {} }).await.unwrap();
-    assert_eq!(store.get_job(None, &id).await.unwrap().state, "succeeded");
+    assert_eq!(store.get_job(None, &id).await.unwrap().state.as_str(), "succeeded");
     runner.stop().await;
 }

@@ -921,7 +921,7 @@ async fn load_jobs(store: Store, ws: String, imports_only: bool) -> Loaded {
     let num = |j: &sluice_store::Job, k: &str| j.result.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_i64());
     let c = Cols::new().text("id", all.iter().map(|j| Some(j.id.clone())));
     let c = if imports_only {
-        c.text("status", all.iter().map(|j| Some(j.state.clone())))
+        c.text("status", all.iter().map(|j| Some(j.state.as_str().to_owned())))
             .text("mode", all.iter().map(|j| j.payload["mode"].as_str().map(str::to_owned)))
             .text("filename", all.iter().map(|j| j.payload["filename"].as_str().map(str::to_owned)))
             .int("bytes", all.iter().map(|j| j.payload["bytes"].as_i64()))
@@ -933,7 +933,7 @@ async fn load_jobs(store: Store, ws: String, imports_only: bool) -> Loaded {
             .int("errors_total", all.iter().map(|j| num(j, "errors_total")))
     } else {
         c.text("kind", all.iter().map(|j| Some(j.kind.clone())))
-            .text("state", all.iter().map(|j| Some(j.state.clone())))
+            .text("state", all.iter().map(|j| Some(j.state.as_str().to_owned())))
             .int("progress_done", all.iter().map(|j| Some(j.progress_done)))
             .int("progress_total", all.iter().map(|j| j.progress_total))
             .int("attempts", all.iter().map(|j| Some(j.attempts as i64)))

@@ -551,7 +551,7 @@ impl JobHandler for UsageImport {
         // A succeeded import is done with its upload; a failed or cancelled
         // one keeps it so `POST /v1/jobs/{id}/retry` can run it again (e.g.
         // after creating a missing meter) until `sweep_uploads` removes it.
-        if job.state == "succeeded" {
+        if job.state == sluice_core::JobState::Succeeded {
             if let Some(f) = file {
                 let _ = std::fs::remove_file(f);
             }

@@ -33,8 +33,8 @@ pub struct Job {
     pub workspace: String,
     /// Kind.
     pub kind: String,
-    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
-    pub state: String,
+    /// Where the job is in its life.
+    pub state: sluice_core::JobState,
     /// Input.
     pub payload: Value,
     /// Output of a succeeded job.
@@ -70,7 +70,7 @@ pub struct Job {
 impl Job {
     /// True once the job will not change any more.
     pub fn is_terminal(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
+        self.state.is_terminal()
     }
 }
 
@@ -100,13 +100,18 @@ struct Row {
     updated_at: i64,
 }
 
-impl From<Row> for Job {
-    fn from(r: Row) -> Job {
-        Job {
+impl TryFrom<Row> for Job {
+    type Error = StoreError;
+
+    /// An unknown state (written by a newer binary, or by hand) is an error,
+    /// never read as another state.
+    fn try_from(r: Row) -> Result<Job> {
+        let state = r.state.parse().map_err(|e: sluice_core::UnknownJobState| StoreError::Corrupt(format!("job {}: {e}", r.id)))?;
+        Ok(Job {
             id: r.id,
             workspace: r.workspace,
             kind: r.kind,
-            state: r.state,
+            state,
             payload: serde_json::from_str(&r.payload).unwrap_or(Value::Null),
             result: r.result.and_then(|t| serde_json::from_str(&t).ok()),
             error: r.error,
@@ -122,7 +127,7 @@ impl From<Row> for Job {
             started_at: r.started_at.map(from_micros),
             finished_at: r.finished_at.map(from_micros),
             updated_at: from_micros(r.updated_at),
-        }
+        })
     }
 }
 
@@ -167,11 +172,19 @@ impl Store {
     pub async fn get_job(&self, workspace: Option<&str>, id: &str) -> Result<Job> {
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 AND ($2 IS NULL OR workspace = $2)");
         let row: Option<Row> = on_pool!(self, pool => sqlx::query_as(&sql).bind(id).bind(workspace).fetch_optional(pool).await)?;
-        row.map(Job::from).ok_or(StoreError::NotFound)
+        row.map(Job::try_from).ok_or(StoreError::NotFound)?
     }
 
     /// Jobs of a workspace, oldest first.
-    pub async fn list_jobs(&self, workspace: &str, kind: Option<&str>, state: Option<&str>, cursor: Option<&str>, limit: usize) -> Result<Page<Job>> {
+    pub async fn list_jobs(
+        &self,
+        workspace: &str,
+        kind: Option<&str>,
+        state: Option<sluice_core::JobState>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Job>> {
+        let state = state.map(sluice_core::JobState::as_str);
         let limit = clamp_limit(limit);
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs WHERE workspace = $1 AND ($2 IS NULL OR kind = $2) AND ($3 IS NULL OR state = $3) \
@@ -179,7 +192,7 @@ impl Store {
         );
         let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
             .bind(workspace).bind(kind).bind(state).bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;
-        Ok(Page::from_overfetch(rows.into_iter().map(Job::from).collect(), limit, |j: &Job| j.id.clone()))
+        Ok(Page::from_overfetch(rows.into_iter().map(Job::try_from).collect::<Result<Vec<_>>>()?, limit, |j: &Job| j.id.clone()))
     }
 
     /// Claims up to `n` queued jobs of `kind` that are due, oldest first,
@@ -213,7 +226,7 @@ impl Store {
         let mut rows: Vec<Row> =
             write_tx!(self, tx => sqlx::query_as(&sql).bind(until).bind(now).bind(kind).bind(n as i64).fetch_all(&mut *tx).await?)?;
         rows.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(rows.into_iter().map(Job::from).collect())
+        rows.into_iter().map(Job::try_from).collect()
     }
 
     /// Extends the lease of attempt `attempt` of a running job. Returns
@@ -256,7 +269,7 @@ impl Store {
             JobEnd::Failed { error, retry_in } => (error, *retry_in, None),
         };
         let job = self.get_job(None, id).await?;
-        if job.state != "running" || job.attempts != attempt {
+        if job.state != sluice_core::JobState::Running || job.attempts != attempt {
             return Err(lost());
         }
         let mut errors = job.errors.clone();
@@ -286,7 +299,7 @@ impl Store {
             .bind(state).bind(result).bind(error).bind(serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()))
             .bind(to_micros(run_after)).bind(finished.map(to_micros)).bind(to_micros(now)).bind(id).bind(attempt as i32)
             .fetch_optional(pool).await)?;
-        row.map(Job::from).ok_or_else(lost)
+        row.map(Job::try_from).ok_or_else(lost)?
     }
 
     /// Ends a running attempt as `state` with `result`, leaving its error
@@ -299,7 +312,7 @@ impl Store {
         );
         let row: Option<Row> = write_stmt!(self, pool => sqlx::query_as(&sql)
             .bind(state).bind(result).bind(now).bind(id).bind(attempt as i32).fetch_optional(pool).await)?;
-        Ok(row.map(Job::from))
+        row.map(Job::try_from).transpose()
     }
 
     /// Cancels a job: a queued one at once, a running one by asking its
@@ -307,13 +320,13 @@ impl Store {
     pub async fn cancel_job(&self, workspace: &str, id: &str) -> Result<Job> {
         let now = to_micros(Utc::now());
         let job = self.get_job(Some(workspace), id).await?;
-        match job.state.as_str() {
-            "queued" => {
+        match job.state {
+            sluice_core::JobState::Queued => {
                 on_pool!(self, pool => sqlx::query(
                     "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1 WHERE id = $2 AND state = 'queued'")
                     .bind(now).bind(id).execute(pool).await.map(|_| ()))?;
             }
-            "running" => {
+            sluice_core::JobState::Running => {
                 on_pool!(self, pool => sqlx::query(
                     "UPDATE jobs SET cancel_requested = $1, updated_at = $2 WHERE id = $3 AND state = 'running'")
                     .bind(true).bind(now).bind(id).execute(pool).await.map(|_| ()))?;

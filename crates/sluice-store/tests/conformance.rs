@@ -125,7 +125,7 @@ async fn jobs_are_claimed_once_in_order(store: Store) {
     let unique: std::collections::HashSet<_> = all.iter().cloned().collect();
     assert_eq!(all.len(), 40, "every job claimed exactly once");
     assert_eq!(unique.len(), 40);
-    assert_eq!(store.list_jobs("w1", Some("other"), Some("queued"), None, 10).await.unwrap().data.len(), 1);
+    assert_eq!(store.list_jobs("w1", Some("other"), Some(sluice_core::JobState::Queued), None, 10).await.unwrap().data.len(), 1);
 }
 
 async fn jobs_retry_fail_cancel_and_reclaim(store: Store) {

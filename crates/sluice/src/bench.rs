@@ -363,8 +363,8 @@ async fn jobs(args: JobsArgs) -> Result<()> {
         sluice_jobs::RunnerConfig { poll: Duration::from_millis(5), ..Default::default() },
     );
     loop {
-        let left = store.list_jobs("default", Some("bench.noop"), Some("queued"), None, 1).await?.data.len()
-            + store.list_jobs("default", Some("bench.noop"), Some("running"), None, 1).await?.data.len();
+        let left = store.list_jobs("default", Some("bench.noop"), Some(sluice_core::JobState::Queued), None, 1).await?.data.len()
+            + store.list_jobs("default", Some("bench.noop"), Some(sluice_core::JobState::Running), None, 1).await?.data.len();
         if left == 0 {
             break;
         }

@@ -412,7 +412,7 @@ async fn queue_compactions(store: &Store) -> Result<()> {
     let mut workspaces: Vec<String> = store.lake_files(None).await?.into_iter().map(|f| f.workspace).collect();
     workspaces.dedup();
     for ws in workspaces {
-        let waiting = store.list_jobs(&ws, Some(sluice_lake::compact::KIND), Some("queued"), None, 1).await?;
+        let waiting = store.list_jobs(&ws, Some(sluice_lake::compact::KIND), Some(sluice_core::JobState::Queued), None, 1).await?;
         if waiting.data.is_empty() {
             store
                 .enqueue_job(&sluice_store::NewJob {

@@ -70,8 +70,8 @@ pub struct JobView {
 impl From<Job> for JobView {
     fn from(j: Job) -> Self {
         let percent = j.progress_total.filter(|t| *t > 0).map(|t| (j.progress_done as f64 * 100.0 / t as f64).min(100.0));
-        let eta_seconds = match (j.progress_total, j.started_at, j.state.as_str()) {
-            (Some(t), Some(s), "running") if j.progress_done > 0 => {
+        let eta_seconds = match (j.progress_total, j.started_at, j.state) {
+            (Some(t), Some(s), sluice_core::JobState::Running) if j.progress_done > 0 => {
                 let elapsed = (chrono::Utc::now() - s).num_milliseconds().max(1) as f64 / 1000.0;
                 Some(elapsed / j.progress_done as f64 * (t - j.progress_done).max(0) as f64)
             }
@@ -80,7 +80,7 @@ impl From<Job> for JobView {
         JobView {
             id: j.id,
             kind: j.kind,
-            status: j.state,
+            status: j.state.as_str().to_owned(),
             payload: j.payload,
             result: j.result,
             error: j.error,
@@ -121,8 +121,10 @@ fn not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
 #[utoipa::path(get, path = "/v1/jobs", params(JobQuery), tag = "jobs", responses((status = 200)), security(("bearer" = [])))]
 pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<JobQuery>) -> Result<Json<List<JobView>>, ApiError> {
     who.require_read()?;
-    let page =
-        st.store.list_jobs(who.workspace.as_str(), q.kind.as_deref(), q.status.as_deref(), q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
+    // An unknown status is a 400 naming it (it used to match nothing).
+    let status =
+        q.status.as_deref().map(str::parse::<sluice_core::JobState>).transpose().map_err(|e| ApiError::bad_request(format!("status: {e}")))?;
+    let page = st.store.list_jobs(who.workspace.as_str(), q.kind.as_deref(), status, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }))
 }
 

@@ -493,3 +493,15 @@ async fn a_backfill_skips_events_that_overflow_or_are_not_numbers_and_counts_the
     assert!(reasons.contains("overflow") && reasons.contains("is not a number"), "{reasons}");
     assert_eq!(totals(&s.api(&k.read)).await, vec![("c".to_owned(), BIG.to_owned()), ("d".to_owned(), "2.5".to_owned())]);
 }
+
+/// Issue 7 (typed domain): job states are an enum; a status filter that is
+/// not one of them is a 400 naming it, not an empty list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_job_status_filter_is_a_400_naming_it() {
+    let s = Server::start().await;
+    let (st, v) = s.root().get("/v1/jobs?status=done").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("\"done\" is not a job status"), "{v}");
+    let (st, v) = s.root().get("/v1/jobs?status=queued").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}

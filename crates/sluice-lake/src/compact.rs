@@ -174,7 +174,7 @@ fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -
         f.sync_all()?;
         let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
         let dest = root.join(&rel);
-        std::fs::rename(&tmp, &dest).map_err(|source| LakeError::Step { step: format!("renaming into {}", dest.display()), source })?;
+        std::fs::rename(&tmp, &dest).map_err(|source| LakeError::Step { step: format!("renaming into {rel}"), source })?; // relative: job errors are shown to API clients
         if let Some(d) = dest.parent().and_then(|d| std::fs::File::open(d).ok()) {
             let _ = d.sync_all();
         }

@@ -507,21 +507,13 @@ impl Runtime {
                 let young = carry.since.elapsed() < interval;
                 let hold = pending && young && !burst_ended && (in_burst || (!paused && carry.events >= COMMIT_HOLD_EVENTS));
                 if pending && !hold {
-                    match self.commit(&carry.commit, &mut stop).await {
-                        Committed::Yes => {
-                            care.committed(next);
-                            carry = Carry::new(&name);
+                    match self.commit_carry(&name, p, &mut carry, &mut care, &mut next, &mut stop).await {
+                        CarryCommitted::Yes => {
                             burst_ended = false;
                             settling = None;
                         }
-                        Committed::Stopped => return,
-                        Committed::Refused(e) => {
-                            next = care.refused(&name, p, e, &mut carry, next);
-                            if wait_or_stop(&mut stop, REFUSED_PAUSE).await {
-                                return;
-                            }
-                            continue;
-                        }
+                        CarryCommitted::Stopped => return,
+                        CarryCommitted::Refused => continue,
                     }
                 }
                 let wait = match (hold, in_burst) {
@@ -555,6 +547,7 @@ impl Runtime {
                 Processed::Stopped => return,
                 Processed::Refused(e) => {
                     next = care.refused(&name, p, e, &mut carry, read_end);
+                    // A store that keeps refusing is not hammered.
                     if wait_or_stop(&mut stop, REFUSED_PAUSE).await {
                         return;
                     }
@@ -566,20 +559,42 @@ impl Runtime {
             }
             let interval = commit_interval(*bursts.borrow() > 0);
             if care.until.is_some() || carry.events >= COMMIT_EVENTS || carry.since.elapsed() >= interval || carry.entries() >= COMMIT_ENTRIES {
-                match self.commit(&carry.commit, &mut stop).await {
-                    Committed::Yes => {
-                        care.committed(next);
-                        carry = Carry::new(&name);
-                        settling = None;
-                    }
-                    Committed::Stopped => return,
-                    Committed::Refused(e) => {
-                        next = care.refused(&name, p, e, &mut carry, next);
-                        if wait_or_stop(&mut stop, REFUSED_PAUSE).await {
-                            return;
-                        }
-                    }
+                match self.commit_carry(&name, p, &mut carry, &mut care, &mut next, &mut stop).await {
+                    CarryCommitted::Yes => settling = None,
+                    CarryCommitted::Stopped => return,
+                    CarryCommitted::Refused => {}
                 }
+            }
+        }
+    }
+
+    /// Commits the carry, which covers the records up to `next`. Committed:
+    /// a new, empty carry. Refused by the store because of its data: `care`
+    /// learns why, `next` goes back to the carry's first record (to be
+    /// processed again), after a short pause.
+    async fn commit_carry(
+        &self,
+        name: &str,
+        p: u32,
+        carry: &mut Carry,
+        care: &mut Care,
+        next: &mut u64,
+        stop: &mut watch::Receiver<bool>,
+    ) -> CarryCommitted {
+        match self.commit(&carry.commit, stop).await {
+            Committed::Yes => {
+                care.committed(*next);
+                *carry = Carry::new(name);
+                CarryCommitted::Yes
+            }
+            Committed::Stopped => CarryCommitted::Stopped,
+            Committed::Refused(e) => {
+                *next = care.refused(name, p, e, carry, *next);
+                // A store that keeps refusing is not hammered.
+                if wait_or_stop(stop, REFUSED_PAUSE).await {
+                    return CarryCommitted::Stopped;
+                }
+                CarryCommitted::Refused
             }
         }
     }
@@ -620,7 +635,7 @@ impl Runtime {
                             // All or nothing: a batch whose usage overflows
                             // (or adds to a refused bucket) is handled event
                             // by event, so that only the failing events fail.
-                            if !care.touches(&effect) && push_effect(&mut pending, &mut folder, effect).is_ok() {
+                            if care.refusal(&effect).is_none() && push_effect(&mut pending, &mut folder, effect).is_ok() {
                                 n_events += batch.rows.len();
                                 next = r.offset + 1;
                                 continue;
@@ -1064,7 +1079,7 @@ fn commit_interval(in_burst: bool) -> Duration {
 
 /// The `consumer` label of a metric: one value for every webhook (their
 /// names carry webhook ids, which must not appear in `/metrics`).
-pub(crate) fn metric_label(name: &str) -> String {
+pub fn metric_label(name: &str) -> String {
     if name.starts_with("webhook:") {
         "webhook".to_owned()
     } else {
@@ -1080,6 +1095,16 @@ enum Processed {
     Stopped,
     /// The store refused a commit because of its data.
     Refused(StoreError),
+}
+
+/// What committing the carry came to.
+enum CarryCommitted {
+    /// Committed; the carry is empty.
+    Yes,
+    /// The consumer was stopped.
+    Stopped,
+    /// Refused: the carried records are to be processed again.
+    Refused,
 }
 
 /// What a commit came to.
@@ -1129,7 +1154,7 @@ impl Care {
                 // usual, and the events that add to them are dead-lettered.
                 let before = self.overflowing.len();
                 for o in list {
-                    self.overflowing.entry(o.bucket_key()).or_insert_with(|| o.to_string());
+                    self.overflowing.entry(o.bucket.clone()).or_insert_with(|| o.to_string());
                 }
                 if self.overflowing.len() == before {
                     // Refused again with nothing new learned: go on one
@@ -1179,11 +1204,6 @@ impl Care {
         }
         let Effect::Usage(v) = effect else { return None };
         v.iter().find_map(|d| self.overflowing.get(&d.bucket_key()).cloned())
-    }
-
-    /// True when `effect` adds to an overflowing bucket.
-    fn touches(&self, effect: &Effect) -> bool {
-        self.refusal(effect).is_some()
     }
 }
 

@@ -70,13 +70,6 @@ pub struct UsageDelta {
     pub unique: Option<String>,
 }
 
-impl UsageOverflow {
-    /// The bucket that would overflow.
-    pub fn bucket_key(&self) -> UsageBucketKey {
-        self.bucket.clone()
-    }
-}
-
 impl UsageDelta {
     pub(crate) fn bucket_id(&self) -> (String, String, String, String, String, i64) {
         let k = self.key();

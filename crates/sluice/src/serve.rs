@@ -289,13 +289,34 @@ async fn run(cfg: Config) -> Result<()> {
 /// and every tenant's events. New files get this from the umask set before;
 /// this walk fixes what an older version created. Symbolic links are not
 /// followed, and what is already private is left untouched.
+///
+/// The walk runs only while the directory itself is not `0700` yet, and the
+/// directory is tightened last: once it is `0700`, everything below was
+/// done, and later starts do not stat every log segment and lake file again.
 fn secure_data_dir(dir: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let mut stack = vec![dir.to_path_buf()];
+    let mode_of = |path: &std::path::Path| -> Result<(std::fs::Metadata, u32)> {
+        let meta = std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        Ok((meta, mode))
+    };
+    let set = |path: &std::path::Path, want: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want)).with_context(|| format!("chmod {:o} {}", want, path.display()))
+    };
+    if mode_of(dir)?.1 == 0o700 {
+        return Ok(());
+    }
+    let list = |path: &std::path::Path, stack: &mut Vec<std::path::PathBuf>| -> Result<()> {
+        for entry in std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))? {
+            stack.push(entry?.path());
+        }
+        Ok(())
+    };
+    let mut stack = Vec::new();
+    list(dir, &mut stack)?;
     let mut changed = 0usize;
     while let Some(path) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mode = meta.permissions().mode() & 0o7777;
+        let (meta, mode) = mode_of(&path)?;
         let want = if meta.is_dir() {
             0o700
         } else if meta.is_file() {
@@ -304,17 +325,16 @@ fn secure_data_dir(dir: &std::path::Path) -> Result<()> {
             continue;
         };
         if mode != want {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want)).with_context(|| format!("chmod {:o} {}", want, path.display()))?;
+            set(&path, want)?;
             changed += 1;
         }
         if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))? {
-                stack.push(entry?.path());
-            }
+            list(&path, &mut stack)?;
         }
     }
-    if changed > 1 {
-        tracing::info!(dir = %dir.display(), paths = changed, "made the data directory readable by its owner only (0700/0600)");
+    set(dir, 0o700)?;
+    if changed > 0 {
+        tracing::info!(dir = %dir.display(), paths = changed + 1, "made the data directory readable by its owner only (0700/0600)");
     }
     Ok(())
 }

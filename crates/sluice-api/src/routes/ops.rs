@@ -36,7 +36,7 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         .into_iter()
         .filter(|(_, s)| s.restarted_recently())
         .map(|(name, s)| {
-            let name = if name.starts_with("webhook:") { "webhook".to_owned() } else { name };
+            let name = sluice_consumers::runtime::metric_label(&name);
             json!({"name": name, "restarts": s.restarts, "last_restart_at": s.last_restart_at.map(|t| t.to_rfc3339())})
         })
         .collect();

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sluice_core::{Event, EventBatch};
 use sluice_store::CountKey;
 
-use crate::runtime::{Attempt, Consumer, Effect, HandleError};
+use crate::runtime::{Attempt, Consumer, Effect, HandleError, OnReset};
 
 /// Name of the consumer (and of its checkpoints).
 pub const NAME: &str = "event_counts";
@@ -29,6 +29,10 @@ fn day_text(day: chrono::NaiveDate) -> String {
 impl Consumer for EventCounts {
     fn name(&self) -> &str {
         NAME
+    }
+
+    fn on_reset(&self) -> OnReset {
+        OnReset::Clear(Box::new(sluice_store::ClearEventCounts))
     }
 
     async fn handle(&self, e: &Event, _attempt: Attempt) -> Result<Effect, HandleError> {

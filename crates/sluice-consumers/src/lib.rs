@@ -3,8 +3,11 @@
 //! signed webhooks.
 
 pub mod counts;
+pub mod engine;
 pub mod rebuild;
 pub mod runtime;
 pub mod webhooks;
 
-pub use runtime::{Attempt, Consumer, ConsumerState, Effect, HandleError, RetryPolicy, Runtime, RuntimeError, Start};
+pub use engine::ReadModel;
+pub use runtime::{Attempt, Consumer, ConsumerState, Effect, HandleError, OnReset, ResetDone, RetryPolicy, Runtime, RuntimeError, Start};
+pub use sluice_store::{on_tx, Tx};

@@ -49,8 +49,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sluice_core::{Bursts, Event, EventBatch, EventLog, Payload, Record};
-use sluice_store::{ConsumerCommit, CountKey, Folder, NewAudit, NewDeadLetter, Store, StoreError, UsageBucketKey, UsageOverflow};
+use sluice_core::{Backoff, Bursts, Event, EventBatch, EventLog, Payload, Record};
+use sluice_store::{ConsumerCommit, CountKey, Folder, ModelEffect, NewAudit, NewDeadLetter, Store, StoreError, TxWork, UsageBucketKey, UsageOverflow};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -73,12 +73,10 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// Delay after failed attempt `n` (1-based): `base * 2^(n-1)` capped at
-    /// `max`, with full jitter in its upper half.
+    /// `max`, with full jitter in its upper half ([`Backoff`], the policy
+    /// shared with jobs and ingest).
     pub fn delay(&self, n: u32) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << (n.saturating_sub(1)).min(20));
-        let d = exp.min(self.max);
-        let half = d / 2;
-        half + half.mul_f64(rand::random::<f64>())
+        Backoff::new(self.base, self.max).delay(n)
     }
 }
 
@@ -112,7 +110,7 @@ pub enum HandleError {
 }
 
 /// What handling one event produced, to be committed with the checkpoint.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Effect {
     /// Nothing to write (filtered out, or an external effect already done).
     None,
@@ -122,6 +120,31 @@ pub enum Effect {
     Counts(Vec<(CountKey, i64)>),
     /// Add usage to meters.
     Usage(Vec<sluice_store::UsageDelta>),
+    /// The effect of a read model written against [`crate::ReadModel`]
+    /// (merged with the carried effects of the same consumer, committed by
+    /// the read model in the commit's transaction).
+    Model(Box<dyn ModelEffect>),
+}
+
+/// What resetting a consumer does to what it built.
+pub enum OnReset {
+    /// Nothing: the consumer goes on from the new position (a webhook
+    /// delivers again).
+    Keep,
+    /// Empty its read model in the reset's transaction: the consumer
+    /// rebuilds it from the new position.
+    Clear(Box<dyn TxWork>),
+    /// The consumer cannot be reset; the reason is shown to the caller.
+    Refuse(String),
+}
+
+/// What a reset did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetDone {
+    /// The new checkpoint of each partition.
+    pub positions: Vec<(u32, u64)>,
+    /// The consumer's read model was emptied, to be rebuilt.
+    pub cleared: bool,
 }
 
 /// Where a consumer without a checkpoint starts.
@@ -156,6 +179,11 @@ pub trait Consumer: Send + Sync + 'static {
     /// per-event effects.
     async fn handle_batch(&self, _batch: &EventBatch, _attempt: Attempt) -> Option<Result<Effect, HandleError>> {
         None
+    }
+
+    /// What a reset does to what this consumer built (default: nothing).
+    fn on_reset(&self) -> OnReset {
+        OnReset::Keep
     }
 }
 
@@ -264,6 +292,9 @@ pub enum RuntimeError {
     /// `to` of a reset is not `earliest`, `latest` or an RFC 3339 time.
     #[error("`to` must be \"earliest\", \"latest\" or an RFC 3339 time")]
     BadPosition,
+    /// The consumer cannot be reset ([`OnReset::Refuse`]).
+    #[error("{0}")]
+    NotResettable(String),
     /// State store failure.
     #[error(transparent)]
     Store(#[from] sluice_store::StoreError),
@@ -350,13 +381,35 @@ impl Runtime {
         &self.log
     }
 
+    /// The state store its consumers commit to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Why a running consumer cannot be reset (`None`: it can, or no
+    /// consumer of that name runs).
+    pub fn refuses_reset(&self, name: &str) -> Option<String> {
+        let consumer = lock(&self.running).get(name)?.consumer.clone();
+        match consumer.on_reset() {
+            OnReset::Refuse(why) => Some(why),
+            OnReset::Keep | OnReset::Clear(_) => None,
+        }
+    }
+
     /// Moves a consumer to `to` (`earliest`, `latest` or an RFC 3339 time):
-    /// stops it, sets every partition's checkpoint (clearing its read model
-    /// when `clear_counts`), records the audit entry in the same transaction,
-    /// and starts it again.
-    pub async fn reset(self: &Arc<Self>, name: &str, to: &str, clear_counts: bool, audit: &NewAudit) -> Result<Vec<(u32, u64)>, RuntimeError> {
+    /// stops it, sets every partition's checkpoint (and empties its read
+    /// model when it says so, [`Consumer::on_reset`]), records the audit
+    /// entry in the same transaction, and starts it again.
+    pub async fn reset(self: &Arc<Self>, name: &str, to: &str, audit: &NewAudit) -> Result<ResetDone, RuntimeError> {
         let target = parse_position(to)?;
+        if let Some(why) = self.refuses_reset(name) {
+            return Err(RuntimeError::NotResettable(why));
+        }
         let consumer = self.stop(name).await.ok_or_else(|| RuntimeError::NoSuchConsumer(name.to_owned()))?;
+        let clear = match consumer.on_reset() {
+            OnReset::Clear(work) => Some(work),
+            OnReset::Keep | OnReset::Refuse(_) => None,
+        };
         let result = async {
             let mut positions = Vec::new();
             for p in 0..self.log.partitions() {
@@ -367,8 +420,8 @@ impl Runtime {
                 };
                 positions.push((p, off));
             }
-            self.store.reset_consumer(name, &positions, clear_counts, audit).await?;
-            Ok(positions)
+            self.store.reset_consumer(name, &positions, clear.as_deref(), audit).await?;
+            Ok(ResetDone { positions, cleared: clear.is_some() })
         }
         .await;
         self.start(consumer);
@@ -674,8 +727,8 @@ impl Runtime {
                 };
                 let failed = match outcome {
                     Ok(effect) => {
-                        if matches!(effect, Effect::Usage(_)) {
-                            usages.push((index, effect.clone()));
+                        if let Effect::Usage(u) = &effect {
+                            usages.push((index, Effect::Usage(u.clone())));
                         }
                         push_effect(&mut record, &mut record_folder, effect).err().map(|o| (o.to_string(), Utc::now(), 1))
                     }
@@ -707,8 +760,8 @@ impl Runtime {
                         };
                         match outcome {
                             Ok(effect) => {
-                                if matches!(effect, Effect::Usage(_)) {
-                                    usages.push((index, effect.clone()));
+                                if let Effect::Usage(u) = &effect {
+                                    usages.push((index, Effect::Usage(u.clone())));
                                 }
                                 push_effect(&mut record, &mut record_folder, effect).err().map(|o| (o.to_string(), Utc::now(), 1))
                             }
@@ -798,7 +851,8 @@ impl Runtime {
     /// stopped; a failure caused by the data ([`StoreError::is_permanent`])
     /// is not retried but returned.
     async fn commit(&self, c: &ConsumerCommit, stop: &mut watch::Receiver<bool>) -> Committed {
-        let mut delay = Duration::from_millis(100);
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut failures = 0;
         loop {
             match self.store.commit_consumer(c).await {
                 Ok(()) => return Committed::Yes,
@@ -808,10 +862,10 @@ impl Runtime {
                 }
                 Err(e) => {
                     tracing::warn!(consumer = %c.consumer, error = %e, "consumer commit failed; retrying");
-                    if wait_or_stop(stop, delay).await {
+                    failures += 1;
+                    if wait_or_stop(stop, backoff.delay(failures)).await {
                         return Committed::Stopped;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }
         }
@@ -939,7 +993,7 @@ impl Carry {
 
     /// Usage buckets and count keys carried (folded).
     fn entries(&self) -> usize {
-        self.commit.usage.len() + self.commit.counts.len()
+        self.commit.usage.len() + self.commit.counts.len() + self.commit.model.as_ref().map_or(0, |m| m.entries())
     }
 
     /// Nothing processed since the last commit.
@@ -1047,8 +1101,17 @@ fn push_effect(commit: &mut ConsumerCommit, folder: &mut Folder, effect: Effect)
         Effect::Count(k) => folder.add_counts(commit, [(k, 1)]),
         Effect::Counts(v) => folder.add_counts(commit, v),
         Effect::Usage(u) => folder.add_usage(commit, u)?,
+        Effect::Model(m) => merge_model(commit, m),
     }
     Ok(())
+}
+
+/// Adds a read model's effect to what `commit` carries.
+fn merge_model(commit: &mut ConsumerCommit, m: Box<dyn ModelEffect>) {
+    match &mut commit.model {
+        Some(carried) => carried.merge(m),
+        None => commit.model = Some(m),
+    }
 }
 
 /// Moves the effects of `from` into `into` (through `into`'s folder; not
@@ -1061,6 +1124,9 @@ fn absorb(into: &mut ConsumerCommit, folder: &mut Folder, mut from: ConsumerComm
         return Err(Box::new(from));
     }
     folder.add_counts(into, from.counts);
+    if let Some(m) = from.model {
+        merge_model(into, m);
+    }
     into.dead_letters.extend(from.dead_letters);
     into.replayed.extend(from.replayed);
     Ok(())

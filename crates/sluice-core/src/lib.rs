@@ -13,6 +13,7 @@ pub mod ids;
 pub mod job_state;
 pub mod log;
 pub mod people;
+pub mod retry;
 pub mod scope;
 
 pub use aggregation::{Aggregation, UnknownAggregation};
@@ -22,4 +23,5 @@ pub use ids::{check_storable, EventId, EventType, IdError, WorkspaceName};
 pub use job_state::{JobState, UnknownJobState};
 pub use log::{AppendRecord, BurstGuard, Bursts, Busy, Bytes, EventLog, LogError, LogStats, Record, RetentionReport};
 pub use people::{has_record_effects, record_effects, RecordEffect};
+pub use retry::{Backoff, Jitter};
 pub use scope::Scope;

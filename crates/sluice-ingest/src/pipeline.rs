@@ -250,14 +250,15 @@ impl Ingestor {
     pub async fn submit_batch_waiting(&self, batch: EventBatch) -> Result<Outcome, IngestError> {
         let Some(bytes) = self.check_batch(&batch)? else { return Ok(Outcome { accepted: 0, duplicates: 0 }) };
         let mut items = Items::Batch(batch);
-        let mut delay = Duration::from_millis(20);
+        let backoff = sluice_core::Backoff::exact(Duration::from_millis(20), Duration::from_secs(1));
+        let mut waits = 0;
         loop {
             match self.try_enqueue(items, bytes) {
                 Ok(rx) => return reply(rx).await,
                 Err((IngestError::Overloaded, Some(back))) => {
                     items = back;
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    waits += 1;
+                    tokio::time::sleep(backoff.delay(waits)).await;
                 }
                 Err((e, _)) => return Err(e),
             }

@@ -399,8 +399,8 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
     }
 }
 
-/// `base * 2^(attempt-1)`, at most 10 minutes, with jitter in its upper half.
+/// `base * 2^(attempt-1)`, at most 10 minutes, with jitter in its upper half
+/// (the shared [`sluice_core::Backoff`]).
 pub fn backoff(base: Duration, attempt: u32) -> Duration {
-    let d = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(Duration::from_secs(600));
-    d / 2 + (d / 2).mul_f64(rand::random::<f64>())
+    sluice_core::Backoff::new(base, Duration::from_secs(600)).delay(attempt)
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use sluice_consumers::{Attempt, Consumer, Effect, HandleError};
+use sluice_consumers::{Attempt, Consumer, Effect, HandleError, OnReset};
 use sluice_core::{Event, EventBatch};
 use sluice_store::{Meter, Store};
 
@@ -50,6 +50,12 @@ pub struct MetersConsumer {
 impl Consumer for MetersConsumer {
     fn name(&self) -> &str {
         NAME
+    }
+
+    fn on_reset(&self) -> OnReset {
+        // Usage buckets are added to, not rebuilt: moving this consumer
+        // would count events twice or skip them.
+        OnReset::Refuse("the meters consumer cannot be reset: its usage is cumulative; meters are backfilled when created".into())
     }
 
     async fn handle(&self, e: &Event, at: Attempt) -> Result<Effect, HandleError> {

@@ -245,7 +245,7 @@ pub struct DeadLetter {
 }
 
 /// What a consumer commits in one transaction.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ConsumerCommit {
     /// Consumer name.
     pub consumer: String,
@@ -259,6 +259,9 @@ pub struct ConsumerCommit {
     pub replayed: Vec<String>,
     /// Usage of meters (the meters consumer and meter backfills).
     pub usage: Vec<crate::metering::UsageDelta>,
+    /// The effects of a read model outside this crate (written after the
+    /// counts and usage, before the checkpoint, in the same transaction).
+    pub model: Option<Box<dyn crate::ModelEffect>>,
 }
 
 /// A webhook endpoint.
@@ -420,6 +423,9 @@ impl Store {
         // The statements after the counts are the same on both backends.
         macro_rules! rest_of_commit {
             ($tx:ident) => {{
+                if let Some(m) = &c.model {
+                    m.run(crate::Tx::from(&mut *$tx)).await?;
+                }
                 // Many rows a statement: a hostile workspace's thousands of
                 // dead letters must not hold the partition (and the other
                 // workspaces on it) for a round trip each.
@@ -497,15 +503,15 @@ impl Store {
     }
 
     /// Moves every checkpoint of `consumer` to the given positions; with
-    /// `clear_counts`, also empties the event_counts read model (it is then
-    /// rebuilt by the consumer from those positions). One transaction, with
-    /// its audit entry.
-    pub async fn reset_consumer(&self, consumer: &str, positions: &[(u32, u64)], clear_counts: bool, audit: &NewAudit) -> Result<()> {
+    /// `clear`, also empties its read model (it is then rebuilt by the
+    /// consumer from those positions). One transaction, with its audit
+    /// entry.
+    pub async fn reset_consumer(&self, consumer: &str, positions: &[(u32, u64)], clear: Option<&dyn crate::TxWork>, audit: &NewAudit) -> Result<()> {
         let now = to_micros(Utc::now());
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            if clear_counts {
-                sqlx::query("DELETE FROM event_counts").execute(&mut *tx).await?;
+            if let Some(clear) = clear {
+                clear.run(crate::Tx::from(&mut *tx)).await?;
             }
             for &(p, next) in positions {
                 sqlx::query(UPSERT_CHECKPOINT)

@@ -28,6 +28,7 @@ mod jobs;
 mod keys;
 mod lake;
 pub(crate) mod metering;
+mod model;
 mod people;
 mod sessions;
 pub mod testing;
@@ -38,6 +39,7 @@ pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, Folder, NewD
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
+pub use model::{ClearEventCounts, ModelEffect, Tx, TxFuture, TxWork};
 pub use metering::{Meter, UsageBucket, UsageBucketKey, UsageDelta, UsageOverflow};
 pub use people::{CustomerRecord, UserRecord};
 pub use sessions::{NewSession, Session};

@@ -10,7 +10,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluice_consumers::counts;
 use sluice_store::{DeadLetter, NewAudit, StoreError};
 
 use super::{rfc3339, List};
@@ -142,10 +141,8 @@ pub async fn reset(
     Json(body): Json<ResetBody>,
 ) -> Result<Json<Value>, ApiError> {
     who.require_admin()?;
-    if name == "meters" {
-        // Usage buckets are added to, not rebuilt: moving this consumer
-        // would count events twice or skip them.
-        return Err(ApiError::conflict("the meters consumer cannot be reset: its usage is cumulative; meters are backfilled when created"));
+    if let Some(why) = st.consumers.refuses_reset(&name) {
+        return Err(ApiError::conflict(why));
     }
     if !name.starts_with("webhook:") {
         who.require_root().map_err(|_| ApiError::forbidden(format!("resetting {name:?} rebuilds data of every workspace; it needs the root key")))?;
@@ -161,11 +158,11 @@ pub async fn reset(
         target_id: name.clone(),
         details: json!({"to": body.to}),
     };
-    let clear = name == counts::NAME;
     let log = st.consumers.log().clone();
-    let positions = st.consumers.reset(&name, &body.to, clear, &audit).await.map_err(|e| match e {
+    let done = st.consumers.reset(&name, &body.to, &audit).await.map_err(|e| match e {
         sluice_consumers::RuntimeError::NoSuchConsumer(_) => ApiError::not_found(format!("consumer {name:?} not found")),
         sluice_consumers::RuntimeError::BadPosition => ApiError::bad_request(format!("to: {e}")),
+        sluice_consumers::RuntimeError::NotResettable(why) => ApiError::conflict(why),
         other => ApiError::internal(other),
     })?;
     tracing::info!(consumer = %name, to = %body.to, by = %who.key_id, "consumer reset");
@@ -176,7 +173,7 @@ pub async fn reset(
         .enqueue_job(&sluice_store::NewJob {
             workspace: who.workspace.to_string(),
             kind: sluice_consumers::rebuild::KIND.into(),
-            payload: sluice_consumers::rebuild::payload(&name, &body.to, &positions, &until),
+            payload: sluice_consumers::rebuild::payload(&name, &body.to, &done.positions, &until),
             max_attempts: 3,
             created_by: Some(who.key_id.clone()),
         })
@@ -186,8 +183,8 @@ pub async fn reset(
         "name": name,
         "to": body.to,
         "job": job.id,
-        "cleared_read_model": clear,
-        "partitions": positions.iter().map(|(p, o)| json!({"partition": p, "checkpoint": o})).collect::<Vec<_>>(),
+        "cleared_read_model": done.cleared,
+        "partitions": done.positions.iter().map(|(p, o)| json!({"partition": p, "checkpoint": o})).collect::<Vec<_>>(),
     })))
 }
 

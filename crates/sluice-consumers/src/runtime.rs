@@ -50,7 +50,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sluice_core::{Backoff, Bursts, Event, EventBatch, EventLog, Payload, Record};
-use sluice_store::{ConsumerCommit, CountKey, Folder, ModelEffect, NewAudit, NewDeadLetter, Store, StoreError, TxWork, UsageBucketKey, UsageOverflow};
+use sluice_store::{
+    ConsumerCommit, CountKey, Folder, ModelEffect, NewAudit, NewDeadLetter, Store, StoreError, TxWork, UsageBucketKey, UsageOverflow,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -1220,7 +1222,7 @@ impl Care {
                 // usual, and the events that add to them are dead-lettered.
                 let before = self.overflowing.len();
                 for o in list {
-                    self.overflowing.entry(o.bucket.clone()).or_insert_with(|| o.to_string());
+                    self.overflowing.entry((*o.bucket).clone()).or_insert_with(|| o.to_string());
                 }
                 if self.overflowing.len() == before {
                     // Refused again with nothing new learned: go on one

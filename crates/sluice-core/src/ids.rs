@@ -162,6 +162,7 @@ impl fmt::Display for WorkspaceName {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

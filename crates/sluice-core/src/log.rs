@@ -217,6 +217,7 @@ impl Drop for BurstGuard {
 
 #[cfg(test)]
 mod burst_tests {
+    #![allow(clippy::unwrap_used)]
     use super::Bursts;
 
     #[test]

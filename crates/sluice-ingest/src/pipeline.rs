@@ -286,7 +286,9 @@ impl Ingestor {
 
     /// Hands `items` to the writer if the budget and queue have room; when
     /// they have not (`Overloaded`), gives the items back.
-    #[allow(clippy::type_complexity)]
+    // The items come back to the caller by value (no copy of a batch); the
+    // large `Err` is moved once per refused attempt.
+    #[allow(clippy::type_complexity, clippy::result_large_err)]
     fn try_enqueue(&self, items: Items, bytes: usize) -> Result<oneshot::Receiver<Result<Outcome, IngestError>>, (IngestError, Option<Items>)> {
         if bytes > self.max_inflight_bytes {
             return Err((IngestError::TooLarge { needed: bytes, budget: self.max_inflight_bytes }, None));

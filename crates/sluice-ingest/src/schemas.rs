@@ -76,10 +76,13 @@ pub struct TypeSchema {
     pub enforce: bool,
 }
 
+/// Declared schemas by (workspace, event type).
+type ByType = HashMap<(String, String), Arc<TypeSchema>>;
+
 /// Every workspace's schemas, shared by ingest and the lake. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Schemas {
-    inner: Arc<RwLock<HashMap<(String, String), Arc<TypeSchema>>>>,
+    inner: Arc<RwLock<ByType>>,
 }
 
 impl Schemas {

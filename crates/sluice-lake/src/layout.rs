@@ -99,6 +99,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -545,7 +545,7 @@ impl EventsTable {
 /// Reads simple conjuncts: `timestamp <op> literal`, `content_type = 'x'`,
 /// `content_type IN (…)`, `year|month|day|hour = 'n'`. Anything else is
 /// left to DataFusion (the filters are inexact: it applies them all).
-fn collect_bounds<'a>(e: &Expr, lo: &mut i64, hi: &mut i64, types: &mut Option<Vec<String>>, parts: &mut HashMap<&'a str, String>) {
+fn collect_bounds(e: &Expr, lo: &mut i64, hi: &mut i64, types: &mut Option<Vec<String>>, parts: &mut HashMap<&str, String>) {
     match e {
         Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
             collect_bounds(left, lo, hi, types, parts);

@@ -346,7 +346,7 @@ impl LakeWriter {
     async fn flush(&self, buf: Buffer, pos: &[u64]) -> Result<(), LakeError> {
         let started = Instant::now();
         let events = buf.events;
-        let mut groups: Vec<(Key, Vec<Item>, Vec<(String, PropertyType)>)> = buf
+        let mut groups: Vec<Group> = buf
             .groups
             .into_iter()
             .flat_map(|(wt, hours)| {
@@ -358,7 +358,7 @@ impl LakeWriter {
                 (k, v, typed)
             })
             .collect();
-        groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+        groups.sort_by_key(|g| std::cmp::Reverse(g.1.len()));
         let root = self.cfg.root.clone();
         let rg = self.cfg.row_group_rows;
         let sources = buf.sources;
@@ -383,6 +383,10 @@ impl LakeWriter {
     }
 }
 
+/// The events of one file: (workspace, type, hour), the events, and the
+/// declared properties of the type (typed columns).
+type Group = (Key, Vec<Item>, Vec<(String, PropertyType)>);
+
 fn remove_files(root: &Path, files: &[LakeFile]) {
     for f in files {
         let _ = std::fs::remove_file(root.join(&f.path));
@@ -391,12 +395,7 @@ fn remove_files(root: &Path, files: &[LakeFile]) {
 
 /// Writes every group as one file, on all cores. On error returns the files
 /// already in place (for removal) and the error.
-fn write_groups(
-    root: &Path,
-    groups: Vec<(Key, Vec<Item>, Vec<(String, PropertyType)>)>,
-    sources: &Sources,
-    row_group_rows: usize,
-) -> Result<Vec<LakeFile>, (Vec<LakeFile>, LakeError)> {
+fn write_groups(root: &Path, groups: Vec<Group>, sources: &Sources, row_group_rows: usize) -> Result<Vec<LakeFile>, (Vec<LakeFile>, LakeError)> {
     // Files are written and renamed without an fsync each; one sync of the
     // whole file system below makes them all durable before the manifest
     // commit (thousands of fsyncs cost seconds when a flush spans many

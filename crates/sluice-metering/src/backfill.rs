@@ -128,7 +128,7 @@ impl JobHandler for MeterBackfill {
                         // buckets: their usage in this commit is skipped, the
                         // rest is committed.
                         Err(StoreError::UsageOverflow(list)) => {
-                            let keys: std::collections::HashSet<_> = list.iter().map(|o| o.bucket.clone()).collect();
+                            let keys: std::collections::HashSet<_> = list.iter().map(|o| (*o.bucket).clone()).collect();
                             for o in &list {
                                 tracing::warn!(meter = %key, error = %o, "usage not metered by the backfill");
                             }

@@ -196,7 +196,9 @@ pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Resu
             total,
             value,
         };
-        let mut folded: BTreeMap<(&str, &str, &str, DateTime<Utc>, DateTime<Utc>), Acc> = BTreeMap::new();
+        // (meter, customer, group, period start, period end)
+        type PeriodKey<'a> = (&'a str, &'a str, &'a str, DateTime<Utc>, DateTime<Utc>);
+        let mut folded: BTreeMap<PeriodKey, Acc> = BTreeMap::new();
         for b in &buckets {
             let (start, end) = period_of(b.bucket_start);
             let acc = Acc::of(agg, b.count, b.sum, b.min, b.max, b.latest_at.zip(b.latest_value).map(|(at, v)| (at.timestamp_micros(), v)));

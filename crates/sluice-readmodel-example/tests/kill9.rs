@@ -39,7 +39,11 @@ async fn append(log_dir: &std::path::Path, round: usize) -> (Vec<String>, Vec<St
         let id = format!("r{round}e{i}");
         let poison = i % 97 == 13;
         records.push(AppendRecord { partition: (i % 2) as u32, timestamp_ms: 0, payload: event(&id, poison) });
-        if poison { bad.push(id) } else { good.push(id) }
+        if poison {
+            bad.push(id)
+        } else {
+            good.push(id)
+        }
     }
     // One record per append call: many small records, many commits.
     for r in records {

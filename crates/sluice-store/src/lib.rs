@@ -39,8 +39,8 @@ pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, Folder, NewD
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
-pub use model::{ClearEventCounts, ModelEffect, Tx, TxFuture, TxWork};
 pub use metering::{Meter, UsageBucket, UsageBucketKey, UsageDelta, UsageOverflow};
+pub use model::{ClearEventCounts, ModelEffect, Tx, TxFuture, TxWork};
 pub use people::{CustomerRecord, UserRecord};
 pub use sessions::{NewSession, Session};
 pub use workspaces::Workspace;
@@ -253,19 +253,17 @@ pub(crate) fn sqlite_gate(pool: &sqlx::SqlitePool) -> Arc<tokio::sync::Mutex<()>
 
 impl BeginWrite for sqlx::SqlitePool {
     type Db = sqlx::Sqlite;
-    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<WriteTx<sqlx::Sqlite>, sqlx::Error>> + Send + '_ {
-        async move {
-            let gate = sqlite_gate(self).lock_owned().await;
-            let tx = self.begin_with("BEGIN IMMEDIATE").await?;
-            Ok(WriteTx { tx, _gate: Some(gate) })
-        }
+    async fn begin_write(&self) -> std::result::Result<WriteTx<sqlx::Sqlite>, sqlx::Error> {
+        let gate = sqlite_gate(self).lock_owned().await;
+        let tx = self.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx { tx, _gate: Some(gate) })
     }
 }
 
 impl BeginWrite for sqlx::PgPool {
     type Db = sqlx::Postgres;
-    fn begin_write(&self) -> impl std::future::Future<Output = std::result::Result<WriteTx<sqlx::Postgres>, sqlx::Error>> + Send + '_ {
-        async move { Ok(WriteTx { tx: self.begin().await?, _gate: None }) }
+    async fn begin_write(&self) -> std::result::Result<WriteTx<sqlx::Postgres>, sqlx::Error> {
+        Ok(WriteTx { tx: self.begin().await?, _gate: None })
     }
 }
 

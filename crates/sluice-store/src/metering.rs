@@ -108,7 +108,7 @@ impl UsageDelta {
         let count = self.count.checked_add(other.count);
         let sum = self.sum.checked_add(other.sum);
         let (Some(count), Some(sum)) = (count, sum) else {
-            return Err(UsageOverflow { bucket: self.bucket_key(), value: other.sum, total: self.sum });
+            return Err(UsageOverflow { bucket: Box::new(self.bucket_key()), value: other.sum, total: self.sum });
         };
         self.count = count;
         self.sum = sum;
@@ -164,8 +164,8 @@ pub struct UsageBucketKey {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("usage of meter {meter:?} for customer {customer:?} overflows: adding {value} to {total} exceeds the largest exact decimal (about 7.9e28)", meter = .bucket.meter, customer = .bucket.customer_id)]
 pub struct UsageOverflow {
-    /// The bucket.
-    pub bucket: UsageBucketKey,
+    /// The bucket (boxed: the error stays small on the hot path's `Result`s).
+    pub bucket: Box<UsageBucketKey>,
     /// The value being added.
     pub value: Decimal,
     /// What the bucket held.
@@ -391,7 +391,7 @@ macro_rules! apply_usage {
                         Ok(()) => chunk[i].set_aggregates(&total),
                         Err(mut o) => {
                             // `total` was read without its names.
-                            o.bucket = chunk[i].bucket_key();
+                            o.bucket = Box::new(chunk[i].bucket_key());
                             overflows.push(o);
                         }
                     }

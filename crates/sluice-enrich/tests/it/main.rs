@@ -19,7 +19,8 @@ mod user_agent {
     use super::*;
 
     /// (what, user agent, browser, version, os, device)
-    const CASES: &[(&str, &str, Option<&str>, Option<&str>, Option<&str>, &str)] = &[
+    type Case = (&'static str, &'static str, Option<&'static str>, Option<&'static str>, Option<&'static str>, &'static str);
+    const CASES: &[Case] = &[
         (
             "Chrome on Windows",
             "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",

@@ -83,7 +83,7 @@ fn event(i: usize, start: DateTime<Utc>, span_secs: i64, n: usize, r: &mut u64) 
     let customer = rand(r) % 1000;
     let user = customer * 50 + rand(r) % 50;
     let referrer = REFERRERS[(rand(r) % REFERRERS.len() as u64) as usize];
-    let utm = if rand(r) % 4 == 0 { "?utm_source=newsletter&utm_medium=email&utm_campaign=spring" } else { "" };
+    let utm = if rand(r).is_multiple_of(4) { "?utm_source=newsletter&utm_medium=email&utm_campaign=spring" } else { "" };
     json!({
         "workspace": "bench",
         "id": format!("e{i:010}"),

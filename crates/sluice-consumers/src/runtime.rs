@@ -700,7 +700,22 @@ impl Runtime {
                     batch.events().collect()
                 }
                 Err(e) => {
-                    tracing::error!(consumer = %name, partition = p, offset = r.offset, error = %e, "log record is not an event; skipped");
+                    // Never skipped silently: logged, counted, and a dead
+                    // letter of no workspace (the record names none).
+                    sluice_core::undecodable(&name, p, r.offset, &e);
+                    let now = Utc::now();
+                    pending.dead_letters.push(NewDeadLetter {
+                        consumer: name.clone(),
+                        workspace: String::new(),
+                        event_id: format!("record:{p}:{}", r.offset),
+                        event_type: String::new(),
+                        partition: p,
+                        offset: r.offset,
+                        error: format!("the log record cannot be decoded: {e}"),
+                        attempts: 1,
+                        first_failed_at: now,
+                        last_failed_at: now,
+                    });
                     next = r.offset + 1;
                     continue;
                 }
@@ -888,14 +903,7 @@ impl Runtime {
                 }
             };
             for d in claimed {
-                let event = match self.log.read(d.partition, d.offset, 1, 1).await {
-                    Ok(recs) => recs
-                        .into_iter()
-                        .find(|r| r.offset == d.offset)
-                        .and_then(|r| Payload::decode(&r.payload).ok())
-                        .and_then(|p| p.find(&d.event_id)),
-                    Err(_) => None,
-                };
+                let event = sluice_core::fetch_event(self.log.as_ref(), &name, d.partition, d.offset, &d.event_id).await.ok().flatten();
                 let Some(event) = event else {
                     let _ = self.store.replay_failed(&d.id, "the event is no longer in the log (retention)", 0).await;
                     continue;

@@ -183,3 +183,25 @@ async fn effects_kept_during_a_burst_settle_before_the_runtime_is_idle() {
     assert_eq!(total(&store).await, 10, "idle before the effects kept during the burst were committed");
     rt.stop_all().await;
 }
+
+/// Issue 7: a record that cannot be decoded is never skipped silently: the
+/// consumer dead-letters it (no workspace: the record names none) with the
+/// reason, and handles the records around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_is_dead_lettered_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(sluice_log::EmbeddedLog::open(sluice_log::LogConfig::new(dir.path().join("log"), 1)).unwrap());
+    let mut records: Vec<AppendRecord> = (0..4).map(|i| AppendRecord { partition: 0, timestamp_ms: 0, payload: event(&format!("e{i}"), "c") }).collect();
+    records.insert(2, AppendRecord { partition: 0, timestamp_ms: 0, payload: b"{not an event".to_vec() });
+    log.append(records).await.unwrap();
+    let rt = Runtime::new(log.clone(), store.clone(), RetryPolicy::default(), 10);
+    rt.start(Arc::new(Handle(Arc::new(Picky::default()))));
+    eventually("the good events counted", || async { total(&store).await == 4 }).await;
+    let dead = store.list_dead_letters("", Some("picky"), None, None, 100).await.unwrap().data;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].partition, dead[0].offset, dead[0].attempts), (0, 2, 1));
+    assert_eq!(dead[0].event_id, "record:0:2");
+    assert!(dead[0].error.starts_with("the log record cannot be decoded"), "{}", dead[0].error);
+    rt.stop_all().await;
+}

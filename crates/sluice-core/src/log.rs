@@ -16,6 +16,7 @@
 //!   transaction as the dedup index (see `sluice-ingest`).
 
 use async_trait::async_trait;
+use crate::{Event, Payload, PayloadError};
 
 /// A record payload.
 pub type Bytes = Vec<u8>;
@@ -235,4 +236,73 @@ mod burst_tests {
         assert!(!b.active());
         assert!(rx.has_changed().unwrap());
     }
+}
+
+/// A record as every reader of the log sees it: where it is, when it was
+/// appended, and its decoded payload — or why it cannot be decoded.
+#[derive(Debug)]
+pub struct DecodedRecord {
+    /// Partition.
+    pub partition: u32,
+    /// Offset in the partition.
+    pub offset: u64,
+    /// Append time (Unix milliseconds).
+    pub timestamp_ms: i64,
+    /// Encoded size in bytes (what memory budgets count).
+    pub len: usize,
+    /// The payload, or why it is not one.
+    pub payload: Result<Payload, PayloadError>,
+}
+
+/// The one way to read the log: up to `max_records` records (about
+/// `max_bytes`) of `partition` from `from`, decoded. `reader` names the
+/// reader in logs and metrics.
+///
+/// A record that cannot be decoded is never skipped silently: it is
+/// returned with its error, logged at WARN with the reader, partition and
+/// offset, and counted in `sluice_log_undecodable_records_total{reader}`.
+/// What the reader does next is its policy: a consumer sends it to its dead
+/// letters ([`undecodable`] also serves a reader with its own decoding).
+pub async fn read_decoded(
+    log: &dyn EventLog,
+    reader: &str,
+    partition: u32,
+    from: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Vec<DecodedRecord>, LogError> {
+    let records = log.read(partition, from, max_records, max_bytes).await?;
+    Ok(records
+        .into_iter()
+        .map(|r| {
+            let payload = Payload::decode(&r.payload);
+            if let Err(e) = &payload {
+                undecodable(reader, r.partition, r.offset, e);
+            }
+            DecodedRecord { partition: r.partition, offset: r.offset, timestamp_ms: r.timestamp_ms, len: r.payload.len(), payload }
+        })
+        .collect())
+}
+
+/// Logs and counts a record that cannot be decoded (see [`read_decoded`]).
+pub fn undecodable(reader: &str, partition: u32, offset: u64, error: &PayloadError) {
+    tracing::warn!(reader, partition, offset, error = %error, "log record cannot be decoded");
+    metrics::counter!("sluice_log_undecodable_records_total", "reader" => reader.to_owned()).increment(1);
+}
+
+/// The record at (`partition`, `offset`), decoded; `None` when there is
+/// none (removed by retention, or not written yet).
+pub async fn fetch_record(log: &dyn EventLog, reader: &str, partition: u32, offset: u64) -> Result<Option<DecodedRecord>, LogError> {
+    if offset < log.start_offset(partition) || offset >= log.next_offset(partition) {
+        return Ok(None);
+    }
+    let records = read_decoded(log, reader, partition, offset, 1, 1).await?;
+    Ok(records.into_iter().find(|r| r.offset == offset))
+}
+
+/// The event `event_id` of the record at (`partition`, `offset`): `None`
+/// when the record is gone, cannot be decoded (logged, see
+/// [`read_decoded`]) or does not hold that event.
+pub async fn fetch_event(log: &dyn EventLog, reader: &str, partition: u32, offset: u64, event_id: &str) -> Result<Option<Event>, LogError> {
+    Ok(fetch_record(log, reader, partition, offset).await?.and_then(|r| r.payload.ok()).and_then(|p| p.find(event_id)))
 }

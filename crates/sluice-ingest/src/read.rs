@@ -12,7 +12,7 @@
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use sluice_core::{Event, EventLog, Payload, WorkspaceName};
+use sluice_core::{Event, EventLog, WorkspaceName};
 use sluice_log::index::IdIndex;
 
 /// Most log records scanned per partition for one page.
@@ -137,7 +137,7 @@ pub async fn list_events(
         let end = ends[p as usize];
         let mut scanned = 0;
         while pos < end && found.len() < limit && scanned < SCAN_BUDGET {
-            let records = log.read(p, pos, 1000, 4 << 20).await?;
+            let records = sluice_core::read_decoded(log, "events_api", p, pos, 1000, 4 << 20).await?;
             if records.is_empty() {
                 break;
             }
@@ -145,7 +145,7 @@ pub async fn list_events(
                 scanned += 1;
                 pos = r.offset + 1;
                 let skip_here = if r.offset == start { skip } else { 0 };
-                let Ok(payload) = Payload::decode(&r.payload) else { continue };
+                let Ok(payload) = r.payload else { continue };
                 if payload.workspace() != workspace {
                     continue;
                 }
@@ -189,11 +189,6 @@ pub async fn get_event(log: &dyn EventLog, index: &IdIndex, workspace: &Workspac
     if o < log.start_offset(p) {
         return Ok(None); // removed by log retention
     }
-    let records = log.read(p, o, 1, 1).await?;
-    Ok(records
-        .into_iter()
-        .find(|r| r.offset == o)
-        .and_then(|r| Payload::decode(&r.payload).ok())
-        .filter(|p| p.workspace() == workspace)
-        .and_then(|p| p.find(id)))
+    let record = sluice_core::fetch_record(log, "events_api", p, o).await?;
+    Ok(record.and_then(|r| r.payload.ok()).filter(|p| p.workspace() == workspace).and_then(|p| p.find(id)))
 }

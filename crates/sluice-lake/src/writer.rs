@@ -284,7 +284,7 @@ impl LakeWriter {
                         // Full: flush before reading on (the memory bound).
                         break;
                     }
-                    let recs = match self.log.read(p, pos[p as usize], 20_000, READ_BYTES).await {
+                    let recs = match sluice_core::read_decoded(self.log.as_ref(), "lake", p, pos[p as usize], 20_000, READ_BYTES).await {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(partition = p, error = %e, "lake writer cannot read the log; retrying");
@@ -299,11 +299,10 @@ impl LakeWriter {
                         }
                         read_any = true;
                         pos[p as usize] = r.offset + 1;
-                        match Payload::decode(&r.payload) {
-                            Ok(payload) => buf.push(payload, r.payload.len()),
-                            Err(e) => {
-                                tracing::error!(partition = p, offset = r.offset, error = %e, "lake writer skips a record that is not an event")
-                            }
+                        // A record that cannot be decoded has no rows: logged
+                        // and counted by the reader.
+                        if let Ok(payload) = r.payload {
+                            buf.push(payload, r.len);
                         }
                     }
                 }

@@ -81,14 +81,14 @@ impl JobHandler for MeterBackfill {
                 if ctx.is_cancelled() {
                     return Err(JobError::Cancelled);
                 }
-                let records = self.log.read(p, next, 5000, 8 << 20).await?;
+                let records = sluice_core::read_decoded(self.log.as_ref(), "meter_backfill", p, next, 5000, 8 << 20).await?;
                 let Some(last) = records.last().map(|r| r.offset) else { break };
                 let mut commit = ConsumerCommit { consumer: name.clone(), ..Default::default() };
                 // Folded exactly: a delta that would overflow is refused
                 // whole, and its event skipped.
                 let mut folder = Folder::default();
-                for r in records.iter().filter(|r| r.offset < until) {
-                    let events = match Payload::decode(&r.payload) {
+                for r in records.into_iter().filter(|r| r.offset < until) {
+                    let events = match r.payload {
                         Ok(Payload::Batch(b)) => match crate::meter::batch_usage(&meter, &b) {
                             Some(Ok(d)) => {
                                 let n = d.iter().map(|d| d.count as u64).sum::<u64>();
@@ -101,7 +101,11 @@ impl JobHandler for MeterBackfill {
                             _ => b.events().collect(),
                         },
                         Ok(p) => p.into_events(),
-                        Err(_) => continue,
+                        Err(e) => {
+                            // Logged and counted by the reader; named in the job's result.
+                            skip(1, format!("log record {}:{} cannot be decoded: {e}", r.partition, r.offset), &mut reasons);
+                            continue;
+                        }
                     };
                     for e in events {
                         let why = match crate::meter::usage_of(&meter, &e) {

@@ -376,18 +376,15 @@ pub fn run(cmd: Cmd) -> Result<()> {
             }
             Cmd::Jobs(JobsCmd::Watch { id, conn }) => {
                 let client = Client::new(&conn)?;
+                let bar = progress::bar("{msg:10} [{bar:30}] {pos}/{len} {percent}% ETA {eta}");
                 loop {
                     let j = client.call(Method::GET, &format!("/v1/jobs/{}", urlencode(&id)), None).await?;
                     let status = s(&j["status"]);
-                    let pct = j["progress"]["percent"].as_f64();
-                    let bar = pct.map(|p| {
-                        let filled = (p / 5.0).round() as usize;
-                        format!("[{}{}] {p:5.1}%", "#".repeat(filled), " ".repeat(20 - filled.min(20)))
-                    });
-                    let eta = j["progress"]["eta_seconds"].as_f64().map(|e| format!(" ETA {e:.0}s")).unwrap_or_default();
-                    eprint!("\r{status:<10} {} {}/{}{eta}   ", bar.unwrap_or_default(), s(&j["progress"]["done"]), s(&j["progress"]["total"]));
+                    bar.set_length(j["progress"]["total"].as_u64().unwrap_or(0));
+                    bar.set_position(j["progress"]["done"].as_u64().unwrap_or(0));
+                    bar.set_message(status.clone());
                     if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
-                        eprintln!();
+                        bar.finish();
                         println!("{}", serde_json::to_string_pretty(&j)?);
                         if status != "succeeded" {
                             bail!("job {id} ended {status}: {}", s(&j["error"]));
@@ -579,8 +576,9 @@ async fn import(args: ImportArgs) -> Result<()> {
     } else {
         let f = tokio::fs::File::open(&args.file).await.with_context(|| format!("opening {}", args.file))?;
         let size = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-        eprintln!("uploading {} ({size} bytes)", args.file);
-        reqwest::Body::wrap_stream(tokio_util_shim::file_stream(f))
+        let upload = progress::bar("uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}");
+        upload.set_length(size);
+        reqwest::Body::wrap_stream(tokio_util_shim::file_stream(f, upload))
     };
     let resp = client
         .http
@@ -593,13 +591,17 @@ async fn import(args: ImportArgs) -> Result<()> {
         .with_context(|| format!("cannot reach {}", client.base))?;
     let mut v = decode(resp).await?;
     let id = s(&v["id"]);
+    let rows = progress::bar("{msg:10} [{bar:30}] {pos}/{len} rows ETA {eta}");
     while !matches!(s(&v["status"]).as_str(), "succeeded" | "failed" | "cancelled") {
-        eprint!("\r{:<10} rows {}/{}   ", s(&v["status"]), s(&v["rows_processed"]), s(&v["rows_total"]));
+        rows.set_length(v["rows_total"].as_u64().unwrap_or(0));
+        rows.set_position(v["rows_processed"].as_u64().unwrap_or(0));
+        rows.set_message(s(&v["status"]));
         tokio::time::sleep(Duration::from_millis(500)).await;
         v = client.call(Method::GET, &format!("/v1/imports/{}", urlencode(&id)), None).await?;
     }
+    rows.finish_and_clear();
     eprintln!(
-        "\r{}: {} rows, {} imported, {} duplicate, {} rejected",
+        "{}: {} rows, {} imported, {} duplicate, {} rejected",
         s(&v["status"]),
         s(&v["rows_total"]),
         s(&v["rows_imported"]),
@@ -616,21 +618,44 @@ async fn import(args: ImportArgs) -> Result<()> {
     Ok(())
 }
 
-/// Streams a file in 1 MiB chunks (bounded memory for any file size).
+/// Progress bars on stderr (indicatif): drawn only when stderr is a
+/// terminal, so scripts and logs get the summary lines alone.
+mod progress {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+    /// A bar with `template` (indicatif's syntax).
+    pub fn bar(template: &str) -> ProgressBar {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("#>-"));
+        }
+        bar
+    }
+}
+
+/// Streams a file in 1 MiB chunks (bounded memory for any file size),
+/// advancing `bar` by the bytes sent.
 mod tokio_util_shim {
     use tokio::io::AsyncReadExt;
 
-    pub fn file_stream(f: tokio::fs::File) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> {
-        futures::stream::unfold(Some(f), |f| async move {
-            let mut f = f?;
-            let mut buf = vec![0u8; 1 << 20];
-            match f.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(buf), Some(f)))
+    pub fn file_stream(f: tokio::fs::File, bar: indicatif::ProgressBar) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> {
+        futures::stream::unfold(Some(f), move |f| {
+            let bar = bar.clone();
+            async move {
+                let mut f = f?;
+                let mut buf = vec![0u8; 1 << 20];
+                match f.read(&mut buf).await {
+                    Ok(0) => {
+                        bar.finish_and_clear();
+                        None
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        bar.inc(n as u64);
+                        Some((Ok(buf), Some(f)))
+                    }
+                    Err(e) => Some((Err(e), None)),
                 }
-                Err(e) => Some((Err(e), None)),
             }
         })
     }

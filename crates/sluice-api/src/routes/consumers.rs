@@ -276,14 +276,10 @@ fn dlq_not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
 pub async fn dlq_get(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<DeadLetterView>, ApiError> {
     who.require_read()?;
     let d = st.store.get_dead_letter(who.workspace.as_str(), &id).await.map_err(dlq_not_found(&id))?;
-    let event = st
-        .log
-        .read(d.partition, d.offset, 1, 1)
+    let event = sluice_core::fetch_event(st.log.as_ref(), "dlq_api", d.partition, d.offset, &d.event_id)
         .await
         .ok()
-        .and_then(|r| r.into_iter().find(|r| r.offset == d.offset))
-        .and_then(|r| sluice_core::Payload::decode(&r.payload).ok())
-        .and_then(|p| p.find(&d.event_id))
+        .flatten()
         .and_then(|e| serde_json::to_value(e).ok());
     let mut view = DeadLetterView::from(d);
     view.event = event;

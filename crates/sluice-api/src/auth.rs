@@ -51,6 +51,18 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// An audit entry of an action of this key in its workspace.
+    pub fn audit(&self, action: &str, target_type: &str, target_id: impl std::fmt::Display, details: serde_json::Value) -> sluice_store::NewAudit {
+        sluice_store::NewAudit {
+            workspace: self.workspace.to_string(),
+            actor_key_id: Some(self.key_id.clone()),
+            action: action.to_owned(),
+            target_type: target_type.to_owned(),
+            target_id: target_id.to_string(),
+            details,
+        }
+    }
+
     /// Fails with 403 unless the key may write events.
     pub fn require_ingest(&self) -> Result<(), ApiError> {
         self.require(self.scope.can_ingest(), "write events", "an ingest or admin key")

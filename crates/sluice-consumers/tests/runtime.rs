@@ -192,7 +192,8 @@ async fn an_undecodable_record_is_dead_lettered_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::connect(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
     let log: Arc<dyn EventLog> = Arc::new(sluice_log::EmbeddedLog::open(sluice_log::LogConfig::new(dir.path().join("log"), 1)).unwrap());
-    let mut records: Vec<AppendRecord> = (0..4).map(|i| AppendRecord { partition: 0, timestamp_ms: 0, payload: event(&format!("e{i}"), "c") }).collect();
+    let mut records: Vec<AppendRecord> =
+        (0..4).map(|i| AppendRecord { partition: 0, timestamp_ms: 0, payload: event(&format!("e{i}"), "c") }).collect();
     records.insert(2, AppendRecord { partition: 0, timestamp_ms: 0, payload: b"{not an event".to_vec() });
     log.append(records).await.unwrap();
     let rt = Runtime::new(log.clone(), store.clone(), RetryPolicy::default(), 10);

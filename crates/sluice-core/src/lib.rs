@@ -12,6 +12,7 @@ pub mod event;
 pub mod ids;
 pub mod job_state;
 pub mod log;
+pub mod named;
 pub mod people;
 pub mod retry;
 pub mod scope;
@@ -21,7 +22,15 @@ pub use batch::{decode_events, hex_event_id, BatchHeader, BatchRow, BatchRows, E
 pub use event::{partition_for, Event};
 pub use ids::{check_storable, EventId, EventType, IdError, WorkspaceName};
 pub use job_state::{JobState, UnknownJobState};
-pub use log::{fetch_event, fetch_record, read_decoded, undecodable, DecodedRecord, AppendRecord, BurstGuard, Bursts, Busy, Bytes, EventLog, LogError, LogStats, Record, RetentionReport};
+pub use log::{
+    fetch_event, fetch_record, read_decoded, undecodable, AppendRecord, BurstGuard, Bursts, Busy, Bytes, DecodedRecord, EventLog, LogError, LogStats,
+    Record, RetentionReport,
+};
 pub use people::{has_record_effects, record_effects, RecordEffect};
 pub use retry::{Backoff, Jitter};
 pub use scope::Scope;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use serde;
+}

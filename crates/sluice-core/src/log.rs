@@ -15,8 +15,8 @@
 //!   the ingest pipeline record event positions in the same state-store
 //!   transaction as the dedup index (see `sluice-ingest`).
 
-use async_trait::async_trait;
 use crate::{Event, Payload, PayloadError};
+use async_trait::async_trait;
 
 /// A record payload.
 pub type Bytes = Vec<u8>;

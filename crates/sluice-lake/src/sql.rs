@@ -341,7 +341,9 @@ impl SqlEngine {
             let mut at = checkpoints.get(&p).copied().unwrap_or_else(|| self.log.start_offset(p));
             let end = self.log.next_offset(p);
             while at < end {
-                let recs = sluice_core::read_decoded(self.log.as_ref(), "sql", p, at, 10_000, 16 << 20).await.map_err(|e| SqlError::Internal(e.to_string()))?;
+                let recs = sluice_core::read_decoded(self.log.as_ref(), "sql", p, at, 10_000, 16 << 20)
+                    .await
+                    .map_err(|e| SqlError::Internal(e.to_string()))?;
                 let Some(last) = recs.last() else { break };
                 at = last.offset + 1;
                 for r in recs.into_iter().filter(|r| r.offset < end) {

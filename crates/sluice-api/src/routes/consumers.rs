@@ -150,14 +150,7 @@ pub async fn reset(
     if !owns_webhook(&st, &who, &name).await? {
         return Err(ApiError::not_found(format!("consumer {name:?} not found")));
     }
-    let audit = NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: "consumer.reset".into(),
-        target_type: "consumer".into(),
-        target_id: name.clone(),
-        details: json!({"to": body.to}),
-    };
+    let audit = who.audit("consumer.reset", "consumer", &name, json!({"to": body.to}));
     let log = st.consumers.log().clone();
     let done = st.consumers.reset(&name, &body.to, &audit).await.map_err(|e| match e {
         sluice_consumers::RuntimeError::NoSuchConsumer(_) => ApiError::not_found(format!("consumer {name:?} not found")),
@@ -287,14 +280,7 @@ pub async fn dlq_get(State(st): State<AppState>, who: Principal, Path(id): Path<
 }
 
 fn audit(who: &Principal, action: &str, target: &str, details: Value) -> NewAudit {
-    NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: action.into(),
-        target_type: "dead_letter".into(),
-        target_id: target.into(),
-        details,
-    }
+    who.audit(action, "dead_letter", target, details)
 }
 
 /// Replays one dead letter through its consumer (status `dead` → `replaying`).

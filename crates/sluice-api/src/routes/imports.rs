@@ -111,14 +111,7 @@ pub async fn create(
         })
         .await?;
     st.jobs.wake();
-    let audit = sluice_store::NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: "import.create".into(),
-        target_type: "import".into(),
-        target_id: job.id.clone(),
-        details: json!({"bytes": bytes, "mode": mode}),
-    };
+    let audit = who.audit("import.create", "import", &job.id, json!({"bytes": bytes, "mode": mode}));
     if let Err(e) = st.store.record_audit(&audit).await {
         tracing::error!(error = %e, "could not audit an import");
     }

@@ -157,14 +157,7 @@ pub async fn retry(State(st): State<AppState>, who: Principal, Path(id): Path<St
 /// Records a job operation in the audit log. It is written right after the
 /// change (not in its transaction); a failure to write it is logged.
 async fn audit(st: &AppState, who: &Principal, action: &str, job: &Job) {
-    let entry = sluice_store::NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: action.into(),
-        target_type: "job".into(),
-        target_id: job.id.clone(),
-        details: serde_json::json!({"kind": job.kind, "status": job.state}),
-    };
+    let entry = who.audit(action, "job", &job.id, serde_json::json!({"kind": job.kind, "status": job.state}));
     if let Err(e) = st.store.record_audit(&entry).await {
         tracing::error!(error = %e, job = %job.id, "could not write the audit entry of a job operation");
     }

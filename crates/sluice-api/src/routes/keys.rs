@@ -104,11 +104,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(body): Json
     };
     let audit = sluice_store::NewAudit {
         workspace: workspace.clone(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: "key.create".into(),
-        target_type: "key".into(),
-        target_id: new.id.clone(),
-        details: serde_json::json!({"name": new.name, "scope": new.scope.as_str(), "prefix": new.prefix}),
+        ..who.audit("key.create", "key", &new.id, serde_json::json!({"name": new.name, "scope": new.scope.as_str(), "prefix": new.prefix}))
     };
     let key = st.store.create_key(&new, &audit).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::not_found(format!("workspace {workspace:?} not found")),
@@ -160,11 +156,7 @@ pub async fn delete(State(st): State<AppState>, who: Principal, Path(id): Path<S
     }
     let audit = sluice_store::NewAudit {
         workspace: key.workspace.clone(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: "key.revoke".into(),
-        target_type: "key".into(),
-        target_id: id.clone(),
-        details: serde_json::json!({"name": key.name, "scope": key.scope.as_str()}),
+        ..who.audit("key.revoke", "key", &id, serde_json::json!({"name": key.name, "scope": key.scope.as_str()}))
     };
     st.store.revoke_key(&id, &audit).await.map_err(|e| match e {
         StoreError::NotFound => not_found(),

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_ingest::PropertyType;
 use sluice_lake::sql::{Access, Format, SqlError};
-use sluice_store::{EventSchema, NewAudit, SavedQuery, StoreError};
+use sluice_store::{EventSchema, SavedQuery, StoreError};
 
 use super::jobs::JobView;
 use super::{rfc3339, List};
@@ -373,14 +373,7 @@ pub async fn run_query(State(st): State<AppState>, who: Principal, Path(name): P
 }
 
 async fn audit(st: &AppState, who: &Principal, action: &str, target_type: &str, target_id: &str, details: Value) {
-    let a = NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: action.into(),
-        target_type: target_type.into(),
-        target_id: target_id.into(),
-        details,
-    };
+    let a = who.audit(action, target_type, target_id, details);
     if let Err(e) = st.store.record_audit(&a).await {
         tracing::error!(error = %e, action, "could not audit");
     }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sluice_metering::usage::{Granularity, UsageQuery};
 use sluice_metering::{consumer, MeterSpec, MetersConsumer};
-use sluice_store::{Meter, NewAudit, StoreError};
+use sluice_store::{Meter, StoreError};
 
 use super::{rfc3339, List};
 use crate::auth::Principal;
@@ -113,14 +113,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
             start_offsets: start,
             created_at: chrono::Utc::now(),
         };
-        let audit = NewAudit {
-            workspace: who.workspace.to_string(),
-            actor_key_id: Some(who.key_id.clone()),
-            action: "meter.create".into(),
-            target_type: "meter".into(),
-            target_id: m.key.clone(),
-            details: json!({"event_type": m.event_type, "aggregation": m.aggregation}),
-        };
+        let audit = who.audit("meter.create", "meter", &m.key, json!({"event_type": m.event_type, "aggregation": m.aggregation}));
         st.store.create_meter(&m, &who.key_id, &audit).await?;
         st.meters.add(m.clone());
         Ok::<Meter, StoreError>(m)

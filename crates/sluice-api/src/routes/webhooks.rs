@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sluice_consumers::webhooks::{consumer_name, sign, ssrf, WebhookConsumer};
-use sluice_store::{Delivery, NewAudit, StoreError, Webhook};
+use sluice_store::{Delivery, StoreError, Webhook};
 
 use super::{rfc3339, List, PageQuery};
 use crate::auth::Principal;
@@ -84,14 +84,7 @@ pub async fn create(
         secret: sign::generate_secret(),
         created_at: chrono::Utc::now(),
     };
-    let audit = NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: "webhook.create".into(),
-        target_type: "webhook".into(),
-        target_id: hook.id.clone(),
-        details: json!({"url": hook.url, "event_types": hook.event_types}),
-    };
+    let audit = who.audit("webhook.create", "webhook", &hook.id, json!({"url": hook.url, "event_types": hook.event_types}));
     // The consumer starts at the log's end as of now, recorded with the
     // webhook: every event accepted after this response is delivered.
     let log = st.consumers.log();
@@ -128,14 +121,7 @@ fn not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", responses((status = 204), (status = 404)), security(("bearer" = [])))]
 pub async fn delete(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     who.require_admin()?;
-    let audit = NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: "webhook.delete".into(),
-        target_type: "webhook".into(),
-        target_id: id.clone(),
-        details: json!({}),
-    };
+    let audit = who.audit("webhook.delete", "webhook", &id, json!({}));
     st.store.delete_webhook(who.workspace.as_str(), &id, &audit).await.map_err(not_found(&id))?;
     st.consumers.stop(&consumer_name(&id)).await;
     Ok(StatusCode::NO_CONTENT)

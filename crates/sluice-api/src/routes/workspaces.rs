@@ -56,14 +56,7 @@ pub async fn create(
     let tz = body.time_zone.unwrap_or_else(|| "UTC".to_owned());
     chrono_tz::Tz::from_str(&tz)
         .map_err(|_| ApiError::bad_request(format!("time_zone {tz:?} is not an IANA time zone name such as \"Asia/Tokyo\" or \"UTC\"")))?;
-    let audit = sluice_store::NewAudit {
-        workspace: who.workspace.to_string(),
-        actor_key_id: Some(who.key_id.clone()),
-        action: "workspace.create".into(),
-        target_type: "workspace".into(),
-        target_id: name.to_string(),
-        details: serde_json::json!({"time_zone": tz}),
-    };
+    let audit = who.audit("workspace.create", "workspace", name.to_string(), serde_json::json!({"time_zone": tz}));
     let ws = st.store.create_workspace(name.as_str(), &tz, &audit).await?;
     tracing::info!(workspace = %ws.name, by = %who.key_id, "workspace created");
     Ok((StatusCode::CREATED, Json(ws.into())))

@@ -425,6 +425,19 @@ impl Writer {
         }
     }
 
+    /// Answers a group whose append failed: nothing of it is in the log, so
+    /// its ids leave the in-flight set and every request gets a 503.
+    fn refuse(&self, keys: &[u128], replies: Vec<(oneshot::Sender<Result<Outcome, IngestError>>, Outcome)>) {
+        let mut inflight = lock(&self.shared.inflight);
+        for k in keys {
+            inflight.remove(k);
+        }
+        drop(inflight);
+        for (reply, _) in replies {
+            let _ = reply.send(Err(IngestError::Unavailable("event log unavailable".into())));
+        }
+    }
+
     async fn write_group(&self, mut group: Vec<Pending>, index_tx: &mpsc::Sender<IndexJob>) {
         let started = Instant::now();
         if self.shared.needs_rebuild.load(Ordering::Acquire) {
@@ -551,14 +564,7 @@ impl Writer {
                 Err(e) => {
                     tracing::error!(error = %e, "log append failed");
                     // A failed append wrote nothing (the log rolls back).
-                    let mut inflight = lock(&self.shared.inflight);
-                    for k in &keys {
-                        inflight.remove(k);
-                    }
-                    drop(inflight);
-                    for (reply, _) in replies {
-                        let _ = reply.send(Err(IngestError::Unavailable("event log unavailable".into())));
-                    }
+                    self.refuse(&keys, replies);
                     return;
                 }
             };
@@ -570,14 +576,7 @@ impl Writer {
             if predicted != actual || offsets.len() != records_len {
                 tracing::error!("log offsets differ from the predicted ones; rebuilding the event index");
                 self.shared.needs_rebuild.store(true, Ordering::Release);
-                let mut inflight = lock(&self.shared.inflight);
-                for k in &keys {
-                    inflight.remove(k);
-                }
-                drop(inflight);
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(IngestError::Unavailable("event log unavailable".into())));
-                }
+                self.refuse(&keys, replies);
                 return;
             }
             metrics::histogram!("sluice_ingest_stage_seconds", "stage" => "append").record(t_append.elapsed().as_secs_f64());

@@ -93,6 +93,25 @@ pub fn bucket_of(t: chrono::DateTime<chrono::Utc>) -> i64 {
 /// at commit time instead of being dead-lettered here, by its event).
 pub const MAX_KEY_BYTES: usize = 512;
 
+/// The group key of an event with these properties (the JSON object of the
+/// meter's `group_by` properties, empty without any); `None` when the
+/// meter's filter leaves the event out.
+fn filtered_group(m: &Meter, props: &Value) -> Result<Option<String>, MeterError> {
+    if m.filter.iter().any(|(k, want)| at(props, k) != Some(want)) {
+        return Ok(None);
+    }
+    let group_key = if m.group_by.is_empty() {
+        String::new()
+    } else {
+        let g: Map<String, Value> = m.group_by.iter().map(|p| (p.clone(), at(props, p).cloned().unwrap_or(Value::Null))).collect();
+        Value::Object(g).to_string()
+    };
+    if group_key.len() > MAX_KEY_BYTES {
+        return Err(MeterError::GroupKeyTooLong { meter: m.key.clone(), bytes: group_key.len() });
+    }
+    Ok(Some(group_key))
+}
+
 /// The usage one event contributes to one meter: `Ok(None)` if the meter
 /// does not apply to it, `Err` (naming the property) if it applies but its
 /// value is missing or not a number.
@@ -101,18 +120,7 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, MeterError> 
         return Ok(None);
     }
     let props: Value = serde_json::from_str(e.properties.get()).unwrap_or(Value::Null);
-    if m.filter.iter().any(|(k, want)| at(&props, k) != Some(want)) {
-        return Ok(None);
-    }
-    let group_key = if m.group_by.is_empty() {
-        String::new()
-    } else {
-        let g: Map<String, Value> = m.group_by.iter().map(|p| (p.clone(), at(&props, p).cloned().unwrap_or(Value::Null))).collect();
-        Value::Object(g).to_string()
-    };
-    if group_key.len() > MAX_KEY_BYTES {
-        return Err(MeterError::GroupKeyTooLong { meter: m.key.clone(), bytes: group_key.len() });
-    }
+    let Some(group_key) = filtered_group(m, &props)? else { return Ok(None) };
     let mut d = UsageDelta {
         workspace: m.workspace.as_str().into(),
         meter: m.key.as_str().into(),
@@ -173,18 +181,11 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
     }
     // Filter and group are the same for every row: read them off the template.
     let template = Value::Object(h.properties.clone());
-    if m.filter.iter().any(|(k, want)| at(&template, k) != Some(want)) {
-        return Some(Ok(Vec::new()));
-    }
-    let group_key = if m.group_by.is_empty() {
-        String::new()
-    } else {
-        let g: Map<String, Value> = m.group_by.iter().map(|p| (p.clone(), at(&template, p).cloned().unwrap_or(Value::Null))).collect();
-        Value::Object(g).to_string()
+    let group_key = match filtered_group(m, &template) {
+        Ok(Some(g)) => g,
+        Ok(None) => return Some(Ok(Vec::new())),
+        Err(e) => return Some(Err(e)),
     };
-    if group_key.len() > MAX_KEY_BYTES {
-        return Some(Err(MeterError::GroupKeyTooLong { meter: m.key.clone(), bytes: group_key.len() }));
-    }
     let valued = m.aggregation.reads_values();
     if valued && m.value_property != h.value_path {
         // The value is not the row's: only the template can hold it, which

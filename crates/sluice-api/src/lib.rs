@@ -25,7 +25,7 @@ use utoipa::OpenApi;
 
 pub use error::ApiError;
 pub use server::HttpSettings;
-pub use state::{ApiLimits, AppState, WebhookSettings};
+pub use state::{ApiLimits, AppState, WebhookSettings, WorkspaceLimits};
 
 #[derive(OpenApi)]
 #[openapi(

@@ -65,14 +65,19 @@ use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use crate::ApiError;
 
-/// Timeouts and the connection cap (`[http]` in the configuration).
-#[derive(Debug, Clone, Copy)]
+/// Timeouts and the connection cap: the `[http]` section of the
+/// configuration (its defaults are in the binary's `defaults.toml`).
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// Time to send a request's complete headers. Default 10 s.
+    #[serde(with = "sluice_core::duration")]
     pub header_timeout: Duration,
     /// Longest pause while a request body is being received. Default 60 s.
+    #[serde(with = "sluice_core::duration")]
     pub body_timeout: Duration,
     /// An idle keep-alive connection is closed after this. Default 60 s.
+    #[serde(with = "sluice_core::duration")]
     pub idle_timeout: Duration,
     /// Most open connections; more are answered 503. Default 1024.
     pub max_connections: usize,

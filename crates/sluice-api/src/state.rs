@@ -29,15 +29,30 @@ pub struct ApiLimits {
     pub segment_max_message_bytes: usize,
     /// Segment-compatible endpoints: largest request. Default 500 KiB.
     pub segment_max_batch_bytes: usize,
-    /// Most webhooks per workspace (`limits.webhooks`). Default 50: every
-    /// webhook is one more consumer reading every event of the log.
-    pub max_webhooks: usize,
-    /// Most event schemas per workspace (`limits.schemas`). Default 200.
-    pub max_schemas: usize,
-    /// Most meters per workspace (`limits.meters`). Default 500.
-    pub max_meters: usize,
-    /// Most saved queries per workspace (`limits.saved_queries`). Default 200.
-    pub max_saved_queries: usize,
+    /// Most configuration objects per workspace (`[limits]`).
+    pub workspace: WorkspaceLimits,
+}
+
+/// Most configuration objects per workspace: the `[limits]` section of the
+/// configuration (defaults in the binary's `defaults.toml`).
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceLimits {
+    /// Most webhooks (`limits.webhooks`). Default 50: every webhook is one
+    /// more consumer reading every event of the log.
+    pub webhooks: usize,
+    /// Most event schemas (`limits.schemas`). Default 200.
+    pub schemas: usize,
+    /// Most meters (`limits.meters`). Default 500.
+    pub meters: usize,
+    /// Most saved queries (`limits.saved_queries`). Default 200.
+    pub saved_queries: usize,
+}
+
+impl Default for WorkspaceLimits {
+    fn default() -> Self {
+        WorkspaceLimits { webhooks: 50, schemas: 200, meters: 500, saved_queries: 200 }
+    }
 }
 
 impl ApiLimits {
@@ -68,10 +83,7 @@ impl Default for ApiLimits {
             max_buffered_body_bytes: 512 << 20,
             segment_max_message_bytes: 32 * 1024,
             segment_max_batch_bytes: 500 * 1024,
-            max_webhooks: 50,
-            max_schemas: 200,
-            max_meters: 500,
-            max_saved_queries: 200,
+            workspace: WorkspaceLimits::default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod aggregation;
 pub mod batch;
+pub mod duration;
 pub mod event;
 pub mod ids;
 pub mod job_state;

@@ -41,6 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::schemas::CheckEvents as _;
 use chrono::Utc;
 use sluice_core::{has_record_effects, partition_for, record_effects, AppendRecord, Event, EventBatch, EventLog, Payload};
 use sluice_log::index::{IdIndex, IndexEntry, KeySet};

@@ -16,7 +16,7 @@ use arrow::record_batch::RecordBatch;
 use serde_json::Value;
 use sluice_core::Event;
 use sluice_enrich::Enricher;
-use sluice_ingest::PropertyType;
+use sluice_store::schemas::PropertyType;
 
 /// Names of the Hive partition columns, in path order (after `workspace`).
 pub const PARTITION_COLUMNS: [&str; 5] = ["content_type", "year", "month", "day", "hour"];

@@ -21,6 +21,7 @@ pub mod ddl;
 mod error;
 pub mod export;
 pub mod layout;
+pub mod pushdown;
 pub mod sandbox;
 pub mod sql;
 pub mod writer;

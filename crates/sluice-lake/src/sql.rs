@@ -48,14 +48,16 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::sql::sqlparser::ast::Statement;
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use sluice_core::{Event, EventLog};
-use sluice_ingest::{PropertyType, Schemas};
+use sluice_store::schemas::{PropertyType, Schemas};
 use sluice_store::{LakeFile, Store};
 
 use crate::columns::{self, BatchBuilder, PARTITION_COLUMNS};
 use crate::layout;
+use crate::pushdown::LiveFilter;
 use crate::sandbox::{self, Isolation, Mode};
 use crate::writer::CHECKPOINT;
 
@@ -75,21 +77,45 @@ impl FileGuard {
     }
 }
 
-/// Limits of one query.
-#[derive(Debug, Clone, Copy)]
+/// Limits of one query: the `[sql]` section of the configuration (its keys
+/// in parentheses; defaults in the binary's `defaults.toml`).
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SqlLimits {
-    /// Longest run time.
+    /// Longest run time (`timeout`).
+    #[serde(with = "sluice_core::duration")]
     pub timeout: Duration,
-    /// Most result rows.
+    /// Most result rows (`max_result_rows`).
+    #[serde(rename = "max_result_rows")]
     pub max_rows: usize,
-    /// Most result bytes (Arrow memory of the result batches).
+    /// Most result bytes, Arrow memory of the result batches
+    /// (`max_result_bytes`).
+    #[serde(rename = "max_result_bytes")]
     pub max_bytes: usize,
     /// Memory for joins, sorts and aggregations of one query; with process
     /// isolation also the bound (plus [`sandbox::HEADROOM`]) of everything
-    /// the query allocates.
+    /// the query allocates (`memory_limit`).
+    #[serde(rename = "memory_limit")]
     pub memory: usize,
     /// Most events read from the log tail (events not yet in a file).
     pub max_tail_events: usize,
+    /// Most rows a live table (usage, customers, jobs…) may load for one
+    /// query after the query's filters are pushed into the load
+    /// (`max_live_rows`; [`crate::pushdown`]).
+    pub max_live_rows: usize,
+}
+
+impl Default for SqlLimits {
+    fn default() -> Self {
+        SqlLimits {
+            timeout: Duration::from_secs(30),
+            max_rows: 100_000,
+            max_bytes: 64 << 20,
+            memory: 1 << 30,
+            max_tail_events: 2_000_000,
+            max_live_rows: 1_000_000,
+        }
+    }
 }
 
 /// Why a query failed.
@@ -255,12 +281,13 @@ impl SqlEngine {
         let limits = self.limits;
         let work = async {
             let tables = referenced_tables(sql, access)?;
+            let statement = parse_statement(sql).ok();
             let _files = self.guard.shared().await;
             // The state-store reads (snapshot, live tables, log tail) run
             // here; planning and execution run on the SQL runtime or in a
             // worker process, so a heavy query does not hold the threads
             // that serve ingest.
-            let inputs = self.inputs(workspace, &tables, true).await?;
+            let inputs = self.inputs(workspace, &tables, statement.as_ref(), true).await?;
             match &self.isolation {
                 Isolation::InProcess => {
                     let ctx = build_context(&self.root, inputs, Some(self.runtime.clone()), limits.memory)?;
@@ -294,7 +321,7 @@ impl SqlEngine {
         let work = async {
             let tables = referenced_tables(sql, Access::Admin)?;
             let _files = self.guard.shared().await;
-            let inputs = self.inputs(workspace, &tables, false).await?;
+            let inputs = self.inputs(workspace, &tables, None, false).await?;
             match &self.isolation {
                 Isolation::InProcess => {
                     let ctx = build_context(&self.root, inputs, Some(self.runtime.clone()), self.limits.memory)?;
@@ -313,7 +340,7 @@ impl SqlEngine {
     /// The inputs of the tables `sql` names: the `events` snapshot and tail,
     /// the live tables (with their rows when `rows`, else empty: planning
     /// needs only their schemas).
-    async fn inputs(&self, workspace: &str, tables: &[String], rows: bool) -> Result<Inputs, SqlError> {
+    async fn inputs(&self, workspace: &str, tables: &[String], statement: Option<&Statement>, rows: bool) -> Result<Inputs, SqlError> {
         let internal = |e: sluice_store::StoreError| SqlError::Internal(e.to_string());
         let mut inputs = Inputs { events: None, tables: Vec::new() };
         if tables.iter().any(|t| t == "events") {
@@ -322,10 +349,11 @@ impl SqlEngine {
             let tail = if rows { self.tail(workspace, &snap.checkpoints, &typed).await? } else { Vec::new() };
             inputs.events = Some(EventsInput { typed, files: snap.files, tail });
         }
-        for (name, load) in LIVE_TABLES {
+        for (name, time, load) in LIVE_TABLES {
             if tables.iter().any(|t| t == name) {
-                let (_, batch) = load(self.store.clone(), workspace.to_owned()).await?;
-                let batch = if rows { batch } else { batch.slice(0, 0) };
+                let filter = statement.map(|s| crate::pushdown::live_filter(s, name, time)).unwrap_or_default();
+                let scan = Scan { ws: workspace.to_owned(), filter, max_rows: self.limits.max_live_rows, schema_only: !rows };
+                let (_, batch) = load(self.store.clone(), scan).await?;
                 inputs.tables.push(((*name).to_owned(), batch));
             }
         }
@@ -371,7 +399,7 @@ impl SqlEngine {
         tokio::task::spawn_blocking(move || {
             let mut enricher = sluice_enrich::Enricher::new();
             // Each event type's declared schema, looked up once per type.
-            let mut declared: HashMap<String, Option<Arc<sluice_ingest::TypeSchema>>> = HashMap::new();
+            let mut declared: HashMap<String, Option<Arc<sluice_store::schemas::TypeSchema>>> = HashMap::new();
             let mut out = Vec::new();
             for chunk in events.chunks(8192) {
                 let mut b = BatchBuilder::new(&typed, chunk.len());
@@ -398,6 +426,15 @@ impl SqlEngine {
         })
         .await
         .map_err(|e| SqlError::Internal(e.to_string()))?
+    }
+}
+
+/// The one SQL statement of `sql`, parsed (no planning, nothing evaluated).
+fn parse_statement(sql: &str) -> Result<Statement, SqlError> {
+    let state = datafusion::execution::SessionStateBuilder::new().build();
+    match state.sql_to_statement(sql, &datafusion::config::Dialect::Generic)? {
+        datafusion::sql::parser::Statement::Statement(s) => Ok(*s),
+        _ => Err(SqlError::Invalid("not a query".into())),
     }
 }
 
@@ -439,14 +476,38 @@ pub(crate) fn build_context(
     };
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     register_json_functions(&ctx);
+    let mut tables: HashMap<String, Arc<dyn TableProvider>> = HashMap::new();
     if let Some(ev) = inputs.events {
-        let table = EventsTable::new(root, columns::file_schema(&ev.typed), ev.files, ev.tail);
-        ctx.register_table("events", Arc::new(table))?;
+        tables.insert("events".into(), Arc::new(EventsTable::new(root, columns::file_schema(&ev.typed), ev.files, ev.tail)));
     }
     for (name, batch) in inputs.tables {
-        ctx.register_table(name.as_str(), Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?))?;
+        tables.insert(name, Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?));
     }
+    // The query's tables are the default schema of DataFusion's catalog:
+    // names resolve through it, and nothing else is there.
+    let catalog = ctx.catalog("datafusion").ok_or_else(|| SqlError::Internal("no default catalog".into()))?;
+    catalog.register_schema("public", Arc::new(QueryTables(tables)))?;
     Ok(ctx)
+}
+
+/// The tables of one query (`events` and the live tables it names),
+/// resolved by name through DataFusion's catalog.
+#[derive(Debug)]
+struct QueryTables(HashMap<String, Arc<dyn TableProvider>>);
+
+#[async_trait]
+impl datafusion::catalog::SchemaProvider for QueryTables {
+    fn table_names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        Ok(self.0.get(name).cloned())
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
 }
 
 fn partition_fields() -> Vec<FieldRef> {
@@ -608,7 +669,7 @@ fn micros(v: &ScalarValue) -> Option<i64> {
         ScalarValue::TimestampMicrosecond(Some(x), _) => Some(*x),
         ScalarValue::TimestampNanosecond(Some(x), _) => Some(x.div_euclid(1_000)),
         ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => {
-            sluice_ingest::formats::parse_time(s).ok().map(|t| t.timestamp_micros())
+            chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_micros())
         }
         _ => None,
     }
@@ -709,16 +770,43 @@ fn conform(b: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
 // Live state tables.
 
 type Loaded = Result<(SchemaRef, RecordBatch), SqlError>;
-type Loader = fn(Store, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Loaded> + Send>>;
 
-/// Tables read from the state store, by name.
-const LIVE_TABLES: &[(&str, Loader)] = &[
-    ("customers", |s, w| Box::pin(load_customers(s, w))),
-    ("meters", |s, w| Box::pin(load_meters(s, w))),
-    ("usage", |s, w| Box::pin(load_usage(s, w))),
-    ("imports", |s, w| Box::pin(load_jobs(s, w, true))),
-    ("jobs", |s, w| Box::pin(load_jobs(s, w, false))),
-    ("audit_log", |s, w| Box::pin(load_audit(s, w))),
+/// What a loader reads: the workspace, the query's filters on the table
+/// ([`crate::pushdown`]) and the most rows it may hold in memory.
+#[derive(Clone)]
+struct Scan {
+    ws: String,
+    filter: LiveFilter,
+    max_rows: usize,
+    /// Planning: the table's columns only, nothing read from the store.
+    schema_only: bool,
+}
+
+impl Scan {
+    /// Fails once a table holds more rows than `sql.max_live_rows`.
+    fn check(&self, table: &str, rows: usize) -> Result<(), SqlError> {
+        if rows <= self.max_rows {
+            return Ok(());
+        }
+        Err(SqlError::TooLarge(format!(
+            "the {table} table of this workspace has more than {} rows for this query (sql.max_live_rows); filter it in the WHERE clause \
+             (for usage: meter = '…', customer_id = '…', period_start >= '<RFC 3339 time with offset>') so that fewer rows are read",
+            self.max_rows
+        )))
+    }
+}
+
+type Loader = fn(Store, Scan) -> std::pin::Pin<Box<dyn std::future::Future<Output = Loaded> + Send>>;
+
+/// Tables read from the state store, by name, with the time column whose
+/// range a query's filter narrows.
+const LIVE_TABLES: &[(&str, &str, Loader)] = &[
+    ("customers", "updated_at", |s, q| Box::pin(load_customers(s, q))),
+    ("meters", "created_at", |s, q| Box::pin(load_meters(s, q))),
+    ("usage", "period_start", |s, q| Box::pin(load_usage(s, q))),
+    ("imports", "created_at", |s, q| Box::pin(load_jobs(s, q, true))),
+    ("jobs", "created_at", |s, q| Box::pin(load_jobs(s, q, false))),
+    ("audit_log", "at", |s, q| Box::pin(load_audit(s, q))),
 ];
 
 /// Scale of decimal columns of the `usage` table.
@@ -796,17 +884,22 @@ impl Cols {
     }
 }
 
-/// Every item of a paged store listing, following its cursors.
-async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, sluice_store::StoreError>
+/// Every item of a paged store listing, following its cursors, up to the
+/// scan's row limit.
+async fn all_pages<T, F, Fut>(scan: &Scan, table: &str, mut page: F) -> Result<Vec<T>, SqlError>
 where
     F: FnMut(Option<String>) -> Fut,
     Fut: std::future::Future<Output = Result<sluice_store::Page<T>, sluice_store::StoreError>>,
 {
     let mut all = Vec::new();
+    if scan.schema_only {
+        return Ok(all);
+    }
     let mut cursor = None;
     loop {
         let p = page(cursor).await?;
         all.extend(p.data);
+        scan.check(table, all.len())?;
         match p.next_cursor {
             Some(c) => cursor = Some(c),
             None => return Ok(all),
@@ -814,12 +907,18 @@ where
     }
 }
 
-async fn load_customers(store: Store, ws: String) -> Loaded {
-    let all = all_pages(|c| {
-        let (store, ws) = (store.clone(), ws.clone());
-        async move { store.list_customers(&ws, c.as_deref(), 1000).await }
-    })
-    .await?;
+async fn load_customers(store: Store, scan: Scan) -> Loaded {
+    let all = match scan.filter.eq("customer_id") {
+        _ if scan.schema_only => Vec::new(),
+        Some(id) => store.get_customer(&scan.ws, id).await?.into_iter().collect(),
+        None => {
+            all_pages(&scan, "customers", |c| {
+                let (store, ws) = (store.clone(), scan.ws.clone());
+                async move { store.list_customers(&ws, c.as_deref(), 1000).await }
+            })
+            .await?
+        }
+    };
     Cols::new()
         .text("customer_id", all.iter().map(|c| Some(c.customer_id.clone())))
         .text("name", all.iter().map(|c| c.attributes.get("name").and_then(|v| v.as_str()).map(str::to_owned)))
@@ -830,8 +929,9 @@ async fn load_customers(store: Store, ws: String) -> Loaded {
         .done()
 }
 
-async fn load_meters(store: Store, ws: String) -> Loaded {
-    let m = store.list_meters(Some(&ws)).await?;
+async fn load_meters(store: Store, scan: Scan) -> Loaded {
+    let m = if scan.schema_only { Vec::new() } else { store.list_meters(Some(&scan.ws)).await? };
+    scan.check("meters", m.len())?;
     Cols::new()
         .text("key", m.iter().map(|m| Some(m.key.clone())))
         .text("event_type", m.iter().map(|m| Some(m.event_type.clone())))
@@ -843,7 +943,7 @@ async fn load_meters(store: Store, ws: String) -> Loaded {
         .done()
 }
 
-async fn load_usage(store: Store, ws: String) -> Loaded {
+async fn load_usage(store: Store, scan: Scan) -> Loaded {
     struct Row {
         meter: String,
         aggregation: sluice_core::Aggregation,
@@ -851,14 +951,27 @@ async fn load_usage(store: Store, ws: String) -> Loaded {
         unique: Option<i64>,
     }
     let mut rows = Vec::new();
-    for m in store.list_meters(Some(&ws)).await? {
+    let ws = &scan.ws;
+    let f = &scan.filter;
+    let customer = f.eq("customer_id");
+    // Widened by a bucket on each side: the query's own filter decides the
+    // edges (the pushed filter is inexact).
+    let bucket = chrono::Duration::minutes(15);
+    let (from, to) = (f.from.map(|t| t - bucket), f.until.map(|t| t + bucket));
+    let meters = if scan.schema_only { Vec::new() } else { store.list_meters(Some(ws)).await? };
+    for m in meters {
+        if f.eq("meter").is_some_and(|k| k != m.key) {
+            continue;
+        }
         let mut uniques: HashMap<(String, String, String, i64), i64> = HashMap::new();
         if m.aggregation == sluice_core::Aggregation::UniqueCount {
-            for (c, s, g, at, _) in store.usage_unique_values(&ws, &m.key, None, None, None, None).await? {
+            for (c, s, g, at, _) in store.usage_unique_values(ws, &m.key, customer, None, from, to).await? {
                 *uniques.entry((c, s, g, at.timestamp_micros())).or_default() += 1;
             }
         }
-        for b in store.usage_buckets(&ws, &m.key, None, None, None, None).await? {
+        let buckets = store.usage_buckets(ws, &m.key, customer, None, from, to).await?;
+        scan.check("usage", rows.len() + buckets.len())?;
+        for b in buckets {
             let unique =
                 uniques.get(&(b.customer_id.clone(), b.subscription_id.clone(), b.group_key.clone(), b.bucket_start.timestamp_micros())).copied();
             rows.push(Row { meter: m.key.clone(), aggregation: m.aggregation, b, unique });
@@ -913,10 +1026,11 @@ async fn load_usage(store: Store, ws: String) -> Loaded {
         .done()
 }
 
-async fn load_jobs(store: Store, ws: String, imports_only: bool) -> Loaded {
+async fn load_jobs(store: Store, scan: Scan, imports_only: bool) -> Loaded {
     let kind = if imports_only { Some("import.usage") } else { None };
-    let all = all_pages(|c| {
-        let (store, ws) = (store.clone(), ws.clone());
+    let table = if imports_only { "imports" } else { "jobs" };
+    let all = all_pages(&scan, table, |c| {
+        let (store, ws) = (store.clone(), scan.ws.clone());
         async move { store.list_jobs(&ws, kind, None, c.as_deref(), 1000).await }
     })
     .await?;
@@ -948,9 +1062,9 @@ async fn load_jobs(store: Store, ws: String, imports_only: bool) -> Loaded {
         .done()
 }
 
-async fn load_audit(store: Store, ws: String) -> Loaded {
-    let all = all_pages(|c| {
-        let (store, ws) = (store.clone(), ws.clone());
+async fn load_audit(store: Store, scan: Scan) -> Loaded {
+    let all = all_pages(&scan, "audit_log", |c| {
+        let (store, ws) = (store.clone(), scan.ws.clone());
         async move { store.list_audit(&ws, c.as_deref(), 1000).await }
     })
     .await?;

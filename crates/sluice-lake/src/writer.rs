@@ -31,7 +31,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sluice_core::{BatchRows, Bursts, Event, EventLog, Payload};
-use sluice_ingest::{PropertyType, Schemas};
+use sluice_store::schemas::{PropertyType, Schemas};
 use sluice_store::{LakeFile, Store};
 use tokio::sync::watch;
 

@@ -30,6 +30,7 @@ mod lake;
 pub(crate) mod metering;
 mod model;
 mod people;
+pub mod schemas;
 mod sessions;
 pub mod testing;
 mod workspaces;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
+use sluice_client::Client;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Subcommand)]
@@ -258,13 +259,9 @@ async fn ingest(args: IngestArgs) -> Result<()> {
     Ok(())
 }
 
-async fn consumer_lag(http: &reqwest::Client, url: &str, key: &str) -> Result<u64> {
-    let v: serde_json::Value = http.get(format!("{url}/v1/consumers")).bearer_auth(key).send().await?.json().await?;
-    v["data"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == "event_counts"))
-        .and_then(|c| c["lag"].as_u64())
-        .context("no event_counts consumer")
+/// The lag of consumer `name`.
+async fn consumer_lag(client: &Client, name: &str) -> Result<u64> {
+    client.consumers().await?.into_iter().find(|c| c.name == name).map(|c| c.lag).with_context(|| format!("no {name} consumer"))
 }
 
 async fn consumer(args: ConsumerArgs) -> Result<()> {
@@ -279,7 +276,7 @@ async fn consumer(args: ConsumerArgs) -> Result<()> {
         concurrency: 16,
         ids: "ordered".into(),
     };
-    let http = reqwest::Client::new();
+    let client = Client::new(&url, Some(&key))?;
     let started = Instant::now();
     let load = {
         let (url, key) = (url.clone(), key.clone());
@@ -289,7 +286,7 @@ async fn consumer(args: ConsumerArgs) -> Result<()> {
     let mut max_lag = 0u64;
     let mut samples = Vec::new();
     while !load.is_finished() {
-        let lag = consumer_lag(&http, &url, &key).await?;
+        let lag = consumer_lag(&client, "event_counts").await?;
         max_lag = max_lag.max(lag);
         samples.push(lag);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -297,7 +294,7 @@ async fn consumer(args: ConsumerArgs) -> Result<()> {
     let ingest = load.await??;
     let ingest_end = started.elapsed();
     loop {
-        let lag = consumer_lag(&http, &url, &key).await?;
+        let lag = consumer_lag(&client, "event_counts").await?;
         if lag == 0 {
             break;
         }
@@ -305,7 +302,7 @@ async fn consumer(args: ConsumerArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained = started.elapsed();
-    let total: serde_json::Value = http.get(format!("{url}/v1/event-counts")).bearer_auth(&key).send().await?.json().await?;
+    let total = client.get_json("/v1/event-counts").await?;
     let counted = total["total"].as_i64().unwrap_or(0) as f64;
     samples.sort_unstable();
     let p50 = samples.get(samples.len() / 2).copied().unwrap_or(0);
@@ -420,27 +417,20 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 async fn import_bench(args: ImportBenchArgs) -> Result<()> {
     let (url, key, mut server) = spawn_server(args.state_url.as_deref()).await?;
-    let http = reqwest::Client::new();
-    let post = |path: &str, body: serde_json::Value| http.post(format!("{url}{path}")).bearer_auth(&key).json(&body).send();
-    let r = post("/v1/workspaces", serde_json::json!({"name": "bench", "time_zone": "Asia/Tokyo"})).await?;
-    anyhow::ensure!(r.status().is_success(), "creating the workspace: {}", r.text().await?);
-    let k: serde_json::Value = post("/v1/keys", serde_json::json!({"name": "bench", "scope": "admin", "workspace": "bench"})).await?.json().await?;
-    let admin = k["secret"].as_str().context("no key")?.to_owned();
-    let r = http
-        .post(format!("{url}/v1/meters"))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "gb"}))
-        .send()
-        .await?;
-    anyhow::ensure!(r.status().is_success(), "creating the meter: {}", r.text().await?);
+    let root = Client::new(&url, Some(&key))?;
+    root.create_workspace("bench", Some("Asia/Tokyo")).await.context("creating the workspace")?;
+    let admin = root.create_key("bench", sluice_core::Scope::Admin, Some("bench")).await?.secret;
+    let client = Client::new(&url, Some(&admin))?;
+    let meter = serde_json::json!({"key": "gb", "event_type": "storage.used", "aggregation": "sum", "value_property": "gb"});
+    client.call(reqwest::Method::POST, "/v1/meters", Some(meter)).await.context("creating the meter")?;
 
     // A 10-row file, wait=true: one round trip.
     let small = usage_csv(10);
     let mut small_ms = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let r = http.post(format!("{url}/v1/imports?kind=usage&wait=true")).bearer_auth(&admin).body(small.clone()).send().await?;
-        anyhow::ensure!(r.status() == reqwest::StatusCode::OK, "small import: {}", r.text().await?);
+        let import = client.import_usage(small.clone().into(), "strict", true).await?;
+        anyhow::ensure!(import.status == sluice_core::JobState::Succeeded, "small import: {import:?}");
         small_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     small_ms.sort_by(f64::total_cmp);
@@ -453,31 +443,22 @@ async fn import_bench(args: ImportBenchArgs) -> Result<()> {
     let pid = server.child.id();
     let cpu_before = pid.and_then(cpu_seconds);
     let t = Instant::now();
-    let r = http.post(format!("{url}/v1/imports?kind=usage")).bearer_auth(&admin).body(csv).send().await?;
-    let v: serde_json::Value = r.json().await?;
-    let id = v["id"].as_str().context("no import id")?.to_owned();
+    let id = client.import_usage(csv.into(), "strict", false).await?.id;
     let uploaded = t.elapsed();
     loop {
-        let v: serde_json::Value = http.get(format!("{url}/v1/imports/{id}")).bearer_auth(&admin).send().await?.json().await?;
-        match v["status"].as_str() {
-            Some("succeeded") => break,
-            Some("failed") | Some("cancelled") => anyhow::bail!("import ended {v}"),
+        let import = client.import(&id).await?;
+        match import.status {
+            sluice_core::JobState::Succeeded => break,
+            s if s.is_terminal() => anyhow::bail!("import ended {s}: {import:?}"),
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
     let imported = t.elapsed();
     // Meters updated: wait for the meters consumer, then query the total.
-    loop {
-        let lag = {
-            let v: serde_json::Value = http.get(format!("{url}/v1/consumers")).bearer_auth(&admin).send().await?.json().await?;
-            v["data"].as_array().and_then(|a| a.iter().find(|c| c["name"] == "meters")).and_then(|c| c["lag"].as_u64()).unwrap_or(1)
-        };
-        if lag == 0 {
-            break;
-        }
+    while consumer_lag(&client, "meters").await? > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let u: serde_json::Value = http.get(format!("{url}/v1/meters/gb/usage?granularity=total")).bearer_auth(&admin).send().await?.json().await?;
+    let u = client.get_json("/v1/meters/gb/usage?granularity=total").await?;
     let total = t.elapsed();
     let cpu = match (cpu_before, pid.and_then(cpu_seconds)) {
         (Some(a), Some(b)) => format!("{:.2}", b - a),

@@ -9,6 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Value};
+use sluice_client::EventFilter;
+pub use sluice_client::{urlencode, Client};
+use sluice_core::JobState;
 
 /// Where the server is and which key to use.
 #[derive(Args, Clone, Debug)]
@@ -19,6 +22,13 @@ pub struct Conn {
     /// API key.
     #[arg(long, env = "SLUICE_KEY", hide_env_values = true, global = true)]
     pub key: Option<String>,
+}
+
+impl Conn {
+    /// A client of the server with the key.
+    pub fn client(&self) -> Result<Client> {
+        Ok(Client::new(&self.url, self.key.as_deref())?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -248,94 +258,55 @@ pub fn run(cmd: Cmd) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         match cmd {
-            Cmd::Events(EventsCmd::Send { file, batch, conn }) => send(&Client::new(&conn)?, &file, batch).await,
+            Cmd::Events(EventsCmd::Send { file, batch, conn }) => send(&conn.client()?, &file, batch).await,
             Cmd::Events(EventsCmd::Tail { event_type, customer_id, from_start, count, conn }) => {
-                tail(&Client::new(&conn)?, event_type, customer_id, from_start, count).await
+                tail(&conn.client()?, event_type, customer_id, from_start, count).await
             }
-            Cmd::Events(EventsCmd::Get { id, conn }) => {
-                let v = Client::new(&conn)?.call(Method::GET, &format!("/v1/events/{}", urlencode(&id)), None).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
-            }
+            Cmd::Events(EventsCmd::Get { id, conn }) => print_json(conn.client()?.get_json(&format!("/v1/events/{}", urlencode(&id))).await?),
             Cmd::Keys(KeysCmd::Create { name, scope, workspace, conn }) => {
                 let body = json!({"name": name, "scope": scope, "workspace": workspace});
-                let v = Client::new(&conn)?.call(Method::POST, "/v1/keys", Some(body)).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                print_json(conn.client()?.call(Method::POST, "/v1/keys", Some(body)).await?)?;
                 eprintln!("The secret is shown once; store it now.");
                 Ok(())
             }
             Cmd::Keys(KeysCmd::List { workspace, conn }) => {
-                let path = match workspace {
-                    Some(w) => format!("/v1/keys?workspace={}", urlencode(&w)),
-                    None => "/v1/keys".into(),
-                };
-                let rows = Client::new(&conn)?.list_all(&path).await?;
+                let rows = conn.client()?.keys(workspace.as_deref()).await?;
                 println!("{:<36}  {:<8}  {:<16}  {:<10}  NAME", "ID", "SCOPE", "WORKSPACE", "PREFIX");
                 for k in rows {
-                    println!("{:<36}  {:<8}  {:<16}  {:<10}  {}", s(&k["id"]), s(&k["scope"]), s(&k["workspace"]), s(&k["prefix"]), s(&k["name"]));
+                    println!("{:<36}  {:<8}  {:<16}  {:<10}  {}", k.id, k.scope, k.workspace, k.prefix, k.name);
                 }
                 Ok(())
             }
             Cmd::Keys(KeysCmd::Delete { id, conn }) => {
-                Client::new(&conn)?.call(Method::DELETE, &format!("/v1/keys/{}", urlencode(&id)), None).await?;
+                conn.client()?.call(Method::DELETE, &format!("/v1/keys/{}", urlencode(&id)), None).await?;
                 eprintln!("revoked {id}");
                 Ok(())
             }
             Cmd::Workspaces(WorkspacesCmd::Create { name, time_zone, conn }) => {
-                let v = Client::new(&conn)?.call(Method::POST, "/v1/workspaces", Some(json!({"name": name, "time_zone": time_zone}))).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
+                print_json(conn.client()?.create_workspace(&name, Some(&time_zone)).await?)
             }
             Cmd::Consumers(ConsumersCmd::List { conn }) => {
-                let rows = Client::new(&conn)?.list_all("/v1/consumers").await?;
+                let rows = conn.client()?.consumers().await?;
                 println!("{:<48}  {:<9}  {:>10}  {:>5}  LAST ERROR", "NAME", "STATUS", "LAG", "DLQ");
                 for c in rows {
-                    println!(
-                        "{:<48}  {:<9}  {:>10}  {:>5}  {}",
-                        s(&c["name"]),
-                        s(&c["status"]),
-                        s(&c["lag"]),
-                        s(&c["dlq_size"]),
-                        s(&c["last_error"])
-                    );
+                    println!("{:<48}  {:<9}  {:>10}  {:>5}  {}", c.name, c.status, c.lag, c.dlq_size, c.last_error.unwrap_or_default());
                 }
                 Ok(())
             }
             Cmd::Consumers(ConsumersCmd::Reset { name, to, conn }) => {
-                let v = Client::new(&conn)?.call(Method::POST, &format!("/v1/consumers/{}/reset", urlencode(&name)), Some(json!({"to": to}))).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
+                print_json(conn.client()?.call(Method::POST, &format!("/v1/consumers/{}/reset", urlencode(&name)), Some(json!({"to": to}))).await?)
             }
             Cmd::Dlq(DlqCmd::List { consumer, status, conn }) => {
-                let mut path = "/v1/dlq?limit=1000".to_owned();
-                if let Some(c) = consumer {
-                    path.push_str(&format!("&consumer={}", urlencode(&c)));
-                }
-                if let Some(st) = status {
-                    path.push_str(&format!("&status={}", urlencode(&st)));
-                }
-                let rows = Client::new(&conn)?.list_all(&path).await?;
+                let rows = conn.client()?.dead_letters(consumer.as_deref(), status.as_deref()).await?;
                 println!("{:<36}  {:<10}  {:<32}  {:<24}  {:>3}  ERROR", "ID", "STATUS", "CONSUMER", "EVENT", "TRY");
                 for d in rows {
-                    println!(
-                        "{:<36}  {:<10}  {:<32}  {:<24}  {:>3}  {}",
-                        s(&d["id"]),
-                        s(&d["status"]),
-                        s(&d["consumer"]),
-                        s(&d["event_id"]),
-                        s(&d["attempts"]),
-                        s(&d["error"])
-                    );
+                    println!("{:<36}  {:<10}  {:<32}  {:<24}  {:>3}  {}", d.id, d.status, d.consumer, d.event_id, d.attempts, d.error);
                 }
                 Ok(())
             }
-            Cmd::Dlq(DlqCmd::Show { id, conn }) => {
-                let v = Client::new(&conn)?.call(Method::GET, &format!("/v1/dlq/{}", urlencode(&id)), None).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
-            }
+            Cmd::Dlq(DlqCmd::Show { id, conn }) => print_json(conn.client()?.get_json(&format!("/v1/dlq/{}", urlencode(&id))).await?),
             Cmd::Dlq(DlqCmd::Replay { id, all, consumer, event_type, error, conn }) => {
-                let client = Client::new(&conn)?;
+                let client = conn.client()?;
                 let v = match (id, all) {
                     (Some(id), false) => client.call(Method::POST, &format!("/v1/dlq/{}/replay", urlencode(&id)), None).await?,
                     (None, true) => {
@@ -344,50 +315,36 @@ pub fn run(cmd: Cmd) -> Result<()> {
                     }
                     _ => bail!("give either a dead letter id or --all (with optional --consumer, --type, --error)"),
                 };
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
+                print_json(v)
             }
             Cmd::Dlq(DlqCmd::Discard { id, conn }) => {
-                let v = Client::new(&conn)?.call(Method::POST, &format!("/v1/dlq/{}/discard", urlencode(&id)), None).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
+                print_json(conn.client()?.call(Method::POST, &format!("/v1/dlq/{}/discard", urlencode(&id)), None).await?)
             }
             Cmd::Import(args) => import(args).await,
             Cmd::Jobs(JobsCmd::List { kind, status, conn }) => {
-                let mut path = "/v1/jobs?limit=1000".to_owned();
-                if let Some(k) = kind {
-                    path.push_str(&format!("&kind={}", urlencode(&k)));
-                }
-                if let Some(st) = status {
-                    path.push_str(&format!("&status={}", urlencode(&st)));
-                }
-                let rows = Client::new(&conn)?.list_all(&path).await?;
+                let rows = conn.client()?.jobs(kind.as_deref(), status.as_deref()).await?;
                 println!("{:<36}  {:<18}  {:<10}  {:>15}  CREATED", "ID", "KIND", "STATUS", "PROGRESS");
                 for j in rows {
-                    let progress = format!("{}/{}", s(&j["progress"]["done"]), s(&j["progress"]["total"]));
-                    println!("{:<36}  {:<18}  {:<10}  {:>15}  {}", s(&j["id"]), s(&j["kind"]), s(&j["status"]), progress, s(&j["created_at"]));
+                    let total = j.progress.total.map(|t| t.to_string()).unwrap_or_default();
+                    let progress = format!("{}/{total}", j.progress.done);
+                    println!("{:<36}  {:<18}  {:<10}  {:>15}  {}", j.id, j.kind, j.status, progress, j.created_at);
                 }
                 Ok(())
             }
-            Cmd::Jobs(JobsCmd::Show { id, conn }) => {
-                let v = Client::new(&conn)?.call(Method::GET, &format!("/v1/jobs/{}", urlencode(&id)), None).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
-            }
+            Cmd::Jobs(JobsCmd::Show { id, conn }) => print_json(conn.client()?.get_json(&format!("/v1/jobs/{}", urlencode(&id))).await?),
             Cmd::Jobs(JobsCmd::Watch { id, conn }) => {
-                let client = Client::new(&conn)?;
+                let client = conn.client()?;
                 let bar = progress::bar("{msg:10} [{bar:30}] {pos}/{len} {percent}% ETA {eta}");
                 loop {
-                    let j = client.call(Method::GET, &format!("/v1/jobs/{}", urlencode(&id)), None).await?;
-                    let status = s(&j["status"]);
-                    bar.set_length(j["progress"]["total"].as_u64().unwrap_or(0));
-                    bar.set_position(j["progress"]["done"].as_u64().unwrap_or(0));
-                    bar.set_message(status.clone());
-                    if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+                    let j = client.job(&id).await?;
+                    bar.set_length(j.progress.total.unwrap_or(0));
+                    bar.set_position(j.progress.done);
+                    bar.set_message(j.status.to_string());
+                    if j.status.is_terminal() {
                         bar.finish();
-                        println!("{}", serde_json::to_string_pretty(&j)?);
-                        if status != "succeeded" {
-                            bail!("job {id} ended {status}: {}", s(&j["error"]));
+                        print_json(client.get_json(&format!("/v1/jobs/{}", urlencode(&id))).await?)?;
+                        if j.status != JobState::Succeeded {
+                            bail!("job {id} ended {}: {}", j.status, j.error.unwrap_or_default());
                         }
                         return Ok(());
                     }
@@ -395,20 +352,16 @@ pub fn run(cmd: Cmd) -> Result<()> {
                 }
             }
             Cmd::Jobs(JobsCmd::Cancel { id, conn }) => {
-                let v = Client::new(&conn)?.call(Method::POST, &format!("/v1/jobs/{}/cancel", urlencode(&id)), None).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
+                print_json(conn.client()?.call(Method::POST, &format!("/v1/jobs/{}/cancel", urlencode(&id)), None).await?)
             }
             Cmd::Jobs(JobsCmd::Retry { id, conn }) => {
-                let v = Client::new(&conn)?.call(Method::POST, &format!("/v1/jobs/{}/retry", urlencode(&id)), None).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
+                print_json(conn.client()?.call(Method::POST, &format!("/v1/jobs/{}/retry", urlencode(&id)), None).await?)
             }
             Cmd::Workspaces(WorkspacesCmd::List { conn }) => {
-                let rows = Client::new(&conn)?.list_all("/v1/workspaces").await?;
+                let rows = conn.client()?.workspaces().await?;
                 println!("{:<24}  {:<24}  CREATED", "NAME", "TIME ZONE");
                 for w in rows {
-                    println!("{:<24}  {:<24}  {}", s(&w["name"]), s(&w["time_zone"]), s(&w["created_at"]));
+                    println!("{:<24}  {:<24}  {}", w.name, w.time_zone, w.created_at);
                 }
                 Ok(())
             }
@@ -416,88 +369,9 @@ pub fn run(cmd: Cmd) -> Result<()> {
     })
 }
 
-fn s(v: &Value) -> String {
-    v.as_str().map(str::to_owned).unwrap_or_else(|| if v.is_null() { String::new() } else { v.to_string() })
-}
-
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A small JSON-over-HTTP client that turns API errors into readable messages.
-pub struct Client {
-    pub http: reqwest::Client,
-    pub base: String,
-    pub key: String,
-}
-
-impl Client {
-    pub fn new(conn: &Conn) -> Result<Client> {
-        let key = conn.key.clone().context("no API key: pass --key or set SLUICE_KEY")?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-        Ok(Client { http, base: conn.url.trim_end_matches('/').to_owned(), key })
-    }
-
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut req = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.base))?;
-        decode(resp).await
-    }
-
-    /// Like [`Client::call`], but returns the body as text (CSV, DDL…).
-    pub async fn raw(&self, method: Method, path: &str, body: Option<Value>) -> Result<String> {
-        let mut req = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.base))?;
-        if resp.status().is_success() {
-            return Ok(resp.text().await?);
-        }
-        decode(resp).await.map(|v| v.to_string())
-    }
-
-    pub async fn list_all(&self, path: &str) -> Result<Vec<Value>> {
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let p = match &cursor {
-                Some(c) => format!("{path}{sep}cursor={}", urlencode(c)),
-                None => path.to_owned(),
-            };
-            let v = self.call(Method::GET, &p, None).await?;
-            out.extend(v["data"].as_array().cloned().unwrap_or_default());
-            match v["next_cursor"].as_str() {
-                Some(c) => cursor = Some(c.to_owned()),
-                None => return Ok(out),
-            }
-        }
-    }
-}
-
-async fn decode(resp: reqwest::Response) -> Result<Value> {
-    let status = resp.status();
-    let text = resp.text().await?;
-    if status.is_success() {
-        return Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) });
-    }
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| json!({"error": {"message": text}}));
-    let mut msg = format!("{} {}: {}", status.as_u16(), s(&v["error"]["code"]), s(&v["error"]["message"]));
-    if let Some(details) = v["error"]["details"].as_array() {
-        for d in details.iter().take(50) {
-            msg.push_str(&format!("\n  {d}"));
-        }
-    }
-    bail!(msg)
+fn print_json(v: Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
 }
 
 /// Reads events from a file: a JSON array, one JSON object, or NDJSON.
@@ -525,50 +399,39 @@ async fn send(client: &Client, file: &str, batch: usize) -> Result<()> {
     let events = read_events(file)?;
     let (mut accepted, mut duplicates) = (0u64, 0u64);
     for (n, chunk) in events.chunks(batch.max(1)).enumerate() {
-        let v = client.call(Method::POST, "/v1/events", Some(Value::Array(chunk.to_vec()))).await.with_context(|| {
+        let r = client.send_events(chunk).await.with_context(|| {
             format!("batch {} (events {}..{}; indexes in errors are within the batch)", n + 1, n * batch, n * batch + chunk.len())
         })?;
-        accepted += v["accepted"].as_u64().unwrap_or(0);
-        duplicates += v["duplicates"].as_u64().unwrap_or(0);
+        accepted += r.accepted;
+        duplicates += r.duplicates;
     }
     println!("{}", json!({"accepted": accepted, "duplicates": duplicates}));
     Ok(())
 }
 
-async fn tail(client: &Client, ty: Option<String>, customer: Option<String>, from_start: bool, count: Option<usize>) -> Result<()> {
-    let mut cursor = if from_start { None } else { Some("latest".to_owned()) };
+async fn tail(client: &Client, event_type: Option<String>, customer_id: Option<String>, from_start: bool, count: Option<usize>) -> Result<()> {
+    let mut filter = EventFilter { event_type, customer_id, cursor: (!from_start).then(|| "latest".to_owned()), limit: 1000 };
     let mut printed = 0usize;
     loop {
-        let mut path = "/v1/events?limit=1000".to_owned();
-        if let Some(t) = &ty {
-            path.push_str(&format!("&type={}", urlencode(t)));
-        }
-        if let Some(c) = &customer {
-            path.push_str(&format!("&customer_id={}", urlencode(c)));
-        }
-        if let Some(c) = &cursor {
-            path.push_str(&format!("&cursor={}", urlencode(c)));
-        }
-        let v = client.call(Method::GET, &path, None).await?;
-        let data = v["data"].as_array().cloned().unwrap_or_default();
-        for e in &data {
+        let page = client.events(&filter).await?;
+        for e in &page.data {
             println!("{e}");
             printed += 1;
             if count.is_some_and(|c| printed >= c) {
                 return Ok(());
             }
         }
-        cursor = v["tail_cursor"].as_str().map(str::to_owned);
-        if v["next_cursor"].is_null() {
+        filter.cursor = page.tail_cursor;
+        if page.next_cursor.is_none() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
 
-/// Uploads a usage CSV, follows the import with a progress line on stderr,
+/// Uploads a usage CSV, follows the import with a progress bar on stderr,
 /// then prints the import (JSON) on stdout and its errors on stderr.
 async fn import(args: ImportArgs) -> Result<()> {
-    let client = Client::new(&args.conn)?;
+    let client = args.conn.client()?;
     let body = if args.file == "-" {
         let mut buf = Vec::new();
         std::io::stdin().read_to_end(&mut buf)?;
@@ -580,40 +443,29 @@ async fn import(args: ImportArgs) -> Result<()> {
         upload.set_length(size);
         reqwest::Body::wrap_stream(tokio_util_shim::file_stream(f, upload))
     };
-    let resp = client
-        .http
-        .post(format!("{}/v1/imports?kind=usage&wait=true&mode={}", client.base, urlencode(&args.mode)))
-        .bearer_auth(&client.key)
-        .header("content-type", "text/csv")
-        .body(body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {}", client.base))?;
-    let mut v = decode(resp).await?;
-    let id = s(&v["id"]);
+    let mut import = client.import_usage(body, &args.mode, true).await?;
     let rows = progress::bar("{msg:10} [{bar:30}] {pos}/{len} rows ETA {eta}");
-    while !matches!(s(&v["status"]).as_str(), "succeeded" | "failed" | "cancelled") {
-        rows.set_length(v["rows_total"].as_u64().unwrap_or(0));
-        rows.set_position(v["rows_processed"].as_u64().unwrap_or(0));
-        rows.set_message(s(&v["status"]));
+    while !import.status.is_terminal() {
+        rows.set_length(import.rows_total.unwrap_or(0));
+        rows.set_position(import.rows_processed);
+        rows.set_message(import.status.to_string());
         tokio::time::sleep(Duration::from_millis(500)).await;
-        v = client.call(Method::GET, &format!("/v1/imports/{}", urlencode(&id)), None).await?;
+        import = client.import(&import.id).await?;
     }
     rows.finish_and_clear();
+    let total = import.rows_total.map(|t| t.to_string()).unwrap_or_default();
     eprintln!(
-        "{}: {} rows, {} imported, {} duplicate, {} rejected",
-        s(&v["status"]),
-        s(&v["rows_total"]),
-        s(&v["rows_imported"]),
-        s(&v["rows_duplicate"]),
-        s(&v["rows_rejected"])
+        "{}: {total} rows, {} imported, {} duplicate, {} rejected",
+        import.status, import.rows_imported, import.rows_duplicate, import.rows_rejected
     );
-    for e in v["errors"].as_array().into_iter().flatten() {
-        eprintln!("  row {} {}: {} ({:?})", s(&e["row"]), s(&e["column"]), s(&e["message"]), s(&e["value"]));
+    for e in &import.errors {
+        let row = e.row.map(|r| r.to_string()).unwrap_or_default();
+        let value = e.value.as_ref().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).unwrap_or_default();
+        eprintln!("  row {row} {}: {} ({value:?})", e.column.as_deref().unwrap_or(""), e.message);
     }
-    println!("{}", serde_json::to_string_pretty(&v)?);
-    if s(&v["status"]) != "succeeded" {
-        bail!("import {id} {}: {}", s(&v["status"]), s(&v["error"]));
+    print_json(client.get_json(&format!("/v1/imports/{}", urlencode(&import.id))).await?)?;
+    if import.status != JobState::Succeeded {
+        bail!("import {} {}: {}", import.id, import.status, import.error.unwrap_or_default());
     }
     Ok(())
 }

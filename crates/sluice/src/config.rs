@@ -5,6 +5,13 @@
 //! `sluice config defaults`) is also the schema: a key that is not in it is
 //! an error in a file, and every key in it can be set from the environment
 //! by its upper-cased path (`ingest.max_events` -> `SLUICE_INGEST_MAX_EVENTS`).
+//!
+//! A component whose settings are one section owns that section's type
+//! (`[http]`: `sluice_api::HttpSettings`, `[limits]`:
+//! `sluice_api::WorkspaceLimits`, `[sql]`: `sluice_lake::sql::SqlLimits`),
+//! deserialized here straight from the merged layers; the defaults stay in
+//! the one commented `defaults.toml` (a test checks that they equal each
+//! component's `Default`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,9 +45,9 @@ pub struct Config {
     pub log: LogSection,
     pub ingest: IngestSection,
     pub lake: LakeSection,
-    pub sql: SqlSection,
-    pub http: HttpSection,
-    pub limits: LimitsSection,
+    pub sql: sluice_lake::sql::SqlLimits,
+    pub http: sluice_api::HttpSettings,
+    pub limits: sluice_api::WorkspaceLimits,
     pub metrics: MetricsSection,
     pub dashboard: DashboardSection,
 }
@@ -51,29 +58,6 @@ pub struct Config {
 pub struct DashboardSection {
     #[serde(with = "humantime_serde_shim")]
     pub session_ttl: Duration,
-}
-
-/// `[http]`: timeouts and the connection cap of the HTTP server.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSection {
-    #[serde(with = "humantime_serde_shim")]
-    pub header_timeout: Duration,
-    #[serde(with = "humantime_serde_shim")]
-    pub body_timeout: Duration,
-    #[serde(with = "humantime_serde_shim")]
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-}
-
-/// `[limits]`: most configuration objects per workspace.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsSection {
-    pub webhooks: usize,
-    pub schemas: usize,
-    pub meters: usize,
-    pub saved_queries: usize,
 }
 
 /// `[metrics]`.
@@ -97,18 +81,6 @@ pub struct LakeSection {
     pub compact_interval: Duration,
     #[serde(with = "humantime_serde_shim")]
     pub compact_after: Duration,
-}
-
-/// `[sql]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SqlSection {
-    #[serde(with = "humantime_serde_shim")]
-    pub timeout: Duration,
-    pub max_result_rows: usize,
-    pub max_result_bytes: usize,
-    pub memory_limit: usize,
-    pub max_tail_events: usize,
 }
 
 /// `[log]`.
@@ -365,6 +337,28 @@ mod tests {
         assert!(err.contains("`listen` must be a string"), "{err}");
         let err = format!("{:#}", Config::load(None, &env(&[("SLUICE_LOG_PARTITIONS", "many")]), &Overrides::default()).unwrap_err());
         assert!(err.contains("SLUICE_LOG_PARTITIONS"), "{err}");
+    }
+
+    /// The sections owned by components: `defaults.toml` (the one commented
+    /// source of defaults) agrees with each component's `Default`.
+    #[test]
+    fn component_sections_default_like_their_components() {
+        let c = Config::load(None, &[], &Overrides::default()).unwrap();
+        let http = sluice_api::HttpSettings::default();
+        assert_eq!(
+            (c.http.header_timeout, c.http.body_timeout, c.http.idle_timeout, c.http.max_connections),
+            (http.header_timeout, http.body_timeout, http.idle_timeout, http.max_connections)
+        );
+        let l = sluice_api::WorkspaceLimits::default();
+        assert_eq!(
+            (c.limits.webhooks, c.limits.schemas, c.limits.meters, c.limits.saved_queries),
+            (l.webhooks, l.schemas, l.meters, l.saved_queries)
+        );
+        let sql = sluice_lake::sql::SqlLimits::default();
+        assert_eq!(
+            (c.sql.timeout, c.sql.max_rows, c.sql.max_bytes, c.sql.memory, c.sql.max_tail_events, c.sql.max_live_rows),
+            (sql.timeout, sql.max_rows, sql.max_bytes, sql.memory, sql.max_tail_events, sql.max_live_rows)
+        );
     }
 
     #[test]

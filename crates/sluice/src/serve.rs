@@ -117,10 +117,7 @@ async fn run(cfg: Config) -> Result<()> {
         max_buffered_body_bytes: cfg.ingest.max_buffered_body_bytes,
         segment_max_message_bytes: cfg.ingest.segment_max_message_bytes,
         segment_max_batch_bytes: cfg.ingest.segment_max_batch_bytes,
-        max_webhooks: cfg.limits.webhooks,
-        max_schemas: cfg.limits.schemas,
-        max_meters: cfg.limits.meters,
-        max_saved_queries: cfg.limits.saved_queries,
+        workspace: cfg.limits,
     };
     let meters = sluice_metering::MeterCache::load(&store).await.context("loading meters")?;
     consumers.start(Arc::new(sluice_metering::MetersConsumer { cache: meters.clone() }));
@@ -155,24 +152,11 @@ async fn run(cfg: Config) -> Result<()> {
         }
         .run(lake_stop_rx),
     );
-    let sql = sluice_lake::sql::SqlEngine::new(
-        store.clone(),
-        log.clone(),
-        schemas.clone(),
-        lake_root.clone(),
-        file_guard.clone(),
-        sluice_lake::sql::SqlLimits {
-            timeout: cfg.sql.timeout,
-            max_rows: cfg.sql.max_result_rows,
-            max_bytes: cfg.sql.max_result_bytes,
-            memory: cfg.sql.memory_limit,
-            max_tail_events: cfg.sql.max_tail_events,
-        },
-    )
-    // Each query in a `sluice sql-worker` child with a memory limit.
-    .with_isolation(sluice_lake::sandbox::Isolation::Process {
-        program: std::env::current_exe().context("locating the sluice binary for SQL workers")?,
-    });
+    let sql = sluice_lake::sql::SqlEngine::new(store.clone(), log.clone(), schemas.clone(), lake_root.clone(), file_guard.clone(), cfg.sql)
+        // Each query in a `sluice sql-worker` child with a memory limit.
+        .with_isolation(sluice_lake::sandbox::Isolation::Process {
+            program: std::env::current_exe().context("locating the sluice binary for SQL workers")?,
+        });
     let jobs = Arc::new(sluice_jobs::Runner::start(
         store.clone(),
         vec![
@@ -231,13 +215,7 @@ async fn run(cfg: Config) -> Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let ready_on_stop = ready.clone();
-    let http = sluice_api::HttpSettings {
-        header_timeout: cfg.http.header_timeout,
-        body_timeout: cfg.http.body_timeout,
-        idle_timeout: cfg.http.idle_timeout,
-        max_connections: cfg.http.max_connections,
-    };
-    let server = tokio::spawn(sluice_api::server::serve(listener, app, http, async move {
+    let server = tokio::spawn(sluice_api::server::serve(listener, app, cfg.http, async move {
         let _ = stop_rx.await;
         ready_on_stop.store(false, Ordering::Release);
     }));

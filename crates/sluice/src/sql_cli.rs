@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::client::{urlencode, Client, Conn};
+use crate::client::{urlencode, Conn};
 
 /// `sluice sql "<query>"`.
 #[derive(Args)]
@@ -52,10 +52,10 @@ pub enum LakeCmd {
 pub fn sql(args: SqlArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let client = Client::new(&args.conn)?;
+        let client = args.conn.client()?;
         match args.format.as_str() {
             "csv" => {
-                let text = client.raw(Method::POST, "/v1/sql", Some(json!({"query": args.query, "format": "csv"}))).await?;
+                let text = client.text(Method::POST, "/v1/sql", Some(json!({"query": args.query, "format": "csv"}))).await?;
                 print!("{text}");
             }
             "json" => {
@@ -119,16 +119,16 @@ pub fn lake(cmd: LakeCmd) -> Result<()> {
                 if let Some(l) = location {
                     path.push_str(&format!("&location={}", urlencode(&l)));
                 }
-                print!("{}", Client::new(&conn)?.raw(Method::GET, &path, None).await?);
+                print!("{}", conn.client()?.text(Method::GET, &path, None).await?);
             }
             LakeCmd::Files { conn } => {
-                let v = Client::new(&conn)?.call(Method::GET, "/v1/lake/files", None).await?;
+                let v = conn.client()?.call(Method::GET, "/v1/lake/files", None).await?;
                 for f in v["data"].as_array().cloned().unwrap_or_default() {
                     println!("{:>10} rows {:>12} bytes  {}", f["rows"], f["bytes"], f["path"].as_str().unwrap_or(""));
                 }
             }
             LakeCmd::Compact { conn } => {
-                let v = Client::new(&conn)?.call(Method::POST, "/v1/lake/compact", None).await?;
+                let v = conn.client()?.call(Method::POST, "/v1/lake/compact", None).await?;
                 println!("compaction job {} queued; follow it with `sluice jobs watch {}`", s(&v["id"]), s(&v["id"]));
             }
         }

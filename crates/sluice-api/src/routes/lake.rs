@@ -162,7 +162,7 @@ pub async fn put_schema(
             }
         }
     }
-    let limit = st.limits.max_schemas;
+    let limit = st.limits.workspace.schemas;
     if !existing.iter().any(|s| s.event_type == event_type) && existing.len() >= limit {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -290,7 +290,7 @@ pub async fn create_query(State(st): State<AppState>, who: Principal, Json(body)
     if let Some(e) = &body.export {
         sluice_lake::export::ExportSpec::parse(e).map_err(|e| ApiError::bad_request(format!("export: {e}")))?;
     }
-    let limit = st.limits.max_saved_queries;
+    let limit = st.limits.workspace.saved_queries;
     let existing = st.store.saved_queries(Some(who.workspace.as_str())).await?;
     if !existing.iter().any(|q| q.name == body.name) && existing.len() >= limit {
         return Err(ApiError::new(

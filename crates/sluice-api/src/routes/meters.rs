@@ -94,7 +94,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
         ApiError::bad_request(format!("{field}: {reason}")).with_details(vec![json!({"field": field, "reason": reason})])
     })?;
     let existing = st.store.list_meters(Some(who.workspace.as_str())).await?.len();
-    crate::ApiLimits::check(existing, st.limits.max_meters, "meters", "limits.meters")?;
+    crate::ApiLimits::check(existing, st.limits.workspace.meters, "meters", "limits.meters")?;
     // Pause the meters consumer so that its position is exact: events from
     // there on are metered live, events before it by the backfill job.
     st.consumers.stop(consumer::NAME).await;

@@ -71,7 +71,7 @@ pub async fn create(
         return Err(ApiError::bad_request(format!("event_types: {t:?} is not an event type")));
     }
     let existing = st.store.list_webhooks(Some(who.workspace.as_str())).await?.len();
-    crate::ApiLimits::check(existing, st.limits.max_webhooks, "webhooks", "limits.webhooks")?;
+    crate::ApiLimits::check(existing, st.limits.workspace.webhooks, "webhooks", "limits.webhooks")?;
     let allow = st.webhooks.allow_private;
     let url =
         ssrf::check_url(&body.url, allow).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "forbidden_target", format!("url: {e}")))?;

@@ -293,6 +293,7 @@ pub async fn run(args: LakeBenchArgs) -> Result<()> {
             max_bytes: 1 << 30,
             memory: 8 << 30,
             max_tail_events: 1_000_000,
+            max_live_rows: 10_000_000,
         },
     );
     let qs = queries();

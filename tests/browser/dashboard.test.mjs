@@ -243,7 +243,7 @@ test('axe-core finds no serious or critical violation on the sign-in and signed-
   await page.getByRole('region', { name: 'Dead letters' }).getByRole('button', { name: 'Replay' }).first().waitFor();
   // The events list tails the log from the moment the page opened.
   assert.equal((await call(keys.admin, 'POST', '/v1/events', { id: 'evt-live', type: 'page.viewed', customer_id: 'cus_1' })).status, 200);
-  await page.getByRole('region', { name: 'Latest events' }).getByText('evt-live').waitFor();
+  await page.getByRole('region', { name: 'Events' }).getByText('evt-live').waitFor();
   await check('signed-in page (read key)');
   await context.close();
 });
@@ -459,9 +459,13 @@ test('imports: the list of past imports pages on the server, "More" shows the ne
   const { context, page } = await newPage();
   await signIn(page, keys.admin);
   const rows = page.getByRole('table', { name: 'Past imports' }).locator('tbody tr');
-  const more = page.getByRole('button', { name: 'More', exact: true });
+  const more = page.getByRole('region', { name: 'Imports', exact: true }).getByRole('button', { name: 'More', exact: true });
   await more.waitFor();
   assert.equal(await rows.count(), 20);
+  // Newest first, as the API's order=desc pages them.
+  const newest = (await call(keys.admin, 'GET', '/v1/imports?order=desc&limit=20')).body.data.map((i) => i.id);
+  const shown = await rows.evaluateAll((trs) => trs.map((tr) => tr.querySelector('a')?.textContent));
+  assert.deepEqual(shown, newest);
   await more.click();
   await until('the next page', async () => (await rows.count()) === total);
   assert.equal(await more.isHidden(), true);
@@ -651,5 +655,121 @@ test('sql: run a SQL query, see the result table and download the CSV', { skip }
   await message.waitFor();
   assert.doesNotMatch(await message.textContent(), /^\s*[{[]/);
   assert.equal(downloads, 0);
+  await context.close();
+});
+
+test('events: filter by type and customer, see a whole event, and new matching events arrive live', { skip }, async () => {
+  const evs = [
+    { id: 'ex-1', type: 'report.created', customer_id: 'cus_x', properties: { n: 1 } },
+    { id: 'ex-2', type: 'report.created', customer_id: 'cus_y', properties: { n: 2 } },
+    { id: 'ex-3', type: 'login', customer_id: 'cus_x' },
+    { id: 'ex-4', type: 'report.created', customer_id: 'cus_x', properties: { n: 4, note: '日本語のメモ' } },
+  ];
+  assert.equal((await call(keys.ingest, 'POST', '/v1/events', evs)).status, 200);
+  const { context, page } = await newPage();
+  await signIn(page, keys.read);
+  const region = page.getByRole('region', { name: 'Events', exact: true });
+  await region.getByLabel('type').fill('report.created');
+  await region.getByLabel('Customer ID').fill('cus_x');
+  await region.getByRole('button', { name: 'Search' }).click();
+  const ids = async () => region.getByRole('table').evaluate((t) => [...t.tBodies[0].rows].map((r) => r.cells[4].textContent));
+  await until('the search result', async () => (await ids().catch(() => [])).join() === 'ex-1,ex-4');
+  // The same events as the API lists for that filter.
+  const api = await call(keys.read, 'GET', '/v1/events?type=report.created&customer_id=cus_x');
+  assert.deepEqual(api.body.data.map((e) => e.id), ['ex-1', 'ex-4']);
+  // The whole event, as JSON.
+  await region.getByRole('button', { name: 'ex-4' }).click();
+  const detail = page.getByRole('region', { name: 'Event ex-4' });
+  await detail.waitFor();
+  const shown = JSON.parse(await detail.locator('pre').textContent());
+  const full = (await call(keys.read, 'GET', '/v1/events/ex-4')).body;
+  assert.deepEqual(shown, full);
+  assert.equal(shown.properties.note, '日本語のメモ');
+  // Live: a new matching event is added, one of another type is not.
+  assert.equal((await call(keys.ingest, 'POST', '/v1/events', [
+    { id: 'ex-5', type: 'report.created', customer_id: 'cus_x' }, { id: 'ex-6', type: 'login', customer_id: 'cus_x' },
+  ])).status, 200);
+  await until('the live event', async () => (await ids()).join() === 'ex-1,ex-4,ex-5');
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal((await ids()).join(), 'ex-1,ex-4,ex-5', 'only matching events are added');
+  await axeCheck(page, 'events explorer with an event shown');
+  await context.close();
+});
+
+test('usage: a meter\'s usage per day of the workspace time zone, as a chart and exact values', { skip }, async () => {
+  const meter = await call(keys.admin, 'POST', '/v1/meters', { key: 'disk_gb', event_type: 'disk.used', aggregation: 'sum', value_property: 'gb' });
+  assert.equal(meter.status, 201, JSON.stringify(meter.body));
+  // Yesterday in Tokyo, at 00:30 and 23:30 JST: two UTC days, one Tokyo day.
+  const day = (offset) => new Date(Date.now() + offset * 86400000).toLocaleDateString('en-CA', { timeZone: 'Asia/Tokyo' });
+  const yesterday = day(-1), today = day(0);
+  assert.equal((await call(keys.ingest, 'POST', '/v1/events', [
+    { id: 'd-1', type: 'disk.used', customer_id: 'cus_u', timestamp: `${yesterday}T00:30:00+09:00`, properties: { gb: '1.25' } },
+    { id: 'd-2', type: 'disk.used', customer_id: 'cus_u', timestamp: `${yesterday}T23:30:00+09:00`, properties: { gb: '2.5' } },
+    { id: 'd-3', type: 'disk.used', customer_id: 'cus_u', timestamp: `${today}T00:10:00+09:00`, properties: { gb: '0.5' } },
+    { id: 'd-4', type: 'disk.used', customer_id: 'cus_v', timestamp: `${today}T00:10:00+09:00`, properties: { gb: '7' } },
+  ])).status, 200);
+  const q = `/v1/meters/disk_gb/usage?granularity=day&customer_id=cus_u&from=${yesterday}T00:00:00%2B09:00`;
+  const usage = await until('the usage', async () => {
+    const r = await call(keys.read, 'GET', q);
+    return r.body.data?.length === 2 ? r.body.data : null;
+  });
+  const { context, page } = await newPage();
+  await signIn(page, keys.read);
+  const region = page.getByRole('region', { name: 'Meters and usage' });
+  await region.getByRole('table', { name: 'Meters' }).getByText('disk_gb').waitFor();
+  await region.getByLabel('Meter', { exact: true }).selectOption('disk_gb');
+  await region.getByLabel('Customer ID').fill('cus_u');
+  await region.getByLabel('Days').selectOption('7');
+  await region.getByRole('button', { name: 'Show' }).click();
+  const table = region.getByRole('table', { name: /^Usage of disk_gb for cus_u/ });
+  await table.waitFor();
+  const rows = await table.evaluate((t) => [...t.tBodies[0].rows].map((r) => [...r.cells].map((c) => c.textContent)));
+  // The API's exact values, on the days of Tokyo.
+  assert.deepEqual(rows, usage.map((u) => [new Date(u.period_start).toLocaleDateString('en-CA', { timeZone: 'Asia/Tokyo' }), 'cus_u', u.value]));
+  assert.deepEqual(rows.map((r) => [r[0], Number(r[2])]), [[yesterday, 3.75], [today, 0.5]]);
+  const chart = region.getByRole('img', { name: /^Usage of disk_gb for cus_u per day, last 7 days/ });
+  const bars = await chart.evaluate((svg) => [...svg.querySelectorAll('rect')].map((r) => [r.dataset.day, Number(r.dataset.value)]));
+  assert.equal(bars.length, 7);
+  assert.deepEqual(bars.slice(-2), [[yesterday, 3.75], [today, 0.5]]);
+  assert.ok(bars.slice(0, 5).every(([, v]) => v === 0));
+  // All customers: a sum meter adds up across them.
+  await region.getByLabel('Customer ID').fill('');
+  await region.getByRole('button', { name: 'Show' }).click();
+  await until('the chart of all customers', async () => {
+    const all = await region.getByRole('img', { name: /for all customers/ }).evaluate((svg) => [...svg.querySelectorAll('rect')].map((r) => Number(r.dataset.value))).catch(() => null);
+    return all && all[all.length - 1] === 7.5;
+  });
+  await axeCheck(page, 'meters and usage');
+  await context.close();
+});
+
+test('customers: the list, one customer with its users and attributes, and links to its events and usage', { skip }, async () => {
+  for (const [user, id, name] of [['u-g1', 'cus_g1', 'Globex 株式会社'], ['u-g2', 'cus_g2', 'Initech']]) {
+    const r = await call(keys.ingest, 'POST', '/v1/group', { userId: user, groupId: id, traits: { name, plan: 'pro' } });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+  }
+  assert.equal((await call(keys.ingest, 'POST', '/v1/events', [{ id: 'g1-a', type: 'report.created', customer_id: 'cus_g1' }])).status, 200);
+  await until('the customers', async () => (await call(keys.read, 'GET', '/v1/customers/cus_g2')).status === 200);
+  const { context, page } = await newPage();
+  await signIn(page, keys.read);
+  const region = page.getByRole('region', { name: 'Customers', exact: true });
+  await region.getByRole('button', { name: 'cus_g1', exact: true }).click();
+  const detail = page.getByRole('region', { name: 'Customer cus_g1' });
+  await detail.waitFor();
+  const api = (await call(keys.read, 'GET', '/v1/customers/cus_g1')).body;
+  assert.deepEqual(JSON.parse(await detail.locator('pre').textContent()), api.attributes);
+  assert.equal(api.attributes.name, 'Globex 株式会社');
+  await detail.getByText('u-g1').waitFor();
+  // Its events, in the Events section, as the API lists them.
+  await detail.getByRole('button', { name: 'Events of this customer' }).click();
+  const events = page.getByRole('region', { name: 'Events', exact: true });
+  const want = (await call(keys.read, 'GET', '/v1/events?customer_id=cus_g1')).body.data.map((e) => e.id);
+  assert.ok(want.includes('g1-a'), JSON.stringify(want));
+  await until('the customer\'s events', async () => {
+    const ids = await events.getByRole('table').evaluate((t) => [...t.tBodies[0].rows].map((r) => r.cells[4].textContent)).catch(() => []);
+    return ids.join() === want.join();
+  });
+  assert.equal(await events.getByLabel('Customer ID').inputValue(), 'cus_g1');
+  await axeCheck(page, 'customers with one shown');
   await context.close();
 });

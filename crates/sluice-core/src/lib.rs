@@ -27,6 +27,7 @@ pub use log::{
     fetch_event, fetch_record, read_decoded, undecodable, AppendRecord, BurstGuard, Bursts, Busy, Bytes, DecodedRecord, EventLog, LogError, LogStats,
     Record, RetentionReport,
 };
+pub use named::{SortOrder, UnknownSortOrder};
 pub use people::{has_record_effects, record_effects, RecordEffect};
 pub use retry::{Backoff, Jitter};
 pub use scope::Scope;

@@ -85,3 +85,13 @@ macro_rules! named_enum {
         }
     };
 }
+
+named_enum! {
+    /// The order of a list (`?order=` of list endpoints that offer it).
+    pub enum SortOrder / UnknownSortOrder ("an order") {
+        /// Oldest first (by id, which grows with creation time).
+        Asc = "asc",
+        /// Newest first.
+        Desc = "desc",
+    }
+}

@@ -466,7 +466,8 @@ fn worker() -> std::io::Result<()> {
         Ok(Inputs { events, tables })
     })();
     drop(stdin);
-    let limits = SqlLimits { timeout, max_rows: header.max_rows, max_bytes: header.max_bytes, memory: header.memory, max_tail_events: 0, max_live_rows: 0 };
+    let limits =
+        SqlLimits { timeout, max_rows: header.max_rows, max_bytes: header.max_bytes, memory: header.memory, max_tail_events: 0, max_live_rows: 0 };
     let result = answer.and_then(|inputs| {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))

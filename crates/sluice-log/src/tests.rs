@@ -78,18 +78,24 @@ async fn failed_write_on_a_single_partition_is_rolled_back() {
     failed_append_changes_nothing(2, &[1]).await;
 }
 
-#[tokio::test]
-async fn cached_indexes_of_sealed_segments_are_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = LogConfig::new(dir.path(), 1);
-    // ~70 KiB segments: each sealed segment has one index entry.
+/// A one-partition log in `dir` of ~70 KiB segments (each sealed segment
+/// has one index entry) holding `n` records, closed and opened again (so
+/// that no index of a sealed segment is cached).
+async fn reopened_with_small_segments(dir: &std::path::Path, n: u64) -> EmbeddedLog {
+    let mut cfg = LogConfig::new(dir, 1);
     cfg.segment_bytes = 70 << 10;
     {
         let log = EmbeddedLog::open(cfg.clone()).unwrap();
-        let batch: Vec<_> = (0..(40 * 600)).map(|i| record(0, i)).collect();
+        let batch: Vec<_> = (0..n).map(|i| record(0, i)).collect();
         log.append(batch).await.unwrap();
     }
-    let log = EmbeddedLog::open(cfg).unwrap();
+    EmbeddedLog::open(cfg).unwrap()
+}
+
+#[tokio::test]
+async fn cached_indexes_of_sealed_segments_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = reopened_with_small_segments(dir.path(), 40 * 600).await;
     let segments = read_lock(&log.shared.partitions[0].segments).len();
     assert!(segments > MAX_CACHED_INDEXES + 5, "{segments} segments");
     let n = log.next_offset(0);
@@ -107,14 +113,7 @@ async fn cached_indexes_of_sealed_segments_are_bounded() {
 #[tokio::test]
 async fn sequential_readers_need_no_index_of_sealed_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = LogConfig::new(dir.path(), 1);
-    cfg.segment_bytes = 70 << 10;
-    {
-        let log = EmbeddedLog::open(cfg.clone()).unwrap();
-        let batch: Vec<_> = (0..(10 * 600)).map(|i| record(0, i)).collect();
-        log.append(batch).await.unwrap();
-    }
-    let log = EmbeddedLog::open(cfg).unwrap();
+    let log = reopened_with_small_segments(dir.path(), 10 * 600).await;
     // Small pages: most reads start in the middle of a sealed segment.
     let mut next = 0;
     loop {

@@ -184,11 +184,29 @@ impl Store {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page<Job>> {
+        self.list_jobs_in(workspace, kind, state, sluice_core::SortOrder::Asc, cursor, limit).await
+    }
+
+    /// Jobs of a workspace in `order` (ids grow with creation time), with
+    /// the same filters as [`Store::list_jobs`].
+    pub async fn list_jobs_in(
+        &self,
+        workspace: &str,
+        kind: Option<&str>,
+        state: Option<sluice_core::JobState>,
+        order: sluice_core::SortOrder,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Job>> {
         let state = state.map(sluice_core::JobState::as_str);
         let limit = clamp_limit(limit);
+        let page = match order {
+            sluice_core::SortOrder::Asc => "AND id > $4 ORDER BY id",
+            sluice_core::SortOrder::Desc => "AND ($4 = '' OR id < $4) ORDER BY id DESC",
+        };
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs WHERE workspace = $1 AND ($2 IS NULL OR kind = $2) AND ($3 IS NULL OR state = $3) \
-             AND id > $4 ORDER BY id LIMIT $5"
+             {page} LIMIT $5"
         );
         let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(&sql)
             .bind(workspace).bind(kind).bind(state).bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;

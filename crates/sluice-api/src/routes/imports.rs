@@ -168,11 +168,23 @@ pub async fn get(State(st): State<AppState>, who: Principal, Path(id): Path<Stri
     Ok(Json(view(&j)))
 }
 
-/// Imports of the workspace, oldest first.
-#[utoipa::path(get, path = "/v1/imports", tag = "imports", responses((status = 200)), security(("bearer" = [])))]
-pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<super::PageQuery>) -> Result<Json<List<Value>>, ApiError> {
+/// `GET /v1/imports` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ImportListQuery {
+    /// Cursor from the previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size, 1–1000 (default 100).
+    pub limit: Option<usize>,
+    /// `asc` (oldest first, the default) or `desc` (newest first).
+    pub order: Option<String>,
+}
+
+/// Imports of the workspace, oldest first (`order=desc`: newest first).
+#[utoipa::path(get, path = "/v1/imports", params(ImportListQuery), tag = "imports", responses((status = 200)), security(("bearer" = [])))]
+pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<ImportListQuery>) -> Result<Json<List<Value>>, ApiError> {
     who.require_read()?;
-    let page =
-        st.store.list_jobs(who.workspace.as_str(), Some(sluice_metering::import::KIND), None, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
+    let order = super::jobs::sort_order(q.order.as_deref())?;
+    let kind = Some(sluice_metering::import::KIND);
+    let page = st.store.list_jobs_in(who.workspace.as_str(), kind, None, order, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.iter().map(view).collect(), next_cursor: page.next_cursor }))
 }

@@ -108,6 +108,15 @@ pub struct JobQuery {
     pub cursor: Option<String>,
     /// Page size, 1–1000.
     pub limit: Option<usize>,
+    /// `asc` (oldest first, the default) or `desc` (newest first).
+    pub order: Option<String>,
+}
+
+/// The `order` parameter of a list: `asc` (default) or `desc`; anything
+/// else is a 400 naming it.
+pub(crate) fn sort_order(order: Option<&str>) -> Result<sluice_core::SortOrder, ApiError> {
+    let order = order.map(str::parse).transpose().map_err(|e: sluice_core::UnknownSortOrder| ApiError::bad_request(format!("order: {e}")))?;
+    Ok(order.unwrap_or(sluice_core::SortOrder::Asc))
 }
 
 fn not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
@@ -117,14 +126,15 @@ fn not_found(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
     }
 }
 
-/// Jobs of the workspace, oldest first.
+/// Jobs of the workspace, oldest first (`order=desc`: newest first).
 #[utoipa::path(get, path = "/v1/jobs", params(JobQuery), tag = "jobs", responses((status = 200)), security(("bearer" = [])))]
 pub async fn list(State(st): State<AppState>, who: Principal, Query(q): Query<JobQuery>) -> Result<Json<List<JobView>>, ApiError> {
     who.require_read()?;
     // An unknown status is a 400 naming it (it used to match nothing).
     let status =
         q.status.as_deref().map(str::parse::<sluice_core::JobState>).transpose().map_err(|e| ApiError::bad_request(format!("status: {e}")))?;
-    let page = st.store.list_jobs(who.workspace.as_str(), q.kind.as_deref(), status, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
+    let order = sort_order(q.order.as_deref())?;
+    let page = st.store.list_jobs_in(who.workspace.as_str(), q.kind.as_deref(), status, order, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }))
 }
 

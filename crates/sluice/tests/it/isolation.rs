@@ -39,6 +39,21 @@ async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = Result<
     }
 }
 
+/// Waits until customer `c` holds BIG, `good` holds `good`, and the meters
+/// consumer has dead-lettered `dead` events.
+async fn settled(read: &Api, good: &str, dead: usize) {
+    eventually(20, || async {
+        let t = totals(read).await;
+        let d = meter_dead_letters(read).await;
+        if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), good.to_owned())] && d.len() == dead {
+            Ok(())
+        } else {
+            Err(format!("{t:?} {d:?}"))
+        }
+    })
+    .await;
+}
+
 /// Dead letters of the `meters` consumer in the key's workspace.
 async fn meter_dead_letters(api: &Api) -> Vec<Value> {
     let mut out = Vec::new();
@@ -91,16 +106,7 @@ async fn two_values_of_5e28_in_one_bucket_dead_letter_the_overflow_instead_of_a_
             {"id": "g1", "type": "use", "customer_id": "good", "timestamp": at, "properties": {"v": "1.5"}},
         ]))
         .await;
-    eventually(20, || async {
-        let t = totals(&read).await;
-        let d = meter_dead_letters(&read).await;
-        if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), "1.5".to_owned())] && d.len() == 1 {
-            Ok(())
-        } else {
-            Err(format!("{t:?} {d:?}"))
-        }
-    })
-    .await;
+    settled(&read, "1.5", 1).await;
     // … and across commits (the stored bucket would overflow): refused by
     // the store, found again, dead-lettered; the good event still counts.
     ingest
@@ -109,16 +115,7 @@ async fn two_values_of_5e28_in_one_bucket_dead_letter_the_overflow_instead_of_a_
             {"id": "g2", "type": "use", "customer_id": "good", "timestamp": at, "properties": {"v": "2"}},
         ]))
         .await;
-    eventually(20, || async {
-        let t = totals(&read).await;
-        let d = meter_dead_letters(&read).await;
-        if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), "3.5".to_owned())] && d.len() == 2 {
-            Ok(())
-        } else {
-            Err(format!("{t:?} {d:?}"))
-        }
-    })
-    .await;
+    settled(&read, "3.5", 2).await;
     let dead = meter_dead_letters(&read).await;
     let mut ids: Vec<&str> = dead.iter().map(|d| d["event_id"].as_str().unwrap()).collect();
     ids.sort();

@@ -512,8 +512,11 @@ test('jobs: cancel a queued job in the jobs list (and retry it); the API agrees'
     const row = list.getByRole('row').filter({ hasText: target });
     await row.getByText('queued', { exact: true }).waitFor();
     // The server filters: every row listed is a queued import.
-    const shown = await list.locator('tbody tr').evaluateAll((trs) => trs.map((tr) => [tr.cells[1].textContent, tr.cells[2].textContent]));
-    assert.ok(shown.length >= 1 && shown.every(([kind, status]) => kind === 'import.usage' && status === 'queued'), JSON.stringify(shown));
+    const shownRows = () => list.locator('tbody tr').evaluateAll((trs) => trs.map((tr) => [tr.cells[1].textContent, tr.cells[2].textContent]));
+    await until('only queued imports listed', async () => {
+      const shown = await shownRows();
+      return shown.length >= 1 && shown.every(([kind, status]) => kind === 'import.usage' && status === 'queued');
+    });
 
     await row.getByRole('button', { name: 'Cancel' }).click();
     // It leaves the "queued" list, and is listed as cancelled, with Retry.
@@ -613,6 +616,8 @@ test('dead letters: replay a dead letter and see it leave the list', { skip }, a
 
 test('sql: run a SQL query, see the result table and download the CSV', { skip }, async () => {
   const { context, page } = await newPage();
+  // Each query starts a worker process (a debug build, on a busy CI machine).
+  page.setDefaultTimeout(60_000);
   await signIn(page, keys.admin);
   const query = `SELECT id, type, customer_id, 'a, "b"' AS note FROM events WHERE id IN ('evt-1', 'evt-2') ORDER BY id`;
   await page.getByLabel('Query').fill(query);

@@ -284,7 +284,10 @@ impl LakeWriter {
                         // Full: flush before reading on (the memory bound).
                         break;
                     }
-                    let recs = match sluice_core::read_decoded(self.log.as_ref(), "lake", p, pos[p as usize], 20_000, READ_BYTES).await {
+                    // Records are decoded one at a time below, not by `read_decoded`: the
+                    // writer stops at its flush point in the middle of a read and
+                    // reads the rest again after the flush.
+                    let recs = match self.log.read(p, pos[p as usize], 20_000, READ_BYTES).await {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(partition = p, error = %e, "lake writer cannot read the log; retrying");
@@ -299,10 +302,10 @@ impl LakeWriter {
                         }
                         read_any = true;
                         pos[p as usize] = r.offset + 1;
-                        // A record that cannot be decoded has no rows: logged
-                        // and counted by the reader.
-                        if let Ok(payload) = r.payload {
-                            buf.push(payload, r.len);
+                        match Payload::decode(&r.payload) {
+                            Ok(payload) => buf.push(payload, r.payload.len()),
+                            // No rows: logged and counted as every reader does.
+                            Err(e) => sluice_core::undecodable("lake", p, r.offset, &e),
                         }
                     }
                 }

@@ -76,11 +76,23 @@ async function startServer() {
 }
 
 async function call(key, method, p, body) {
-  const r = await fetch(server.url + p, {
+  const init = {
     method,
     headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
     body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  };
+  // A connection that fails outright (no HTTP answer) is tried again twice,
+  // then reported with its cause and the server's log; an HTTP error is
+  // returned as it is.
+  let r;
+  for (let attempt = 1; ; attempt++) {
+    try { r = await fetch(server.url + p, init); break; } catch (e) {
+      if (attempt >= 3) {
+        throw new Error(`${method} ${p}: ${e.message} (${e.cause?.code || e.cause}); server log:\n${server.stderr.join('').slice(-3000)}`);
+      }
+      await new Promise((res) => setTimeout(res, 300));
+    }
+  }
   const text = await r.text();
   let json; try { json = JSON.parse(text); } catch { json = text; }
   return { status: r.status, body: json };

@@ -103,10 +103,11 @@ async fn exactly_once_across_kill_9(url: &str) {
         let (g, b) = append(&log_dir, round).await;
         good.extend(g);
         bad.extend(b);
-        // 1 ms per event: a round's backlog takes a few hundred ms per
-        // partition, and the kill lands somewhere in it.
-        let mut child = host(&log_dir, url, 1);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
+        // 5 ms per event: a round's backlog (200 events per partition, and
+        // what earlier rounds left) takes over a second, commits come every
+        // 250 ms, and the kill lands in between, whatever the machine's speed.
+        let mut child = host(&log_dir, url, 5);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..900))).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let n = seen(url).await.len();

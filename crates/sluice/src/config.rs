@@ -32,14 +32,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub state_url: Secret,
     pub log_format: String,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub shutdown_timeout: Duration,
     pub retry_attempts: u32,
     pub retry_base_ms: u64,
     pub consumer_batch: usize,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub job_lease: Duration,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub webhook_timeout: Duration,
     pub webhook_allow_private: bool,
     pub log: LogSection,
@@ -56,7 +56,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DashboardSection {
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub session_ttl: Duration,
 }
 
@@ -72,14 +72,14 @@ pub struct MetricsSection {
 #[serde(deny_unknown_fields)]
 pub struct LakeSection {
     pub url: String,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub flush_interval: Duration,
     pub flush_bytes: usize,
     pub row_group_rows: usize,
     pub target_file_bytes: u64,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub compact_interval: Duration,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub compact_after: Duration,
 }
 
@@ -90,10 +90,10 @@ pub struct LogSection {
     pub url: String,
     pub partitions: u32,
     pub segment_bytes: u64,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub retention_max_age: Duration,
     pub retention_max_bytes: u64,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub retention_interval: Duration,
 }
 
@@ -106,7 +106,7 @@ pub struct IngestSection {
     pub max_events: usize,
     pub max_buffered_body_bytes: usize,
     pub max_inflight_bytes: usize,
-    #[serde(with = "humantime_serde_shim")]
+    #[serde(with = "sluice_core::duration")]
     pub dedup_window: Duration,
     pub segment_max_message_bytes: usize,
     pub segment_max_batch_bytes: usize,
@@ -270,17 +270,6 @@ fn apply_env(table: &mut Table, schema: &Table, env: &[(String, String)], prefix
         table.insert(k.clone(), value);
     }
     Ok(())
-}
-
-/// Durations written like `30s`, `1m`, `35d`; `0s` means "none".
-mod humantime_serde_shim {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s, 5m, 35d: {e}")))
-    }
 }
 
 #[cfg(test)]

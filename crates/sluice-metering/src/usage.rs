@@ -35,7 +35,9 @@ impl std::str::FromStr for Granularity {
     }
 }
 
-fn local_start(tz: Tz, d: NaiveDate, hour: u32) -> DateTime<Utc> {
+/// The instant a local date's `hour` begins in `tz` (in a DST gap: the first
+/// instant that exists). Billing cycles start at local midnights with it.
+pub fn local_start(tz: Tz, d: NaiveDate, hour: u32) -> DateTime<Utc> {
     let naive = d.and_hms_opt(hour, 0, 0).unwrap_or_default();
     match tz.from_local_datetime(&naive) {
         LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.with_timezone(&Utc),
@@ -131,6 +133,22 @@ impl Acc {
     fn value(&self) -> Option<Decimal> {
         self.value.or(self.latest.map(|(_, v)| v))
     }
+}
+
+/// The value of `buckets` folded into one period, as a usage query with
+/// `granularity=total` gives it (billing uses it for an invoice period):
+/// `None` when no bucket holds a value (a max of nothing). A count or sum
+/// beyond the largest exact decimal is an `Err` of the two addends.
+pub fn fold_buckets<'a>(agg: Aggregation, buckets: impl IntoIterator<Item = &'a sluice_store::UsageBucket>) -> Result<Option<Decimal>, (Decimal, Decimal)> {
+    let mut acc: Option<Acc> = None;
+    for b in buckets {
+        let one = Acc::of(agg, b.count, b.sum, b.min, b.max, b.latest_at.zip(b.latest_value).map(|(at, v)| (at.timestamp_micros(), v)));
+        match &mut acc {
+            Some(a) => a.merge(agg, one)?,
+            None => acc = Some(one),
+        }
+    }
+    Ok(acc.and_then(|a| a.value()))
 }
 
 /// Why a usage query failed.

@@ -22,6 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 pub mod audit;
+pub mod billing;
 mod consumers;
 mod events;
 mod jobs;
@@ -36,6 +37,7 @@ pub mod testing;
 mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
+pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, NewInvoice, PlanRow, SubscriptionRow};
 pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, Folder, NewDeadLetter, Webhook};
 pub use jobs::{Job, JobEnd, NewJob};
 pub use keys::{ApiKey, NewApiKey};

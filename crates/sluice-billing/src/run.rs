@@ -1,0 +1,270 @@
+//! Billing runs (`billing.run` jobs) and auto-billing.
+//!
+//! A run bills a selection of subscriptions one at a time, each in its own
+//! short transaction ([`crate::engine`]): a failing subscription is
+//! reported and the others go on; progress counts subscriptions; runs of a
+//! process run one at a time, in the order they were queued. A run that is
+//! retried or resumed after `kill -9` bills again whatever is not billed
+//! yet: periods already invoiced are skipped by the engine, so the result
+//! counts the invoices of every attempt (by run id).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload};
+use sluice_store::{Job, NewJob, StoreError};
+
+use crate::engine::{BillOptions, Billing};
+use crate::BillingError;
+
+/// The job kind.
+pub const KIND: &str = "billing.run";
+
+/// Which subscriptions a run bills besides an explicit list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFilter {
+    /// Only subscriptions currently on this plan.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// Only these customers' subscriptions.
+    #[serde(default)]
+    pub customer_ids: Option<Vec<String>>,
+    /// Only subscriptions with a period that ended (by `until`) and is not
+    /// invoiced yet.
+    #[serde(default)]
+    pub due: bool,
+}
+
+/// The payload of a `billing.run` job (version 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunPayload {
+    /// Payload version.
+    #[serde(default = "payload_v1")]
+    pub v: u32,
+    /// Workspace.
+    pub workspace: String,
+    /// Subscriptions to bill, in this order.
+    #[serde(default)]
+    pub subscription_ids: Option<Vec<String>>,
+    /// Or those matching this.
+    #[serde(default)]
+    pub filter: Option<RunFilter>,
+    /// Finalize the invoices.
+    pub finalize: bool,
+    /// Bill periods ending at or before this (fixed when the run was made,
+    /// so a retry bills the same periods).
+    pub until: DateTime<Utc>,
+    /// `until: "now"`: bill the current period early, up to `until`.
+    #[serde(default)]
+    pub early: bool,
+    /// Started by auto-billing.
+    #[serde(default)]
+    pub auto: bool,
+}
+
+impl JobPayload for RunPayload {
+    const KIND: &'static str = KIND;
+}
+
+/// A subscription the run could not bill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunFailure {
+    /// The subscription.
+    pub subscription_id: String,
+    /// Why.
+    pub message: String,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Subscriptions selected.
+    pub subscriptions_total: usize,
+    /// Subscriptions handled (billed, nothing to bill, or failed).
+    pub subscriptions_done: usize,
+    /// Invoices the run made (over all its attempts).
+    pub invoices_created: usize,
+    /// Subscriptions that failed.
+    pub errors: Vec<RunFailure>,
+    /// Wall time of the last attempt.
+    pub duration_ms: u64,
+}
+
+/// Runs `billing.run` jobs.
+pub struct BillingRun {
+    /// Billing.
+    pub billing: Billing,
+}
+
+/// The subscriptions a run selects.
+pub async fn select(billing: &Billing, p: &RunPayload) -> Result<Vec<String>, BillingError> {
+    if let Some(ids) = &p.subscription_ids {
+        let mut seen = std::collections::HashSet::new();
+        return Ok(ids.iter().filter(|id| seen.insert(id.as_str())).cloned().collect());
+    }
+    let f = p.filter.clone().unwrap_or_default();
+    Ok(billing.store.subscription_ids(&p.workspace, f.plan.as_deref(), f.customer_ids.as_deref(), f.due.then_some(p.until)).await?)
+}
+
+fn job_error(e: BillingError) -> JobError {
+    match e {
+        BillingError::Store(e) => e.into(),
+        BillingError::Busy(m) => JobError::retryable(m),
+        e => JobError::permanent(e),
+    }
+}
+
+#[async_trait]
+impl JobHandler for BillingRun {
+    fn kind(&self) -> &str {
+        KIND
+    }
+
+    async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
+        let started = Instant::now();
+        let p = RunPayload::of(job)?;
+        let b = &self.billing;
+        let ws = b.workspace(&p.workspace).await.map_err(job_error)?;
+        let ids = select(b, &p).await.map_err(job_error)?;
+        let total = ids.len();
+        ctx.progress(0, Some(total as i64)).await;
+        let opts = BillOptions {
+            until: p.until,
+            early: p.early,
+            finalize: p.finalize,
+            run_id: Some(job.id.clone()),
+            dry_run: false,
+            not_before: if p.auto { ws.settings.auto_billing_since } else { None },
+        };
+        let mut errors = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            if ctx.is_cancelled() {
+                return Err(JobError::Cancelled);
+            }
+            match b.bill(&ws, id, &opts).await {
+                Ok(_) => {}
+                // The store is down: the whole run is retried (what it
+                // billed stays billed, once).
+                Err(BillingError::Store(e)) if !e.is_permanent() => return Err(JobError::retryable(e)),
+                Err(e) => {
+                    tracing::warn!(run = %job.id, subscription = %id, error = %e, "a subscription could not be billed");
+                    errors.push(RunFailure { subscription_id: id.clone(), message: e.to_string() });
+                }
+            }
+            ctx.progress(i as i64 + 1, Some(total as i64)).await;
+        }
+        let invoices = b.store.run_invoice_ids(&job.id).await?;
+        let result = RunResult {
+            subscriptions_total: total,
+            subscriptions_done: total,
+            invoices_created: invoices.len(),
+            errors,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        if let Some(sink) = &b.events {
+            let props = json!({"run_id": job.id, "subscriptions_total": total, "invoices_created": result.invoices_created,
+                "errors": result.errors.len(), "auto": p.auto});
+            match crate::make_event(&p.workspace, &format!("billing_run.finished:{}", job.id), "billing_run.finished", None, None, props) {
+                Ok(e) => sink.emit(vec![e]).await,
+                Err(e) => tracing::error!(error = %e, "could not make the billing_run.finished event"),
+            }
+        }
+        Ok(serde_json::to_value(&result).unwrap_or(Value::Null))
+    }
+}
+
+/// Auto-billing: every `every`, each workspace with `auto_billing` on gets
+/// a run of its due subscriptions (unless one is already queued or
+/// running), finalizing at once without a grace period; drafts whose grace
+/// period has passed are finalized.
+pub async fn auto_billing(billing: Billing, wake: Arc<dyn Fn() + Send + Sync>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = auto_once(&billing, &*wake).await {
+            tracing::warn!(error = %e, "auto-billing pass failed; trying again later");
+        }
+    }
+}
+
+/// One auto-billing pass over every workspace.
+pub async fn auto_once(billing: &Billing, wake: &(dyn Fn() + Send + Sync)) -> Result<(), BillingError> {
+    let store = &billing.store;
+    let now = Utc::now();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.list_workspaces(cursor.as_deref(), 1000).await?;
+        for w in &page.data {
+            let settings = billing.settings(&w.name).await?;
+            if !settings.auto_billing {
+                continue;
+            }
+            if settings.grace_period_days > 0 {
+                finalize_after_grace(billing, &w.name, settings.grace_period_days, now).await?;
+            }
+            if store.subscription_ids(&w.name, None, None, Some(now)).await?.is_empty() {
+                continue;
+            }
+            let busy = [sluice_core::JobState::Queued, sluice_core::JobState::Running];
+            let mut pending = false;
+            for state in busy {
+                let jobs = store.list_jobs(&w.name, Some(KIND), Some(state), None, 1000).await?;
+                pending |= jobs.data.iter().any(|j| j.payload.get("auto").and_then(Value::as_bool) == Some(true));
+            }
+            if pending {
+                continue;
+            }
+            let payload = RunPayload {
+                v: 1,
+                workspace: w.name.clone(),
+                subscription_ids: None,
+                filter: Some(RunFilter { due: true, ..RunFilter::default() }),
+                finalize: settings.grace_period_days == 0,
+                until: now,
+                early: false,
+                auto: true,
+            };
+            store.enqueue_job(&NewJob { workspace: w.name.clone(), kind: KIND.into(), payload: payload.to_value(), max_attempts: 5, created_by: None }).await?;
+            wake();
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn finalize_after_grace(billing: &Billing, ws_name: &str, grace_days: u32, now: DateTime<Utc>) -> Result<(), BillingError> {
+    let filter = sluice_store::InvoiceFilter { status: Some("draft".into()), ..Default::default() };
+    let drafts = billing.store.list_invoices(ws_name, &filter, None, 1000).await?;
+    let due: Vec<_> = drafts.data.iter().filter(|d| d.doc.get("auto_billed") == Some(&Value::Bool(true)))
+        .filter(|d| d.period_end + chrono::Duration::days(i64::from(grace_days)) <= now)
+        .collect();
+    if due.is_empty() {
+        return Ok(());
+    }
+    let ws = billing.workspace(ws_name).await?;
+    for d in due {
+        let audit = sluice_store::NewAudit {
+            workspace: ws_name.to_owned(),
+            actor_key_id: None,
+            action: "invoice.finalize".into(),
+            target_type: "invoice".into(),
+            target_id: d.id.clone(),
+            details: json!({"auto": true, "grace_period_days": grace_days}),
+        };
+        match billing.finalize(&ws, &d.id, &audit).await {
+            Ok(_) | Err(BillingError::Conflict(_)) => {}
+            Err(BillingError::Store(StoreError::Conflict(_))) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

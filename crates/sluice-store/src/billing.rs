@@ -1,0 +1,499 @@
+//! Billing's tables: settings, plan versions, subscriptions, invoices and
+//! invoice numbers. The documents (plan specs, subscriptions, invoices) are
+//! JSON whose shape belongs to `sluice-billing`; this module only keeps
+//! them, with the guarantees that need the database: one invoice per
+//! (subscription, period), gapless numbers, and no write made from a stale
+//! read of a subscription.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::BeginWrite as _;
+use crate::{clamp_limit, from_micros, on_pool, to_micros, NewAudit, Page, Result, Store, StoreError};
+
+/// A plan version.
+#[derive(Debug, Clone)]
+pub struct PlanRow {
+    /// Plan code.
+    pub code: String,
+    /// 1, 2, … (each edit adds one).
+    pub version: i64,
+    /// The plan's definition.
+    pub spec: Value,
+    /// When this version was made.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A subscription.
+#[derive(Debug, Clone)]
+pub struct SubscriptionRow {
+    /// Id.
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// Current plan code.
+    pub plan_code: String,
+    /// Where the next invoice period starts.
+    pub billed_until: DateTime<Utc>,
+    /// End, if any.
+    pub end_at: Option<DateTime<Utc>>,
+    /// The subscription document.
+    pub doc: Value,
+    /// Bumped by every write.
+    pub revision: i64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An invoice.
+#[derive(Debug, Clone)]
+pub struct InvoiceRow {
+    /// Id.
+    pub id: String,
+    /// Subscription.
+    pub subscription_id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// `draft`, `finalized`, `paid` or `void`.
+    pub status: String,
+    /// Number, once finalized.
+    pub number: Option<String>,
+    /// Period start.
+    pub period_start: DateTime<Utc>,
+    /// Period end.
+    pub period_end: DateTime<Utc>,
+    /// The billing run that made it.
+    pub run_id: Option<String>,
+    /// The invoice document.
+    pub doc: Value,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Finalization time.
+    pub finalized_at: Option<DateTime<Utc>>,
+    /// Void time.
+    pub voided_at: Option<DateTime<Utc>>,
+    /// Paid time.
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+/// An invoice to insert.
+#[derive(Debug, Clone)]
+pub struct NewInvoice {
+    /// Id.
+    pub id: String,
+    /// Period start.
+    pub period_start: DateTime<Utc>,
+    /// Period end.
+    pub period_end: DateTime<Utc>,
+    /// The document.
+    pub doc: Value,
+}
+
+/// Filters of an invoice list.
+#[derive(Debug, Clone, Default)]
+pub struct InvoiceFilter {
+    /// Only this customer.
+    pub customer_id: Option<String>,
+    /// Only this subscription.
+    pub subscription_id: Option<String>,
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only made by this run.
+    pub run_id: Option<String>,
+}
+
+/// A billing commit: a subscription's new state and the invoices of the
+/// periods it billed, written together or not at all.
+#[derive(Clone)]
+pub struct BillingCommit<'a> {
+    /// Workspace.
+    pub workspace: &'a str,
+    /// Subscription id.
+    pub subscription_id: &'a str,
+    /// Customer.
+    pub customer_id: &'a str,
+    /// The revision the invoices were computed from; another write since
+    /// then refuses the commit ([`StoreError::Conflict`]).
+    pub revision: i64,
+    /// The new billed-until.
+    pub billed_until: DateTime<Utc>,
+    /// The new subscription document.
+    pub doc: &'a Value,
+    /// The invoices.
+    pub invoices: &'a [NewInvoice],
+    /// The run making them.
+    pub run_id: Option<&'a str>,
+    /// Finalize them: number each with `number(n)` for the workspace's next
+    /// counter value `n`.
+    pub number: Option<&'a (dyn Fn(i64) -> String + Sync)>,
+}
+
+type SubscriptionTuple = (String, String, String, i64, Option<i64>, String, i64, i64);
+const SUBSCRIPTION_COLUMNS: &str = "id, customer_id, plan_code, billed_until, end_at, doc, revision, created_at";
+
+fn subscription(r: SubscriptionTuple) -> Result<SubscriptionRow> {
+    Ok(SubscriptionRow {
+        id: r.0,
+        customer_id: r.1,
+        plan_code: r.2,
+        billed_until: from_micros(r.3),
+        end_at: r.4.map(from_micros),
+        doc: json(&r.5)?,
+        revision: r.6,
+        created_at: from_micros(r.7),
+    })
+}
+
+#[derive(sqlx::FromRow)]
+struct InvoiceTuple {
+    id: String,
+    subscription_id: String,
+    customer_id: String,
+    status: String,
+    number: Option<String>,
+    period_start: i64,
+    period_end: i64,
+    run_id: Option<String>,
+    doc: String,
+    created_at: i64,
+    finalized_at: Option<i64>,
+    voided_at: Option<i64>,
+    paid_at: Option<i64>,
+}
+const INVOICE_COLUMNS: &str =
+    "id, subscription_id, customer_id, status, number, period_start, period_end, run_id, doc, created_at, finalized_at, voided_at, paid_at";
+
+fn invoice(r: InvoiceTuple) -> Result<InvoiceRow> {
+    Ok(InvoiceRow {
+        id: r.id,
+        subscription_id: r.subscription_id,
+        customer_id: r.customer_id,
+        status: r.status,
+        number: r.number,
+        period_start: from_micros(r.period_start),
+        period_end: from_micros(r.period_end),
+        run_id: r.run_id,
+        doc: json(&r.doc)?,
+        created_at: from_micros(r.created_at),
+        finalized_at: r.finalized_at.map(from_micros),
+        voided_at: r.voided_at.map(from_micros),
+        paid_at: r.paid_at.map(from_micros),
+    })
+}
+
+fn json(s: &str) -> Result<Value> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("a billing document is not JSON: {e}")))
+}
+
+/// Takes the workspace's next invoice number, in the caller's transaction.
+macro_rules! next_number {
+    ($tx:expr, $workspace:expr) => {{
+        let (n,): (i64,) = sqlx::query_as(
+            "INSERT INTO invoice_counters (workspace, last) VALUES ($1, 1) \
+             ON CONFLICT (workspace) DO UPDATE SET last = invoice_counters.last + 1 RETURNING last",
+        )
+        .bind($workspace)
+        .fetch_one(&mut *$tx)
+        .await?;
+        n
+    }};
+}
+
+impl Store {
+    /// The workspace's billing settings document, if set.
+    pub async fn billing_settings(&self, workspace: &str) -> Result<Option<Value>> {
+        let row: Option<(String,)> = on_pool!(self, pool => sqlx::query_as("SELECT settings FROM billing_settings WHERE workspace = $1")
+            .bind(workspace).fetch_optional(pool).await)?;
+        row.map(|r| json(&r.0)).transpose()
+    }
+
+    /// Replaces the workspace's billing settings.
+    pub async fn put_billing_settings(&self, workspace: &str, settings: &Value, audit: &NewAudit) -> Result<()> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query("INSERT INTO billing_settings (workspace, settings, updated_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (workspace) DO UPDATE SET settings = excluded.settings, updated_at = excluded.updated_at")
+                .bind(workspace).bind(settings.to_string()).bind(now).execute(&mut *tx).await?;
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Adds a version of plan `code` (1 for a new code) and returns it.
+    pub async fn create_plan_version(&self, workspace: &str, code: &str, spec: &Value, created_by: &str, audit: &NewAudit) -> Result<PlanRow> {
+        let now = Utc::now();
+        let version = on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let (last,): (Option<i64>,) = sqlx::query_as("SELECT MAX(version) FROM plans WHERE workspace = $1 AND code = $2")
+                .bind(workspace).bind(code).fetch_one(&mut *tx).await?;
+            let version = last.unwrap_or(0) + 1;
+            sqlx::query("INSERT INTO plans (workspace, code, version, spec, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(workspace).bind(code).bind(version).bind(spec.to_string()).bind(to_micros(now)).bind(created_by)
+                .execute(&mut *tx).await
+                .map_err(|e| StoreError::conflict_on_unique(e, format!("plan {code:?} was edited at the same time; send the edit again")))?;
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+            version
+        });
+        Ok(PlanRow { code: code.to_owned(), version, spec: spec.clone(), created_at: from_micros(to_micros(now)) })
+    }
+
+    /// A plan's version (the latest when `None`).
+    pub async fn plan(&self, workspace: &str, code: &str, version: Option<i64>) -> Result<PlanRow> {
+        let row: Option<(String, i64, String, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT code, version, spec, created_at FROM plans WHERE workspace = $1 AND code = $2 AND ($3 IS NULL OR version = $3) \
+             ORDER BY version DESC LIMIT 1")
+            .bind(workspace).bind(code).bind(version).fetch_optional(pool).await)?;
+        let r = row.ok_or(StoreError::NotFound)?;
+        Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })
+    }
+
+    /// The latest version of every plan of the workspace, by code.
+    pub async fn list_plans(&self, workspace: &str) -> Result<Vec<PlanRow>> {
+        let rows: Vec<(String, i64, String, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT p.code, p.version, p.spec, p.created_at FROM plans p WHERE p.workspace = $1 \
+             AND p.version = (SELECT MAX(q.version) FROM plans q WHERE q.workspace = p.workspace AND q.code = p.code) ORDER BY p.code")
+            .bind(workspace).fetch_all(pool).await)?;
+        rows.into_iter().map(|r| Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })).collect()
+    }
+
+    /// Creates a subscription; [`StoreError::Conflict`] when the id is taken.
+    pub async fn create_subscription(&self, workspace: &str, s: &SubscriptionRow, audit: &NewAudit) -> Result<()> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query("INSERT INTO subscriptions (workspace, id, customer_id, plan_code, billed_until, end_at, doc, revision, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .bind(workspace).bind(&s.id).bind(&s.customer_id).bind(&s.plan_code).bind(to_micros(s.billed_until))
+                .bind(s.end_at.map(to_micros)).bind(s.doc.to_string()).bind(s.revision).bind(to_micros(s.created_at))
+                .execute(&mut *tx).await
+                .map_err(|e| StoreError::conflict_on_unique(e, format!("subscription {:?} already exists", s.id)))?;
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// One subscription.
+    pub async fn subscription(&self, workspace: &str, id: &str) -> Result<SubscriptionRow> {
+        let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND id = $2");
+        let row: Option<SubscriptionTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(id).fetch_optional(pool).await)?;
+        subscription(row.ok_or(StoreError::NotFound)?)
+    }
+
+    /// Subscriptions by id, after `cursor` (an id), optionally of one
+    /// customer or plan.
+    pub async fn list_subscriptions(
+        &self,
+        workspace: &str,
+        customer_id: Option<&str>,
+        plan_code: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<SubscriptionRow>> {
+        let limit = clamp_limit(limit);
+        let sql = format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND ($2 IS NULL OR customer_id = $2) \
+             AND ($3 IS NULL OR plan_code = $3) AND id > $4 ORDER BY id LIMIT $5"
+        );
+        let rows: Vec<SubscriptionTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).bind(plan_code)
+            .bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;
+        let rows = rows.into_iter().map(subscription).collect::<Result<Vec<_>>>()?;
+        Ok(Page::from_overfetch(rows, limit, |s: &SubscriptionRow| s.id.clone()))
+    }
+
+    /// Every subscription of a customer.
+    pub async fn customer_subscriptions(&self, workspace: &str, customer_id: &str) -> Result<Vec<SubscriptionRow>> {
+        let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND customer_id = $2 ORDER BY id");
+        let rows: Vec<SubscriptionTuple> =
+            on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).fetch_all(pool).await)?;
+        rows.into_iter().map(subscription).collect()
+    }
+
+    /// Ids of the workspace's subscriptions, optionally only those on
+    /// `plan_code`, of `customer_ids`, or not billed up to their end and
+    /// billed until before `billed_before`.
+    pub async fn subscription_ids(
+        &self,
+        workspace: &str,
+        plan_code: Option<&str>,
+        customer_ids: Option<&[String]>,
+        billed_before: Option<DateTime<Utc>>,
+    ) -> Result<Vec<String>> {
+        let rows: Vec<(String, String)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, customer_id FROM subscriptions WHERE workspace = $1 AND ($2 IS NULL OR plan_code = $2) \
+             AND ($3 IS NULL OR (billed_until < $3 AND (end_at IS NULL OR billed_until < end_at))) ORDER BY id")
+            .bind(workspace).bind(plan_code).bind(billed_before.map(to_micros)).fetch_all(pool).await)?;
+        Ok(rows.into_iter().filter(|(_, c)| customer_ids.is_none_or(|ids| ids.contains(c))).map(|(id, _)| id).collect())
+    }
+
+    /// Writes a subscription's document (a plan change, a cancellation) if
+    /// nothing else wrote it since `revision`; else [`StoreError::Conflict`].
+    pub async fn update_subscription(&self, workspace: &str, s: &SubscriptionRow, audit: &NewAudit) -> Result<()> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let n = sqlx::query("UPDATE subscriptions SET plan_code = $3, billed_until = $4, end_at = $5, doc = $6, revision = revision + 1 \
+                                 WHERE workspace = $1 AND id = $2 AND revision = $7")
+                .bind(workspace).bind(&s.id).bind(&s.plan_code).bind(to_micros(s.billed_until)).bind(s.end_at.map(to_micros))
+                .bind(s.doc.to_string()).bind(s.revision).execute(&mut *tx).await?.rows_affected();
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("subscription {:?} changed at the same time; read it and try again", s.id)));
+            }
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Commits a subscription's billing: its invoices (finalized and
+    /// numbered when asked) and its new billed-until, in one short
+    /// transaction. [`StoreError::Conflict`] when the subscription changed
+    /// since it was read, or one of the periods already has an invoice:
+    /// nothing is written then.
+    pub async fn commit_billing(&self, c: &BillingCommit<'_>) -> Result<Vec<InvoiceRow>> {
+        let now = to_micros(Utc::now());
+        let mut out = Vec::with_capacity(c.invoices.len());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let n = sqlx::query("UPDATE subscriptions SET billed_until = $3, doc = $4, revision = revision + 1 \
+                                 WHERE workspace = $1 AND id = $2 AND revision = $5")
+                .bind(c.workspace).bind(c.subscription_id).bind(to_micros(c.billed_until)).bind(c.doc.to_string()).bind(c.revision)
+                .execute(&mut *tx).await?.rows_affected();
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("subscription {:?} was billed or changed at the same time", c.subscription_id)));
+            }
+            for inv in c.invoices {
+                let (status, number, finalized_at) = match c.number {
+                    Some(f) => ("finalized", Some(f(next_number!(tx, c.workspace))), Some(now)),
+                    None => ("draft", None, None),
+                };
+                sqlx::query("INSERT INTO invoices (workspace, id, subscription_id, customer_id, status, number, period_start, period_end, \
+                             run_id, doc, created_at, finalized_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+                    .bind(c.workspace).bind(&inv.id).bind(c.subscription_id).bind(c.customer_id).bind(status).bind(&number)
+                    .bind(to_micros(inv.period_start)).bind(to_micros(inv.period_end)).bind(c.run_id).bind(inv.doc.to_string())
+                    .bind(now).bind(finalized_at)
+                    .execute(&mut *tx).await
+                    .map_err(|e| StoreError::conflict_on_unique(e, format!("subscription {:?} already has an invoice for the period from {}", c.subscription_id, inv.period_start)))?;
+                out.push(InvoiceRow {
+                    id: inv.id.clone(),
+                    subscription_id: c.subscription_id.to_owned(),
+                    customer_id: c.customer_id.to_owned(),
+                    status: status.to_owned(),
+                    number,
+                    period_start: from_micros(to_micros(inv.period_start)),
+                    period_end: from_micros(to_micros(inv.period_end)),
+                    run_id: c.run_id.map(str::to_owned),
+                    doc: inv.doc.clone(),
+                    created_at: from_micros(now),
+                    finalized_at: finalized_at.map(from_micros),
+                    voided_at: None,
+                    paid_at: None,
+                });
+            }
+            tx.commit().await?;
+        });
+        Ok(out)
+    }
+
+    /// One invoice.
+    pub async fn invoice(&self, workspace: &str, id: &str) -> Result<InvoiceRow> {
+        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND id = $2");
+        let row: Option<InvoiceTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(id).fetch_optional(pool).await)?;
+        invoice(row.ok_or(StoreError::NotFound)?)
+    }
+
+    /// Invoices by id (ids grow with time), after `cursor`.
+    pub async fn list_invoices(&self, workspace: &str, f: &InvoiceFilter, cursor: Option<&str>, limit: usize) -> Result<Page<InvoiceRow>> {
+        let limit = clamp_limit(limit);
+        let sql = format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND ($2 IS NULL OR customer_id = $2) \
+             AND ($3 IS NULL OR subscription_id = $3) AND ($4 IS NULL OR status = $4) AND ($5 IS NULL OR run_id = $5) \
+             AND id > $6 ORDER BY id LIMIT $7"
+        );
+        let rows: Vec<InvoiceTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(&f.customer_id)
+            .bind(&f.subscription_id).bind(&f.status).bind(&f.run_id).bind(cursor.unwrap_or("")).bind(limit as i64 + 1)
+            .fetch_all(pool).await)?;
+        let rows = rows.into_iter().map(invoice).collect::<Result<Vec<_>>>()?;
+        Ok(Page::from_overfetch(rows, limit, |i: &InvoiceRow| i.id.clone()))
+    }
+
+    /// Every invoice of a subscription, by period.
+    pub async fn subscription_invoices(&self, workspace: &str, subscription_id: &str) -> Result<Vec<InvoiceRow>> {
+        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND subscription_id = $2 ORDER BY period_start, id");
+        let rows: Vec<InvoiceTuple> =
+            on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(subscription_id).fetch_all(pool).await)?;
+        rows.into_iter().map(invoice).collect()
+    }
+
+    /// Ids of the invoices a run made.
+    pub async fn run_invoice_ids(&self, run_id: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> =
+            on_pool!(self, pool => sqlx::query_as("SELECT id FROM invoices WHERE run_id = $1 ORDER BY id").bind(run_id).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Replaces a draft's document (recomputed with late usage);
+    /// [`StoreError::Conflict`] when it is no longer a draft.
+    pub async fn update_draft(&self, workspace: &str, id: &str, doc: &Value) -> Result<()> {
+        let n = on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let n = sqlx::query("UPDATE invoices SET doc = $3 WHERE workspace = $1 AND id = $2 AND status = 'draft'")
+                .bind(workspace).bind(id).bind(doc.to_string()).execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            n
+        });
+        if n == 0 {
+            return Err(StoreError::Conflict(format!("invoice {id:?} is not a draft")));
+        }
+        Ok(())
+    }
+
+    /// Finalizes a draft with its final document: takes the next number in
+    /// the same short transaction. [`StoreError::Conflict`] when it is not a
+    /// draft.
+    pub async fn finalize_invoice(
+        &self,
+        workspace: &str,
+        id: &str,
+        doc: &Value,
+        number: &(dyn Fn(i64) -> String + Sync),
+        audit: &NewAudit,
+    ) -> Result<InvoiceRow> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let (status,): (String,) = sqlx::query_as("SELECT status FROM invoices WHERE workspace = $1 AND id = $2")
+                .bind(workspace).bind(id).fetch_optional(&mut *tx).await?.ok_or(StoreError::NotFound)?;
+            if status != "draft" {
+                return Err(StoreError::Conflict(format!("invoice {id:?} is {status}; only a draft can be finalized")));
+            }
+            let n = next_number!(tx, workspace);
+            sqlx::query("UPDATE invoices SET status = 'finalized', number = $3, doc = $4, finalized_at = $5 WHERE workspace = $1 AND id = $2")
+                .bind(workspace).bind(id).bind(number(n)).bind(doc.to_string()).bind(now).execute(&mut *tx).await?;
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+        });
+        self.invoice(workspace, id).await
+    }
+
+    /// Moves an invoice from one of `from` to `to` (`void` or `paid`),
+    /// stamping the time; [`StoreError::Conflict`] from any other status.
+    pub async fn set_invoice_status(&self, workspace: &str, id: &str, from: &[&str], to: &str, audit: &NewAudit) -> Result<InvoiceRow> {
+        let now = to_micros(Utc::now());
+        let column = if to == "void" { "voided_at" } else { "paid_at" };
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let (status,): (String,) = sqlx::query_as("SELECT status FROM invoices WHERE workspace = $1 AND id = $2")
+                .bind(workspace).bind(id).fetch_optional(&mut *tx).await?.ok_or(StoreError::NotFound)?;
+            if !from.contains(&status.as_str()) {
+                return Err(StoreError::Conflict(format!("invoice {id:?} is {status}; it cannot become {to}")));
+            }
+            sqlx::query(&format!("UPDATE invoices SET status = $3, {column} = $4 WHERE workspace = $1 AND id = $2"))
+                .bind(workspace).bind(id).bind(to).bind(now).execute(&mut *tx).await?;
+            crate::audit::insert_audit!(tx, audit);
+            tx.commit().await?;
+        });
+        self.invoice(workspace, id).await
+    }
+}

@@ -33,7 +33,13 @@ pub use state::{ApiLimits, AppState, WebhookSettings, WorkspaceLimits};
         Authenticate with `Authorization: Bearer <key>`. Errors are `{\"error\": {\"code\", \"message\", \"details\"}}`."),
     paths(
         routes::events::ingest, routes::events::list, routes::events::get,
-        routes::workspaces::create, routes::workspaces::list, routes::workspaces::get,
+        routes::workspaces::create, routes::workspaces::list, routes::workspaces::get, routes::billing::patch_workspace,
+        routes::billing::create_plan, routes::billing::list_plans, routes::billing::get_plan,
+        routes::billing::create_subscription, routes::billing::list_subscriptions, routes::billing::get_subscription,
+        routes::billing::change_plan, routes::billing::cancel_subscription, routes::billing::upcoming_invoice,
+        routes::billing::list_invoices, routes::billing::get_invoice, routes::billing::finalize_invoice,
+        routes::billing::void_invoice, routes::billing::mark_paid,
+        routes::billing::create_run, routes::billing::list_runs, routes::billing::get_run, routes::billing::cancel_run,
         routes::keys::create, routes::keys::list, routes::keys::delete,
         routes::sessions::create, routes::sessions::current, routes::sessions::delete,
         routes::audit::list,
@@ -88,7 +94,22 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(routes::events::ingest).get(routes::events::list))
         .route("/v1/events/{id}", get(routes::events::get))
         .route("/v1/workspaces", post(routes::workspaces::create).get(routes::workspaces::list))
-        .route("/v1/workspaces/{name}", get(routes::workspaces::get))
+        .route("/v1/workspaces/{name}", get(routes::workspaces::get).patch(routes::billing::patch_workspace))
+        .route("/v1/plans", post(routes::billing::create_plan).get(routes::billing::list_plans))
+        .route("/v1/plans/{code}", get(routes::billing::get_plan))
+        .route("/v1/subscriptions", post(routes::billing::create_subscription).get(routes::billing::list_subscriptions))
+        .route("/v1/subscriptions/{id}", get(routes::billing::get_subscription))
+        .route("/v1/subscriptions/{id}/change", post(routes::billing::change_plan))
+        .route("/v1/subscriptions/{id}/cancel", post(routes::billing::cancel_subscription))
+        .route("/v1/subscriptions/{id}/upcoming-invoice", get(routes::billing::upcoming_invoice))
+        .route("/v1/invoices", get(routes::billing::list_invoices))
+        .route("/v1/invoices/{id}", get(routes::billing::get_invoice))
+        .route("/v1/invoices/{id}/finalize", post(routes::billing::finalize_invoice))
+        .route("/v1/invoices/{id}/void", post(routes::billing::void_invoice))
+        .route("/v1/invoices/{id}/mark-paid", post(routes::billing::mark_paid))
+        .route("/v1/billing-runs", post(routes::billing::create_run).get(routes::billing::list_runs))
+        .route("/v1/billing-runs/{id}", get(routes::billing::get_run))
+        .route("/v1/billing-runs/{id}/cancel", post(routes::billing::cancel_run))
         .route("/v1/keys", post(routes::keys::create).get(routes::keys::list))
         .route("/v1/keys/{id}", delete(routes::keys::delete))
         .route("/v1/sessions", post(routes::sessions::create))

@@ -139,6 +139,8 @@ pub struct AppState {
     /// How long a dashboard session lasts after sign-in
     /// (`dashboard.session_ttl`). Default [`DEFAULT_SESSION_TTL`].
     pub session_ttl: std::time::Duration,
+    /// Billing (plans, subscriptions, invoices, runs).
+    pub billing: sluice_billing::Billing,
 }
 
 /// Default lifetime of a dashboard session: 12 hours.
@@ -171,6 +173,7 @@ impl AppState {
         meters: sluice_metering::MeterCache,
         imports_dir: std::path::PathBuf,
     ) -> Self {
+        let store_for_billing = store.clone();
         AppState {
             store,
             log,
@@ -189,6 +192,7 @@ impl AppState {
             imports_dir,
             lake: None,
             session_ttl: DEFAULT_SESSION_TTL,
+            billing: sluice_billing::Billing { store: store_for_billing, events: None },
         }
     }
 }

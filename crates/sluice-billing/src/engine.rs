@@ -92,13 +92,16 @@ impl Plans {
             StoreError::NotFound => BillingError::Corrupt(format!("plan {code:?} version {version} is missing")),
             e => e.into(),
         })?;
-        let spec: PlanSpec =
-            serde_json::from_value(row.spec).map_err(|e| BillingError::Corrupt(format!("plan {code:?} version {version}: {e}")))?;
+        let spec: PlanSpec = serde_json::from_value(row.spec).map_err(|e| BillingError::Corrupt(format!("plan {code:?} version {version}: {e}")))?;
         let spec = Arc::new(spec);
         self.0.insert((code.to_owned(), version), spec.clone());
         Ok(spec)
     }
 }
+
+/// What finalized invoices billed for one meter and earlier period:
+/// quantity, amount, and the plan (code, version) that priced it.
+type Billed = (Decimal, Decimal, String, i64);
 
 /// Usage of one meter for one customer over a range, read once and summed
 /// per invoice period in memory.
@@ -117,9 +120,13 @@ impl MeterUsage {
         })
     }
 
-    /// The meter's value in `[p.start, p.end)` over the usage of `subs`.
+    /// The meter's value in `p` over the usage of `subs`: the usage
+    /// buckets (15 minutes) that start in `[floor(p.start), floor(p.end))`,
+    /// so that consecutive periods share every bucket out exactly once even
+    /// when a subscription starts or ends between two bucket boundaries.
     fn quantity(&self, m: &Meter, subs: &[&str], p: Period) -> Result<Decimal, BillingError> {
-        let inside = |s: &str, t: DateTime<Utc>| subs.contains(&s) && t >= p.start && t < p.end;
+        let (from, to) = (bucket_floor(p.start), bucket_floor(p.end));
+        let inside = |s: &str, t: DateTime<Utc>| subs.contains(&s) && t >= from && t < to;
         match self {
             MeterUsage::Unique(rows) => {
                 let distinct: std::collections::HashSet<&str> = rows.iter().filter(|r| inside(&r.0, r.1)).map(|r| r.2.as_str()).collect();
@@ -238,7 +245,12 @@ impl Billing {
             }
             let news: Vec<NewInvoice> = invoices
                 .iter()
-                .map(|i| NewInvoice { id: i.id.clone(), period_start: i.period_start, period_end: i.period_end, doc: finalize_doc(i, ws, o.finalize) })
+                .map(|i| NewInvoice {
+                    id: i.id.clone(),
+                    period_start: i.period_start,
+                    period_end: i.period_end,
+                    doc: finalize_doc(i, ws, o.finalize),
+                })
                 .collect();
             let doc = serde_json::to_value(&sub).map_err(|e| BillingError::Corrupt(e.to_string()))?;
             let number = numbering(ws);
@@ -280,12 +292,17 @@ impl Billing {
         let earlier_draft = history.iter().any(|i| i.status == "draft" && i.period_start < first_start && Some(i.id.as_str()) != replacing);
         // What finalized invoices billed per (meter, period): quantity,
         // amount, and the plan version that priced it.
-        let mut billed: BTreeMap<(String, DateTime<Utc>, DateTime<Utc>), (Decimal, Decimal, String, i64)> = BTreeMap::new();
+        let mut billed: BTreeMap<(String, DateTime<Utc>, DateTime<Utc>), Billed> = BTreeMap::new();
         for inv in history.iter().filter(|i| i.status == "finalized" || i.status == "paid") {
             let doc: Invoice = serde_json::from_value(inv.doc.clone()).map_err(|e| BillingError::Corrupt(format!("invoice {}: {e}", inv.id)))?;
             for l in doc.lines.iter().filter(|l| matches!(l.kind, LineKind::Usage | LineKind::Adjustment)) {
                 let Some(meter) = &l.meter else { continue };
-                let e = billed.entry((meter.clone(), l.period_start, l.period_end)).or_insert((Decimal::ZERO, Decimal::ZERO, doc.plan.clone(), doc.plan_version));
+                let e = billed.entry((meter.clone(), l.period_start, l.period_end)).or_insert((
+                    Decimal::ZERO,
+                    Decimal::ZERO,
+                    doc.plan.clone(),
+                    doc.plan_version,
+                ));
                 e.0 += l.quantity;
                 e.1 += l.amount;
                 if l.kind == LineKind::Usage {
@@ -294,8 +311,8 @@ impl Billing {
             }
         }
         let late_wanted = !earlier_draft;
-        let range_start = billed.keys().map(|k| k.1).filter(|_| late_wanted).min().unwrap_or(first_start).min(first_start);
-        let range_end = periods.last().map(|p| p.end).unwrap_or(first_start);
+        let range_start = bucket_floor(billed.keys().map(|k| k.1).filter(|_| late_wanted).min().unwrap_or(first_start).min(first_start));
+        let range_end = bucket_floor(periods.last().map(|p| p.end).unwrap_or(first_start));
         // Which subscriptions' usage counts: its own, and usage that names
         // only the customer while this is the customer's only subscription
         // charging that meter in the period.
@@ -307,10 +324,8 @@ impl Billing {
             .map(parse_sub)
             .collect::<Result<_, _>>()?;
         let mut usage: HashMap<String, MeterUsage> = HashMap::new();
-        let customer_name = store
-            .get_customer(&ws.name, &sub.customer_id)
-            .await?
-            .and_then(|c| c.attributes.get("name").and_then(Value::as_str).map(str::to_owned));
+        let customer_name =
+            store.get_customer(&ws.name, &sub.customer_id).await?.and_then(|c| c.attributes.get("name").and_then(Value::as_str).map(str::to_owned));
         let log_position: BTreeMap<u32, u64> = store.checkpoints(sluice_metering::consumer::NAME).await?.into_iter().collect();
         let now = Utc::now();
         let mut out = Vec::with_capacity(periods.len());
@@ -547,7 +562,8 @@ fn finalize_doc(inv: &Invoice, ws: &Ws, finalize: bool) -> Value {
     let mut inv = inv.clone();
     if finalize {
         let s = &ws.settings;
-        inv.issuer = Some(Issuer { name: s.issuer_name.clone(), registration_number: s.registration_number.clone(), address: s.issuer_address.clone() });
+        inv.issuer =
+            Some(Issuer { name: s.issuer_name.clone(), registration_number: s.registration_number.clone(), address: s.issuer_address.clone() });
     }
     serde_json::to_value(&inv).unwrap_or(Value::Null)
 }
@@ -574,8 +590,12 @@ fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, p: Period) -> String {
         // has them.
         Aggregation::UniqueCount => "NULL /* unique_count: count distinct values in the events table */",
     };
-    let subs = if shared { format!("(subscription_id = '{}' OR subscription_id IS NULL)", q(&sub.id)) } else { format!("subscription_id = '{}'", q(&sub.id)) };
-    let t = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let subs = if shared {
+        format!("(subscription_id = '{}' OR subscription_id IS NULL)", q(&sub.id))
+    } else {
+        format!("subscription_id = '{}'", q(&sub.id))
+    };
+    let t = |t: DateTime<Utc>| bucket_floor(t).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     format!(
         "SELECT {value} AS quantity FROM usage WHERE meter = '{}' AND customer_id = '{}' AND {subs} AND period_start >= '{}' AND period_start < '{}'",
         q(&m.key),

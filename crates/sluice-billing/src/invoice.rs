@@ -337,7 +337,15 @@ pub fn charge_line(currency: Currency, charge: &Charge, quantity: Decimal, p: Pe
 /// A late-usage line: what `charge` costs for the earlier period `p` at
 /// `quantity` now, less what finalized invoices already billed for it.
 /// `None` when nothing changed.
-pub fn late_line(currency: Currency, charge: &Charge, quantity: Decimal, p: Period, share: Decimal, billed: (Decimal, Decimal), sql: Option<String>) -> Option<Line> {
+pub fn late_line(
+    currency: Currency,
+    charge: &Charge,
+    quantity: Decimal,
+    p: Period,
+    share: Decimal,
+    billed: (Decimal, Decimal),
+    sql: Option<String>,
+) -> Option<Line> {
     let (billed_q, billed_amount) = billed;
     if quantity == billed_q {
         return None;
@@ -403,22 +411,12 @@ mod tests {
         let cycle = s.cycle(tz);
         let p = plan();
         let jpy = Currency::of("JPY").unwrap();
-        let bill = PeriodBill {
-            sub: &s,
-            cycle: &cycle,
-            period: Period { start: s.start, end: t("2024-01-31T15:00:00Z") },
-            plan: &p,
-            currency: jpy,
-        };
+        let bill = PeriodBill { sub: &s, cycle: &cycle, period: Period { start: s.start, end: t("2024-01-31T15:00:00Z") }, plan: &p, currency: jpy };
         let lines = bill.fee_lines();
         let amounts: Vec<(String, Decimal)> = lines.iter().map(|l| (l.description.clone(), l.amount)).collect();
         assert_eq!(
             amounts,
-            vec![
-                ("Base".into(), d("21000")),
-                ("Support (in advance)".into(), d("2100")),
-                ("Support (in advance)".into(), d("3100")),
-            ]
+            vec![("Base".into(), d("21000")), ("Support (in advance)".into(), d("2100")), ("Support (in advance)".into(), d("3100")),]
         );
         let mut inv = Invoice {
             id: "i".into(),

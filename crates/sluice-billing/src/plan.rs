@@ -189,10 +189,7 @@ impl PlanSpec {
     pub fn validate(&self, meters: &[String]) -> Result<Currency, Vec<FieldError>> {
         let mut errs = Vec::new();
         let mut err = |f: String, r: &str| errs.push(FieldError::new(f, r));
-        if self.code.is_empty()
-            || self.code.len() > 64
-            || !self.code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
-        {
+        if self.code.is_empty() || self.code.len() > 64 || !self.code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
             err("code".into(), "must be 1-64 characters of A-Z a-z 0-9 _ - .");
         }
         if self.name.trim().is_empty() || self.name.len() > 200 {
@@ -302,6 +299,9 @@ impl PlanSpec {
                 }
             }
         }
+        // One error per field: the first found says what to fix first.
+        let mut seen_fields = std::collections::HashSet::new();
+        errs.retain(|e| seen_fields.insert(e.field.clone()));
         match (currency, errs.is_empty()) {
             (Some(c), true) => Ok(c),
             _ => Err(errs),

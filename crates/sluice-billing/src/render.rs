@@ -84,12 +84,8 @@ pub fn html(inv: &Invoice, status: &str, number: Option<&str>, issued: Option<Da
         title = if qualified { "適格請求書 / Qualified invoice" } else { "請求書 / Invoice" },
         num = esc(number.unwrap_or("")),
     );
-    let _ = write!(
-        h,
-        "<p>請求書番号 / Number: <strong id=\"number\">{}</strong> · 状態 / Status: {}</p>",
-        esc(number.unwrap_or("(draft)")),
-        esc(status)
-    );
+    let _ =
+        write!(h, "<p>請求書番号 / Number: <strong id=\"number\">{}</strong> · 状態 / Status: {}</p>", esc(number.unwrap_or("(draft)")), esc(status));
     let _ = write!(
         h,
         "<section><h2>発行者 / Issuer</h2><p id=\"issuer\">{}<br>登録番号 / Registration number: <span id=\"registration\">{}</span><br>{}</p></section>",
@@ -150,6 +146,142 @@ pub fn html(inv: &Invoice, status: &str, number: Option<&str>, issued: Option<Da
     }
     let _ = write!(h, "<p class=\"muted\">税の端数処理 / Tax rounding: {} (once per rate)</p></body></html>", inv.tax_rounding);
     h
+}
+
+/// `s` cut to fit `max_mm` at `size` points, with an ellipsis when cut.
+fn fit(s: &str, size: f32, max_mm: f32) -> String {
+    if sluice_pdf::text_width_mm(size, s) <= max_mm {
+        return s.to_owned();
+    }
+    let mut out: String = s.to_owned();
+    while !out.is_empty() && sluice_pdf::text_width_mm(size, &format!("{out}…")) > max_mm {
+        out.pop();
+    }
+    format!("{out}…")
+}
+
+/// The invoice as an A4 PDF, with the same content as [`html`]: generated
+/// in-process (sluice-pdf, IPAex Gothic embedded), so Japanese text renders
+/// and extracts correctly without any external service.
+pub fn pdf(inv: &Invoice, status: &str, number: Option<&str>, issued: Option<DateTime<Utc>>) -> Result<Vec<u8>, sluice_pdf::PdfError> {
+    let tz: Tz = inv.time_zone.parse().unwrap_or(chrono_tz::UTC);
+    let cur = Currency::of(&inv.currency);
+    let money = |a: Decimal| format!("{} {}", amount(cur, a), inv.currency);
+    let issuer = inv.issuer.clone().unwrap_or(crate::invoice::Issuer { name: None, registration_number: None, address: None });
+    let qualified = issuer.registration_number.is_some();
+    let title = if qualified { "適格請求書 / Qualified invoice" } else { "請求書 / Invoice" };
+    let day_before = |t: DateTime<Utc>| date(t - chrono::Duration::microseconds(1), tz);
+    let mut doc = sluice_pdf::Document::new();
+    doc.set_title(format!("{title} {}", number.unwrap_or("(draft)")));
+    // Rows of the line table, then the totals; pages break between rows.
+    const LEFT: f32 = 15.0;
+    const RIGHT: f32 = 195.0;
+    const BOTTOM: f32 = 280.0;
+    let rows: Vec<[String; 6]> = inv
+        .lines
+        .iter()
+        .map(|l| {
+            [
+                format!("{}{}", l.description, if l.reduced_rate { " ※" } else { "" }),
+                format!("{} – {}", date(l.period_start, tz), day_before(l.period_end)),
+                l.quantity.normalize().to_string(),
+                l.unit_price.map(|p| p.normalize().to_string()).unwrap_or_default(),
+                percent(l.tax_rate),
+                money(l.amount),
+            ]
+        })
+        .collect();
+    let mut next = 0;
+    let mut first = true;
+    loop {
+        let page = doc.add_page();
+        let mut y = 20.0;
+        if first {
+            page.text(LEFT, y, 18.0, title);
+            page.text_right(RIGHT, y, 9.0, &format!("請求書番号 / No. {}", number.unwrap_or("(draft)")));
+            y += 6.0;
+            page.text_right(RIGHT, y, 9.0, &format!("発行日 / Issued {} · {status}", issued.map(|t| date(t, tz)).unwrap_or_else(|| "-".into())));
+            y += 10.0;
+            page.text(LEFT, y, 12.0, &format!("{} 御中", inv.customer_name.as_deref().unwrap_or(&inv.customer_id)));
+            page.text_right(RIGHT, y, 10.0, issuer.name.as_deref().unwrap_or(""));
+            y += 5.5;
+            page.text(LEFT, y, 8.0, &inv.customer_id);
+            page.text_right(RIGHT, y, 9.0, &format!("登録番号 / Registration No. {}", issuer.registration_number.as_deref().unwrap_or("-")));
+            y += 5.0;
+            page.text_right(RIGHT, y, 8.0, issuer.address.as_deref().unwrap_or(""));
+            y += 8.0;
+            page.text(
+                LEFT,
+                y,
+                9.0,
+                &format!("取引期間 / Period {} – {} ({})", date(inv.period_start, tz), day_before(inv.period_end), inv.time_zone),
+            );
+            y += 6.0;
+            page.text(LEFT, y, 12.0, &format!("ご請求金額 / Amount due  {}", money(inv.total)));
+            y += 10.0;
+            first = false;
+        }
+        // The table header.
+        let cols = [LEFT, 85.0, 118.0, 140.0, 160.0];
+        for (x, h) in cols.iter().zip(["内容 / Description", "期間 / Period", "数量 / Qty", "単価 / Price", "税率 / Rate"]) {
+            page.text(*x, y, 7.5, h);
+        }
+        page.text_right(RIGHT, y, 7.5, "金額 / Amount");
+        y += 1.5;
+        page.line(LEFT, y, RIGHT, y, 0.5);
+        y += 5.0;
+        while next < rows.len() && y < BOTTOM - 10.0 {
+            let r = &rows[next];
+            page.text(cols[0], y, 8.0, &fit(&r[0], 8.0, 68.0));
+            page.text(cols[1], y, 7.0, &r[1]);
+            page.text(cols[2], y, 8.0, &fit(&r[2], 8.0, 20.0));
+            page.text(cols[3], y, 8.0, &fit(&r[3], 8.0, 18.0));
+            page.text(cols[4], y, 8.0, &r[4]);
+            page.text_right(RIGHT, y, 8.0, &r[5]);
+            y += 5.0;
+            next += 1;
+        }
+        let totals_height = 8.0 + 5.0 * (inv.taxes.len() as f32 + 5.0);
+        if next < rows.len() || y + totals_height > BOTTOM {
+            if next >= rows.len() {
+                // The totals go on a page of their own.
+                let page = doc.add_page();
+                totals(page, 20.0, inv, &money);
+                break;
+            }
+            continue;
+        }
+        page.line(LEFT, y - 3.0, RIGHT, y - 3.0, 0.3);
+        totals(page, y + 3.0, inv, &money);
+        break;
+    }
+    doc.finish()
+}
+
+/// The tax per rate, subtotal, tax and total, from `y` down.
+fn totals(page: &mut sluice_pdf::Page, mut y: f32, inv: &Invoice, money: &dyn Fn(Decimal) -> String) {
+    const RIGHT: f32 = 195.0;
+    for t in &inv.taxes {
+        let label = format!("{}対象 / taxable at {}{}", percent(t.rate), percent(t.rate), if t.reduced_rate { " ※軽減税率" } else { "" });
+        page.text(95.0, y, 8.5, &label);
+        page.text_right(RIGHT, y, 8.5, &format!("{}  消費税 / tax {}", money(t.taxable_amount), money(t.tax)));
+        y += 5.0;
+    }
+    y += 2.0;
+    page.text(95.0, y, 9.0, "小計 / Subtotal");
+    page.text_right(RIGHT, y, 9.0, &money(inv.subtotal));
+    y += 5.0;
+    page.text(95.0, y, 9.0, "消費税 / Tax");
+    page.text_right(RIGHT, y, 9.0, &money(inv.tax));
+    y += 6.0;
+    page.text(95.0, y, 11.0, "合計 / Total");
+    page.text_right(RIGHT, y, 11.0, &money(inv.total));
+    y += 8.0;
+    if inv.lines.iter().any(|l| l.reduced_rate) {
+        page.text(15.0, y, 7.5, "※は軽減税率対象 / ※ marks reduced-rate items");
+        y += 4.5;
+    }
+    page.text(15.0, y, 7.5, &format!("税の端数処理 / Tax rounding: {} (once per rate)", inv.tax_rounding));
 }
 
 #[cfg(test)]

@@ -139,7 +139,9 @@ impl JobHandler for BillingRun {
             finalize: p.finalize,
             run_id: Some(job.id.clone()),
             dry_run: false,
-            not_before: if p.auto { ws.settings.auto_billing_since } else { None },
+            // Auto-billing bills only periods that end after the
+            // subscription was created and while auto-billing was on.
+            not_before: p.auto.then(|| ws.settings.auto_billing_since.unwrap_or(DateTime::<Utc>::MIN_UTC)),
         };
         let mut errors = Vec::new();
         for (i, id) in ids.iter().enumerate() {
@@ -231,7 +233,9 @@ pub async fn auto_once(billing: &Billing, wake: &(dyn Fn() + Send + Sync)) -> Re
                 early: false,
                 auto: true,
             };
-            store.enqueue_job(&NewJob { workspace: w.name.clone(), kind: KIND.into(), payload: payload.to_value(), max_attempts: 5, created_by: None }).await?;
+            store
+                .enqueue_job(&NewJob { workspace: w.name.clone(), kind: KIND.into(), payload: payload.to_value(), max_attempts: 5, created_by: None })
+                .await?;
             wake();
         }
         match page.next_cursor {
@@ -244,7 +248,10 @@ pub async fn auto_once(billing: &Billing, wake: &(dyn Fn() + Send + Sync)) -> Re
 async fn finalize_after_grace(billing: &Billing, ws_name: &str, grace_days: u32, now: DateTime<Utc>) -> Result<(), BillingError> {
     let filter = sluice_store::InvoiceFilter { status: Some("draft".into()), ..Default::default() };
     let drafts = billing.store.list_invoices(ws_name, &filter, None, 1000).await?;
-    let due: Vec<_> = drafts.data.iter().filter(|d| d.doc.get("auto_billed") == Some(&Value::Bool(true)))
+    let due: Vec<_> = drafts
+        .data
+        .iter()
+        .filter(|d| d.doc.get("auto_billed") == Some(&Value::Bool(true)))
         .filter(|d| d.period_end + chrono::Duration::days(i64::from(grace_days)) <= now)
         .collect();
     if due.is_empty() {

@@ -139,7 +139,10 @@ impl Acc {
 /// `granularity=total` gives it (billing uses it for an invoice period):
 /// `None` when no bucket holds a value (a max of nothing). A count or sum
 /// beyond the largest exact decimal is an `Err` of the two addends.
-pub fn fold_buckets<'a>(agg: Aggregation, buckets: impl IntoIterator<Item = &'a sluice_store::UsageBucket>) -> Result<Option<Decimal>, (Decimal, Decimal)> {
+pub fn fold_buckets<'a>(
+    agg: Aggregation,
+    buckets: impl IntoIterator<Item = &'a sluice_store::UsageBucket>,
+) -> Result<Option<Decimal>, (Decimal, Decimal)> {
     let mut acc: Option<Acc> = None;
     for b in buckets {
         let one = Acc::of(agg, b.count, b.sum, b.min, b.max, b.latest_at.zip(b.latest_value).map(|(at, v)| (at.timestamp_micros(), v)));

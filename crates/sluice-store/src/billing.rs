@@ -259,16 +259,19 @@ impl Store {
         rows.into_iter().map(|r| Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })).collect()
     }
 
-    /// Creates a subscription; [`StoreError::Conflict`] when the id is taken.
-    pub async fn create_subscription(&self, workspace: &str, s: &SubscriptionRow, audit: &NewAudit) -> Result<()> {
+    /// Creates subscriptions, all or none; [`StoreError::Conflict`] naming
+    /// the first id that is taken.
+    pub async fn create_subscriptions(&self, workspace: &str, subs: &[SubscriptionRow], audit: &NewAudit) -> Result<()> {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            sqlx::query("INSERT INTO subscriptions (workspace, id, customer_id, plan_code, billed_until, end_at, doc, revision, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                .bind(workspace).bind(&s.id).bind(&s.customer_id).bind(&s.plan_code).bind(to_micros(s.billed_until))
-                .bind(s.end_at.map(to_micros)).bind(s.doc.to_string()).bind(s.revision).bind(to_micros(s.created_at))
-                .execute(&mut *tx).await
-                .map_err(|e| StoreError::conflict_on_unique(e, format!("subscription {:?} already exists", s.id)))?;
+            for s in subs {
+                sqlx::query("INSERT INTO subscriptions (workspace, id, customer_id, plan_code, billed_until, end_at, doc, revision, created_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                    .bind(workspace).bind(&s.id).bind(&s.customer_id).bind(&s.plan_code).bind(to_micros(s.billed_until))
+                    .bind(s.end_at.map(to_micros)).bind(s.doc.to_string()).bind(s.revision).bind(to_micros(s.created_at))
+                    .execute(&mut *tx).await
+                    .map_err(|e| StoreError::conflict_on_unique(e, format!("subscription {:?} already exists", s.id)))?;
+            }
             crate::audit::insert_audit!(tx, audit);
             tx.commit().await?;
         });
@@ -306,8 +309,7 @@ impl Store {
     /// Every subscription of a customer.
     pub async fn customer_subscriptions(&self, workspace: &str, customer_id: &str) -> Result<Vec<SubscriptionRow>> {
         let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND customer_id = $2 ORDER BY id");
-        let rows: Vec<SubscriptionTuple> =
-            on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).fetch_all(pool).await)?;
+        let rows: Vec<SubscriptionTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).fetch_all(pool).await)?;
         rows.into_iter().map(subscription).collect()
     }
 
@@ -421,8 +423,7 @@ impl Store {
     /// Every invoice of a subscription, by period.
     pub async fn subscription_invoices(&self, workspace: &str, subscription_id: &str) -> Result<Vec<InvoiceRow>> {
         let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND subscription_id = $2 ORDER BY period_start, id");
-        let rows: Vec<InvoiceTuple> =
-            on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(subscription_id).fetch_all(pool).await)?;
+        let rows: Vec<InvoiceTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(subscription_id).fetch_all(pool).await)?;
         rows.into_iter().map(invoice).collect()
     }
 

@@ -472,7 +472,7 @@ async fn import(args: ImportArgs) -> Result<()> {
 
 /// Progress bars on stderr (indicatif): drawn only when stderr is a
 /// terminal, so scripts and logs get the summary lines alone.
-mod progress {
+pub(crate) mod progress {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
     /// A bar with `template` (indicatif's syntax).

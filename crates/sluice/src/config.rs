@@ -50,6 +50,16 @@ pub struct Config {
     pub limits: sluice_api::WorkspaceLimits,
     pub metrics: MetricsSection,
     pub dashboard: DashboardSection,
+    pub billing: BillingSection,
+}
+
+/// `[billing]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingSection {
+    /// How often auto-billing looks for subscriptions whose period ended.
+    #[serde(with = "sluice_core::duration")]
+    pub auto_interval: Duration,
 }
 
 /// `[dashboard]`.

@@ -30,6 +30,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8; 59] = b"background_thread:true,dirty_decay_ms:300,muzzy_decay_ms:0\0";
 
 mod bench;
+mod billing_cli;
 mod client;
 mod config;
 mod serve;
@@ -75,6 +76,18 @@ enum Command {
     /// Background jobs: list, show, watch, cancel, retry.
     #[command(subcommand)]
     Jobs(client::JobsCmd),
+    /// Billing plans (docs/billing.md).
+    #[command(subcommand)]
+    Plans(billing_cli::PlansCmd),
+    /// Subscriptions to plans.
+    #[command(subcommand)]
+    Subscriptions(billing_cli::SubscriptionsCmd),
+    /// Invoices: list, show, PDF, finalize, void.
+    #[command(subcommand)]
+    Invoices(billing_cli::InvoicesCmd),
+    /// Billing runs.
+    #[command(subcommand)]
+    Billing(billing_cli::BillingCmd),
     /// Run SQL over the lake and the live tables; prints a table (or --format csv|json).
     Sql(sql_cli::SqlArgs),
     /// The event lake: table definitions for other engines, files, compaction.
@@ -127,6 +140,10 @@ fn main() -> std::process::ExitCode {
         Command::Consumers { cmd, conn } => client::run(client::Cmd::Consumers(cmd.unwrap_or(client::ConsumersCmd::List { conn }))),
         Command::Dlq(cmd) => client::run(client::Cmd::Dlq(cmd)),
         Command::Jobs(cmd) => client::run(client::Cmd::Jobs(cmd)),
+        Command::Plans(cmd) => billing_cli::plans(cmd),
+        Command::Subscriptions(cmd) => billing_cli::subscriptions(cmd),
+        Command::Invoices(cmd) => billing_cli::invoices(cmd),
+        Command::Billing(cmd) => billing_cli::billing(cmd),
         Command::Import(args) => client::run(client::Cmd::Import(args)),
         Command::Sql(args) => sql_cli::sql(args),
         Command::Lake(cmd) => sql_cli::lake(cmd),

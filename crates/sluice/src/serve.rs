@@ -157,9 +157,13 @@ async fn run(cfg: Config) -> Result<()> {
         .with_isolation(sluice_lake::sandbox::Isolation::Process {
             program: std::env::current_exe().context("locating the sluice binary for SQL workers")?,
         });
+    // Billing writes invoice.finalized, invoice.voided and
+    // billing_run.finished through the ingest pipeline (deduplicated by id).
+    let billing = sluice_billing::Billing { store: store.clone(), events: Some(Arc::new(sluice_billing::IngestSink(ingestor.clone()))) };
     let jobs = Arc::new(sluice_jobs::Runner::start(
         store.clone(),
         vec![
+            Arc::new(sluice_billing::run::BillingRun { billing: billing.clone() }),
             Arc::new(sluice_consumers::rebuild::ConsumerRebuild),
             Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
             Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone(), bursts: consumers.bursts().clone() }),
@@ -198,7 +202,14 @@ async fn run(cfg: Config) -> Result<()> {
     // Not a configuration key: only `sluice bench` starts servers with it.
     state.bench_endpoints = std::env::var("SLUICE_BENCH_ENDPOINTS").is_ok_and(|v| v == "1");
     state.lake = Some(sluice_api::state::LakeHandle { sql, schemas: schemas.clone(), root: lake_root.clone() });
+    state.billing = billing.clone();
     let schedulers = tokio::spawn(run_schedulers(store.clone(), jobs.clone(), cfg.lake.compact_interval));
+    let (billing_stop, billing_stop_rx) = tokio::sync::watch::channel(false);
+    let auto_billing = {
+        let jobs = jobs.clone();
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || jobs.wake());
+        tokio::spawn(sluice_billing::run::auto_billing(billing, wake, cfg.billing.auto_interval.max(Duration::from_millis(100)), billing_stop_rx))
+    };
     for hook in store.list_webhooks(None).await.context("loading webhooks")? {
         sluice_api::routes::webhooks::start_webhook(&state, hook);
     }
@@ -234,6 +245,8 @@ async fn run(cfg: Config) -> Result<()> {
     }
     retention.abort();
     schedulers.abort();
+    let _ = billing_stop.send(true);
+    auto_billing.abort();
     // The lake writer commits what it buffered, so a clean stop leaves
     // nothing for the next start to rewrite.
     let _ = lake_stop.send(true);

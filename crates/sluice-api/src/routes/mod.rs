@@ -1,6 +1,7 @@
 //! Route handlers, one module per API area.
 
 pub mod audit;
+pub mod billing;
 pub mod consumers;
 pub mod events;
 pub mod imports;

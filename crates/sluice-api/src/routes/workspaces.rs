@@ -34,11 +34,15 @@ pub struct WorkspaceView {
     pub time_zone: String,
     /// RFC 3339.
     pub created_at: String,
+    /// Billing settings (`GET /v1/workspaces/{name}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub billing: Option<sluice_billing::BillingSettings>,
 }
 
 impl From<Workspace> for WorkspaceView {
     fn from(w: Workspace) -> Self {
-        WorkspaceView { name: w.name, time_zone: w.time_zone, created_at: rfc3339(w.created_at) }
+        WorkspaceView { name: w.name, time_zone: w.time_zone, created_at: rfc3339(w.created_at), billing: None }
     }
 }
 
@@ -89,5 +93,7 @@ pub async fn get(State(st): State<AppState>, who: Principal, Path(name): Path<St
         sluice_store::StoreError::NotFound => ApiError::not_found(format!("workspace {name:?} not found")),
         other => other.into(),
     })?;
-    Ok(Json(ws.into()))
+    let mut view = WorkspaceView::from(ws);
+    view.billing = Some(st.billing.settings(&name).await?);
+    Ok(Json(view))
 }

@@ -12,6 +12,7 @@ mod helpers;
 mod imports;
 
 mod auth;
+mod billing;
 mod browser;
 mod cli;
 mod consumers;

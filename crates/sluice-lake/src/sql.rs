@@ -806,6 +806,8 @@ const LIVE_TABLES: &[(&str, &str, Loader)] = &[
     ("usage", "period_start", |s, q| Box::pin(load_usage(s, q))),
     ("imports", "created_at", |s, q| Box::pin(load_jobs(s, q, true))),
     ("jobs", "created_at", |s, q| Box::pin(load_jobs(s, q, false))),
+    ("invoices", "period_start", |s, q| Box::pin(load_invoices(s, q))),
+    ("subscriptions", "created_at", |s, q| Box::pin(load_subscriptions(s, q))),
     ("audit_log", "at", |s, q| Box::pin(load_audit(s, q))),
 ];
 
@@ -1059,6 +1061,98 @@ async fn load_jobs(store: Store, scan: Scan, imports_only: bool) -> Loaded {
         .time("created_at", all.iter().map(|j| Some(j.created_at)))
         .time("started_at", all.iter().map(|j| j.started_at))
         .time("finished_at", all.iter().map(|j| j.finished_at))
+        .done()
+}
+
+/// A decimal string of a billing document as a `Decimal128(38, 12)` value
+/// (billing amounts have at most 3 decimals; anything that does not fit is
+/// an error, never rounded).
+fn money_column(name: &str, values: impl Iterator<Item = Option<String>>) -> Result<Vec<Option<i128>>, SqlError> {
+    values
+        .map(|v| match v {
+            None => Ok(None),
+            Some(s) => s.parse::<Decimal>().ok().and_then(usage_decimal).map(Some).ok_or_else(|| {
+                SqlError::Internal(format!("the invoice amount {s:?} in column {name} is not an exact decimal that fits the SQL table"))
+            }),
+        })
+        .collect()
+}
+
+async fn load_invoices(store: Store, scan: Scan) -> Loaded {
+    let filter = sluice_store::InvoiceFilter {
+        customer_id: scan.filter.eq("customer_id").map(str::to_owned),
+        subscription_id: scan.filter.eq("subscription_id").map(str::to_owned),
+        ..Default::default()
+    };
+    let all = all_pages(&scan, "invoices", |c| {
+        let (store, ws, filter) = (store.clone(), scan.ws.clone(), filter.clone());
+        async move { store.list_invoices(&ws, &filter, c.as_deref(), 1000).await }
+    })
+    .await?;
+    let doc = |i: &sluice_store::InvoiceRow, k: &str| i.doc.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    Cols::new()
+        .text("id", all.iter().map(|i| Some(i.id.clone())))
+        .text("number", all.iter().map(|i| i.number.clone()))
+        .text("status", all.iter().map(|i| Some(i.status.clone())))
+        .text("customer_id", all.iter().map(|i| Some(i.customer_id.clone())))
+        .text("subscription_id", all.iter().map(|i| Some(i.subscription_id.clone())))
+        .text("plan", all.iter().map(|i| doc(i, "plan")))
+        .int("plan_version", all.iter().map(|i| i.doc.get("plan_version").and_then(|v| v.as_i64())))
+        .text("currency", all.iter().map(|i| doc(i, "currency")))
+        .time("period_start", all.iter().map(|i| Some(i.period_start)))
+        .time("period_end", all.iter().map(|i| Some(i.period_end)))
+        .decimal("subtotal", money_column("subtotal", all.iter().map(|i| doc(i, "subtotal")))?)?
+        .decimal("tax", money_column("tax", all.iter().map(|i| doc(i, "tax")))?)?
+        .decimal("total", money_column("total", all.iter().map(|i| doc(i, "total")))?)?
+        .text("lines", all.iter().map(|i| i.doc.get("lines").map(|l| l.to_string())))
+        .text("taxes", all.iter().map(|i| i.doc.get("taxes").map(|l| l.to_string())))
+        .text("run_id", all.iter().map(|i| i.run_id.clone()))
+        .time("created_at", all.iter().map(|i| Some(i.created_at)))
+        .time("finalized_at", all.iter().map(|i| i.finalized_at))
+        .time("voided_at", all.iter().map(|i| i.voided_at))
+        .time("paid_at", all.iter().map(|i| i.paid_at))
+        .done()
+}
+
+async fn load_subscriptions(store: Store, scan: Scan) -> Loaded {
+    let customer = scan.filter.eq("customer_id").map(str::to_owned);
+    let all = all_pages(&scan, "subscriptions", |c| {
+        let (store, ws, customer) = (store.clone(), scan.ws.clone(), customer.clone());
+        async move { store.list_subscriptions(&ws, customer.as_deref(), None, c.as_deref(), 1000).await }
+    })
+    .await?;
+    let s = |r: &sluice_store::SubscriptionRow, k: &str| r.doc.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let t = |r: &sluice_store::SubscriptionRow, k: &str| {
+        r.doc.get(k).and_then(|v| v.as_str()).and_then(|v| DateTime::parse_from_rfc3339(v).ok()).map(|v| v.with_timezone(&Utc))
+    };
+    let phase = |r: &sluice_store::SubscriptionRow| r.doc.get("phases").and_then(|p| p.as_array()).and_then(|p| p.last()).cloned();
+    let now = Utc::now();
+    // The status as the API shows it (sluice_billing::subscription::Status).
+    let status = |r: &sluice_store::SubscriptionRow| {
+        if r.end_at.is_some_and(|e| e <= now) {
+            "ended"
+        } else if r.doc.get("cancelled_at").is_some_and(|v| !v.is_null()) {
+            "cancelled"
+        } else if t(r, "trial_end").is_some_and(|e| now < e) {
+            "trialing"
+        } else {
+            "active"
+        }
+    };
+    Cols::new()
+        .text("id", all.iter().map(|r| Some(r.id.clone())))
+        .text("customer_id", all.iter().map(|r| Some(r.customer_id.clone())))
+        .text("plan", all.iter().map(|r| Some(r.plan_code.clone())))
+        .int("plan_version", all.iter().map(|r| phase(r).and_then(|p| p.get("plan_version").and_then(|v| v.as_i64()))))
+        .text("status", all.iter().map(|r| Some(status(r).to_owned())))
+        .text("billing_anchor", all.iter().map(|r| s(r, "billing_anchor")))
+        .text("interval", all.iter().map(|r| s(r, "interval")))
+        .text("currency", all.iter().map(|r| s(r, "currency")))
+        .time("start", all.iter().map(|r| t(r, "start")))
+        .time("end", all.iter().map(|r| r.end_at))
+        .time("trial_end", all.iter().map(|r| t(r, "trial_end")))
+        .time("billed_until", all.iter().map(|r| Some(r.billed_until)))
+        .time("created_at", all.iter().map(|r| Some(r.created_at)))
         .done()
 }
 

@@ -405,13 +405,29 @@ impl Store {
         invoice(row.ok_or(StoreError::NotFound)?)
     }
 
-    /// Invoices by id (ids grow with time), after `cursor`.
+    /// Invoices by id (ids grow with time), oldest first, after `cursor`.
     pub async fn list_invoices(&self, workspace: &str, f: &InvoiceFilter, cursor: Option<&str>, limit: usize) -> Result<Page<InvoiceRow>> {
+        self.list_invoices_in(workspace, f, sluice_core::SortOrder::Asc, cursor, limit).await
+    }
+
+    /// Invoices in `order` of their ids (newest first with `Desc`).
+    pub async fn list_invoices_in(
+        &self,
+        workspace: &str,
+        f: &InvoiceFilter,
+        order: sluice_core::SortOrder,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<InvoiceRow>> {
         let limit = clamp_limit(limit);
+        let page = match order {
+            sluice_core::SortOrder::Asc => "AND id > $6 ORDER BY id",
+            sluice_core::SortOrder::Desc => "AND ($6 = '' OR id < $6) ORDER BY id DESC",
+        };
         let sql = format!(
             "SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND ($2 IS NULL OR customer_id = $2) \
              AND ($3 IS NULL OR subscription_id = $3) AND ($4 IS NULL OR status = $4) AND ($5 IS NULL OR run_id = $5) \
-             AND id > $6 ORDER BY id LIMIT $7"
+             {page} LIMIT $7"
         );
         let rows: Vec<InvoiceTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(&f.customer_id)
             .bind(&f.subscription_id).bind(&f.status).bind(&f.run_id).bind(cursor.unwrap_or("")).bind(limit as i64 + 1)

@@ -461,9 +461,11 @@ pub struct InvoiceQuery {
     pub cursor: Option<String>,
     /// Page size, 1–1000 (default 100).
     pub limit: Option<usize>,
+    /// `asc` (oldest first, the default) or `desc`.
+    pub order: Option<String>,
 }
 
-/// Invoices, oldest first.
+/// Invoices, oldest first (`order=desc`: newest first).
 #[utoipa::path(get, path = "/v1/invoices", params(InvoiceQuery), tag = "billing", responses((status = 200)), security(("bearer" = [])))]
 pub async fn list_invoices(State(st): State<AppState>, who: Principal, Query(q): Query<InvoiceQuery>) -> Result<Json<List<Value>>, ApiError> {
     who.require_read()?;
@@ -471,7 +473,8 @@ pub async fn list_invoices(State(st): State<AppState>, who: Principal, Query(q):
         s.parse::<sluice_billing::invoice::InvoiceStatus>().map_err(|e| invalid("status", e.to_string()))?;
     }
     let f = InvoiceFilter { customer_id: q.customer_id, subscription_id: q.subscription_id, status: q.status, run_id: q.run_id };
-    let page = st.store.list_invoices(who.workspace.as_str(), &f, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
+    let order = super::jobs::sort_order(q.order.as_deref())?;
+    let page = st.store.list_invoices_in(who.workspace.as_str(), &f, order, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.iter().map(view).collect(), next_cursor: page.next_cursor }))
 }
 

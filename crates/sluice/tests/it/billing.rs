@@ -239,6 +239,34 @@ async fn every_charge_model_on_its_boundaries_and_a_qualified_invoice_with_tax_p
     let got = q["data"][0]["quantity"].to_string().trim_matches('"').parse::<rust_decimal::Decimal>().unwrap();
     assert_eq!(got, rust_decimal::Decimal::from(1000), "{q}");
 
+    // invoices and subscriptions are SQL tables too.
+    let (st, q) = api.post("/v1/sql", json!({"query": "SELECT subscription_id, number, total, status FROM invoices ORDER BY subscription_id"})).await;
+    assert_eq!(st, StatusCode::OK, "{q}");
+    let rows: Vec<(String, String, rust_decimal::Decimal, String)> = q["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let total = r["total"].to_string().trim_matches('"').parse().unwrap();
+            (
+                r["subscription_id"].as_str().unwrap().to_owned(),
+                r["number"].as_str().unwrap().to_owned(),
+                total,
+                r["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, rust_decimal::Decimal, String)> = [a, b]
+        .iter()
+        .map(|i| {
+            let total = i["total"].as_str().unwrap().parse().unwrap();
+            (i["subscription_id"].as_str().unwrap().to_owned(), i["number"].as_str().unwrap().to_owned(), total, "finalized".to_owned())
+        })
+        .collect();
+    assert_eq!(rows, want);
+    let (st, q) = api.post("/v1/sql", json!({"query": "SELECT id, plan, status FROM subscriptions WHERE customer_id = 'acme'"})).await;
+    assert_eq!((st, q["data"].clone()), (StatusCode::OK, json!([{"id": "on-bounds", "plan": "pro", "status": "active"}])), "{q}");
+
     // The HTML form is a qualified invoice.
     let html = api.req(reqwest::Method::GET, &format!("/v1/invoices/{}.html", a["id"].as_str().unwrap())).send().await.unwrap().text().await.unwrap();
     for want in ["適格請求書", "T7000012050002", "株式会社スルース", "株式会社テスト商事", "31,999", "129", "2,750", a["number"].as_str().unwrap()]

@@ -103,23 +103,17 @@ impl Plans {
 /// quantity, amount, and the plan (code, version) that priced it.
 type Billed = (Decimal, Decimal, String, i64);
 
-/// Usage of one meter for one customer over a range, read once and summed
-/// per invoice period in memory.
+/// Usage of one meter for one customer over the batch's range, read once
+/// and summed per invoice period in memory.
+#[derive(Default)]
 enum MeterUsage {
+    #[default]
+    None,
     Buckets(Vec<sluice_store::UsageBucket>),
     Unique(Vec<(String, DateTime<Utc>, String)>),
 }
 
 impl MeterUsage {
-    async fn load(store: &Store, ws: &str, m: &Meter, customer: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<MeterUsage, BillingError> {
-        Ok(if m.aggregation == Aggregation::UniqueCount {
-            let rows = store.usage_unique_values(ws, &m.key, Some(customer), None, Some(from), Some(to)).await?;
-            MeterUsage::Unique(rows.into_iter().map(|(_, s, _, t, v)| (s, t, v)).collect())
-        } else {
-            MeterUsage::Buckets(store.usage_buckets(ws, &m.key, Some(customer), None, Some(from), Some(to)).await?)
-        })
-    }
-
     /// The meter's value in `p` over the usage of `subs`: the usage
     /// buckets (15 minutes) that start in `[floor(p.start), floor(p.end))`,
     /// so that consecutive periods share every bucket out exactly once even
@@ -128,6 +122,7 @@ impl MeterUsage {
         let (from, to) = (bucket_floor(p.start), bucket_floor(p.end));
         let inside = |s: &str, t: DateTime<Utc>| subs.contains(&s) && t >= from && t < to;
         match self {
+            MeterUsage::None => Ok(Decimal::ZERO),
             MeterUsage::Unique(rows) => {
                 let distinct: std::collections::HashSet<&str> = rows.iter().filter(|r| inside(&r.0, r.1)).map(|r| r.2.as_str()).collect();
                 Ok(Decimal::from(distinct.len()))
@@ -138,6 +133,82 @@ impl MeterUsage {
                 Ok(v.unwrap_or_default())
             }
         }
+    }
+}
+
+/// Everything computing the invoices of a batch of subscriptions reads,
+/// read once for the batch: their invoices so far, every subscription of
+/// their customers, the customers' names, plan versions, and each meter's
+/// usage of all the batch's customers over the batch's range. One
+/// subscription is a batch of one; a billing run reads 500 at a time.
+struct Batch {
+    history: HashMap<String, Vec<InvoiceRow>>,
+    siblings: HashMap<String, Vec<Subscription>>,
+    names: HashMap<String, String>,
+    customers: Vec<String>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    usage: HashMap<String, HashMap<String, MeterUsage>>,
+    plans: Plans,
+    log_position: BTreeMap<u32, u64>,
+}
+
+impl Batch {
+    async fn load(store: &Store, ws: &Ws, items: &[(&Subscription, &[Period])]) -> Result<Batch, BillingError> {
+        let ids: Vec<&str> = items.iter().map(|(s, _)| s.id.as_str()).collect();
+        let mut customers: Vec<&str> = items.iter().map(|(s, _)| s.customer_id.as_str()).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let mut history: HashMap<String, Vec<InvoiceRow>> = HashMap::new();
+        for inv in store.invoices_of_subscriptions(&ws.name, &ids).await? {
+            history.entry(inv.subscription_id.clone()).or_default().push(inv);
+        }
+        let mut siblings: HashMap<String, Vec<Subscription>> = HashMap::new();
+        for row in store.subscriptions_of_customers(&ws.name, &customers).await? {
+            siblings.entry(row.customer_id.clone()).or_default().push(parse_sub(&row)?);
+        }
+        let names = store.customer_names(&ws.name, &customers).await?.into_iter().collect();
+        // The range: every period billed, and every finalized period whose
+        // late usage may be added.
+        let firsts = items.iter().filter_map(|(_, ps)| ps.first().map(|p| p.start));
+        let earlier = history.values().flatten().filter(|i| i.status == "finalized" || i.status == "paid").map(|i| i.period_start);
+        let from = firsts.chain(earlier).min().map(bucket_floor).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let to = items.iter().filter_map(|(_, ps)| ps.last().map(|p| bucket_floor(p.end))).max().unwrap_or(from);
+        Ok(Batch {
+            history,
+            siblings,
+            names,
+            customers: customers.into_iter().map(str::to_owned).collect(),
+            from,
+            to,
+            usage: HashMap::new(),
+            plans: Plans::default(),
+            log_position: store.checkpoints(sluice_metering::consumer::NAME).await?.into_iter().collect(),
+        })
+    }
+
+    /// `meter`'s usage of `customer` (read for the whole batch on first use).
+    async fn usage(&mut self, store: &Store, ws: &str, m: &Meter, customer: &str) -> Result<&MeterUsage, BillingError> {
+        if !self.usage.contains_key(&m.key) {
+            let customers: Vec<&str> = self.customers.iter().map(String::as_str).collect();
+            let mut by_customer: HashMap<String, MeterUsage> = HashMap::new();
+            if m.aggregation == Aggregation::UniqueCount {
+                for (c, s, t, v) in store.usage_unique_of_customers(ws, &m.key, &customers, self.from, self.to).await? {
+                    if let MeterUsage::Unique(rows) = by_customer.entry(c).or_insert_with(|| MeterUsage::Unique(Vec::new())) {
+                        rows.push((s, t, v));
+                    }
+                }
+            } else {
+                for b in store.usage_buckets_of_customers(ws, &m.key, &customers, self.from, self.to).await? {
+                    if let MeterUsage::Buckets(rows) = by_customer.entry(b.customer_id.clone()).or_insert_with(|| MeterUsage::Buckets(Vec::new())) {
+                        rows.push(b);
+                    }
+                }
+            }
+            self.usage.insert(m.key.clone(), by_customer);
+        }
+        static NONE: MeterUsage = MeterUsage::None;
+        Ok(self.usage.get(&m.key).and_then(|u| u.get(customer)).unwrap_or(&NONE))
     }
 }
 
@@ -204,90 +275,144 @@ impl Billing {
         // subscription meanwhile is recomputed from the new state (which
         // usually has nothing left to bill).
         for _ in 0..5 {
-            let (row, mut sub) = self.subscription(&ws.name, id).await?;
-            let cycle = sub.cycle(ws.tz);
-            let mut periods = Vec::new();
-            let mut b = row.billed_until;
-            while let Some(p) = sub.period_from(&cycle, b) {
-                if p.end > o.until || periods.len() >= MAX_PERIODS {
-                    break;
-                }
-                periods.push(p);
-                b = p.end;
-            }
-            if o.early && periods.len() < MAX_PERIODS {
-                let cut = bucket_floor(o.until);
-                if let Some(p) = sub.period_from(&cycle, b) {
-                    if cut > p.start && cut < p.end {
-                        if !sub.cuts.contains(&cut) {
-                            sub.cuts.push(cut);
-                            sub.cuts.sort();
-                        }
-                        periods.push(Period { start: p.start, end: cut });
-                        b = cut;
-                    }
-                }
-            }
-            if let (Some(nb), Some(first)) = (o.not_before, periods.first()) {
-                if first.end < nb.max(sub.created_at) {
-                    return Ok(Vec::new());
-                }
-            }
-            if periods.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut invoices = self.compute(ws, &sub, &periods, None).await?;
-            for i in &mut invoices {
-                i.auto_billed = o.not_before.is_some();
-            }
-            if o.dry_run {
-                return Ok(invoices.iter().map(unstored_view).collect());
-            }
-            let news: Vec<NewInvoice> = invoices
-                .iter()
-                .map(|i| NewInvoice {
-                    id: i.id.clone(),
-                    period_start: i.period_start,
-                    period_end: i.period_end,
-                    doc: finalize_doc(i, ws, o.finalize),
-                })
-                .collect();
-            let doc = serde_json::to_value(&sub).map_err(|e| BillingError::Corrupt(e.to_string()))?;
-            let number = numbering(ws);
-            let commit = BillingCommit {
-                workspace: &ws.name,
-                subscription_id: &sub.id,
-                customer_id: &sub.customer_id,
-                revision: row.revision,
-                billed_until: b,
-                doc: &doc,
-                invoices: &news,
-                run_id: o.run_id.as_deref(),
-                number: if o.finalize { Some(&number) } else { None },
-            };
-            match self.store.commit_billing(&commit).await {
-                Ok(rows) => {
-                    if o.finalize {
-                        self.emit_finalized(ws, &rows).await;
-                    }
-                    return Ok(rows.iter().map(view).collect());
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(e.into()),
+            match self.bill_batch(ws, &[id], o).await {
+                Ok(mut results) => return results.pop().map(|(_, r)| r).unwrap_or(Ok(Vec::new())),
+                Err(BillingError::Store(StoreError::Conflict(_))) => continue,
+                Err(e) => return Err(e),
             }
         }
         Err(BillingError::Busy(format!("subscription {id:?} kept changing while it was billed; run again")))
+    }
+
+    /// Bills several subscriptions: read together, computed, and committed
+    /// in one transaction (a billing run's batches of 500). When that commit
+    /// meets a concurrent change (another run, a plan change), each
+    /// subscription is billed again on its own. One result per id, in order.
+    pub async fn bill_many(&self, ws: &Ws, ids: &[&str], o: &BillOptions) -> Result<Vec<(String, Result<Vec<Value>, BillingError>)>, BillingError> {
+        match self.bill_batch(ws, ids, o).await {
+            Err(BillingError::Store(StoreError::Conflict(_))) => {}
+            other => return other,
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.bill(ws, id, o).await {
+                Err(BillingError::Store(e)) if !e.is_permanent() => return Err(BillingError::Store(e)),
+                r => out.push(((*id).to_owned(), r)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One attempt of [`Billing::bill_many`]: `Err(Store(Conflict))` when
+    /// the commit met a concurrent change (nothing was written).
+    async fn bill_batch(&self, ws: &Ws, ids: &[&str], o: &BillOptions) -> Result<Vec<(String, Result<Vec<Value>, BillingError>)>, BillingError> {
+        let rows: HashMap<String, SubscriptionRow> =
+            self.store.subscriptions_by_ids(&ws.name, ids).await?.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let mut results: HashMap<&str, Result<Vec<Value>, BillingError>> = HashMap::new();
+        // (row, subscription with any new cut, periods, new billed-until)
+        let mut work: Vec<(&SubscriptionRow, Subscription, Vec<Period>, DateTime<Utc>)> = Vec::new();
+        for &id in ids {
+            let Some(row) = rows.get(id) else {
+                results.insert(id, Err(BillingError::NotFound(format!("subscription {id:?} not found"))));
+                continue;
+            };
+            match parse_sub(row) {
+                Err(e) => {
+                    results.insert(id, Err(e));
+                }
+                Ok(sub) => match due_periods(ws, row, sub, o) {
+                    Some((sub, periods, b)) => work.push((row, sub, periods, b)),
+                    None => {
+                        results.insert(id, Ok(Vec::new()));
+                    }
+                },
+            }
+        }
+        if !work.is_empty() {
+            let items: Vec<(&Subscription, &[Period])> = work.iter().map(|(_, s, p, _)| (s, p.as_slice())).collect();
+            let mut batch = Batch::load(&self.store, ws, &items).await?;
+            let mut computed: Vec<(&SubscriptionRow, &Subscription, DateTime<Utc>, Vec<Invoice>)> = Vec::new();
+            for (row, sub, periods, b) in &work {
+                match self.compute(ws, sub, periods, None, &mut batch).await {
+                    Ok(mut invoices) => {
+                        for i in &mut invoices {
+                            i.auto_billed = o.not_before.is_some();
+                        }
+                        computed.push((row, sub, *b, invoices));
+                    }
+                    Err(BillingError::Store(e)) => return Err(BillingError::Store(e)),
+                    Err(e) => {
+                        results.insert(row.id.as_str(), Err(e));
+                    }
+                }
+            }
+            if o.dry_run {
+                for (row, _, _, invoices) in &computed {
+                    results.insert(row.id.as_str(), Ok(invoices.iter().map(unstored_view).collect()));
+                }
+            } else {
+                let news: Vec<Vec<NewInvoice>> = computed
+                    .iter()
+                    .map(|(_, _, _, invoices)| {
+                        invoices
+                            .iter()
+                            .map(|i| NewInvoice {
+                                id: i.id.clone(),
+                                period_start: i.period_start,
+                                period_end: i.period_end,
+                                doc: finalize_doc(i, ws, o.finalize),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let docs: Vec<Value> = computed
+                    .iter()
+                    .map(|(_, sub, _, _)| serde_json::to_value(sub).map_err(|e| BillingError::Corrupt(e.to_string())))
+                    .collect::<Result<_, _>>()?;
+                let number = numbering(ws);
+                let commits: Vec<BillingCommit> = computed
+                    .iter()
+                    .zip(&news)
+                    .zip(&docs)
+                    .map(|(((row, sub, b, _), news), doc)| BillingCommit {
+                        workspace: &ws.name,
+                        subscription_id: &sub.id,
+                        customer_id: &sub.customer_id,
+                        revision: row.revision,
+                        billed_until: *b,
+                        doc,
+                        invoices: news,
+                        run_id: o.run_id.as_deref(),
+                        number: if o.finalize { Some(&number) } else { None },
+                    })
+                    .collect();
+                let committed = self.store.commit_billing_many(&commits).await?;
+                if o.finalize {
+                    self.emit_finalized(ws, &committed.iter().flatten().cloned().collect::<Vec<_>>()).await;
+                }
+                for ((row, _, _, _), rows) in computed.iter().zip(committed) {
+                    results.insert(row.id.as_str(), Ok(rows.iter().map(view).collect()));
+                }
+            }
+        }
+        Ok(ids.iter().map(|id| ((*id).to_owned(), results.remove(id).unwrap_or(Ok(Vec::new())))).collect())
     }
 
     /// The invoices of `periods` (consecutive, of one subscription).
     /// Late usage of earlier finalized periods goes on the first, unless an
     /// earlier draft exists (it carries them); `replacing` is the id of a
     /// draft being recomputed (kept).
-    async fn compute(&self, ws: &Ws, sub: &Subscription, periods: &[Period], replacing: Option<&str>) -> Result<Vec<Invoice>, BillingError> {
+    async fn compute(
+        &self,
+        ws: &Ws,
+        sub: &Subscription,
+        periods: &[Period],
+        replacing: Option<&str>,
+        b: &mut Batch,
+    ) -> Result<Vec<Invoice>, BillingError> {
         let store = &self.store;
-        let mut plans = Plans::default();
         let cycle = sub.cycle(ws.tz);
-        let history = store.subscription_invoices(&ws.name, &sub.id).await?;
+        let history = b.history.get(&sub.id).cloned().unwrap_or_default();
         let first_start = periods.first().map(|p| p.start).unwrap_or(sub.start);
         let earlier_draft = history.iter().any(|i| i.status == "draft" && i.period_start < first_start && Some(i.id.as_str()) != replacing);
         // What finalized invoices billed per (meter, period): quantity,
@@ -311,38 +436,25 @@ impl Billing {
             }
         }
         let late_wanted = !earlier_draft;
-        let range_start = bucket_floor(billed.keys().map(|k| k.1).filter(|_| late_wanted).min().unwrap_or(first_start).min(first_start));
-        let range_end = bucket_floor(periods.last().map(|p| p.end).unwrap_or(first_start));
         // Which subscriptions' usage counts: its own, and usage that names
         // only the customer while this is the customer's only subscription
         // charging that meter in the period.
-        let siblings: Vec<Subscription> = store
-            .customer_subscriptions(&ws.name, &sub.customer_id)
-            .await?
-            .iter()
-            .filter(|r| r.id != sub.id)
-            .map(parse_sub)
-            .collect::<Result<_, _>>()?;
-        let mut usage: HashMap<String, MeterUsage> = HashMap::new();
-        let customer_name =
-            store.get_customer(&ws.name, &sub.customer_id).await?.and_then(|c| c.attributes.get("name").and_then(Value::as_str).map(str::to_owned));
-        let log_position: BTreeMap<u32, u64> = store.checkpoints(sluice_metering::consumer::NAME).await?.into_iter().collect();
+        let siblings: Vec<Subscription> = b.siblings.get(&sub.customer_id).into_iter().flatten().filter(|s| s.id != sub.id).cloned().collect();
+        let customer_name = b.names.get(&sub.customer_id).cloned();
+        let log_position = b.log_position.clone();
         let now = Utc::now();
         let mut out = Vec::with_capacity(periods.len());
         for (n, &p) in periods.iter().enumerate() {
             let phase = sub.phase_at(p.start);
-            let plan = plans.get(store, &ws.name, &phase.plan, phase.plan_version).await?;
+            let plan = b.plans.get(store, &ws.name, &phase.plan, phase.plan_version).await?;
             let currency = Currency::of(&plan.currency).ok_or_else(|| BillingError::Corrupt(format!("currency {:?}", plan.currency)))?;
             let bill = PeriodBill { sub, cycle: &cycle, period: p, plan: &plan, currency };
             let mut lines = bill.fee_lines();
             for charge in &plan.charges {
                 let meter = ws.meters.get(&charge.meter).ok_or_else(|| BillingError::Corrupt(format!("meter {:?} is missing", charge.meter)))?;
-                if !usage.contains_key(&charge.meter) {
-                    usage.insert(charge.meter.clone(), MeterUsage::load(store, &ws.name, meter, &sub.customer_id, range_start, range_end).await?);
-                }
-                let shared = self.unattributed_counts(ws, &mut plans, sub, &siblings, &charge.meter, p).await?;
+                let shared = self.unattributed_counts(ws, &mut b.plans, &siblings, &charge.meter, p).await?;
                 let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
-                let q = usage[&charge.meter].quantity(meter, &subs, p)?;
+                let q = b.usage(store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, p)?;
                 lines.push(bill.usage_line(charge, q, Some(usage_sql(meter, sub, shared, p))));
             }
             if n == 0 && late_wanted {
@@ -352,14 +464,11 @@ impl Billing {
                         continue;
                     }
                     let Some(meter) = ws.meters.get(meter_key) else { continue };
-                    let old_plan = plans.get(store, &ws.name, code, *version).await?;
+                    let old_plan = b.plans.get(store, &ws.name, code, *version).await?;
                     let Some(charge) = old_plan.charges.iter().find(|c| &c.meter == meter_key) else { continue };
-                    if !usage.contains_key(meter_key) {
-                        usage.insert(meter_key.clone(), MeterUsage::load(store, &ws.name, meter, &sub.customer_id, range_start, range_end).await?);
-                    }
-                    let shared = self.unattributed_counts(ws, &mut plans, sub, &siblings, meter_key, ep).await?;
+                    let shared = self.unattributed_counts(ws, &mut b.plans, &siblings, meter_key, ep).await?;
                     let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
-                    let q = usage[meter_key].quantity(meter, &subs, ep)?;
+                    let q = b.usage(store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, ep)?;
                     let share = PeriodBill { sub, cycle: &cycle, period: ep, plan: &old_plan, currency }.period_share();
                     if let Some(l) = late_line(currency, charge, q, ep, share, (*bq, *bamount), Some(usage_sql(meter, sub, shared, ep))) {
                         lines.push(l);
@@ -402,15 +511,7 @@ impl Billing {
     /// Whether usage naming only the customer counts for `sub` on `meter`
     /// in `p`: no other subscription of the customer charges that meter
     /// then.
-    async fn unattributed_counts(
-        &self,
-        ws: &Ws,
-        plans: &mut Plans,
-        sub: &Subscription,
-        siblings: &[Subscription],
-        meter: &str,
-        p: Period,
-    ) -> Result<bool, BillingError> {
+    async fn unattributed_counts(&self, ws: &Ws, plans: &mut Plans, siblings: &[Subscription], meter: &str, p: Period) -> Result<bool, BillingError> {
         for other in siblings {
             if other.start >= p.end || other.end.is_some_and(|e| e <= p.start) {
                 continue;
@@ -421,7 +522,6 @@ impl Billing {
                 return Ok(false);
             }
         }
-        let _ = sub;
         Ok(true)
     }
 
@@ -433,7 +533,8 @@ impl Billing {
         let Some(p) = sub.period_from(&cycle, row.billed_until) else {
             return Err(BillingError::NotFound(format!("subscription {id:?} is billed to its end; it has no upcoming invoice")));
         };
-        let mut inv = self.compute(ws, &sub, &[p], None).await?;
+        let mut batch = Batch::load(&self.store, ws, &[(&sub, &[p])]).await?;
+        let mut inv = self.compute(ws, &sub, &[p], None, &mut batch).await?;
         Ok(inv.pop().as_ref().map(unstored_view).unwrap_or(Value::Null))
     }
 
@@ -463,7 +564,9 @@ impl Billing {
     async fn recompute(&self, ws: &Ws, row: &InvoiceRow) -> Result<Value, BillingError> {
         let (_, sub) = self.subscription(&ws.name, &row.subscription_id).await?;
         let old: Invoice = serde_json::from_value(row.doc.clone()).map_err(|e| BillingError::Corrupt(format!("invoice {}: {e}", row.id)))?;
-        let mut inv = self.compute(ws, &sub, &[Period { start: row.period_start, end: row.period_end }], Some(&row.id)).await?;
+        let p = Period { start: row.period_start, end: row.period_end };
+        let mut batch = Batch::load(&self.store, ws, &[(&sub, &[p])]).await?;
+        let mut inv = self.compute(ws, &sub, &[p], Some(&row.id), &mut batch).await?;
         let mut inv = inv.pop().ok_or_else(|| BillingError::Corrupt("no invoice computed".into()))?;
         if inv.lines == old.lines && inv.taxes == old.taxes {
             return Ok(row.doc.clone());
@@ -541,6 +644,41 @@ impl Billing {
             }
         }
     }
+}
+
+/// The periods of a subscription due by `o` (from its billed-until), with
+/// the subscription as it must be stored after billing them (an early bill
+/// adds its cut) and its new billed-until; `None` when nothing is due.
+fn due_periods(ws: &Ws, row: &SubscriptionRow, mut sub: Subscription, o: &BillOptions) -> Option<(Subscription, Vec<Period>, DateTime<Utc>)> {
+    let cycle = sub.cycle(ws.tz);
+    let mut periods = Vec::new();
+    let mut b = row.billed_until;
+    while let Some(p) = sub.period_from(&cycle, b) {
+        if p.end > o.until || periods.len() >= MAX_PERIODS {
+            break;
+        }
+        periods.push(p);
+        b = p.end;
+    }
+    if o.early && periods.len() < MAX_PERIODS {
+        let cut = bucket_floor(o.until);
+        if let Some(p) = sub.period_from(&cycle, b) {
+            if cut > p.start && cut < p.end {
+                if !sub.cuts.contains(&cut) {
+                    sub.cuts.push(cut);
+                    sub.cuts.sort();
+                }
+                periods.push(Period { start: p.start, end: cut });
+                b = cut;
+            }
+        }
+    }
+    if let (Some(nb), Some(first)) = (o.not_before, periods.first()) {
+        if first.end < nb.max(sub.created_at) {
+            return None;
+        }
+    }
+    (!periods.is_empty()).then_some((sub, periods, b))
 }
 
 fn conflict(e: StoreError) -> BillingError {

@@ -24,6 +24,10 @@ use crate::BillingError;
 /// The job kind.
 pub const KIND: &str = "billing.run";
 
+/// Subscriptions billed together: read in a few queries and committed in
+/// one transaction (one fsync on SQLite instead of 500).
+pub const BATCH: usize = 500;
+
 /// Which subscriptions a run bills besides an explicit list.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,21 +148,34 @@ impl JobHandler for BillingRun {
             not_before: p.auto.then(|| ws.settings.auto_billing_since.unwrap_or(DateTime::<Utc>::MIN_UTC)),
         };
         let mut errors = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
+        let mut done = 0usize;
+        // Batches of 500: read together, committed in one transaction each
+        // (engine::Billing::bill_many); progress and cancellation per batch.
+        for chunk in ids.chunks(BATCH) {
             if ctx.is_cancelled() {
                 return Err(JobError::Cancelled);
             }
-            match b.bill(&ws, id, &opts).await {
-                Ok(_) => {}
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            match b.bill_many(&ws, &refs, &opts).await {
+                Ok(results) => {
+                    for (id, r) in results {
+                        if let Err(e) = r {
+                            tracing::warn!(run = %job.id, subscription = %id, error = %e, "a subscription could not be billed");
+                            errors.push(RunFailure { subscription_id: id, message: e.to_string() });
+                        }
+                    }
+                }
                 // The store is down: the whole run is retried (what it
                 // billed stays billed, once).
                 Err(BillingError::Store(e)) if !e.is_permanent() => return Err(JobError::retryable(e)),
                 Err(e) => {
-                    tracing::warn!(run = %job.id, subscription = %id, error = %e, "a subscription could not be billed");
-                    errors.push(RunFailure { subscription_id: id.clone(), message: e.to_string() });
+                    for id in chunk {
+                        errors.push(RunFailure { subscription_id: id.clone(), message: e.to_string() });
+                    }
                 }
             }
-            ctx.progress(i as i64 + 1, Some(total as i64)).await;
+            done += chunk.len();
+            ctx.progress(done as i64, Some(total as i64)).await;
         }
         let invoices = b.store.run_invoice_ids(&job.id).await?;
         let result = RunResult {

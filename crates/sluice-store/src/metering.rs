@@ -232,6 +232,21 @@ pub struct UsageBucket {
     pub latest_value: Option<Decimal>,
 }
 
+fn bucket(r: BucketRow) -> UsageBucket {
+    UsageBucket {
+        customer_id: r.0,
+        subscription_id: r.1,
+        group_key: r.2,
+        bucket_start: from_micros(r.3),
+        count: r.4,
+        sum: r.5.parse().unwrap_or_default(),
+        min: dec(r.6),
+        max: dec(r.7),
+        latest_at: r.8.map(from_micros),
+        latest_value: dec(r.9),
+    }
+}
+
 fn dec(s: Option<String>) -> Option<Decimal> {
     s.and_then(|s| s.parse().ok())
 }
@@ -599,21 +614,65 @@ impl Store {
                 .await?
             }
         };
-        Ok(rows
-            .into_iter()
-            .map(|r| UsageBucket {
-                customer_id: r.0,
-                subscription_id: r.1,
-                group_key: r.2,
-                bucket_start: from_micros(r.3),
-                count: r.4,
-                sum: r.5.parse().unwrap_or_default(),
-                min: dec(r.6),
-                max: dec(r.7),
-                latest_at: r.8.map(from_micros),
-                latest_value: dec(r.9),
-            })
-            .collect())
+        Ok(rows.into_iter().map(bucket).collect())
+    }
+
+    /// Usage buckets of a meter in `[from, to)` of several customers (a
+    /// billing run reads its batch's usage this way), 500 customers a query.
+    pub async fn usage_buckets_of_customers(
+        &self,
+        workspace: &str,
+        meter: &str,
+        customers: &[&str],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<UsageBucket>> {
+        let mut out = Vec::new();
+        for chunk in customers.chunks(crate::billing::IN_CHUNK) {
+            let list = (5..5 + chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
+                 FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
+            );
+            let rows: Vec<BucketRow> = on_pool!(self, pool => {
+                let mut q = sqlx::query_as(&sql).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
+                for c in chunk {
+                    q = q.bind(*c);
+                }
+                q.fetch_all(pool).await
+            })?;
+            out.extend(rows.into_iter().map(bucket));
+        }
+        Ok(out)
+    }
+
+    /// Distinct values of a unique_count meter in `[from, to)` of several
+    /// customers: (customer, subscription, bucket start, value).
+    pub async fn usage_unique_of_customers(
+        &self,
+        workspace: &str,
+        meter: &str,
+        customers: &[&str],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<(String, String, DateTime<Utc>, String)>> {
+        let mut out = Vec::new();
+        for chunk in customers.chunks(crate::billing::IN_CHUNK) {
+            let list = (5..5 + chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT customer_id, subscription_id, bucket_start, value FROM usage_unique WHERE workspace = $1 AND meter_key = $2 \
+                 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
+            );
+            let rows: Vec<(String, String, i64, String)> = on_pool!(self, pool => {
+                let mut q = sqlx::query_as(&sql).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
+                for c in chunk {
+                    q = q.bind(*c);
+                }
+                q.fetch_all(pool).await
+            })?;
+            out.extend(rows.into_iter().map(|r| (r.0, r.1, from_micros(r.2), r.3)));
+        }
+        Ok(out)
     }
 
     /// Distinct values of a unique_count meter in `[from, to)`:

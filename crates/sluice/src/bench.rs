@@ -2,6 +2,7 @@
 //! docs/BENCHMARKS.md. Each reports a reference run beside the measured one,
 //! in the same session, so results are ratios rather than lone times.
 
+mod billing;
 mod lake;
 
 use std::process::Stdio;
@@ -31,6 +32,9 @@ pub enum BenchCmd {
     /// Lake writer throughput and 10 analytical queries through Sluice's SQL
     /// beside DuckDB on the same Parquet files.
     Lake(lake::LakeBenchArgs),
+    /// One billing run over N subscriptions (invoices finalized and
+    /// numbered) beside one PostgreSQL statement computing the same totals.
+    Billing(billing::BillingBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -108,6 +112,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Jobs(args) => rt.block_on(jobs(args)),
         BenchCmd::Import(args) => rt.block_on(import_bench(args)),
         BenchCmd::Lake(args) => rt.block_on(lake::run(args)),
+        BenchCmd::Billing(args) => rt.block_on(billing::run(args)),
     }
 }
 

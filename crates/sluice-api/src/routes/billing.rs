@@ -642,8 +642,9 @@ pub async fn create_run(
         let opts = BillOptions { until, early, finalize: payload.finalize, run_id: None, dry_run: true, not_before: None };
         let mut invoices = Vec::new();
         let mut errors = Vec::new();
-        for id in &ids {
-            match st.billing.bill(&w, id, &opts).await {
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        for (id, r) in st.billing.bill_many(&w, &refs, &opts).await? {
+            match r {
                 Ok(v) => invoices.extend(v),
                 Err(BillingError::Store(e)) if !e.is_permanent() => return Err(e.into()),
                 Err(e) => errors.push(json!({"subscription_id": id, "message": e.to_string()})),

@@ -486,90 +486,57 @@ fn placeholders(from: usize, n: usize) -> String {
 /// What billing reads for a batch of subscriptions, in a few queries per
 /// 500 instead of several per subscription (a billing run of 100,000).
 impl Store {
-    /// The subscriptions with these ids (those that exist).
-    pub async fn subscriptions_by_ids(&self, workspace: &str, ids: &[&str]) -> Result<Vec<SubscriptionRow>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(IN_CHUNK) {
-            let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND id IN ({})", placeholders(2, chunk.len()));
-            let rows: Vec<SubscriptionTuple> = on_pool!(self, pool => {
+    /// The rows of `select` (a query whose `{in}` is replaced by `$2, $3, …`
+    /// and whose `$1` is the workspace) for every 500 of `keys`.
+    async fn select_in<T>(&self, select: &str, workspace: &str, keys: &[&str]) -> Result<Vec<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(IN_CHUNK) {
+            let sql = select.replace("{in}", &placeholders(2, chunk.len()));
+            let rows: Vec<T> = on_pool!(self, pool => {
                 let mut q = sqlx::query_as(&sql).bind(workspace);
-                for id in chunk {
-                    q = q.bind(*id);
+                for k in chunk {
+                    q = q.bind(*k);
                 }
                 q.fetch_all(pool).await
             })?;
-            for r in rows {
-                out.push(subscription(r)?);
-            }
+            out.extend(rows);
         }
         Ok(out)
+    }
+
+    /// The subscriptions with these ids (those that exist).
+    pub async fn subscriptions_by_ids(&self, workspace: &str, ids: &[&str]) -> Result<Vec<SubscriptionRow>> {
+        let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND id IN ({{in}})");
+        self.select_in::<SubscriptionTuple>(&sql, workspace, ids).await?.into_iter().map(subscription).collect()
     }
 
     /// Every subscription of these customers.
     pub async fn subscriptions_of_customers(&self, workspace: &str, customers: &[&str]) -> Result<Vec<SubscriptionRow>> {
-        let mut out = Vec::new();
-        for chunk in customers.chunks(IN_CHUNK) {
-            let sql = format!(
-                "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND customer_id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let rows: Vec<SubscriptionTuple> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).bind(workspace);
-                for c in chunk {
-                    q = q.bind(*c);
-                }
-                q.fetch_all(pool).await
-            })?;
-            for r in rows {
-                out.push(subscription(r)?);
-            }
-        }
-        Ok(out)
+        let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND customer_id IN ({{in}})");
+        self.select_in::<SubscriptionTuple>(&sql, workspace, customers).await?.into_iter().map(subscription).collect()
     }
 
-    /// Every invoice of these subscriptions, by period.
+    /// Every invoice of these subscriptions.
     pub async fn invoices_of_subscriptions(&self, workspace: &str, ids: &[&str]) -> Result<Vec<InvoiceRow>> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(IN_CHUNK) {
-            let sql = format!(
-                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND subscription_id IN ({}) ORDER BY period_start, id",
-                placeholders(2, chunk.len())
-            );
-            let rows: Vec<InvoiceTuple> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).bind(workspace);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.fetch_all(pool).await
-            })?;
-            for r in rows {
-                out.push(invoice(r)?);
-            }
-        }
-        Ok(out)
+        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND subscription_id IN ({{in}}) ORDER BY period_start, id");
+        self.select_in::<InvoiceTuple>(&sql, workspace, ids).await?.into_iter().map(invoice).collect()
     }
 
     /// The `name` attribute of these customers (those that have one).
     pub async fn customer_names(&self, workspace: &str, customers: &[&str]) -> Result<Vec<(String, String)>> {
-        let mut out = Vec::new();
-        for chunk in customers.chunks(IN_CHUNK) {
-            let sql =
-                format!("SELECT customer_id, attributes FROM customers WHERE workspace = $1 AND customer_id IN ({})", placeholders(2, chunk.len()));
-            let rows: Vec<(String, String)> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).bind(workspace);
-                for c in chunk {
-                    q = q.bind(*c);
-                }
-                q.fetch_all(pool).await
-            })?;
-            for (c, attrs) in rows {
-                if let Some(name) = serde_json::from_str::<Value>(&attrs).ok().and_then(|a| a.get("name").and_then(Value::as_str).map(str::to_owned))
-                {
-                    out.push((c, name));
-                }
-            }
-        }
-        Ok(out)
+        let rows: Vec<(String, String)> = self
+            .select_in("SELECT customer_id, attributes FROM customers WHERE workspace = $1 AND customer_id IN ({in})", workspace, customers)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(c, attrs)| {
+                let name = serde_json::from_str::<Value>(&attrs).ok()?.get("name")?.as_str()?.to_owned();
+                Some((c, name))
+            })
+            .collect())
     }
 
     /// Commits several subscriptions' billing ([`Store::commit_billing`]) in

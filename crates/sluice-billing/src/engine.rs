@@ -61,6 +61,12 @@ pub struct BillOptions {
     pub early: bool,
     /// Finalize (and number) the invoices.
     pub finalize: bool,
+    /// ... except those whose period ended less than the workspace's
+    /// `grace_period_days` ago: they stay drafts (recomputed with late
+    /// usage) and are finalized once the grace period has passed. Runs that
+    /// do not say `finalize` and auto-billing respect it; `finalize: true`
+    /// finalizes at once.
+    pub respect_grace: bool,
     /// The run billing.
     pub run_id: Option<String>,
     /// Compute only; write nothing.
@@ -332,6 +338,7 @@ impl Billing {
             let items: Vec<(&Subscription, &[Period])> = work.iter().map(|(_, s, p, _)| (s, p.as_slice())).collect();
             let mut batch = Batch::load(&self.store, ws, &items).await?;
             let mut computed: Vec<(&SubscriptionRow, &Subscription, DateTime<Utc>, Vec<Invoice>)> = Vec::new();
+            // (The grace period is decided per invoice at commit below.)
             for (row, sub, periods, b) in &work {
                 match self.compute(ws, sub, periods, None, &mut batch).await {
                     Ok(mut invoices) => {
@@ -351,16 +358,24 @@ impl Billing {
                     results.insert(row.id.as_str(), Ok(invoices.iter().map(unstored_view).collect()));
                 }
             } else {
+                let grace = chrono::Duration::days(i64::from(ws.settings.grace_period_days));
+                let now = Utc::now();
                 let news: Vec<Vec<NewInvoice>> = computed
-                    .iter()
+                    .iter_mut()
                     .map(|(_, _, _, invoices)| {
                         invoices
-                            .iter()
-                            .map(|i| NewInvoice {
-                                id: i.id.clone(),
-                                period_start: i.period_start,
-                                period_end: i.period_end,
-                                doc: finalize_doc(i, ws, o.finalize),
+                            .iter_mut()
+                            .map(|i| {
+                                let in_grace = o.respect_grace && i.period_end + grace > now;
+                                let finalize = o.finalize && !in_grace;
+                                i.finalize_after_grace = o.finalize && in_grace;
+                                NewInvoice {
+                                    id: i.id.clone(),
+                                    period_start: i.period_start,
+                                    period_end: i.period_end,
+                                    doc: finalize_doc(i, ws, finalize),
+                                    finalize,
+                                }
                             })
                             .collect()
                     })
@@ -501,6 +516,7 @@ impl Billing {
                 issuer: None,
                 replaces: history.iter().rev().find(|i| i.status == "void" && i.period_start == p.start).map(|i| i.id.clone()),
                 auto_billed: false,
+                finalize_after_grace: false,
             };
             inv.total_up(currency, ws.settings.tax_rounding);
             out.push(inv);
@@ -574,6 +590,7 @@ impl Billing {
         inv.replaces = old.replaces;
         inv.early = old.early;
         inv.auto_billed = old.auto_billed;
+        inv.finalize_after_grace = old.finalize_after_grace;
         serde_json::to_value(&inv).map_err(|e| BillingError::Corrupt(e.to_string()))
     }
 
@@ -689,7 +706,8 @@ fn conflict(e: StoreError) -> BillingError {
     }
 }
 
-fn parse_sub(row: &SubscriptionRow) -> Result<Subscription, BillingError> {
+/// A stored subscription's document.
+pub(crate) fn parse_sub(row: &SubscriptionRow) -> Result<Subscription, BillingError> {
     let sub: Subscription = serde_json::from_value(row.doc.clone()).map_err(|e| BillingError::Corrupt(format!("subscription {}: {e}", row.id)))?;
     sub.check()
 }

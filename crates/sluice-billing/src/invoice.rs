@@ -156,10 +156,14 @@ pub struct Invoice {
     /// The voided invoice this one replaces.
     #[serde(default)]
     pub replaces: Option<String>,
-    /// Made by auto-billing (its draft is finalized once the grace period
-    /// passes; drafts made on purpose are left alone).
+    /// Made by auto-billing.
     #[serde(default)]
     pub auto_billed: bool,
+    /// A draft only because its period ended within the workspace's grace
+    /// period: finalized automatically once it has passed (drafts made on
+    /// purpose with `finalize: false` are left alone).
+    #[serde(default)]
+    pub finalize_after_grace: bool,
 }
 
 impl Invoice {
@@ -441,6 +445,7 @@ mod tests {
             issuer: None,
             replaces: None,
             auto_billed: false,
+            finalize_after_grace: false,
         };
         inv.lines.push(bill.usage_line(&p.charges[0], d("3"), None));
         inv.total_up(jpy, TaxRounding::Floor);

@@ -60,6 +60,10 @@ pub struct RunPayload {
     pub filter: Option<RunFilter>,
     /// Finalize the invoices.
     pub finalize: bool,
+    /// Keep invoices of periods still in the grace period as drafts
+    /// ([`BillOptions::respect_grace`]).
+    #[serde(default)]
+    pub respect_grace: bool,
     /// Bill periods ending at or before this (fixed when the run was made,
     /// so a retry bills the same periods).
     pub until: DateTime<Utc>,
@@ -141,6 +145,7 @@ impl JobHandler for BillingRun {
             until: p.until,
             early: p.early,
             finalize: p.finalize,
+            respect_grace: p.respect_grace,
             run_id: Some(job.id.clone()),
             dry_run: false,
             // Auto-billing bills only periods that end after the
@@ -228,7 +233,8 @@ pub async fn auto_once(billing: &Billing, wake: &(dyn Fn() + Send + Sync)) -> Re
             if settings.grace_period_days > 0 {
                 finalize_after_grace(billing, &w.name, settings.grace_period_days, now).await?;
             }
-            if store.subscription_ids(&w.name, None, None, Some(now)).await?.is_empty() {
+            let since = settings.auto_billing_since.unwrap_or(DateTime::<Utc>::MIN_UTC);
+            if !any_due(billing, &w.name, now, since).await? {
                 continue;
             }
             let busy = [sluice_core::JobState::Queued, sluice_core::JobState::Running];
@@ -245,7 +251,8 @@ pub async fn auto_once(billing: &Billing, wake: &(dyn Fn() + Send + Sync)) -> Re
                 workspace: w.name.clone(),
                 subscription_ids: None,
                 filter: Some(RunFilter { due: true, ..RunFilter::default() }),
-                finalize: settings.grace_period_days == 0,
+                finalize: true,
+                respect_grace: true,
                 until: now,
                 early: false,
                 auto: true,
@@ -262,13 +269,38 @@ pub async fn auto_once(billing: &Billing, wake: &(dyn Fn() + Send + Sync)) -> Re
     }
 }
 
+/// Whether a subscription of the workspace has a period auto-billing bills
+/// now: ended, not invoiced, and ending after the subscription was created
+/// and after auto-billing was switched on. (Without this check every pass
+/// would queue a run, and write its billing_run.finished event, for every
+/// workspace with an active subscription.)
+async fn any_due(billing: &Billing, ws_name: &str, now: DateTime<Utc>, since: DateTime<Utc>) -> Result<bool, BillingError> {
+    let ws = billing.workspace(ws_name).await?;
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = billing.store.list_subscriptions(ws_name, None, None, cursor.as_deref(), 1000).await?;
+        for row in &page.data {
+            let sub = crate::engine::parse_sub(row)?;
+            if let Some(p) = sub.period_from(&sub.cycle(ws.tz), row.billed_until) {
+                if p.end <= now && p.end >= since.max(sub.created_at) {
+                    return Ok(true);
+                }
+            }
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(false),
+        }
+    }
+}
+
 async fn finalize_after_grace(billing: &Billing, ws_name: &str, grace_days: u32, now: DateTime<Utc>) -> Result<(), BillingError> {
     let filter = sluice_store::InvoiceFilter { status: Some("draft".into()), ..Default::default() };
     let drafts = billing.store.list_invoices(ws_name, &filter, None, 1000).await?;
     let due: Vec<_> = drafts
         .data
         .iter()
-        .filter(|d| d.doc.get("auto_billed") == Some(&Value::Bool(true)))
+        .filter(|d| d.doc.get("finalize_after_grace") == Some(&Value::Bool(true)))
         .filter(|d| d.period_end + chrono::Duration::days(i64::from(grace_days)) <= now)
         .collect();
     if due.is_empty() {

@@ -87,6 +87,8 @@ pub struct NewInvoice {
     pub period_end: DateTime<Utc>,
     /// The document.
     pub doc: Value,
+    /// Finalize (and number) it with the commit; else it stays a draft.
+    pub finalize: bool,
 }
 
 /// Filters of an invoice list.
@@ -123,8 +125,8 @@ pub struct BillingCommit<'a> {
     pub invoices: &'a [NewInvoice],
     /// The run making them.
     pub run_id: Option<&'a str>,
-    /// Finalize them: number each with `number(n)` for the workspace's next
-    /// counter value `n`.
+    /// How invoices to finalize are numbered: `number(n)` for the
+    /// workspace's next counter value `n` (none: every invoice stays a draft).
     pub number: Option<&'a (dyn Fn(i64) -> String + Sync)>,
 }
 
@@ -559,8 +561,8 @@ impl Store {
                 let mut rows = Vec::with_capacity(c.invoices.len());
                 for inv in c.invoices {
                     let (status, number, finalized_at) = match c.number {
-                        Some(f) => ("finalized", Some(f(next_number!(tx, c.workspace))), Some(now)),
-                        None => ("draft", None, None),
+                        Some(f) if inv.finalize => ("finalized", Some(f(next_number!(tx, c.workspace))), Some(now)),
+                        _ => ("draft", None, None),
                     };
                     sqlx::query("INSERT INTO invoices (workspace, id, subscription_id, customer_id, status, number, period_start, period_end, \
                                  run_id, doc, created_at, finalized_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")

@@ -629,6 +629,7 @@ pub async fn create_run(
         subscription_ids: b.subscription_ids,
         filter: b.filter,
         finalize: b.finalize.unwrap_or(true),
+        respect_grace: b.finalize.is_none(),
         until,
         early,
         auto: false,
@@ -639,7 +640,15 @@ pub async fn create_run(
         if ids.len() > DRY_RUN_MAX {
             return Err(invalid("dry_run", format!("a dry run computes at most {DRY_RUN_MAX} subscriptions; this selection has {}", ids.len())));
         }
-        let opts = BillOptions { until, early, finalize: payload.finalize, run_id: None, dry_run: true, not_before: None };
+        let opts = BillOptions {
+            until,
+            early,
+            finalize: payload.finalize,
+            respect_grace: payload.respect_grace,
+            run_id: None,
+            dry_run: true,
+            not_before: None,
+        };
         let mut invoices = Vec::new();
         let mut errors = Vec::new();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();

@@ -502,6 +502,24 @@ async fn three_of_five_are_billed_once_failures_are_reported_and_runs_queue_in_o
     assert!(a["finished_at"].as_str().unwrap() <= b["started_at"].as_str().unwrap(), "{a} {b}");
     assert_eq!((a["invoices_created"].clone(), b["invoices_created"].clone()), (json!(2), json!(0)), "the first run took s4 and s5: {a} {b}");
     assert_eq!(invoices(&api, "").await.len(), 5);
+    // Billing's events are in the log: one invoice.finalized per invoice
+    // (naming it), one billing_run.finished per run.
+    let all = invoices(&api, "").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let finalized = api.all_events("&type=invoice.finalized").await;
+        let finished = api.all_events("&type=billing_run.finished").await;
+        let mut named: Vec<String> = finalized.iter().map(|e| e["properties"]["invoice_id"].as_str().unwrap_or("").to_owned()).collect();
+        named.sort();
+        let mut want: Vec<String> = all.iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect();
+        want.sort();
+        if named == want && finished.len() == 4 {
+            assert!(finalized.iter().all(|e| e["customer_id"].is_string() && e["properties"]["number"].is_string()), "{finalized:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "events: {named:?} want {want:?}; {} runs finished", finished.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The CLI: a run with a failing subscription prints the summary and the
     // failure and exits 1; an invoice saved as PDF.
@@ -662,4 +680,38 @@ async fn overlapping_runs_and_a_kill9_mid_run_leave_one_invoice_per_period_numbe
     let mut seq: Vec<u64> = all.iter().map(|i| i["number"].as_str().unwrap().rsplit('-').next().unwrap().parse().unwrap()).collect();
     seq.sort_unstable();
     assert_eq!(seq, (1..=N as u64).collect::<Vec<_>>(), "numbers are gapless from 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_period_keeps_recent_periods_as_drafts_unless_finalize_is_asked() {
+    let s = Server::start().await;
+    let api = tokyo(&s, "bill-grace").await;
+    let (st, v) = api.send(api.req(reqwest::Method::PATCH, "/v1/workspaces/bill-grace").json(&json!({"billing": {"grace_period_days": 3}}))).await;
+    assert_eq!((st, v["billing"]["grace_period_days"].clone()), (StatusCode::OK, json!(3)), "{v}");
+    let plan = json!({"code": "p", "name": "P", "currency": "JPY", "interval": "month",
+        "charges": [{"meter": "lunch_boxes", "model": "per_unit", "unit_price": "540", "tax_rate": "0.08"}]});
+    assert_eq!(api.post("/v1/plans", plan).await.0, StatusCode::CREATED);
+    let start = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+    let subs = json!([{"id": "g1", "customer_id": "c1", "plan": "p", "start": start}, {"id": "g2", "customer_id": "c2", "plan": "p", "start": start},
+        {"id": "old", "customer_id": "c3", "plan": "p", "start": "2024-01-01T00:00:00+09:00"}]);
+    assert_eq!(api.post("/v1/subscriptions", subs).await.0, StatusCode::CREATED);
+    usage(&api, &[("c1", "g1", "lunch_boxes", "1", &start)]).await;
+    metered(&s).await;
+    // Without `finalize`: the period that just ended is in the grace period,
+    // so its invoice stays a draft (recomputed with late usage).
+    let r = run(&api, json!({"subscription_ids": ["g1"], "until": "now"})).await;
+    let (_, d) = api.get(&format!("/v1/invoices/{}", r["invoice_ids"][0].as_str().unwrap())).await;
+    assert_eq!((d["status"].as_str(), d["number"].clone(), d["finalize_after_grace"].clone()), (Some("draft"), Value::Null, json!(true)), "{d}");
+    usage(&api, &[("c1", "g1", "lunch_boxes", "2", &start)]).await;
+    metered(&s).await;
+    let (_, d) = api.get(&format!("/v1/invoices/{}", r["invoice_ids"][0].as_str().unwrap())).await;
+    assert_eq!(d["subtotal"], "1620", "late usage in the grace period updates the draft: {d}");
+    // Periods that ended long ago are past the grace period: finalized.
+    let r = run(&api, json!({"subscription_ids": ["old"], "until": "2024-02-01T00:00:00+09:00"})).await;
+    let (_, f) = api.get(&format!("/v1/invoices/{}", r["invoice_ids"][0].as_str().unwrap())).await;
+    assert_eq!(f["status"], "finalized", "{f}");
+    // finalize: true finalizes at once, grace or not.
+    let r = run(&api, json!({"subscription_ids": ["g2"], "until": "now", "finalize": true})).await;
+    let (_, f) = api.get(&format!("/v1/invoices/{}", r["invoice_ids"][0].as_str().unwrap())).await;
+    assert_eq!(f["status"], "finalized", "{f}");
 }

@@ -141,6 +141,12 @@ impl JobHandler for BillingRun {
         let ids = select(b, &p).await.map_err(job_error)?;
         let total = ids.len();
         ctx.progress(0, Some(total as i64)).await;
+        if total > BATCH {
+            // Fresh planner statistics for a large run (see the store's docs).
+            if let Err(e) = b.store.analyze_billing_tables().await {
+                tracing::warn!(error = %e, "could not refresh the planner statistics of the billing tables");
+            }
+        }
         let opts = BillOptions {
             until: p.until,
             early: p.early,

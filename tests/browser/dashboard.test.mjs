@@ -46,7 +46,27 @@ let consumerName;
 
 const newKey = () => 'sk_' + randomBytes(32).toString('base64url');
 
+// Starts a server and waits until it answers /healthz. A server that dies
+// or does not answer right after announcing its port (seen twice in CI: every
+// request refused, cause unknown) is reported with its exit status and log,
+// and a second one is started.
 async function startServer() {
+  for (let attempt = 1; ; attempt++) {
+    const s = await spawnServer();
+    const end = Date.now() + 15_000;
+    let why = '';
+    while (Date.now() < end) {
+      if (s.child.exitCode !== null || s.child.signalCode !== null) { why = `it exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`; break; }
+      try { if ((await fetch(s.url + '/healthz')).ok) return s; } catch (e) { why = `${e.message} (${e.cause?.code || e.cause})`; }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    console.log(`# the sluice server at ${s.url} does not answer: ${why}; its log:\n${s.stderr.join('')}`);
+    s.child.kill('SIGKILL');
+    if (attempt >= 2) throw new Error(`sluice serve does not answer after ${attempt} starts: ${why}`);
+  }
+}
+
+async function spawnServer() {
   const dir = mkdtempSync(path.join(tmpdir(), 'sluice-browser-'));
   const root = newKey();
   const child = spawn(SLUICE_BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dir], {
@@ -88,7 +108,8 @@ async function call(key, method, p, body) {
   for (let attempt = 1; ; attempt++) {
     try { r = await fetch(server.url + p, init); break; } catch (e) {
       if (attempt >= 3) {
-        throw new Error(`${method} ${p}: ${e.message} (${e.cause?.code || e.cause}); server log:\n${server.stderr.join('').slice(-3000)}`);
+        const state = `server exit code ${server.child.exitCode}, signal ${server.child.signalCode}`;
+        throw new Error(`${method} ${p}: ${e.message} (${e.cause?.code || e.cause}); ${state}; server log:\n${server.stderr.join('').slice(-3000)}`);
       }
       await new Promise((res) => setTimeout(res, 300));
     }

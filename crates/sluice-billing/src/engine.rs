@@ -427,7 +427,8 @@ impl Billing {
     ) -> Result<Vec<Invoice>, BillingError> {
         let store = &self.store;
         let cycle = sub.cycle(ws.tz);
-        let history = b.history.get(&sub.id).cloned().unwrap_or_default();
+        // Each subscription is computed once per batch: its history is taken.
+        let history = b.history.remove(&sub.id).unwrap_or_default();
         let first_start = periods.first().map(|p| p.start).unwrap_or(sub.start);
         let earlier_draft = history.iter().any(|i| i.status == "draft" && i.period_start < first_start && Some(i.id.as_str()) != replacing);
         // What finalized invoices billed per (meter, period): quantity,
@@ -707,7 +708,7 @@ fn conflict(e: StoreError) -> BillingError {
 }
 
 /// A stored subscription's document.
-pub(crate) fn parse_sub(row: &SubscriptionRow) -> Result<Subscription, BillingError> {
+pub fn parse_sub(row: &SubscriptionRow) -> Result<Subscription, BillingError> {
     let sub: Subscription = serde_json::from_value(row.doc.clone()).map_err(|e| BillingError::Corrupt(format!("subscription {}: {e}", row.id)))?;
     sub.check()
 }

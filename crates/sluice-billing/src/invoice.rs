@@ -180,21 +180,15 @@ impl Invoice {
             .map(|(rate, taxable, reduced)| TaxLine {
                 rate,
                 reduced_rate: reduced,
-                taxable_amount: money(currency, taxable),
-                tax: money(currency, currency.round_tax(taxable * rate, rounding)),
+                taxable_amount: currency.exact(taxable),
+                tax: currency.exact(currency.round_tax(taxable * rate, rounding)),
             })
             .collect();
-        self.subtotal = money(currency, self.lines.iter().map(|l| l.amount).sum());
-        self.tax = money(currency, self.taxes.iter().map(|t| t.tax).sum());
-        self.total = money(currency, self.subtotal + self.tax);
+        self.subtotal = currency.exact(self.lines.iter().map(|l| l.amount).sum());
+        self.tax = currency.exact(self.taxes.iter().map(|t| t.tax).sum());
+        self.total = currency.exact(self.subtotal + self.tax);
         self.tax_rounding = rounding;
     }
-}
-
-/// An amount with exactly the currency's decimals.
-fn money(c: Currency, mut a: Decimal) -> Decimal {
-    a.rescale(c.minor_units());
-    a
 }
 
 /// Japan's reduced consumption tax rate (8 %), marked on qualified invoices.
@@ -258,7 +252,7 @@ impl PeriodBill<'_> {
                     meter: None,
                     quantity: Decimal::ONE,
                     unit_price: Some(fee.amount),
-                    amount: money(self.currency, amount),
+                    amount: self.currency.exact(amount),
                     tax_rate: fee.tax_rate,
                     reduced_rate: reduced(self.currency, fee.tax_rate),
                     period_start: from,
@@ -324,7 +318,7 @@ pub fn charge_line(currency: Currency, charge: &Charge, quantity: Decimal, p: Pe
         meter: Some(charge.meter.clone()),
         quantity: quantity.normalize(),
         unit_price: priced.unit_price,
-        amount: money(currency, currency.round_line(exact)),
+        amount: currency.exact(currency.round_line(exact)),
         tax_rate: charge.tax_rate,
         reduced_rate: reduced(currency, charge.tax_rate),
         period_start: p.start,
@@ -332,7 +326,7 @@ pub fn charge_line(currency: Currency, charge: &Charge, quantity: Decimal, p: Pe
         tiers: priced.tiers,
         proration: (share != Decimal::ONE && charge.minimum_amount.is_some()).then(|| share.round_dp(6).normalize()),
         free_units: charge.free_units,
-        minimum_amount: minimum.map(|m| money(currency, currency.round_line(m))),
+        minimum_amount: minimum.map(|m| currency.exact(currency.round_line(m))),
         minimum_applied,
         sql,
     }
@@ -360,7 +354,7 @@ pub fn late_line(
         description: format!("Late usage: {}", full.description),
         quantity: (quantity - billed_q).normalize(),
         unit_price: None,
-        amount: money(currency, full.amount - billed_amount),
+        amount: currency.exact(full.amount - billed_amount),
         tiers: Vec::new(),
         ..full
     })

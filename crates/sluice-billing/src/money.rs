@@ -100,11 +100,13 @@ impl Currency {
         tax.round_dp_with_strategy(self.minor_units, strategy)
     }
 
-    /// `amount` with exactly the minor unit's decimals (`1000` → `1000.00` in USD).
-    pub fn display(self, amount: Decimal) -> String {
+    /// `amount` with exactly the minor unit's decimals (`1000` → `1000.00`
+    /// in USD), as every amount of an invoice is stored and shown. Only
+    /// for amounts already rounded to the minor unit: it adds zeros.
+    pub fn exact(self, amount: Decimal) -> Decimal {
         let mut a = amount;
         a.rescale(self.minor_units);
-        a.to_string()
+        a
     }
 }
 
@@ -166,7 +168,7 @@ mod tests {
         assert_eq!(jpy.round_tax(d("99.9"), TaxRounding::Floor), d("99"));
         assert_eq!(jpy.round_tax(d("99.5"), TaxRounding::HalfUp), d("100"));
         assert_eq!(jpy.round_tax(d("99.1"), TaxRounding::Ceiling), d("100"));
-        assert_eq!(usd.display(d("1000")), "1000.00");
+        assert_eq!(usd.exact(d("1000")).to_string(), "1000.00");
         assert_eq!(Currency::of("XXX"), None);
     }
 }

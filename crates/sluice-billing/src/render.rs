@@ -34,10 +34,7 @@ pub fn esc(s: &str) -> String {
 
 /// An amount with thousands separators and the currency's decimals.
 pub fn amount(c: Option<Currency>, a: Decimal) -> String {
-    let mut a = a;
-    if let Some(c) = c {
-        a.rescale(c.minor_units());
-    }
+    let a = c.map_or(a, |c| c.exact(a));
     let s = a.abs().to_string();
     let (int, frac) = s.split_once('.').map_or((s.as_str(), None), |(i, f)| (i, Some(f)));
     let mut grouped = String::new();

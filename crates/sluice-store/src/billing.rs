@@ -308,13 +308,6 @@ impl Store {
         Ok(Page::from_overfetch(rows, limit, |s: &SubscriptionRow| s.id.clone()))
     }
 
-    /// Every subscription of a customer.
-    pub async fn customer_subscriptions(&self, workspace: &str, customer_id: &str) -> Result<Vec<SubscriptionRow>> {
-        let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND customer_id = $2 ORDER BY id");
-        let rows: Vec<SubscriptionTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).fetch_all(pool).await)?;
-        rows.into_iter().map(subscription).collect()
-    }
-
     /// Ids of the workspace's subscriptions, optionally only those on
     /// `plan_code`, of `customer_ids`, or not billed up to their end and
     /// billed until before `billed_before`.
@@ -348,15 +341,6 @@ impl Store {
             tx.commit().await?;
         });
         Ok(())
-    }
-
-    /// Commits a subscription's billing: its invoices (finalized and
-    /// numbered when asked) and its new billed-until, in one short
-    /// transaction. [`StoreError::Conflict`] when the subscription changed
-    /// since it was read, or one of the periods already has an invoice:
-    /// nothing is written then.
-    pub async fn commit_billing(&self, c: &BillingCommit<'_>) -> Result<Vec<InvoiceRow>> {
-        Ok(self.commit_billing_many(std::slice::from_ref(c)).await?.pop().unwrap_or_default())
     }
 
     /// One invoice.
@@ -395,13 +379,6 @@ impl Store {
             .fetch_all(pool).await)?;
         let rows = rows.into_iter().map(invoice).collect::<Result<Vec<_>>>()?;
         Ok(Page::from_overfetch(rows, limit, |i: &InvoiceRow| i.id.clone()))
-    }
-
-    /// Every invoice of a subscription, by period.
-    pub async fn subscription_invoices(&self, workspace: &str, subscription_id: &str) -> Result<Vec<InvoiceRow>> {
-        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE workspace = $1 AND subscription_id = $2 ORDER BY period_start, id");
-        let rows: Vec<InvoiceTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(subscription_id).fetch_all(pool).await)?;
-        rows.into_iter().map(invoice).collect()
     }
 
     /// Ids of the invoices a run made.
@@ -481,7 +458,7 @@ impl Store {
 pub const IN_CHUNK: usize = 500;
 
 /// `$from, $from+1, …` for `n` parameters.
-fn placeholders(from: usize, n: usize) -> String {
+pub(crate) fn placeholders(from: usize, n: usize) -> String {
     (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
@@ -541,10 +518,11 @@ impl Store {
             .collect())
     }
 
-    /// Commits several subscriptions' billing ([`Store::commit_billing`]) in
-    /// one transaction: all or none. [`StoreError::Conflict`] when any of
-    /// them changed since it was read or already has an invoice for one of
-    /// the periods; the caller then commits them one by one.
+    /// Commits subscriptions' billing in one short transaction, all or
+    /// none: each one's invoices (finalized and numbered when asked) and its
+    /// new billed-until. [`StoreError::Conflict`] when any of them changed
+    /// since it was read or already has an invoice for one of the periods;
+    /// nothing is written then, and the caller commits them one by one.
     pub async fn commit_billing_many(&self, commits: &[BillingCommit<'_>]) -> Result<Vec<Vec<InvoiceRow>>> {
         let now = to_micros(Utc::now());
         let mut out = Vec::with_capacity(commits.len());

@@ -629,7 +629,7 @@ impl Store {
     ) -> Result<Vec<UsageBucket>> {
         let mut out = Vec::new();
         for chunk in customers.chunks(crate::billing::IN_CHUNK) {
-            let list = (5..5 + chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let list = crate::billing::placeholders(5, chunk.len());
             let sql = format!(
                 "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
                  FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
@@ -658,7 +658,7 @@ impl Store {
     ) -> Result<Vec<(String, String, DateTime<Utc>, String)>> {
         let mut out = Vec::new();
         for chunk in customers.chunks(crate::billing::IN_CHUNK) {
-            let list = (5..5 + chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let list = crate::billing::placeholders(5, chunk.len());
             let sql = format!(
                 "SELECT customer_id, subscription_id, bucket_start, value FROM usage_unique WHERE workspace = $1 AND meter_key = $2 \
                  AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"

@@ -286,8 +286,7 @@ pub async fn list_subscriptions(
     let now = Utc::now();
     let mut data = Vec::with_capacity(page.data.len());
     for row in &page.data {
-        let s: Subscription = serde_json::from_value(row.doc.clone()).map_err(ApiError::internal)?;
-        let s = s.check()?;
+        let s = sluice_billing::engine::parse_sub(row)?;
         if status.is_none_or(|st| s.status(now) == st) {
             data.push(sub_view(w.tz, row, &s));
         }

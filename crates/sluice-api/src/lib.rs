@@ -51,6 +51,9 @@ pub use state::{ApiLimits, AppState, WebhookSettings, WorkspaceLimits};
         routes::jobs::list, routes::jobs::get, routes::jobs::cancel, routes::jobs::retry, routes::jobs::events,
         routes::webhooks::create, routes::webhooks::list, routes::webhooks::delete, routes::webhooks::deliveries,
         routes::people::list_customers, routes::people::get_customer, routes::people::get_user,
+        routes::health::patch_customer, routes::health::get_health, routes::health::get_history,
+        routes::health::put_override, routes::health::delete_override, routes::health::get_config, routes::health::put_config,
+        routes::health::create_backtest, routes::health::get_backtest,
         routes::segment::track, routes::segment::identify, routes::segment::group, routes::segment::page,
         routes::segment::screen, routes::segment::alias, routes::segment::batch,
         routes::lake::sql, routes::lake::put_schema, routes::lake::list_schemas, routes::lake::get_schema,
@@ -143,7 +146,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/webhooks/{id}", delete(routes::webhooks::delete))
         .route("/v1/webhooks/{id}/deliveries", get(routes::webhooks::deliveries))
         .route("/v1/customers", get(routes::people::list_customers))
-        .route("/v1/customers/{id}", get(routes::people::get_customer))
+        .route("/v1/customers/{id}", get(routes::people::get_customer).patch(routes::health::patch_customer))
+        .route("/v1/customers/{id}/health", get(routes::health::get_health))
+        .route("/v1/customers/{id}/health/history", get(routes::health::get_history))
+        .route("/v1/customers/{id}/stage-override", put(routes::health::put_override).delete(routes::health::delete_override))
+        .route("/v1/health/config", get(routes::health::get_config).put(routes::health::put_config))
+        .route("/v1/health/backtest", post(routes::health::create_backtest))
+        .route("/v1/health/backtests/{id}", get(routes::health::get_backtest))
         .route("/v1/users/{id}", get(routes::people::get_user))
         .route("/v1/track", post(routes::segment::track))
         .route("/v1/identify", post(routes::segment::identify))

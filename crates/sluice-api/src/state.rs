@@ -141,6 +141,8 @@ pub struct AppState {
     pub session_ttl: std::time::Duration,
     /// Billing (plans, subscriptions, invoices, runs).
     pub billing: sluice_billing::Billing,
+    /// Customer health (configuration, evaluation, overrides).
+    pub health: sluice_health::Health,
 }
 
 /// Default lifetime of a dashboard session: 12 hours.
@@ -174,6 +176,7 @@ impl AppState {
         imports_dir: std::path::PathBuf,
     ) -> Self {
         let store_for_billing = store.clone();
+        let health = sluice_health::Health::new(store.clone());
         AppState {
             store,
             log,
@@ -193,6 +196,7 @@ impl AppState {
             lake: None,
             session_ttl: DEFAULT_SESSION_TTL,
             billing: sluice_billing::Billing { store: store_for_billing, events: None },
+            health,
         }
     }
 }

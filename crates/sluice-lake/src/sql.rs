@@ -809,6 +809,7 @@ const LIVE_TABLES: &[(&str, &str, Loader)] = &[
     ("invoices", "period_start", |s, q| Box::pin(load_invoices(s, q))),
     ("subscriptions", "created_at", |s, q| Box::pin(load_subscriptions(s, q))),
     ("audit_log", "at", |s, q| Box::pin(load_audit(s, q))),
+    ("health_history", "at", |s, q| Box::pin(load_health_history(s, q))),
 ];
 
 /// Scale of decimal columns of the `usage` table.
@@ -860,6 +861,11 @@ impl Cols {
         v.into_iter().for_each(|x| b.append_option(x));
         self.fields.push(Field::new(name, DataType::Int64, true));
         self.arrays.push(Arc::new(b.finish()));
+        self
+    }
+    fn float<I: IntoIterator<Item = Option<f64>>>(mut self, name: &str, v: I) -> Cols {
+        self.fields.push(Field::new(name, DataType::Float64, true));
+        self.arrays.push(Arc::new(v.into_iter().collect::<arrow::array::Float64Array>()));
         self
     }
     fn time<I: IntoIterator<Item = Option<DateTime<Utc>>>>(mut self, name: &str, v: I) -> Cols {
@@ -921,6 +927,14 @@ async fn load_customers(store: Store, scan: Scan) -> Loaded {
             .await?
         }
     };
+    // Health (docs/health.md): the live evaluation of each customer.
+    let ids: Vec<&str> = all.iter().map(|c| c.customer_id.as_str()).collect();
+    let health: std::collections::HashMap<String, sluice_store::CustomerHealthRow> = if ids.is_empty() {
+        Default::default()
+    } else {
+        store.customers_health(&scan.ws, &ids).await?.into_iter().map(|h| (h.customer_id.clone(), h)).collect()
+    };
+    let h = |c: &sluice_store::CustomerRecord| health.get(&c.customer_id);
     Cols::new()
         .text("customer_id", all.iter().map(|c| Some(c.customer_id.clone())))
         .text("name", all.iter().map(|c| c.attributes.get("name").and_then(|v| v.as_str()).map(str::to_owned)))
@@ -928,6 +942,40 @@ async fn load_customers(store: Store, scan: Scan) -> Loaded {
         .text("attributes", all.iter().map(|c| Some(c.attributes.to_string())))
         .time("first_seen", all.iter().map(|c| Some(c.first_seen)))
         .time("updated_at", all.iter().map(|c| Some(c.updated_at)))
+        .text("stage", all.iter().map(|c| h(c).and_then(|h| h.stage.clone())))
+        .text("band", all.iter().map(|c| h(c).and_then(|h| h.band.clone())))
+        .float("score", all.iter().map(|c| h(c).and_then(|h| h.score)))
+        .float("priority", all.iter().map(|c| h(c).and_then(|h| h.priority)))
+        .int("config_version", all.iter().map(|c| h(c).map(|h| h.config_version)))
+        .time("evaluated_at", all.iter().map(|c| h(c).map(|h| h.evaluated_at)))
+        .done()
+}
+
+async fn load_health_history(store: Store, scan: Scan) -> Loaded {
+    let customer = scan.filter.eq("customer_id").map(str::to_owned);
+    let all = all_pages(&scan, "health_history", |c| {
+        let (store, ws, customer) = (store.clone(), scan.ws.clone(), customer.clone());
+        async move {
+            let rows = store.health_history(&ws, customer.as_deref(), c.as_deref(), 1001).await?;
+            let more = rows.len() > 1000;
+            let data: Vec<_> = rows.into_iter().take(1000).collect();
+            let next_cursor = if more { data.last().map(|h| h.id.clone()) } else { None };
+            Ok(sluice_store::Page { data, next_cursor })
+        }
+    })
+    .await?;
+    Cols::new()
+        .text("id", all.iter().map(|h| Some(h.id.clone())))
+        .text("customer_id", all.iter().map(|h| Some(h.customer_id.clone())))
+        .time("at", all.iter().map(|h| Some(h.at)))
+        .text("stage", all.iter().map(|h| h.stage.clone()))
+        .text("band", all.iter().map(|h| h.band.clone()))
+        .float("score", all.iter().map(|h| h.score))
+        .text("previous_stage", all.iter().map(|h| h.previous.get("stage").and_then(|v| v.as_str()).map(str::to_owned)))
+        .text("previous_band", all.iter().map(|h| h.previous.get("band").and_then(|v| v.as_str()).map(str::to_owned)))
+        .float("previous_score", all.iter().map(|h| h.previous.get("score").and_then(|v| v.as_f64())))
+        .text("cause", all.iter().map(|h| Some(h.cause.clone())))
+        .int("config_version", all.iter().map(|h| Some(h.config_version)))
         .done()
 }
 

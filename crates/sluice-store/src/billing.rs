@@ -467,7 +467,7 @@ pub(crate) fn placeholders(from: usize, n: usize) -> String {
 impl Store {
     /// The rows of `select` (a query whose `{in}` is replaced by `$2, $3, …`
     /// and whose `$1` is the workspace) for every 500 of `keys`.
-    async fn select_in<T>(&self, select: &str, workspace: &str, keys: &[&str]) -> Result<Vec<T>>
+    pub(crate) async fn select_in<T>(&self, select: &str, workspace: &str, keys: &[&str]) -> Result<Vec<T>>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {

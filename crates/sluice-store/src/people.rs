@@ -259,6 +259,27 @@ impl Store {
         Ok(Page::from_overfetch(rows, limit, |c: &CustomerRecord| c.customer_id.clone()))
     }
 
+    /// The records of these customers (those that have one; no users).
+    pub async fn customers_by_ids(&self, workspace: &str, ids: &[&str]) -> Result<Vec<CustomerRecord>> {
+        let rows: Vec<(String, String, i64, i64)> = self
+            .select_in(
+                "SELECT customer_id, attributes, first_seen, updated_at FROM customers WHERE workspace = $1 AND customer_id IN ({in})",
+                workspace,
+                ids,
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, a, f, u)| CustomerRecord {
+                customer_id: id,
+                attributes: Value::Object(parse_map(&a)),
+                users: vec![],
+                first_seen: from_micros(f),
+                updated_at: from_micros(u),
+            })
+            .collect())
+    }
+
     /// The current customer of each of `user_ids` that has one.
     pub async fn customers_of_users(&self, workspace: &str, user_ids: &[&str]) -> Result<HashMap<String, String>> {
         let mut out = HashMap::new();

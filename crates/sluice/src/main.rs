@@ -33,6 +33,7 @@ mod bench;
 mod billing_cli;
 mod client;
 mod config;
+mod health_cli;
 mod serve;
 mod sql_cli;
 
@@ -88,6 +89,12 @@ enum Command {
     /// Billing runs.
     #[command(subcommand)]
     Billing(billing_cli::BillingCmd),
+    /// Customers by health: list (bands, stages, priority), why (the explanation).
+    #[command(subcommand)]
+    Customers(health_cli::CustomersCmd),
+    /// Customer health: configuration (apply, show) and backtests.
+    #[command(subcommand)]
+    Health(health_cli::HealthCmd),
     /// Run SQL over the lake and the live tables; prints a table (or --format csv|json).
     Sql(sql_cli::SqlArgs),
     /// The event lake: table definitions for other engines, files, compaction.
@@ -145,6 +152,8 @@ fn main() -> std::process::ExitCode {
         Command::Invoices(cmd) => billing_cli::invoices(cmd),
         Command::Billing(cmd) => billing_cli::billing(cmd),
         Command::Import(args) => client::run(client::Cmd::Import(args)),
+        Command::Customers(cmd) => health_cli::customers(cmd),
+        Command::Health(cmd) => health_cli::health(cmd),
         Command::Sql(args) => sql_cli::sql(args),
         Command::Lake(cmd) => sql_cli::lake(cmd),
         Command::Bench(cmd) => bench::run(cmd),

@@ -160,10 +160,20 @@ async fn run(cfg: Config) -> Result<()> {
     // Billing writes invoice.finalized, invoice.voided and
     // billing_run.finished through the ingest pipeline (deduplicated by id).
     let billing = sluice_billing::Billing { store: store.clone(), events: Some(Arc::new(sluice_billing::IngestSink(ingestor.clone()))) };
+    // Health: its read model on the consumer engine, and the evaluator
+    // that re-evaluates the customers it marks (and those time changes).
+    let health = sluice_health::Health {
+        store: store.clone(),
+        events: Some(Arc::new(sluice_billing::IngestSink(ingestor.clone()))),
+        wake: Arc::new(tokio::sync::Notify::new()),
+    };
+    consumers.start_model(sluice_health::model::HealthModel { wake: health.wake.clone() }).await.context("starting the health consumer")?;
     let jobs = Arc::new(sluice_jobs::Runner::start(
         store.clone(),
         vec![
             Arc::new(sluice_billing::run::BillingRun { billing: billing.clone() }),
+            Arc::new(sluice_health::jobs::Recompute { health: health.clone() }),
+            Arc::new(sluice_health::jobs::Backtest { health: health.clone() }),
             Arc::new(sluice_consumers::rebuild::ConsumerRebuild),
             Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
             Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone(), bursts: consumers.bursts().clone() }),
@@ -203,6 +213,9 @@ async fn run(cfg: Config) -> Result<()> {
     state.bench_endpoints = std::env::var("SLUICE_BENCH_ENDPOINTS").is_ok_and(|v| v == "1");
     state.lake = Some(sluice_api::state::LakeHandle { sql, schemas: schemas.clone(), root: lake_root.clone() });
     state.billing = billing.clone();
+    state.health = health.clone();
+    let (health_stop, health_stop_rx) = tokio::sync::watch::channel(false);
+    let evaluator = tokio::spawn(sluice_health::engine::evaluator(health, health_stop_rx));
     let schedulers = tokio::spawn(run_schedulers(store.clone(), jobs.clone(), cfg.lake.compact_interval));
     let (billing_stop, billing_stop_rx) = tokio::sync::watch::channel(false);
     let auto_billing = {
@@ -247,6 +260,8 @@ async fn run(cfg: Config) -> Result<()> {
     schedulers.abort();
     let _ = billing_stop.send(true);
     auto_billing.abort();
+    let _ = health_stop.send(true);
+    evaluator.abort();
     // The lake writer commits what it buffered, so a clean stop leaves
     // nothing for the next start to rewrite.
     let _ = lake_stop.send(true);

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod billing;
 pub mod consumers;
 pub mod events;
+pub mod health;
 pub mod imports;
 pub mod jobs;
 pub mod keys;

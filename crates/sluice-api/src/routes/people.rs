@@ -3,11 +3,11 @@
 
 use crate::json::Query;
 use axum::extract::{Path, State};
-use serde::Serialize;
-use serde_json::Value;
-use sluice_store::{CustomerRecord, UserRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sluice_store::{CustomerRecord, HealthSort, UserRecord};
 
-use super::{rfc3339, List, PageQuery};
+use super::{rfc3339, List};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::json::Json;
@@ -76,25 +76,127 @@ impl From<UserRecord> for UserView {
     }
 }
 
-/// Customers of the workspace, by id.
-#[utoipa::path(get, path = "/v1/customers", params(PageQuery), tag = "customers",
-    responses((status = 200, description = "`{data: [Customer], next_cursor}`")), security(("bearer" = [])))]
-pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q): Query<PageQuery>) -> Result<Json<List<CustomerView>>, ApiError> {
-    who.require_read()?;
-    let page = st.store.list_customers(who.workspace.as_str(), q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
-    Ok(Json(List { data: page.data.into_iter().map(|c| CustomerView::new(c, false)).collect(), next_cursor: page.next_cursor }))
+/// `GET /v1/customers` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CustomersQuery {
+    /// Cursor from the previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size, 1–1000 (default 100).
+    pub limit: Option<usize>,
+    /// Only customers in this stage (health).
+    pub stage: Option<String>,
+    /// Only customers in this band: `good`, `normal` or `bad`.
+    pub band: Option<String>,
+    /// `priority` (highest first), `score` (lowest first), `-score`
+    /// (highest first) or `id` (the default).
+    pub sort: Option<String>,
 }
 
-/// One customer with its users.
+/// The health summary of a list row.
+fn summary(h: &sluice_store::CustomerHealthRow) -> Value {
+    json!({"stage": h.stage, "band": h.band, "score": h.score, "priority": h.priority, "config_version": h.config_version,
+        "evaluated_at": h.evaluated_at})
+}
+
+/// Customers of the workspace: by id, or by health (`stage`, `band`,
+/// `sort=priority|score|-score`; priority is (100 − score) / 100 × mrr).
+#[utoipa::path(get, path = "/v1/customers", params(CustomersQuery), tag = "customers",
+    responses((status = 200, description = "`{data: [Customer], next_cursor}`")), security(("bearer" = [])))]
+pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q): Query<CustomersQuery>) -> Result<Json<List<Value>>, ApiError> {
+    who.require_read()?;
+    let ws = who.workspace.as_str();
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let sort = match q.sort.as_deref() {
+        None | Some("id") => HealthSort::Id,
+        Some("priority") => HealthSort::Priority,
+        Some("score") => HealthSort::Score,
+        Some("-score") => HealthSort::ScoreDesc,
+        Some(o) => return Err(ApiError::bad_request(format!("sort: {o:?} is not one of priority, score, -score, id"))),
+    };
+    if let Some(b) = q.band.as_deref() {
+        if !["good", "normal", "bad"].contains(&b) {
+            return Err(ApiError::bad_request(format!("band: {b:?} is not one of good, normal, bad")));
+        }
+    }
+    let by_health = q.stage.is_some() || q.band.is_some() || sort != HealthSort::Id;
+    if by_health {
+        let after = match q.cursor.as_deref() {
+            None => None,
+            Some(c) => {
+                let bad = || ApiError::bad_request("cursor: not a cursor of this list; start without one");
+                let (v, id) = c.strip_prefix("h:").and_then(|c| c.split_once('|')).ok_or_else(bad)?;
+                Some((v.parse::<f64>().map_err(|_| bad())?, id.to_owned()))
+            }
+        };
+        let (rows, next) = st.store.list_customer_health(ws, q.stage.as_deref(), q.band.as_deref(), sort, after, limit).await?;
+        let ids: Vec<&str> = rows.iter().map(|r| r.customer_id.as_str()).collect();
+        let records = st.store.customers_by_ids(ws, &ids).await?;
+        let mut data = Vec::with_capacity(rows.len());
+        for h in &rows {
+            let rec = records.iter().find(|c| c.customer_id == h.customer_id);
+            let attributes = super::health::current_attributes(&st, ws, &h.customer_id, rec.map(|c| &c.attributes)).await?;
+            let mut v = json!({"customer_id": h.customer_id, "attributes": attributes,
+                "first_seen_at": rec.map(|c| rfc3339(c.first_seen)), "updated_at": rec.map(|c| rfc3339(c.updated_at))});
+            if let (Value::Object(m), Value::Object(s)) = (&mut v, summary(h)) {
+                m.extend(s);
+                m.insert("health".into(), summary(h));
+            }
+            data.push(v);
+        }
+        return Ok(Json(List { data, next_cursor: next.map(|(v, id)| format!("h:{v}|{id}")) }));
+    }
+    let page = st.store.list_customers(ws, q.cursor.as_deref(), limit).await?;
+    let ids: Vec<&str> = page.data.iter().map(|c| c.customer_id.as_str()).collect();
+    let health = st.store.customers_health(ws, &ids).await?;
+    let mut data = Vec::with_capacity(page.data.len());
+    for c in page.data {
+        let attributes = super::health::current_attributes(&st, ws, &c.customer_id, Some(&c.attributes)).await?;
+        let h = health.iter().find(|h| h.customer_id == c.customer_id);
+        let mut v = serde_json::to_value(CustomerView::new(c, false)).unwrap_or(Value::Null);
+        v["attributes"] = Value::Object(attributes);
+        if let (Value::Object(m), Some(h)) = (&mut v, h) {
+            if let Value::Object(s) = summary(h) {
+                m.extend(s);
+            }
+            m.insert("health".into(), summary(h));
+        }
+        data.push(v);
+    }
+    Ok(Json(List { data, next_cursor: page.next_cursor }))
+}
+
+/// One customer with its users, its attributes (traits of `group` calls
+/// and attributes set through the API) and its health.
 #[utoipa::path(get, path = "/v1/customers/{id}", tag = "customers",
     responses((status = 200, body = CustomerView), (status = 404)), security(("bearer" = [])))]
-pub async fn get_customer(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<CustomerView>, ApiError> {
+pub async fn get_customer(State(st): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     who.require_read()?;
-    st.store
-        .get_customer(who.workspace.as_str(), &id)
-        .await?
-        .map(|c| Json(CustomerView::new(c, true)))
-        .ok_or_else(|| ApiError::not_found(format!("customer {id:?} not found")))
+    let ws = who.workspace.as_str();
+    let rec = st.store.get_customer(ws, &id).await?;
+    let health = st.store.customer_health(ws, &id).await?;
+    let mut v = match rec {
+        Some(c) => {
+            let attributes = super::health::current_attributes(&st, ws, &id, Some(&c.attributes)).await?;
+            let mut v = serde_json::to_value(CustomerView::new(c, true)).unwrap_or(Value::Null);
+            v["attributes"] = Value::Object(attributes);
+            v
+        }
+        // Known to health only (events or attributes, no `group` call).
+        None if st.store.health_customer_exists(ws, &id).await? => {
+            let attributes = super::health::current_attributes(&st, ws, &id, None).await?;
+            let first = st.store.health_first_seen(ws, &id).await?;
+            json!({"customer_id": id, "attributes": attributes, "users": [], "first_seen_at": first.map(rfc3339), "updated_at": first.map(rfc3339)})
+        }
+        None => return Err(ApiError::not_found(format!("customer {id:?} not found"))),
+    };
+    if let (Value::Object(m), Some(h)) = (&mut v, &health) {
+        if let Value::Object(s) = summary(h) {
+            m.extend(s);
+        }
+        m.insert("health".into(), h.doc.clone());
+    }
+    Ok(Json(v))
 }
 
 /// One user.

@@ -17,6 +17,8 @@ mod browser;
 mod cli;
 mod consumers;
 mod durability;
+mod health;
+mod health_cli;
 mod ingest;
 mod lake;
 mod limits;

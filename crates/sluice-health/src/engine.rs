@@ -1,0 +1,389 @@
+//! Health against the state store: what an evaluation reads (a customer's
+//! events, attributes and override as they were at `T`, meter usage), the
+//! live evaluation with its history and transition events, and the
+//! evaluator loop.
+//!
+//! The live path and `as_of` share [`Health::evaluate_at`]; the live path
+//! additionally keeps the result (`customer_health`), a history row when
+//! the stage or band changed or the score moved by more than the step, and
+//! writes `customer.stage_changed` / `customer.health_changed` to the log
+//! (at most one per customer and kind per cooldown; none on a customer's
+//! first evaluation under a configuration version).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use serde_json::{json, Map, Value};
+use sluice_billing::EventSink;
+use sluice_store::{CustomerHealthRow, HealthHistoryRow, Store, StoreError};
+use tokio::sync::Notify;
+
+use crate::config::{HealthConfig, Measure};
+use crate::eval::{self, Evaluation, Inputs};
+use crate::HealthError;
+
+/// Customer health.
+#[derive(Clone)]
+pub struct Health {
+    /// The state store.
+    pub store: Store,
+    /// Where transition events go (the ingest pipeline); none in tests of
+    /// the API alone.
+    pub events: Option<Arc<dyn EventSink>>,
+    /// Wakes the evaluator (the read model commits marked customers).
+    pub wake: Arc<Notify>,
+}
+
+/// A workspace's configuration and time zone, read once for many customers.
+#[derive(Clone)]
+pub struct WsCtx {
+    /// Workspace.
+    pub name: String,
+    /// Time zone.
+    pub tz: Tz,
+    /// Configuration version.
+    pub version: i64,
+    /// The configuration.
+    pub config: Arc<HealthConfig>,
+}
+
+/// Why a customer is evaluated (the history's cause).
+#[derive(Debug, Clone)]
+pub enum Cause {
+    /// New events.
+    Events,
+    /// Time passed (a window edge, a date, an override's end, a cooldown).
+    Time,
+    /// Its attributes changed.
+    Attributes,
+    /// Its stage override was set or lifted.
+    Override,
+    /// A new configuration version.
+    Config(i64),
+}
+
+impl Cause {
+    fn describe(&self) -> String {
+        match self {
+            Cause::Events => "new events".into(),
+            Cause::Time => "time passed (a window edge, a date or an override's end)".into(),
+            Cause::Attributes => "attributes changed".into(),
+            Cause::Override => "stage override set or lifted".into(),
+            Cause::Config(v) => format!("configuration version {v}"),
+        }
+    }
+}
+
+/// Applies attribute patches in order (a null value removes the attribute).
+pub fn fold_attributes(changes: &[(DateTime<Utc>, Value)]) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (_, p) in changes {
+        if let Value::Object(m) = p {
+            for (k, v) in m {
+                if v.is_null() {
+                    out.remove(k);
+                } else {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn f64_of(d: Option<Decimal>) -> Option<f64> {
+    d.and_then(|d| d.to_f64())
+}
+
+impl Health {
+    /// A new handle (no event sink).
+    pub fn new(store: Store) -> Health {
+        Health { store, events: None, wake: Arc::new(Notify::new()) }
+    }
+
+    /// The workspace's time zone.
+    pub async fn tz(&self, ws: &str) -> Result<Tz, HealthError> {
+        let w = self.store.get_workspace(ws).await?;
+        w.time_zone.parse().map_err(|_| HealthError::Corrupt(format!("workspace time zone {:?}", w.time_zone)))
+    }
+
+    /// A configuration version (`None`: current) with its number.
+    pub async fn config(&self, ws: &str, version: Option<i64>) -> Result<Option<(i64, HealthConfig)>, HealthError> {
+        match self.store.health_config(ws, version).await? {
+            None => Ok(None),
+            Some(r) => {
+                let cfg = HealthConfig::parse(&r.config).map_err(|e| HealthError::Corrupt(format!("configuration version {}: {e}", r.version)))?;
+                Ok(Some((r.version, cfg)))
+            }
+        }
+    }
+
+    /// The context of a workspace (none without a configuration).
+    pub async fn ctx(&self, ws: &str, version: Option<i64>) -> Result<Option<WsCtx>, HealthError> {
+        let Some((version, cfg)) = self.config(ws, version).await? else { return Ok(None) };
+        Ok(Some(WsCtx { name: ws.to_owned(), tz: self.tz(ws).await?, version, config: Arc::new(cfg) }))
+    }
+
+    /// A customer's attributes as they were at `at` (now when `None`).
+    pub async fn attributes_at(&self, ws: &str, customer: &str, at: Option<DateTime<Utc>>) -> Result<Map<String, Value>, HealthError> {
+        Ok(fold_attributes(&self.store.attribute_changes(ws, customer, at).await?))
+    }
+
+    /// Evaluates a customer at `at` from the state store, with the stage
+    /// it held before (`previous`: stage and since when).
+    pub async fn evaluate_at(
+        &self,
+        ctx: &WsCtx,
+        customer: &str,
+        at: DateTime<Utc>,
+        previous: Option<(Option<String>, Option<DateTime<Utc>>)>,
+        attributes: Option<Map<String, Value>>,
+    ) -> Result<Evaluation, HealthError> {
+        let cfg = &ctx.config;
+        let ws = ctx.name.as_str();
+        let from = eval::lookback_start(cfg, ctx.tz, at);
+        let events = self.store.health_events(ws, customer, from, at).await?;
+        let mut last_seen: HashMap<String, DateTime<Utc>> = HashMap::new();
+        if cfg.measures.values().any(|m| matches!(m, Measure::DaysSinceLast { .. })) {
+            for (t, ts) in self.store.health_last_seen(ws, customer, at).await? {
+                let any = last_seen.entry(String::new()).or_insert(ts);
+                *any = (*any).max(ts);
+                last_seen.insert(t, ts);
+            }
+        }
+        let attributes = match attributes {
+            Some(a) => a,
+            None => self.attributes_at(ws, customer, Some(at)).await?,
+        };
+        let mut usage = HashMap::new();
+        for m in cfg.measures.values() {
+            if let Measure::UsageVsEntitlement { meter, .. } = m {
+                if usage.contains_key(meter) {
+                    continue;
+                }
+                let agg = match self.store.get_meter(ws, meter).await {
+                    Ok(m) => m.aggregation,
+                    Err(StoreError::NotFound) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                // Usage is kept in 15-minute buckets: the bucket holding
+                // `at` counts whole.
+                let buckets = self
+                    .store
+                    .usage_buckets(ws, meter, Some(customer), None, Some(eval::month_start(ctx.tz, at)), Some(at + chrono::Duration::microseconds(1)))
+                    .await?;
+                let v = sluice_metering::usage::fold_buckets(agg, buckets.iter())
+                    .map_err(|(a, b)| HealthError::Corrupt(format!("usage overflow {a} + {b}")))?;
+                usage.insert(meter.clone(), v.unwrap_or_default());
+            }
+        }
+        let ov = self.store.stage_override_at(ws, customer, at).await?;
+        let inp = Inputs {
+            at,
+            tz: ctx.tz,
+            events: &events,
+            last_seen: &last_seen,
+            attributes: &attributes,
+            usage: &usage,
+            previous,
+            override_row: ov.as_ref(),
+        };
+        Ok(eval::evaluate(cfg, &inp))
+    }
+
+    /// The stage a customer held just before `at`, from its history.
+    pub async fn previous_at(
+        &self,
+        ws: &str,
+        customer: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<(Option<String>, Option<DateTime<Utc>>)>, HealthError> {
+        let h = self.store.health_history_at(ws, customer, at - chrono::Duration::microseconds(1)).await?;
+        Ok(h.map(|h| (h.stage, h.stage_since)))
+    }
+
+    /// `GET /v1/customers/{id}/health?as_of=…&config_version=…`.
+    pub async fn as_of(&self, ws: &str, customer: &str, at: DateTime<Utc>, version: Option<i64>) -> Result<Value, HealthError> {
+        let ctx = self.ctx(ws, version).await?.ok_or_else(|| match version {
+            Some(v) => HealthError::NotFound(format!("health configuration version {v} not found")),
+            None => HealthError::NotFound("no health configuration yet: PUT /v1/health/config".into()),
+        })?;
+        let prev = self.previous_at(ws, customer, at).await?;
+        let e = self.evaluate_at(&ctx, customer, at, prev, None).await?;
+        Ok(e.view(customer, ctx.version))
+    }
+
+    /// Evaluates a customer now under the workspace's current
+    /// configuration (or `ctx`'s), keeps the result, writes history and
+    /// transition events. Returns the view (none without a configuration).
+    pub async fn refresh(&self, ctx: &WsCtx, customer: &str, cause: Cause) -> Result<Value, HealthError> {
+        let ws = ctx.name.as_str();
+        // Microseconds, as the store keeps times: an `as_of` of this
+        // evaluation's time then reads exactly what it read.
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let row = self.store.customer_health(ws, customer).await?;
+        let previous = row.as_ref().map(|r| (r.stage.clone(), r.stage_since));
+        let e = self.evaluate_at(ctx, customer, now, previous, None).await?;
+        let view = e.view(customer, ctx.version);
+        let first_under_version = row.as_ref().is_none_or(|r| r.config_version != ctx.version);
+        let cooldown = chrono::Duration::from_std(ctx.config.cooldown()).unwrap_or(chrono::Duration::minutes(10));
+        let mut emitted = row.as_ref().map(|r| r.emitted.clone()).filter(|v| v.is_object()).unwrap_or_else(|| json!({}));
+        let mut next = e.next_change;
+        let mut out_events = Vec::new();
+        let current = [("stage", e.stage.clone()), ("band", e.band.map(str::to_owned))];
+        if first_under_version {
+            for (k, v) in &current {
+                emitted[*k] = json!({"value": v, "at": null});
+            }
+        } else {
+            for (k, v) in &current {
+                let last = emitted.get(*k).and_then(|x| x.get("value")).cloned().unwrap_or(Value::Null);
+                let last_v: Option<String> = serde_json::from_value(last).unwrap_or(None);
+                if &last_v == v {
+                    continue;
+                }
+                let last_at = emitted.get(*k).and_then(|x| x.get("at")).and_then(Value::as_i64).map(sluice_store::from_micros);
+                match last_at.map(|t| t + cooldown).filter(|end| *end > now) {
+                    // Held by the cooldown: look again when it ends.
+                    Some(end) => next = next.min(end),
+                    None => {
+                        let (kind, props) = if *k == "stage" {
+                            (
+                                "customer.stage_changed",
+                                json!({"customer_id": customer, "from": last_v, "to": v, "stage_rule": e.stage_rule,
+                                "stage_reason": e.stage_reason, "score": view["score"], "band": e.band, "config_version": ctx.version, "at": now}),
+                            )
+                        } else {
+                            (
+                                "customer.health_changed",
+                                json!({"customer_id": customer, "from": last_v, "to": v, "score": view["score"],
+                                "stage": e.stage, "config_version": ctx.version, "at": now}),
+                            )
+                        };
+                        let id = format!("{kind}:{customer}:{}", now.timestamp_micros());
+                        match sluice_billing::make_event(ws, &id, kind, Some(customer), None, props) {
+                            Ok(ev) => out_events.push(ev),
+                            Err(err) => tracing::warn!(customer, error = %err, "could not make a transition event"),
+                        }
+                        emitted[*k] = json!({"value": v, "at": now.timestamp_micros()});
+                    }
+                }
+            }
+        }
+        emitted["version"] = json!(ctx.version);
+        // History: the first evaluation, a stage or band change, or a score
+        // that moved by more than the step since the last history row.
+        let last_hist = self.store.health_history_at(ws, customer, now).await?;
+        let score = f64_of(e.score);
+        let changed = match &last_hist {
+            None => Some(format!("first evaluation ({})", cause.describe())),
+            Some(h) => {
+                let moved = match (h.score, score) {
+                    (Some(a), Some(b)) => (a - b).abs() > ctx.config.history_score_step,
+                    (None, None) => false,
+                    _ => true,
+                };
+                (h.stage != e.stage || h.band.as_deref() != e.band || moved || h.config_version != ctx.version).then(|| cause.describe())
+            }
+        };
+        let history = changed.map(|c| HealthHistoryRow {
+            id: format!("hh_{}", uuid::Uuid::now_v7().simple()),
+            customer_id: customer.to_owned(),
+            at: now,
+            config_version: ctx.version,
+            stage: e.stage.clone(),
+            stage_since: e.stage_since,
+            band: e.band.map(str::to_owned),
+            score,
+            previous: json!({"stage": last_hist.as_ref().and_then(|h| h.stage.clone()), "band": last_hist.as_ref().and_then(|h| h.band.clone()),
+                "score": last_hist.as_ref().and_then(|h| h.score)}),
+            cause: c,
+        });
+        let saved = CustomerHealthRow {
+            customer_id: customer.to_owned(),
+            config_version: ctx.version,
+            stage: e.stage.clone(),
+            stage_since: e.stage_since,
+            score,
+            band: e.band.map(str::to_owned),
+            priority: f64_of(e.priority),
+            doc: view.clone(),
+            evaluated_at: now,
+            next_eval_at: next,
+            emitted,
+        };
+        self.store.save_customer_health(ws, &saved, history.as_ref()).await?;
+        if !out_events.is_empty() {
+            if let Some(sink) = &self.events {
+                sink.emit(out_events).await;
+            }
+        }
+        Ok(view)
+    }
+
+    /// Refreshes a customer of a workspace if it has a configuration.
+    pub async fn refresh_one(&self, ws: &str, customer: &str, cause: Cause) -> Result<Option<Value>, HealthError> {
+        match self.ctx(ws, None).await? {
+            Some(ctx) => Ok(Some(self.refresh(&ctx, customer, cause).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// One pass of the evaluator: customers marked by the read model, then
+    /// those whose next change time has come. Returns how many it evaluated.
+    pub async fn evaluate_pending(&self, limit: usize) -> Result<usize, HealthError> {
+        let mut ctxs: HashMap<String, Option<WsCtx>> = HashMap::new();
+        let mut n = 0;
+        let dirty = self.store.health_dirty(limit).await?;
+        for (ws, c, _) in &dirty {
+            if !ctxs.contains_key(ws) {
+                ctxs.insert(ws.clone(), self.ctx(ws, None).await?);
+            }
+            if let Some(ctx) = ctxs.get(ws).and_then(Option::as_ref) {
+                self.refresh(ctx, c, Cause::Events).await?;
+                n += 1;
+            }
+        }
+        self.store.clear_health_dirty(&dirty).await?;
+        for (ws, c) in self.store.health_due(Utc::now(), limit).await? {
+            if !ctxs.contains_key(&ws) {
+                ctxs.insert(ws.clone(), self.ctx(&ws, None).await?);
+            }
+            if let Some(ctx) = ctxs.get(&ws).and_then(Option::as_ref) {
+                self.refresh(ctx, &c, Cause::Time).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The evaluator: re-evaluates customers when the read model marks them
+/// and when time alone changes them, until `stop`.
+pub async fn evaluator(health: Health, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = health.wake.notified() => {
+                // The commit that woke us may still be finishing.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            match health.evaluate_pending(500).await {
+                Ok(n) if n >= 500 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "health evaluation failed; trying again shortly");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Health's jobs: `health.recompute` evaluates every customer under a new
+//! configuration version (with progress; no transition events, since a
+//! customer's first evaluation under a version emits none), and
+//! `health.backtest` replays history under a configuration and reports how
+//! well its bands predicted churn, writing nothing live.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Days, Utc};
+use rust_decimal::prelude::ToPrimitive;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload};
+use sluice_store::Job;
+
+use crate::engine::{Cause, Health, WsCtx};
+use crate::eval::Val;
+use crate::{HealthConfig, HealthError};
+
+/// The recompute job's kind.
+pub const RECOMPUTE: &str = "health.recompute";
+/// The backtest job's kind.
+pub const BACKTEST: &str = "health.backtest";
+
+fn job_error(e: HealthError) -> JobError {
+    match e {
+        HealthError::Store(e) => e.into(),
+        e => JobError::permanent(e),
+    }
+}
+
+/// `health.recompute` (version 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecomputePayload {
+    /// Payload version.
+    #[serde(default = "payload_v1")]
+    pub v: u32,
+    /// Workspace.
+    pub workspace: String,
+    /// The configuration version to evaluate with.
+    pub version: i64,
+}
+
+impl JobPayload for RecomputePayload {
+    const KIND: &'static str = RECOMPUTE;
+}
+
+/// Runs `health.recompute`.
+pub struct Recompute {
+    /// Health.
+    pub health: Health,
+}
+
+#[async_trait]
+impl JobHandler for Recompute {
+    fn kind(&self) -> &str {
+        RECOMPUTE
+    }
+
+    async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
+        let p = RecomputePayload::of(job)?;
+        let h = &self.health;
+        let Some(wctx) = h.ctx(&p.workspace, Some(p.version)).await.map_err(job_error)? else {
+            return Err(JobError::permanent(format!("configuration version {} not found", p.version)));
+        };
+        let ids = h.store.health_customer_ids(&p.workspace).await?;
+        let total = ids.len();
+        ctx.progress(0, Some(total as i64)).await;
+        let mut done = 0usize;
+        let mut superseded = false;
+        for chunk in ids.chunks(200) {
+            if ctx.is_cancelled() {
+                return Err(JobError::Cancelled);
+            }
+            // A newer version has its own recompute: stop here.
+            if h.store.health_config(&p.workspace, None).await?.is_some_and(|c| c.version != p.version) {
+                superseded = true;
+                break;
+            }
+            for c in chunk {
+                h.refresh(&wctx, c, Cause::Config(p.version)).await.map_err(job_error)?;
+            }
+            done += chunk.len();
+            ctx.progress(done as i64, Some(total as i64)).await;
+        }
+        Ok(serde_json::json!({"customers_total": total, "customers_done": done, "config_version": p.version, "superseded": superseded}))
+    }
+}
+
+/// `health.backtest` (version 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BacktestPayload {
+    /// Payload version.
+    #[serde(default = "payload_v1")]
+    pub v: u32,
+    /// Workspace.
+    pub workspace: String,
+    /// The configuration tested (validated when the job was made).
+    pub config: Value,
+    /// Its version, when it is a stored one.
+    #[serde(default)]
+    pub config_version: Option<i64>,
+    /// First step.
+    pub from: DateTime<Utc>,
+    /// Last step (inclusive).
+    pub to: DateTime<Utc>,
+    /// Days between steps.
+    pub step_days: u32,
+    /// A customer that churns within this many days after a step counts as churned for it.
+    pub horizon_days: u32,
+    /// The attribute holding the churn date.
+    pub outcome_attribute: String,
+}
+
+impl JobPayload for BacktestPayload {
+    const KIND: &'static str = BACKTEST;
+}
+
+/// One band of a backtest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BandResult {
+    /// good / normal / bad.
+    pub band: String,
+    /// Customer-steps in the band.
+    pub customers: usize,
+    /// Of which churned within the horizon.
+    pub churned: usize,
+    /// churned / customers.
+    pub churn_rate: Option<f64>,
+}
+
+/// The result of a backtest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BacktestResult {
+    /// Per band.
+    pub bands: Vec<BandResult>,
+    /// Area under the ROC curve of the score as a predictor of not churning
+    /// (0.5: no better than chance; none without both outcomes).
+    pub auc: Option<f64>,
+    /// Steps replayed.
+    pub steps: usize,
+    /// Customer-steps scored.
+    pub samples: usize,
+    /// Customer-steps without a score (no scorecard or no data).
+    pub unscored: usize,
+    /// The steps' times.
+    pub step_times: Vec<DateTime<Utc>>,
+}
+
+/// The area under the ROC curve: the chance that a random positive
+/// scores above a random negative (ties count half), by ranks.
+pub fn auc(samples: &[(f64, bool)]) -> Option<f64> {
+    let pos = samples.iter().filter(|s| s.1).count();
+    let neg = samples.len() - pos;
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    let mut sorted: Vec<&(f64, bool)> = samples.iter().collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Average ranks over ties.
+    let mut rank_sum_pos = 0.0;
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1].0 == sorted[i].0 {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum_pos += sorted[i..=j].iter().filter(|s| s.1).count() as f64 * avg;
+        i = j + 1;
+    }
+    let (p, n) = (pos as f64, neg as f64);
+    Some((rank_sum_pos - p * (p + 1.0) / 2.0) / (p * n))
+}
+
+/// Runs `health.backtest`.
+pub struct Backtest {
+    /// Health.
+    pub health: Health,
+}
+
+#[async_trait]
+impl JobHandler for Backtest {
+    fn kind(&self) -> &str {
+        BACKTEST
+    }
+
+    async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
+        let p = BacktestPayload::of(job)?;
+        let h = &self.health;
+        let config = HealthConfig::parse(&p.config).map_err(|e| JobError::permanent(e.to_string()))?;
+        let tz = h.tz(&p.workspace).await.map_err(job_error)?;
+        let wctx = WsCtx { name: p.workspace.clone(), tz, version: p.config_version.unwrap_or(0), config: std::sync::Arc::new(config) };
+        let mut steps = Vec::new();
+        let mut t = p.from;
+        while t <= p.to && steps.len() < 10_000 {
+            steps.push(t);
+            t = t.checked_add_days(Days::new(u64::from(p.step_days.max(1)))).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        }
+        let ids = h.store.health_customer_ids(&p.workspace).await?;
+        let total = ids.len();
+        ctx.progress(0, Some(total as i64)).await;
+        let horizon = chrono::Duration::days(i64::from(p.horizon_days));
+        let mut samples: Vec<(f64, bool)> = Vec::new();
+        let mut bands: HashMap<&'static str, (usize, usize)> = HashMap::new();
+        let mut unscored = 0usize;
+        for (i, c) in ids.iter().enumerate() {
+            if ctx.is_cancelled() {
+                return Err(JobError::Cancelled);
+            }
+            let Some(first) = h.store.health_first_seen(&p.workspace, c).await? else { continue };
+            // The outcome is what really happened: the attribute's value now.
+            let now_attrs = h.attributes_at(&p.workspace, c, None).await.map_err(job_error)?;
+            let churned_at = now_attrs.get(&p.outcome_attribute).and_then(|v| match Val::from_json(v)? {
+                Val::Date(d) => Some(sluice_metering::usage::local_start(tz, d, 0)),
+                Val::Str(s) => DateTime::parse_from_rfc3339(&s).ok().map(|t| t.with_timezone(&Utc)),
+                _ => None,
+            });
+            // Each customer's steps in order, so days_in_stage follows the
+            // stages of this replay, not the live ones.
+            let mut previous: Option<(Option<String>, Option<DateTime<Utc>>)> = None;
+            for &t in &steps {
+                if first > t || churned_at.is_some_and(|ch| ch <= t) {
+                    continue;
+                }
+                let e = h.evaluate_at(&wctx, c, t, previous.clone(), None).await.map_err(job_error)?;
+                previous = Some((e.stage.clone(), e.stage_since));
+                let churned = churned_at.is_some_and(|ch| ch > t && ch <= t + horizon);
+                match (e.score.and_then(|s| s.to_f64()), e.band) {
+                    (Some(s), Some(b)) => {
+                        samples.push((s, !churned));
+                        let entry = bands.entry(b).or_default();
+                        entry.0 += 1;
+                        entry.1 += usize::from(churned);
+                    }
+                    _ => unscored += 1,
+                }
+            }
+            if (i + 1) % 100 == 0 || i + 1 == total {
+                ctx.progress((i + 1) as i64, Some(total as i64)).await;
+            }
+        }
+        let result = BacktestResult {
+            bands: ["good", "normal", "bad"]
+                .iter()
+                .map(|b| {
+                    let (n, ch) = bands.get(b).copied().unwrap_or_default();
+                    BandResult { band: (*b).into(), customers: n, churned: ch, churn_rate: (n > 0).then(|| ch as f64 / n as f64) }
+                })
+                .collect(),
+            auc: auc(&samples),
+            steps: steps.len(),
+            samples: samples.len(),
+            unscored,
+            step_times: steps,
+        };
+        Ok(serde_json::to_value(&result).unwrap_or(Value::Null))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::auc;
+
+    #[test]
+    fn auc_by_ranks() {
+        assert_eq!(auc(&[(1.0, false), (2.0, true)]), Some(1.0));
+        assert_eq!(auc(&[(2.0, false), (1.0, true)]), Some(0.0));
+        assert_eq!(auc(&[(1.0, false), (1.0, true)]), Some(0.5));
+        // 3 positives, 2 negatives: pairs (p > n) = 5 of 6 → 5/6.
+        let a = auc(&[(0.1, false), (0.4, false), (0.35, true), (0.8, true), (0.9, true)]).unwrap();
+        assert!((a - 5.0 / 6.0).abs() < 1e-12, "{a}");
+        assert_eq!(auc(&[(1.0, true)]), None);
+    }
+}

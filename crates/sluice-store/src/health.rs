@@ -1,0 +1,437 @@
+//! Customer health's tables (migration 0012): configuration versions,
+//! attribute changes, stage overrides, the live evaluation of each customer
+//! and its history, and what the health consumer keeps of the log (its
+//! events per customer and the customers still to evaluate). The documents
+//! (configurations, explanations) are JSON whose shape belongs to
+//! `sluice-health`; this module keeps them and answers the queries the
+//! evaluation needs: a customer's events in a window, the last event of
+//! each type, attributes and overrides as they were at a time.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::BeginWrite as _;
+use crate::{from_micros, on_pool, to_micros, Result, Store};
+
+/// A stored configuration version.
+#[derive(Debug, Clone)]
+pub struct HealthConfigRow {
+    /// 1, 2, …
+    pub version: i64,
+    /// The configuration document.
+    pub config: Value,
+    /// When it was applied.
+    pub created_at: DateTime<Utc>,
+    /// Key that applied it.
+    pub created_by: Option<String>,
+}
+
+/// One event as the measures read it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HealthEventRow {
+    /// Event type.
+    pub event_type: String,
+    /// Event time (Unix microseconds).
+    pub ts: i64,
+    /// The user who caused it.
+    pub user_id: Option<String>,
+    /// Properties (JSON text), when the event had any.
+    pub properties: Option<String>,
+}
+
+/// A stage override as set (stage `None`: lifted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverrideRow {
+    /// When it was set.
+    pub set_at: DateTime<Utc>,
+    /// The stage, or `None` when this row lifted the override.
+    pub stage: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// Until when it holds.
+    pub until: Option<DateTime<Utc>>,
+    /// Key that set it.
+    pub set_by: Option<String>,
+}
+
+/// The live evaluation of a customer.
+#[derive(Debug, Clone)]
+pub struct CustomerHealthRow {
+    /// Customer.
+    pub customer_id: String,
+    /// Configuration version it was evaluated with.
+    pub config_version: i64,
+    /// Stage (none when no stage's rule holds).
+    pub stage: Option<String>,
+    /// When the customer entered the stage.
+    pub stage_since: Option<DateTime<Utc>>,
+    /// Score 0–100 (none without a scorecard or data).
+    pub score: Option<f64>,
+    /// `good`, `normal` or `bad`.
+    pub band: Option<String>,
+    /// Priority (risk × value).
+    pub priority: Option<f64>,
+    /// The full explanation.
+    pub doc: Value,
+    /// When it was evaluated.
+    pub evaluated_at: DateTime<Utc>,
+    /// When it must be evaluated again even without events.
+    pub next_eval_at: DateTime<Utc>,
+    /// The last transitions written to the log (cooldown state).
+    pub emitted: Value,
+}
+
+/// A change of stage, band or score.
+#[derive(Debug, Clone)]
+pub struct HealthHistoryRow {
+    /// Id.
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Configuration version.
+    pub config_version: i64,
+    /// Stage after the change.
+    pub stage: Option<String>,
+    /// When that stage was entered.
+    pub stage_since: Option<DateTime<Utc>>,
+    /// Band after the change.
+    pub band: Option<String>,
+    /// Score after the change.
+    pub score: Option<f64>,
+    /// Stage, band and score before (JSON object).
+    pub previous: Value,
+    /// Why: the event, the time or the configuration that changed it.
+    pub cause: String,
+}
+
+/// How a health list is ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthSort {
+    /// Highest priority first.
+    Priority,
+    /// Lowest score first.
+    Score,
+    /// Highest score first.
+    ScoreDesc,
+    /// By customer id.
+    Id,
+}
+
+type HealthTuple = (String, i64, Option<String>, Option<i64>, Option<f64>, Option<String>, Option<f64>, String, i64, i64, String);
+const HEALTH_COLUMNS: &str = "customer_id, config_version, stage, stage_since, score, band, priority, doc, evaluated_at, next_eval_at, emitted";
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or(Value::Null)
+}
+
+fn health_row(r: HealthTuple) -> CustomerHealthRow {
+    CustomerHealthRow {
+        customer_id: r.0,
+        config_version: r.1,
+        stage: r.2,
+        stage_since: r.3.map(from_micros),
+        score: r.4,
+        band: r.5,
+        priority: r.6,
+        doc: json(&r.7),
+        evaluated_at: from_micros(r.8),
+        next_eval_at: from_micros(r.9),
+        emitted: json(&r.10),
+    }
+}
+
+type HistoryTuple = (String, String, i64, i64, Option<String>, Option<i64>, Option<String>, Option<f64>, String, String);
+const HISTORY_COLUMNS: &str = "id, customer_id, at, config_version, stage, stage_since, band, score, previous, cause";
+
+fn history_row(r: HistoryTuple) -> HealthHistoryRow {
+    HealthHistoryRow {
+        id: r.0,
+        customer_id: r.1,
+        at: from_micros(r.2),
+        config_version: r.3,
+        stage: r.4,
+        stage_since: r.5.map(from_micros),
+        band: r.6,
+        score: r.7,
+        previous: json(&r.8),
+        cause: r.9,
+    }
+}
+
+impl Store {
+    /// A configuration version (`None`: the current one).
+    pub async fn health_config(&self, workspace: &str, version: Option<i64>) -> Result<Option<HealthConfigRow>> {
+        let row: Option<(i64, String, i64, Option<String>)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT version, config, created_at, created_by FROM health_configs WHERE workspace = $1 AND ($2 IS NULL OR version = $2) \
+             ORDER BY version DESC LIMIT 1")
+            .bind(workspace).bind(version).fetch_optional(pool).await)?;
+        Ok(row.map(|r| HealthConfigRow { version: r.0, config: json(&r.1), created_at: from_micros(r.2), created_by: r.3 }))
+    }
+
+    /// Stores a new configuration version; returns its number.
+    pub async fn put_health_config(&self, workspace: &str, config: &Value, by: Option<&str>) -> Result<i64> {
+        let now = to_micros(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(version) FROM health_configs WHERE workspace = $1")
+                .bind(workspace).fetch_one(&mut *tx).await?;
+            let version = max.unwrap_or(0) + 1;
+            sqlx::query("INSERT INTO health_configs (workspace, version, config, created_at, created_by) VALUES ($1, $2, $3, $4, $5)")
+                .bind(workspace).bind(version).bind(config.to_string()).bind(now).bind(by).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+
+    /// Workspaces with a health configuration.
+    pub async fn health_workspaces(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> =
+            on_pool!(self, pool => sqlx::query_as("SELECT DISTINCT workspace FROM health_configs ORDER BY workspace").fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Records an attribute patch (JSON object; a null value removes the
+    /// attribute) at `at`.
+    pub async fn add_attribute_change(
+        &self,
+        workspace: &str,
+        customer_id: &str,
+        at: DateTime<Utc>,
+        reference: &str,
+        patch: &Value,
+        set_by: Option<&str>,
+    ) -> Result<()> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query("INSERT INTO customer_attribute_changes (workspace, customer_id, at, ref, source, patch, set_by) \
+                VALUES ($1, $2, $3, $4, 'api', $5, $6) ON CONFLICT (workspace, customer_id, at, ref) DO NOTHING")
+                .bind(workspace).bind(customer_id).bind(to_micros(at)).bind(reference).bind(patch.to_string()).bind(set_by)
+                .execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Attribute patches of a customer up to `until` (inclusive), in order.
+    pub async fn attribute_changes(&self, workspace: &str, customer_id: &str, until: Option<DateTime<Utc>>) -> Result<Vec<(DateTime<Utc>, Value)>> {
+        let rows: Vec<(i64, String)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT at, patch FROM customer_attribute_changes WHERE workspace = $1 AND customer_id = $2 AND at <= $3 ORDER BY at, ref")
+            .bind(workspace).bind(customer_id).bind(until.map(to_micros).unwrap_or(i64::MAX)).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|r| (from_micros(r.0), json(&r.1))).collect())
+    }
+
+    /// A customer's events in `[from, to]`.
+    pub async fn health_events(&self, workspace: &str, customer_id: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<HealthEventRow>> {
+        Ok(on_pool!(self, pool => sqlx::query_as(
+            "SELECT event_type, ts, user_id, properties FROM health_events WHERE workspace = $1 AND customer_id = $2 AND ts >= $3 AND ts <= $4")
+            .bind(workspace).bind(customer_id).bind(to_micros(from)).bind(to_micros(to)).fetch_all(pool).await)?)
+    }
+
+    /// The time of a customer's last event of each type at or before `to`.
+    pub async fn health_last_seen(&self, workspace: &str, customer_id: &str, to: DateTime<Utc>) -> Result<Vec<(String, DateTime<Utc>)>> {
+        let rows: Vec<(String, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT event_type, MAX(ts) FROM health_events WHERE workspace = $1 AND customer_id = $2 AND ts <= $3 GROUP BY event_type")
+            .bind(workspace).bind(customer_id).bind(to_micros(to)).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1))).collect())
+    }
+
+    /// When a customer was first seen: its first event or attribute change.
+    pub async fn health_first_seen(&self, workspace: &str, customer_id: &str) -> Result<Option<DateTime<Utc>>> {
+        let row: (Option<i64>, Option<i64>) = on_pool!(self, pool => sqlx::query_as(
+            "SELECT (SELECT MIN(ts) FROM health_events WHERE workspace = $1 AND customer_id = $2), \
+                    (SELECT MIN(at) FROM customer_attribute_changes WHERE workspace = $1 AND customer_id = $2)")
+            .bind(workspace).bind(customer_id).fetch_one(pool).await)?;
+        Ok(match row {
+            (Some(a), Some(b)) => Some(from_micros(a.min(b))),
+            (a, b) => a.or(b).map(from_micros),
+        })
+    }
+
+    /// Every customer of a workspace that health knows: from `group`
+    /// calls, events and attribute changes.
+    pub async fn health_customer_ids(&self, workspace: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT customer_id FROM customers WHERE workspace = $1 \
+             UNION SELECT DISTINCT customer_id FROM health_events WHERE workspace = $1 \
+             UNION SELECT DISTINCT customer_id FROM customer_attribute_changes WHERE workspace = $1 \
+             UNION SELECT customer_id FROM customer_health WHERE workspace = $1 ORDER BY 1")
+            .bind(workspace).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Whether health knows the customer at all.
+    pub async fn health_customer_exists(&self, workspace: &str, customer_id: &str) -> Result<bool> {
+        let (n,): (i64,) = on_pool!(self, pool => sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM customers WHERE workspace = $1 AND customer_id = $2) \
+                  + (SELECT COUNT(*) FROM customer_health WHERE workspace = $1 AND customer_id = $2) \
+                  + (SELECT COUNT(*) FROM (SELECT 1 FROM health_events WHERE workspace = $1 AND customer_id = $2 LIMIT 1) e) \
+                  + (SELECT COUNT(*) FROM (SELECT 1 FROM customer_attribute_changes WHERE workspace = $1 AND customer_id = $2 LIMIT 1) a)")
+            .bind(workspace).bind(customer_id).fetch_one(pool).await)?;
+        Ok(n > 0)
+    }
+
+    /// Sets (or, with `stage: None`, lifts) a stage override.
+    pub async fn set_stage_override(&self, workspace: &str, customer_id: &str, o: &OverrideRow) -> Result<()> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query("INSERT INTO stage_overrides (workspace, customer_id, set_at, stage, reason, until_at, set_by) \
+                VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (workspace, customer_id, set_at) DO UPDATE SET \
+                stage = excluded.stage, reason = excluded.reason, until_at = excluded.until_at, set_by = excluded.set_by")
+                .bind(workspace).bind(customer_id).bind(to_micros(o.set_at)).bind(&o.stage).bind(&o.reason)
+                .bind(o.until.map(to_micros)).bind(&o.set_by).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The override row in force at `at` (the latest set at or before it;
+    /// it may be a lift or expired: the caller decides).
+    pub async fn stage_override_at(&self, workspace: &str, customer_id: &str, at: DateTime<Utc>) -> Result<Option<OverrideRow>> {
+        type OverrideTuple = (i64, Option<String>, Option<String>, Option<i64>, Option<String>);
+        let row: Option<OverrideTuple> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT set_at, stage, reason, until_at, set_by FROM stage_overrides WHERE workspace = $1 AND customer_id = $2 AND set_at <= $3 \
+             ORDER BY set_at DESC LIMIT 1")
+            .bind(workspace).bind(customer_id).bind(to_micros(at)).fetch_optional(pool).await)?;
+        Ok(row.map(|r| OverrideRow { set_at: from_micros(r.0), stage: r.1, reason: r.2, until: r.3.map(from_micros), set_by: r.4 }))
+    }
+
+    /// The live evaluation of a customer.
+    pub async fn customer_health(&self, workspace: &str, customer_id: &str) -> Result<Option<CustomerHealthRow>> {
+        let sql = format!("SELECT {HEALTH_COLUMNS} FROM customer_health WHERE workspace = $1 AND customer_id = $2");
+        let row: Option<HealthTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).fetch_optional(pool).await)?;
+        Ok(row.map(health_row))
+    }
+
+    /// The live evaluations of several customers.
+    pub async fn customers_health(&self, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
+        let sql = format!("SELECT {HEALTH_COLUMNS} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
+        let rows: Vec<HealthTuple> = self.select_in(&sql, workspace, customer_ids).await?;
+        Ok(rows.into_iter().map(health_row).collect())
+    }
+
+    /// Saves an evaluation, with its history row when something changed,
+    /// in one transaction.
+    pub async fn save_customer_health(&self, workspace: &str, h: &CustomerHealthRow, history: Option<&HealthHistoryRow>) -> Result<()> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query(&format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                ON CONFLICT (workspace, customer_id) DO UPDATE SET config_version = excluded.config_version, stage = excluded.stage, \
+                stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, priority = excluded.priority, doc = excluded.doc, \
+                evaluated_at = excluded.evaluated_at, next_eval_at = excluded.next_eval_at, emitted = excluded.emitted"))
+                .bind(&h.customer_id).bind(h.config_version).bind(&h.stage).bind(h.stage_since.map(to_micros)).bind(h.score).bind(&h.band)
+                .bind(h.priority).bind(h.doc.to_string()).bind(to_micros(h.evaluated_at)).bind(to_micros(h.next_eval_at))
+                .bind(h.emitted.to_string()).bind(workspace)
+                .execute(&mut *tx).await?;
+            if let Some(r) = history {
+                sqlx::query(&format!("INSERT INTO health_history ({HISTORY_COLUMNS}, workspace) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
+                    .bind(&r.id).bind(&r.customer_id).bind(to_micros(r.at)).bind(r.config_version).bind(&r.stage).bind(r.stage_since.map(to_micros))
+                    .bind(&r.band).bind(r.score).bind(r.previous.to_string()).bind(&r.cause).bind(workspace)
+                    .execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The latest history row of a customer at or before `at`.
+    pub async fn health_history_at(&self, workspace: &str, customer_id: &str, at: DateTime<Utc>) -> Result<Option<HealthHistoryRow>> {
+        let sql = format!(
+            "SELECT {HISTORY_COLUMNS} FROM health_history WHERE workspace = $1 AND customer_id = $2 AND at <= $3 ORDER BY at DESC, id DESC LIMIT 1"
+        );
+        let row: Option<HistoryTuple> =
+            on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).bind(to_micros(at)).fetch_optional(pool).await)?;
+        Ok(row.map(history_row))
+    }
+
+    /// The history of a customer (or of every customer), oldest first,
+    /// after `after` (a history id; ids grow with time).
+    pub async fn health_history(
+        &self,
+        workspace: &str,
+        customer_id: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<HealthHistoryRow>> {
+        let sql = format!(
+            "SELECT {HISTORY_COLUMNS} FROM health_history WHERE workspace = $1 AND ($2 IS NULL OR customer_id = $2) AND ($3 IS NULL OR id > $3) \
+             ORDER BY id LIMIT $4"
+        );
+        let rows: Vec<HistoryTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).bind(after)
+            .bind(limit.clamp(1, 10_000) as i64).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(history_row).collect())
+    }
+
+    /// Up to `limit` customers marked by the health consumer:
+    /// (workspace, customer, mark).
+    pub async fn health_dirty(&self, limit: usize) -> Result<Vec<(String, String, i64)>> {
+        Ok(on_pool!(self, pool => sqlx::query_as("SELECT workspace, customer_id, marked FROM health_dirty ORDER BY marked LIMIT $1")
+            .bind(limit as i64).fetch_all(pool).await)?)
+    }
+
+    /// Removes the marks that were evaluated (a newer mark stays).
+    pub async fn clear_health_dirty(&self, marks: &[(String, String, i64)]) -> Result<()> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            for (ws, c, m) in marks {
+                sqlx::query("DELETE FROM health_dirty WHERE workspace = $1 AND customer_id = $2 AND marked <= $3")
+                    .bind(ws).bind(c).bind(m).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Customers whose evaluation is due by `now` even without events.
+    pub async fn health_due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<(String, String)>> {
+        Ok(on_pool!(self, pool => sqlx::query_as(
+            "SELECT workspace, customer_id FROM customer_health WHERE next_eval_at <= $1 ORDER BY next_eval_at LIMIT $2")
+            .bind(to_micros(now)).bind(limit as i64).fetch_all(pool).await)?)
+    }
+
+    /// Evaluated customers of a workspace, filtered and ordered, after a
+    /// position (the last row's sort value and id, as this function gave
+    /// it for the previous page).
+    pub async fn list_customer_health(
+        &self,
+        workspace: &str,
+        stage: Option<&str>,
+        band: Option<&str>,
+        sort: HealthSort,
+        after: Option<(f64, String)>,
+        limit: usize,
+    ) -> Result<(Vec<CustomerHealthRow>, Option<(f64, String)>)> {
+        // NULL scores and priorities go last in every order.
+        let (key, dir) = match sort {
+            HealthSort::Priority => ("COALESCE(priority, -1.0)", "DESC"),
+            HealthSort::Score => ("COALESCE(score, 1000000.0)", "ASC"),
+            HealthSort::ScoreDesc => ("COALESCE(score, -1.0)", "DESC"),
+            HealthSort::Id => ("CAST(0 AS DOUBLE PRECISION)", "ASC"),
+        };
+        let (after_v, after_id) = match after {
+            None => (None, None),
+            Some((v, id)) => (Some(v), Some(id)),
+        };
+        let cmp = if dir == "DESC" { "<" } else { ">" };
+        let sql = format!(
+            "SELECT {HEALTH_COLUMNS}, {key} FROM customer_health WHERE workspace = $1 AND ($2 IS NULL OR stage = $2) AND ($3 IS NULL OR band = $3) \
+             AND ($4 IS NULL OR {key} {cmp} $4 OR ({key} = $4 AND customer_id > $5)) ORDER BY {key} {dir}, customer_id LIMIT $6"
+        );
+        let limit = limit.clamp(1, 1000);
+        type Keyed = (String, i64, Option<String>, Option<i64>, Option<f64>, Option<String>, Option<f64>, String, i64, i64, String, f64);
+        let rows: Vec<Keyed> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(stage).bind(band).bind(after_v).bind(after_id)
+            .bind(limit as i64 + 1).fetch_all(pool).await)?;
+        let more = rows.len() > limit;
+        let mut out = Vec::new();
+        let mut next = None;
+        for r in rows.into_iter().take(limit) {
+            next = Some((r.11, r.0.clone()));
+            out.push(health_row((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10)));
+        }
+        Ok((out, if more { next } else { None }))
+    }
+}

@@ -29,9 +29,10 @@ pub struct HealthConfig {
     #[serde(default)]
     pub bands: Bands,
     /// At most one transition event per customer and kind in this time
-    /// (humantime, default `10m`).
-    #[serde(default = "default_cooldown")]
-    pub transition_cooldown: String,
+    /// (humantime; when absent, the server's `health.transition_cooldown`,
+    /// default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transition_cooldown: Option<String>,
     /// A score change larger than this is written to the history (default 5).
     #[serde(default = "default_step")]
     pub history_score_step: f64,
@@ -41,9 +42,6 @@ pub struct HealthConfig {
     pub value_attribute: String,
 }
 
-fn default_cooldown() -> String {
-    "10m".into()
-}
 fn default_step() -> f64 {
     5.0
 }
@@ -65,6 +63,7 @@ pub enum Measure {
         days: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         /// Only events whose properties equal these values.
+        #[serde(alias = "filter", alias = "where")]
         properties: Option<Map<String, Value>>,
     },
     /// Distinct users with events of a type (any when omitted) in the last `days` days.
@@ -90,6 +89,7 @@ pub enum Measure {
         days: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         /// Only events whose properties equal these values.
+        #[serde(alias = "filter", alias = "where")]
         properties: Option<Map<String, Value>>,
     },
     /// Local calendar days until a date attribute (negative once passed).
@@ -97,12 +97,15 @@ pub enum Measure {
         /// A date attribute.
         attribute: String,
     },
-    /// A meter's usage this calendar month over a numeric attribute.
+    /// A meter's usage this calendar month over a numeric attribute, or
+    /// over the included units (`free_units`) of the meter's charge in the
+    /// plan of the customer's subscription at that time.
     UsageVsEntitlement {
         /// The meter key.
         meter: String,
-        /// The numeric attribute with the entitlement.
-        attribute: String,
+        /// The numeric attribute with the entitlement (none: the plan's included units).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attribute: Option<String>,
     },
     /// Local calendar days in the current stage.
     DaysInStage {},
@@ -410,7 +413,9 @@ impl HealthConfig {
                         err(format!("measures.{name}.days"), format!("at most {MAX_DAYS}"));
                     }
                 }
-                Measure::DaysUntil { attribute } | Measure::Attribute { attribute } | Measure::UsageVsEntitlement { attribute, .. }
+                Measure::DaysUntil { attribute }
+                | Measure::Attribute { attribute }
+                | Measure::UsageVsEntitlement { attribute: Some(attribute), .. }
                     if attribute.is_empty() =>
                 {
                     err(format!("measures.{name}.attribute"), "must not be empty".into());
@@ -485,7 +490,7 @@ impl HealthConfig {
         if !(0.0..=100.0).contains(&self.bands.good) || !(0.0..=100.0).contains(&self.bands.normal) || self.bands.normal > self.bands.good {
             err("bands".into(), "need 0 ≤ normal ≤ good ≤ 100".into());
         }
-        if humantime::parse_duration(&self.transition_cooldown).is_err() {
+        if self.transition_cooldown.as_deref().is_some_and(|c| humantime::parse_duration(c).is_err()) {
             err("transition_cooldown".into(), "must be a duration such as \"10m\" or \"0s\"".into());
         }
         if !self.history_score_step.is_finite() || self.history_score_step < 0.0 {
@@ -494,9 +499,9 @@ impl HealthConfig {
         errs
     }
 
-    /// The transition cooldown.
-    pub fn cooldown(&self) -> Duration {
-        humantime::parse_duration(&self.transition_cooldown).unwrap_or(Duration::from_secs(600))
+    /// The transition cooldown (`default` when the configuration has none).
+    pub fn cooldown(&self, default: Duration) -> Duration {
+        self.transition_cooldown.as_deref().and_then(|c| humantime::parse_duration(c).ok()).unwrap_or(default)
     }
 
     /// The scorecard of a stage.

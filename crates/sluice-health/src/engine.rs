@@ -27,6 +27,9 @@ use crate::config::{HealthConfig, Measure};
 use crate::eval::{self, Evaluation, Inputs};
 use crate::HealthError;
 
+/// The transition cooldown when neither the configuration nor the server sets one.
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(600);
+
 /// Customer health.
 #[derive(Clone)]
 pub struct Health {
@@ -37,6 +40,31 @@ pub struct Health {
     pub events: Option<Arc<dyn EventSink>>,
     /// Wakes the evaluator (the read model commits marked customers).
     pub wake: Arc<Notify>,
+    /// Transition cooldown of configurations that set none
+    /// (`health.transition_cooldown`).
+    pub default_cooldown: Duration,
+    /// One customer is evaluated by one task at a time (the evaluator, a
+    /// recompute and a request may meet): otherwise both could see the same
+    /// previous state and both write a transition event or a first history row.
+    pub locks: Arc<Stripes>,
+}
+
+/// Locks striped by a hash of (workspace, customer).
+pub struct Stripes(Vec<tokio::sync::Mutex<()>>);
+
+impl Default for Stripes {
+    fn default() -> Self {
+        Stripes((0..256).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+}
+
+impl Stripes {
+    async fn lock(&self, ws: &str, customer: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (ws, customer).hash(&mut h);
+        self.0[(h.finish() % self.0.len() as u64) as usize].lock().await
+    }
 }
 
 /// A workspace's configuration and time zone, read once for many customers.
@@ -103,7 +131,7 @@ fn f64_of(d: Option<Decimal>) -> Option<f64> {
 impl Health {
     /// A new handle (no event sink).
     pub fn new(store: Store) -> Health {
-        Health { store, events: None, wake: Arc::new(Notify::new()) }
+        Health { store, events: None, wake: Arc::new(Notify::new()), default_cooldown: DEFAULT_COOLDOWN, locks: Arc::default() }
     }
 
     /// The workspace's time zone.
@@ -182,6 +210,7 @@ impl Health {
                 usage.insert(meter.clone(), v.unwrap_or_default());
             }
         }
+        let included = self.included_units(ctx, customer, at).await?;
         let ov = self.store.stage_override_at(ws, customer, at).await?;
         let inp = Inputs {
             at,
@@ -190,10 +219,47 @@ impl Health {
             last_seen: &last_seen,
             attributes: &attributes,
             usage: &usage,
+            included: &included,
             previous,
             override_row: ov.as_ref(),
         };
         Ok(eval::evaluate(cfg, &inp))
+    }
+
+    /// Included units (`free_units`) per meter in the plan of the
+    /// customer's subscription at `at` (for `usage_vs_entitlement` without
+    /// an attribute); several subscriptions add up.
+    async fn included_units(&self, ctx: &WsCtx, customer: &str, at: DateTime<Utc>) -> Result<HashMap<String, Decimal>, HealthError> {
+        let mut out = HashMap::new();
+        let wanted: Vec<&str> = ctx
+            .config
+            .measures
+            .values()
+            .filter_map(|m| match m {
+                Measure::UsageVsEntitlement { meter, attribute: None } => Some(meter.as_str()),
+                _ => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        for row in self.store.subscriptions_of_customers(&ctx.name, &[customer]).await? {
+            let Ok(sub) = sluice_billing::engine::parse_sub(&row) else { continue };
+            if sub.start > at || sub.end.is_some_and(|e| e <= at) {
+                continue;
+            }
+            let phase = sub.phase_at(at);
+            let plan = match self.store.plan(&ctx.name, &phase.plan, Some(phase.plan_version)).await {
+                Ok(p) => p,
+                Err(StoreError::NotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let Ok(spec) = serde_json::from_value::<sluice_billing::PlanSpec>(plan.spec) else { continue };
+            for c in spec.charges.iter().filter(|c| wanted.contains(&c.meter.as_str())) {
+                *out.entry(c.meter.clone()).or_insert(Decimal::ZERO) += c.free_units.unwrap_or_default();
+            }
+        }
+        Ok(out)
     }
 
     /// The stage a customer held just before `at`, from its history.
@@ -223,6 +289,7 @@ impl Health {
     /// transition events. Returns the view (none without a configuration).
     pub async fn refresh(&self, ctx: &WsCtx, customer: &str, cause: Cause) -> Result<Value, HealthError> {
         let ws = ctx.name.as_str();
+        let _one_at_a_time = self.locks.lock(ws, customer).await;
         // Microseconds, as the store keeps times: an `as_of` of this
         // evaluation's time then reads exactly what it read.
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
@@ -231,7 +298,7 @@ impl Health {
         let e = self.evaluate_at(ctx, customer, now, previous, None).await?;
         let view = e.view(customer, ctx.version);
         let first_under_version = row.as_ref().is_none_or(|r| r.config_version != ctx.version);
-        let cooldown = chrono::Duration::from_std(ctx.config.cooldown()).unwrap_or(chrono::Duration::minutes(10));
+        let cooldown = chrono::Duration::from_std(ctx.config.cooldown(self.default_cooldown)).unwrap_or(chrono::Duration::minutes(10));
         let mut emitted = row.as_ref().map(|r| r.emitted.clone()).filter(|v| v.is_object()).unwrap_or_else(|| json!({}));
         let mut next = e.next_change;
         let mut out_events = Vec::new();

@@ -110,6 +110,9 @@ pub struct Inputs<'a> {
     pub attributes: &'a Map<String, Value>,
     /// Each configured meter's usage this month up to `at`.
     pub usage: &'a HashMap<String, Decimal>,
+    /// Included units of each meter in the plan of the customer's
+    /// subscription at `at` (for `usage_vs_entitlement` without attribute).
+    pub included: &'a HashMap<String, Decimal>,
     /// The stage the customer held before, and since when.
     pub previous: Option<(Option<String>, Option<DateTime<Utc>>)>,
     /// The override in force at `at`, if any.
@@ -127,7 +130,7 @@ pub struct MeasureResult {
     pub value: Option<Val>,
     /// Points 0–100, when it is in the stage's scorecard and has data.
     pub points: Option<Decimal>,
-    /// Its weight as configured, when in the scorecard.
+    /// Its weight as configured (0 when not in the stage's scorecard).
     pub weight: Option<Decimal>,
     /// Its share of the score after weights of measures without data were shared.
     pub effective_weight: Option<Decimal>,
@@ -249,12 +252,22 @@ fn measure(m: &Measure, inp: &Inputs) -> (Option<Val>, Option<String>) {
             None => (None, Some(format!("attribute {attribute:?} is not set to a date"))),
         },
         Measure::UsageVsEntitlement { meter, attribute } => {
-            match inp.attributes.get(attribute).and_then(Val::from_json).and_then(|v| v.number()).filter(|d| !d.is_zero()) {
+            let ent = match attribute {
+                Some(a) => inp.attributes.get(a).and_then(Val::from_json).and_then(|v| v.number()),
+                None => inp.included.get(meter).copied(),
+            };
+            match ent.filter(|d| *d > Decimal::ZERO) {
                 Some(ent) => {
                     let used = inp.usage.get(meter).copied().unwrap_or_default();
                     (Some(Val::Num((used / ent).round_dp(6))), None)
                 }
-                None => (None, Some(format!("attribute {attribute:?} is not set to a number above 0"))),
+                None => (
+                    None,
+                    Some(match attribute {
+                        Some(a) => format!("attribute {a:?} is not set to a number above 0"),
+                        None => format!("no subscription whose plan includes units of meter {meter:?}"),
+                    }),
+                ),
             }
         }
         Measure::DaysInStage {} => match inp.previous.as_ref().and_then(|p| p.1) {
@@ -479,14 +492,15 @@ pub fn evaluate(cfg: &HealthConfig, inp: &Inputs) -> Evaluation {
         if results.iter().any(|r| &r.name == name) {
             continue;
         }
+        // Not in the stage's scorecard: weight 0, adds 0.
         results.push(MeasureResult {
             name: name.clone(),
             kind: m.kind(),
             value: values.get(name.as_str()).cloned().flatten(),
             points: None,
-            weight: None,
-            effective_weight: None,
-            contribution: None,
+            weight: Some(Decimal::ZERO),
+            effective_weight: Some(Decimal::ZERO),
+            contribution: Some(Decimal::ZERO),
             note: why.get(name.as_str()).cloned().flatten(),
         });
     }
@@ -586,9 +600,19 @@ mod tests {
         let tz: Tz = "Asia/Tokyo".parse().unwrap();
         // 2026-03-01 23:59 JST and 2026-03-02 00:00 JST.
         let events = vec![ev("x", "2026-02-28T15:00:00Z"), ev("x", "2026-03-01T14:59:00Z")];
-        let (ls, attrs, usage) = (HashMap::new(), Map::new(), HashMap::new());
+        let (ls, attrs, usage, included) = (HashMap::new(), Map::new(), HashMap::new(), HashMap::new());
         let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
-        let inp = |t| Inputs { at: t, tz, events: &events, last_seen: &ls, attributes: &attrs, usage: &usage, previous: None, override_row: None };
+        let inp = |t| Inputs {
+            at: t,
+            tz,
+            events: &events,
+            last_seen: &ls,
+            attributes: &attrs,
+            usage: &usage,
+            included: &included,
+            previous: None,
+            override_row: None,
+        };
         let e = evaluate(&c, &inp(at("2026-03-02T14:59:59Z")));
         // Both events are inside 2026-03-01..02 local.
         assert_eq!(e.measures.iter().find(|m| m.name == "r").unwrap().value, Some(Val::Num(Decimal::from(2))));

@@ -51,6 +51,16 @@ pub struct Config {
     pub metrics: MetricsSection,
     pub dashboard: DashboardSection,
     pub billing: BillingSection,
+    pub health: HealthSection,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// Transition cooldown of health configurations that do not set one.
+    #[serde(with = "sluice_core::duration")]
+    pub transition_cooldown: Duration,
 }
 
 /// `[billing]`.

@@ -166,6 +166,8 @@ async fn run(cfg: Config) -> Result<()> {
         store: store.clone(),
         events: Some(Arc::new(sluice_billing::IngestSink(ingestor.clone()))),
         wake: Arc::new(tokio::sync::Notify::new()),
+        default_cooldown: cfg.health.transition_cooldown,
+        locks: Arc::default(),
     };
     consumers.start_model(sluice_health::model::HealthModel { wake: health.wake.clone() }).await.context("starting the health consumer")?;
     let jobs = Arc::new(sluice_jobs::Runner::start(

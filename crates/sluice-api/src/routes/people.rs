@@ -136,8 +136,16 @@ pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q)
         for h in &rows {
             let rec = records.iter().find(|c| c.customer_id == h.customer_id);
             let attributes = super::health::current_attributes(&st, ws, &h.customer_id, rec.map(|c| &c.attributes)).await?;
+            // Known to health only (no `group` call): first seen by its events.
+            let (first, updated) = match rec {
+                Some(c) => (Some(c.first_seen), Some(c.updated_at)),
+                None => {
+                    let f = st.store.health_first_seen(ws, &h.customer_id).await?;
+                    (f, f)
+                }
+            };
             let mut v = json!({"customer_id": h.customer_id, "attributes": attributes,
-                "first_seen_at": rec.map(|c| rfc3339(c.first_seen)), "updated_at": rec.map(|c| rfc3339(c.updated_at))});
+                "first_seen_at": first.map(rfc3339), "updated_at": updated.map(rfc3339)});
             if let (Value::Object(m), Value::Object(s)) = (&mut v, summary(h)) {
                 m.extend(s);
                 m.insert("health".into(), summary(h));

@@ -663,3 +663,56 @@ async fn a_backtest_ranks_quiet_churners_bad_and_changes_nothing_live() {
     assert_eq!(st, StatusCode::BAD_REQUEST);
     assert!(v.to_string().contains("config.stages"), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_vs_entitlement_over_an_attribute_and_over_the_plans_included_units() {
+    let s = Server::start().await;
+    let api = tokyo(&s, "hu").await;
+    let (st, v) = api.post("/v1/meters", json!({"key": "seats", "event_type": "seat.used", "aggregation": "sum", "value_property": "n"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v) = api
+        .post(
+            "/v1/plans",
+            json!({"code": "team", "name": "Team", "currency": "JPY", "interval": "month",
+            "charges": [{"meter": "seats", "model": "per_unit", "unit_price": "100", "tax_rate": "0.10", "free_units": "10"}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let start = Utc::now() - Dur::minutes(5);
+    let (st, v) = api.post("/v1/subscriptions", json!({"customer_id": "sc", "plan": "team", "start": rfc(start)})).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let now = Utc::now();
+    api.ingest(json!([
+        {"id": "s1", "type": "seat.used", "customer_id": "sc", "timestamp": rfc(now - Dur::seconds(30)), "properties": {"n": 4, "tier": "x"}},
+        {"id": "s2", "type": "seat.used", "customer_id": "sc", "timestamp": rfc(now - Dur::seconds(20)), "properties": {"n": 4, "tier": "y"}}]))
+        .await;
+    send(&api, Method::PATCH, "/v1/customers/sc", json!({"seats_bought": 16})).await;
+    apply(
+        &api,
+        json!({"measures": {
+            "by_attribute": {"kind": "usage_vs_entitlement", "meter": "seats", "attribute": "seats_bought"},
+            "by_plan": {"kind": "usage_vs_entitlement", "meter": "seats"},
+            "x_uses": {"kind": "count", "event_type": "seat.used", "days": 1, "filter": {"tier": "x"}}},
+        "stages": [{"name": "all", "rule": {"all": []}}]}),
+    )
+    .await;
+    let root = s.root();
+    wait_for("the meters consumer", 60, move || {
+        let root = root.clone();
+        Box::pin(async move {
+            let (_, c) = root.get("/v1/consumers").await;
+            c["data"].as_array().unwrap().iter().any(|c| c["name"] == "meters" && c["lag"] == json!(0))
+        })
+    })
+    .await;
+    caught_up(&s).await;
+    let h = health_at(&api, "sc", Utc::now() + Dur::seconds(1)).await;
+    assert_eq!(measure(&h, "by_attribute")["value"], json!(0.5), "8 of 16: {h}");
+    assert_eq!(measure(&h, "by_plan")["value"], json!(0.8), "8 of the plan's 10 included: {h}");
+    assert_eq!(measure(&h, "x_uses")["value"], json!(1), "{h}");
+    // Not in a scorecard: weight 0, contribution 0.
+    assert_eq!((measure(&h, "by_plan")["weight"].as_f64(), measure(&h, "by_plan")["contribution"].as_f64()), (Some(0.0), Some(0.0)));
+    // Before the subscription started there is no plan to measure against.
+    let before = health_at(&api, "sc", start - Dur::seconds(1)).await;
+    assert!(measure(&before, "by_plan")["value"].is_null(), "{before}");
+}

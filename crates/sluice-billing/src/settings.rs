@@ -88,7 +88,7 @@ impl BillingSettings {
             FieldError::new(if path == "." { "billing".into() } else { format!("billing.{path}") }, e.into_inner().to_string())
         })?;
         if let Some(r) = &s.registration_number {
-            check_registration_number(r).map_err(|reason| FieldError::new("billing.registration_number", reason))?;
+            check_registration_number(r).map_err(|reason| FieldError::new("billing.registration_number", reason.to_string()))?;
         }
         let prefix_ok = !s.invoice_prefix.is_empty()
             && s.invoice_prefix.len() <= 20
@@ -115,18 +115,32 @@ impl BillingSettings {
 /// first is the check digit of the other twelve, computed as for Japan's
 /// corporate numbers (法人番号): 9 − (Σ Pn × Qn mod 9), Pn the n-th digit
 /// from the right of the twelve, Qn 1 for odd n and 2 for even n.
-pub fn check_registration_number(s: &str) -> Result<(), String> {
-    let digits = s.strip_prefix('T').ok_or_else(|| "must start with T (then 13 digits), such as T7000012050002".to_owned())?;
+pub fn check_registration_number(s: &str) -> Result<(), RegistrationNumberError> {
+    let digits = s.strip_prefix('T').ok_or(RegistrationNumberError::NoT)?;
     if digits.len() != 13 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("must be T followed by exactly 13 digits".into());
+        return Err(RegistrationNumberError::NotThirteenDigits);
     }
     let d: Vec<u32> = digits.bytes().map(|b| u32::from(b - b'0')).collect();
     let sum: u32 = d[1..].iter().rev().enumerate().map(|(i, &p)| p * if i % 2 == 0 { 1 } else { 2 }).sum();
     let check = 9 - sum % 9;
     if d[0] != check {
-        return Err(format!("the check digit is wrong: the first digit should be {check} for these 12 digits"));
+        return Err(RegistrationNumberError::CheckDigit(check));
     }
     Ok(())
+}
+
+/// Why a registration number is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistrationNumberError {
+    /// It does not start with `T`.
+    #[error("must start with T (then 13 digits), such as T7000012050002")]
+    NoT,
+    /// Not 13 digits after the `T`.
+    #[error("must be T followed by exactly 13 digits")]
+    NotThirteenDigits,
+    /// The check digit (the first of the 13) is not the one computed.
+    #[error("the check digit is wrong: the first digit should be {0} for these 12 digits")]
+    CheckDigit(u32),
 }
 
 #[cfg(test)]
@@ -138,7 +152,8 @@ mod tests {
     fn registration_numbers() {
         // The National Tax Agency's own corporate number.
         assert_eq!(check_registration_number("T7000012050002"), Ok(()));
-        assert!(check_registration_number("T8000012050002").unwrap_err().contains("should be 7"));
+        assert_eq!(check_registration_number("T8000012050002"), Err(RegistrationNumberError::CheckDigit(7)));
+        assert!(check_registration_number("T8000012050002").unwrap_err().to_string().contains("should be 7"));
         assert!(check_registration_number("7000012050002").is_err());
         assert!(check_registration_number("T700001205000").is_err());
     }

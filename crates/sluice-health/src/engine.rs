@@ -3,7 +3,8 @@
 //! live evaluation with its history and transition events, and the
 //! evaluator loop.
 //!
-//! The live path and `as_of` share [`Health::evaluate_at`]; the live path
+//! The live path, `as_of`, recomputes and backtests share
+//! [`Health::load`] (a batch's reads) and [`Health::evaluate_loaded`]; the live path
 //! additionally keeps the result (`customer_health`), a history row when
 //! the stage or band changed or the score moved by more than the step, and
 //! writes `customer.stage_changed` / `customer.health_changed` to the log
@@ -47,6 +48,8 @@ pub struct Health {
     /// recompute and a request may meet): otherwise both could see the same
     /// previous state and both write a transition event or a first history row.
     pub locks: Arc<Stripes>,
+    /// The workspaces whose events the read model keeps.
+    pub enabled: crate::model::Enabled,
 }
 
 /// Locks striped by a hash of (workspace, customer).
@@ -59,11 +62,25 @@ impl Default for Stripes {
 }
 
 impl Stripes {
-    async fn lock(&self, ws: &str, customer: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    /// Locks the stripes of these customers, in stripe order (so two
+    /// batches never wait for each other in a cycle).
+    async fn lock_all(&self, ws: &str, customers: &[&str]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
         use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (ws, customer).hash(&mut h);
-        self.0[(h.finish() % self.0.len() as u64) as usize].lock().await
+        let mut idx: Vec<usize> = customers
+            .iter()
+            .map(|c| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (ws, c).hash(&mut h);
+                (h.finish() % self.0.len() as u64) as usize
+            })
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.0[i].lock().await);
+        }
+        guards
     }
 }
 
@@ -131,7 +148,14 @@ fn f64_of(d: Option<Decimal>) -> Option<f64> {
 impl Health {
     /// A new handle (no event sink).
     pub fn new(store: Store) -> Health {
-        Health { store, events: None, wake: Arc::new(Notify::new()), default_cooldown: DEFAULT_COOLDOWN, locks: Arc::default() }
+        Health {
+            store,
+            events: None,
+            wake: Arc::new(Notify::new()),
+            default_cooldown: DEFAULT_COOLDOWN,
+            locks: Arc::default(),
+            enabled: Default::default(),
+        }
     }
 
     /// The workspace's time zone.
@@ -162,7 +186,92 @@ impl Health {
         Ok(fold_attributes(&self.store.attribute_changes(ws, customer, at).await?))
     }
 
-    /// Evaluates a customer at `at` from the state store, with the stage
+    /// Reads what evaluating `customers` at `at` needs, in a few queries
+    /// per 500 customers.
+    pub async fn load(&self, ctx: &WsCtx, customers: &[&str], at: DateTime<Utc>) -> Result<Loaded, HealthError> {
+        let cfg = &ctx.config;
+        let ws = ctx.name.as_str();
+        let mut l = Loaded::default();
+        if customers.is_empty() {
+            return Ok(l);
+        }
+        let from = eval::lookback_start(cfg, ctx.tz, at);
+        for (c, e) in self.store.health_events_of(ws, customers, from, at).await? {
+            l.events.entry(c).or_default().push(e);
+        }
+        if cfg.measures.values().any(|m| matches!(m, Measure::DaysSinceLast { .. })) {
+            for (c, t, ts) in self.store.health_last_seen_of(ws, customers, at).await? {
+                let seen = l.last_seen.entry(c).or_default();
+                let any = seen.entry(String::new()).or_insert(ts);
+                *any = (*any).max(ts);
+                seen.insert(t, ts);
+            }
+        }
+        let mut changes: HashMap<String, Vec<(DateTime<Utc>, Value)>> = HashMap::new();
+        for (c, t, p) in self.store.attribute_changes_of(ws, customers, Some(at)).await? {
+            changes.entry(c).or_default().push((t, p));
+        }
+        l.attributes = changes.into_iter().map(|(c, ch)| (c, fold_attributes(&ch))).collect();
+        l.overrides = self.store.stage_overrides_of(ws, customers, at).await?.into_iter().collect();
+        let mut meters_done = std::collections::HashSet::new();
+        for m in cfg.measures.values() {
+            let Measure::UsageVsEntitlement { meter, .. } = m else { continue };
+            if !meters_done.insert(meter.clone()) {
+                continue;
+            }
+            let agg = match self.store.get_meter(ws, meter).await {
+                Ok(m) => m.aggregation,
+                Err(StoreError::NotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            // Usage is kept in 15-minute buckets: the bucket holding `at`
+            // counts whole.
+            let mut by_customer: HashMap<String, Vec<sluice_store::UsageBucket>> = HashMap::new();
+            for b in self
+                .store
+                .usage_buckets_of_customers(ws, meter, customers, eval::month_start(ctx.tz, at), at + chrono::Duration::microseconds(1))
+                .await?
+            {
+                by_customer.entry(b.customer_id.clone()).or_default().push(b);
+            }
+            for (c, buckets) in by_customer {
+                let v = sluice_metering::usage::fold_buckets(agg, buckets.iter())
+                    .map_err(|(a, b)| HealthError::Corrupt(format!("usage of meter {meter:?} overflows: {a} + {b}")))?;
+                l.usage.entry(c).or_default().insert(meter.clone(), v.unwrap_or_default());
+            }
+        }
+        self.included_units(ctx, customers, at, &mut l).await?;
+        Ok(l)
+    }
+
+    /// Evaluates a loaded customer.
+    pub fn evaluate_loaded(
+        &self,
+        ctx: &WsCtx,
+        l: &Loaded,
+        customer: &str,
+        at: DateTime<Utc>,
+        previous: Option<(Option<String>, Option<DateTime<Utc>>)>,
+    ) -> Evaluation {
+        static NO_EVENTS: Vec<sluice_store::HealthEventRow> = Vec::new();
+        let empty_seen = HashMap::new();
+        let empty_attrs = Map::new();
+        let empty_dec = HashMap::new();
+        let inp = Inputs {
+            at,
+            tz: ctx.tz,
+            events: l.events.get(customer).unwrap_or(&NO_EVENTS),
+            last_seen: l.last_seen.get(customer).unwrap_or(&empty_seen),
+            attributes: l.attributes.get(customer).unwrap_or(&empty_attrs),
+            usage: l.usage.get(customer).unwrap_or(&empty_dec),
+            included: l.included.get(customer).unwrap_or(&empty_dec),
+            previous,
+            override_row: l.overrides.get(customer),
+        };
+        eval::evaluate(&ctx.config, &inp)
+    }
+
+    /// Evaluates one customer at `at` from the state store, with the stage
     /// it held before (`previous`: stage and since when).
     pub async fn evaluate_at(
         &self,
@@ -170,67 +279,15 @@ impl Health {
         customer: &str,
         at: DateTime<Utc>,
         previous: Option<(Option<String>, Option<DateTime<Utc>>)>,
-        attributes: Option<Map<String, Value>>,
     ) -> Result<Evaluation, HealthError> {
-        let cfg = &ctx.config;
-        let ws = ctx.name.as_str();
-        let from = eval::lookback_start(cfg, ctx.tz, at);
-        let events = self.store.health_events(ws, customer, from, at).await?;
-        let mut last_seen: HashMap<String, DateTime<Utc>> = HashMap::new();
-        if cfg.measures.values().any(|m| matches!(m, Measure::DaysSinceLast { .. })) {
-            for (t, ts) in self.store.health_last_seen(ws, customer, at).await? {
-                let any = last_seen.entry(String::new()).or_insert(ts);
-                *any = (*any).max(ts);
-                last_seen.insert(t, ts);
-            }
-        }
-        let attributes = match attributes {
-            Some(a) => a,
-            None => self.attributes_at(ws, customer, Some(at)).await?,
-        };
-        let mut usage = HashMap::new();
-        for m in cfg.measures.values() {
-            if let Measure::UsageVsEntitlement { meter, .. } = m {
-                if usage.contains_key(meter) {
-                    continue;
-                }
-                let agg = match self.store.get_meter(ws, meter).await {
-                    Ok(m) => m.aggregation,
-                    Err(StoreError::NotFound) => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                // Usage is kept in 15-minute buckets: the bucket holding
-                // `at` counts whole.
-                let buckets = self
-                    .store
-                    .usage_buckets(ws, meter, Some(customer), None, Some(eval::month_start(ctx.tz, at)), Some(at + chrono::Duration::microseconds(1)))
-                    .await?;
-                let v = sluice_metering::usage::fold_buckets(agg, buckets.iter())
-                    .map_err(|(a, b)| HealthError::Corrupt(format!("usage overflow {a} + {b}")))?;
-                usage.insert(meter.clone(), v.unwrap_or_default());
-            }
-        }
-        let included = self.included_units(ctx, customer, at).await?;
-        let ov = self.store.stage_override_at(ws, customer, at).await?;
-        let inp = Inputs {
-            at,
-            tz: ctx.tz,
-            events: &events,
-            last_seen: &last_seen,
-            attributes: &attributes,
-            usage: &usage,
-            included: &included,
-            previous,
-            override_row: ov.as_ref(),
-        };
-        Ok(eval::evaluate(cfg, &inp))
+        let l = self.load(ctx, &[customer], at).await?;
+        Ok(self.evaluate_loaded(ctx, &l, customer, at, previous))
     }
 
-    /// Included units (`free_units`) per meter in the plan of the
-    /// customer's subscription at `at` (for `usage_vs_entitlement` without
+    /// Included units (`free_units`) per meter in the plan of each
+    /// customer's subscriptions at `at` (for `usage_vs_entitlement` without
     /// an attribute); several subscriptions add up.
-    async fn included_units(&self, ctx: &WsCtx, customer: &str, at: DateTime<Utc>) -> Result<HashMap<String, Decimal>, HealthError> {
-        let mut out = HashMap::new();
+    async fn included_units(&self, ctx: &WsCtx, customers: &[&str], at: DateTime<Utc>, l: &mut Loaded) -> Result<(), HealthError> {
         let wanted: Vec<&str> = ctx
             .config
             .measures
@@ -241,25 +298,31 @@ impl Health {
             })
             .collect();
         if wanted.is_empty() {
-            return Ok(out);
+            return Ok(());
         }
-        for row in self.store.subscriptions_of_customers(&ctx.name, &[customer]).await? {
+        let mut plans: HashMap<(String, i64), Option<sluice_billing::PlanSpec>> = HashMap::new();
+        for row in self.store.subscriptions_of_customers(&ctx.name, customers).await? {
             let Ok(sub) = sluice_billing::engine::parse_sub(&row) else { continue };
             if sub.start > at || sub.end.is_some_and(|e| e <= at) {
                 continue;
             }
             let phase = sub.phase_at(at);
-            let plan = match self.store.plan(&ctx.name, &phase.plan, Some(phase.plan_version)).await {
-                Ok(p) => p,
-                Err(StoreError::NotFound) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let Ok(spec) = serde_json::from_value::<sluice_billing::PlanSpec>(plan.spec) else { continue };
+            let key = (phase.plan.clone(), phase.plan_version);
+            if !plans.contains_key(&key) {
+                let spec = match self.store.plan(&ctx.name, &phase.plan, Some(phase.plan_version)).await {
+                    Ok(p) => serde_json::from_value::<sluice_billing::PlanSpec>(p.spec).ok(),
+                    Err(StoreError::NotFound) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                plans.insert(key.clone(), spec);
+            }
+            let Some(Some(spec)) = plans.get(&key) else { continue };
             for c in spec.charges.iter().filter(|c| wanted.contains(&c.meter.as_str())) {
-                *out.entry(c.meter.clone()).or_insert(Decimal::ZERO) += c.free_units.unwrap_or_default();
+                *l.included.entry(row.customer_id.clone()).or_default().entry(c.meter.clone()).or_insert(Decimal::ZERO) +=
+                    c.free_units.unwrap_or_default();
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The stage a customer held just before `at`, from its history.
@@ -280,26 +343,71 @@ impl Health {
             None => HealthError::NotFound("no health configuration yet: PUT /v1/health/config".into()),
         })?;
         let prev = self.previous_at(ws, customer, at).await?;
-        let e = self.evaluate_at(&ctx, customer, at, prev, None).await?;
+        let e = self.evaluate_at(&ctx, customer, at, prev).await?;
         Ok(e.view(customer, ctx.version))
     }
 
-    /// Evaluates a customer now under the workspace's current
-    /// configuration (or `ctx`'s), keeps the result, writes history and
-    /// transition events. Returns the view (none without a configuration).
+    /// Evaluates a customer now under `ctx`'s configuration, keeps the
+    /// result, writes history and transition events; returns the view.
     pub async fn refresh(&self, ctx: &WsCtx, customer: &str, cause: Cause) -> Result<Value, HealthError> {
+        let mut v = self.refresh_many(ctx, &[customer], cause).await?;
+        v.pop().ok_or_else(|| HealthError::Corrupt("an evaluation went missing".into()))
+    }
+
+    /// [`Health::refresh`] for many customers of one workspace: read
+    /// together, saved in one transaction per call (callers pass at most a
+    /// few hundred). Returns the views in the order of `customers`.
+    pub async fn refresh_many(&self, ctx: &WsCtx, customers: &[&str], cause: Cause) -> Result<Vec<Value>, HealthError> {
         let ws = ctx.name.as_str();
-        let _one_at_a_time = self.locks.lock(ws, customer).await;
+        let _one_at_a_time = self.locks.lock_all(ws, customers).await;
         // Microseconds, as the store keeps times: an `as_of` of this
         // evaluation's time then reads exactly what it read.
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
-        let row = self.store.customer_health(ws, customer).await?;
-        let previous = row.as_ref().map(|r| (r.stage.clone(), r.stage_since));
-        let e = self.evaluate_at(ctx, customer, now, previous, None).await?;
+        let rows: HashMap<String, CustomerHealthRow> =
+            self.store.customers_health(ws, customers).await?.into_iter().map(|r| (r.customer_id.clone(), r)).collect();
+        let hist: HashMap<String, HealthHistoryRow> =
+            self.store.latest_history_of(ws, customers).await?.into_iter().map(|h| (h.customer_id.clone(), h)).collect();
+        let loaded = self.load(ctx, customers, now).await?;
+        let mut views = Vec::with_capacity(customers.len());
+        let mut saved = Vec::with_capacity(customers.len());
+        let mut history = Vec::new();
+        let mut events = Vec::new();
+        for &c in customers {
+            let row = rows.get(c);
+            let e = self.evaluate_loaded(ctx, &loaded, c, now, row.map(|r| (r.stage.clone(), r.stage_since)));
+            let s = self.settle(ctx, c, row, hist.get(c), &e, now, &cause);
+            views.push(s.0.doc.clone());
+            saved.push(s.0);
+            history.extend(s.1);
+            events.extend(s.2);
+        }
+        self.store.save_customer_health_many(ws, &saved, &history).await?;
+        if !events.is_empty() {
+            if let Some(sink) = &self.events {
+                sink.emit(events).await;
+            }
+        }
+        Ok(views)
+    }
+
+    /// What an evaluation of the live path leaves: the row to keep, a
+    /// history row when something changed, transition events (cooldown).
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        ctx: &WsCtx,
+        customer: &str,
+        row: Option<&CustomerHealthRow>,
+        last_hist: Option<&HealthHistoryRow>,
+        e: &Evaluation,
+        now: DateTime<Utc>,
+        cause: &Cause,
+    ) -> (CustomerHealthRow, Option<HealthHistoryRow>, Vec<sluice_core::Event>) {
+        let ws = ctx.name.as_str();
         let view = e.view(customer, ctx.version);
-        let first_under_version = row.as_ref().is_none_or(|r| r.config_version != ctx.version);
+        let first_under_version = row.is_none_or(|r| r.config_version != ctx.version);
         let cooldown = chrono::Duration::from_std(ctx.config.cooldown(self.default_cooldown)).unwrap_or(chrono::Duration::minutes(10));
-        let mut emitted = row.as_ref().map(|r| r.emitted.clone()).filter(|v| v.is_object()).unwrap_or_else(|| json!({}));
+        let mut emitted = row.map(|r| r.emitted.clone()).filter(|v| v.is_object()).unwrap_or_else(|| json!({}));
         let mut next = e.next_change;
         let mut out_events = Vec::new();
         let current = [("stage", e.stage.clone()), ("band", e.band.map(str::to_owned))];
@@ -345,9 +453,8 @@ impl Health {
         emitted["version"] = json!(ctx.version);
         // History: the first evaluation, a stage or band change, or a score
         // that moved by more than the step since the last history row.
-        let last_hist = self.store.health_history_at(ws, customer, now).await?;
         let score = f64_of(e.score);
-        let changed = match &last_hist {
+        let changed = match last_hist {
             None => Some(format!("first evaluation ({})", cause.describe())),
             Some(h) => {
                 let moved = match (h.score, score) {
@@ -367,8 +474,8 @@ impl Health {
             stage_since: e.stage_since,
             band: e.band.map(str::to_owned),
             score,
-            previous: json!({"stage": last_hist.as_ref().and_then(|h| h.stage.clone()), "band": last_hist.as_ref().and_then(|h| h.band.clone()),
-                "score": last_hist.as_ref().and_then(|h| h.score)}),
+            previous: json!({"stage": last_hist.and_then(|h| h.stage.clone()), "band": last_hist.and_then(|h| h.band.clone()),
+                "score": last_hist.and_then(|h| h.score)}),
             cause: c,
         });
         let saved = CustomerHealthRow {
@@ -379,18 +486,12 @@ impl Health {
             score,
             band: e.band.map(str::to_owned),
             priority: f64_of(e.priority),
-            doc: view.clone(),
+            doc: view,
             evaluated_at: now,
             next_eval_at: next,
             emitted,
         };
-        self.store.save_customer_health(ws, &saved, history.as_ref()).await?;
-        if !out_events.is_empty() {
-            if let Some(sink) = &self.events {
-                sink.emit(out_events).await;
-            }
-        }
-        Ok(view)
+        (saved, history, out_events)
     }
 
     /// Refreshes a customer of a workspace if it has a configuration.
@@ -402,31 +503,59 @@ impl Health {
     }
 
     /// One pass of the evaluator: customers marked by the read model, then
-    /// those whose next change time has come. Returns how many it evaluated.
+    /// those whose next change time has come, evaluated a workspace's batch
+    /// at a time. Returns how many it evaluated.
     pub async fn evaluate_pending(&self, limit: usize) -> Result<usize, HealthError> {
         let mut ctxs: HashMap<String, Option<WsCtx>> = HashMap::new();
         let mut n = 0;
         let dirty = self.store.health_dirty(limit).await?;
+        let due = self.store.health_due(Utc::now(), limit).await?;
+        let mut by_ws: std::collections::BTreeMap<&str, Vec<(&str, bool)>> = Default::default();
         for (ws, c, _) in &dirty {
+            by_ws.entry(ws.as_str()).or_default().push((c.as_str(), true));
+        }
+        for (ws, c) in &due {
+            by_ws.entry(ws.as_str()).or_default().push((c.as_str(), false));
+        }
+        for (ws, list) in by_ws {
             if !ctxs.contains_key(ws) {
-                ctxs.insert(ws.clone(), self.ctx(ws, None).await?);
+                ctxs.insert(ws.to_owned(), self.ctx(ws, None).await?);
             }
-            if let Some(ctx) = ctxs.get(ws).and_then(Option::as_ref) {
-                self.refresh(ctx, c, Cause::Events).await?;
-                n += 1;
+            let Some(ctx) = ctxs.get(ws).and_then(Option::as_ref) else { continue };
+            for (marked, cause) in [(true, Cause::Events), (false, Cause::Time)] {
+                let mut ids: Vec<&str> = list.iter().filter(|(_, d)| *d == marked).map(|(c, _)| *c).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                for chunk in ids.chunks(BATCH) {
+                    self.refresh_many(ctx, chunk, cause.clone()).await?;
+                    n += chunk.len();
+                }
             }
         }
         self.store.clear_health_dirty(&dirty).await?;
-        for (ws, c) in self.store.health_due(Utc::now(), limit).await? {
-            if !ctxs.contains_key(&ws) {
-                ctxs.insert(ws.clone(), self.ctx(&ws, None).await?);
-            }
-            if let Some(ctx) = ctxs.get(&ws).and_then(Option::as_ref) {
-                self.refresh(ctx, &c, Cause::Time).await?;
-                n += 1;
-            }
-        }
         Ok(n)
+    }
+}
+
+/// Customers evaluated together (read in a few queries, saved in one transaction).
+pub const BATCH: usize = 500;
+
+/// What evaluations of a batch of customers at one time read
+/// ([`Health::load`]), by customer.
+#[derive(Default)]
+pub struct Loaded {
+    events: HashMap<String, Vec<sluice_store::HealthEventRow>>,
+    last_seen: HashMap<String, HashMap<String, DateTime<Utc>>>,
+    attributes: HashMap<String, Map<String, Value>>,
+    overrides: HashMap<String, sluice_store::OverrideRow>,
+    usage: HashMap<String, HashMap<String, Decimal>>,
+    included: HashMap<String, HashMap<String, Decimal>>,
+}
+
+impl Loaded {
+    /// A customer's attributes at the loaded time.
+    pub fn attributes(&self, customer: &str) -> Option<&Map<String, Value>> {
+        self.attributes.get(customer)
     }
 }
 

@@ -138,6 +138,8 @@ pub struct MeasureResult {
     pub contribution: Option<Decimal>,
     /// Why there is no value, or how the points came.
     pub note: Option<String>,
+    /// It is in the scorecard of the customer's stage.
+    pub in_scorecard: bool,
 }
 
 /// The result of an evaluation.
@@ -484,6 +486,7 @@ pub fn evaluate(cfg: &HealthConfig, inp: &Inputs) -> Evaluation {
                 effective_weight: eff,
                 contribution: contrib,
                 note,
+                in_scorecard: true,
             });
         }
         score = Some(sum.normalize());
@@ -502,6 +505,7 @@ pub fn evaluate(cfg: &HealthConfig, inp: &Inputs) -> Evaluation {
             effective_weight: Some(Decimal::ZERO),
             contribution: Some(Decimal::ZERO),
             note: why.get(name.as_str()).cloned().flatten(),
+            in_scorecard: false,
         });
     }
     let band = score.map(|s| {
@@ -564,6 +568,7 @@ impl Evaluation {
                 "effective_weight": opt(m.effective_weight),
                 "contribution": opt(m.contribution),
                 "note": m.note,
+                "in_scorecard": m.in_scorecard,
             })).collect::<Vec<_>>(),
             "explanation": self.notes,
             "next_change_at": self.next_change,

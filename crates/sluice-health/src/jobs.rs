@@ -40,6 +40,11 @@ pub struct RecomputePayload {
     pub workspace: String,
     /// The configuration version to evaluate with.
     pub version: i64,
+    /// The workspace's first configuration: first copy its history from
+    /// the log up to these (partition, next offset) positions, where the
+    /// read model started keeping its events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill_until: Option<Vec<(u32, u64)>>,
 }
 
 impl JobPayload for RecomputePayload {
@@ -50,6 +55,57 @@ impl JobPayload for RecomputePayload {
 pub struct Recompute {
     /// Health.
     pub health: Health,
+    /// The log, for backfills.
+    pub log: Option<std::sync::Arc<dyn sluice_core::EventLog>>,
+}
+
+/// Copies a workspace's events before `until` from the log into the read
+/// model (idempotent: rows already there stay as they are), for a
+/// workspace health starts keeping ([`crate::model::Enabled`]). Returns the
+/// records read.
+async fn backfill(
+    health: &Health,
+    log: Option<&std::sync::Arc<dyn sluice_core::EventLog>>,
+    ws: &str,
+    until: &[(u32, u64)],
+    ctx: &JobContext,
+) -> Result<u64, JobError> {
+    let Some(log) = log else { return Ok(0) };
+    let total: u64 = until.iter().map(|(p, u)| u.saturating_sub(log.start_offset(*p))).sum();
+    let mut done = 0u64;
+    for &(p, until) in until {
+        let mut next = log.start_offset(p);
+        while next < until {
+            if ctx.is_cancelled() {
+                return Err(JobError::Cancelled);
+            }
+            let records = sluice_core::read_decoded(log.as_ref(), "health_backfill", p, next, 5000, 8 << 20).await.map_err(JobError::retryable)?;
+            let Some(last) = records.last().map(|r| r.offset) else { break };
+            let mut effect = crate::model::Effect::default();
+            for r in records.into_iter().filter(|r| r.offset < until) {
+                // Undecodable records are logged by the reader; the
+                // consumer dead-letters them.
+                let Ok(payload) = r.payload else { continue };
+                for e in payload.into_events() {
+                    if e.workspace.as_str() != ws {
+                        continue;
+                    }
+                    // Events the consumer would dead-letter are left to it.
+                    if let Ok(Some(x)) = crate::model::effect_of(&e) {
+                        effect.extend(x);
+                    }
+                }
+            }
+            if !effect.is_empty() {
+                health.store.write_tx(&crate::model::Backfill(effect)).await?;
+            }
+            let new_next = (last + 1).min(until);
+            done += new_next - next;
+            next = new_next;
+            ctx.progress(done as i64, Some(total as i64)).await;
+        }
+    }
+    Ok(total)
 }
 
 #[async_trait]
@@ -64,12 +120,16 @@ impl JobHandler for Recompute {
         let Some(wctx) = h.ctx(&p.workspace, Some(p.version)).await.map_err(job_error)? else {
             return Err(JobError::permanent(format!("configuration version {} not found", p.version)));
         };
+        // A first configuration: the history first (progress: the first half).
+        let backfilled = match &p.backfill_until {
+            Some(until) => backfill(h, self.log.as_ref(), &p.workspace, until, ctx).await?,
+            None => 0,
+        };
         let ids = h.store.health_customer_ids(&p.workspace).await?;
         let total = ids.len();
-        ctx.progress(0, Some(total as i64)).await;
         let mut done = 0usize;
         let mut superseded = false;
-        for chunk in ids.chunks(200) {
+        for chunk in ids.chunks(crate::engine::BATCH) {
             if ctx.is_cancelled() {
                 return Err(JobError::Cancelled);
             }
@@ -78,13 +138,13 @@ impl JobHandler for Recompute {
                 superseded = true;
                 break;
             }
-            for c in chunk {
-                h.refresh(&wctx, c, Cause::Config(p.version)).await.map_err(job_error)?;
-            }
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            h.refresh_many(&wctx, &refs, Cause::Config(p.version)).await.map_err(job_error)?;
             done += chunk.len();
             ctx.progress(done as i64, Some(total as i64)).await;
         }
-        Ok(serde_json::json!({"customers_total": total, "customers_done": done, "config_version": p.version, "superseded": superseded}))
+        Ok(serde_json::json!({"customers_total": total, "customers_done": done, "config_version": p.version, "superseded": superseded,
+            "log_records_backfilled": backfilled}))
     }
 }
 
@@ -111,6 +171,10 @@ pub struct BacktestPayload {
     pub horizon_days: u32,
     /// The attribute holding the churn date.
     pub outcome_attribute: String,
+    /// The workspace had no health data yet: copy its history from the log
+    /// first (as [`RecomputePayload::backfill_until`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill_until: Option<Vec<(u32, u64)>>,
 }
 
 impl JobPayload for BacktestPayload {
@@ -178,6 +242,8 @@ pub fn auc(samples: &[(f64, bool)]) -> Option<f64> {
 pub struct Backtest {
     /// Health.
     pub health: Health,
+    /// The log, for backfills.
+    pub log: Option<std::sync::Arc<dyn sluice_core::EventLog>>,
 }
 
 #[async_trait]
@@ -190,6 +256,9 @@ impl JobHandler for Backtest {
         let p = BacktestPayload::of(job)?;
         let h = &self.health;
         let config = HealthConfig::parse(&p.config).map_err(|e| JobError::permanent(e.to_string()))?;
+        if let Some(until) = &p.backfill_until {
+            backfill(h, self.log.as_ref(), &p.workspace, until, ctx).await?;
+        }
         let tz = h.tz(&p.workspace).await.map_err(job_error)?;
         let wctx = WsCtx { name: p.workspace.clone(), tz, version: p.config_version.unwrap_or(0), config: std::sync::Arc::new(config) };
         let mut steps = Vec::new();
@@ -205,41 +274,60 @@ impl JobHandler for Backtest {
         let mut samples: Vec<(f64, bool)> = Vec::new();
         let mut bands: HashMap<&'static str, (usize, usize)> = HashMap::new();
         let mut unscored = 0usize;
-        for (i, c) in ids.iter().enumerate() {
+        let first_seen = h.store.health_first_seen_all(&p.workspace).await?;
+        let mut done = 0usize;
+        for chunk in ids.chunks(crate::engine::BATCH) {
             if ctx.is_cancelled() {
                 return Err(JobError::Cancelled);
             }
-            let Some(first) = h.store.health_first_seen(&p.workspace, c).await? else { continue };
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             // The outcome is what really happened: the attribute's value now.
-            let now_attrs = h.attributes_at(&p.workspace, c, None).await.map_err(job_error)?;
-            let churned_at = now_attrs.get(&p.outcome_attribute).and_then(|v| match Val::from_json(v)? {
-                Val::Date(d) => Some(sluice_metering::usage::local_start(tz, d, 0)),
-                Val::Str(s) => DateTime::parse_from_rfc3339(&s).ok().map(|t| t.with_timezone(&Utc)),
-                _ => None,
-            });
+            let mut now_changes: HashMap<String, Vec<(DateTime<Utc>, Value)>> = HashMap::new();
+            for (c, t, patch) in h.store.attribute_changes_of(&p.workspace, &refs, None).await? {
+                now_changes.entry(c).or_default().push((t, patch));
+            }
+            let churned_at: HashMap<&str, DateTime<Utc>> = refs
+                .iter()
+                .filter_map(|c| {
+                    let attrs = crate::engine::fold_attributes(now_changes.get(*c).map(Vec::as_slice).unwrap_or(&[]));
+                    let t = match Val::from_json(attrs.get(&p.outcome_attribute)?)? {
+                        Val::Date(d) => Some(sluice_metering::usage::local_start(tz, d, 0)),
+                        Val::Str(s) => DateTime::parse_from_rfc3339(&s).ok().map(|t| t.with_timezone(&Utc)),
+                        _ => None,
+                    }?;
+                    Some((*c, t))
+                })
+                .collect();
             // Each customer's steps in order, so days_in_stage follows the
             // stages of this replay, not the live ones.
-            let mut previous: Option<(Option<String>, Option<DateTime<Utc>>)> = None;
+            let mut previous: HashMap<&str, (Option<String>, Option<DateTime<Utc>>)> = HashMap::new();
             for &t in &steps {
-                if first > t || churned_at.is_some_and(|ch| ch <= t) {
+                let live: Vec<&str> = refs
+                    .iter()
+                    .copied()
+                    .filter(|c| first_seen.get(*c).is_some_and(|f| *f <= t) && churned_at.get(c).is_none_or(|ch| *ch > t))
+                    .collect();
+                if live.is_empty() {
                     continue;
                 }
-                let e = h.evaluate_at(&wctx, c, t, previous.clone(), None).await.map_err(job_error)?;
-                previous = Some((e.stage.clone(), e.stage_since));
-                let churned = churned_at.is_some_and(|ch| ch > t && ch <= t + horizon);
-                match (e.score.and_then(|s| s.to_f64()), e.band) {
-                    (Some(s), Some(b)) => {
-                        samples.push((s, !churned));
-                        let entry = bands.entry(b).or_default();
-                        entry.0 += 1;
-                        entry.1 += usize::from(churned);
+                let loaded = h.load(&wctx, &live, t).await.map_err(job_error)?;
+                for c in live {
+                    let e = h.evaluate_loaded(&wctx, &loaded, c, t, previous.get(c).cloned());
+                    previous.insert(c, (e.stage.clone(), e.stage_since));
+                    let churned = churned_at.get(c).is_some_and(|ch| *ch > t && *ch <= t + horizon);
+                    match (e.score.and_then(|s| s.to_f64()), e.band) {
+                        (Some(s), Some(b)) => {
+                            samples.push((s, !churned));
+                            let entry = bands.entry(b).or_default();
+                            entry.0 += 1;
+                            entry.1 += usize::from(churned);
+                        }
+                        _ => unscored += 1,
                     }
-                    _ => unscored += 1,
                 }
             }
-            if (i + 1) % 100 == 0 || i + 1 == total {
-                ctx.progress((i + 1) as i64, Some(total as i64)).await;
-            }
+            done += chunk.len();
+            ctx.progress(done as i64, Some(total as i64)).await;
         }
         let result = BacktestResult {
             bands: ["good", "normal", "bad"]

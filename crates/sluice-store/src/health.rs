@@ -222,21 +222,6 @@ impl Store {
         Ok(rows.into_iter().map(|r| (from_micros(r.0), json(&r.1))).collect())
     }
 
-    /// A customer's events in `[from, to]`.
-    pub async fn health_events(&self, workspace: &str, customer_id: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<HealthEventRow>> {
-        Ok(on_pool!(self, pool => sqlx::query_as(
-            "SELECT event_type, ts, user_id, properties FROM health_events WHERE workspace = $1 AND customer_id = $2 AND ts >= $3 AND ts <= $4")
-            .bind(workspace).bind(customer_id).bind(to_micros(from)).bind(to_micros(to)).fetch_all(pool).await)?)
-    }
-
-    /// The time of a customer's last event of each type at or before `to`.
-    pub async fn health_last_seen(&self, workspace: &str, customer_id: &str, to: DateTime<Utc>) -> Result<Vec<(String, DateTime<Utc>)>> {
-        let rows: Vec<(String, i64)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT event_type, MAX(ts) FROM health_events WHERE workspace = $1 AND customer_id = $2 AND ts <= $3 GROUP BY event_type")
-            .bind(workspace).bind(customer_id).bind(to_micros(to)).fetch_all(pool).await)?;
-        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1))).collect())
-    }
-
     /// When a customer was first seen: its first event or attribute change.
     pub async fn health_first_seen(&self, workspace: &str, customer_id: &str) -> Result<Option<DateTime<Utc>>> {
         let row: (Option<i64>, Option<i64>) = on_pool!(self, pool => sqlx::query_as(
@@ -309,30 +294,6 @@ impl Store {
         let sql = format!("SELECT {HEALTH_COLUMNS} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
         let rows: Vec<HealthTuple> = self.select_in(&sql, workspace, customer_ids).await?;
         Ok(rows.into_iter().map(health_row).collect())
-    }
-
-    /// Saves an evaluation, with its history row when something changed,
-    /// in one transaction.
-    pub async fn save_customer_health(&self, workspace: &str, h: &CustomerHealthRow, history: Option<&HealthHistoryRow>) -> Result<()> {
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await?;
-            sqlx::query(&format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                ON CONFLICT (workspace, customer_id) DO UPDATE SET config_version = excluded.config_version, stage = excluded.stage, \
-                stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, priority = excluded.priority, doc = excluded.doc, \
-                evaluated_at = excluded.evaluated_at, next_eval_at = excluded.next_eval_at, emitted = excluded.emitted"))
-                .bind(&h.customer_id).bind(h.config_version).bind(&h.stage).bind(h.stage_since.map(to_micros)).bind(h.score).bind(&h.band)
-                .bind(h.priority).bind(h.doc.to_string()).bind(to_micros(h.evaluated_at)).bind(to_micros(h.next_eval_at))
-                .bind(h.emitted.to_string()).bind(workspace)
-                .execute(&mut *tx).await?;
-            if let Some(r) = history {
-                sqlx::query(&format!("INSERT INTO health_history ({HISTORY_COLUMNS}, workspace) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
-                    .bind(&r.id).bind(&r.customer_id).bind(to_micros(r.at)).bind(r.config_version).bind(&r.stage).bind(r.stage_since.map(to_micros))
-                    .bind(&r.band).bind(r.score).bind(r.previous.to_string()).bind(&r.cause).bind(workspace)
-                    .execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })
     }
 
     /// The latest history row of a customer at or before `at`.
@@ -433,5 +394,142 @@ impl Store {
             out.push(health_row((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10)));
         }
         Ok((out, if more { next } else { None }))
+    }
+
+    // ---------------------------------------------------------- batches
+    // What the evaluation of many customers reads (a recompute, the
+    // evaluator's passes, a backtest step), in a few queries per 500
+    // customers instead of several per customer. Times are bound as
+    // literals: `select_in` binds only the workspace and the keys.
+
+    /// Events of these customers in `[from, to]`: (customer, event).
+    pub async fn health_events_of(
+        &self,
+        workspace: &str,
+        customers: &[&str],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<(String, HealthEventRow)>> {
+        let sql = format!(
+            "SELECT customer_id, event_type, ts, user_id, properties FROM health_events WHERE workspace = $1 AND customer_id IN ({{in}}) \
+             AND ts >= {} AND ts <= {}",
+            to_micros(from),
+            to_micros(to)
+        );
+        type Tuple = (String, String, i64, Option<String>, Option<String>);
+        let rows: Vec<Tuple> = self.select_in(&sql, workspace, customers).await?;
+        Ok(rows.into_iter().map(|r| (r.0, HealthEventRow { event_type: r.1, ts: r.2, user_id: r.3, properties: r.4 })).collect())
+    }
+
+    /// The last event time of each (customer, type) at or before `to`.
+    pub async fn health_last_seen_of(&self, workspace: &str, customers: &[&str], to: DateTime<Utc>) -> Result<Vec<(String, String, DateTime<Utc>)>> {
+        let sql = format!(
+            "SELECT customer_id, event_type, MAX(ts) FROM health_events WHERE workspace = $1 AND customer_id IN ({{in}}) AND ts <= {} \
+             GROUP BY customer_id, event_type",
+            to_micros(to)
+        );
+        let rows: Vec<(String, String, i64)> = self.select_in(&sql, workspace, customers).await?;
+        Ok(rows.into_iter().map(|r| (r.0, r.1, from_micros(r.2))).collect())
+    }
+
+    /// Attribute patches of these customers up to `until` (every one when
+    /// `None`), in order: (customer, at, patch).
+    pub async fn attribute_changes_of(
+        &self,
+        workspace: &str,
+        customers: &[&str],
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, DateTime<Utc>, Value)>> {
+        let sql = format!(
+            "SELECT customer_id, at, patch FROM customer_attribute_changes WHERE workspace = $1 AND customer_id IN ({{in}}) AND at <= {} \
+             ORDER BY customer_id, at, ref",
+            until.map(to_micros).unwrap_or(i64::MAX)
+        );
+        let rows: Vec<(String, i64, String)> = self.select_in(&sql, workspace, customers).await?;
+        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1), json(&r.2))).collect())
+    }
+
+    /// The override row in force at `at` of each of these customers that
+    /// has one (the latest set at or before `at`).
+    pub async fn stage_overrides_of(&self, workspace: &str, customers: &[&str], at: DateTime<Utc>) -> Result<Vec<(String, OverrideRow)>> {
+        let sql = format!(
+            "SELECT customer_id, set_at, stage, reason, until_at, set_by FROM stage_overrides WHERE workspace = $1 AND customer_id IN ({{in}}) \
+             AND set_at <= {} ORDER BY customer_id, set_at",
+            to_micros(at)
+        );
+        type Tuple = (String, i64, Option<String>, Option<String>, Option<i64>, Option<String>);
+        let rows: Vec<Tuple> = self.select_in(&sql, workspace, customers).await?;
+        let mut out: Vec<(String, OverrideRow)> = Vec::new();
+        for r in rows {
+            let o = OverrideRow { set_at: from_micros(r.1), stage: r.2, reason: r.3, until: r.4.map(from_micros), set_by: r.5 };
+            // Ordered by set_at: the last row of a customer is in force.
+            match out.last_mut() {
+                Some(last) if last.0 == r.0 => last.1 = o,
+                _ => out.push((r.0, o)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The latest history row of each of these customers (ids grow with time).
+    pub async fn latest_history_of(&self, workspace: &str, customers: &[&str]) -> Result<Vec<HealthHistoryRow>> {
+        let sql = format!(
+            "SELECT {HISTORY_COLUMNS} FROM health_history WHERE workspace = $1 AND id IN \
+             (SELECT MAX(id) FROM health_history WHERE workspace = $1 AND customer_id IN ({{in}}) GROUP BY customer_id)"
+        );
+        let rows: Vec<HistoryTuple> = self.select_in(&sql, workspace, customers).await?;
+        Ok(rows.into_iter().map(history_row).collect())
+    }
+
+    /// When each customer of a workspace was first seen: its first event
+    /// or attribute change.
+    pub async fn health_first_seen_all(&self, workspace: &str) -> Result<std::collections::HashMap<String, DateTime<Utc>>> {
+        let rows: Vec<(String, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT customer_id, MIN(t) FROM (SELECT customer_id, MIN(ts) AS t FROM health_events WHERE workspace = $1 GROUP BY customer_id \
+             UNION ALL SELECT customer_id, MIN(at) AS t FROM customer_attribute_changes WHERE workspace = $1 GROUP BY customer_id) f GROUP BY customer_id")
+            .bind(workspace).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1))).collect())
+    }
+
+    /// Saves many evaluations and their history rows in one transaction.
+    pub async fn save_customer_health_many(&self, workspace: &str, rows: &[CustomerHealthRow], history: &[HealthHistoryRow]) -> Result<()> {
+        if rows.is_empty() && history.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            for chunk in rows.chunks(200) {
+                let values = (0..chunk.len()).map(|i| {
+                    let b = i * 12;
+                    format!("({})", (1..=12).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(", "))
+                }).collect::<Vec<_>>().join(", ");
+                let sql = format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES {values} \
+                    ON CONFLICT (workspace, customer_id) DO UPDATE SET config_version = excluded.config_version, stage = excluded.stage, \
+                    stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, priority = excluded.priority, doc = excluded.doc, \
+                    evaluated_at = excluded.evaluated_at, next_eval_at = excluded.next_eval_at, emitted = excluded.emitted");
+                let mut q = sqlx::query(&sql);
+                for h in chunk {
+                    q = q.bind(&h.customer_id).bind(h.config_version).bind(&h.stage).bind(h.stage_since.map(to_micros)).bind(h.score).bind(&h.band)
+                        .bind(h.priority).bind(h.doc.to_string()).bind(to_micros(h.evaluated_at)).bind(to_micros(h.next_eval_at))
+                        .bind(h.emitted.to_string()).bind(workspace);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            for chunk in history.chunks(200) {
+                let values = (0..chunk.len()).map(|i| {
+                    let b = i * 11;
+                    format!("({})", (1..=11).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(", "))
+                }).collect::<Vec<_>>().join(", ");
+                let sql = format!("INSERT INTO health_history ({HISTORY_COLUMNS}, workspace) VALUES {values}");
+                let mut q = sqlx::query(&sql);
+                for r in chunk {
+                    q = q.bind(&r.id).bind(&r.customer_id).bind(to_micros(r.at)).bind(r.config_version).bind(&r.stage).bind(r.stage_since.map(to_micros))
+                        .bind(&r.band).bind(r.score).bind(r.previous.to_string()).bind(&r.cause).bind(workspace);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 }

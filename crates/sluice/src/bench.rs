@@ -3,6 +3,7 @@
 //! in the same session, so results are ratios rather than lone times.
 
 mod billing;
+mod health;
 mod lake;
 
 use std::process::Stdio;
@@ -35,6 +36,10 @@ pub enum BenchCmd {
     /// One billing run over N subscriptions (invoices finalized and
     /// numbered) beside one PostgreSQL statement computing the same totals.
     Billing(billing::BillingBenchArgs),
+    /// Customer health: the full recompute of N customers after a
+    /// configuration change beside DuckDB computing the same measures over
+    /// the lake, and event-to-score latency under a steady ingest rate.
+    Health(health::HealthBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -113,6 +118,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Import(args) => rt.block_on(import_bench(args)),
         BenchCmd::Lake(args) => rt.block_on(lake::run(args)),
         BenchCmd::Billing(args) => rt.block_on(billing::run(args)),
+        BenchCmd::Health(args) => rt.block_on(health::run(args)),
     }
 }
 
@@ -121,7 +127,19 @@ struct Spawned {
     _dir: tempfile::TempDir,
 }
 
+impl Spawned {
+    /// The server's data directory.
+    fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+}
+
 async fn spawn_server(state_url: Option<&str>) -> Result<(String, String, Spawned)> {
+    spawn_server_with(state_url, &[]).await
+}
+
+/// [`spawn_server`] with extra environment (settings).
+async fn spawn_server_with(state_url: Option<&str>, env: &[(&str, &str)]) -> Result<(String, String, Spawned)> {
     let dir = tempfile::tempdir()?;
     let key = format!("sk_bench_{}", uuid::Uuid::new_v4().simple());
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
@@ -130,6 +148,7 @@ async fn spawn_server(state_url: Option<&str>) -> Result<(String, String, Spawne
         .env("SLUICE_BOOTSTRAP_KEY", &key)
         .env("SLUICE_BENCH_ENDPOINTS", "1")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

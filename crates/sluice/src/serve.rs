@@ -162,20 +162,26 @@ async fn run(cfg: Config) -> Result<()> {
     let billing = sluice_billing::Billing { store: store.clone(), events: Some(Arc::new(sluice_billing::IngestSink(ingestor.clone()))) };
     // Health: its read model on the consumer engine, and the evaluator
     // that re-evaluates the customers it marks (and those time changes).
+    // Only workspaces with a health configuration are kept (model.rs).
+    let enabled = sluice_health::model::Enabled::default();
+    for ws in store.health_workspaces().await.context("loading the health workspaces")? {
+        enabled.insert(&ws);
+    }
     let health = sluice_health::Health {
         store: store.clone(),
         events: Some(Arc::new(sluice_billing::IngestSink(ingestor.clone()))),
         wake: Arc::new(tokio::sync::Notify::new()),
         default_cooldown: cfg.health.transition_cooldown,
         locks: Arc::default(),
+        enabled: enabled.clone(),
     };
-    consumers.start_model(sluice_health::model::HealthModel { wake: health.wake.clone() }).await.context("starting the health consumer")?;
+    consumers.start_model(sluice_health::model::HealthModel { wake: health.wake.clone(), enabled }).await.context("starting the health consumer")?;
     let jobs = Arc::new(sluice_jobs::Runner::start(
         store.clone(),
         vec![
             Arc::new(sluice_billing::run::BillingRun { billing: billing.clone() }),
-            Arc::new(sluice_health::jobs::Recompute { health: health.clone() }),
-            Arc::new(sluice_health::jobs::Backtest { health: health.clone() }),
+            Arc::new(sluice_health::jobs::Recompute { health: health.clone(), log: Some(log.clone()) }),
+            Arc::new(sluice_health::jobs::Backtest { health: health.clone(), log: Some(log.clone()) }),
             Arc::new(sluice_consumers::rebuild::ConsumerRebuild),
             Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
             Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone(), bursts: consumers.bursts().clone() }),

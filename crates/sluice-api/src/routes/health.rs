@@ -150,6 +150,18 @@ pub async fn patch_customer(
     Ok(Json(json!({"customer_id": id, "attributes": attributes, "health": health})))
 }
 
+/// Makes health keep the workspace's events from now on; when it did not
+/// yet, the log's end positions up to which the job must copy its history
+/// (docs/health.md, "How it is computed").
+fn enable(st: &AppState, ws: &str) -> Option<Vec<(u32, u64)>> {
+    if !st.health.enabled.insert(ws) {
+        return None;
+    }
+    // Read after the read model starts keeping the workspace: everything
+    // it skipped is before these positions.
+    Some((0..st.log.partitions()).map(|p| (p, st.log.next_offset(p))).collect())
+}
+
 /// `GET /v1/customers/{id}/health` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -343,13 +355,14 @@ pub async fn put_config(State(st): State<AppState>, who: Principal, Json(body): 
     let ws = who.workspace.as_str();
     let cfg = HealthConfig::parse(&body)?;
     let stored = serde_json::to_value(&cfg).map_err(ApiError::internal)?;
+    let backfill_until = enable(&st, ws);
     let version = st.store.put_health_config(ws, &stored, Some(&who.key_id)).await?;
     let job = st
         .store
         .enqueue_job(&sluice_store::NewJob {
             workspace: ws.to_owned(),
             kind: sluice_health::jobs::RECOMPUTE.into(),
-            payload: RecomputePayload { v: 1, workspace: ws.to_owned(), version }.to_value(),
+            payload: RecomputePayload { v: 1, workspace: ws.to_owned(), version, backfill_until }.to_value(),
             max_attempts: 5,
             created_by: Some(who.key_id.clone()),
         })
@@ -452,6 +465,7 @@ pub async fn create_backtest(
         step_days,
         horizon_days,
         outcome_attribute: b.outcome_attribute.unwrap_or_else(|| "churned_at".into()),
+        backfill_until: enable(&st, ws),
     };
     let job = st
         .store

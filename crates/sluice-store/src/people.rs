@@ -197,6 +197,17 @@ macro_rules! apply_effects {
 }
 pub(crate) use apply_effects;
 
+/// A customer row (id, attributes, first seen, updated), without its users.
+fn customer_row((id, a, f, u): (String, String, i64, i64)) -> CustomerRecord {
+    CustomerRecord {
+        customer_id: id,
+        attributes: Value::Object(parse_map(&a)),
+        users: vec![],
+        first_seen: from_micros(f),
+        updated_at: from_micros(u),
+    }
+}
+
 impl Store {
     /// One user with its customers and aliases.
     pub async fn get_user(&self, workspace: &str, user_id: &str) -> Result<Option<UserRecord>> {
@@ -246,16 +257,7 @@ impl Store {
             "SELECT customer_id, attributes, first_seen, updated_at FROM customers \
              WHERE workspace = $1 AND customer_id > $2 ORDER BY customer_id LIMIT $3")
             .bind(workspace).bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;
-        let rows = rows
-            .into_iter()
-            .map(|(id, a, f, u)| CustomerRecord {
-                customer_id: id,
-                attributes: Value::Object(parse_map(&a)),
-                users: vec![],
-                first_seen: from_micros(f),
-                updated_at: from_micros(u),
-            })
-            .collect();
+        let rows = rows.into_iter().map(customer_row).collect();
         Ok(Page::from_overfetch(rows, limit, |c: &CustomerRecord| c.customer_id.clone()))
     }
 
@@ -268,16 +270,7 @@ impl Store {
                 ids,
             )
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, a, f, u)| CustomerRecord {
-                customer_id: id,
-                attributes: Value::Object(parse_map(&a)),
-                users: vec![],
-                first_seen: from_micros(f),
-                updated_at: from_micros(u),
-            })
-            .collect())
+        Ok(rows.into_iter().map(customer_row).collect())
     }
 
     /// The current customer of each of `user_ids` that has one.

@@ -20,6 +20,8 @@ pub enum PlansCmd {
         conn: Conn,
     },
     /// Show a plan.
+    // Its own --version (the plan's) replaces the program's.
+    #[command(disable_version_flag = true)]
     Show {
         /// Plan code.
         code: String,
@@ -202,7 +204,8 @@ pub enum BillingCmd {
     },
 }
 
-fn read_json(file: &str) -> Result<Value> {
+/// A JSON file (`-`: stdin).
+pub(crate) fn read_json(file: &str) -> Result<Value> {
     let mut text = String::new();
     if file == "-" {
         std::io::stdin().read_to_string(&mut text)?;
@@ -212,12 +215,14 @@ fn read_json(file: &str) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{file} is not JSON"))
 }
 
-fn print(v: &Value) -> Result<()> {
+/// Pretty JSON on stdout.
+pub(crate) fn print(v: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn s(v: &Value) -> String {
+/// A JSON value as a cell: strings bare, null empty.
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => String::new(),
         Value::String(s) => s.clone(),

@@ -19,16 +19,16 @@
 //! Tables are aligned text (numbers right-aligned), as `sluice sql` prints;
 //! `--format json` prints the API's JSON instead.
 
-use std::io::Read as _;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sluice_client::{urlencode, ClientError};
 
+use crate::billing_cli::{read_json, s};
 use crate::client::{progress, Conn};
 
 #[derive(Subcommand)]
@@ -146,7 +146,7 @@ pub fn customers(cmd: CustomersCmd) -> Result<()> {
                 let q = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
                 let h = conn.client()?.get_json(&format!("/v1/customers/{}/health{q}", urlencode(&id))).await?;
                 if format == "json" {
-                    return print_json(&h);
+                    return crate::billing_cli::print(&h);
                 }
                 print!("{}", why(&h));
                 Ok(())
@@ -175,7 +175,7 @@ pub fn health(cmd: HealthCmd) -> Result<()> {
                 let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
                 let v = conn.client()?.get_json(&format!("/v1/health/config{q}")).await?;
                 eprintln!("health configuration version {}, created {} by {}", s(&v["version"]), s(&v["created_at"]), or_dash(&v["created_by"]));
-                print_json(&v["config"])
+                crate::billing_cli::print(&v["config"])
             }
             HealthCmd::Backtest(args) => backtest(args).await,
         }
@@ -206,7 +206,7 @@ async fn list(conn: &Conn, band: Option<String>, stage: Option<String>, sort: Op
     }
     rows.truncate(limit.unwrap_or(usize::MAX));
     if format == "json" {
-        return print_json(&Value::Array(rows));
+        return crate::billing_cli::print(&Value::Array(rows));
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -379,30 +379,6 @@ fn table(headers: &[&str], rows: &[Vec<String>], right: &[usize]) -> String {
         out.push_str(&line(r));
     }
     out
-}
-
-fn read_json(file: &str) -> Result<Value> {
-    let mut text = String::new();
-    if file == "-" {
-        std::io::stdin().read_to_string(&mut text)?;
-    } else {
-        text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
-    }
-    serde_json::from_str(&text).with_context(|| format!("{file} is not JSON"))
-}
-
-fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-/// A JSON value as a cell: strings bare, null empty.
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// Like [`s`], with `-` for null.

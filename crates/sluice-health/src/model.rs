@@ -135,8 +135,11 @@ async fn write(effect: &Effect, mark: Option<i64>, tx: Tx<'_>) -> Result<(), Sto
     let mut touched: Vec<(&str, &str)> = effect.events.iter().map(|r| (r.workspace.as_str(), r.customer_id.as_str())).collect();
     touched.sort_unstable();
     touched.dedup();
+    // In key order: neighbouring rows land on the same pages.
+    let mut rows: Vec<&Row> = effect.events.iter().collect();
+    rows.sort_unstable_by(|a, b| (&a.workspace, &a.customer_id, &a.event_type, a.ts).cmp(&(&b.workspace, &b.customer_id, &b.event_type, b.ts)));
     on_tx!(tx, conn => {
-        for chunk in effect.events.chunks(ROWS_PER_STATEMENT) {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let values = (0..chunk.len()).map(|i| {
                 let b = i * 7;
                 format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7)
@@ -144,7 +147,7 @@ async fn write(effect: &Effect, mark: Option<i64>, tx: Tx<'_>) -> Result<(), Sto
             let sql = format!("INSERT INTO health_events (workspace, customer_id, event_type, ts, event_id, user_id, properties) VALUES {values} \
                 ON CONFLICT (workspace, customer_id, event_type, ts, event_id) DO NOTHING");
             let mut q = sqlx::query(&sql);
-            for r in chunk {
+            for r in chunk.iter() {
                 q = q.bind(&r.workspace).bind(&r.customer_id).bind(&r.event_type).bind(r.ts).bind(&r.event_id).bind(&r.user_id).bind(&r.properties);
             }
             q.execute(&mut *conn).await?;

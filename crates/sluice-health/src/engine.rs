@@ -181,9 +181,19 @@ impl Health {
         Ok(Some(WsCtx { name: ws.to_owned(), tz: self.tz(ws).await?, version, config: Arc::new(cfg) }))
     }
 
-    /// A customer's attributes as they were at `at` (now when `None`).
-    pub async fn attributes_at(&self, ws: &str, customer: &str, at: Option<DateTime<Utc>>) -> Result<Map<String, Value>, HealthError> {
-        Ok(fold_attributes(&self.store.attribute_changes(ws, customer, at).await?))
+    /// Customers' attributes as they were at `at` (now when `None`); a
+    /// customer without any is absent.
+    pub async fn attributes_of(
+        &self,
+        ws: &str,
+        customers: &[&str],
+        at: Option<DateTime<Utc>>,
+    ) -> Result<HashMap<String, Map<String, Value>>, HealthError> {
+        let mut changes: HashMap<String, Vec<(DateTime<Utc>, Value)>> = HashMap::new();
+        for (c, t, p) in self.store.attribute_changes_of(ws, customers, at).await? {
+            changes.entry(c).or_default().push((t, p));
+        }
+        Ok(changes.into_iter().map(|(c, ch)| (c, fold_attributes(&ch))).collect())
     }
 
     /// Reads what evaluating `customers` at `at` needs, in a few queries
@@ -207,11 +217,7 @@ impl Health {
                 seen.insert(t, ts);
             }
         }
-        let mut changes: HashMap<String, Vec<(DateTime<Utc>, Value)>> = HashMap::new();
-        for (c, t, p) in self.store.attribute_changes_of(ws, customers, Some(at)).await? {
-            changes.entry(c).or_default().push((t, p));
-        }
-        l.attributes = changes.into_iter().map(|(c, ch)| (c, fold_attributes(&ch))).collect();
+        l.attributes = self.attributes_of(ws, customers, Some(at)).await?;
         l.overrides = self.store.stage_overrides_of(ws, customers, at).await?.into_iter().collect();
         let mut meters_done = std::collections::HashSet::new();
         for m in cfg.measures.values() {
@@ -550,13 +556,6 @@ pub struct Loaded {
     overrides: HashMap<String, sluice_store::OverrideRow>,
     usage: HashMap<String, HashMap<String, Decimal>>,
     included: HashMap<String, HashMap<String, Decimal>>,
-}
-
-impl Loaded {
-    /// A customer's attributes at the loaded time.
-    pub fn attributes(&self, customer: &str) -> Option<&Map<String, Value>> {
-        self.attributes.get(customer)
-    }
 }
 
 /// The evaluator: re-evaluates customers when the read model marks them

@@ -316,26 +316,9 @@ fn compare(a: &Val, op: Op, b: &Val) -> bool {
 /// `seats < 100` nor `not (seats < 100)`.
 fn holds(r: &Rule, values: &HashMap<&str, Option<Val>>, attrs: &Map<String, Value>) -> Option<bool> {
     match r {
-        Rule::All(v) => {
-            let parts: Vec<Option<bool>> = v.iter().map(|r| holds(r, values, attrs)).collect();
-            if parts.contains(&Some(false)) {
-                Some(false)
-            } else if parts.contains(&None) {
-                None
-            } else {
-                Some(true)
-            }
-        }
-        Rule::Any(v) => {
-            let parts: Vec<Option<bool>> = v.iter().map(|r| holds(r, values, attrs)).collect();
-            if parts.contains(&Some(true)) {
-                Some(true)
-            } else if parts.contains(&None) {
-                None
-            } else {
-                Some(false)
-            }
-        }
+        Rule::All(v) => all3(v.iter().map(|r| holds(r, values, attrs))),
+        // any(x…) = not all(not x…).
+        Rule::Any(v) => all3(v.iter().map(|r| holds(r, values, attrs).map(|b| !b))).map(|b| !b),
         Rule::Not(r) => holds(r, values, attrs).map(|b| !b),
         Rule::Cmp(Comparison { left, op, value }) => {
             let l = match left {
@@ -348,6 +331,20 @@ fn holds(r: &Rule, values: &HashMap<&str, Option<Val>>, attrs: &Map<String, Valu
             }
         }
     }
+}
+
+/// `all` in three-valued logic: false if a part is false, else unknown if
+/// a part is unknown, else true.
+fn all3(parts: impl Iterator<Item = Option<bool>>) -> Option<bool> {
+    let mut unknown = false;
+    for p in parts {
+        match p {
+            Some(false) => return Some(false),
+            None => unknown = true,
+            Some(true) => {}
+        }
+    }
+    (!unknown).then_some(true)
 }
 
 fn points(it: &ScoreItem, v: Decimal) -> Decimal {

@@ -282,15 +282,11 @@ impl JobHandler for Backtest {
             }
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             // The outcome is what really happened: the attribute's value now.
-            let mut now_changes: HashMap<String, Vec<(DateTime<Utc>, Value)>> = HashMap::new();
-            for (c, t, patch) in h.store.attribute_changes_of(&p.workspace, &refs, None).await? {
-                now_changes.entry(c).or_default().push((t, patch));
-            }
+            let now_attrs = h.attributes_of(&p.workspace, &refs, None).await.map_err(job_error)?;
             let churned_at: HashMap<&str, DateTime<Utc>> = refs
                 .iter()
                 .filter_map(|c| {
-                    let attrs = crate::engine::fold_attributes(now_changes.get(*c).map(Vec::as_slice).unwrap_or(&[]));
-                    let t = match Val::from_json(attrs.get(&p.outcome_attribute)?)? {
+                    let t = match Val::from_json(now_attrs.get(*c)?.get(&p.outcome_attribute)?)? {
                         Val::Date(d) => Some(sluice_metering::usage::local_start(tz, d, 0)),
                         Val::Str(s) => DateTime::parse_from_rfc3339(&s).ok().map(|t| t.with_timezone(&Utc)),
                         _ => None,

@@ -214,14 +214,6 @@ impl Store {
         })
     }
 
-    /// Attribute patches of a customer up to `until` (inclusive), in order.
-    pub async fn attribute_changes(&self, workspace: &str, customer_id: &str, until: Option<DateTime<Utc>>) -> Result<Vec<(DateTime<Utc>, Value)>> {
-        let rows: Vec<(i64, String)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT at, patch FROM customer_attribute_changes WHERE workspace = $1 AND customer_id = $2 AND at <= $3 ORDER BY at, ref")
-            .bind(workspace).bind(customer_id).bind(until.map(to_micros).unwrap_or(i64::MAX)).fetch_all(pool).await)?;
-        Ok(rows.into_iter().map(|r| (from_micros(r.0), json(&r.1))).collect())
-    }
-
     /// When a customer was first seen: its first event or attribute change.
     pub async fn health_first_seen(&self, workspace: &str, customer_id: &str) -> Result<Option<DateTime<Utc>>> {
         let row: (Option<i64>, Option<i64>) = on_pool!(self, pool => sqlx::query_as(
@@ -271,22 +263,9 @@ impl Store {
         })
     }
 
-    /// The override row in force at `at` (the latest set at or before it;
-    /// it may be a lift or expired: the caller decides).
-    pub async fn stage_override_at(&self, workspace: &str, customer_id: &str, at: DateTime<Utc>) -> Result<Option<OverrideRow>> {
-        type OverrideTuple = (i64, Option<String>, Option<String>, Option<i64>, Option<String>);
-        let row: Option<OverrideTuple> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT set_at, stage, reason, until_at, set_by FROM stage_overrides WHERE workspace = $1 AND customer_id = $2 AND set_at <= $3 \
-             ORDER BY set_at DESC LIMIT 1")
-            .bind(workspace).bind(customer_id).bind(to_micros(at)).fetch_optional(pool).await)?;
-        Ok(row.map(|r| OverrideRow { set_at: from_micros(r.0), stage: r.1, reason: r.2, until: r.3.map(from_micros), set_by: r.4 }))
-    }
-
     /// The live evaluation of a customer.
     pub async fn customer_health(&self, workspace: &str, customer_id: &str) -> Result<Option<CustomerHealthRow>> {
-        let sql = format!("SELECT {HEALTH_COLUMNS} FROM customer_health WHERE workspace = $1 AND customer_id = $2");
-        let row: Option<HealthTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(customer_id).fetch_optional(pool).await)?;
-        Ok(row.map(health_row))
+        Ok(self.customers_health(workspace, &[customer_id]).await?.pop())
     }
 
     /// The live evaluations of several customers.
@@ -450,7 +429,8 @@ impl Store {
     }
 
     /// The override row in force at `at` of each of these customers that
-    /// has one (the latest set at or before `at`).
+    /// has one (the latest set at or before `at`; it may be a lift or
+    /// expired: the caller decides).
     pub async fn stage_overrides_of(&self, workspace: &str, customers: &[&str], at: DateTime<Utc>) -> Result<Vec<(String, OverrideRow)>> {
         let sql = format!(
             "SELECT customer_id, set_at, stage, reason, until_at, set_by FROM stage_overrides WHERE workspace = $1 AND customer_id IN ({{in}}) \

@@ -168,12 +168,10 @@ async fn run(cfg: Config) -> Result<()> {
         enabled.insert(&ws);
     }
     let health = sluice_health::Health {
-        store: store.clone(),
         events: Some(Arc::new(sluice_billing::IngestSink(ingestor.clone()))),
-        wake: Arc::new(tokio::sync::Notify::new()),
         default_cooldown: cfg.health.transition_cooldown,
-        locks: Arc::default(),
         enabled: enabled.clone(),
+        ..sluice_health::Health::new(store.clone())
     };
     consumers.start_model(sluice_health::model::HealthModel { wake: health.wake.clone(), enabled }).await.context("starting the health consumer")?;
     let jobs = Arc::new(sluice_jobs::Runner::start(

@@ -2,8 +2,6 @@
 //! `/v1/invoices`, `/v1/billing-runs`, and the `billing` settings of
 //! `PATCH /v1/workspaces/{name}`.
 
-use std::time::{Duration, Instant};
-
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -679,17 +677,8 @@ pub async fn create_run(
         tracing::error!(error = %e, "could not audit a billing run");
     }
     if q.wait == Some(true) {
-        let deadline = Instant::now() + super::imports::WAIT;
-        loop {
-            let j = st.store.get_job(Some(who.workspace.as_str()), &job.id).await?;
-            if j.is_terminal() {
-                return Ok((StatusCode::OK, Json(run_view(&st, &j, true).await?)));
-            }
-            if Instant::now() > deadline {
-                return Ok((StatusCode::ACCEPTED, Json(run_view(&st, &j, true).await?)));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (j, ended) = super::jobs::wait_for(&st, who.workspace.as_str(), &job.id).await?;
+        return Ok((if ended { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(run_view(&st, &j, true).await?)));
     }
     Ok((StatusCode::ACCEPTED, Json(run_view(&st, &job, true).await?)))
 }

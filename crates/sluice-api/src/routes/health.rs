@@ -3,8 +3,6 @@
 //! history, stage overrides and backtests. The customer list's filters and
 //! sorts (`stage`, `band`, `sort`) are in `people.rs`.
 
-use std::time::{Duration, Instant};
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -66,17 +64,22 @@ async fn known(st: &AppState, who: &Principal, id: &str) -> Result<(), ApiError>
     }
 }
 
-/// A customer's attributes now: the traits of its `group` calls and the
-/// attributes set through the API, applied in time order.
-pub async fn current_attributes(st: &AppState, ws: &str, id: &str, traits: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
+/// A customer's attributes now: the traits of its `group` calls, then the
+/// attributes health keeps with their time (`Health::attributes_of`, read
+/// for a whole page at once), applied over them.
+pub fn merged_attributes(traits: Option<&Value>, kept: Option<&Map<String, Value>>) -> Map<String, Value> {
     let mut out = match traits {
         Some(Value::Object(m)) => m.clone(),
         _ => Map::new(),
     };
-    for (k, v) in st.health.attributes_at(ws, id, None).await? {
-        out.insert(k, v);
-    }
-    Ok(out)
+    out.extend(kept.into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+/// One customer's [`merged_attributes`].
+pub async fn current_attributes(st: &AppState, ws: &str, id: &str, traits: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
+    let kept = st.health.attributes_of(ws, &[id], None).await?;
+    Ok(merged_attributes(traits, kept.get(id)))
 }
 
 /// `PATCH /v1/customers/{id}`: sets attributes (`{"mrr": 5000,
@@ -305,7 +308,7 @@ pub async fn delete_override(State(st): State<AppState>, who: Principal, Path(id
     check_customer_id(&id)?;
     let ws = who.workspace.as_str();
     let now = Utc::now();
-    let current = st.store.stage_override_at(ws, &id, now).await?;
+    let current = st.store.stage_overrides_of(ws, &[id.as_str()], now).await?.pop().map(|(_, o)| o);
     if !current.is_some_and(|o| o.stage.is_some() && o.until.is_none_or(|u| u > now)) {
         return Err(ApiError::not_found(format!("customer {id:?} has no stage override in force")));
     }
@@ -479,15 +482,8 @@ pub async fn create_backtest(
         .await?;
     st.jobs.wake();
     if q.wait == Some(true) {
-        let deadline = Instant::now() + super::imports::WAIT;
-        loop {
-            let j = st.store.get_job(Some(ws), &job.id).await?;
-            if j.is_terminal() || Instant::now() > deadline {
-                let status = if j.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
-                return Ok((status, Json(backtest_view(j))));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (j, ended) = super::jobs::wait_for(&st, ws, &job.id).await?;
+        return Ok((if ended { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(backtest_view(j))));
     }
     Ok((StatusCode::ACCEPTED, Json(backtest_view(job))))
 }

@@ -2,7 +2,7 @@
 //! (bounded memory), then an `import.usage` job imports it; `?wait=true`
 //! waits for small files so they take one round trip.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -116,17 +116,8 @@ pub async fn create(
         tracing::error!(error = %e, "could not audit an import");
     }
     if q.wait == Some(true) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let j = st.store.get_job(Some(who.workspace.as_str()), &job.id).await?;
-            if j.is_terminal() {
-                return Ok((StatusCode::OK, Json(view(&j))));
-            }
-            if Instant::now() > deadline {
-                return Ok((StatusCode::ACCEPTED, Json(view(&j))));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (j, ended) = super::jobs::wait_for(&st, who.workspace.as_str(), &job.id).await?;
+        return Ok((if ended { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(view(&j))));
     }
     Ok((StatusCode::ACCEPTED, Json(view(&job))))
 }

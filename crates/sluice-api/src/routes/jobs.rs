@@ -97,6 +97,22 @@ impl From<Job> for JobView {
     }
 }
 
+/// `?wait=true` of the endpoints that make a job: the job once it ended
+/// (`true`), or as it is after [`super::imports::WAIT`] (`false`).
+pub(crate) async fn wait_for(st: &AppState, ws: &str, id: &str) -> Result<(Job, bool), ApiError> {
+    let deadline = std::time::Instant::now() + super::imports::WAIT;
+    loop {
+        let j = st.store.get_job(Some(ws), id).await?;
+        if j.is_terminal() {
+            return Ok((j, true));
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok((j, false));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// `GET /v1/jobs` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct JobQuery {

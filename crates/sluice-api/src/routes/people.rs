@@ -4,7 +4,7 @@
 use crate::json::Query;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use sluice_store::{CustomerRecord, HealthSort, UserRecord};
 
 use super::{rfc3339, List};
@@ -93,10 +93,23 @@ pub struct CustomersQuery {
     pub sort: Option<String>,
 }
 
-/// The health summary of a list row.
-fn summary(h: &sluice_store::CustomerHealthRow) -> Value {
-    json!({"stage": h.stage, "band": h.band, "score": h.score, "priority": h.priority, "config_version": h.config_version,
-        "evaluated_at": h.evaluated_at})
+/// The health summary of a customer: its fields at the top level of the
+/// customer, and the same under `health` for a list row.
+fn summary(h: &sluice_store::CustomerHealthRow) -> Map<String, Value> {
+    let v = json!({"stage": h.stage, "band": h.band, "score": h.score, "priority": h.priority, "config_version": h.config_version,
+        "evaluated_at": h.evaluated_at});
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn add_summary(v: &mut Value, h: &sluice_store::CustomerHealthRow) {
+    if let Value::Object(m) = v {
+        let s = summary(h);
+        m.extend(s.clone());
+        m.insert("health".into(), Value::Object(s));
+    }
 }
 
 /// Customers of the workspace: by id, or by health (`stage`, `band`,
@@ -132,10 +145,11 @@ pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q)
         let (rows, next) = st.store.list_customer_health(ws, q.stage.as_deref(), q.band.as_deref(), sort, after, limit).await?;
         let ids: Vec<&str> = rows.iter().map(|r| r.customer_id.as_str()).collect();
         let records = st.store.customers_by_ids(ws, &ids).await?;
+        let kept = st.health.attributes_of(ws, &ids, None).await?;
         let mut data = Vec::with_capacity(rows.len());
         for h in &rows {
             let rec = records.iter().find(|c| c.customer_id == h.customer_id);
-            let attributes = super::health::current_attributes(&st, ws, &h.customer_id, rec.map(|c| &c.attributes)).await?;
+            let attributes = super::health::merged_attributes(rec.map(|c| &c.attributes), kept.get(&h.customer_id));
             // Known to health only (no `group` call): first seen by its events.
             let (first, updated) = match rec {
                 Some(c) => (Some(c.first_seen), Some(c.updated_at)),
@@ -146,10 +160,7 @@ pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q)
             };
             let mut v = json!({"customer_id": h.customer_id, "attributes": attributes,
                 "first_seen_at": first.map(rfc3339), "updated_at": updated.map(rfc3339)});
-            if let (Value::Object(m), Value::Object(s)) = (&mut v, summary(h)) {
-                m.extend(s);
-                m.insert("health".into(), summary(h));
-            }
+            add_summary(&mut v, h);
             data.push(v);
         }
         return Ok(Json(List { data, next_cursor: next.map(|(v, id)| format!("h:{v}|{id}")) }));
@@ -157,17 +168,15 @@ pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q)
     let page = st.store.list_customers(ws, q.cursor.as_deref(), limit).await?;
     let ids: Vec<&str> = page.data.iter().map(|c| c.customer_id.as_str()).collect();
     let health = st.store.customers_health(ws, &ids).await?;
+    let kept = st.health.attributes_of(ws, &ids, None).await?;
     let mut data = Vec::with_capacity(page.data.len());
     for c in page.data {
-        let attributes = super::health::current_attributes(&st, ws, &c.customer_id, Some(&c.attributes)).await?;
+        let attributes = super::health::merged_attributes(Some(&c.attributes), kept.get(&c.customer_id));
         let h = health.iter().find(|h| h.customer_id == c.customer_id);
         let mut v = serde_json::to_value(CustomerView::new(c, false)).unwrap_or(Value::Null);
         v["attributes"] = Value::Object(attributes);
-        if let (Value::Object(m), Some(h)) = (&mut v, h) {
-            if let Value::Object(s) = summary(h) {
-                m.extend(s);
-            }
-            m.insert("health".into(), summary(h));
+        if let Some(h) = h {
+            add_summary(&mut v, h);
         }
         data.push(v);
     }
@@ -199,9 +208,7 @@ pub async fn get_customer(State(st): State<AppState>, who: Principal, Path(id): 
         None => return Err(ApiError::not_found(format!("customer {id:?} not found"))),
     };
     if let (Value::Object(m), Some(h)) = (&mut v, &health) {
-        if let Value::Object(s) = summary(h) {
-            m.extend(s);
-        }
+        m.extend(summary(h));
         m.insert("health".into(), h.doc.clone());
     }
     Ok(Json(v))

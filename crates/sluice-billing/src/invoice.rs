@@ -200,18 +200,66 @@ fn seconds(a: DateTime<Utc>, b: DateTime<Utc>) -> Decimal {
     Decimal::from((b - a).num_microseconds().unwrap_or(i64::MAX).max(0))
 }
 
+/// A part of a cycle period as an exact fraction (microseconds over
+/// microseconds). Amounts are multiplied before they are divided: 25.5 days
+/// of a 31-day month is not a finite decimal, and a fee of 62,000 times
+/// the rounded-off quotient came to 51,062.4999… (rounded to 51,062) where
+/// the exact 51,062.5 rounds half up to 51,063.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    num: Decimal,
+    den: Decimal,
+}
+
+impl Share {
+    /// The whole period.
+    pub const ONE: Share = Share { num: Decimal::ONE, den: Decimal::ONE };
+    /// Nothing.
+    pub const ZERO: Share = Share { num: Decimal::ZERO, den: Decimal::ONE };
+
+    /// `[a, b)` of `[cs, ce)`.
+    fn of_period(a: DateTime<Utc>, b: DateTime<Utc>, cs: DateTime<Utc>, ce: DateTime<Utc>) -> Share {
+        if (a, b) == (cs, ce) {
+            return Share::ONE;
+        }
+        let den = seconds(cs, ce);
+        if den.is_zero() {
+            return Share::ZERO;
+        }
+        Share { num: seconds(a, b), den }
+    }
+
+    /// `amount` times the share (multiplied first; divided first only if
+    /// the product would not fit a decimal).
+    pub fn of(self, amount: Decimal) -> Decimal {
+        match amount.checked_mul(self.num) {
+            Some(p) => p / self.den,
+            None => amount * (self.num / self.den),
+        }
+    }
+
+    /// The share as a decimal (for display: `proration`).
+    pub fn value(self) -> Decimal {
+        self.num / self.den
+    }
+
+    fn is_zero(self) -> bool {
+        self.num.is_zero()
+    }
+
+    fn neg(self) -> Share {
+        Share { num: -self.num, den: self.den }
+    }
+}
+
 /// The share of the cycle period `(cs, ce)` that `[a, b)` is, leaving out
 /// the trial: prorated by time (microseconds), exact.
-fn share(sub: &Subscription, (cs, ce): (DateTime<Utc>, DateTime<Utc>), a: DateTime<Utc>, b: DateTime<Utc>) -> Decimal {
+fn share(sub: &Subscription, (cs, ce): (DateTime<Utc>, DateTime<Utc>), a: DateTime<Utc>, b: DateTime<Utc>) -> Share {
     let a = sub.trial_end.map_or(a, |t| a.max(t));
     if b <= a || ce <= cs {
-        return Decimal::ZERO;
+        return Share::ZERO;
     }
-    let full = seconds(cs, ce);
-    if a == cs && b == ce {
-        return Decimal::ONE;
-    }
-    seconds(a, b) / full
+    Share::of_period(a, b, cs, ce)
 }
 
 /// What a period's invoice is computed from.
@@ -241,11 +289,11 @@ impl PeriodBill<'_> {
         let mut lines = Vec::new();
         let ends_phase = self.sub.phases.iter().any(|p| p.from == b) || self.sub.end == Some(b);
         for fee in &self.plan.fixed_fees {
-            let mut line = |desc: String, frac: Decimal, from: DateTime<Utc>, to: DateTime<Utc>, kind: LineKind| {
+            let mut line = |desc: String, frac: Share, from: DateTime<Utc>, to: DateTime<Utc>, kind: LineKind| {
                 if frac.is_zero() {
                     return;
                 }
-                let amount = self.currency.round_line(fee.amount * frac);
+                let amount = self.currency.round_line(frac.of(fee.amount));
                 lines.push(Line {
                     kind,
                     description: desc,
@@ -258,7 +306,7 @@ impl PeriodBill<'_> {
                     period_start: from,
                     period_end: to,
                     tiers: Vec::new(),
-                    proration: (frac.abs() != Decimal::ONE).then(|| frac.abs().round_dp(6).normalize()),
+                    proration: (frac.value().abs() != Decimal::ONE).then(|| frac.value().abs().round_dp(6).normalize()),
                     free_units: None,
                     minimum_amount: None,
                     minimum_applied: false,
@@ -278,7 +326,7 @@ impl PeriodBill<'_> {
                         line(format!("{} (in advance)", fee.name), share(self.sub, next, b, to), b, to, LineKind::FixedFee);
                     }
                     if b < cp.1 && ends_phase {
-                        let unused = -share(self.sub, cp, b, cp.1);
+                        let unused = share(self.sub, cp, b, cp.1).neg();
                         line(format!("{} (unused, credited)", fee.name), unused, b, cp.1, LineKind::Adjustment);
                     }
                 }
@@ -289,13 +337,9 @@ impl PeriodBill<'_> {
 
     /// The share of a full cycle period this invoice period is (minimums
     /// are prorated by it; the trial does not reduce them).
-    pub fn period_share(&self) -> Decimal {
+    pub fn period_share(&self) -> Share {
         let cp = self.cycle.period_of(self.period.start);
-        if (self.period.start, self.period.end) == cp {
-            Decimal::ONE
-        } else {
-            seconds(self.period.start, self.period.end) / seconds(cp.0, cp.1)
-        }
+        Share::of_period(self.period.start, self.period.end, cp.0, cp.1)
     }
 
     /// A usage line of `charge` for `quantity` in this period; `sql`
@@ -307,9 +351,9 @@ impl PeriodBill<'_> {
 
 /// A usage line: the charge's price of `quantity`, at least its minimum
 /// prorated by `share`, rounded to the minor unit.
-pub fn charge_line(currency: Currency, charge: &Charge, quantity: Decimal, p: Period, share: Decimal, sql: Option<String>) -> Line {
+pub fn charge_line(currency: Currency, charge: &Charge, quantity: Decimal, p: Period, share: Share, sql: Option<String>) -> Line {
     let priced = charge.price(quantity);
-    let minimum = charge.minimum_amount.map(|m| m * share);
+    let minimum = charge.minimum_amount.map(|m| share.of(m));
     let minimum_applied = minimum.is_some_and(|m| m > priced.amount);
     let exact = if minimum_applied { minimum.unwrap_or_default() } else { priced.amount };
     Line {
@@ -324,7 +368,7 @@ pub fn charge_line(currency: Currency, charge: &Charge, quantity: Decimal, p: Pe
         period_start: p.start,
         period_end: p.end,
         tiers: priced.tiers,
-        proration: (share != Decimal::ONE && charge.minimum_amount.is_some()).then(|| share.round_dp(6).normalize()),
+        proration: (share != Share::ONE && charge.minimum_amount.is_some()).then(|| share.value().round_dp(6).normalize()),
         free_units: charge.free_units,
         minimum_amount: minimum.map(|m| currency.exact(currency.round_line(m))),
         minimum_applied,
@@ -340,7 +384,7 @@ pub fn late_line(
     charge: &Charge,
     quantity: Decimal,
     p: Period,
-    share: Decimal,
+    share: Share,
     billed: (Decimal, Decimal),
     sql: Option<String>,
 ) -> Option<Line> {
@@ -367,6 +411,19 @@ mod tests {
     use crate::cycle::Anchor;
     use crate::plan::Interval;
     use crate::subscription::Phase;
+
+    #[test]
+    fn a_share_multiplies_before_it_divides() {
+        // 2026-12-06 02:15 UTC to the end of December in Tokyo: 2,205,900 s
+        // of 2,678,400. 62,000 × that is exactly 51,062.5.
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let (cs, ce) = (t("2026-11-30T15:00:00Z"), t("2026-12-31T15:00:00Z"));
+        let sh = Share::of_period(t("2026-12-06T02:15:00Z"), ce, cs, ce);
+        assert_eq!(sh.of(Decimal::from(62000)), Decimal::new(510625, 1));
+        assert_eq!(Currency::of("JPY").unwrap().round_line(sh.of(Decimal::from(62000))), Decimal::from(51063));
+        // Dividing first loses the midpoint.
+        assert!(Decimal::from(62000) * sh.value() < Decimal::new(510625, 1));
+    }
 
     fn t(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

@@ -77,6 +77,9 @@ async function spawnServer() {
       SLUICE_WEBHOOK_ALLOW_PRIVATE: 'true',
       SLUICE_RETRY_ATTEMPTS: '1',
       SLUICE_RETRY_BASE_MS: '20',
+      // The overview samples every second (10 s by default), so its charts
+      // fill within a test.
+      SLUICE_DASHBOARD_OVERVIEW_INTERVAL: '1s',
       RUST_LOG: 'warn',
     },
     stdio: ['ignore', 'ignore', 'pipe'],
@@ -1094,5 +1097,266 @@ test('customers: "More" reads the next page by the API\'s next_cursor, in priori
   await until('both pages', async () => (await bodyRows(list)).map((r) => r[0]).join() === all.join());
   await region.getByText('55 customers', { exact: true }).waitFor();
   assert.equal(await region.getByRole('button', { name: 'More' }).isHidden(), true);
+  await context.close();
+});
+
+// ---- Overview, settings, saved queries, navigation, first load ---------------
+
+// A workspace of its own with admin and read keys.
+async function ownWorkspace(name) {
+  const ws = await call(server.root, 'POST', '/v1/workspaces', { name, time_zone: 'Asia/Tokyo' });
+  assert.equal(ws.status, 201, JSON.stringify(ws.body));
+  const k = {};
+  for (const scope of ['admin', 'read', 'ingest']) {
+    const r = await call(server.root, 'POST', '/v1/keys', { name: `${name} ${scope}`, scope, workspace: name });
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    k[scope] = r.body.secret;
+  }
+  return k;
+}
+const overviewRegion = (page) => page.getByRole('region', { name: 'Overview', exact: true });
+const tileValue = (page, name) => overviewRegion(page).getByRole('group', { name, exact: true }).locator('.value').textContent();
+const seriesValues = (page, series) => overviewRegion(page).locator(`svg[data-series="${series}"]`).getAttribute('data-values', { timeout: 2_000 })
+  .then((v) => v.split(',').map(Number)).catch(() => []);
+const sum = (xs) => xs.reduce((a, b) => a + b, 0);
+
+test('overview: the figures now and the charts of the last hour equal the API, and count only this workspace', { skip }, async () => {
+  const k = await ownWorkspace('ovw');
+  const hook = await call(k.admin, 'POST', '/v1/webhooks', { url: 'http://127.0.0.1:9/hook', event_types: ['ovw.dead'] });
+  assert.equal(hook.status, 201, JSON.stringify(hook.body));
+  const events = Array.from({ length: 12 }, (_, i) => ({ id: `ovw-${i}`, type: i < 2 ? 'ovw.dead' : 'ovw.ok' }));
+  assert.equal((await call(k.ingest, 'POST', '/v1/events', events)).status, 200);
+  assert.equal((await call(k.ingest, 'POST', '/v1/events', { id: '', type: 'x' })).status, 400);
+  const settled = (o) => o.events_last_hour === 12 && o.dead_letters_waiting === 2 && o.errors_last_hour === 3;
+  const api = await until('the overview counted it all', async () => { const o = (await call(k.read, 'GET', '/v1/overview')).body; return settled(o) && o; });
+  assert.deepEqual(api.errors, { ingest_rejected: 1, jobs_failed: 0, dead_lettered: 2 });
+
+  const { context, page } = await newPage();
+  await signIn(page, k.read);
+  // The page reads the overview every few seconds; wait until its charts
+  // hold every sample of the activity, then compare with the API.
+  await until('the charts of the page', async () => sum(await seriesValues(page, 'events')) === 12 && sum(await seriesValues(page, 'errors')) === 3, 20_000);
+  assert.equal(await tileValue(page, 'Dead letters waiting'), '2');
+  assert.equal(await tileValue(page, 'Errors in the last hour'), '3');
+  assert.equal(await tileValue(page, 'Jobs running'), '0');
+  await overviewRegion(page).getByText('1 refused requests · 0 failed jobs · 2 dead letters').waitFor();
+  // Every chart is an image with a name saying what it shows and the value now.
+  for (const name of [/^Events accepted per sample: \d+ samples from .* now /, /^Largest consumer lag: /, /^Jobs running: /, /^Dead letters waiting: .* now 2$/, /^Errors per sample: .* now 3$/]) {
+    await overviewRegion(page).getByRole('img', { name }).waitFor();
+  }
+  // The consumers table lists what GET /v1/consumers lists for this workspace.
+  const consumers = (await call(k.read, 'GET', '/v1/consumers')).body.data.map((c) => c.name).sort();
+  const shown = await overviewRegion(page).getByRole('table', { name: 'Consumer lags' }).evaluate((t) => [...t.tBodies[0].rows].map((r) => r.cells[0].textContent.trim()));
+  assert.deepEqual(shown.sort(), consumers);
+  assert.ok(shown.includes(hook.body.consumer));
+  // The series the page drew are the API's.
+  const again = (await call(k.read, 'GET', '/v1/overview')).body;
+  assert.equal(sum(again.series.map((p) => p.events)), sum(await seriesValues(page, 'events')));
+  assert.equal(sum(again.series.map((p) => p.errors)), sum(await seriesValues(page, 'errors')));
+  await axeCheck(page, 'overview');
+  // In Japanese.
+  await page.getByLabel('Language').selectOption('ja');
+  const ja = page.getByRole('region', { name: '概要', exact: true });
+  await ja.getByRole('group', { name: '処理待ちのデッドレター' }).waitFor();
+  await ja.getByRole('img', { name: /^サンプルごとのエラー数: .*。現在 3$/ }).waitFor();
+  await page.getByLabel('Language').selectOption('en');
+  await context.close();
+});
+
+test('settings: an admin creates a key whose secret is shown once and works, revokes it after confirming, adds and deletes a webhook', { skip }, async () => {
+  const k = await ownWorkspace('setg');
+  const { context, page } = await newPage();
+  await signIn(page, k.admin);
+  const settings = page.getByRole('region', { name: 'Settings', exact: true });
+  await settings.getByRole('table', { name: 'Workspaces' }).getByText('setg').waitFor();
+  // The keys table is the API's list.
+  const keysTable = settings.getByRole('table', { name: 'API keys' });
+  await keysTable.waitFor();
+  const listed = (await call(k.admin, 'GET', '/v1/keys')).body.data.map((x) => x.id).sort();
+  assert.deepEqual((await keysTable.evaluate((t) => [...t.tBodies[0].rows].map((r) => r.cells[0].textContent.trim()))).sort(), listed);
+  // A key without a name is refused at the control, nothing created.
+  await settings.getByRole('button', { name: 'Create key' }).click();
+  await settings.getByText('Give the key a name.').waitFor();
+  assert.equal((await call(k.admin, 'GET', '/v1/keys')).body.data.length, listed.length);
+  // Create: the secret is shown once, and works.
+  await settings.getByLabel('Key name').fill('reporting');
+  await settings.getByLabel('Scope', { exact: true }).selectOption('read');
+  await settings.getByRole('button', { name: 'Create key' }).click();
+  const secretBox = settings.getByRole('region', { name: 'Copy the secret now: it is shown only once.' });
+  await secretBox.waitFor();
+  const secret = (await secretBox.locator('code').textContent()).trim();
+  assert.match(secret, /^sk_/);
+  assert.equal((await call(secret, 'GET', '/v1/consumers')).status, 200);
+  const created = (await call(k.admin, 'GET', '/v1/keys')).body.data.find((x) => x.name === 'reporting');
+  assert.equal(created.scope, 'read');
+  await keysTable.getByText(created.id).waitFor();
+  // After a reload the secret is nowhere on the page.
+  await page.reload();
+  await page.getByRole('button', { name: 'Sign out' }).waitFor();
+  await keysTable.getByText(created.id).waitFor();
+  assert.equal((await page.content()).includes(secret), false);
+  // Revoke asks first; Back changes nothing, Confirm revokes.
+  const row = keysTable.getByRole('row').filter({ hasText: created.id });
+  await row.getByRole('button', { name: 'Revoke' }).click();
+  await settings.getByRole('alert').getByText(`Revoke ${created.id}?`).waitFor();
+  await settings.getByRole('button', { name: 'Back' }).click();
+  assert.equal((await call(secret, 'GET', '/v1/consumers')).status, 200);
+  await row.getByRole('button', { name: 'Revoke' }).click();
+  await settings.getByRole('button', { name: 'Confirm' }).click();
+  await settings.getByText(`Key ${created.id} revoked.`).waitFor();
+  assert.equal((await call(secret, 'GET', '/v1/consumers')).status, 401);
+  await until('the key leaves the table', async () => (await keysTable.getByText(created.id).count()) === 0);
+  // Webhooks: add (the signing secret shown once), then delete after confirming.
+  await settings.getByLabel('Target URL').fill('http://127.0.0.1:9/sluice-setg');
+  await settings.getByLabel('Event types (comma-separated; * for all)').fill('invoice.finalized, customer.stage_changed');
+  await settings.getByRole('button', { name: 'Add webhook' }).click();
+  await settings.getByRole('region', { name: "The webhook's signing secret, shown only once:" }).waitFor();
+  const hooks = (await call(k.admin, 'GET', '/v1/webhooks')).body.data;
+  assert.equal(hooks.length, 1);
+  assert.deepEqual(hooks[0].event_types, ['invoice.finalized', 'customer.stage_changed']);
+  const hooksTable = settings.getByRole('table', { name: 'Webhooks' });
+  await hooksTable.getByText('http://127.0.0.1:9/sluice-setg').waitFor();
+  await hooksTable.getByRole('row').filter({ hasText: 'sluice-setg' }).getByRole('button', { name: 'Delete' }).click();
+  await settings.getByRole('button', { name: 'Confirm' }).click();
+  await until('the webhook is deleted', async () => (await call(k.admin, 'GET', '/v1/webhooks')).body.data.length === 0);
+  await until('the webhook leaves the table', async () => (await hooksTable.getByText('sluice-setg').count()) === 0);
+  await axeCheck(page, 'settings');
+  // The sign-in is in the audit trail.
+  const audit = (await call(k.admin, 'GET', '/v1/audit?limit=1000')).body.data.map((e) => e.action);
+  for (const a of ['session.create', 'key.create', 'key.revoke']) assert.ok(audit.includes(a), `${a} in ${audit}`);
+  await context.close();
+
+  // A read key sees the keys as admin-only and every control disabled, with the reason.
+  const ro = await newPage();
+  await signIn(ro.page, k.read);
+  const roSettings = ro.page.getByRole('region', { name: 'Settings', exact: true });
+  await roSettings.getByText('Only admin keys can list and create API keys.').waitFor();
+  for (const control of [roSettings.getByRole('button', { name: 'Create key' }), roSettings.getByLabel('Key name'), roSettings.getByRole('button', { name: 'Add webhook' }), roSettings.getByLabel('Target URL')]) {
+    assert.equal(await control.isDisabled(), true);
+    assert.match(await control.getAttribute('title'), /Read-only key/);
+    assert.match(await control.getAttribute('aria-describedby'), /readonly-note/);
+  }
+  await axeCheck(ro.page, 'settings (read key)');
+  await ro.context.close();
+});
+
+test('sql: save a query with a schedule, open it, run it now as a job, delete it; a bad schedule is refused at the control', { skip }, async () => {
+  const k = await ownWorkspace('sqls');
+  assert.equal((await call(k.ingest, 'POST', '/v1/events', [{ id: 's-1', type: 'a' }, { id: 's-2', type: 'a' }, { id: 's-3', type: 'b' }])).status, 200);
+  const { context, page } = await newPage();
+  await signIn(page, k.admin);
+  const sql = page.getByRole('region', { name: 'SQL', exact: true });
+  const text = "SELECT type, count(*) AS n FROM events GROUP BY type ORDER BY type";
+  await sql.getByLabel('Query').fill(text);
+  await sql.getByLabel('Save as (name)').fill('types');
+  await sql.getByLabel('Schedule (cron, UTC; empty: none)').fill('not a cron');
+  await sql.getByRole('button', { name: 'Save', exact: true }).click();
+  await sql.locator('#query-msg.msg').getByText(/schedule/).waitFor();
+  assert.equal((await call(k.admin, 'GET', '/v1/queries/types')).status, 404);
+  await sql.getByLabel('Schedule (cron, UTC; empty: none)').fill('0 * * * *');
+  await sql.getByRole('button', { name: 'Save', exact: true }).click();
+  await sql.getByText('Saved as types.').waitFor();
+  const saved = (await call(k.admin, 'GET', '/v1/queries/types')).body;
+  assert.equal(saved.sql, text);
+  assert.equal(saved.schedule, '0 * * * *');
+  const table = sql.getByRole('table', { name: 'Saved queries' });
+  const row = table.getByRole('row').filter({ hasText: 'types' });
+  await row.getByText('0 * * * *').waitFor();
+  // Open: the text comes back into the editor and runs.
+  await sql.getByLabel('Query').fill('SELECT 1');
+  await row.getByRole('button', { name: 'Open' }).click();
+  assert.equal(await sql.getByLabel('Query').inputValue(), text);
+  const result = sql.getByRole('table', { name: 'Query result' });
+  await result.getByText('b', { exact: true }).waitFor();
+  assert.deepEqual(await result.evaluate((t) => [...t.tBodies[0].rows].map((r) => [...r.cells].map((c) => c.textContent))), [['a', '2'], ['b', '1']]);
+  // Run now: a job, as the API lists it.
+  await row.getByRole('button', { name: 'Run now' }).click();
+  const msg = await sql.getByText(/^types runs as job job_/).textContent();
+  const id = msg.match(/job_[A-Za-z0-9]+/)[0];
+  const job = (await call(k.admin, 'GET', `/v1/jobs/${id}`)).body;
+  assert.equal(job.id, id);
+  await until('the query job ends', async () => (await call(k.admin, 'GET', `/v1/jobs/${id}`)).body.status === 'succeeded');
+  // Delete asks first.
+  await row.getByRole('button', { name: 'Delete' }).click();
+  await sql.getByRole('button', { name: 'Confirm' }).click();
+  await sql.getByText('Deleted types.').waitFor();
+  assert.equal((await call(k.admin, 'GET', '/v1/queries/types')).status, 404);
+  await axeCheck(page, 'sql with saved queries');
+  await context.close();
+  // A read key can open and run saved queries in the editor, not save, run as a job or delete.
+  assert.equal((await call(k.admin, 'POST', '/v1/queries', { name: 'kept', sql: 'SELECT 2 AS two' })).status, 201);
+  const ro = await newPage();
+  await signIn(ro.page, k.read);
+  const roSql = ro.page.getByRole('region', { name: 'SQL', exact: true });
+  const roRow = roSql.getByRole('table', { name: 'Saved queries' }).getByRole('row').filter({ hasText: 'kept' });
+  await roRow.waitFor();
+  for (const b of ['Run now', 'Delete']) assert.equal(await roRow.getByRole('button', { name: b }).isDisabled(), true);
+  assert.equal(await roSql.getByRole('button', { name: 'Save', exact: true }).isDisabled(), true);
+  await roRow.getByRole('button', { name: 'Open' }).click();
+  await roSql.getByRole('table', { name: 'Query result' }).getByText('2', { exact: true }).waitFor();
+  await ro.context.close();
+});
+
+test('navigation: a link to every section; the first load is small and quick (Navigation Timing)', { skip }, async () => {
+  const { context, page } = await newPage({ viewport: { width: 1280, height: 800 } });
+  // The first load: the page itself is the only request before sign-in.
+  const nav = await page.evaluate(() => { const n = performance.getEntriesByType('navigation')[0]; return { transfer: n.transferSize, encoded: n.encodedBodySize, decoded: n.decodedBodySize, interactive: n.domInteractive, loaded: n.loadEventEnd }; });
+  // Nothing but the page and the API: no scripts, styles, fonts or images from anywhere.
+  const resources = await page.evaluate(() => performance.getEntriesByType('resource').map((r) => r.name));
+  for (const r of resources) assert.ok(r.startsWith(server.url + '/v1/'), `the first load fetched ${r}`);
+  assert.ok(nav.transfer <= 300 * 1024, `first load ${nav.transfer} bytes`);
+  assert.ok(nav.encoded < nav.decoded, `the page is sent compressed: ${JSON.stringify(nav)}`);
+  console.log(`# first load: ${nav.transfer} bytes transferred (${nav.encoded} compressed, ${nav.decoded} uncompressed), DOM interactive at ${Math.round(nav.interactive)} ms, load event at ${Math.round(nav.loaded)} ms`);
+  await signIn(page, keys.admin);
+  const navigation = page.getByRole('navigation', { name: 'Sections' });
+  const targets = { Overview: 'Overview', Imports: 'Imports', Billing: 'Billing', Jobs: 'Jobs', 'Dead letters': 'Dead letters', SQL: 'SQL', Customers: 'Customers', 'Meters and usage': 'Meters and usage', Events: 'Events', Settings: 'Settings' };
+  for (const [link, region] of Object.entries(targets)) {
+    await navigation.getByRole('link', { name: link, exact: true }).click();
+    const box = await page.getByRole('region', { name: region, exact: true }).boundingBox();
+    assert.ok(box && box.y < 800 && box.y + box.height > 0, `${link}: the section is in view (${JSON.stringify(box)})`);
+  }
+  // Keyboard: Tab from the language switch reaches the section links.
+  await page.getByLabel('Language').focus();
+  let reached = false;
+  for (let i = 0; i < 4 && !reached; i++) {
+    await page.keyboard.press('Tab');
+    reached = await page.evaluate(() => document.activeElement?.closest('nav') !== null && document.activeElement?.tagName === 'A');
+  }
+  assert.ok(reached, 'the section links are reachable by keyboard');
+  // A tablet: nothing wider than the screen.
+  await page.setViewportSize({ width: 768, height: 1024 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+  assert.ok(overflow <= 0, `the page is ${overflow} px wider than a 768 px tablet`);
+  await axeCheck(page, 'the whole signed-in page (admin)');
+  await context.close();
+});
+
+test('lists update live over Server-Sent Events instead of polling every list every 2 s', { skip }, async () => {
+  const { context, page } = await newPage();
+  const reads = [];
+  page.on('request', (r) => reads.push({ path: new URL(r.url()).pathname, at: Date.now() }));
+  await signIn(page, keys.read);
+  const jobs = page.getByRole('region', { name: 'Jobs' });
+  await jobs.waitFor();
+  await until('the live stream', async () => reads.some((r) => r.path === '/v1/live'));
+  // Let the page settle, then count how often it reads the jobs list while
+  // nothing changes: the 5 s fallback, not every 2 s.
+  await new Promise((r) => setTimeout(r, 2_000));
+  const from = Date.now();
+  await new Promise((r) => setTimeout(r, 6_500));
+  const idle = reads.filter((r) => r.path === '/v1/jobs' && r.at >= from).length;
+  assert.ok(idle <= 2, `the jobs list was read ${idle} times in 6.5 s with nothing new`);
+  // A new job appears without waiting for the fallback.
+  const created = Date.now();
+  const job = await call(keys.admin, 'POST', '/v1/lake/compact');
+  assert.equal(job.status, 202, JSON.stringify(job.body));
+  await jobs.getByText(job.body.id, { exact: true }).first().waitFor({ timeout: 15_000 });
+  const after = reads.filter((r) => r.path === '/v1/jobs' && r.at >= created);
+  console.log(`# a new job was shown ${Date.now() - created} ms after it was created (${after.length} reads of the jobs list)`);
+  // Hidden tabs stop the stream and the refreshes.
+  await page.evaluate(() => { Object.defineProperty(document, 'hidden', { value: true, configurable: true }); document.dispatchEvent(new Event('visibilitychange')); });
+  const hiddenFrom = Date.now();
+  await new Promise((r) => setTimeout(r, 3_000));
+  assert.deepEqual(reads.filter((r) => r.at >= hiddenFrom + 200 && r.path.startsWith('/v1/')).map((r) => r.path), []);
   await context.close();
 });

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod error;
 pub mod json;
+pub mod overview;
 pub mod routes;
 pub mod server;
 pub mod state;
@@ -43,6 +44,8 @@ pub use state::{ApiLimits, AppState, WebhookSettings, WorkspaceLimits};
         routes::keys::create, routes::keys::list, routes::keys::delete,
         routes::sessions::create, routes::sessions::current, routes::sessions::delete,
         routes::audit::list,
+        routes::overview::get,
+        routes::live::live,
         routes::consumers::list, routes::consumers::reset, routes::consumers::dlq_list, routes::consumers::dlq_get,
         routes::consumers::dlq_replay, routes::consumers::dlq_replay_bulk, routes::consumers::dlq_discard,
         routes::consumers::event_counts,
@@ -118,6 +121,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions", post(routes::sessions::create))
         .route("/v1/sessions/current", get(routes::sessions::current).delete(routes::sessions::delete))
         .route("/v1/audit", get(routes::audit::list))
+        .route("/v1/overview", get(routes::overview::get))
+        .route("/v1/live", get(routes::live::live))
         .route("/v1/consumers", get(routes::consumers::list))
         .route("/v1/consumers/{name}/reset", post(routes::consumers::reset))
         .route("/v1/dlq", get(routes::consumers::dlq_list))

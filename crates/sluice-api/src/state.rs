@@ -143,6 +143,8 @@ pub struct AppState {
     pub billing: sluice_billing::Billing,
     /// Customer health (configuration, evaluation, overrides).
     pub health: sluice_health::Health,
+    /// The overview's samples (`GET /v1/overview`).
+    pub overview: Arc<crate::overview::Overview>,
 }
 
 /// Default lifetime of a dashboard session: 12 hours.
@@ -197,6 +199,7 @@ impl AppState {
             session_ttl: DEFAULT_SESSION_TTL,
             billing: sluice_billing::Billing { store: store_for_billing, events: None },
             health,
+            overview: Arc::new(crate::overview::Overview::default()),
         }
     }
 }

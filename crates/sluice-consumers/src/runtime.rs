@@ -1053,6 +1053,7 @@ fn dead_letter(
     // (a hostile workspace's thousands of bad events must not flood the log).
     tracing::debug!(consumer, workspace = %event.workspace, event = %event.id, error = %error, attempts, "event dead-lettered");
     metrics::counter!("sluice_consumer_dead_letters_total", "consumer" => metric_label(consumer)).increment(1);
+    sluice_core::activity::record(event.workspace.as_str(), sluice_core::activity::Activity::DeadLettered, 1);
     {
         let mut s = lock(state);
         s.dead_lettered += 1;

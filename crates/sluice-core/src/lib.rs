@@ -6,6 +6,7 @@
 //! [`EventLog`] trait that the embedded log and (later) NATS JetStream
 //! implement.
 
+pub mod activity;
 pub mod aggregation;
 pub mod batch;
 pub mod duration;

@@ -392,6 +392,9 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
         Ok(j) => {
             tracing::info!(job = %j.id, kind = %j.kind, state = %j.state, "job attempt ended");
             metrics::counter!("sluice_jobs_finished_total", "kind" => j.kind.clone(), "state" => j.state.as_str()).increment(1);
+            if j.state == sluice_core::JobState::Failed {
+                sluice_core::activity::record(&j.workspace, sluice_core::activity::Activity::JobFailed, 1);
+            }
             h.ended(&j).await;
         }
         Err(sluice_store::StoreError::Conflict(e)) => tracing::warn!(job = %job.id, attempt, "{e}; this attempt's outcome is dropped"),

@@ -78,6 +78,9 @@ pub struct BillingSection {
 pub struct DashboardSection {
     #[serde(with = "sluice_core::duration")]
     pub session_ttl: Duration,
+    /// How often the overview samples each workspace's activity.
+    #[serde(with = "sluice_core::duration")]
+    pub overview_interval: Duration,
 }
 
 /// `[metrics]`.

@@ -232,6 +232,8 @@ async fn run(cfg: Config) -> Result<()> {
     for hook in store.list_webhooks(None).await.context("loading webhooks")? {
         sluice_api::routes::webhooks::start_webhook(&state, hook);
     }
+    state.overview.set_interval(cfg.dashboard.overview_interval.max(Duration::from_millis(100)));
+    let overview = tokio::spawn(sluice_api::overview::sample(state.clone()));
     let ready = state.ready.clone();
     let app = sluice_api::router(state);
 
@@ -263,6 +265,7 @@ async fn run(cfg: Config) -> Result<()> {
         }
     }
     retention.abort();
+    overview.abort();
     schedulers.abort();
     let _ = billing_stop.send(true);
     auto_billing.abort();

@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
+use sluice_core::activity::{self, Activity};
 use sluice_core::Event;
 use sluice_ingest::{parse_body, BodyFormat, EventFilter, IngestLimits, Outcome, ReadError};
 use tokio::sync::OwnedSemaphorePermit;
@@ -44,8 +45,14 @@ pub async fn ingest(State(st): State<AppState>, who: Principal, headers: HeaderM
     who.require_ingest()?;
     let result = ingest_inner(&st, &who, &headers, body, true).await;
     match &result {
-        Ok(_) => metrics::histogram!("sluice_ingest_ack_seconds").record(started.elapsed().as_secs_f64()),
-        Err(e) => metrics::counter!("sluice_ingest_rejections_total", "code" => e.code).increment(1),
+        Ok(out) => {
+            metrics::histogram!("sluice_ingest_ack_seconds").record(started.elapsed().as_secs_f64());
+            activity::record(who.workspace.as_str(), Activity::EventsAccepted, out.accepted as u64);
+        }
+        Err(e) => {
+            metrics::counter!("sluice_ingest_rejections_total", "code" => e.code).increment(1);
+            activity::record(who.workspace.as_str(), Activity::IngestRejected, 1);
+        }
     }
     let out = result?;
     Ok(Json(IngestResponse { accepted: out.accepted, duplicates: out.duplicates }))

@@ -23,6 +23,7 @@ use crate::error::ApiError;
 use crate::json::Json;
 use crate::routes::events::{gunzip, read_limited, reserve};
 use crate::state::AppState;
+use sluice_core::activity::{self, Activity};
 
 /// Segment's success response.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -84,12 +85,16 @@ async fn handle(st: &AppState, headers: &HeaderMap, body: Body, call: Option<Seg
         }
     };
     principal.require_ingest()?;
-    let mut parsed = parse_segment(&value, call, &principal.workspace, chrono::Utc::now(), limits).map_err(|e| match e {
-        ParseError::TooLarge { .. } => as_400(e.into()),
-        other => other.into(),
+    let mut parsed = parse_segment(&value, call, &principal.workspace, chrono::Utc::now(), limits).map_err(|e| {
+        activity::record(principal.workspace.as_str(), Activity::IngestRejected, 1);
+        match e {
+            ParseError::TooLarge { .. } => as_400(e.into()),
+            other => other.into(),
+        }
     })?;
     resolve_customers(&mut parsed, &st.store).await?;
-    st.ingestor.submit(parsed.events).await?;
+    let out = st.ingestor.submit(parsed.events).await?;
+    activity::record(principal.workspace.as_str(), Activity::EventsAccepted, out.accepted as u64);
     drop(permits);
     Ok(Json(SegmentOk { success: true }))
 }

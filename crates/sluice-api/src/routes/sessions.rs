@@ -15,6 +15,7 @@ use axum::http::header::{CACHE_CONTROL, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sluice_core::Scope;
 use sluice_store::{NewSession, Session};
 
@@ -90,6 +91,18 @@ pub async fn create(State(st): State<AppState>, headers: HeaderMap, Json(body): 
     let now = chrono::Utc::now();
     let new = NewSession { token_hash: token_hash(&token), key_id: principal.key_id.clone(), csrf_token: random_token(), expires_at: now + ttl };
     st.store.create_session(&new).await?;
+    // Sign-ins and sign-outs are in the audit trail, named by the session's
+    // hash prefix (never the token): an operator can tell who was signed in
+    // when, and match a sign-out to its sign-in.
+    let entry = principal.audit(
+        "session.create",
+        "session",
+        session_ref(&new.token_hash),
+        json!({"scope": principal.scope.as_str(), "expires_at": rfc3339(new.expires_at)}),
+    );
+    if let Err(e) = st.store.record_audit(&entry).await {
+        tracing::error!(error = %e, key = %principal.key_id, "could not write the audit entry of a sign-in");
+    }
     let view = SessionView {
         workspace: principal.workspace.as_str().to_owned(),
         scope: principal.scope.as_str().to_owned(),
@@ -122,7 +135,25 @@ pub async fn delete(State(st): State<AppState>, method: Method, headers: HeaderM
     };
     check_csrf(&method, &headers, &session)?;
     st.store.delete_session(&hash).await?;
+    let entry = sluice_store::NewAudit {
+        workspace: session.workspace.clone(),
+        actor_key_id: Some(session.key_id.clone()),
+        action: "session.delete".into(),
+        target_type: "session".into(),
+        target_id: session_ref(&hash),
+        details: json!({}),
+    };
+    if let Err(e) = st.store.record_audit(&entry).await {
+        tracing::error!(error = %e, key = %session.key_id, "could not write the audit entry of a sign-out");
+    }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut().insert(SET_COOKIE, cookie(&headers, "", 0)?);
     Ok(resp)
+}
+
+/// How the audit trail names a session: the first 16 hex digits of its
+/// token's SHA-256 (the store keeps the hash, never the token).
+fn session_ref(hash: &[u8]) -> String {
+    let hex: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("ses_{hex}")
 }

@@ -147,6 +147,21 @@ async fn sign_out_ends_the_session_and_clears_the_cookie() {
     }
     let (st, _, _) = with_cookie(&s, Method::DELETE, "/v1/sessions/current", &signed.cookie, Some(&signed.csrf), None).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
+    // Both are in the workspace's audit trail, by the key that signed in,
+    // naming the same session, and the token is nowhere in it.
+    let (st, audit) = s.api(&k.admin).get("/v1/audit?limit=1000").await;
+    assert_eq!(st, StatusCode::OK, "{audit}");
+    let entries = audit["data"].as_array().unwrap();
+    let of = |action: &str| entries.iter().filter(|e| e["action"] == action).cloned().collect::<Vec<Value>>();
+    let (created, deleted) = (of("session.create"), of("session.delete"));
+    assert_eq!((created.len(), deleted.len()), (1, 1), "{audit}");
+    assert_eq!(created[0]["actor_key_id"], signed.body["key_id"]);
+    assert_eq!(deleted[0]["actor_key_id"], signed.body["key_id"]);
+    assert_eq!(created[0]["target_type"], "session");
+    assert_eq!(created[0]["target_id"], deleted[0]["target_id"]);
+    assert!(created[0]["target_id"].as_str().unwrap().starts_with("ses_"));
+    let token = signed.cookie.trim_start_matches("sluice_session=");
+    assert!(!audit.to_string().contains(token));
 }
 
 #[tokio::test]

@@ -648,6 +648,170 @@ test('dead letters: replay a dead letter and see it leave the list', { skip }, a
   }
 });
 
+// ---- Bulk actions: jobs and dead letters -----------------------------------
+
+test('jobs: select two queued jobs and cancel them; "all matching" counts first, Back changes nothing; a job opens in detail', { skip }, async () => {
+  await ensureMeter();
+  // As in the test above: a large import keeps the runner busy, the others wait.
+  const busy = await uploadImport(usageCsv(1_200_000, 'bulk-busy-'));
+  const waiting = [];
+  for (let i = 0; i < 3; i++) waiting.push(await uploadImport(usageCsv(10, `bulk-${i}-`)));
+  try {
+    for (const id of waiting) assert.equal(await jobStatus(id), 'queued');
+    const { context, page } = await newPage();
+    await signIn(page, keys.admin);
+    const jobs = page.getByRole('region', { name: 'Jobs' });
+    await jobs.getByLabel('Job kind').selectOption('import.usage');
+    await jobs.getByLabel('Job status').selectOption('queued');
+    for (const id of waiting.slice(0, 2)) await jobs.getByRole('checkbox', { name: `Select ${id}` }).check();
+    // The selection survives the list's refreshes (every 2 s).
+    await page.waitForTimeout(2_200);
+    assert.equal(await jobs.getByRole('checkbox', { name: `Select ${waiting[0]}` }).isChecked(), true);
+    await jobs.getByRole('button', { name: 'Cancel selected' }).click();
+    await jobs.getByText('Cancelled 2 job(s).').waitFor();
+    assert.deepEqual([await jobStatus(waiting[0]), await jobStatus(waiting[1]), await jobStatus(waiting[2])], ['cancelled', 'cancelled', 'queued']);
+    await jobs.getByRole('row').filter({ hasText: waiting[0] }).waitFor({ state: 'detached' });
+
+    // All matching (queued imports): the count first; Back leaves them alone.
+    await jobs.getByRole('button', { name: 'Cancel all matching' }).click();
+    const confirm = jobs.getByRole('group', { name: 'This will cancel 1 job(s).' });
+    await confirm.waitFor();
+    await axeCheck(page, 'jobs with a bulk confirmation (admin key)');
+    await confirm.getByRole('button', { name: 'Back' }).click();
+    await confirm.waitFor({ state: 'hidden' });
+    assert.equal(await jobStatus(waiting[2]), 'queued');
+    await jobs.getByRole('button', { name: 'Cancel all matching' }).click();
+    await confirm.getByRole('button', { name: 'Confirm' }).click();
+    await jobs.getByText('Cancelled 1 job(s).').waitFor();
+    assert.equal(await jobStatus(waiting[2]), 'cancelled');
+
+    // A job's detail: from its id in the list, and at its own address.
+    await jobs.getByLabel('Job status').selectOption('cancelled');
+    await jobs.getByRole('link', { name: waiting[2] }).click();
+    const detail = page.getByRole('region', { name: `Job ${waiting[2]}` });
+    await detail.waitFor();
+    assert.equal(new URL(page.url()).hash, `#job=${waiting[2]}`);
+    await detail.getByText('cancelled', { exact: true }).waitFor();
+    await detail.getByText('import.usage', { exact: true }).waitFor();
+    assert.match(await detail.locator('#job-payload').textContent(), /"v": 1/);
+    await axeCheck(page, 'job detail (admin key)');
+    await context.close();
+    const direct = await newPage();
+    await signIn(direct.page, keys.admin);
+    await direct.page.goto(`${server.url}/#job=${waiting[0]}`);
+    await direct.page.getByRole('region', { name: `Job ${waiting[0]}` }).getByText('cancelled', { exact: true }).waitFor();
+    await direct.context.close();
+  } finally {
+    for (const id of [busy, ...waiting]) await call(keys.admin, 'POST', `/v1/jobs/${id}/cancel`, {});
+    await until('the imports to end', async () => {
+      for (const id of [busy, ...waiting]) if (!['succeeded', 'failed', 'cancelled'].includes(await jobStatus(id))) return false;
+      return true;
+    }, 60_000);
+  }
+});
+
+test('dead letters: replay all matching by consumer shows the count first, runs as a job, and the list empties', { skip }, async () => {
+  let succeed = false;
+  const delivered = [];
+  const receiver = http.createServer((req, res) => {
+    let body = '';
+    req.setEncoding('utf8');
+    req.on('data', (chunk) => { body += chunk; });
+    req.on('end', () => {
+      if (succeed) delivered.push(body);
+      res.writeHead(succeed ? 200 : 503, { 'content-type': 'text/plain' });
+      res.end(succeed ? 'ok' : 'not now');
+    });
+  });
+  await new Promise((resolve) => receiver.listen(0, '127.0.0.1', resolve));
+  let hook;
+  try {
+    hook = await call(keys.admin, 'POST', '/v1/webhooks', { url: `http://127.0.0.1:${receiver.address().port}/hook`, event_types: ['bulk.order'] });
+    assert.equal(hook.status, 201, JSON.stringify(hook.body));
+    const consumer = hook.body.consumer;
+    const ids = ['bulk-evt-1', 'bulk-evt-2', 'bulk-evt-3'];
+    assert.equal((await call(keys.admin, 'POST', '/v1/events', ids.map((id) => ({ id, type: 'bulk.order', customer_id: 'cus_1' })))).status, 200);
+    await until('three dead letters', async () =>
+      (await call(keys.admin, 'GET', `/v1/dlq?status=dead&consumer=${encodeURIComponent(consumer)}`)).body.data?.length === 3);
+    const othersBefore = (await call(keys.admin, 'GET', `/v1/dlq?status=dead&consumer=${encodeURIComponent(consumerName)}`)).body.data.length;
+
+    const { context, page } = await newPage();
+    await signIn(page, keys.admin);
+    const dlq = page.getByRole('region', { name: 'Dead letters' });
+    const list = dlq.getByRole('table', { name: 'Dead letters' });
+    // The consumer filter lists the consumers (from GET /v1/consumers).
+    await until('the consumer in the filter', async () => (await dlq.getByLabel('Consumer').locator('option').allTextContents()).includes(consumer));
+    await dlq.getByLabel('Consumer').selectOption(consumer);
+    await until('only its entries listed', async () => {
+      const rows = await list.locator('tbody tr').allTextContents();
+      return rows.length === 3 && rows.every((r) => r.includes(consumer));
+    });
+
+    succeed = true;
+    await dlq.getByRole('button', { name: 'Replay all matching' }).click();
+    const confirm = dlq.getByRole('group', { name: 'This will replay 3 dead letter(s).' });
+    await confirm.waitFor();
+    // Nothing started before the confirmation.
+    assert.equal((await call(keys.admin, 'GET', `/v1/dlq?status=dead&consumer=${encodeURIComponent(consumer)}`)).body.data.length, 3);
+    await axeCheck(page, 'dead letters with filters and a bulk confirmation (admin key)');
+    await confirm.getByRole('button', { name: 'Confirm' }).click();
+    await dlq.getByText('Sent 3 dead letter(s) back to their consumer.').waitFor();
+    assert.equal(await dlq.getByLabel('Bulk job progress').evaluate((p) => p.value), 100);
+    await dlq.getByText('nothing here').waitFor();
+    await until('the replays delivered', async () => ids.every((id) => delivered.some((b) => b.includes(id))));
+    const jobs = (await call(keys.admin, 'GET', '/v1/jobs?kind=dlq.bulk&order=desc&limit=1')).body.data;
+    assert.equal(jobs[0].status, 'succeeded');
+    assert.deepEqual(jobs[0].result, { replaying: 3 });
+    assert.equal(jobs[0].payload.consumer, consumer);
+    const audit = (await call(keys.admin, 'GET', '/v1/audit?limit=1000')).body.data;
+    assert.ok(audit.some((e) => e.action === 'dlq.replay_bulk' && e.details.job === jobs[0].id && e.details.matched === 3), JSON.stringify(audit.slice(-3)));
+    // The other consumer's dead letters were left alone.
+    assert.equal((await call(keys.admin, 'GET', `/v1/dlq?status=dead&consumer=${encodeURIComponent(consumerName)}`)).body.data.length, othersBefore);
+    await context.close();
+  } finally {
+    if (hook?.body?.id) await call(keys.admin, 'DELETE', `/v1/webhooks/${hook.body.id}`);
+    await new Promise((resolve) => receiver.close(resolve));
+  }
+});
+
+test('bulk actions: a read key sees them disabled with the reason, and can still open a dead letter', { skip }, async () => {
+  const { context, page } = await newPage();
+  await signIn(page, keys.read);
+  const regions = { Jobs: ['Cancel selected', 'Retry selected', 'Cancel all matching', 'Retry all matching'],
+    'Dead letters': ['Replay selected', 'Discard selected', 'Replay all matching', 'Discard all matching'] };
+  for (const [region, names] of Object.entries(regions)) {
+    for (const name of names) {
+      const button = page.getByRole('region', { name: region }).getByRole('button', { name, exact: true });
+      await button.waitFor();
+      assert.equal(await button.isDisabled(), true, `${name} is disabled`);
+      assert.match(await button.getAttribute('title'), /admin key/);
+      assert.equal(await button.getAttribute('aria-describedby'), 'readonly-note');
+    }
+  }
+  const dlq = page.getByRole('region', { name: 'Dead letters' });
+  const row = dlq.getByRole('table', { name: 'Dead letters' }).getByRole('row').filter({ hasText: 'evt-1' }).first();
+  const box = row.getByRole('checkbox');
+  await box.waitFor();
+  assert.equal(await box.isDisabled(), true);
+  assert.match(await box.getAttribute('title'), /admin key/);
+  assert.equal(await box.getAttribute('aria-describedby'), 'readonly-note');
+  // The record: its error, attempts and the event.
+  await row.getByRole('link', { name: 'evt-1' }).click();
+  const detail = page.getByRole('region', { name: /^Dead letter dlq_/ });
+  await detail.waitFor();
+  assert.match(new URL(page.url()).hash, /^#dlq=dlq_/);
+  assert.match(await detail.locator('#dlq-event').textContent(), /"id": "evt-1"/);
+  assert.notEqual((await detail.locator('#dlq-detail-error').textContent()).trim(), '');
+  await axeCheck(page, 'dead letter detail and disabled bulk actions (read key)');
+  // In Japanese too.
+  await page.getByLabel('Language').selectOption('ja');
+  const ja = page.getByRole('button', { name: '条件に合うものをすべて再実行' });
+  await ja.waitFor();
+  assert.equal(await ja.isDisabled(), true);
+  await page.getByLabel('Language').selectOption('en');
+  await context.close();
+});
+
 // ---- SQL -------------------------------------------------------------------
 
 test('sql: run a SQL query, see the result table and download the CSV', { skip }, async () => {

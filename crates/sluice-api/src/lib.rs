@@ -48,10 +48,12 @@ pub use state::{ApiLimits, AppState, WebhookSettings, WorkspaceLimits};
         routes::live::live,
         routes::consumers::list, routes::consumers::reset, routes::consumers::dlq_list, routes::consumers::dlq_get,
         routes::consumers::dlq_replay, routes::consumers::dlq_replay_bulk, routes::consumers::dlq_discard,
+        routes::consumers::dlq_bulk,
         routes::consumers::event_counts,
         routes::meters::create, routes::meters::list, routes::meters::get, routes::meters::usage,
         routes::imports::create, routes::imports::list, routes::imports::get,
         routes::jobs::list, routes::jobs::get, routes::jobs::cancel, routes::jobs::retry, routes::jobs::events,
+        routes::jobs::cancel_bulk, routes::jobs::retry_bulk,
         routes::webhooks::create, routes::webhooks::list, routes::webhooks::delete, routes::webhooks::deliveries,
         routes::people::list_customers, routes::people::get_customer, routes::people::get_user,
         routes::health::patch_customer, routes::health::get_health, routes::health::get_history,
@@ -127,6 +129,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/consumers/{name}/reset", post(routes::consumers::reset))
         .route("/v1/dlq", get(routes::consumers::dlq_list))
         .route("/v1/dlq/replay", post(routes::consumers::dlq_replay_bulk))
+        .route("/v1/dlq/bulk", post(routes::consumers::dlq_bulk))
         .route("/v1/dlq/{id}", get(routes::consumers::dlq_get))
         .route("/v1/dlq/{id}/replay", post(routes::consumers::dlq_replay))
         .route("/v1/dlq/{id}/discard", post(routes::consumers::dlq_discard))
@@ -143,6 +146,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/imports/{id}", get(routes::imports::get))
         .route("/v1/jobs", get(routes::jobs::list))
+        .route("/v1/jobs/cancel", post(routes::jobs::cancel_bulk))
+        .route("/v1/jobs/retry", post(routes::jobs::retry_bulk))
         .route("/v1/jobs/{id}", get(routes::jobs::get))
         .route("/v1/jobs/{id}/cancel", post(routes::jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(routes::jobs::retry))

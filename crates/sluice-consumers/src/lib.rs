@@ -3,6 +3,7 @@
 //! signed webhooks.
 
 pub mod counts;
+pub mod dlq_bulk;
 pub mod engine;
 pub mod rebuild;
 pub mod runtime;

@@ -244,6 +244,60 @@ pub struct DeadLetter {
     pub updated_at: DateTime<Utc>,
 }
 
+/// What a bulk operation does to each dead letter it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    /// `dead` → `replaying`, as [`Store::claim_replays`] does: the consumer
+    /// processes it again.
+    Replay,
+    /// `dead` → `discarded`, as [`Store::discard_dead_letter`] does.
+    Discard,
+}
+
+impl DeadLetterAction {
+    fn status(self) -> &'static str {
+        match self {
+            DeadLetterAction::Replay => "replaying",
+            DeadLetterAction::Discard => "discarded",
+        }
+    }
+}
+
+/// Which dead letters of a workspace a list or bulk operation concerns:
+/// every given condition must hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeadLetterFilter {
+    /// Only these ids.
+    pub ids: Option<Vec<String>>,
+    /// Only this consumer.
+    pub consumer: Option<String>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only entries whose error contains this text (case-insensitive).
+    pub error_contains: Option<String>,
+}
+
+impl DeadLetterFilter {
+    /// The condition over `$1` (workspace) to `$5` of [`DeadLetterFilter::params`].
+    fn sql(store: &Store) -> String {
+        format!(
+            "workspace = $1 AND ($2 IS NULL OR id {}) AND ($3 IS NULL OR consumer = $3) AND ($4 IS NULL OR event_type = $4) \
+             AND ($5 IS NULL OR lower(error) LIKE lower($5) ESCAPE '\\')",
+            store.in_json_array(2)
+        )
+    }
+
+    /// `$2` (ids as a JSON array) and `$5` (the LIKE pattern of the error).
+    fn params(&self) -> (Option<String>, Option<String>) {
+        (self.ids.as_ref().map(|ids| serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())), like_pattern(self.error_contains.as_deref()))
+    }
+}
+
+/// `%text%` with LIKE's wildcards escaped (`ESCAPE '\'`).
+fn like_pattern(contains: Option<&str>) -> Option<String> {
+    contains.map(|e| format!("%{}%", e.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")))
+}
+
 /// What a consumer commits in one transaction.
 #[derive(Debug, Default)]
 pub struct ConsumerCommit {
@@ -550,15 +604,84 @@ impl Store {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page<DeadLetter>> {
+        let f = DeadLetterFilter { consumer: consumer.map(str::to_owned), ..Default::default() };
+        self.list_dead_letters_where(workspace, &f, status, sluice_core::SortOrder::Asc, cursor, limit).await
+    }
+
+    /// Dead letters of a workspace matching `f` (and `status`, when
+    /// given), in `order` of their ids (which grow with time).
+    pub async fn list_dead_letters_where(
+        &self,
+        workspace: &str,
+        f: &DeadLetterFilter,
+        status: Option<&str>,
+        order: sluice_core::SortOrder,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<DeadLetter>> {
         let limit = clamp_limit(limit);
-        let sql = format!(
-            "SELECT {DLQ_COLUMNS} FROM dead_letters WHERE workspace = $1 AND ($2 IS NULL OR consumer = $2) \
-             AND ($3 IS NULL OR status = $3) AND id > $4 ORDER BY id LIMIT $5"
-        );
+        let page = match order {
+            sluice_core::SortOrder::Asc => "AND id > $7 ORDER BY id",
+            sluice_core::SortOrder::Desc => "AND ($7 = '' OR id < $7) ORDER BY id DESC",
+        };
+        let sql =
+            format!("SELECT {DLQ_COLUMNS} FROM dead_letters WHERE {} AND ($6 IS NULL OR status = $6) {page} LIMIT $8", DeadLetterFilter::sql(self));
+        let (ids, pattern) = f.params();
         let rows: Vec<DlqRow> = on_pool!(self, pool => sqlx::query_as(&sql)
-            .bind(workspace).bind(consumer).bind(status).bind(cursor.unwrap_or("")).bind(limit as i64 + 1)
+            .bind(workspace).bind(&ids).bind(&f.consumer).bind(&f.event_type).bind(&pattern).bind(status)
+            .bind(cursor.unwrap_or("")).bind(limit as i64 + 1)
             .fetch_all(pool).await)?;
         Ok(Page::from_overfetch(rows.into_iter().map(dlq).collect(), limit, |d: &DeadLetter| d.id.clone()))
+    }
+
+    /// How many dead letters of a workspace waiting (`dead`) match `f`:
+    /// what a bulk replay or discard of `f` would touch.
+    pub async fn count_dead_letters(&self, workspace: &str, f: &DeadLetterFilter) -> Result<u64> {
+        let sql = format!("SELECT COUNT(*) FROM dead_letters WHERE {} AND status = 'dead'", DeadLetterFilter::sql(self));
+        let (ids, pattern) = f.params();
+        let n: i64 = on_pool!(self, pool => sqlx::query_scalar(&sql)
+            .bind(workspace).bind(&ids).bind(&f.consumer).bind(&f.event_type).bind(&pattern).fetch_one(pool).await)?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// One chunk of a bulk replay or discard: the first `limit` waiting
+    /// (`dead`) dead letters matching `f` with an id after `after`, moved
+    /// by `action` in one statement; returns their ids. `audit` (when
+    /// given) is written in the same transaction if any changed, with the
+    /// chunk's `count` added to its details. Entries a replay sends back to
+    /// `dead` have ids before the next chunk's `after`, so a bulk run walks
+    /// the ids once and never loops on them.
+    pub async fn bulk_dead_letters(
+        &self,
+        workspace: &str,
+        action: DeadLetterAction,
+        f: &DeadLetterFilter,
+        after: &str,
+        limit: usize,
+        audit: Option<&NewAudit>,
+    ) -> Result<Vec<String>> {
+        let now = to_micros(Utc::now());
+        // The outer `status = 'dead'` is checked again on the row itself
+        // (PostgreSQL re-reads a row another transaction changed meanwhile).
+        let sql = format!(
+            "UPDATE dead_letters SET status = $6, updated_at = $7 WHERE status = 'dead' AND id IN \
+             (SELECT id FROM dead_letters WHERE {} AND status = 'dead' AND id > $8 ORDER BY id LIMIT $9) RETURNING id",
+            DeadLetterFilter::sql(self)
+        );
+        let (ids, pattern) = f.params();
+        let changed: Vec<String> = crate::write_tx!(self, tx => {
+            let changed: Vec<String> = sqlx::query_scalar(&sql)
+                .bind(workspace).bind(&ids).bind(&f.consumer).bind(&f.event_type).bind(&pattern)
+                .bind(action.status()).bind(now).bind(after).bind(limit.max(1) as i64)
+                .fetch_all(&mut *tx).await?;
+            if let Some(audit) = audit.filter(|_| !changed.is_empty()) {
+                let mut a = audit.clone();
+                a.details["count"] = Value::from(changed.len());
+                crate::audit::insert_audit!(tx, &a);
+            }
+            changed
+        })?;
+        Ok(changed)
     }
 
     /// One dead letter of a workspace.
@@ -591,7 +714,7 @@ impl Store {
         audit: &NewAudit,
     ) -> Result<u64> {
         let now = to_micros(Utc::now());
-        let pattern = error_contains.map(|e| format!("%{}%", e.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+        let pattern = like_pattern(error_contains);
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let n = sqlx::query(

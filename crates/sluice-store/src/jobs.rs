@@ -3,8 +3,12 @@
 //! and the same `UPDATE … RETURNING` without row locks on SQLite, whose
 //! single writer serialises claims anyway.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+
+use crate::audit::NewAudit;
 
 use crate::BeginWrite as _;
 use crate::{clamp_limit, from_micros, on_pool, to_micros, write_stmt, write_tx, Page, Result, Store, StoreError};
@@ -129,6 +133,46 @@ impl TryFrom<Row> for Job {
             updated_at: from_micros(r.updated_at),
         })
     }
+}
+
+/// Which jobs of a workspace a bulk cancel or retry concerns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobSelection {
+    /// These jobs; ids of other workspaces are treated as unknown.
+    Ids(Vec<String>),
+    /// Every job of this kind and in this state (each optional).
+    Filter {
+        /// Only this kind.
+        kind: Option<String>,
+        /// Only this state.
+        state: Option<sluice_core::JobState>,
+    },
+}
+
+impl JobSelection {
+    /// The parameters `$2` (ids as a JSON array), `$3` (kind) and `$4`
+    /// (state) of [`JobSelection::sql`].
+    fn params(&self) -> (Option<String>, Option<&str>, Option<&'static str>) {
+        match self {
+            JobSelection::Ids(ids) => (Some(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())), None, None),
+            JobSelection::Filter { kind, state } => (None, kind.as_deref(), state.map(sluice_core::JobState::as_str)),
+        }
+    }
+
+    /// The condition of a selection, over `$2`–`$4` of [`JobSelection::params`].
+    fn sql(store: &Store) -> String {
+        format!("($2 IS NULL OR id {}) AND ($3 IS NULL OR kind = $3) AND ($4 IS NULL OR state = $4)", store.in_json_array(2))
+    }
+}
+
+/// What a bulk cancel or retry did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BulkJobs {
+    /// Jobs cancelled (or asked to stop) or queued again.
+    pub changed: Vec<String>,
+    /// Ids given that were left alone, with why (always empty for a filter:
+    /// a filter only matches jobs it can change).
+    pub skipped: Vec<(String, String)>,
 }
 
 /// How an attempt ended.
@@ -366,6 +410,99 @@ impl Store {
             return Err(StoreError::Conflict(format!("job is {}; only failed or cancelled jobs can be retried", job.state)));
         }
         self.get_job(Some(workspace), id).await
+    }
+
+    /// How many jobs of `workspace` in `sel` a bulk cancel (`cancel`) or
+    /// retry would change: queued or running jobs, or failed or cancelled
+    /// ones (the dry run of [`Store::cancel_jobs`] and [`Store::retry_jobs`]).
+    pub async fn count_bulk_jobs(&self, workspace: &str, sel: &JobSelection, cancel: bool) -> Result<u64> {
+        let states = if cancel { "('queued', 'running')" } else { "('failed', 'cancelled')" };
+        let sql = format!("SELECT COUNT(*) FROM jobs WHERE workspace = $1 AND state IN {states} AND {}", JobSelection::sql(self));
+        let (ids, kind, state) = sel.params();
+        let n: i64 = on_pool!(self, pool => sqlx::query_scalar(&sql).bind(workspace).bind(ids).bind(kind).bind(state).fetch_one(pool).await)?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Cancels the jobs of `workspace` in `sel` as [`Store::cancel_job`]
+    /// does each (queued ones at once, running ones by asking them to
+    /// stop), in one transaction with `audit` (its details get the
+    /// `count`) when any changed: two statements, whatever the number of
+    /// jobs. Ids given that are not queued or running are skipped with why.
+    pub async fn cancel_jobs(&self, workspace: &str, sel: &JobSelection, audit: &NewAudit) -> Result<BulkJobs> {
+        let now = to_micros(Utc::now());
+        let cond = JobSelection::sql(self);
+        let queued = format!(
+            "UPDATE jobs SET state = 'cancelled', finished_at = $5, updated_at = $5 WHERE workspace = $1 AND state = 'queued' AND {cond} RETURNING id"
+        );
+        let running =
+            format!("UPDATE jobs SET cancel_requested = $6, updated_at = $5 WHERE workspace = $1 AND state = 'running' AND {cond} RETURNING id");
+        let (ids, kind, state) = sel.params();
+        let changed: Vec<String> = write_tx!(self, tx => {
+            // Queued first: a job claimed in between is then caught as running.
+            let mut changed: Vec<String> = sqlx::query_scalar(&queued)
+                .bind(workspace).bind(&ids).bind(kind).bind(state).bind(now).fetch_all(&mut *tx).await?;
+            changed.extend(sqlx::query_scalar::<_, String>(&running)
+                .bind(workspace).bind(&ids).bind(kind).bind(state).bind(now).bind(true).fetch_all(&mut *tx).await?);
+            if !changed.is_empty() {
+                let mut a = audit.clone();
+                a.details["count"] = Value::from(changed.len());
+                crate::audit::insert_audit!(tx, &a);
+            }
+            changed
+        })?;
+        let skipped = self.skipped_jobs(workspace, sel, &changed, "only queued or running jobs can be cancelled").await?;
+        Ok(BulkJobs { changed, skipped })
+    }
+
+    /// Queues the failed or cancelled jobs of `workspace` in `sel` again,
+    /// as [`Store::retry_job`] does each: one statement, in one transaction
+    /// with `audit` (its details get the `count`) when any changed. Ids
+    /// given that are not failed or cancelled are skipped with why.
+    pub async fn retry_jobs(&self, workspace: &str, sel: &JobSelection, audit: &NewAudit) -> Result<BulkJobs> {
+        let now = to_micros(Utc::now());
+        let sql = format!(
+            "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $5, finished_at = NULL, cancel_requested = $6, updated_at = $5 \
+             WHERE workspace = $1 AND state IN ('failed', 'cancelled') AND {} RETURNING id",
+            JobSelection::sql(self)
+        );
+        let (ids, kind, state) = sel.params();
+        let changed: Vec<String> = write_tx!(self, tx => {
+            let changed: Vec<String> = sqlx::query_scalar(&sql)
+                .bind(workspace).bind(&ids).bind(kind).bind(state).bind(now).bind(false).fetch_all(&mut *tx).await?;
+            if !changed.is_empty() {
+                let mut a = audit.clone();
+                a.details["count"] = Value::from(changed.len());
+                crate::audit::insert_audit!(tx, &a);
+            }
+            changed
+        })?;
+        let skipped = self.skipped_jobs(workspace, sel, &changed, "only failed or cancelled jobs can be retried").await?;
+        Ok(BulkJobs { changed, skipped })
+    }
+
+    /// The ids of `sel` (when it is a list) that are not in `changed`, with
+    /// why: unknown in the workspace, or in a state the operation skips.
+    async fn skipped_jobs(&self, workspace: &str, sel: &JobSelection, changed: &[String], rule: &str) -> Result<Vec<(String, String)>> {
+        let JobSelection::Ids(ids) = sel else { return Ok(vec![]) };
+        let changed: std::collections::HashSet<&str> = changed.iter().map(String::as_str).collect();
+        let left: Vec<&str> = ids.iter().map(String::as_str).filter(|id| !changed.contains(id)).collect();
+        if left.is_empty() {
+            return Ok(vec![]);
+        }
+        let sql = format!("SELECT id, state FROM jobs WHERE workspace = $1 AND id {}", self.in_json_array(2));
+        let rows: Vec<(String, String)> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(workspace).bind(serde_json::to_string(&left).unwrap_or_else(|_| "[]".into())).fetch_all(pool).await)?;
+        let states: HashMap<String, String> = rows.into_iter().collect();
+        Ok(left
+            .into_iter()
+            .map(|id| {
+                let why = match states.get(id) {
+                    Some(state) => format!("job is {state}; {rule}"),
+                    None => "not found".to_owned(),
+                };
+                (id.to_owned(), why)
+            })
+            .collect())
     }
 
     /// Puts running jobs whose lease expired (their process died) back in

@@ -40,9 +40,9 @@ mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
 pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, NewInvoice, PlanRow, SubscriptionRow};
-pub use consumers::{ConsumerCommit, CountKey, DeadLetter, Delivery, Folder, NewDeadLetter, Webhook};
+pub use consumers::{ConsumerCommit, CountKey, DeadLetter, DeadLetterAction, DeadLetterFilter, Delivery, Folder, NewDeadLetter, Webhook};
 pub use health::{CustomerHealthRow, HealthConfigRow, HealthEventRow, HealthHistoryRow, HealthSort, OverrideRow};
-pub use jobs::{Job, JobEnd, NewJob};
+pub use jobs::{BulkJobs, Job, JobEnd, JobSelection, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
 pub use metering::{Meter, UsageBucket, UsageBucketKey, UsageDelta, UsageOverflow};
@@ -336,6 +336,20 @@ pub fn to_micros(t: DateTime<Utc>) -> i64 {
 /// The inverse of [`to_micros`].
 pub fn from_micros(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+impl Store {
+    /// `IN (…)` over the texts of a JSON array bound as parameter `$n` (a
+    /// string): one statement for a whole set of ids on both backends,
+    /// without a statement text per list length. `$n` may be NULL (SQLite's
+    /// `json_each(NULL)` and PostgreSQL's `jsonb_array_elements_text(NULL)`
+    /// yield no rows), so callers can write `($n IS NULL OR id {in})`.
+    pub(crate) fn in_json_array(&self, n: usize) -> String {
+        match self {
+            Store::Sqlite(_) => format!("IN (SELECT value FROM json_each(${n}))"),
+            Store::Postgres(_) => format!("IN (SELECT jsonb_array_elements_text(${n}::jsonb))"),
+        }
+    }
 }
 
 fn parse_scope(s: &str) -> Scope {

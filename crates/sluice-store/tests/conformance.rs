@@ -56,6 +56,8 @@ conformance!(
     count_commits_add_to_stored_counts,
     every_id_the_validator_accepts_round_trips_and_nul_is_refused,
     usage_overflow_is_refused_whole_and_names_every_bucket,
+    bulk_cancel_and_retry_change_the_selection_of_one_workspace,
+    bulk_dead_letters_walk_the_matching_entries_once_in_chunks,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -479,4 +481,114 @@ async fn usage_overflow_is_refused_whole_and_names_every_bucket(store: Store) {
     assert_eq!(store.checkpoints("meters").await.unwrap().get(&0), Some(&1));
     // In one commit, two deltas of one bucket that overflow together are refused too.
     assert!(store.commit_consumer(&commit(vec![delta("c", 1, big, 1), delta("c", 1, big, 2)], 3)).await.unwrap_err().is_permanent());
+}
+
+async fn bulk_cancel_and_retry_change_the_selection_of_one_workspace(store: Store) {
+    use sluice_core::JobState;
+    use sluice_store::JobSelection;
+    use std::time::Duration;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(store.enqueue_job(&job("k", n)).await.unwrap().id);
+    }
+    let other = store.enqueue_job(&sluice_store::NewJob { workspace: "w2".into(), ..job("k", 9) }).await.unwrap().id;
+    let running = store.claim_jobs("k", 1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(running[0].id, ids[0]);
+    let queued = JobSelection::Filter { kind: Some("k".into()), state: Some(JobState::Queued) };
+    let all = JobSelection::Filter { kind: Some("k".into()), state: None };
+    assert_eq!(store.count_bulk_jobs("w1", &queued, true).await.unwrap(), 3);
+    assert_eq!(store.count_bulk_jobs("w1", &all, true).await.unwrap(), 4);
+    assert_eq!(store.count_bulk_jobs("w1", &all, false).await.unwrap(), 0);
+    // By ids: another workspace's job and an unknown id are skipped.
+    let sel = JobSelection::Ids(vec![ids[1].clone(), other.clone(), "job_nope".into()]);
+    assert_eq!(store.count_bulk_jobs("w1", &sel, true).await.unwrap(), 1);
+    let done = store.cancel_jobs("w1", &sel, &audit("job.cancel_bulk")).await.unwrap();
+    assert_eq!(done.changed, vec![ids[1].clone()]);
+    assert_eq!(done.skipped, vec![(other.clone(), "not found".to_owned()), ("job_nope".to_owned(), "not found".to_owned())]);
+    // By filter: queued ones at once, the running one by request.
+    let mut done = store.cancel_jobs("w1", &all, &audit("job.cancel_bulk")).await.unwrap();
+    done.changed.sort();
+    assert_eq!(done.changed, ids[..].iter().filter(|id| **id != ids[1]).cloned().collect::<Vec<_>>());
+    assert!(done.skipped.is_empty());
+    let run = store.get_job(Some("w1"), &ids[0]).await.unwrap();
+    assert_eq!((run.state, run.cancel_requested), (JobState::Running, true));
+    assert_eq!(store.get_job(Some("w1"), &ids[3]).await.unwrap().state, JobState::Cancelled);
+    assert_eq!(store.get_job(None, &other).await.unwrap().state, JobState::Queued, "w2 untouched");
+    // Retry: the cancelled ones; the running one is skipped with its state.
+    let sel = JobSelection::Ids(ids.clone());
+    let done = store.retry_jobs("w1", &sel, &audit("job.retry_bulk")).await.unwrap();
+    assert_eq!(done.changed.len(), 3);
+    assert_eq!(done.skipped, vec![(ids[0].clone(), "job is running; only failed or cancelled jobs can be retried".to_owned())]);
+    let again = store.get_job(Some("w1"), &ids[3]).await.unwrap();
+    assert_eq!((again.state, again.attempts, again.finished_at), (JobState::Queued, 0, None));
+    // One audit entry per call that changed something, with its count.
+    let log = store.list_audit("w1", None, 100).await.unwrap().data;
+    let counts: Vec<(String, serde_json::Value)> = log.iter().map(|e| (e.action.clone(), e.details["count"].clone())).collect();
+    assert_eq!(counts, [("job.cancel_bulk", 1), ("job.cancel_bulk", 3), ("job.retry_bulk", 3)].map(|(a, n)| (a.to_owned(), serde_json::json!(n))));
+}
+
+async fn bulk_dead_letters_walk_the_matching_entries_once_in_chunks(store: Store) {
+    use sluice_store::{ConsumerCommit, DeadLetterAction, DeadLetterFilter, NewDeadLetter};
+    let now = chrono::Utc::now();
+    let dl = |ws: &str, i: u64, error: &str| NewDeadLetter {
+        consumer: "c".into(),
+        workspace: ws.into(),
+        event_id: format!("e{i}"),
+        event_type: if i.is_multiple_of(2) { "even".into() } else { "odd".into() },
+        partition: 0,
+        offset: i,
+        error: error.into(),
+        attempts: 1,
+        first_failed_at: now,
+        last_failed_at: now,
+    };
+    let mut dead_letters: Vec<NewDeadLetter> = (0..7).map(|i| dl("w1", i, if i < 5 { "HTTP 500_x" } else { "timeout" })).collect();
+    dead_letters.push(dl("w2", 100, "HTTP 500_x"));
+    store.commit_consumer(&ConsumerCommit { consumer: "c".into(), dead_letters, ..Default::default() }).await.unwrap();
+    let f = |error: Option<&str>, event_type: Option<&str>| DeadLetterFilter {
+        error_contains: error.map(str::to_owned),
+        event_type: event_type.map(str::to_owned),
+        ..Default::default()
+    };
+    assert_eq!(store.count_dead_letters("w1", &f(None, None)).await.unwrap(), 7);
+    // `_` and `%` are literal text, case does not matter.
+    assert_eq!(store.count_dead_letters("w1", &f(Some("http 500_"), None)).await.unwrap(), 5);
+    assert_eq!(store.count_dead_letters("w1", &f(Some("500%"), None)).await.unwrap(), 0);
+    assert_eq!(store.count_dead_letters("w1", &f(Some("500_x"), Some("even"))).await.unwrap(), 3);
+    let listed =
+        store.list_dead_letters_where("w1", &f(Some("500_x"), Some("even")), Some("dead"), sluice_core::SortOrder::Desc, None, 10).await.unwrap();
+    assert_eq!(listed.data.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(), ["e4", "e2", "e0"]);
+    // Ids of another workspace match nothing.
+    let w2 = store.list_dead_letters("w2", None, None, None, 10).await.unwrap().data;
+    let theirs = DeadLetterFilter { ids: Some(vec![w2[0].id.clone()]), ..Default::default() };
+    assert_eq!(store.count_dead_letters("w1", &theirs).await.unwrap(), 0);
+    assert!(store.bulk_dead_letters("w1", DeadLetterAction::Discard, &theirs, "", 10, None).await.unwrap().is_empty());
+    // Chunks of 2 after a cursor, oldest first; the audit entry once.
+    let sel = f(Some("500"), None);
+    let (mut after, mut seen) = (String::new(), Vec::new());
+    let a = audit("dlq.replay_bulk");
+    loop {
+        let chunk = store.bulk_dead_letters("w1", DeadLetterAction::Replay, &sel, &after, 2, seen.is_empty().then_some(&a)).await.unwrap();
+        assert!(chunk.len() <= 2);
+        seen.extend(chunk.iter().cloned());
+        match chunk.iter().max() {
+            Some(last) if chunk.len() == 2 => after.clone_from(last),
+            _ => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    let replaying = store.list_dead_letters("w1", None, Some("replaying"), None, 10).await.unwrap().data;
+    assert_eq!(replaying.iter().map(|d| d.id.clone()).collect::<Vec<_>>(), seen);
+    assert_eq!(store.count_dead_letters("w1", &sel).await.unwrap(), 0, "only `dead` entries match");
+    assert_eq!(store.count_dead_letters("w2", &f(None, None)).await.unwrap(), 1);
+    let log = store.list_audit("w1", None, 10).await.unwrap().data;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].details["count"], 2);
+    // Discard the rest by ids.
+    let rest = DeadLetterFilter {
+        ids: Some(store.list_dead_letters("w1", None, Some("dead"), None, 10).await.unwrap().data.into_iter().map(|d| d.id).collect()),
+        ..Default::default()
+    };
+    assert_eq!(store.bulk_dead_letters("w1", DeadLetterAction::Discard, &rest, "", 500, None).await.unwrap().len(), 2);
+    assert_eq!(store.list_dead_letters("w1", None, Some("discarded"), None, 10).await.unwrap().data.len(), 2);
 }

@@ -181,6 +181,7 @@ async fn run(cfg: Config) -> Result<()> {
             Arc::new(sluice_health::jobs::Recompute { health: health.clone(), log: Some(log.clone()) }),
             Arc::new(sluice_health::jobs::Backtest { health: health.clone(), log: Some(log.clone()) }),
             Arc::new(sluice_consumers::rebuild::ConsumerRebuild),
+            Arc::new(sluice_consumers::dlq_bulk::DlqBulk),
             Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
             Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone(), bursts: consumers.bursts().clone() }),
             Arc::new(sluice_lake::compact::Compaction {

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluice_store::{DeadLetter, NewAudit, StoreError};
+use sluice_store::{DeadLetter, DeadLetterFilter, NewAudit, StoreError};
 
 use super::{rfc3339, List};
 use crate::auth::Principal;
@@ -238,21 +238,33 @@ pub struct DlqQuery {
     pub consumer: Option<String>,
     /// Only this status (`dead`, `replaying`, `replayed`, `discarded`); default all.
     pub status: Option<String>,
+    /// Only this event type (also accepted as `type`).
+    #[serde(alias = "type")]
+    pub event_type: Option<String>,
+    /// Only entries whose error contains this text, case-insensitive (also
+    /// accepted as `error_contains`).
+    #[serde(alias = "error_contains")]
+    pub error: Option<String>,
+    /// `asc` (oldest first, the default) or `desc` (newest first).
+    pub order: Option<String>,
     /// Cursor from the previous page.
     pub cursor: Option<String>,
     /// Page size, 1–1000.
     pub limit: Option<usize>,
 }
 
-/// Dead letters of the key's workspace, oldest first.
+/// Dead letters of the key's workspace, oldest first (`order=desc`: newest
+/// first), filtered like a bulk replay or discard.
 #[utoipa::path(get, path = "/v1/dlq", params(DlqQuery), tag = "consumers",
     responses((status = 200, description = "`{data: [DeadLetter], next_cursor}`")), security(("bearer" = [])))]
 pub async fn dlq_list(State(st): State<AppState>, who: Principal, Query(q): Query<DlqQuery>) -> Result<Json<List<DeadLetterView>>, ApiError> {
     who.require_read()?;
-    let page = st
-        .store
-        .list_dead_letters(who.workspace.as_str(), q.consumer.as_deref(), q.status.as_deref(), q.cursor.as_deref(), q.limit.unwrap_or(100))
-        .await?;
+    let order = super::jobs::sort_order(q.order.as_deref())?;
+    // Empty texts are filters not given (as in `POST /v1/dlq/bulk`).
+    let given = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let f = DeadLetterFilter { ids: None, consumer: q.consumer, event_type: given(q.event_type), error_contains: given(q.error) };
+    let page =
+        st.store.list_dead_letters_where(who.workspace.as_str(), &f, q.status.as_deref(), order, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }))
 }
 
@@ -321,6 +333,75 @@ pub async fn dlq_replay_bulk(State(st): State<AppState>, who: Principal, Json(f)
     let a = audit(&who, "dlq.replay_bulk", "*", json!({"consumer": f.consumer, "event_type": f.event_type, "error": f.error}));
     let n = st.store.claim_replays(who.workspace.as_str(), None, f.consumer.as_deref(), f.event_type.as_deref(), f.error.as_deref(), &a).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"replaying": n}))))
+}
+
+/// Body of `POST /v1/dlq/bulk`: what to do, and to which waiting (`dead`)
+/// entries; every filter given must match.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DlqBulk {
+    /// `replay` or `discard`.
+    pub action: String,
+    /// Only these entries (at most 1000).
+    pub ids: Option<Vec<String>>,
+    /// Only this consumer.
+    pub consumer: Option<String>,
+    /// Only this event type (also accepted as `type`).
+    #[serde(alias = "type")]
+    pub event_type: Option<String>,
+    /// Only entries whose error contains this text (also accepted as
+    /// `error_contains`).
+    #[serde(alias = "error_contains")]
+    pub error: Option<String>,
+    /// Only count the matching entries: answers `{"matching": n}`.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Replays or discards every waiting dead letter that matches, as a
+/// `dlq.bulk` job with progress (`GET /v1/jobs/{id}`); with `dry_run`,
+/// only counts them.
+#[utoipa::path(post, path = "/v1/dlq/bulk", request_body = DlqBulk, tag = "consumers",
+    responses((status = 202, description = "`{\"job\": Job, \"matching\": n}`"), (status = 200, description = "`{\"matching\": n}` (dry run)"),
+        (status = 400), (status = 403)), security(("bearer" = [])))]
+pub async fn dlq_bulk(State(st): State<AppState>, who: Principal, Json(b): Json<DlqBulk>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    who.require_admin()?;
+    let action = match b.action.as_str() {
+        "replay" => sluice_consumers::dlq_bulk::Action::Replay,
+        "discard" => sluice_consumers::dlq_bulk::Action::Discard,
+        other => return Err(ApiError::bad_request(format!("action: expected `replay` or `discard`, got {other:?}"))),
+    };
+    let ids = b.ids.map(super::jobs::bulk_ids).transpose()?;
+    // An empty filter text would match everything: treat it as not given,
+    // as the dashboard's empty inputs mean.
+    let given = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let payload = sluice_consumers::dlq_bulk::BulkPayload {
+        v: 1,
+        action,
+        ids,
+        consumer: given(b.consumer),
+        event_type: given(b.event_type),
+        error: given(b.error),
+        matching: 0,
+    };
+    let matching = st.store.count_dead_letters(who.workspace.as_str(), &payload.filter()).await?;
+    if b.dry_run {
+        return Ok((StatusCode::OK, Json(json!({"matching": matching}))));
+    }
+    let job = st
+        .store
+        .enqueue_job(&sluice_store::NewJob {
+            workspace: who.workspace.to_string(),
+            kind: sluice_consumers::dlq_bulk::KIND.into(),
+            payload: sluice_jobs::JobPayload::to_value(&sluice_consumers::dlq_bulk::BulkPayload { matching, ..payload }),
+            max_attempts: 3,
+            created_by: Some(who.key_id.clone()),
+        })
+        .await?;
+    st.jobs.wake();
+    tracing::info!(job = %job.id, action = %b.action, matching, by = %who.key_id, "bulk dead-letter job queued");
+    let job = serde_json::to_value(super::jobs::JobView::from(job)).map_err(ApiError::internal)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"job": job, "matching": matching}))))
 }
 
 /// Discards a dead letter (it will not be processed).

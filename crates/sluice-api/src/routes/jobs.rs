@@ -180,6 +180,126 @@ pub async fn retry(State(st): State<AppState>, who: Principal, Path(id): Path<St
     Ok(Json(j.into()))
 }
 
+/// Most ids one bulk request may name: a request stays one short
+/// transaction; more is a filter's job.
+pub const MAX_BULK_IDS: usize = 1000;
+
+/// The filter of a bulk cancel or retry: the dashboard's kind and status
+/// filters (each optional; `{}` is every job of the workspace).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFilter {
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this status.
+    pub status: Option<String>,
+}
+
+/// Body of `POST /v1/jobs/cancel` and `POST /v1/jobs/retry`: exactly one
+/// of `ids` and `filter`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkJobsBody {
+    /// These jobs (at most 1000).
+    pub ids: Option<Vec<String>>,
+    /// Every job matching this filter.
+    pub filter: Option<BulkFilter>,
+    /// Only count what would change: answers `{"matching": n}`.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// A job a bulk operation left alone.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Skipped {
+    /// `job_…` as given.
+    pub id: String,
+    /// Why (`not found`, or the job's status and the rule).
+    pub reason: String,
+}
+
+/// The `ids` of a bulk request, each once in the order given: at least
+/// one and at most [`MAX_BULK_IDS`], or a 400 naming the field.
+pub(crate) fn bulk_ids(ids: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::bad_request("ids: give at least one id (or a filter)"));
+    }
+    if ids.len() > MAX_BULK_IDS {
+        return Err(ApiError::bad_request(format!("ids: at most {MAX_BULK_IDS} ids per request ({} given); use a filter", ids.len())));
+    }
+    // A repeated id counts once and is not reported as skipped.
+    let mut seen = std::collections::HashSet::new();
+    Ok(ids.into_iter().filter(|id| seen.insert(id.clone())).collect())
+}
+
+/// The store's selection of a bulk body (exactly one of `ids` and
+/// `filter`) and whether it is a dry run; a 400 naming the field otherwise.
+fn selection(body: BulkJobsBody) -> Result<(sluice_store::JobSelection, bool), ApiError> {
+    let sel = match (body.ids, body.filter) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("ids: give either `ids` or `filter`, not both")),
+        (None, None) => return Err(ApiError::bad_request("ids: give `ids` (a list of job ids) or `filter` (kind, status)")),
+        (Some(ids), None) => sluice_store::JobSelection::Ids(bulk_ids(ids)?),
+        (None, Some(f)) => {
+            let state = f
+                .status
+                .as_deref()
+                .map(str::parse::<sluice_core::JobState>)
+                .transpose()
+                .map_err(|e| ApiError::bad_request(format!("filter.status: {e}")))?;
+            sluice_store::JobSelection::Filter { kind: f.kind, state }
+        }
+    };
+    Ok((sel, body.dry_run))
+}
+
+/// What the audit entry of a bulk operation records of its selection.
+fn selection_details(sel: &sluice_store::JobSelection) -> Value {
+    match sel {
+        sluice_store::JobSelection::Ids(ids) => serde_json::json!({"ids": ids}),
+        sluice_store::JobSelection::Filter { kind, state } => serde_json::json!({"filter": {"kind": kind, "status": state.map(|s| s.as_str())}}),
+    }
+}
+
+fn bulk_answer(key: &str, done: sluice_store::BulkJobs) -> Value {
+    let skipped: Vec<Skipped> = done.skipped.into_iter().map(|(id, reason)| Skipped { id, reason }).collect();
+    serde_json::json!({ key: done.changed.len(), "skipped": skipped })
+}
+
+/// Cancels several jobs: `ids`, or every queued or running job matching
+/// `filter`. With `dry_run`, only counts them.
+#[utoipa::path(post, path = "/v1/jobs/cancel", request_body = BulkJobsBody, tag = "jobs",
+    responses((status = 200, description = "`{\"cancelled\": n, \"skipped\": [{id, reason}]}`, or `{\"matching\": n}` for a dry run"),
+        (status = 400), (status = 403)), security(("bearer" = [])))]
+pub async fn cancel_bulk(State(st): State<AppState>, who: Principal, Json(body): Json<BulkJobsBody>) -> Result<Json<Value>, ApiError> {
+    who.require_admin()?;
+    let (sel, dry_run) = selection(body)?;
+    if dry_run {
+        return Ok(Json(serde_json::json!({"matching": st.store.count_bulk_jobs(who.workspace.as_str(), &sel, true).await?})));
+    }
+    let a = who.audit("job.cancel_bulk", "job", "*", selection_details(&sel));
+    let done = st.store.cancel_jobs(who.workspace.as_str(), &sel, &a).await?;
+    Ok(Json(bulk_answer("cancelled", done)))
+}
+
+/// Queues several failed or cancelled jobs again: `ids`, or every one
+/// matching `filter`. With `dry_run`, only counts them.
+#[utoipa::path(post, path = "/v1/jobs/retry", request_body = BulkJobsBody, tag = "jobs",
+    responses((status = 200, description = "`{\"retried\": n, \"skipped\": [{id, reason}]}`, or `{\"matching\": n}` for a dry run"),
+        (status = 400), (status = 403)), security(("bearer" = [])))]
+pub async fn retry_bulk(State(st): State<AppState>, who: Principal, Json(body): Json<BulkJobsBody>) -> Result<Json<Value>, ApiError> {
+    who.require_admin()?;
+    let (sel, dry_run) = selection(body)?;
+    if dry_run {
+        return Ok(Json(serde_json::json!({"matching": st.store.count_bulk_jobs(who.workspace.as_str(), &sel, false).await?})));
+    }
+    let a = who.audit("job.retry_bulk", "job", "*", selection_details(&sel));
+    let done = st.store.retry_jobs(who.workspace.as_str(), &sel, &a).await?;
+    if !done.changed.is_empty() {
+        st.jobs.wake();
+    }
+    Ok(Json(bulk_answer("retried", done)))
+}
+
 /// Records a job operation in the audit log. It is written right after the
 /// change (not in its transaction); a failure to write it is logged.
 async fn audit(st: &AppState, who: &Principal, action: &str, job: &Job) {

@@ -388,3 +388,192 @@ async fn a_reset_is_followed_by_a_job_with_progress_events_and_the_cli() {
     assert!(ok);
     assert!(out.contains(&job) && out.contains("consumer.reset"), "{out}");
 }
+
+/// Dead letters of the key's workspace in `status`, with a query, following cursors.
+async fn dead_letters(api: &Api, query: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (st, v) = api.get(&format!("/v1/dlq?limit=1000{query}{cursor}")).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        out.extend(v["data"].as_array().unwrap().iter().cloned());
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return out,
+        }
+    }
+}
+
+/// Waits for a job to end and returns it.
+async fn job_end(api: &Api, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (st, j) = api.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(st, StatusCode::OK, "{j}");
+        if matches!(j["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job did not end: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_dlq_counts_what_the_list_shows_and_its_job_replays_and_discards_only_the_workspaces_entries() {
+    let s = Server::start_with(&FAST_RETRIES).await;
+    let a_keys = s.workspace_with_keys("dlq-a").await;
+    let b_keys = s.workspace_with_keys("dlq-b").await;
+    let (a, b) = (s.api(&a_keys.admin), s.api(&b_keys.admin));
+    let rx = Receiver::start().await;
+    let a_events: Vec<String> = (0..12).map(|i| format!("a{i}")).collect();
+    let b_events: Vec<String> = (0..3).map(|i| format!("b{i}")).collect();
+    *rx.fail_events.lock().unwrap() = a_events.iter().chain(&b_events).cloned().collect();
+    let a_name = format!("webhook:{}", webhook(&a, &rx.url, json!(["*"])).await["id"].as_str().unwrap());
+    webhook(&b, &rx.url, json!(["*"])).await;
+    a.ingest(json!(a_events.iter().enumerate().map(|(i, id)| json!({"id": id, "type": if i < 8 { "t.a" } else { "t.b" }})).collect::<Vec<_>>()))
+        .await;
+    b.ingest(json!(b_events.iter().map(|id| json!({"id": id, "type": "t.a"})).collect::<Vec<_>>())).await;
+    eventually("15 dead letters", 60, || async {
+        dead_letters(&a, "&status=dead").await.len() == 12 && dead_letters(&b, "&status=dead").await.len() == 3
+    })
+    .await;
+
+    // A dry run counts what the list shows for the same filter.
+    let dry = |body: Value| {
+        let a = a.clone();
+        async move {
+            let (st, v) = a.post("/v1/dlq/bulk", body.clone()).await;
+            assert_eq!(st, StatusCode::OK, "{body}: {v}");
+            v["matching"].as_u64().unwrap() as usize
+        }
+    };
+    for (filter, query) in [
+        (json!({}), String::new()),
+        (json!({"consumer": a_name}), format!("&consumer={a_name}")),
+        (json!({"consumer": a_name, "event_type": "t.a"}), format!("&consumer={a_name}&event_type=t.a")),
+        (json!({"type": "t.b"}), "&type=t.b".to_owned()),
+        (json!({"error_contains": "http 5"}), "&error_contains=http%205".to_owned()),
+        (json!({"error": "500", "type": "t.a"}), "&error=500&type=t.a".to_owned()),
+        (json!({"error": "no such error"}), "&error=no%20such%20error".to_owned()),
+    ] {
+        let listed = dead_letters(&a, &format!("&status=dead{query}")).await.len();
+        let mut body = filter.clone();
+        body["action"] = json!("replay");
+        body["dry_run"] = json!(true);
+        assert_eq!(dry(body.clone()).await, listed, "{filter} vs ?{query}");
+        body["action"] = json!("discard");
+        assert_eq!(dry(body).await, listed, "{filter} vs ?{query}");
+    }
+    assert_eq!(dry(json!({"action": "replay", "type": "t.a", "dry_run": true})).await, 8);
+    assert_eq!(dry(json!({"action": "replay", "error": "no such error", "dry_run": true})).await, 0);
+    // Newest first on request; oldest first stays the default.
+    let asc: Vec<String> = dead_letters(&a, "").await.iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
+    let desc: Vec<String> = dead_letters(&a, "&order=desc").await.iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
+    assert!(asc.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(desc, asc.iter().rev().cloned().collect::<Vec<_>>());
+    assert_eq!(a.get("/v1/dlq?order=sideways").await.0, StatusCode::BAD_REQUEST);
+
+    // Bad requests name the field and change nothing; read keys are refused.
+    for (body, field) in [
+        (json!({"action": "burn"}), "action"),
+        (json!({"consumer": a_name}), "action"),
+        (json!({"action": "replay", "ids": []}), "ids"),
+        (json!({"action": "replay", "ids": (0..1001).map(|i| format!("dlq_{i}")).collect::<Vec<_>>()}), "ids"),
+        (json!({"action": "replay", "status": "dead"}), "status"),
+    ] {
+        let (st, v) = a.post("/v1/dlq/bulk", body.clone()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(field), "{body}: {v}");
+    }
+    let (st, _) = s.api(&a_keys.read).post("/v1/dlq/bulk", json!({"action": "discard", "dry_run": true})).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(dead_letters(&a, "&status=dead").await.len(), 12, "nothing changed");
+
+    // Another workspace's ids match nothing, and its entries stay as they are.
+    let b_ids: Vec<String> = dead_letters(&b, "&status=dead").await.iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(dry(json!({"action": "discard", "ids": b_ids, "dry_run": true})).await, 0);
+    let (st, v) = a.post("/v1/dlq/bulk", json!({"action": "discard", "ids": b_ids})).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["matching"], 0);
+    let j = job_end(&a, v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!((j["status"].as_str(), &j["result"]), (Some("succeeded"), &json!({"discarded": 0})), "{j}");
+    assert_eq!(dead_letters(&b, "&status=dead").await.len(), 3);
+
+    // Replay by filter, once the cause is fixed: a job with progress; the
+    // entries leave `dead` and are delivered.
+    rx.fail_events.lock().unwrap().clear();
+    let (st, v) = a.post("/v1/dlq/bulk", json!({"action": "replay", "consumer": a_name, "type": "t.a"})).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["matching"], 8);
+    assert_eq!(v["job"]["kind"], "dlq.bulk");
+    assert_eq!(v["job"]["payload"]["action"], "replay");
+    assert_eq!(v["job"]["payload"]["v"], 1);
+    let replay_job = v["job"]["id"].as_str().unwrap().to_owned();
+    let j = job_end(&a, &replay_job).await;
+    assert_eq!(j["status"], "succeeded", "{j}");
+    assert_eq!(j["result"], json!({"replaying": 8}));
+    assert_eq!((j["progress"]["done"].as_u64(), j["progress"]["total"].as_u64()), (Some(8), Some(8)), "{j}");
+    assert_eq!(dead_letters(&a, &format!("&status=dead&consumer={a_name}&type=t.a")).await.len(), 0);
+    eventually("8 replays delivered", 30, || async { dead_letters(&a, "&status=replayed").await.len() == 8 }).await;
+    assert!((0..8).all(|i| rx.successes().get(&format!("a{i}")) == Some(&1)), "{:?}", rx.successes());
+
+    // Discard two by ids (all other filters must match too).
+    let left: Vec<String> = dead_letters(&a, "&status=dead").await.iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(left.len(), 4);
+    let (st, v) = a.post("/v1/dlq/bulk", json!({"action": "discard", "ids": &left[..2], "consumer": a_name})).await;
+    assert_eq!((st, v["matching"].as_u64()), (StatusCode::ACCEPTED, Some(2)), "{v}");
+    let discard_job = v["job"]["id"].as_str().unwrap().to_owned();
+    let j = job_end(&a, &discard_job).await;
+    assert_eq!((j["status"].as_str(), &j["result"]), (Some("succeeded"), &json!({"discarded": 2})), "{j}");
+    for id in &left[..2] {
+        assert_eq!(a.get(&format!("/v1/dlq/{id}")).await.1["status"], "discarded");
+    }
+    assert_eq!(dead_letters(&a, "&status=dead").await.len(), 2);
+    assert_eq!(dead_letters(&b, "&status=dead").await.len(), 3, "B's entries were never touched");
+
+    // The audit trail: one entry per job that changed something.
+    let (_, audit) = a.get("/v1/audit?limit=1000").await;
+    let bulk: Vec<&Value> = audit["data"].as_array().unwrap().iter().filter(|e| e["action"].as_str().unwrap().ends_with("_bulk")).collect();
+    assert_eq!(bulk.len(), 2, "{bulk:?}");
+    assert_eq!(bulk[0]["action"], "dlq.replay_bulk");
+    assert_eq!(bulk[0]["details"]["job"], replay_job.as_str());
+    assert_eq!(bulk[0]["details"]["matched"], 8);
+    assert_eq!(bulk[0]["details"]["count"], 8);
+    assert_eq!(bulk[0]["details"]["filter"], json!({"consumer": a_name, "event_type": "t.a", "error": null}));
+    assert_eq!(bulk[1]["action"], "dlq.discard_bulk");
+    assert_eq!(bulk[1]["details"]["ids"], 2);
+    assert_eq!(bulk[1]["details"]["job"], discard_job.as_str());
+    assert!(bulk.iter().all(|e| e["actor_key_id"].as_str().is_some_and(|k| k.starts_with("key_"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_discard_of_more_than_a_chunk_reports_progress_and_discards_every_entry() {
+    // One attempt each, to a closed port: every event is a dead letter at once.
+    let s = Server::start_with(&[("SLUICE_RETRY_ATTEMPTS", "1"), ("SLUICE_RETRY_BASE_MS", "10"), ("SLUICE_WEBHOOK_ALLOW_PRIVATE", "1")]).await;
+    let api = s.root();
+    webhook(&api, "http://127.0.0.1:9/hook", json!(["*"])).await;
+    let n = 1234;
+    for batch in (0..n).collect::<Vec<_>>().chunks(500) {
+        api.ingest(json!(batch.iter().map(|i| json!({"id": format!("e{i}"), "type": "t"})).collect::<Vec<_>>())).await;
+    }
+    eventually("every event dead-lettered", 120, || async { dead_letters(&api, "&status=dead").await.len() == n }).await;
+    let (st, v) = api.post("/v1/dlq/bulk", json!({"action": "discard"})).await;
+    assert_eq!((st, v["matching"].as_u64()), (StatusCode::ACCEPTED, Some(n as u64)), "{v}");
+    let id = v["job"]["id"].as_str().unwrap().to_owned();
+    // The job's progress, seen from outside, never goes back and ends at n of n.
+    let mut seen = Vec::new();
+    let j = loop {
+        let (_, j) = api.get(&format!("/v1/jobs/{id}")).await;
+        seen.push(j["progress"]["done"].as_u64().unwrap());
+        if j["status"] != "queued" && j["status"] != "running" {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(j["status"], "succeeded", "{j}");
+    assert_eq!(j["result"], json!({"discarded": n}));
+    assert_eq!((j["progress"]["done"].as_u64(), j["progress"]["total"].as_u64()), (Some(n as u64), Some(n as u64)));
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(dead_letters(&api, "&status=dead").await.is_empty());
+    assert_eq!(dead_letters(&api, "&status=discarded").await.len(), n);
+}

@@ -20,6 +20,7 @@ mod durability;
 mod health;
 mod health_cli;
 mod ingest;
+mod jobs;
 mod lake;
 mod limits;
 mod metering;

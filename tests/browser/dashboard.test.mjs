@@ -1334,7 +1334,7 @@ test('settings: an admin creates a key whose secret is shown once and works, rev
   const settings = page.getByRole('region', { name: 'Settings', exact: true });
   await settings.getByRole('table', { name: 'Workspaces' }).getByText('setg').waitFor();
   // The keys table is the API's list.
-  const keysTable = settings.getByRole('table', { name: 'API keys' });
+  const keysTable = settings.getByRole('table', { name: 'Access keys' });
   await keysTable.waitFor();
   const listed = (await call(k.admin, 'GET', '/v1/keys')).body.data.map((x) => x.id).sort();
   assert.deepEqual((await keysTable.evaluate((t) => [...t.tBodies[0].rows].map((r) => r.cells[0].textContent.trim()))).sort(), listed);
@@ -1522,5 +1522,39 @@ test('lists update live over Server-Sent Events instead of polling every list ev
   const hiddenFrom = Date.now();
   await new Promise((r) => setTimeout(r, 3_000));
   assert.deepEqual(reads.filter((r) => r.at >= hiddenFrom + 200 && r.path.startsWith('/v1/')).map((r) => r.path), []);
+  await context.close();
+});
+
+test('jobs and dead letters: "More" reads the next page by the API\'s next_cursor', { skip }, async () => {
+  const k = await ownWorkspace('pages');
+  for (let i = 0; i < 25; i++) assert.equal((await call(k.admin, 'POST', '/v1/lake/compact')).status, 202);
+  const hook = await call(k.admin, 'POST', '/v1/webhooks', { url: 'http://127.0.0.1:9/hook', event_types: ['pg.dead'] });
+  assert.equal(hook.status, 201, JSON.stringify(hook.body));
+  assert.equal((await call(k.ingest, 'POST', '/v1/events', Array.from({ length: 55 }, (_, i) => ({ id: `pg-${i}`, type: 'pg.dead' })))).status, 200);
+  await until('55 dead letters', async () => (await call(k.read, 'GET', '/v1/dlq?status=dead&limit=1000')).body.data.length === 55);
+  await until('the compactions end', async () => (await call(k.read, 'GET', '/v1/jobs?limit=1000')).body.data.every((j) => j.status === 'succeeded'));
+  const apiJobs = (await call(k.read, 'GET', '/v1/jobs?order=desc&limit=1000')).body.data.map((j) => j.id);
+  const apiDlq = (await call(k.read, 'GET', '/v1/dlq?status=dead&limit=1000')).body.data.map((d) => d.event_id);
+  assert.equal(apiJobs.length, 25);
+  const { context, page } = await newPage();
+  await signIn(page, k.read);
+  const idsOf = (table, col) => table.evaluate((t, c) => [...t.tBodies[0].rows].map((r) => r.cells[c].textContent.trim()), col);
+  const jobs = page.getByRole('region', { name: 'Jobs', exact: true });
+  const jobsTable = jobs.getByRole('table', { name: 'Jobs' });
+  await jobs.getByText('20 shown, more on the server').waitFor();
+  const idCol = await jobsTable.evaluate((t) => [...t.tHead.rows[0].cells].findIndex((c) => c.textContent.trim() === 'id'));
+  assert.deepEqual((await idsOf(jobsTable, idCol)).map((s) => s.match(/job_[A-Za-z0-9]+/)[0]), apiJobs.slice(0, 20));
+  await jobs.getByRole('button', { name: 'More', exact: true }).click();
+  await jobs.getByText('25 shown').waitFor();
+  assert.deepEqual((await idsOf(jobsTable, idCol)).map((s) => s.match(/job_[A-Za-z0-9]+/)[0]), apiJobs);
+  assert.equal(await jobs.getByRole('button', { name: 'More', exact: true }).isHidden(), true);
+  const dlq = page.getByRole('region', { name: 'Dead letters', exact: true });
+  const dlqTable = dlq.getByRole('table', { name: 'Dead letters' });
+  await dlq.getByText('50 shown, more on the server').waitFor();
+  const evCol = await dlqTable.evaluate((t) => [...t.tHead.rows[0].cells].findIndex((c) => c.textContent.trim() === 'event'));
+  assert.deepEqual(await idsOf(dlqTable, evCol), apiDlq.slice(0, 50));
+  await dlq.getByRole('button', { name: 'More', exact: true }).click();
+  await dlq.getByText('55 shown').waitFor();
+  assert.deepEqual(await idsOf(dlqTable, evCol), apiDlq);
   await context.close();
 });

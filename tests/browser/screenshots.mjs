@@ -109,7 +109,12 @@ try {
   };
   for (const [name, sel] of Object.entries(shots)) {
     const out = path.join(docs, `dashboard-${name}.png`);
-    await page.locator(sel).screenshot({ path: out });
+    // A long list is cut at 1,100 px: the top of the section shows it.
+    const el = page.locator(sel);
+    await el.scrollIntoViewIfNeeded();
+    const box = await el.boundingBox();
+    if (box.height > 1100) await page.screenshot({ path: out, fullPage: true, clip: { x: box.x, y: box.y + (await page.evaluate(() => window.scrollY)), width: box.width, height: 1100 } });
+    else await el.screenshot({ path: out });
     console.log(`wrote ${out}`);
   }
 } finally {

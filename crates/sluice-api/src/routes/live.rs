@@ -7,7 +7,8 @@
 //! `event: changed` with `{"topics": ["jobs", …]}` when a mark moved:
 //! `jobs` (any job of the workspace, so imports and billing runs too) and
 //! `dead_letters`. The first event, `ready`, says the stream is live. A
-//! comment every 15 s keeps proxies from closing an idle stream.
+//! comment every 15 s keeps proxies from closing an idle stream. The stream
+//! ends when the server starts draining (shutdown), within a second.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -44,16 +45,22 @@ fn changed(before: &ChangeMarks, now: &ChangeMarks) -> Vec<&'static str> {
 pub async fn live(State(st): State<AppState>, who: Principal) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, ApiError> {
     who.require_read()?;
     let ws = who.workspace.to_string();
-    let store = st.store.clone();
+    let (store, ready) = (st.store.clone(), st.ready.clone());
     let first = store.change_marks(&ws).await?;
     let stream = futures::stream::unfold((first, true), move |(last, starting)| {
-        let (store, ws) = (store.clone(), ws.clone());
+        let (store, ws, ready) = (store.clone(), ws.clone(), ready.clone());
         async move {
             if starting {
                 return Some((Ok(Event::default().event("ready").data("{}")), (last, false)));
             }
             loop {
                 tokio::time::sleep(EVERY).await;
+                // The stream never ends by itself: it ends when the server
+                // drains for a shutdown, which would otherwise wait for
+                // every open dashboard until its timeout.
+                if !ready.load(std::sync::atomic::Ordering::Acquire) {
+                    return None;
+                }
                 // A failing read is tried again at the next second; the
                 // dashboard's slow refresh covers the gap.
                 let Ok(now) = store.change_marks(&ws).await else { continue };

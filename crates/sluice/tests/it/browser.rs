@@ -4,8 +4,9 @@
 //! `sluice` binary. Once per CI run: with the SQLite backend (the suite
 //! starts its own server on SQLite either way).
 //!
-//! Needs `node`, `/usr/bin/chromium` and `tests/browser/node_modules`
-//! (`.ci/run` installs all three). Under `CI=true` anything missing fails the
+//! Needs `node`, `/usr/bin/chromium`, `/usr/bin/firefox-esr` (the Firefox
+//! smoke test, `firefox.test.mjs`, over WebDriver BiDi) and
+//! `tests/browser/node_modules` (`.ci/run` installs them all). Under `CI=true` anything missing fails the
 //! test; elsewhere it is skipped with a message.
 
 use std::path::Path;
@@ -20,10 +21,12 @@ fn dashboard_in_a_real_browser() {
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let chromium = std::env::var("SLUICE_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let firefox = std::env::var("SLUICE_FIREFOX").unwrap_or_else(|_| "/usr/bin/firefox-esr".into());
     let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
     let missing: Vec<&str> = [
         (!node).then_some("node"),
         (!Path::new(&chromium).exists()).then_some("chromium (apt-get install chromium)"),
+        (!Path::new(&firefox).exists()).then_some("firefox (apt-get install firefox-esr)"),
         (!suite.join("node_modules/playwright-core").exists()).then_some("tests/browser/node_modules (cd tests/browser && npm install)"),
     ]
     .into_iter()

@@ -215,3 +215,52 @@ async fn the_overview_counts_a_workspaces_own_activity_now_and_over_time() {
     assert_eq!(ia.get("/v1/overview").await.0, StatusCode::FORBIDDEN);
     assert_eq!(s.anonymous().get("/v1/overview").await.0, StatusCode::UNAUTHORIZED);
 }
+
+/// `GET /v1/live` (the dashboard's change notifications): `ready`, then
+/// `changed` naming `jobs` when a job of the workspace changes — and an open
+/// stream does not hold a shutdown until its timeout.
+#[tokio::test]
+async fn the_live_stream_names_what_changed_and_ends_when_the_server_drains() {
+    let mut s = Server::start().await;
+    let k = s.workspace_with_keys("live").await;
+    let other = s.workspace_with_keys("live_other").await;
+    for (key, want) in [(None, StatusCode::UNAUTHORIZED), (Some(&k.ingest), StatusCode::FORBIDDEN)] {
+        let mut rb = reqwest::Client::new().get(format!("{}/v1/live", s.url));
+        if let Some(key) = key {
+            rb = rb.bearer_auth(key);
+        }
+        assert_eq!(rb.send().await.unwrap().status(), want);
+    }
+    let mut resp = reqwest::Client::new().get(format!("{}/v1/live", s.url)).bearer_auth(&k.read).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut text = String::new();
+    // Reads the stream until `want` appears (or fails after 15 s).
+    async fn read_until(resp: &mut reqwest::Response, text: &mut String, want: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !text.contains(want) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match tokio::time::timeout(left, resp.chunk()).await {
+                Ok(Ok(Some(c))) => text.push_str(&String::from_utf8_lossy(&c)),
+                other => panic!("no {want:?} in the stream ({other:?}); so far: {text:?}"),
+            }
+        }
+    }
+    read_until(&mut resp, &mut text, "event: ready").await;
+    // Another workspace's job is not ours: nothing is sent for it.
+    assert_eq!(s.api(&other.admin).post("/v1/lake/compact", json!({})).await.0, StatusCode::ACCEPTED);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(!text.contains("event: changed"), "{text}");
+    // Ours is.
+    assert_eq!(s.api(&k.admin).post("/v1/lake/compact", json!({})).await.0, StatusCode::ACCEPTED);
+    read_until(&mut resp, &mut text, "event: changed").await;
+    read_until(&mut resp, &mut text, "\n\n").await;
+    assert!(text.contains(r#"data: {"topics":["jobs"]}"#), "{text}");
+    // A SIGTERM with the stream still open: the server drains and stops
+    // cleanly, well before its 30 s shutdown timeout.
+    let started = std::time::Instant::now();
+    let status = s.terminate();
+    assert!(status.success(), "exit status {status:?}; log:\n{}", s.stderr_text());
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "shutdown took {:?}", started.elapsed());
+    assert!(s.stderr_text().contains("stopped cleanly"), "{}", s.stderr_text());
+}

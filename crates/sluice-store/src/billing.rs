@@ -524,9 +524,10 @@ impl Store {
     /// since it was read or already has an invoice for one of the periods;
     /// nothing is written then, and the caller commits them one by one.
     ///
-    /// A few statements per batch, not a few per subscription: one `UPDATE …
-    /// FROM (VALUES …)` per 500 subscriptions (each row guarded by its
-    /// revision; fewer rows updated than subscriptions is a conflict), one
+    /// A few statements per batch, not a few per subscription: on
+    /// PostgreSQL one `UPDATE … FROM (VALUES …)` per 500 subscriptions (each
+    /// row guarded by its revision; fewer rows updated than subscriptions is
+    /// a conflict; SQLite keeps one primary-key UPDATE each), one
     /// counter move per workspace reserving the batch's invoice numbers in
     /// commit order (gapless: the range is taken in this transaction), and
     /// multi-row `INSERT`s. On PostgreSQL each statement is a round trip, so
@@ -554,9 +555,25 @@ impl Store {
             }
         }
         let mut out: Vec<Vec<InvoiceRow>> = Vec::with_capacity(commits.len());
+        // SQLite runs in-process (a statement costs no round trip) and plans
+        // `UPDATE … FROM (VALUES …)` as a scan of the subscriptions per
+        // batch (a 100,000-subscription run went from 35 s to 47 s): there
+        // each subscription keeps its own primary-key UPDATE.
+        let per_row = matches!(self, Store::Sqlite(_));
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            for chunk in commits.chunks(UPDATE_ROWS) {
+            if per_row {
+                for c in commits {
+                    let n = sqlx::query("UPDATE subscriptions SET billed_until = $3, doc = $4, revision = revision + 1 \
+                                         WHERE workspace = $1 AND id = $2 AND revision = $5")
+                        .bind(c.workspace).bind(c.subscription_id).bind(to_micros(c.billed_until)).bind(c.doc.to_string()).bind(c.revision)
+                        .execute(&mut *tx).await?.rows_affected();
+                    if n == 0 {
+                        return Err(StoreError::Conflict(format!("subscription {:?} was billed or changed at the same time", c.subscription_id)));
+                    }
+                }
+            }
+            for chunk in commits.chunks(UPDATE_ROWS).filter(|_| !per_row) {
                 let values: Vec<String> = (0..chunk.len())
                     .map(|i| {
                         let b = i * 5;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{Api, Server};
+use crate::helpers::{eventually, Api, Server};
 
 /// A webhook receiver running in the test process.
 #[derive(Clone, Default)]
@@ -90,18 +90,6 @@ impl Receiver {
             *m.entry(r.event_id).or_default() += 1;
         }
         m
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

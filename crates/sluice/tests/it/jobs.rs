@@ -7,27 +7,13 @@
 //! minute of backoff between attempts, does not catch up. The runner runs
 //! four of them at once; the others wait in the queue.
 
-use std::time::{Duration, Instant};
-
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{Api, Server};
+use crate::helpers::{eventually, Api, Server};
 
 const STUCK: [(&str, &str); 4] =
     [("SLUICE_RETRY_ATTEMPTS", "50"), ("SLUICE_RETRY_BASE_MS", "60000"), ("SLUICE_WEBHOOK_ALLOW_PRIVATE", "1"), ("SLUICE_JOB_LEASE", "1s")];
-
-async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A webhook to a closed port, and one event for it: its consumer is stuck.
 async fn stuck_consumer(api: &Api, event: &str) -> String {

@@ -1303,7 +1303,7 @@ test('overview: the figures now and the charts of the last hour equal the API, a
   assert.equal(await tileValue(page, 'Dead letters waiting'), '2');
   assert.equal(await tileValue(page, 'Errors in the last hour'), '3');
   assert.equal(await tileValue(page, 'Jobs running'), '0');
-  await overviewRegion(page).getByText('1 refused requests · 0 failed jobs · 2 dead letters').waitFor();
+  await overviewRegion(page).getByText('1 refused request · 0 failed jobs · 2 dead letters').waitFor();
   // Every chart is an image with a name saying what it shows and the value now.
   for (const name of [/^Events accepted per sample: \d+ samples from .* now /, /^Largest consumer lag: /, /^Jobs running: /, /^Dead letters waiting: .* now 2$/, /^Errors per sample: .* now 3$/]) {
     await overviewRegion(page).getByRole('img', { name }).waitFor();

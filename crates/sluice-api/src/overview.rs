@@ -209,8 +209,7 @@ pub async fn shared_consumer_lag(st: &AppState) -> Result<u64, sluice_store::Sto
     let mut max = 0;
     for name in names {
         let cps = st.store.checkpoints(&name).await?;
-        let lag: u64 =
-            (0..log.partitions()).map(|p| log.next_offset(p).saturating_sub(cps.get(&p).copied().unwrap_or_else(|| log.start_offset(p)))).sum();
+        let lag: u64 = crate::routes::consumers::partition_views(&*log, &cps).iter().map(|p| p.lag).sum();
         max = max.max(lag);
     }
     Ok(max)

@@ -25,6 +25,16 @@ pub struct NewAudit {
     pub details: Value,
 }
 
+impl NewAudit {
+    /// This entry with `count` (how many objects a bulk action changed)
+    /// added to its details.
+    pub(crate) fn with_count(&self, count: u64) -> NewAudit {
+        let mut a = self.clone();
+        a.details["count"] = Value::from(count);
+        a
+    }
+}
+
 /// A recorded action.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEntry {

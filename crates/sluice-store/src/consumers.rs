@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 
 use crate::audit::NewAudit;
 use crate::BeginWrite as _;
@@ -675,8 +674,7 @@ impl Store {
                 .bind(action.status()).bind(now).bind(after).bind(limit.max(1) as i64)
                 .fetch_all(&mut *tx).await?;
             if let Some(audit) = audit.filter(|_| !changed.is_empty()) {
-                let mut a = audit.clone();
-                a.details["count"] = Value::from(changed.len());
+                let a = audit.with_count(changed.len() as u64);
                 crate::audit::insert_audit!(tx, &a);
             }
             changed
@@ -724,8 +722,7 @@ impl Store {
                 .bind(now).bind(workspace).bind(id).bind(consumer).bind(event_type).bind(&pattern)
                 .execute(&mut *tx).await?.rows_affected();
             if n > 0 {
-                let mut a = audit.clone();
-                a.details["count"] = Value::from(n);
+                let a = audit.with_count(n);
                 crate::audit::insert_audit!(tx, &a);
             }
             tx.commit().await?;

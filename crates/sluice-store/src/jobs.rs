@@ -444,8 +444,7 @@ impl Store {
             changed.extend(sqlx::query_scalar::<_, String>(&running)
                 .bind(workspace).bind(&ids).bind(kind).bind(state).bind(now).bind(true).fetch_all(&mut *tx).await?);
             if !changed.is_empty() {
-                let mut a = audit.clone();
-                a.details["count"] = Value::from(changed.len());
+                let a = audit.with_count(changed.len() as u64);
                 crate::audit::insert_audit!(tx, &a);
             }
             changed
@@ -470,8 +469,7 @@ impl Store {
             let changed: Vec<String> = sqlx::query_scalar(&sql)
                 .bind(workspace).bind(&ids).bind(kind).bind(state).bind(now).bind(false).fetch_all(&mut *tx).await?;
             if !changed.is_empty() {
-                let mut a = audit.clone();
-                a.details["count"] = Value::from(changed.len());
+                let a = audit.with_count(changed.len() as u64);
                 crate::audit::insert_audit!(tx, &a);
             }
             changed

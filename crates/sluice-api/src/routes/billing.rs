@@ -673,9 +673,7 @@ pub async fn create_run(
         .await?;
     st.jobs.wake();
     let audit = who.audit("billing_run.create", "billing_run", &job.id, json!({"finalize": payload.finalize, "until": until, "early": early}));
-    if let Err(e) = st.store.record_audit(&audit).await {
-        tracing::error!(error = %e, "could not audit a billing run");
-    }
+    super::record_audit(&st, &audit).await;
     if q.wait == Some(true) {
         let (j, ended) = super::jobs::wait_for(&st, who.workspace.as_str(), &job.id).await?;
         return Ok((if ended { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(run_view(&st, &j, true).await?)));
@@ -738,9 +736,7 @@ pub async fn cancel_run(State(st): State<AppState>, who: Principal, Path(id): Pa
     run_job(&st, &who, &id).await?;
     let j = st.store.cancel_job(who.workspace.as_str(), &id).await?;
     let audit = who.audit("billing_run.cancel", "billing_run", &id, json!({}));
-    if let Err(e) = st.store.record_audit(&audit).await {
-        tracing::error!(error = %e, "could not audit a billing run cancellation");
-    }
+    super::record_audit(&st, &audit).await;
     Ok(Json(run_view(&st, &j, true).await?))
 }
 

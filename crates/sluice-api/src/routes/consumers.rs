@@ -111,7 +111,7 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
 }
 
 /// Checkpoint, end and lag of every partition for a consumer's checkpoints.
-fn partition_views(log: &dyn sluice_core::EventLog, cps: &std::collections::HashMap<u32, u64>) -> Vec<PartitionView> {
+pub(crate) fn partition_views(log: &dyn sluice_core::EventLog, cps: &std::collections::HashMap<u32, u64>) -> Vec<PartitionView> {
     (0..log.partitions())
         .map(|p| {
             let end = log.next_offset(p);

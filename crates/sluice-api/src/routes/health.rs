@@ -144,9 +144,7 @@ pub async fn patch_customer(
     let reference = format!("api_{}", uuid::Uuid::now_v7().simple());
     st.store.add_attribute_change(ws, &id, now, &reference, &Value::Object(attrs.clone()), Some(&who.key_id)).await?;
     let audit = who.audit("customer.attributes", "customer", &id, json!({"attributes": attrs}));
-    if let Err(e) = st.store.record_audit(&audit).await {
-        tracing::error!(error = %e, "could not audit an attribute change");
-    }
+    super::record_audit(&st, &audit).await;
     let health = st.health.refresh_one(ws, &id, Cause::Attributes).await?;
     let traits = st.store.get_customer(ws, &id).await?.map(|c| c.attributes);
     let attributes = current_attributes(&st, ws, &id, traits.as_ref()).await?;
@@ -293,9 +291,7 @@ pub async fn put_override(
     let o = OverrideRow { set_at: now, stage: Some(b.stage.clone()), reason: b.reason.clone(), until, set_by: Some(who.key_id.clone()) };
     st.store.set_stage_override(ws, &id, &o).await?;
     let audit = who.audit("customer.stage_override", "customer", &id, json!({"stage": b.stage, "reason": b.reason, "until": until}));
-    if let Err(e) = st.store.record_audit(&audit).await {
-        tracing::error!(error = %e, "could not audit a stage override");
-    }
+    super::record_audit(&st, &audit).await;
     let health = st.health.refresh(&ctx, &id, Cause::Override).await?;
     Ok(Json(json!({"override": {"stage": b.stage, "reason": b.reason, "until": until, "set_by": who.key_id, "set_at": now}, "health": health})))
 }
@@ -316,9 +312,7 @@ pub async fn delete_override(State(st): State<AppState>, who: Principal, Path(id
         .set_stage_override(ws, &id, &OverrideRow { set_at: now, stage: None, reason: None, until: None, set_by: Some(who.key_id.clone()) })
         .await?;
     let audit = who.audit("customer.stage_override_lifted", "customer", &id, json!({}));
-    if let Err(e) = st.store.record_audit(&audit).await {
-        tracing::error!(error = %e, "could not audit a stage override");
-    }
+    super::record_audit(&st, &audit).await;
     let health = st.health.refresh_one(ws, &id, Cause::Override).await?;
     Ok(Json(json!({"override": null, "health": health})))
 }
@@ -372,9 +366,7 @@ pub async fn put_config(State(st): State<AppState>, who: Principal, Json(body): 
         .await?;
     st.jobs.wake();
     let audit = who.audit("health.config", "health_config", version.to_string(), json!({"version": version}));
-    if let Err(e) = st.store.record_audit(&audit).await {
-        tracing::error!(error = %e, "could not audit a health configuration");
-    }
+    super::record_audit(&st, &audit).await;
     let row = st.store.health_config(ws, Some(version)).await?.ok_or_else(|| ApiError::internal("configuration vanished"))?;
     let mut v = config_view(&row);
     v["recompute_job"] = serde_json::to_value(JobView::from(job)).unwrap_or(Value::Null);

@@ -112,9 +112,7 @@ pub async fn create(
         .await?;
     st.jobs.wake();
     let audit = who.audit("import.create", "import", &job.id, json!({"bytes": bytes, "mode": mode}));
-    if let Err(e) = st.store.record_audit(&audit).await {
-        tracing::error!(error = %e, "could not audit an import");
-    }
+    super::record_audit(&st, &audit).await;
     if q.wait == Some(true) {
         let (j, ended) = super::jobs::wait_for(&st, who.workspace.as_str(), &job.id).await?;
         return Ok((if ended { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(view(&j))));

@@ -304,9 +304,7 @@ pub async fn retry_bulk(State(st): State<AppState>, who: Principal, Json(body): 
 /// change (not in its transaction); a failure to write it is logged.
 async fn audit(st: &AppState, who: &Principal, action: &str, job: &Job) {
     let entry = who.audit(action, "job", &job.id, serde_json::json!({"kind": job.kind, "status": job.state}));
-    if let Err(e) = st.store.record_audit(&entry).await {
-        tracing::error!(error = %e, job = %job.id, "could not write the audit entry of a job operation");
-    }
+    super::record_audit(st, &entry).await;
 }
 
 /// Server-Sent Events: a `progress` event whenever the job changes, then

@@ -374,9 +374,7 @@ pub async fn run_query(State(st): State<AppState>, who: Principal, Path(name): P
 
 async fn audit(st: &AppState, who: &Principal, action: &str, target_type: &str, target_id: &str, details: Value) {
     let a = who.audit(action, target_type, target_id, details);
-    if let Err(e) = st.store.record_audit(&a).await {
-        tracing::error!(error = %e, action, "could not audit");
-    }
+    super::record_audit(st, &a).await;
 }
 
 /// The lake location in DDL when the request gives none.

@@ -42,3 +42,12 @@ pub struct List<T> {
 pub(crate) fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
+
+/// Writes the audit entry of an action that already happened (outside its
+/// transaction: imports, job operations, sign-ins, …). A failure is logged,
+/// never the request's error: the action itself succeeded.
+pub(crate) async fn record_audit(st: &crate::state::AppState, entry: &sluice_store::NewAudit) {
+    if let Err(e) = st.store.record_audit(entry).await {
+        tracing::error!(error = %e, action = %entry.action, target = %entry.target_id, workspace = %entry.workspace, "could not write an audit entry");
+    }
+}

@@ -100,9 +100,7 @@ pub async fn create(State(st): State<AppState>, headers: HeaderMap, Json(body): 
         session_ref(&new.token_hash),
         json!({"scope": principal.scope.as_str(), "expires_at": rfc3339(new.expires_at)}),
     );
-    if let Err(e) = st.store.record_audit(&entry).await {
-        tracing::error!(error = %e, key = %principal.key_id, "could not write the audit entry of a sign-in");
-    }
+    super::record_audit(&st, &entry).await;
     let view = SessionView {
         workspace: principal.workspace.as_str().to_owned(),
         scope: principal.scope.as_str().to_owned(),
@@ -143,9 +141,7 @@ pub async fn delete(State(st): State<AppState>, method: Method, headers: HeaderM
         target_id: session_ref(&hash),
         details: json!({}),
     };
-    if let Err(e) = st.store.record_audit(&entry).await {
-        tracing::error!(error = %e, key = %session.key_id, "could not write the audit entry of a sign-out");
-    }
+    super::record_audit(&st, &entry).await;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut().insert(SET_COOKIE, cookie(&headers, "", 0)?);
     Ok(resp)

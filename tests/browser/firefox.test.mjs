@@ -75,6 +75,12 @@ test('firefox: sign in, overview, section links, a SQL query, Japanese, sign out
   let session;
   try {
     const url = await server.found;
+    // As the main suite does: wait until the server answers (requests right
+    // after the "listening" line have been refused on CI machines).
+    for (const end = Date.now() + 15_000; ;) {
+      try { if ((await fetch(url + '/healthz')).ok) break; } catch (e) { if (Date.now() > end) throw new Error(`sluice serve does not answer: ${e.message}\n${server.log()}`); }
+      await new Promise((r) => setTimeout(r, 200));
+    }
     const call = async (key, method, p, body) => {
       const r = await fetch(url + p, { method, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: body && JSON.stringify(body) });
       return { status: r.status, body: await r.json().catch(() => null) };

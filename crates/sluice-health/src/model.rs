@@ -138,12 +138,11 @@ async fn write(effect: &Effect, mark: Option<i64>, tx: Tx<'_>) -> Result<(), Sto
     // In key order: neighbouring rows land on the same pages.
     let mut rows: Vec<&Row> = effect.events.iter().collect();
     rows.sort_unstable_by(|a, b| (&a.workspace, &a.customer_id, &a.event_type, a.ts).cmp(&(&b.workspace, &b.customer_id, &b.event_type, b.ts)));
+    // Placeholders as `sluice_store::values_rows` says (anonymous on SQLite).
+    let sqlite = matches!(tx, Tx::Sqlite(_));
     on_tx!(tx, conn => {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let values = (0..chunk.len()).map(|i| {
-                let b = i * 7;
-                format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7)
-            }).collect::<Vec<_>>().join(", ");
+            let values = sluice_store::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?)");
             let sql = format!("INSERT INTO health_events (workspace, customer_id, event_type, ts, event_id, user_id, properties) VALUES {values} \
                 ON CONFLICT (workspace, customer_id, event_type, ts, event_id) DO NOTHING");
             let mut q = sqlx::query(&sql);

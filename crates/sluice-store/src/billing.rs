@@ -559,7 +559,8 @@ impl Store {
         // `UPDATE … FROM (VALUES …)` as a scan of the subscriptions per
         // batch (a 100,000-subscription run went from 35 s to 47 s): there
         // each subscription keeps its own primary-key UPDATE.
-        let per_row = matches!(self, Store::Sqlite(_));
+        let sqlite = matches!(self, Store::Sqlite(_));
+        let per_row = sqlite;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             if per_row {
@@ -574,18 +575,12 @@ impl Store {
                 }
             }
             for chunk in commits.chunks(UPDATE_ROWS).filter(|_| !per_row) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        let b = i * 5;
-                        format!("(CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT))", b + 1, b + 2, b + 3, b + 4, b + 5)
-                    })
-                    .collect();
+                let values = crate::values_rows(false, chunk.len(), "(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS BIGINT))");
                 // VALUES columns are column1… on both backends.
                 let sql = format!(
                     "UPDATE subscriptions SET billed_until = u.column3, doc = u.column4, revision = subscriptions.revision + 1 \
-                     FROM (VALUES {}) AS u WHERE subscriptions.workspace = u.column1 AND subscriptions.id = u.column2 \
-                     AND subscriptions.revision = u.column5",
-                    values.join(", ")
+                     FROM (VALUES {values}) AS u WHERE subscriptions.workspace = u.column1 AND subscriptions.id = u.column2 \
+                     AND subscriptions.revision = u.column5"
                 );
                 let docs: Vec<String> = chunk.iter().map(|c| c.doc.to_string()).collect();
                 let mut q = sqlx::query(&sql);
@@ -643,13 +638,10 @@ impl Store {
                 .flat_map(|(c, rows)| rows.iter().map(move |r| (c, r, r.doc.to_string())))
                 .collect();
             for chunk in all.chunks(INSERT_ROWS) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("({})", (1..=12).map(|k| format!("${}", i * 12 + k)).collect::<Vec<_>>().join(", ")))
-                    .collect();
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
                 let sql = format!(
                     "INSERT INTO invoices (workspace, id, subscription_id, customer_id, status, number, period_start, period_end, \
-                     run_id, doc, created_at, finalized_at) VALUES {}",
-                    values.join(", ")
+                     run_id, doc, created_at, finalized_at) VALUES {values}"
                 );
                 let mut q = sqlx::query(&sql);
                 for (c, r, doc) in chunk {

@@ -403,20 +403,15 @@ fn webhook(r: WebhookRow) -> Webhook {
 }
 
 /// The statement that inserts `rows` dead letters (a length of one of
-/// `metering::values_ranges`: at most 9 texts), on both backends.
-fn dlq_insert_sql(rows: usize) -> &'static str {
-    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let texts = SQL.get_or_init(|| {
+/// `metering::values_ranges`: at most 9 texts per backend; placeholders as
+/// [`crate::values_rows`] says).
+fn dlq_insert_sql(sqlite: bool, rows: usize) -> &'static str {
+    static SQL: [std::sync::OnceLock<Vec<String>>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let texts = SQL[usize::from(sqlite)].get_or_init(|| {
         (0..=crate::metering::SQLITE_VALUES_ROWS.ilog2())
             .map(|p| {
-                let values: Vec<String> = (0..1usize << p)
-                    .map(|r| {
-                        let b = r * 12;
-                        let n: Vec<String> = (1..=11).map(|i| format!("${}", b + i)).collect();
-                        format!("({}, 'dead', ${})", n.join(", "), b + 12)
-                    })
-                    .collect();
-                format!("INSERT INTO dead_letters ({DLQ_COLUMNS}) VALUES {}", values.join(", "))
+                let values = crate::values_rows(sqlite, 1 << p, "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'dead', ?)");
+                format!("INSERT INTO dead_letters ({DLQ_COLUMNS}) VALUES {values}")
             })
             .collect()
     });
@@ -483,7 +478,7 @@ impl Store {
                 // dead letters must not hold the partition (and the other
                 // workspaces on it) for a round trip each.
                 for range in crate::metering::values_ranges(c.dead_letters.len()) {
-                    let mut q = sqlx::query(dlq_insert_sql(range.len()));
+                    let mut q = sqlx::query(dlq_insert_sql(matches!(self, Store::Sqlite(_)), range.len()));
                     for d in &c.dead_letters[range] {
                         q = q
                             .bind(format!("dlq_{}", uuid::Uuid::now_v7().simple()))

@@ -476,13 +476,12 @@ impl Store {
         if rows.is_empty() && history.is_empty() {
             return Ok(());
         }
+        // Placeholders as `crate::values_rows` says (anonymous on SQLite).
+        let sqlite = matches!(self, Store::Sqlite(_));
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in rows.chunks(200) {
-                let values = (0..chunk.len()).map(|i| {
-                    let b = i * 12;
-                    format!("({})", (1..=12).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(", "))
-                }).collect::<Vec<_>>().join(", ");
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
                 let sql = format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES {values} \
                     ON CONFLICT (workspace, customer_id) DO UPDATE SET config_version = excluded.config_version, stage = excluded.stage, \
                     stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, priority = excluded.priority, doc = excluded.doc, \
@@ -496,10 +495,7 @@ impl Store {
                 q.execute(&mut *tx).await?;
             }
             for chunk in history.chunks(200) {
-                let values = (0..chunk.len()).map(|i| {
-                    let b = i * 11;
-                    format!("({})", (1..=11).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(", "))
-                }).collect::<Vec<_>>().join(", ");
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
                 let sql = format!("INSERT INTO health_history ({HISTORY_COLUMNS}, workspace) VALUES {values}");
                 let mut q = sqlx::query(&sql);
                 for r in chunk {

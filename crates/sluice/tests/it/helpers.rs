@@ -21,6 +21,84 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     HEAVY.lock().await
 }
 
+/// Runs `f` with no other test's server running: waits until the servers
+/// of other tests have stopped, and servers that other tests start
+/// meanwhile wait until `f` is done. For a latency measurement that must
+/// not share a 2-core machine with the rest of the suite (CI saw a tenant's
+/// lag measured 1.2 s only because another test's server was busy). Take
+/// [`heavy`] first, as every heavy test does; no test starts a server
+/// before `heavy`, so neither waits for the other while holding what the
+/// other needs.
+pub async fn alone<F: std::future::Future>(f: F) -> F::Output {
+    loop {
+        let changed = RUNNING_CHANGED.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        {
+            let mut r = RUNNING.lock().unwrap();
+            if r.servers == 0 && !r.alone {
+                r.alone = true;
+                break;
+            }
+        }
+        changed.await;
+    }
+    // Reset even when `f` panics (a failed assertion), or every later
+    // server would wait for ever.
+    struct Done;
+    impl Drop for Done {
+        fn drop(&mut self) {
+            RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner).alone = false;
+            RUNNING_CHANGED.notify_waiters();
+        }
+    }
+    let _done = Done;
+    ALONE.scope((), f).await
+}
+
+/// Servers running, and whether a test runs [`alone`].
+struct Running {
+    servers: usize,
+    alone: bool,
+}
+static RUNNING: Mutex<Running> = Mutex::new(Running { servers: 0, alone: false });
+static RUNNING_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+tokio::task_local! {
+    /// Set inside [`alone`]: that test's own servers do not wait.
+    static ALONE: ();
+}
+
+/// One running server of a test, counted for [`alone`].
+struct Counted;
+
+impl Counted {
+    async fn new() -> Option<Counted> {
+        if ALONE.try_with(|_| ()).is_ok() {
+            return None;
+        }
+        loop {
+            let changed = RUNNING_CHANGED.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut r = RUNNING.lock().unwrap();
+                if !r.alone {
+                    r.servers += 1;
+                    return Some(Counted);
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner).servers -= 1;
+        RUNNING_CHANGED.notify_waiters();
+    }
+}
+
 /// Which state backend the suite runs against.
 pub fn backend() -> String {
     std::env::var("SLUICE_TEST_STATE").unwrap_or_else(|_| "sqlite".into())
@@ -35,6 +113,8 @@ pub struct Server {
     child: Option<Child>,
     db: Option<Arc<TestDatabase>>,
     env: Vec<(String, String)>,
+    /// Dropped after the process is killed (`Drop for Server`).
+    _counted: Option<Counted>,
 }
 
 impl Server {
@@ -45,6 +125,7 @@ impl Server {
 
     /// A fresh server with extra environment variables.
     pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        let counted = Counted::new().await;
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let db = if backend() == "postgres" {
             Some(Arc::new(TestDatabase::create().await.expect("SLUICE_TEST_STATE=postgres but PostgreSQL is unavailable")))
@@ -54,7 +135,7 @@ impl Server {
         let key = format!("sk_test_{}", uuid_like());
         let mut env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         env.push(("SLUICE_BOOTSTRAP_KEY".into(), key.clone()));
-        let mut s = Server { url: String::new(), key, dir, stderr: Arc::default(), child: None, db, env };
+        let mut s = Server { url: String::new(), key, dir, stderr: Arc::default(), child: None, db, env, _counted: counted };
         s.spawn();
         s
     }

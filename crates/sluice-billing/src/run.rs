@@ -1,9 +1,10 @@
 //! Billing runs (`billing.run` jobs) and auto-billing.
 //!
-//! A run bills a selection of subscriptions one at a time, each in its own
-//! short transaction ([`crate::engine`]): a failing subscription is
-//! reported and the others go on; progress counts subscriptions; runs of a
-//! process run one at a time, in the order they were queued. A run that is
+//! A run bills a selection of subscriptions in batches of [`BATCH`], each
+//! committed in one transaction ([`crate::engine::Billing::bill_many`]),
+//! two batches in flight: a failing subscription is reported and the others
+//! go on; progress counts subscriptions; runs of a process run one at a
+//! time, in the order they were queued. A run that is
 //! retried or resumed after `kill -9` bills again whatever is not billed
 //! yet: periods already invoiced are skipped by the engine, so the result
 //! counts the invoices of every attempt (by run id).
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload};
@@ -27,6 +29,9 @@ pub const KIND: &str = "billing.run";
 /// Subscriptions billed together: read in a few queries and committed in
 /// one transaction (one fsync on SQLite instead of 500).
 pub const BATCH: usize = 500;
+
+/// Batches of a run in flight at once (see `BillingRun::run`).
+const PIPELINE: usize = 2;
 
 /// Which subscriptions a run bills besides an explicit list.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -162,12 +167,28 @@ impl JobHandler for BillingRun {
         let mut done = 0usize;
         // Batches of 500: read together, committed in one transaction each
         // (engine::Billing::bill_many); progress and cancellation per batch.
-        for chunk in ids.chunks(BATCH) {
-            if ctx.is_cancelled() {
-                return Err(JobError::Cancelled);
+        // Two batches are in flight: one computes (CPU) while the other
+        // commits (the state store's thread, or PostgreSQL), which uses
+        // both cores of a small machine. Their subscriptions are disjoint,
+        // and invoice numbers are reserved inside each commit, so they stay
+        // gapless (in commit order). A batch that started is always awaited
+        // to its end, never dropped half way: its commit and its
+        // `invoice.finalized` events go together. After a cancellation or a
+        // store failure no new batch starts.
+        let mut halt: Option<JobError> = None;
+        let mut chunks = ids.chunks(BATCH);
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        loop {
+            while in_flight.len() < PIPELINE && halt.is_none() && !ctx.is_cancelled() {
+                let Some(chunk) = chunks.next() else { break };
+                let (ws, opts) = (&ws, &opts);
+                in_flight.push_back(async move {
+                    let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                    (chunk, b.bill_many(ws, &refs, opts).await)
+                });
             }
-            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            match b.bill_many(&ws, &refs, &opts).await {
+            let Some((chunk, outcome)) = in_flight.next().await else { break };
+            match outcome {
                 Ok(results) => {
                     for (id, r) in results {
                         if let Err(e) = r {
@@ -178,7 +199,10 @@ impl JobHandler for BillingRun {
                 }
                 // The store is down: the whole run is retried (what it
                 // billed stays billed, once).
-                Err(BillingError::Store(e)) if !e.is_permanent() => return Err(JobError::retryable(e)),
+                Err(BillingError::Store(e)) if !e.is_permanent() => {
+                    halt.get_or_insert(JobError::retryable(e));
+                    continue;
+                }
                 Err(e) => {
                     for id in chunk {
                         errors.push(RunFailure { subscription_id: id.clone(), message: e.to_string() });
@@ -187,6 +211,12 @@ impl JobHandler for BillingRun {
             }
             done += chunk.len();
             ctx.progress(done as i64, Some(total as i64)).await;
+        }
+        if let Some(e) = halt {
+            return Err(e);
+        }
+        if done < total && ctx.is_cancelled() {
+            return Err(JobError::Cancelled);
         }
         let invoices = b.store.run_invoice_ids(&job.id).await?;
         let result = RunResult {

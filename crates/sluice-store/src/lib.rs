@@ -372,19 +372,6 @@ pub fn values_rows(sqlite: bool, rows: usize, row: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod values_rows_tests {
-    use super::values_rows;
-
-    #[test]
-    fn numbers_parameters_on_postgres_and_keeps_them_anonymous_on_sqlite() {
-        assert_eq!(values_rows(false, 2, "(?, 'dead', ?)"), "($1, 'dead', $2), ($3, 'dead', $4)");
-        assert_eq!(values_rows(true, 2, "(?, 'dead', ?)"), "(?, 'dead', ?), (?, 'dead', ?)");
-        assert_eq!(values_rows(false, 1, "(CAST(? AS TEXT))"), "(CAST($1 AS TEXT))");
-        assert_eq!(values_rows(true, 0, "(?)"), "");
-    }
-}
-
 impl Store {
     /// `IN (…)` over the texts of a JSON array bound as parameter `$n` (a
     /// string): one statement for a whole set of ids on both backends,
@@ -410,3 +397,16 @@ fn clamp_limit(limit: usize) -> usize {
 
 /// Re-export so the API can recognise pool exhaustion without depending on sqlx.
 pub use sqlx as sqlx_reexport;
+
+#[cfg(test)]
+mod values_rows_tests {
+    use super::values_rows;
+
+    #[test]
+    fn numbers_parameters_on_postgres_and_keeps_them_anonymous_on_sqlite() {
+        assert_eq!(values_rows(false, 2, "(?, 'dead', ?)"), "($1, 'dead', $2), ($3, 'dead', $4)");
+        assert_eq!(values_rows(true, 2, "(?, 'dead', ?)"), "(?, 'dead', ?), (?, 'dead', ?)");
+        assert_eq!(values_rows(false, 1, "(CAST(? AS TEXT))"), "(CAST($1 AS TEXT))");
+        assert_eq!(values_rows(true, 0, "(?)"), "");
+    }
+}

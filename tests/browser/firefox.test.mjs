@@ -77,8 +77,12 @@ test('firefox: sign in, overview, section links, a SQL query, Japanese, sign out
     const url = await server.found;
     // As the main suite does: wait until the server answers (requests right
     // after the "listening" line have been refused on CI machines).
-    for (const end = Date.now() + 15_000; ;) {
-      try { if ((await fetch(url + '/healthz')).ok) break; } catch (e) { if (Date.now() > end) throw new Error(`sluice serve does not answer: ${e.message}\n${server.log()}`); }
+    // 60 s, and the cause of the last failure in the message: CI once saw
+    // 15 s of "fetch failed" here while the rest of the suite had passed.
+    for (const end = Date.now() + 60_000; ;) {
+      try { if ((await fetch(url + '/healthz')).ok) break; } catch (e) {
+        if (Date.now() > end) throw new Error(`sluice serve does not answer: ${e.message} (${e.cause?.code ?? e.cause?.message ?? 'no cause'}; exit code ${server.child.exitCode}, signal ${server.child.signalCode})\n${server.log()}`);
+      }
       await new Promise((r) => setTimeout(r, 200));
     }
     const call = async (key, method, p, body) => {

@@ -30,19 +30,12 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
 /// before `heavy`, so neither waits for the other while holding what the
 /// other needs.
 pub async fn alone<F: std::future::Future>(f: F) -> F::Output {
-    loop {
-        let changed = RUNNING_CHANGED.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        {
-            let mut r = RUNNING.lock().unwrap();
-            if r.servers == 0 && !r.alone {
-                r.alone = true;
-                break;
-            }
-        }
-        changed.await;
-    }
+    when_running(|r| {
+        let free = r.servers == 0 && !r.alone;
+        r.alone |= free;
+        free
+    })
+    .await;
     // Reset even when `f` panics (a failed assertion), or every later
     // server would wait for ever.
     struct Done;
@@ -68,6 +61,20 @@ tokio::task_local! {
     static ALONE: ();
 }
 
+/// Waits until `take` answers true for the state of [`RUNNING`] (which
+/// it may change at that moment, under the lock).
+async fn when_running(mut take: impl FnMut(&mut Running) -> bool) {
+    loop {
+        let changed = RUNNING_CHANGED.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if take(&mut RUNNING.lock().unwrap()) {
+            return;
+        }
+        changed.await;
+    }
+}
+
 /// One running server of a test, counted for [`alone`].
 struct Counted;
 
@@ -76,19 +83,12 @@ impl Counted {
         if ALONE.try_with(|_| ()).is_ok() {
             return None;
         }
-        loop {
-            let changed = RUNNING_CHANGED.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            {
-                let mut r = RUNNING.lock().unwrap();
-                if !r.alone {
-                    r.servers += 1;
-                    return Some(Counted);
-                }
-            }
-            changed.await;
-        }
+        when_running(|r| {
+            r.servers += usize::from(!r.alone);
+            !r.alone
+        })
+        .await;
+        Some(Counted)
     }
 }
 

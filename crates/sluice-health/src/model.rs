@@ -131,7 +131,7 @@ impl Effect {
 
 /// Writes an effect's rows (inserting what is already there changes
 /// nothing); with `mark`, marks the customers for evaluation.
-async fn write(effect: &Effect, mark: Option<i64>, tx: Tx<'_>) -> Result<(), StoreError> {
+async fn write(effect: &Effect, mark: Option<i64>, mut tx: Tx<'_>) -> Result<(), StoreError> {
     let mut touched: Vec<(&str, &str)> = effect.events.iter().map(|r| (r.workspace.as_str(), r.customer_id.as_str())).collect();
     touched.sort_unstable();
     touched.dedup();
@@ -140,7 +140,7 @@ async fn write(effect: &Effect, mark: Option<i64>, tx: Tx<'_>) -> Result<(), Sto
     rows.sort_unstable_by(|a, b| (&a.workspace, &a.customer_id, &a.event_type, a.ts).cmp(&(&b.workspace, &b.customer_id, &b.event_type, b.ts)));
     // Placeholders as `sluice_store::values_rows` says (anonymous on SQLite).
     let sqlite = matches!(tx, Tx::Sqlite(_));
-    on_tx!(tx, conn => {
+    on_tx!(tx.reborrow(), conn => {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let values = sluice_store::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?)");
             let sql = format!("INSERT INTO health_events (workspace, customer_id, event_type, ts, event_id, user_id, properties) VALUES {values} \
@@ -156,14 +156,10 @@ async fn write(effect: &Effect, mark: Option<i64>, tx: Tx<'_>) -> Result<(), Sto
                 VALUES ($1, $2, $3, $4, 'group', $5, NULL) ON CONFLICT (workspace, customer_id, at, ref) DO NOTHING")
                 .bind(ws).bind(c).bind(at).bind(id).bind(patch).execute(&mut *conn).await?;
         }
-        if let Some(mark) = mark {
-            for (ws, c) in &touched {
-                sqlx::query("INSERT INTO health_dirty (workspace, customer_id, marked) VALUES ($1, $2, $3) \
-                    ON CONFLICT (workspace, customer_id) DO UPDATE SET marked = excluded.marked")
-                    .bind(*ws).bind(*c).bind(mark).execute(&mut *conn).await?;
-            }
-        }
     });
+    if let Some(mark) = mark {
+        sluice_store::health::mark_health_dirty(tx, &touched, mark).await?;
+    }
     Ok(())
 }
 

@@ -303,23 +303,30 @@ impl Store {
         Ok(rows.into_iter().map(history_row).collect())
     }
 
-    /// Up to `limit` customers marked by the health consumer:
-    /// (workspace, customer, mark).
+    /// Up to `limit` customers marked by the health consumer, those
+    /// waiting longest first: (workspace, customer, mark).
     pub async fn health_dirty(&self, limit: usize) -> Result<Vec<(String, String, i64)>> {
-        Ok(on_pool!(self, pool => sqlx::query_as("SELECT workspace, customer_id, marked FROM health_dirty ORDER BY marked LIMIT $1")
+        Ok(on_pool!(self, pool => sqlx::query_as("SELECT workspace, customer_id, marked FROM health_dirty ORDER BY since LIMIT $1")
             .bind(limit as i64).fetch_all(pool).await)?)
     }
 
-    /// Removes the marks that were evaluated (a newer mark stays).
+    /// Removes the marks that were evaluated: a mark that moved on since
+    /// [`Store::health_dirty`] read it (a newer event) stays.
     pub async fn clear_health_dirty(&self, marks: &[(String, String, i64)]) -> Result<()> {
         if marks.is_empty() {
             return Ok(());
         }
+        let sqlite = matches!(self, Store::Sqlite(..));
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            for (ws, c, m) in marks {
-                sqlx::query("DELETE FROM health_dirty WHERE workspace = $1 AND customer_id = $2 AND marked <= $3")
-                    .bind(ws).bind(c).bind(m).execute(&mut *tx).await?;
+            for chunk in marks.chunks(MARKS_PER_STATEMENT) {
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?)");
+                let sql = format!("DELETE FROM health_dirty WHERE (workspace, customer_id, marked) IN (VALUES {values})");
+                let mut q = sqlx::query(&sql);
+                for (ws, c, m) in chunk {
+                    q = q.bind(ws).bind(c).bind(m);
+                }
+                q.execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -508,4 +515,27 @@ impl Store {
             Ok(())
         })
     }
+}
+
+/// Marks per statement (3 parameters each).
+const MARKS_PER_STATEMENT: usize = 500;
+
+/// Marks customers for the health evaluator in the health read model's
+/// transaction, `at` being the commit's time: a customer already marked
+/// keeps its place in the queue (`since`) and takes the new mark.
+pub async fn mark_health_dirty(tx: crate::Tx<'_>, customers: &[(&str, &str)], at: i64) -> Result<()> {
+    let sqlite = matches!(tx, crate::Tx::Sqlite(_));
+    crate::on_tx!(tx, conn => {
+        for chunk in customers.chunks(MARKS_PER_STATEMENT) {
+            let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?)");
+            let sql = format!("INSERT INTO health_dirty (workspace, customer_id, marked, since) VALUES {values} \
+                ON CONFLICT (workspace, customer_id) DO UPDATE SET marked = excluded.marked");
+            let mut q = sqlx::query(&sql);
+            for (ws, c) in chunk {
+                q = q.bind(*ws).bind(*c).bind(at).bind(at);
+            }
+            q.execute(&mut *conn).await?;
+        }
+    });
+    Ok(())
 }

@@ -24,6 +24,17 @@ pub enum Tx<'a> {
     Postgres(&'a mut sqlx::PgConnection),
 }
 
+impl Tx<'_> {
+    /// The same connection for one step, keeping this `Tx` for the next
+    /// (a read model that calls several helpers taking a `Tx`).
+    pub fn reborrow(&mut self) -> Tx<'_> {
+        match self {
+            Tx::Sqlite(c) => Tx::Sqlite(&mut **c),
+            Tx::Postgres(c) => Tx::Postgres(&mut **c),
+        }
+    }
+}
+
 /// Runs `$body` with `$conn` bound to the connection of a [`Tx`] (a
 /// `&mut SqliteConnection` or a `&mut PgConnection`): the body is compiled
 /// once per backend, so it must be SQL both accept.

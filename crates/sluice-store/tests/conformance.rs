@@ -58,6 +58,7 @@ conformance!(
     usage_overflow_is_refused_whole_and_names_every_bucket,
     bulk_cancel_and_retry_change_the_selection_of_one_workspace,
     bulk_dead_letters_walk_the_matching_entries_once_in_chunks,
+    health_marks_keep_their_place_and_only_evaluated_marks_clear,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -591,4 +592,45 @@ async fn bulk_dead_letters_walk_the_matching_entries_once_in_chunks(store: Store
     };
     assert_eq!(store.bulk_dead_letters("w1", DeadLetterAction::Discard, &rest, "", 500, None).await.unwrap().len(), 2);
     assert_eq!(store.list_dead_letters("w1", None, Some("discarded"), None, 10).await.unwrap().data.len(), 2);
+}
+
+struct Mark(Vec<(&'static str, &'static str)>, i64);
+
+impl sluice_store::TxWork for Mark {
+    fn run<'a>(&'a self, tx: sluice_store::Tx<'a>) -> sluice_store::TxFuture<'a> {
+        Box::pin(sluice_store::health::mark_health_dirty(tx, &self.0, self.1))
+    }
+}
+
+/// A customer with steady traffic keeps its place in the evaluator's queue
+/// (it used to go to the back with every event and, under load, wait
+/// forever); clearing what an evaluation read leaves a newer mark.
+async fn health_marks_keep_their_place_and_only_evaluated_marks_clear(store: Store) {
+    store.write_tx(&Mark(vec![("w1", "a")], 1)).await.unwrap();
+    store.write_tx(&Mark(vec![("w1", "b"), ("w2", "a")], 2)).await.unwrap();
+    store.write_tx(&Mark(vec![("w1", "a"), ("w1", "c")], 3)).await.unwrap();
+    let all = store.health_dirty(10).await.unwrap();
+    assert_eq!(all[0], ("w1".to_owned(), "a".to_owned(), 3), "first marked first, with its newest mark: {all:?}");
+    let mut rest: Vec<_> = all[1..3].to_vec();
+    rest.sort();
+    assert_eq!(rest, vec![("w1".to_owned(), "b".to_owned(), 2), ("w2".to_owned(), "a".to_owned(), 2)]);
+    assert_eq!(all[3], ("w1".to_owned(), "c".to_owned(), 3));
+    assert_eq!(store.health_dirty(1).await.unwrap(), vec![("w1".to_owned(), "a".to_owned(), 3)]);
+    // An evaluation read b at 2 and a at 3; meanwhile b was marked again.
+    let read = vec![("w1".to_owned(), "a".to_owned(), 3), ("w1".to_owned(), "b".to_owned(), 2)];
+    store.write_tx(&Mark(vec![("w1", "b")], 4)).await.unwrap();
+    store.clear_health_dirty(&read).await.unwrap();
+    let left = store.health_dirty(10).await.unwrap();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert_eq!(left[2], ("w1".to_owned(), "c".to_owned(), 3), "b keeps its place (since 2), ahead of c: {left:?}");
+    let mut first: Vec<_> = left[..2].to_vec();
+    first.sort();
+    assert_eq!(first, vec![("w1".to_owned(), "b".to_owned(), 4), ("w2".to_owned(), "a".to_owned(), 2)], "b keeps its new mark");
+    // Many marks in one commit and one clear (more than a statement holds).
+    let many: Vec<(&'static str, &'static str)> = (0..1200).map(|i| ("w3", &*Box::leak(format!("c{i}").into_boxed_str()))).collect();
+    store.write_tx(&Mark(many, 5)).await.unwrap();
+    let marks = store.health_dirty(5000).await.unwrap();
+    assert_eq!(marks.len(), 1203);
+    store.clear_health_dirty(&marks).await.unwrap();
+    assert!(store.health_dirty(10).await.unwrap().is_empty());
 }

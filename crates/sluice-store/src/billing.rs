@@ -462,22 +462,40 @@ pub(crate) fn placeholders(from: usize, n: usize) -> String {
     (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
+/// The inside of an `IN (…)` over `keys`, the list's parameters numbered
+/// from `from`, and what to bind for them: on PostgreSQL one parameter per
+/// key; on SQLite one JSON array read with `json_each`, because SQLite
+/// looks up each of a statement's named parameters (`$n`) in a list, so a
+/// list of 500 cost O(n²) to prepare and bind (`crate::values_rows` says
+/// more); anonymous `?` cannot be mixed with the statement's other `$n`.
+pub(crate) fn in_list(sqlite: bool, from: usize, keys: &[&str]) -> (String, Vec<String>) {
+    if sqlite {
+        let json = serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned());
+        (format!("SELECT value FROM json_each(${from})"), vec![json])
+    } else {
+        (placeholders(from, keys.len()), keys.iter().map(|k| (*k).to_owned()).collect())
+    }
+}
+
 /// What billing reads for a batch of subscriptions, in a few queries per
 /// 500 instead of several per subscription (a billing run of 100,000).
 impl Store {
-    /// The rows of `select` (a query whose `{in}` is replaced by `$2, $3, …`
-    /// and whose `$1` is the workspace) for every 500 of `keys`.
+    /// The rows of `select` (a query whose `{in}` is replaced by the inside
+    /// of an `IN (…)` list, see [`in_list`], and whose `$1` is the
+    /// workspace) for every 500 of `keys`.
     pub(crate) async fn select_in<T>(&self, select: &str, workspace: &str, keys: &[&str]) -> Result<Vec<T>>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
+        let sqlite = matches!(self, Store::Sqlite(_));
         let mut out = Vec::new();
         for chunk in keys.chunks(IN_CHUNK) {
-            let sql = select.replace("{in}", &placeholders(2, chunk.len()));
+            let (list, binds) = in_list(sqlite, 2, chunk);
+            let sql = select.replace("{in}", &list);
             let rows: Vec<T> = on_pool!(self, pool => {
                 let mut q = sqlx::query_as(&sql).bind(workspace);
-                for k in chunk {
-                    q = q.bind(*k);
+                for k in &binds {
+                    q = q.bind(k);
                 }
                 q.fetch_all(pool).await
             })?;

@@ -629,15 +629,15 @@ impl Store {
     ) -> Result<Vec<UsageBucket>> {
         let mut out = Vec::new();
         for chunk in customers.chunks(crate::billing::IN_CHUNK) {
-            let list = crate::billing::placeholders(5, chunk.len());
+            let (list, binds) = crate::billing::in_list(matches!(self, Store::Sqlite(_)), 5, chunk);
             let sql = format!(
                 "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
                  FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
             );
             let rows: Vec<BucketRow> = on_pool!(self, pool => {
                 let mut q = sqlx::query_as(&sql).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
-                for c in chunk {
-                    q = q.bind(*c);
+                for c in &binds {
+                    q = q.bind(c);
                 }
                 q.fetch_all(pool).await
             })?;
@@ -658,15 +658,15 @@ impl Store {
     ) -> Result<Vec<(String, String, DateTime<Utc>, String)>> {
         let mut out = Vec::new();
         for chunk in customers.chunks(crate::billing::IN_CHUNK) {
-            let list = crate::billing::placeholders(5, chunk.len());
+            let (list, binds) = crate::billing::in_list(matches!(self, Store::Sqlite(_)), 5, chunk);
             let sql = format!(
                 "SELECT customer_id, subscription_id, bucket_start, value FROM usage_unique WHERE workspace = $1 AND meter_key = $2 \
                  AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
             );
             let rows: Vec<(String, String, i64, String)> = on_pool!(self, pool => {
                 let mut q = sqlx::query_as(&sql).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
-                for c in chunk {
-                    q = q.bind(*c);
+                for c in &binds {
+                    q = q.bind(c);
                 }
                 q.fetch_all(pool).await
             })?;

@@ -492,8 +492,12 @@ impl Store {
         for chunk in keys.chunks(IN_CHUNK) {
             let (list, binds) = in_list(sqlite, 2, chunk);
             let sql = select.replace("{in}", &list);
+            // On PostgreSQL planned anew each time (an unnamed statement):
+            // a cached generic plan made while a table was small (the
+            // invoices a run is writing) kept scanning the whole table with
+            // the 500-key filter on every batch as the table grew.
             let rows: Vec<T> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).bind(workspace);
+                let mut q = sqlx::query_as(&sql).persistent(sqlite).bind(workspace);
                 for k in &binds {
                     q = q.bind(k);
                 }

@@ -635,7 +635,8 @@ impl Store {
                  FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
             );
             let rows: Vec<BucketRow> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
+                // Planned anew each time on PostgreSQL (`Store::select_in` says why).
+                let mut q = sqlx::query_as(&sql).persistent(matches!(self, Store::Sqlite(_))).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
                 for c in &binds {
                     q = q.bind(c);
                 }
@@ -664,7 +665,8 @@ impl Store {
                  AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
             );
             let rows: Vec<(String, String, i64, String)> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
+                // Planned anew each time on PostgreSQL (`Store::select_in` says why).
+                let mut q = sqlx::query_as(&sql).persistent(matches!(self, Store::Sqlite(_))).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
                 for c in &binds {
                     q = q.bind(c);
                 }

@@ -113,6 +113,17 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The metrics label of the cause.
+    fn label(&self) -> &'static str {
+        match self {
+            Cause::Events => "events",
+            Cause::Time => "time",
+            Cause::Attributes => "attributes",
+            Cause::Override => "override",
+            Cause::Config(_) => "config",
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Cause::Events => "new events".into(),
@@ -388,6 +399,7 @@ impl Health {
             events.extend(s.2);
         }
         self.store.save_customer_health_many(ws, &saved, &history).await?;
+        metrics::counter!("sluice_health_evaluations_total", "cause" => cause.label()).increment(saved.len() as u64);
         if !events.is_empty() {
             if let Some(sink) = &self.events {
                 sink.emit(events).await;
@@ -571,14 +583,33 @@ pub async fn evaluator(health: Health, mut stop: tokio::sync::watch::Receiver<bo
             _ = stop.changed() => return,
         }
         loop {
-            match health.evaluate_pending(500).await {
-                Ok(n) if n >= 500 => continue,
-                Ok(_) => break,
+            let more = match health.evaluate_pending(500).await {
+                Ok(n) => n >= 500,
                 Err(e) => {
                     tracing::warn!(error = %e, "health evaluation failed; trying again shortly");
-                    break;
+                    false
                 }
+            };
+            health.record_queue().await;
+            if !more {
+                break;
             }
+        }
+    }
+}
+
+impl Health {
+    /// Sets the evaluator's queue gauges: customers marked by new events
+    /// and not evaluated yet, and how long the one waiting longest has
+    /// waited (0 when none waits) — how far live scores are behind.
+    async fn record_queue(&self) {
+        match self.store.health_dirty_summary().await {
+            Ok((n, oldest)) => {
+                metrics::gauge!("sluice_health_marked_customers").set(n as f64);
+                let wait = oldest.map_or(0.0, |t| (Utc::now().timestamp_micros() - t).max(0) as f64 / 1e6);
+                metrics::gauge!("sluice_health_oldest_mark_seconds").set(wait);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot count the health marks"),
         }
     }
 }

@@ -108,6 +108,16 @@ async fn backfill(
     Ok(total)
 }
 
+/// Before a job reads more than one batch of customers: fresh planner
+/// statistics (see [`sluice_store::Store::analyze_health_tables`]).
+async fn fresh_statistics(h: &crate::Health, customers: usize) {
+    if customers > crate::engine::BATCH {
+        if let Err(e) = h.store.analyze_health_tables().await {
+            tracing::warn!(error = %e, "could not refresh the planner statistics of the health tables");
+        }
+    }
+}
+
 #[async_trait]
 impl JobHandler for Recompute {
     fn kind(&self) -> &str {
@@ -127,6 +137,7 @@ impl JobHandler for Recompute {
         };
         let ids = h.store.health_customer_ids(&p.workspace).await?;
         let total = ids.len();
+        fresh_statistics(h, total).await;
         let mut done = 0usize;
         let mut superseded = false;
         for chunk in ids.chunks(crate::engine::BATCH) {
@@ -270,6 +281,7 @@ impl JobHandler for Backtest {
         let ids = h.store.health_customer_ids(&p.workspace).await?;
         let total = ids.len();
         ctx.progress(0, Some(total as i64)).await;
+        fresh_statistics(h, total).await;
         let horizon = chrono::Duration::days(i64::from(p.horizon_days));
         let mut samples: Vec<(f64, bool)> = Vec::new();
         let mut bands: HashMap<&'static str, (usize, usize)> = HashMap::new();

@@ -310,6 +310,26 @@ impl Store {
             .bind(limit as i64).fetch_all(pool).await)?)
     }
 
+    /// Refreshes PostgreSQL's planner statistics of the tables health
+    /// evaluations read (a no-op on SQLite), as
+    /// [`Store::analyze_billing_tables`] does for billing. Without them
+    /// (autovacuum off, or not yet run after a bulk load) PostgreSQL read a
+    /// batch's events by scanning the workspace's whole key range and
+    /// filtering on the 500 customers: about 1 s a batch instead of
+    /// milliseconds (`sluice bench health`, docs/BENCHMARKS.md).
+    pub async fn analyze_health_tables(&self) -> Result<()> {
+        if let Store::Postgres(pool) = self {
+            sqlx::query("ANALYZE health_events, customer_attribute_changes, customer_health, health_history, stage_overrides").execute(pool).await?;
+        }
+        Ok(())
+    }
+
+    /// How many customers are marked and not evaluated yet, and since when
+    /// the one waiting longest was marked (Unix microseconds).
+    pub async fn health_dirty_summary(&self) -> Result<(i64, Option<i64>)> {
+        Ok(on_pool!(self, pool => sqlx::query_as("SELECT COUNT(*), MIN(since) FROM health_dirty").fetch_one(pool).await)?)
+    }
+
     /// Removes the marks that were evaluated: a mark that moved on since
     /// [`Store::health_dirty`] read it (a newer event) stays.
     pub async fn clear_health_dirty(&self, marks: &[(String, String, i64)]) -> Result<()> {

@@ -489,6 +489,23 @@ async fn scores_equal_after_kill9_and_after_a_rebuild_from_the_log() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = live(api.clone()).await;
     assert!(before.len() >= 195);
+    // What the evaluator did shows in /metrics: this process (restarted
+    // after batch 10) scored the customers of the later batches, and once
+    // settled nobody waits for it.
+    let root = s.root();
+    wait_for("the health queue gauges at 0", 20, move || {
+        let root = root.clone();
+        Box::pin(async move {
+            let (_, text) = root.get("/metrics").await;
+            let text = text.as_str().unwrap_or_default().to_owned();
+            metric(&text, "sluice_health_marked_customers") == Some(0.0) && metric(&text, "sluice_health_oldest_mark_seconds") == Some(0.0)
+        })
+    })
+    .await;
+    let (_, text) = s.root().get("/metrics").await;
+    let text = text.as_str().unwrap().to_owned();
+    let by_events = metric(&text, "sluice_health_evaluations_total{cause=\"events\"}");
+    assert!(by_events.is_some_and(|n| n >= 150.0), "evaluations after the restart: {by_events:?}\n{text}");
     for (c, h) in before.iter().take(60) {
         let t: DateTime<Utc> = h["as_of"].as_str().unwrap().parse().unwrap();
         let re = health_at(&api, &format!("k{c}"), t).await;
@@ -504,6 +521,11 @@ async fn scores_equal_after_kill9_and_after_a_rebuild_from_the_log() {
         let a = &after[c];
         assert_eq!((&a["stage"], &a["score"]), (&h["stage"], &h["score"]), "k{c} after the rebuild");
     }
+}
+
+/// The value of a Prometheus series (`name` with its labels as written).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 /// A webhook receiver collecting event bodies.

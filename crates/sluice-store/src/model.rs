@@ -29,8 +29,8 @@ impl Tx<'_> {
     /// (a read model that calls several helpers taking a `Tx`).
     pub fn reborrow(&mut self) -> Tx<'_> {
         match self {
-            Tx::Sqlite(c) => Tx::Sqlite(&mut **c),
-            Tx::Postgres(c) => Tx::Postgres(&mut **c),
+            Tx::Sqlite(c) => Tx::Sqlite(c),
+            Tx::Postgres(c) => Tx::Postgres(c),
         }
     }
 }

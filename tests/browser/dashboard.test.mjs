@@ -8,13 +8,13 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import http from 'node:http';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir, homedir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
+import { startSluice } from './server.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.SLUICE_CHROMIUM || '/usr/bin/chromium';
@@ -39,39 +39,21 @@ if (missing.length && process.env.CI === 'true') {
 const skip = missing.length ? `skipped: missing ${missing.join(', ')}` : false;
 if (skip) console.log(`# browser tests ${skip}`);
 
-let server;   // { url, child, dir, stderr }
+let server;   // { url, child, dir, root, log() }
 let browser;
 const keys = {};
 let consumerName;
 
 const newKey = () => 'sk_' + randomBytes(32).toString('base64url');
 
-// Starts a server and waits until it answers /healthz. A server that dies
-// or does not answer right after announcing its port (seen twice in CI: every
-// request refused, cause unknown) is reported with its exit status and log,
-// and a second one is started.
+// Starts a server (tests/browser/server.mjs: waits until it answers, a
+// second start if the first refuses every connection).
 async function startServer() {
-  for (let attempt = 1; ; attempt++) {
-    const s = await spawnServer();
-    const end = Date.now() + 15_000;
-    let why = '';
-    while (Date.now() < end) {
-      if (s.child.exitCode !== null || s.child.signalCode !== null) { why = `it exited (code ${s.child.exitCode}, signal ${s.child.signalCode})`; break; }
-      try { if ((await fetch(s.url + '/healthz')).ok) return s; } catch (e) { why = `${e.message} (${e.cause?.code || e.cause})`; }
-      await new Promise((r) => setTimeout(r, 200));
-    }
-    console.log(`# the sluice server at ${s.url} does not answer: ${why}; its log:\n${s.stderr.join('')}`);
-    s.child.kill('SIGKILL');
-    if (attempt >= 2) throw new Error(`sluice serve does not answer after ${attempt} starts: ${why}`);
-  }
-}
-
-async function spawnServer() {
   const dir = mkdtempSync(path.join(tmpdir(), 'sluice-browser-'));
   const root = newKey();
-  const child = spawn(SLUICE_BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', dir], {
+  const s = await startSluice(SLUICE_BIN, {
+    dataDir: path.join(dir, 'data'),
     env: {
-      ...process.env,
       SLUICE_BOOTSTRAP_KEY: root,
       // A webhook to a closed local port fails at once: a dead letter to show.
       SLUICE_WEBHOOK_ALLOW_PRIVATE: 'true',
@@ -82,20 +64,8 @@ async function spawnServer() {
       SLUICE_DASHBOARD_OVERVIEW_INTERVAL: '1s',
       RUST_LOG: 'warn',
     },
-    stdio: ['ignore', 'ignore', 'pipe'],
   });
-  const stderr = [];
-  const url = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`sluice serve did not start in 60 s:\n${stderr.join('')}`)), 60_000);
-    child.stderr.setEncoding('utf8');
-    child.stderr.on('data', (chunk) => {
-      stderr.push(chunk);
-      const m = stderr.join('').match(/sluice listening on (http:\/\/\S+)/);
-      if (m) { clearTimeout(timer); resolve(m[1]); }
-    });
-    child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`sluice serve exited (${code}):\n${stderr.join('')}`)); });
-  });
-  return { url, child, dir, root, stderr };
+  return { url: s.url, child: s.child, dir, root, log: s.log };
 }
 
 async function call(key, method, p, body) {
@@ -112,7 +82,7 @@ async function call(key, method, p, body) {
     try { r = await fetch(server.url + p, init); break; } catch (e) {
       if (attempt >= 3) {
         const state = `server exit code ${server.child.exitCode}, signal ${server.child.signalCode}`;
-        throw new Error(`${method} ${p}: ${e.message} (${e.cause?.code || e.cause}); ${state}; server log:\n${server.stderr.join('').slice(-3000)}`);
+        throw new Error(`${method} ${p}: ${e.message} (${e.cause?.code || e.cause}); ${state}; server log:\n${server.log().slice(-3000)}`);
       }
       await new Promise((res) => setTimeout(res, 300));
     }

@@ -20,6 +20,7 @@ import { tmpdir, homedir } from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import WebSocket from 'ws';
+import { startSluice } from './server.mjs';
 
 const FIREFOX = process.env.SLUICE_FIREFOX || '/usr/bin/firefox-esr';
 const SLUICE_BIN = process.env.SLUICE_BIN
@@ -31,7 +32,7 @@ const missing = [
 if (missing.length && process.env.CI === 'true') throw new Error(`the Firefox test cannot run, missing: ${missing.join(', ')}`);
 const skip = missing.length ? `skipped: missing ${missing.join(', ')}` : false;
 
-// Starts a process and resolves with the first match of `re` in its stderr.
+// Starts a process (Firefox) and resolves with the first match of `re` in its stderr.
 function start(cmd, args, env, re, what) {
   const child = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
@@ -69,22 +70,17 @@ async function bidi(url) {
 test('firefox: sign in, overview, section links, a SQL query, Japanese, sign out', { skip }, async () => {
   const dir = mkdtempSync(path.join(tmpdir(), 'sluice-firefox-'));
   const root = 'sk_' + randomBytes(32).toString('base64url');
-  const server = start(SLUICE_BIN, ['serve', '--listen', '127.0.0.1:0', '--data-dir', path.join(dir, 'data')],
-    { SLUICE_BOOTSTRAP_KEY: root, SLUICE_DASHBOARD_OVERVIEW_INTERVAL: '1s', RUST_LOG: 'warn' }, /sluice listening on (http:\/\/\S+)/, 'sluice serve');
+  let server;
   let firefox;
   let session;
   try {
-    const url = await server.found;
-    // As the main suite does: wait until the server answers (requests right
-    // after the "listening" line have been refused on CI machines).
-    // 60 s, and the cause of the last failure in the message: CI once saw
-    // 15 s of "fetch failed" here while the rest of the suite had passed.
-    for (const end = Date.now() + 60_000; ;) {
-      try { if ((await fetch(url + '/healthz')).ok) break; } catch (e) {
-        if (Date.now() > end) throw new Error(`sluice serve does not answer: ${e.message} (${e.cause?.code ?? e.cause?.message ?? 'no cause'}; exit code ${server.child.exitCode}, signal ${server.child.signalCode})\n${server.log()}`);
-      }
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    // tests/browser/server.mjs: waits until it answers, a second start if
+    // the first refuses every connection.
+    server = await startSluice(SLUICE_BIN, {
+      dataDir: path.join(dir, 'data'),
+      env: { SLUICE_BOOTSTRAP_KEY: root, SLUICE_DASHBOARD_OVERVIEW_INTERVAL: '1s', RUST_LOG: 'warn' },
+    });
+    const { url } = server;
     const call = async (key, method, p, body) => {
       const r = await fetch(url + p, { method, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: body && JSON.stringify(body) });
       return { status: r.status, body: await r.json().catch(() => null) };
@@ -147,7 +143,7 @@ test('firefox: sign in, overview, section links, a SQL query, Japanese, sign out
   } finally {
     session?.close();
     firefox?.child.kill('SIGKILL');
-    server.child.kill('SIGKILL');
+    server?.child.kill('SIGKILL');
     rmSync(dir, { recursive: true, force: true });
   }
 });

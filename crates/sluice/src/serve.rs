@@ -252,8 +252,11 @@ async fn run(cfg: Config) -> Result<()> {
         let _ = stop_rx.await;
         ready_on_stop.store(false, Ordering::Release);
     }));
-    stop_signal.await;
-    tracing::info!("shutting down: draining in-flight requests");
+    let signal = stop_signal.await;
+    // Plain, like the listening line: whoever started the server sees why
+    // it stopped accepting, whatever RUST_LOG filters.
+    eprintln!("sluice received {signal}: draining in-flight requests, then stopping");
+    tracing::info!(signal, "shutting down: draining in-flight requests");
     let _ = stop_tx.send(());
     let abort = server.abort_handle();
     let mut clean = true;
@@ -280,8 +283,16 @@ async fn run(cfg: Config) -> Result<()> {
     }
     // Consumers stop where they are; what they had not committed is
     // delivered again on the next start.
-    consumers.stop_all().await;
-    jobs.stop().await;
+    // Bounded, like every step here: a stop that hangs would leave a
+    // process that no longer accepts connections and never exits.
+    if tokio::time::timeout(Duration::from_secs(30), consumers.stop_all()).await.is_err() {
+        tracing::warn!("consumers did not stop in 30 s; what they had not committed is delivered again on the next start");
+        clean = false;
+    }
+    if tokio::time::timeout(Duration::from_secs(30), jobs.stop()).await.is_err() {
+        tracing::warn!("job runners did not stop in 30 s; their jobs are reclaimed when their lease expires");
+        clean = false;
+    }
     // The router (and with it every Ingestor handle) is gone: the writer
     // finishes what is queued and stops.
     if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
@@ -482,7 +493,7 @@ async fn run_retention(log: Arc<dyn EventLog>, every: Duration) {
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+fn shutdown_signal() -> impl std::future::Future<Output = &'static str> {
     // The handlers are registered here, at once, not when the future is
     // first polled: a SIGTERM that arrives right after the server announced
     // itself must drain it, not kill it (the default action).
@@ -499,11 +510,12 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         }
         let (term, int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
         async move {
-            tokio::select! { _ = recv(term) => {}, _ = recv(int) => {} }
+            tokio::select! { _ = recv(term) => "SIGTERM", _ = recv(int) => "SIGINT" }
         }
     }
     #[cfg(not(unix))]
     async {
         let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
     }
 }

@@ -573,6 +573,9 @@ pub struct Loaded {
 /// The evaluator: re-evaluates customers when the read model marks them
 /// and when time alone changes them, until `stop`.
 pub async fn evaluator(health: Health, mut stop: tokio::sync::watch::Receiver<bool>) {
+    // The queue gauges cost a COUNT over the marks: taken when a pass that
+    // evaluated someone has emptied the queue, else at most once a second.
+    let mut recorded: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = health.wake.notified() => {
@@ -583,14 +586,19 @@ pub async fn evaluator(health: Health, mut stop: tokio::sync::watch::Receiver<bo
             _ = stop.changed() => return,
         }
         loop {
-            let more = match health.evaluate_pending(500).await {
-                Ok(n) => n >= 500,
+            let evaluated = match health.evaluate_pending(BATCH).await {
+                Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "health evaluation failed; trying again shortly");
-                    false
+                    0
                 }
             };
-            health.record_queue().await;
+            let more = evaluated >= BATCH;
+            let drained = evaluated > 0 && !more;
+            if drained || recorded.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                health.record_queue().await;
+                recorded = Some(std::time::Instant::now());
+            }
             if !more {
                 break;
             }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chrono::Timelike;
+use chrono::{DateTime, Timelike, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use sluice_core::{Aggregation, Event};
@@ -121,21 +121,14 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, MeterError> 
     }
     let props: Value = serde_json::from_str(e.properties.get()).unwrap_or(Value::Null);
     let Some(group_key) = filtered_group(m, &props)? else { return Ok(None) };
-    let mut d = UsageDelta {
-        workspace: m.workspace.as_str().into(),
-        meter: m.key.as_str().into(),
-        customer_id: e.customer_id.as_deref().unwrap_or_default().into(),
-        subscription_id: e.subscription_id.as_deref().unwrap_or_default().into(),
-        group_key: group_key.into(),
-        bucket_start: bucket_of(e.timestamp),
-        count: 1,
-        sum: Decimal::ZERO,
-        min: None,
-        max: None,
-        latest_at: None,
-        latest_value: None,
-        unique: None,
-    };
+    let names = [
+        m.workspace.as_str(),
+        m.key.as_str(),
+        e.customer_id.as_deref().unwrap_or_default(),
+        e.subscription_id.as_deref().unwrap_or_default(),
+        group_key.as_str(),
+    ];
+    let mut d = counted(names.map(Arc::from), e.timestamp);
     if m.aggregation == Aggregation::Count {
         return Ok(Some(d));
     }
@@ -153,12 +146,38 @@ pub fn usage_of(m: &Meter, e: &Event) -> Result<Option<UsageDelta>, MeterError> 
         return Ok(Some(d));
     }
     let v = decimal(raw).ok_or_else(|| MeterError::NotANumber { meter: m.key.clone(), path: path.to_owned(), shown: raw.to_string() })?;
+    set_value(&mut d, v, e.timestamp);
+    Ok(Some(d))
+}
+
+/// One event's delta before its value: a count of 1 in its bucket.
+/// `names`: workspace, meter, customer, subscription, group key.
+fn counted(names: [Arc<str>; 5], at: DateTime<Utc>) -> UsageDelta {
+    let [workspace, meter, customer_id, subscription_id, group_key] = names;
+    UsageDelta {
+        workspace,
+        meter,
+        customer_id,
+        subscription_id,
+        group_key,
+        bucket_start: bucket_of(at),
+        count: 1,
+        sum: Decimal::ZERO,
+        min: None,
+        max: None,
+        latest_at: None,
+        latest_value: None,
+        unique: None,
+    }
+}
+
+/// One event's numeric value: its sum, min, max and latest.
+fn set_value(d: &mut UsageDelta, v: Decimal, at: DateTime<Utc>) {
     d.sum = v;
     d.min = Some(v);
     d.max = Some(v);
-    d.latest_at = Some(e.timestamp.timestamp_micros());
+    d.latest_at = Some(at.timestamp_micros());
     d.latest_value = Some(v);
-    Ok(Some(d))
 }
 
 /// The usage a batch record contributes to one meter, summed per bucket,
@@ -203,21 +222,7 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
         foldhash::HashMap::with_capacity_and_hasher(b.rows.len().min(8192), Default::default());
     let mut out: Vec<UsageDelta> = Vec::with_capacity(b.rows.len().min(8192));
     for r in &b.rows {
-        let mut d = UsageDelta {
-            workspace: workspace.clone(),
-            meter: meter.clone(),
-            customer_id: name(&r.customer_id),
-            subscription_id: name(&r.subscription_id),
-            group_key: group_key.clone(),
-            bucket_start: bucket_of(r.timestamp),
-            count: 1,
-            sum: Decimal::ZERO,
-            min: None,
-            max: None,
-            latest_at: None,
-            latest_value: None,
-            unique: None,
-        };
+        let mut d = counted([workspace.clone(), meter.clone(), name(&r.customer_id), name(&r.subscription_id), group_key.clone()], r.timestamp);
         if valued {
             let Some(raw) = r.value.as_deref() else {
                 return Some(Err(MeterError::MissingValue { meter: m.key.clone(), path: path.to_owned() }));
@@ -231,11 +236,7 @@ pub fn batch_usage(m: &Meter, b: &sluice_core::EventBatch) -> Option<Result<Vec<
                 let Ok(v) = raw.trim().parse::<Decimal>() else {
                     return Some(Err(MeterError::NotANumber { meter: m.key.clone(), path: path.to_owned(), shown: format!("{raw:?}") }));
                 };
-                d.sum = v;
-                d.min = Some(v);
-                d.max = Some(v);
-                d.latest_at = Some(r.timestamp.timestamp_micros());
-                d.latest_value = Some(v);
+                set_value(&mut d, v, r.timestamp);
             }
         }
         if unique {

@@ -462,6 +462,15 @@ pub(crate) fn placeholders(from: usize, n: usize) -> String {
     (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
+/// A leading parameter of [`Store::select_in_after`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    /// A text value.
+    Text(&'a str),
+    /// An integer (a time in microseconds, a count).
+    Int(i64),
+}
+
 /// The inside of an `IN (…)` over `keys`, the list's parameters numbered
 /// from `from`, and what to bind for them: on PostgreSQL one parameter per
 /// key; on SQLite one JSON array read with `json_each`, because SQLite
@@ -487,17 +496,32 @@ impl Store {
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
+        self.select_in_after(select, &[Arg::Text(workspace)], keys).await
+    }
+
+    /// [`Store::select_in`] with other leading parameters: `leading` are
+    /// `$1…$n`, the list follows them.
+    pub(crate) async fn select_in_after<T>(&self, select: &str, leading: &[Arg<'_>], keys: &[&str]) -> Result<Vec<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
         let sqlite = matches!(self, Store::Sqlite(_));
         let mut out = Vec::new();
         for chunk in keys.chunks(IN_CHUNK) {
-            let (list, binds) = in_list(sqlite, 2, chunk);
+            let (list, binds) = in_list(sqlite, leading.len() + 1, chunk);
             let sql = select.replace("{in}", &list);
             // On PostgreSQL planned anew each time (an unnamed statement):
             // a cached generic plan made while a table was small (the
             // invoices a run is writing) kept scanning the whole table with
             // the 500-key filter on every batch as the table grew.
             let rows: Vec<T> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).persistent(sqlite).bind(workspace);
+                let mut q = sqlx::query_as(&sql).persistent(sqlite);
+                for a in leading {
+                    q = match *a {
+                        Arg::Text(t) => q.bind(t),
+                        Arg::Int(i) => q.bind(i),
+                    };
+                }
                 for k in &binds {
                     q = q.bind(k);
                 }

@@ -7,6 +7,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use crate::audit::NewAudit;
+use crate::billing::Arg;
 use crate::BeginWrite as _;
 use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
 
@@ -627,24 +628,11 @@ impl Store {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<UsageBucket>> {
-        let mut out = Vec::new();
-        for chunk in customers.chunks(crate::billing::IN_CHUNK) {
-            let (list, binds) = crate::billing::in_list(matches!(self, Store::Sqlite(_)), 5, chunk);
-            let sql = format!(
-                "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
-                 FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
-            );
-            let rows: Vec<BucketRow> = on_pool!(self, pool => {
-                // Planned anew each time on PostgreSQL (`Store::select_in` says why).
-                let mut q = sqlx::query_as(&sql).persistent(matches!(self, Store::Sqlite(_))).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
-                for c in &binds {
-                    q = q.bind(c);
-                }
-                q.fetch_all(pool).await
-            })?;
-            out.extend(rows.into_iter().map(bucket));
-        }
-        Ok(out)
+        let sql = "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
+                   FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({in})";
+        let leading = [Arg::Text(workspace), Arg::Text(meter), Arg::Int(to_micros(from)), Arg::Int(to_micros(to))];
+        let rows: Vec<BucketRow> = self.select_in_after(sql, &leading, customers).await?;
+        Ok(rows.into_iter().map(bucket).collect())
     }
 
     /// Distinct values of a unique_count meter in `[from, to)` of several
@@ -657,24 +645,11 @@ impl Store {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<(String, String, DateTime<Utc>, String)>> {
-        let mut out = Vec::new();
-        for chunk in customers.chunks(crate::billing::IN_CHUNK) {
-            let (list, binds) = crate::billing::in_list(matches!(self, Store::Sqlite(_)), 5, chunk);
-            let sql = format!(
-                "SELECT customer_id, subscription_id, bucket_start, value FROM usage_unique WHERE workspace = $1 AND meter_key = $2 \
-                 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({list})"
-            );
-            let rows: Vec<(String, String, i64, String)> = on_pool!(self, pool => {
-                // Planned anew each time on PostgreSQL (`Store::select_in` says why).
-                let mut q = sqlx::query_as(&sql).persistent(matches!(self, Store::Sqlite(_))).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to));
-                for c in &binds {
-                    q = q.bind(c);
-                }
-                q.fetch_all(pool).await
-            })?;
-            out.extend(rows.into_iter().map(|r| (r.0, r.1, from_micros(r.2), r.3)));
-        }
-        Ok(out)
+        let sql = "SELECT customer_id, subscription_id, bucket_start, value FROM usage_unique WHERE workspace = $1 AND meter_key = $2 \
+                   AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({in})";
+        let leading = [Arg::Text(workspace), Arg::Text(meter), Arg::Int(to_micros(from)), Arg::Int(to_micros(to))];
+        let rows: Vec<(String, String, i64, String)> = self.select_in_after(sql, &leading, customers).await?;
+        Ok(rows.into_iter().map(|r| (r.0, r.1, from_micros(r.2), r.3)).collect())
     }
 
     /// Distinct values of a unique_count meter in `[from, to)`:

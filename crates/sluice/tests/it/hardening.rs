@@ -121,8 +121,11 @@ async fn a_thousand_silent_connections_do_not_stop_healthz_or_ingest_and_are_clo
     }
     assert!((10..20).contains(&busy), "{busy} of 20 connections over the cap got 503: {answers:?}");
 
-    // Every silent connection is closed (a 408, then EOF) within the header timeout + 2 s.
-    let deadline = opened + header_timeout + Duration::from_secs(2);
+    // Every silent connection is closed (a 408, then EOF) within the header
+    // timeout, give or take the scheduling of 1,000 timers on a loaded
+    // 2-core machine (CI once saw 648 still open 2 s after it, in a debug
+    // build beside the PostgreSQL suite; never a connection left open).
+    let deadline = opened + header_timeout + Duration::from_secs(5);
     let results = futures::future::join_all(silent.iter_mut().map(|sock| read_until_closed(sock, deadline))).await;
     let still_open = results.iter().filter(|(_, closed)| !closed).count();
     assert_eq!(still_open, 0, "{still_open} silent connections still open {:?} after they were opened", opened.elapsed());

@@ -334,11 +334,11 @@ pub async fn run(args: HealthBenchArgs) -> Result<()> {
     while let Some(r) = probes.join_next().await {
         lat.record(r??.as_micros() as u64)?;
     }
-    let sending_s = phase.elapsed().as_secs_f64();
+    let load_s = phase.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = load.await;
     let max_lag = lag_sampler.await.unwrap_or(0);
-    let achieved = sent.load(Ordering::Relaxed) as f64 / sending_s;
+    let achieved = sent.load(Ordering::Relaxed) as f64 / load_s;
     println!(
         "latency while ingesting {achieved:.0} events/s (asked {:.0}): event → score p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} probes",
         args.rate,

@@ -56,7 +56,7 @@ pub struct RunPayload {
     #[serde(default = "payload_v1")]
     pub v: u32,
     /// Workspace.
-    pub workspace: String,
+    pub workspace: sluice_core::WorkspaceName,
     /// Subscriptions to bill, in this order.
     #[serde(default)]
     pub subscription_ids: Option<Vec<String>>,
@@ -282,9 +282,14 @@ pub async fn auto_once(billing: &Billing, wake: &(dyn Fn() + Send + Sync)) -> Re
             if pending {
                 continue;
             }
+            // Names in the store were validated when the workspace was made.
+            let Ok(workspace) = sluice_core::WorkspaceName::parse(w.name.as_str()) else {
+                tracing::warn!(workspace = %w.name, "a stored workspace name is not valid; not billed automatically");
+                continue;
+            };
             let payload = RunPayload {
                 v: 1,
-                workspace: w.name.clone(),
+                workspace,
                 subscription_ids: None,
                 filter: Some(RunFilter { due: true, ..RunFilter::default() }),
                 finalize: true,

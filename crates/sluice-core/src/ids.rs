@@ -154,6 +154,16 @@ impl WorkspaceName {
     }
 }
 
+/// Read as the text it is (`&name` where a `&str` is wanted), never built
+/// from one without [`WorkspaceName::parse`].
+impl std::ops::Deref for WorkspaceName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for WorkspaceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

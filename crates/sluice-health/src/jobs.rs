@@ -11,6 +11,7 @@ use chrono::{DateTime, Days, Utc};
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sluice_core::WorkspaceName;
 use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload};
 use sluice_store::Job;
 
@@ -37,7 +38,7 @@ pub struct RecomputePayload {
     #[serde(default = "payload_v1")]
     pub v: u32,
     /// Workspace.
-    pub workspace: String,
+    pub workspace: WorkspaceName,
     /// The configuration version to evaluate with.
     pub version: i64,
     /// The workspace's first configuration: first copy its history from
@@ -166,7 +167,7 @@ pub struct BacktestPayload {
     #[serde(default = "payload_v1")]
     pub v: u32,
     /// Workspace.
-    pub workspace: String,
+    pub workspace: WorkspaceName,
     /// The configuration tested (validated when the job was made).
     pub config: Value,
     /// Its version, when it is a stored one.
@@ -271,7 +272,7 @@ impl JobHandler for Backtest {
             backfill(h, self.log.as_ref(), &p.workspace, until, ctx).await?;
         }
         let tz = h.tz(&p.workspace).await.map_err(job_error)?;
-        let wctx = WsCtx { name: p.workspace.clone(), tz, version: p.config_version.unwrap_or(0), config: std::sync::Arc::new(config) };
+        let wctx = WsCtx { name: p.workspace.to_string(), tz, version: p.config_version.unwrap_or(0), config: std::sync::Arc::new(config) };
         let mut steps = Vec::new();
         let mut t = p.from;
         while t <= p.to && steps.len() < 10_000 {

@@ -34,7 +34,7 @@ pub struct BackfillPayload {
     #[serde(default = "sluice_jobs::payload_v1")]
     pub v: u32,
     /// The meter's workspace.
-    pub workspace: String,
+    pub workspace: sluice_core::WorkspaceName,
     /// The meter's key.
     pub meter: String,
 }

@@ -622,7 +622,7 @@ pub async fn create_run(
     }
     let payload = RunPayload {
         v: 1,
-        workspace: who.workspace.to_string(),
+        workspace: who.workspace.clone(),
         subscription_ids: b.subscription_ids,
         filter: b.filter,
         finalize: b.finalize.unwrap_or(true),

@@ -359,7 +359,7 @@ pub async fn put_config(State(st): State<AppState>, who: Principal, Json(body): 
         .enqueue_job(&sluice_store::NewJob {
             workspace: ws.to_owned(),
             kind: sluice_health::jobs::RECOMPUTE.into(),
-            payload: RecomputePayload { v: 1, workspace: ws.to_owned(), version, backfill_until }.to_value(),
+            payload: RecomputePayload { v: 1, workspace: who.workspace.clone(), version, backfill_until }.to_value(),
             max_attempts: 5,
             created_by: Some(who.key_id.clone()),
         })
@@ -452,7 +452,7 @@ pub async fn create_backtest(
     }
     let payload = BacktestPayload {
         v: 1,
-        workspace: ws.to_owned(),
+        workspace: who.workspace.clone(),
         config,
         config_version: version,
         from,

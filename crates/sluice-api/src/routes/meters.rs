@@ -128,7 +128,7 @@ pub async fn create(State(st): State<AppState>, who: Principal, Json(b): Json<Cr
             kind: sluice_metering::backfill::KIND.into(),
             payload: sluice_jobs::JobPayload::to_value(&sluice_metering::backfill::BackfillPayload {
                 v: 1,
-                workspace: m.workspace.clone(),
+                workspace: who.workspace.clone(),
                 meter: m.key.clone(),
             }),
             max_attempts: 5,

@@ -453,85 +453,9 @@ impl Store {
     }
 }
 
-/// Rows fetched per `IN (…)` list: well under SQLite's limit on bound
-/// parameters, and one round trip per 500 subscriptions of a billing run.
-pub const IN_CHUNK: usize = 500;
-
-/// `$from, $from+1, …` for `n` parameters.
-pub(crate) fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
-/// A leading parameter of [`Store::select_in_after`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg<'a> {
-    /// A text value.
-    Text(&'a str),
-    /// An integer (a time in microseconds, a count).
-    Int(i64),
-}
-
-/// The inside of an `IN (…)` over `keys`, the list's parameters numbered
-/// from `from`, and what to bind for them: on PostgreSQL one parameter per
-/// key; on SQLite one JSON array read with `json_each`, because SQLite
-/// looks up each of a statement's named parameters (`$n`) in a list, so a
-/// list of 500 cost O(n²) to prepare and bind (`crate::values_rows` says
-/// more); anonymous `?` cannot be mixed with the statement's other `$n`.
-pub(crate) fn in_list(sqlite: bool, from: usize, keys: &[&str]) -> (String, Vec<String>) {
-    if sqlite {
-        let json = serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned());
-        (format!("SELECT value FROM json_each(${from})"), vec![json])
-    } else {
-        (placeholders(from, keys.len()), keys.iter().map(|k| (*k).to_owned()).collect())
-    }
-}
-
 /// What billing reads for a batch of subscriptions, in a few queries per
 /// 500 instead of several per subscription (a billing run of 100,000).
 impl Store {
-    /// The rows of `select` (a query whose `{in}` is replaced by the inside
-    /// of an `IN (…)` list, see [`in_list`], and whose `$1` is the
-    /// workspace) for every 500 of `keys`.
-    pub(crate) async fn select_in<T>(&self, select: &str, workspace: &str, keys: &[&str]) -> Result<Vec<T>>
-    where
-        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-    {
-        self.select_in_after(select, &[Arg::Text(workspace)], keys).await
-    }
-
-    /// [`Store::select_in`] with other leading parameters: `leading` are
-    /// `$1…$n`, the list follows them.
-    pub(crate) async fn select_in_after<T>(&self, select: &str, leading: &[Arg<'_>], keys: &[&str]) -> Result<Vec<T>>
-    where
-        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-    {
-        let sqlite = matches!(self, Store::Sqlite(_));
-        let mut out = Vec::new();
-        for chunk in keys.chunks(IN_CHUNK) {
-            let (list, binds) = in_list(sqlite, leading.len() + 1, chunk);
-            let sql = select.replace("{in}", &list);
-            // On PostgreSQL planned anew each time (an unnamed statement):
-            // a cached generic plan made while a table was small (the
-            // invoices a run is writing) kept scanning the whole table with
-            // the 500-key filter on every batch as the table grew.
-            let rows: Vec<T> = on_pool!(self, pool => {
-                let mut q = sqlx::query_as(&sql).persistent(sqlite);
-                for a in leading {
-                    q = match *a {
-                        Arg::Text(t) => q.bind(t),
-                        Arg::Int(i) => q.bind(i),
-                    };
-                }
-                for k in &binds {
-                    q = q.bind(k);
-                }
-                q.fetch_all(pool).await
-            })?;
-            out.extend(rows);
-        }
-        Ok(out)
-    }
-
     /// The subscriptions with these ids (those that exist).
     pub async fn subscriptions_by_ids(&self, workspace: &str, ids: &[&str]) -> Result<Vec<SubscriptionRow>> {
         let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE workspace = $1 AND id IN ({{in}})");

@@ -26,6 +26,7 @@ pub mod billing;
 mod consumers;
 mod events;
 pub mod health;
+mod in_lists;
 mod jobs;
 mod keys;
 mod lake;

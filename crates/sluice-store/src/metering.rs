@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use crate::audit::NewAudit;
-use crate::billing::Arg;
+use crate::in_lists::Arg;
 use crate::BeginWrite as _;
 use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
 
@@ -628,10 +628,8 @@ impl Store {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<UsageBucket>> {
-        let sql = "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value \
-                   FROM usage_buckets WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({in})";
-        let leading = [Arg::Text(workspace), Arg::Text(meter), Arg::Int(to_micros(from)), Arg::Int(to_micros(to))];
-        let rows: Vec<BucketRow> = self.select_in_after(sql, &leading, customers).await?;
+        let select = "SELECT customer_id, subscription_id, group_key, bucket_start, count, sum, min, max, latest_at, latest_value FROM usage_buckets";
+        let rows: Vec<BucketRow> = self.usage_of_customers(select, workspace, meter, customers, (from, to)).await?;
         Ok(rows.into_iter().map(bucket).collect())
     }
 
@@ -645,11 +643,28 @@ impl Store {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<(String, String, DateTime<Utc>, String)>> {
-        let sql = "SELECT customer_id, subscription_id, bucket_start, value FROM usage_unique WHERE workspace = $1 AND meter_key = $2 \
-                   AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({in})";
-        let leading = [Arg::Text(workspace), Arg::Text(meter), Arg::Int(to_micros(from)), Arg::Int(to_micros(to))];
-        let rows: Vec<(String, String, i64, String)> = self.select_in_after(sql, &leading, customers).await?;
+        let select = "SELECT customer_id, subscription_id, bucket_start, value FROM usage_unique";
+        let rows: Vec<(String, String, i64, String)> = self.usage_of_customers(select, workspace, meter, customers, (from, to)).await?;
         Ok(rows.into_iter().map(|r| (r.0, r.1, from_micros(r.2), r.3)).collect())
+    }
+
+    /// The rows of `select` (columns of a usage table) of a meter's buckets
+    /// in `[from, to)` of these customers, 500 customers a query.
+    async fn usage_of_customers<T>(
+        &self,
+        select: &str,
+        workspace: &str,
+        meter: &str,
+        customers: &[&str],
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<Vec<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let sql =
+            format!("{select} WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 AND customer_id IN ({{in}})");
+        let leading = [Arg::Text(workspace), Arg::Text(meter), Arg::Int(to_micros(from)), Arg::Int(to_micros(to))];
+        self.select_in_after(&sql, &leading, customers).await
     }
 
     /// Distinct values of a unique_count meter in `[from, to)`:

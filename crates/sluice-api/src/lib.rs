@@ -37,7 +37,7 @@ pub use state::{ApiLimits, AppState, WebhookSettings, WorkspaceLimits};
         routes::workspaces::create, routes::workspaces::list, routes::workspaces::get, routes::billing::patch_workspace,
         routes::billing::create_plan, routes::billing::list_plans, routes::billing::get_plan,
         routes::billing::create_subscription, routes::billing::list_subscriptions, routes::billing::get_subscription,
-        routes::billing::change_plan, routes::billing::cancel_subscription, routes::billing::upcoming_invoice,
+        routes::billing::change_plan, routes::billing::cancel_subscription, routes::billing::upcoming_invoice, routes::billing::unattributed_usage,
         routes::billing::list_invoices, routes::billing::get_invoice, routes::billing::finalize_invoice,
         routes::billing::void_invoice, routes::billing::mark_paid,
         routes::billing::create_run, routes::billing::list_runs, routes::billing::get_run, routes::billing::cancel_run,
@@ -115,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/invoices/{id}/finalize", post(routes::billing::finalize_invoice))
         .route("/v1/invoices/{id}/void", post(routes::billing::void_invoice))
         .route("/v1/invoices/{id}/mark-paid", post(routes::billing::mark_paid))
+        .route("/v1/billing/unattributed-usage", get(routes::billing::unattributed_usage))
         .route("/v1/billing-runs", post(routes::billing::create_run).get(routes::billing::list_runs))
         .route("/v1/billing-runs/{id}", get(routes::billing::get_run))
         .route("/v1/billing-runs/{id}/cancel", post(routes::billing::cancel_run))

@@ -20,11 +20,11 @@ use serde_json::{json, Value};
 use sluice_core::Aggregation;
 use sluice_store::{BillingCommit, InvoiceRow, Meter, NewAudit, NewInvoice, Store, StoreError, SubscriptionRow};
 
-use crate::invoice::{late_line, Invoice, InvoiceStatus, Issuer, LineKind, PeriodBill};
+use crate::invoice::{billed_elsewhere_line, late_line, Invoice, InvoiceStatus, Issuer, LineKind, PeriodBill};
 use crate::money::Currency;
 use crate::plan::PlanSpec;
 use crate::settings::BillingSettings;
-use crate::subscription::{bucket_floor, Period, Subscription};
+use crate::subscription::{bucket_floor, Period, Reissue, Subscription};
 use crate::BillingError;
 
 /// Most periods one subscription is billed for in one call (a subscription
@@ -87,10 +87,10 @@ pub struct Billing {
 
 /// Plan versions read once per call.
 #[derive(Default)]
-struct Plans(HashMap<(String, i64), Arc<PlanSpec>>);
+pub(crate) struct Plans(HashMap<(String, i64), Arc<PlanSpec>>);
 
 impl Plans {
-    async fn get(&mut self, store: &Store, ws: &str, code: &str, version: i64) -> Result<Arc<PlanSpec>, BillingError> {
+    pub(crate) async fn get(&mut self, store: &Store, ws: &str, code: &str, version: i64) -> Result<Arc<PlanSpec>, BillingError> {
         if let Some(p) = self.0.get(&(code.to_owned(), version)) {
             return Ok(p.clone());
         }
@@ -105,9 +105,15 @@ impl Plans {
     }
 }
 
-/// What finalized invoices billed for one meter and earlier period:
-/// quantity, amount, and the plan (code, version) that priced it.
-type Billed = (Decimal, Decimal, String, i64);
+/// What finalized invoices billed for one meter and earlier period.
+struct Billed {
+    quantity: Decimal,
+    amount: Decimal,
+    /// The plan (code, version) that priced the period's usage line.
+    plan: (String, i64),
+    /// The numbers of the invoices with those lines.
+    on: Vec<String>,
+}
 
 /// Usage of one meter for one customer over the batch's range, read once
 /// and summed per invoice period in memory.
@@ -177,9 +183,12 @@ impl Batch {
         // The range: every period billed, and every finalized period whose
         // late usage may be added.
         let firsts = items.iter().filter_map(|(_, ps)| ps.first().map(|p| p.start));
-        let earlier = history.values().flatten().filter(|i| i.status == "finalized" || i.status == "paid").map(|i| i.period_start);
-        let from = firsts.chain(earlier).min().map(bucket_floor).unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let to = items.iter().filter_map(|(_, ps)| ps.last().map(|p| bucket_floor(p.end))).max().unwrap_or(from);
+        let finalized = || history.values().flatten().filter(|i| i.status == "finalized" || i.status == "paid");
+        let from = firsts.chain(finalized().map(|i| i.period_start)).min().map(bucket_floor).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        // A voided period billed again comes before periods billed since,
+        // whose late usage it may carry: the range covers them too.
+        let lasts = items.iter().filter_map(|(_, ps)| ps.iter().map(|p| p.end).max());
+        let to = lasts.chain(finalized().map(|i| i.period_end)).max().map(bucket_floor).unwrap_or(from);
         Ok(Batch {
             history,
             siblings,
@@ -395,6 +404,7 @@ impl Billing {
                         customer_id: &sub.customer_id,
                         revision: row.revision,
                         billed_until: *b,
+                        reissue_from: sub.reissue_from(),
                         doc,
                         invoices: news,
                         run_id: o.run_id.as_deref(),
@@ -438,16 +448,20 @@ impl Billing {
             let doc: Invoice = serde_json::from_value(inv.doc.clone()).map_err(|e| BillingError::Corrupt(format!("invoice {}: {e}", inv.id)))?;
             for l in doc.lines.iter().filter(|l| matches!(l.kind, LineKind::Usage | LineKind::Adjustment)) {
                 let Some(meter) = &l.meter else { continue };
-                let e = billed.entry((meter.clone(), l.period_start, l.period_end)).or_insert((
-                    Decimal::ZERO,
-                    Decimal::ZERO,
-                    doc.plan.clone(),
-                    doc.plan_version,
-                ));
-                e.0 += l.quantity;
-                e.1 += l.amount;
+                let e = billed.entry((meter.clone(), l.period_start, l.period_end)).or_insert_with(|| Billed {
+                    quantity: Decimal::ZERO,
+                    amount: Decimal::ZERO,
+                    plan: (doc.plan.clone(), doc.plan_version),
+                    on: Vec::new(),
+                });
+                e.quantity += l.quantity;
+                e.amount += l.amount;
                 if l.kind == LineKind::Usage {
-                    (e.2, e.3) = (doc.plan.clone(), doc.plan_version);
+                    e.plan = (doc.plan.clone(), doc.plan_version);
+                }
+                let number = inv.number.clone().unwrap_or_else(|| inv.id.clone());
+                if !e.on.contains(&number) {
+                    e.on.push(number);
                 }
             }
         }
@@ -472,21 +486,35 @@ impl Billing {
                 let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
                 let q = b.usage(store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, p)?;
                 lines.push(bill.usage_line(charge, q, Some(usage_sql(meter, sub, shared, p))));
+                // A period billed again (its invoice voided) whose late
+                // usage a later invoice already billed: that is taken off
+                // here, so the period is billed once in all.
+                if let Some(e) = billed.get(&(charge.meter.clone(), p.start, p.end)) {
+                    if let Some(l) = billed_elsewhere_line(currency, charge, p, (e.quantity, e.amount), &e.on) {
+                        lines.push(l);
+                    }
+                }
             }
+            // A voided period billed again may precede periods billed since:
+            // their late usage goes on it as well.
+            let reissue = history.iter().any(|i| i.status == "void" && i.period_start == p.start);
             if n == 0 && late_wanted {
-                for ((meter_key, ps, pe), (bq, bamount, code, version)) in &billed {
+                for ((meter_key, ps, pe), e) in &billed {
                     let ep = Period { start: *ps, end: *pe };
-                    if ep.start >= p.start {
+                    // Periods billed in this call, or waiting to be billed
+                    // again, are billed whole there, not as late usage.
+                    let billed_again = periods.iter().any(|q| q.start == ep.start) || sub.reissue.iter().any(|r| r.period_start == ep.start);
+                    if (ep.start >= p.start && !reissue) || billed_again {
                         continue;
                     }
                     let Some(meter) = ws.meters.get(meter_key) else { continue };
-                    let old_plan = b.plans.get(store, &ws.name, code, *version).await?;
+                    let old_plan = b.plans.get(store, &ws.name, &e.plan.0, e.plan.1).await?;
                     let Some(charge) = old_plan.charges.iter().find(|c| &c.meter == meter_key) else { continue };
                     let shared = self.unattributed_counts(ws, &mut b.plans, &siblings, meter_key, ep).await?;
                     let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
                     let q = b.usage(store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, ep)?;
                     let share = PeriodBill { sub, cycle: &cycle, period: ep, plan: &old_plan, currency }.period_share();
-                    if let Some(l) = late_line(currency, charge, q, ep, share, (*bq, *bamount), Some(usage_sql(meter, sub, shared, ep))) {
+                    if let Some(l) = late_line(currency, charge, q, ep, share, (e.quantity, e.amount), Some(usage_sql(meter, sub, shared, ep))) {
                         lines.push(l);
                     }
                 }
@@ -528,7 +556,14 @@ impl Billing {
     /// Whether usage naming only the customer counts for `sub` on `meter`
     /// in `p`: no other subscription of the customer charges that meter
     /// then.
-    async fn unattributed_counts(&self, ws: &Ws, plans: &mut Plans, siblings: &[Subscription], meter: &str, p: Period) -> Result<bool, BillingError> {
+    pub(crate) async fn unattributed_counts(
+        &self,
+        ws: &Ws,
+        plans: &mut Plans,
+        siblings: &[Subscription],
+        meter: &str,
+        p: Period,
+    ) -> Result<bool, BillingError> {
         for other in siblings {
             if other.start >= p.end || other.end.is_some_and(|e| e <= p.start) {
                 continue;
@@ -621,24 +656,33 @@ impl Billing {
         Ok(row)
     }
 
-    /// After a void: when the voided period is the subscription's last
-    /// billed one, billed_until moves back to its start so that the next
-    /// run bills it again (the new invoice `replaces` the voided one). An
-    /// earlier period stays unbilled (docs/billing.md, "Voiding").
+    /// After a void, the period is billed again by the next run (the new
+    /// invoice `replaces` the voided one): when it is the subscription's
+    /// last billed period, billed_until moves back to its start; an earlier
+    /// period joins the subscription's `reissue` list, which the next
+    /// explicit run bills first (docs/billing.md, "Voiding").
     async fn reopen(&self, ws: &Ws, voided: &InvoiceRow) -> Result<(), BillingError> {
         for _ in 0..5 {
-            let (mut row, _) = self.subscription(&ws.name, &voided.subscription_id).await?;
-            if row.billed_until != voided.period_end {
+            let (mut row, mut sub) = self.subscription(&ws.name, &voided.subscription_id).await?;
+            let action = if row.billed_until == voided.period_end {
+                row.billed_until = voided.period_start;
+                "subscription.reopen"
+            } else if voided.period_end < row.billed_until && !sub.reissue.iter().any(|r| r.period_start == voided.period_start) {
+                sub.reissue.push(Reissue { period_start: voided.period_start, period_end: voided.period_end, voided_invoice: voided.id.clone() });
+                sub.reissue.sort_by_key(|r| r.period_start);
+                row.reissue_from = sub.reissue_from();
+                row.doc = serde_json::to_value(&sub).map_err(|e| BillingError::Corrupt(e.to_string()))?;
+                "subscription.reissue"
+            } else {
                 return Ok(());
-            }
-            row.billed_until = voided.period_start;
+            };
             let audit = NewAudit {
                 workspace: ws.name.clone(),
                 actor_key_id: None,
-                action: "subscription.reopen".into(),
+                action: action.into(),
                 target_type: "subscription".into(),
                 target_id: row.id.clone(),
-                details: json!({"voided_invoice": voided.id}),
+                details: json!({"voided_invoice": voided.id, "period_start": voided.period_start, "period_end": voided.period_end}),
             };
             match self.store.update_subscription(&ws.name, &row, &audit).await {
                 Ok(()) => return Ok(()),
@@ -695,6 +739,13 @@ fn due_periods(ws: &Ws, row: &SubscriptionRow, mut sub: Subscription, o: &BillOp
         if first.end < nb.max(sub.created_at) {
             return None;
         }
+    }
+    // Voided periods to bill again come first, in an explicit run only
+    // (auto-billing leaves them to the operator who voided the invoice).
+    if o.not_before.is_none() && !sub.reissue.is_empty() {
+        let (now, later): (Vec<Reissue>, Vec<Reissue>) = std::mem::take(&mut sub.reissue).into_iter().partition(|r| r.period_end <= o.until);
+        sub.reissue = later;
+        periods.splice(0..0, now.iter().map(Reissue::period));
     }
     (!periods.is_empty()).then_some((sub, periods, b))
 }

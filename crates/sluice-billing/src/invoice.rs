@@ -404,6 +404,36 @@ pub fn late_line(
     })
 }
 
+/// On an invoice that bills a period again (its first invoice was voided):
+/// what other finalized invoices already billed for that period (late
+/// usage on later invoices), taken off, so that the period is billed once
+/// in all. `on` names those invoices. `None` when they billed nothing.
+pub fn billed_elsewhere_line(currency: Currency, charge: &Charge, p: Period, billed: (Decimal, Decimal), on: &[String]) -> Option<Line> {
+    let (billed_q, billed_amount) = billed;
+    if billed_q.is_zero() && billed_amount.is_zero() {
+        return None;
+    }
+    let name = charge.name.clone().unwrap_or_else(|| charge.meter.clone());
+    Some(Line {
+        kind: LineKind::Adjustment,
+        description: format!("Already billed on {}: {name}", on.join(", ")),
+        meter: Some(charge.meter.clone()),
+        quantity: (-billed_q).normalize(),
+        unit_price: None,
+        amount: currency.exact(-billed_amount),
+        tax_rate: charge.tax_rate,
+        reduced_rate: reduced(currency, charge.tax_rate),
+        period_start: p.start,
+        period_end: p.end,
+        tiers: Vec::new(),
+        proration: None,
+        free_units: None,
+        minimum_amount: None,
+        minimum_applied: false,
+        sql: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -454,6 +484,7 @@ mod tests {
             phases: vec![Phase { plan: "p".into(), plan_version: 1, from: t(start) }],
             cuts: vec![],
             cancelled_at: None,
+            reissue: Vec::new(),
             created_at: t(start),
         }
     }

@@ -25,6 +25,7 @@ pub mod render;
 pub mod run;
 pub mod settings;
 pub mod subscription;
+pub mod unattributed;
 
 pub use engine::{BillOptions, Billing, EventSink, Ws};
 pub use plan::{FieldError, PlanSpec};

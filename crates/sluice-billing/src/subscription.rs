@@ -64,6 +64,29 @@ pub struct Subscription {
     pub cancelled_at: Option<DateTime<Utc>>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// Earlier periods whose invoice was voided, oldest first: the next
+    /// explicit billing run bills each again (docs/billing.md, "Voiding").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reissue: Vec<Reissue>,
+}
+
+/// A period to bill again because its invoice was voided while a later
+/// period was already billed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reissue {
+    /// The voided invoice's period start (inclusive).
+    pub period_start: DateTime<Utc>,
+    /// Its period end (exclusive).
+    pub period_end: DateTime<Utc>,
+    /// The voided invoice; the new one `replaces` it.
+    pub voided_invoice: String,
+}
+
+impl Reissue {
+    /// Its period.
+    pub fn period(&self) -> Period {
+        Period { start: self.period_start, end: self.period_end }
+    }
 }
 
 /// An invoice period of a subscription.
@@ -85,6 +108,12 @@ impl Subscription {
     /// The plan it is on now (the last phase).
     pub fn current(&self) -> &Phase {
         &self.phases[self.phases.len() - 1]
+    }
+
+    /// The earliest period waiting to be billed again, for the store's
+    /// `reissue_from` column.
+    pub fn reissue_from(&self) -> Option<DateTime<Utc>> {
+        self.reissue.iter().map(|r| r.period_start).min()
     }
 
     /// Its cycle.

@@ -37,6 +37,10 @@ pub struct SubscriptionRow {
     pub billed_until: DateTime<Utc>,
     /// End, if any.
     pub end_at: Option<DateTime<Utc>>,
+    /// The start of the earliest voided period waiting to be billed again
+    /// (the document's `reissue`), if any: a run of due subscriptions
+    /// includes it.
+    pub reissue_from: Option<DateTime<Utc>>,
     /// The subscription document.
     pub doc: Value,
     /// Bumped by every write.
@@ -119,6 +123,8 @@ pub struct BillingCommit<'a> {
     pub revision: i64,
     /// The new billed-until.
     pub billed_until: DateTime<Utc>,
+    /// The earliest voided period still to bill again, after this commit.
+    pub reissue_from: Option<DateTime<Utc>>,
     /// The new subscription document.
     pub doc: &'a Value,
     /// The invoices.
@@ -130,8 +136,8 @@ pub struct BillingCommit<'a> {
     pub number: Option<&'a (dyn Fn(i64) -> String + Sync)>,
 }
 
-type SubscriptionTuple = (String, String, String, i64, Option<i64>, String, i64, i64);
-const SUBSCRIPTION_COLUMNS: &str = "id, customer_id, plan_code, billed_until, end_at, doc, revision, created_at";
+type SubscriptionTuple = (String, String, String, i64, Option<i64>, String, i64, i64, Option<i64>);
+const SUBSCRIPTION_COLUMNS: &str = "id, customer_id, plan_code, billed_until, end_at, doc, revision, created_at, reissue_from";
 
 fn subscription(r: SubscriptionTuple) -> Result<SubscriptionRow> {
     Ok(SubscriptionRow {
@@ -143,6 +149,7 @@ fn subscription(r: SubscriptionTuple) -> Result<SubscriptionRow> {
         doc: json(&r.5)?,
         revision: r.6,
         created_at: from_micros(r.7),
+        reissue_from: r.8.map(from_micros),
     })
 }
 
@@ -320,7 +327,7 @@ impl Store {
     ) -> Result<Vec<String>> {
         let rows: Vec<(String, String)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT id, customer_id FROM subscriptions WHERE workspace = $1 AND ($2 IS NULL OR plan_code = $2) \
-             AND ($3 IS NULL OR (billed_until < $3 AND (end_at IS NULL OR billed_until < end_at))) ORDER BY id")
+             AND ($3 IS NULL OR (billed_until < $3 AND (end_at IS NULL OR billed_until < end_at)) OR reissue_from < $3) ORDER BY id")
             .bind(workspace).bind(plan_code).bind(billed_before.map(to_micros)).fetch_all(pool).await)?;
         Ok(rows.into_iter().filter(|(_, c)| customer_ids.is_none_or(|ids| ids.contains(c))).map(|(id, _)| id).collect())
     }
@@ -330,10 +337,10 @@ impl Store {
     pub async fn update_subscription(&self, workspace: &str, s: &SubscriptionRow, audit: &NewAudit) -> Result<()> {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let n = sqlx::query("UPDATE subscriptions SET plan_code = $3, billed_until = $4, end_at = $5, doc = $6, revision = revision + 1 \
-                                 WHERE workspace = $1 AND id = $2 AND revision = $7")
+            let n = sqlx::query("UPDATE subscriptions SET plan_code = $3, billed_until = $4, end_at = $5, doc = $6, reissue_from = $8, \
+                                 revision = revision + 1 WHERE workspace = $1 AND id = $2 AND revision = $7")
                 .bind(workspace).bind(&s.id).bind(&s.plan_code).bind(to_micros(s.billed_until)).bind(s.end_at.map(to_micros))
-                .bind(s.doc.to_string()).bind(s.revision).execute(&mut *tx).await?.rows_affected();
+                .bind(s.doc.to_string()).bind(s.revision).bind(s.reissue_from.map(to_micros)).execute(&mut *tx).await?.rows_affected();
             if n == 0 {
                 return Err(StoreError::Conflict(format!("subscription {:?} changed at the same time; read it and try again", s.id)));
             }
@@ -535,9 +542,10 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             if per_row {
                 for c in commits {
-                    let n = sqlx::query("UPDATE subscriptions SET billed_until = $3, doc = $4, revision = revision + 1 \
+                    let n = sqlx::query("UPDATE subscriptions SET billed_until = $3, doc = $4, reissue_from = $6, revision = revision + 1 \
                                          WHERE workspace = $1 AND id = $2 AND revision = $5")
                         .bind(c.workspace).bind(c.subscription_id).bind(to_micros(c.billed_until)).bind(c.doc.to_string()).bind(c.revision)
+                        .bind(c.reissue_from.map(to_micros))
                         .execute(&mut *tx).await?.rows_affected();
                     if n == 0 {
                         return Err(StoreError::Conflict(format!("subscription {:?} was billed or changed at the same time", c.subscription_id)));
@@ -545,17 +553,27 @@ impl Store {
                 }
             }
             for chunk in commits.chunks(UPDATE_ROWS).filter(|_| !per_row) {
-                let values = crate::values_rows(false, chunk.len(), "(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS BIGINT))");
+                let values = crate::values_rows(
+                    false,
+                    chunk.len(),
+                    "(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT))",
+                );
                 // VALUES columns are column1… on both backends.
                 let sql = format!(
-                    "UPDATE subscriptions SET billed_until = u.column3, doc = u.column4, revision = subscriptions.revision + 1 \
+                    "UPDATE subscriptions SET billed_until = u.column3, doc = u.column4, reissue_from = u.column6, revision = subscriptions.revision + 1 \
                      FROM (VALUES {values}) AS u WHERE subscriptions.workspace = u.column1 AND subscriptions.id = u.column2 \
                      AND subscriptions.revision = u.column5"
                 );
                 let docs: Vec<String> = chunk.iter().map(|c| c.doc.to_string()).collect();
                 let mut q = sqlx::query(&sql);
                 for (c, doc) in chunk.iter().zip(&docs) {
-                    q = q.bind(c.workspace).bind(c.subscription_id).bind(to_micros(c.billed_until)).bind(doc.as_str()).bind(c.revision);
+                    q = q
+                        .bind(c.workspace)
+                        .bind(c.subscription_id)
+                        .bind(to_micros(c.billed_until))
+                        .bind(doc.as_str())
+                        .bind(c.revision)
+                        .bind(c.reissue_from.map(to_micros));
                 }
                 if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
                     return Err(StoreError::Conflict(who("was billed or changed at the same time")));

@@ -46,7 +46,7 @@ pub use health::{CustomerHealthRow, HealthConfigRow, HealthEventRow, HealthHisto
 pub use jobs::{BulkJobs, Job, JobEnd, JobSelection, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};
-pub use metering::{Meter, UsageBucket, UsageBucketKey, UsageDelta, UsageOverflow};
+pub use metering::{Meter, UsageBucket, UsageBucketKey, UsageDelta, UsageOutline, UsageOverflow};
 pub use model::{ClearEventCounts, ModelEffect, Tx, TxFuture, TxWork};
 pub use overview::{ChangeMarks, Waiting};
 pub use people::{CustomerRecord, UserRecord};

@@ -208,6 +208,22 @@ pub(crate) fn usage_lock_key(workspace: &str, meter: &str) -> i64 {
     h as i64
 }
 
+/// A meter's usage of one customer and subscription, summarized
+/// ([`Store::usage_outline`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageOutline {
+    /// Customer (`""` when none).
+    pub customer_id: String,
+    /// Subscription (`""` when none).
+    pub subscription_id: String,
+    /// The first bucket's start.
+    pub first: DateTime<Utc>,
+    /// The last bucket's start.
+    pub last: DateTime<Utc>,
+    /// Buckets (or distinct values, for `unique_count`).
+    pub rows: i64,
+}
+
 /// A stored bucket, as read by the usage query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageBucket {
@@ -616,6 +632,34 @@ impl Store {
             }
         };
         Ok(rows.into_iter().map(bucket).collect())
+    }
+
+    /// Where a meter has usage in `[from, to)`, per (customer, subscription)
+    /// — `""` for usage naming no subscription —: the first and last
+    /// bucket start and the number of buckets (of distinct values for a
+    /// `unique_count` meter). Aggregated by the database, so the answer has
+    /// a row per customer and subscription, not per bucket (the billing
+    /// report of unattributed usage starts here).
+    pub async fn usage_outline(
+        &self,
+        workspace: &str,
+        meter: &str,
+        unique: bool,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<UsageOutline>> {
+        let table = if unique { "usage_unique" } else { "usage_buckets" };
+        let sql = format!(
+            "SELECT customer_id, subscription_id, MIN(bucket_start), MAX(bucket_start), COUNT(*) FROM {table} \
+             WHERE workspace = $1 AND meter_key = $2 AND bucket_start >= $3 AND bucket_start < $4 \
+             GROUP BY customer_id, subscription_id ORDER BY customer_id, subscription_id"
+        );
+        let rows: Vec<(String, String, i64, i64, i64)> =
+            on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(meter).bind(to_micros(from)).bind(to_micros(to)).fetch_all(pool).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UsageOutline { customer_id: r.0, subscription_id: r.1, first: from_micros(r.2), last: from_micros(r.3), rows: r.4 })
+            .collect())
     }
 
     /// Usage buckets of a meter in `[from, to)` of several customers (a

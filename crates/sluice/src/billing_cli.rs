@@ -202,6 +202,24 @@ pub enum BillingCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Usage that no subscription bills, per customer, meter and reason
+    /// (docs/billing.md, "Unattributed usage").
+    Unattributed {
+        /// Usage from this RFC 3339 time.
+        #[arg(long)]
+        from: Option<String>,
+        /// Usage before this RFC 3339 time.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this customer's.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Print the JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 /// A JSON file (`-`: stdin).
@@ -345,6 +363,41 @@ pub fn invoices(cmd: InvoicesCmd) -> Result<()> {
 pub fn billing(cmd: BillingCmd) -> Result<()> {
     block_on(async move {
         match cmd {
+            BillingCmd::Unattributed { from, to, customer, json, conn } => {
+                let q = query(&[("from", &from), ("to", &to), ("customer_id", &customer)]);
+                let r = conn.client()?.get_json(&format!("/v1/billing/unattributed-usage{q}")).await?;
+                if json {
+                    return print(&r);
+                }
+                let rows = r["data"].as_array().cloned().unwrap_or_default();
+                println!(
+                    "{:<20}  {:<16}  {:<22}  {:<20}  {:>12}  {:>8}  FROM … TO",
+                    "CUSTOMER", "METER", "REASON", "SUBSCRIPTION", "QUANTITY", "EVENTS"
+                );
+                for r in &rows {
+                    let subs = match r["subscription_ids"].as_array() {
+                        Some(ids) if !ids.is_empty() => ids.iter().map(s).collect::<Vec<_>>().join(","),
+                        _ => s(&r["subscription_id"]),
+                    };
+                    println!(
+                        "{:<20}  {:<16}  {:<22}  {:<20}  {:>12}  {:>8}  {} … {}",
+                        s(&r["customer_id"]),
+                        s(&r["meter"]),
+                        s(&r["reason"]),
+                        subs,
+                        s(&r["quantity"]),
+                        s(&r["events"]),
+                        s(&r["from"]),
+                        s(&r["to"])
+                    );
+                }
+                if rows.is_empty() {
+                    eprintln!("every unit of usage on a charged meter is billed by a subscription");
+                } else if r["truncated"] == true {
+                    eprintln!("(more rows than shown: narrow --from/--to or ask per --customer)");
+                }
+                Ok(())
+            }
             BillingCmd::Runs { conn } => {
                 let rows: Vec<Value> = conn.client()?.list_all("/v1/billing-runs?order=desc").await?;
                 println!("{:<36}  {:<10}  {:>15}  {:>8}  {:>6}  CREATED", "ID", "STATUS", "SUBSCRIPTIONS", "INVOICES", "ERRORS");

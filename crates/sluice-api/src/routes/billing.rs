@@ -153,6 +153,7 @@ fn sub_view(st_tz: chrono_tz::Tz, row: &SubscriptionRow, s: &Subscription) -> Va
         "current_period_start": current.map(|c| c.0), "current_period_end": current.map(|c| c.1),
         "next_invoice_period_start": next.map(|p| p.start), "next_invoice_period_end": next.map(|p| p.end),
         "phases": s.phases, "cancelled_at": s.cancelled_at, "created_at": s.created_at,
+        "reissue": s.reissue,
     })
 }
 
@@ -222,6 +223,7 @@ pub async fn create_subscription(State(st): State<AppState>, who: Principal, Jso
             phases: vec![Phase { plan: plan.code.clone(), plan_version: *version, from: start }],
             cuts: Vec::new(),
             cancelled_at: None,
+            reissue: Vec::new(),
             created_at: now,
         };
         rows.push(SubscriptionRow {
@@ -230,6 +232,7 @@ pub async fn create_subscription(State(st): State<AppState>, who: Principal, Jso
             plan_code: plan.code.clone(),
             billed_until: start,
             end_at: end,
+            reissue_from: None,
             doc: serde_json::to_value(&sub).map_err(ApiError::internal)?,
             revision: 0,
             created_at: now,
@@ -439,6 +442,40 @@ pub async fn upcoming_invoice(State(st): State<AppState>, who: Principal, Path(i
     who.require_read()?;
     let w = ws(&st, &who).await?;
     Ok(Json(st.billing.upcoming(&w, &id).await?))
+}
+
+/// `GET /v1/billing/unattributed-usage` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct UnattributedQuery {
+    /// Usage from this time (RFC 3339; default: all).
+    pub from: Option<String>,
+    /// Usage before this time (RFC 3339; default: all).
+    pub to: Option<String>,
+    /// Only this customer's (`""`: usage naming no customer).
+    pub customer_id: Option<String>,
+}
+
+/// Usage that no subscription bills, per customer, meter and reason
+/// (docs/billing.md, "Unattributed usage").
+#[utoipa::path(get, path = "/v1/billing/unattributed-usage", params(UnattributedQuery), tag = "billing", responses((status = 200), (status = 400)),
+    security(("bearer" = [])))]
+pub async fn unattributed_usage(State(st): State<AppState>, who: Principal, Query(q): Query<UnattributedQuery>) -> Result<Json<Value>, ApiError> {
+    who.require_read()?;
+    let time = |field: &str, v: Option<&str>, default: DateTime<Utc>| match v {
+        None => Ok(default),
+        Some(t) => DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| invalid(field, format!("{t:?} is not an RFC 3339 time such as 2026-01-31T15:00:00Z"))),
+    };
+    let from = time("from", q.from.as_deref(), DateTime::UNIX_EPOCH)?;
+    // Far enough for any event time the API accepts.
+    let to = time("to", q.to.as_deref(), DateTime::UNIX_EPOCH + chrono::Duration::days(365 * 200))?;
+    if from >= to {
+        return Err(invalid("to", "must be after from"));
+    }
+    let w = ws(&st, &who).await?;
+    let report = st.billing.unattributed(&w, from, to, q.customer_id.as_deref()).await?;
+    Ok(Json(serde_json::to_value(report).map_err(ApiError::internal)?))
 }
 
 // ------------------------------------------------------------- invoices

@@ -715,3 +715,232 @@ async fn a_grace_period_keeps_recent_periods_as_drafts_unless_finalize_is_asked(
     let (_, f) = api.get(&format!("/v1/invoices/{}", r["invoice_ids"][0].as_str().unwrap())).await;
     assert_eq!(f["status"], "finalized", "{f}");
 }
+
+/// For each period start: (units of `meter`, their amount) over the
+/// invoices that are not void, and how many fixed-fee lines bill it.
+fn billed_per_period(all: &[Value], meter: &str) -> std::collections::BTreeMap<String, (rust_decimal::Decimal, rust_decimal::Decimal, usize)> {
+    let dec = |v: &Value| v.as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for inv in all.iter().filter(|i| i["status"] != "void") {
+        for l in inv["lines"].as_array().unwrap() {
+            let e =
+                out.entry(l["period_start"].as_str().unwrap().to_owned()).or_insert((rust_decimal::Decimal::ZERO, rust_decimal::Decimal::ZERO, 0));
+            if l["kind"] == "fixed_fee" {
+                e.2 += 1;
+            } else if l["meter"] == meter {
+                e.0 += dec(&l["quantity"]);
+                e.1 += dec(&l["amount"]);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voiding_an_earlier_invoice_bills_its_period_again_once_beside_its_late_usage() {
+    let s = Server::start().await;
+    let api = tokyo(&s, "bill-void").await;
+    let plan = json!({"code": "box", "name": "Boxes", "currency": "JPY", "interval": "month",
+        "fixed_fees": [{"name": "Base fee", "amount": "1000", "tax_rate": "0.10"}],
+        "charges": [{"meter": "lunch_boxes", "model": "per_unit", "unit_price": "540", "tax_rate": "0.08"}]});
+    assert_eq!(api.post("/v1/plans", plan).await.0, StatusCode::CREATED);
+    assert_eq!(
+        api.post("/v1/subscriptions", json!({"id": "s", "customer_id": "c", "plan": "box", "start": "2024-01-01T00:00:00+09:00"})).await.0,
+        StatusCode::CREATED
+    );
+    let jan = "2024-01-10T12:00:00+09:00";
+    usage(
+        &api,
+        &[
+            ("c", "s", "lunch_boxes", "2", jan),
+            ("c", "s", "lunch_boxes", "1", "2024-02-10T00:00:00+09:00"),
+            ("c", "s", "lunch_boxes", "1", "2024-03-10T00:00:00+09:00"),
+        ],
+    )
+    .await;
+    metered(&s).await;
+    run(&api, json!({"subscription_ids": ["s"], "until": "2024-04-01T00:00:00+09:00"})).await;
+    // Late usage for January lands on April's invoice.
+    usage(&api, &[("c", "s", "lunch_boxes", "4", jan)]).await;
+    metered(&s).await;
+    run(&api, json!({"subscription_ids": ["s"], "until": "2024-05-01T00:00:00+09:00"})).await;
+    let all = invoices(&api, "&subscription_id=s").await;
+    assert_eq!(all.len(), 4);
+    let (january, april) = (all[0].clone(), all[3].clone());
+    assert!(april["lines"].as_array().unwrap().iter().any(|l| l["kind"] == "adjustment" && l["quantity"] == "4"), "{april}");
+
+    // Every period billed once, whatever is voided: per period, the units on
+    // invoices that are not void equal the usage, at 540 each, and one fee.
+    let usage_per_month = [("2023-12-31T15:00:00Z", 6), ("2024-01-31T15:00:00Z", 1), ("2024-02-29T15:00:00Z", 1), ("2024-03-31T15:00:00Z", 0)];
+    let check = |all: &[Value]| {
+        let billed = billed_per_period(all, "lunch_boxes");
+        for (start, units) in usage_per_month {
+            let (q, amount, fees) = billed.get(start).cloned().unwrap_or_else(|| panic!("period {start} is not billed: {all:?}"));
+            assert_eq!((q, amount, fees), (units.into(), (540 * units).into(), 1), "period {start}: {all:?}");
+        }
+    };
+    check(&all);
+
+    // Void January's invoice: it is not the latest, so its period waits to
+    // be billed again (the subscription says so) and a due run bills it.
+    let jan_id = january["id"].as_str().unwrap();
+    let (st, v) = api.post(&format!("/v1/invoices/{jan_id}/void"), json!({})).await;
+    assert_eq!((st, v["status"].as_str(), &v["number"]), (StatusCode::OK, Some("void"), &january["number"]), "{v}");
+    let (_, sub) = api.get("/v1/subscriptions/s").await;
+    assert_eq!(sub["reissue"][0]["voided_invoice"], jan_id, "{sub}");
+    assert_eq!(sub["reissue"][0]["period_start"], january["period_start"], "{sub}");
+    // A dry run shows it and changes nothing.
+    let (st, dry) =
+        api.post("/v1/billing-runs?wait=true", json!({"filter": {"due": true}, "until": "2024-05-01T00:00:00+09:00", "dry_run": true})).await;
+    assert_eq!(st, StatusCode::OK, "{dry}");
+    assert_eq!(invoices(&api, "&subscription_id=s").await.len(), 4);
+    let r = run(&api, json!({"filter": {"due": true}, "until": "2024-05-01T00:00:00+09:00"})).await;
+    assert_eq!(r["invoices_created"], 1, "{r}");
+    let all = invoices(&api, "&subscription_id=s").await;
+    assert_eq!(all.len(), 5);
+    let again = &all[4];
+    assert_eq!((again["period_start"].clone(), again["period_end"].clone()), (january["period_start"].clone(), january["period_end"].clone()));
+    assert_eq!(again["replaces"], jan_id, "{again}");
+    assert_eq!(again["status"], "finalized");
+    assert!(again["number"].as_str().unwrap().ends_with("-000005"), "{again}");
+    // The whole month's usage, less what April's invoice billed as late usage (named).
+    assert_eq!(line(again, "lunch_boxes")["quantity"], "6");
+    let taken: Vec<&Value> = again["lines"].as_array().unwrap().iter().filter(|l| l["kind"] == "adjustment").collect();
+    assert_eq!(taken.len(), 1, "{again}");
+    assert_eq!((taken[0]["quantity"].as_str(), taken[0]["amount"].as_str()), (Some("-4"), Some("-2160")));
+    assert!(taken[0]["description"].as_str().unwrap().contains(april["number"].as_str().unwrap()), "{again}");
+    // Tax once per rate: 10 % of 1,000 and 8 % of 3,240 − 2,160.
+    assert_eq!((again["subtotal"].as_str(), again["tax"].as_str(), again["total"].as_str()), (Some("2080"), Some("186"), Some("2266")), "{again}");
+    check(&all);
+    let (_, sub) = api.get("/v1/subscriptions/s").await;
+    assert_eq!(sub["reissue"], json!([]), "{sub}");
+    // Again: nothing new.
+    let r = run(&api, json!({"filter": {"due": true}, "until": "2024-05-01T00:00:00+09:00"})).await;
+    assert_eq!(r["invoices_created"], 0, "{r}");
+
+    // Now void the latest (April, with the late line): billed again by the
+    // next run, its late usage for January still billed once in all.
+    let april_id = april["id"].as_str().unwrap();
+    assert_eq!(api.post(&format!("/v1/invoices/{april_id}/void"), json!({})).await.0, StatusCode::OK);
+    run(&api, json!({"subscription_ids": ["s"], "until": "2024-05-01T00:00:00+09:00"})).await;
+    let all = invoices(&api, "&subscription_id=s").await;
+    assert_eq!(all.len(), 6);
+    assert_eq!(all[5]["replaces"], april_id);
+    check(&all);
+    // And February, in the middle, with nothing late: the same month again.
+    let feb_id = all[1]["id"].as_str().unwrap();
+    assert_eq!(api.post(&format!("/v1/invoices/{feb_id}/void"), json!({})).await.0, StatusCode::OK);
+    run(&api, json!({"subscription_ids": ["s"], "until": "2024-05-01T00:00:00+09:00"})).await;
+    let all = invoices(&api, "&subscription_id=s").await;
+    assert_eq!(all.len(), 7);
+    assert_eq!((all[6]["replaces"].as_str(), all[6]["subtotal"].as_str()), (Some(feb_id), Some("1540")));
+    check(&all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_no_subscription_bills_is_reported_by_reason_and_with_what_is_billed_adds_up_to_all_usage() {
+    let s = Server::start().await;
+    let api = tokyo(&s, "bill-unattributed").await;
+    for plan in [
+        json!({"code": "box", "name": "Boxes", "currency": "JPY", "interval": "month",
+            "charges": [{"meter": "lunch_boxes", "model": "per_unit", "unit_price": "540", "tax_rate": "0.08"}]}),
+        json!({"code": "calls", "name": "Calls", "currency": "JPY", "interval": "month",
+            "charges": [{"meter": "api_calls", "model": "per_unit", "unit_price": "1", "tax_rate": "0.10"}]}),
+    ] {
+        assert_eq!(api.post("/v1/plans", plan).await.0, StatusCode::CREATED);
+    }
+    let start = "2024-01-01T00:00:00+09:00";
+    for (id, customer, plan) in [("s1", "one", "box"), ("t1", "two", "box"), ("t2", "two", "box"), ("u1", "three", "calls")] {
+        let (st, v) = api.post("/v1/subscriptions", json!({"id": id, "customer_id": customer, "plan": plan, "start": start})).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let jan = "2024-01-15T10:00:00+09:00";
+    let sent = [
+        ("one", "", "2", jan),                            // billed by s1
+        ("one", "s1", "3", jan),                          // billed by s1
+        ("one", "", "1", "2023-12-20T10:00:00+09:00"),    // before s1: no_subscription
+        ("two", "", "4", jan),                            // t1 and t2: several_subscriptions
+        ("two", "t1", "5", jan),                          // billed by t1
+        ("three", "", "6", jan),                          // u1 does not charge boxes: no_subscription
+        ("three", "u1", "7", jan),                        // not_charged
+        ("four", "ghost", "8", jan),                      // unknown_subscription
+        ("four", "", "9", jan),                           // no_subscription
+        ("one", "t1", "10", "2024-01-16T10:00:00+09:00"), // another customer's: unknown_subscription
+    ];
+    let events: Vec<(&str, &str, &str, &str, &str)> = sent.iter().map(|(c, s, n, t)| (*c, *s, "lunch_boxes", *n, *t)).collect();
+    usage(&api, &events).await;
+    metered(&s).await;
+
+    let (st, report) = api.get("/v1/billing/unattributed-usage").await;
+    assert_eq!(st, StatusCode::OK, "{report}");
+    assert_eq!(report["truncated"], false);
+    let rows: Vec<(String, String, String, String)> = report["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["meter"], "lunch_boxes", "{r}");
+            let subs = match r["reason"].as_str().unwrap() {
+                "several_subscriptions" => {
+                    r["subscription_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>().join("+")
+                }
+                _ => r["subscription_id"].as_str().unwrap_or("").to_owned(),
+            };
+            (
+                r["customer_id"].as_str().unwrap().to_owned(),
+                r["reason"].as_str().unwrap().to_owned(),
+                subs,
+                r["quantity"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, String, String)> = [
+        ("four", "no_subscription", "", "9"),
+        ("four", "unknown_subscription", "ghost", "8"),
+        ("one", "no_subscription", "", "1"),
+        ("one", "unknown_subscription", "t1", "10"),
+        ("three", "no_subscription", "", "6"),
+        ("three", "not_charged", "u1", "7"),
+        ("two", "several_subscriptions", "t1+t2", "4"),
+    ]
+    .iter()
+    .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string()))
+    .collect();
+    assert_eq!(rows, want, "{report}");
+    let one = &report["data"][2];
+    assert_eq!(
+        (one["from"].as_str(), one["to"].as_str(), &one["buckets"], &one["events"]),
+        (Some("2023-12-20T01:00:00Z"), Some("2023-12-20T01:15:00Z"), &json!(1), &json!(1))
+    );
+
+    // Independently: every unit sent is either billed or reported, never both.
+    run(&api, json!({"filter": {"due": true}, "until": "2024-02-01T00:00:00+09:00"})).await;
+    let billed: rust_decimal::Decimal = invoices(&api, "")
+        .await
+        .iter()
+        .flat_map(|i| i["lines"].as_array().unwrap().clone())
+        .filter(|l| l["meter"] == "lunch_boxes")
+        .map(|l| l["quantity"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    let reported: rust_decimal::Decimal = rows.iter().map(|r| r.3.parse::<rust_decimal::Decimal>().unwrap()).sum();
+    let all: rust_decimal::Decimal = sent.iter().map(|r| r.2.parse::<rust_decimal::Decimal>().unwrap()).sum();
+    assert_eq!((billed, billed + reported), (10.into(), all), "billed {billed}, reported {reported}");
+
+    // Narrowed by customer and time; bad input named.
+    let (_, two) = api.get("/v1/billing/unattributed-usage?customer_id=two").await;
+    assert_eq!(two["data"].as_array().unwrap().len(), 1, "{two}");
+    let (_, jan_only) = api.get("/v1/billing/unattributed-usage?from=2024-01-01T00:00:00%2B09:00&to=2024-02-01T00:00:00%2B09:00").await;
+    assert!(jan_only["data"].as_array().unwrap().iter().all(|r| r["customer_id"] != "one" || r["reason"] != "no_subscription"), "{jan_only}");
+    assert_eq!(jan_only["data"].as_array().unwrap().len(), 6, "{jan_only}");
+    let (st, bad) = api.get("/v1/billing/unattributed-usage?from=yesterday").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
+    assert!(bad.to_string().contains("from"), "{bad}");
+
+    // The CLI prints the same rows.
+    let key = api.key.clone().unwrap();
+    let env = [("SLUICE_URL", s.url.as_str()), ("SLUICE_KEY", key.as_str())];
+    let (ok, out, err) = crate::helpers::cli(&["billing", "unattributed", "--customer", "two"], &env, None);
+    assert!(ok, "{out}\n{err}");
+    let row = out.lines().find(|l| l.starts_with("two ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("several_subscriptions") && row.contains("t1,t2") && row.split_whitespace().any(|w| w == "4"), "{out}");
+}

@@ -141,13 +141,13 @@ struct Acc {
 
 impl Billing {
     /// Usage in `[from, to)` that no subscription bills, per customer,
-    /// meter and reason (only meters that some plan charges; only
-    /// `customer`'s when given).
+    /// meter and reason (only meters that some version of a plan charges;
+    /// only `customer`'s when given).
     pub async fn unattributed(&self, ws: &Ws, from: DateTime<Utc>, to: DateTime<Utc>, customer: Option<&str>) -> Result<Report, BillingError> {
         let store = &self.store;
         let mut plans = Plans::default();
         let mut charged: BTreeSet<String> = BTreeSet::new();
-        for row in store.list_plans(&ws.name).await? {
+        for row in store.plan_versions(&ws.name).await? {
             let spec: crate::PlanSpec =
                 serde_json::from_value(row.spec).map_err(|e| BillingError::Corrupt(format!("plan {:?} version {}: {e}", row.code, row.version)))?;
             charged.extend(spec.charges.iter().map(|c| c.meter.clone()));

@@ -268,6 +268,14 @@ impl Store {
         rows.into_iter().map(|r| Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })).collect()
     }
 
+    /// Every version of every plan of a workspace, by code and version.
+    pub async fn plan_versions(&self, workspace: &str) -> Result<Vec<PlanRow>> {
+        let rows: Vec<(String, i64, String, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT code, version, spec, created_at FROM plans WHERE workspace = $1 ORDER BY code, version")
+            .bind(workspace).fetch_all(pool).await)?;
+        rows.into_iter().map(|r| Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })).collect()
+    }
+
     /// Creates subscriptions, all or none; [`StoreError::Conflict`] naming
     /// the first id that is taken.
     pub async fn create_subscriptions(&self, workspace: &str, subs: &[SubscriptionRow], audit: &NewAudit) -> Result<()> {

@@ -943,4 +943,18 @@ async fn usage_no_subscription_bills_is_reported_by_reason_and_with_what_is_bill
     assert!(ok, "{out}\n{err}");
     let row = out.lines().find(|l| l.starts_with("two ")).unwrap_or_else(|| panic!("{out}"));
     assert!(row.contains("several_subscriptions") && row.contains("t1,t2") && row.split_whitespace().any(|w| w == "4"), "{out}");
+
+    // A meter that only an earlier version of a plan charges is reported too.
+    let tix = |charges: Value| json!({"code": "tix", "name": "Tickets", "currency": "JPY", "interval": "month", "charges": charges});
+    assert_eq!(
+        api.post("/v1/plans", tix(json!([{"meter": "support_tickets", "model": "flat", "amount": "2000", "tax_rate": "0.10"}]))).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(api.post("/v1/plans", tix(json!([]))).await.0, StatusCode::CREATED);
+    usage(&api, &[("four", "", "support_tickets", "2", jan)]).await;
+    metered(&s).await;
+    let (_, four) = api.get("/v1/billing/unattributed-usage?customer_id=four").await;
+    let tickets: Vec<&Value> = four["data"].as_array().unwrap().iter().filter(|r| r["meter"] == "support_tickets").collect();
+    assert_eq!(tickets.len(), 1, "{four}");
+    assert_eq!((tickets[0]["reason"].as_str(), tickets[0]["quantity"].as_str()), (Some("no_subscription"), Some("2")), "{four}");
 }

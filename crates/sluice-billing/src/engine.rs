@@ -466,10 +466,9 @@ impl Billing {
             }
         }
         let late_wanted = !earlier_draft;
-        // Which subscriptions' usage counts: its own, and usage that names
-        // only the customer while this is the customer's only subscription
-        // charging that meter in the period.
-        let siblings: Vec<Subscription> = b.siblings.get(&sub.customer_id).into_iter().flatten().filter(|s| s.id != sub.id).cloned().collect();
+        // The customer's subscriptions decide whether usage naming only the
+        // customer counts for this one ([`Billing::counted`]).
+        let customer_subs: Vec<Subscription> = b.siblings.get(&sub.customer_id).cloned().unwrap_or_default();
         let customer_name = b.names.get(&sub.customer_id).cloned();
         let log_position = b.log_position.clone();
         let now = Utc::now();
@@ -479,13 +478,13 @@ impl Billing {
             let plan = b.plans.get(store, &ws.name, &phase.plan, phase.plan_version).await?;
             let currency = Currency::of(&plan.currency).ok_or_else(|| BillingError::Corrupt(format!("currency {:?}", plan.currency)))?;
             let bill = PeriodBill { sub, cycle: &cycle, period: p, plan: &plan, currency };
+            // A voided period billed again names the invoice it replaces.
+            let replaces = history.iter().rev().find(|i| i.status == "void" && i.period_start == p.start).map(|i| i.id.clone());
             let mut lines = bill.fee_lines();
             for charge in &plan.charges {
                 let meter = ws.meters.get(&charge.meter).ok_or_else(|| BillingError::Corrupt(format!("meter {:?} is missing", charge.meter)))?;
-                let shared = self.unattributed_counts(ws, &mut b.plans, &siblings, &charge.meter, p).await?;
-                let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
-                let q = b.usage(store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, p)?;
-                lines.push(bill.usage_line(charge, q, Some(usage_sql(meter, sub, shared, p))));
+                let (q, sql) = self.counted(ws, b, &customer_subs, sub, meter, p).await?;
+                lines.push(bill.usage_line(charge, q, Some(sql)));
                 // A period billed again (its invoice voided) whose late
                 // usage a later invoice already billed: that is taken off
                 // here, so the period is billed once in all.
@@ -495,26 +494,23 @@ impl Billing {
                     }
                 }
             }
-            // A voided period billed again may precede periods billed since:
-            // their late usage goes on it as well.
-            let reissue = history.iter().any(|i| i.status == "void" && i.period_start == p.start);
             if n == 0 && late_wanted {
                 for ((meter_key, ps, pe), e) in &billed {
                     let ep = Period { start: *ps, end: *pe };
                     // Periods billed in this call, or waiting to be billed
                     // again, are billed whole there, not as late usage.
                     let billed_again = periods.iter().any(|q| q.start == ep.start) || sub.reissue.iter().any(|r| r.period_start == ep.start);
-                    if (ep.start >= p.start && !reissue) || billed_again {
+                    // A voided period billed again may precede periods billed
+                    // since: their late usage goes on it as well.
+                    if (ep.start >= p.start && replaces.is_none()) || billed_again {
                         continue;
                     }
                     let Some(meter) = ws.meters.get(meter_key) else { continue };
                     let old_plan = b.plans.get(store, &ws.name, &e.plan.0, e.plan.1).await?;
                     let Some(charge) = old_plan.charges.iter().find(|c| &c.meter == meter_key) else { continue };
-                    let shared = self.unattributed_counts(ws, &mut b.plans, &siblings, meter_key, ep).await?;
-                    let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
-                    let q = b.usage(store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, ep)?;
+                    let (q, sql) = self.counted(ws, b, &customer_subs, sub, meter, ep).await?;
                     let share = PeriodBill { sub, cycle: &cycle, period: ep, plan: &old_plan, currency }.period_share();
-                    if let Some(l) = late_line(currency, charge, q, ep, share, (e.quantity, e.amount), Some(usage_sql(meter, sub, shared, ep))) {
+                    if let Some(l) = late_line(currency, charge, q, ep, share, (e.quantity, e.amount), Some(sql)) {
                         lines.push(l);
                     }
                 }
@@ -543,7 +539,7 @@ impl Billing {
                 log_position: log_position.clone(),
                 early: !cycle.is_boundary(p.end) && sub.end != Some(p.end) && sub.phases.iter().all(|ph| ph.from != p.end),
                 issuer: None,
-                replaces: history.iter().rev().find(|i| i.status == "void" && i.period_start == p.start).map(|i| i.id.clone()),
+                replaces,
                 auto_billed: false,
                 finalize_after_grace: false,
             };
@@ -553,18 +549,39 @@ impl Billing {
         Ok(out)
     }
 
-    /// Whether usage naming only the customer counts for `sub` on `meter`
-    /// in `p`: no other subscription of the customer charges that meter
-    /// then.
+    /// `meter`'s quantity for `sub` in `p` — its own usage, and usage
+    /// naming only the customer when that counts for it — with the SQL
+    /// that reproduces it. `customer_subs`: every subscription of the
+    /// customer.
+    async fn counted(
+        &self,
+        ws: &Ws,
+        b: &mut Batch,
+        customer_subs: &[Subscription],
+        sub: &Subscription,
+        meter: &Meter,
+        p: Period,
+    ) -> Result<(Decimal, String), BillingError> {
+        let shared = self.unattributed_counts(ws, &mut b.plans, customer_subs, &sub.id, &meter.key, p).await?;
+        let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
+        let q = b.usage(&self.store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, p)?;
+        Ok((q, usage_sql(meter, sub, shared, p)))
+    }
+
+    /// Whether usage naming only the customer counts for subscription
+    /// `sub_id` on `meter` in `p`: no other of the customer's
+    /// subscriptions (`customer_subs`, which may include it) charges that
+    /// meter then.
     pub(crate) async fn unattributed_counts(
         &self,
         ws: &Ws,
         plans: &mut Plans,
-        siblings: &[Subscription],
+        customer_subs: &[Subscription],
+        sub_id: &str,
         meter: &str,
         p: Period,
     ) -> Result<bool, BillingError> {
-        for other in siblings {
+        for other in customer_subs.iter().filter(|o| o.id != sub_id) {
             if other.start >= p.end || other.end.is_some_and(|e| e <= p.start) {
                 continue;
             }

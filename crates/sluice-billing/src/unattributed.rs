@@ -358,12 +358,7 @@ impl Billing {
         }
         let ph = s.phase_at(p.start);
         let charges = plans.get(&self.store, &ws.name, &ph.plan, ph.plan_version).await?.charges.iter().any(|c| c.meter == meter);
-        let counts = if charges {
-            let siblings: Vec<Subscription> = subs.iter().filter(|o| o.id != s.id).cloned().collect();
-            self.unattributed_counts(ws, plans, &siblings, meter, p).await?
-        } else {
-            false
-        };
+        let counts = if charges { self.unattributed_counts(ws, plans, subs, &s.id, meter, p).await? } else { false };
         known.insert((s.id.as_str(), p.start), (charges, counts));
         Ok((charges, counts))
     }

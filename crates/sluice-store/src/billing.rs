@@ -136,6 +136,13 @@ pub struct BillingCommit<'a> {
     pub number: Option<&'a (dyn Fn(i64) -> String + Sync)>,
 }
 
+/// `code, version, spec, created_at` of `plans`.
+type PlanTuple = (String, i64, String, i64);
+
+fn plan_row(r: PlanTuple) -> Result<PlanRow> {
+    Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })
+}
+
 type SubscriptionTuple = (String, String, String, i64, Option<i64>, String, i64, i64, Option<i64>);
 const SUBSCRIPTION_COLUMNS: &str = "id, customer_id, plan_code, billed_until, end_at, doc, revision, created_at, reissue_from";
 
@@ -251,29 +258,28 @@ impl Store {
 
     /// A plan's version (the latest when `None`).
     pub async fn plan(&self, workspace: &str, code: &str, version: Option<i64>) -> Result<PlanRow> {
-        let row: Option<(String, i64, String, i64)> = on_pool!(self, pool => sqlx::query_as(
+        let row: Option<PlanTuple> = on_pool!(self, pool => sqlx::query_as(
             "SELECT code, version, spec, created_at FROM plans WHERE workspace = $1 AND code = $2 AND ($3 IS NULL OR version = $3) \
              ORDER BY version DESC LIMIT 1")
             .bind(workspace).bind(code).bind(version).fetch_optional(pool).await)?;
-        let r = row.ok_or(StoreError::NotFound)?;
-        Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })
+        plan_row(row.ok_or(StoreError::NotFound)?)
     }
 
     /// The latest version of every plan of the workspace, by code.
     pub async fn list_plans(&self, workspace: &str) -> Result<Vec<PlanRow>> {
-        let rows: Vec<(String, i64, String, i64)> = on_pool!(self, pool => sqlx::query_as(
+        let rows: Vec<PlanTuple> = on_pool!(self, pool => sqlx::query_as(
             "SELECT p.code, p.version, p.spec, p.created_at FROM plans p WHERE p.workspace = $1 \
              AND p.version = (SELECT MAX(q.version) FROM plans q WHERE q.workspace = p.workspace AND q.code = p.code) ORDER BY p.code")
             .bind(workspace).fetch_all(pool).await)?;
-        rows.into_iter().map(|r| Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })).collect()
+        rows.into_iter().map(plan_row).collect()
     }
 
     /// Every version of every plan of a workspace, by code and version.
     pub async fn plan_versions(&self, workspace: &str) -> Result<Vec<PlanRow>> {
-        let rows: Vec<(String, i64, String, i64)> = on_pool!(self, pool => sqlx::query_as(
+        let rows: Vec<PlanTuple> = on_pool!(self, pool => sqlx::query_as(
             "SELECT code, version, spec, created_at FROM plans WHERE workspace = $1 ORDER BY code, version")
             .bind(workspace).fetch_all(pool).await)?;
-        rows.into_iter().map(|r| Ok(PlanRow { code: r.0, version: r.1, spec: json(&r.2)?, created_at: from_micros(r.3) })).collect()
+        rows.into_iter().map(plan_row).collect()
     }
 
     /// Creates subscriptions, all or none; [`StoreError::Conflict`] naming

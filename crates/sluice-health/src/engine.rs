@@ -47,40 +47,65 @@ pub struct Health {
     /// One customer is evaluated by one task at a time (the evaluator, a
     /// recompute and a request may meet): otherwise both could see the same
     /// previous state and both write a transition event or a first history row.
-    pub locks: Arc<Stripes>,
+    pub locks: Arc<Busy>,
     /// The workspaces whose events the read model keeps.
     pub enabled: crate::model::Enabled,
 }
 
-/// Locks striped by a hash of (workspace, customer).
-pub struct Stripes(Vec<tokio::sync::Mutex<()>>);
+/// The customers being evaluated now, by workspace. A batch takes all of
+/// its customers at once or none and waits: two batches of different
+/// customers never wait for each other (a recompute evaluates two batches
+/// at a time beside the evaluator), and no task holds part of another's
+/// batch while it waits for the rest (no deadlock). Striped mutexes did
+/// the same with less code, but a batch of 500 held nearly every stripe,
+/// so batches ran one at a time.
+#[derive(Default)]
+pub struct Busy {
+    held: std::sync::Mutex<HashMap<String, std::collections::HashSet<String>>>,
+    freed: Notify,
+}
 
-impl Default for Stripes {
-    fn default() -> Self {
-        Stripes((0..256).map(|_| tokio::sync::Mutex::new(())).collect())
+/// Customers taken by [`Busy::take`], given back when dropped.
+pub struct Taken<'a> {
+    busy: &'a Busy,
+    ws: String,
+    customers: Vec<String>,
+}
+
+impl Busy {
+    /// Takes these customers of `ws` once none of them is taken.
+    async fn take(&self, ws: &str, customers: &[&str]) -> Taken<'_> {
+        loop {
+            // Registered before looking, so a release in between wakes us.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let set = held.entry(ws.to_owned()).or_default();
+                if customers.iter().all(|c| !set.contains(*c)) {
+                    set.extend(customers.iter().map(|c| (*c).to_owned()));
+                    return Taken { busy: self, ws: ws.to_owned(), customers: customers.iter().map(|c| (*c).to_owned()).collect() };
+                }
+            }
+            freed.await;
+        }
     }
 }
 
-impl Stripes {
-    /// Locks the stripes of these customers, in stripe order (so two
-    /// batches never wait for each other in a cycle).
-    async fn lock_all(&self, ws: &str, customers: &[&str]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
-        use std::hash::{Hash, Hasher};
-        let mut idx: Vec<usize> = customers
-            .iter()
-            .map(|c| {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                (ws, c).hash(&mut h);
-                (h.finish() % self.0.len() as u64) as usize
-            })
-            .collect();
-        idx.sort_unstable();
-        idx.dedup();
-        let mut guards = Vec::with_capacity(idx.len());
-        for i in idx {
-            guards.push(self.0[i].lock().await);
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let mut held = self.busy.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(set) = held.get_mut(&self.ws) {
+            for c in &self.customers {
+                set.remove(c);
+            }
+            if set.is_empty() {
+                held.remove(&self.ws);
+            }
         }
-        guards
+        drop(held);
+        self.busy.freed.notify_waiters();
     }
 }
 
@@ -220,12 +245,28 @@ impl Health {
         for (c, e) in self.store.health_events_of(ws, customers, from, at).await? {
             l.events.entry(c).or_default().push(e);
         }
-        if cfg.measures.values().any(|m| matches!(m, Measure::DaysSinceLast { .. })) {
+        let since_last: std::collections::BTreeSet<Option<&str>> = cfg
+            .measures
+            .values()
+            .filter_map(|m| match m {
+                Measure::DaysSinceLast { event_type } => Some(event_type.as_deref()),
+                _ => None,
+            })
+            .collect();
+        if since_last.contains(&None) {
+            // The last event of any type: every type's last.
             for (c, t, ts) in self.store.health_last_seen_of(ws, customers, at).await? {
                 let seen = l.last_seen.entry(c).or_default();
                 let any = seen.entry(String::new()).or_insert(ts);
                 *any = (*any).max(ts);
                 seen.insert(t, ts);
+            }
+        } else {
+            // Only the types measured: a customer's other events are not read.
+            for t in since_last.into_iter().flatten() {
+                for (c, ts) in self.store.health_last_seen_of_type(ws, customers, t, at).await? {
+                    l.last_seen.entry(c).or_default().insert(t.to_owned(), ts);
+                }
             }
         }
         l.attributes = self.attributes_of(ws, customers, Some(at)).await?;
@@ -376,12 +417,12 @@ impl Health {
     /// few hundred). Returns the views in the order of `customers`.
     pub async fn refresh_many(&self, ctx: &WsCtx, customers: &[&str], cause: Cause) -> Result<Vec<Value>, HealthError> {
         let ws = ctx.name.as_str();
-        let _one_at_a_time = self.locks.lock_all(ws, customers).await;
+        let _one_at_a_time = self.locks.take(ws, customers).await;
         // Microseconds, as the store keeps times: an `as_of` of this
         // evaluation's time then reads exactly what it read.
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let rows: HashMap<String, CustomerHealthRow> =
-            self.store.customers_health(ws, customers).await?.into_iter().map(|r| (r.customer_id.clone(), r)).collect();
+            self.store.customers_health_state(ws, customers).await?.into_iter().map(|r| (r.customer_id.clone(), r)).collect();
         let hist: HashMap<String, HealthHistoryRow> =
             self.store.latest_history_of(ws, customers).await?.into_iter().map(|h| (h.customer_id.clone(), h)).collect();
         let loaded = self.load(ctx, customers, now).await?;
@@ -619,5 +660,35 @@ impl Health {
             }
             Err(e) => tracing::debug!(error = %e, "cannot count the health marks"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_of_other_customers_do_not_wait_and_a_shared_customer_waits_for_its_release() {
+        let busy = Arc::new(Busy::default());
+        let a = busy.take("ws", &["c1", "c2"]).await;
+        // Other customers, and the same ids in another workspace: at once.
+        let b = tokio::time::timeout(Duration::from_secs(1), busy.take("ws", &["c3"])).await.expect("not held");
+        let c = tokio::time::timeout(Duration::from_secs(1), busy.take("other", &["c1"])).await.expect("not held");
+        // A batch that shares one customer waits, holding none of its own.
+        let waiter = {
+            let busy = busy.clone();
+            tokio::spawn(async move {
+                let _t = busy.take("ws", &["c4", "c2"]).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "c2 is taken");
+        tokio::time::timeout(Duration::from_secs(1), busy.take("ws", &["c4"])).await.expect("c4 is not held by the waiter");
+        drop((b, c));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "c2 is still taken");
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(1), waiter).await.expect("woken by the release").expect("no panic");
+        assert!(busy.held.lock().expect("lock").is_empty(), "everything given back");
     }
 }

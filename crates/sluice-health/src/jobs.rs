@@ -52,6 +52,9 @@ impl JobPayload for RecomputePayload {
     const KIND: &'static str = RECOMPUTE;
 }
 
+/// Batches of a recompute evaluated at a time.
+const RECOMPUTE_PARALLEL: usize = 2;
+
 /// Runs `health.recompute`.
 pub struct Recompute {
     /// Health.
@@ -140,20 +143,34 @@ impl JobHandler for Recompute {
         let total = ids.len();
         fresh_statistics(h, total).await;
         let mut done = 0usize;
-        let mut superseded = false;
-        for chunk in ids.chunks(crate::engine::BATCH) {
-            if ctx.is_cancelled() {
-                return Err(JobError::Cancelled);
+        let (mut superseded, mut cancelled) = (false, false);
+        // Batches on tasks of their own, `RECOMPUTE_PARALLEL` at a time: one
+        // reads and evaluates while another writes (the state store's reads
+        // do not wait for its writer), on both cores. Progress counts them
+        // in order.
+        let mut running = std::collections::VecDeque::new();
+        let mut chunks = ids.chunks(crate::engine::BATCH);
+        loop {
+            while !(superseded || cancelled) && running.len() < RECOMPUTE_PARALLEL {
+                let Some(chunk) = chunks.next() else { break };
+                cancelled = ctx.is_cancelled();
+                // A newer version has its own recompute: stop here.
+                superseded = !cancelled && h.store.health_config(&p.workspace, None).await?.is_some_and(|c| c.version != p.version);
+                if superseded || cancelled {
+                    break;
+                }
+                let (h, wctx, chunk) = (h.clone(), wctx.clone(), chunk.to_vec());
+                running.push_back(tokio::spawn(async move {
+                    let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                    h.refresh_many(&wctx, &refs, Cause::Config(wctx.version)).await.map(|_| refs.len())
+                }));
             }
-            // A newer version has its own recompute: stop here.
-            if h.store.health_config(&p.workspace, None).await?.is_some_and(|c| c.version != p.version) {
-                superseded = true;
-                break;
-            }
-            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            h.refresh_many(&wctx, &refs, Cause::Config(p.version)).await.map_err(job_error)?;
-            done += chunk.len();
+            let Some(batch) = running.pop_front() else { break };
+            done += batch.await.map_err(JobError::retryable)?.map_err(job_error)?;
             ctx.progress(done as i64, Some(total as i64)).await;
+        }
+        if cancelled {
+            return Err(JobError::Cancelled);
         }
         Ok(serde_json::json!({"customers_total": total, "customers_done": done, "config_version": p.version, "superseded": superseded,
             "log_records_backfilled": backfilled}))

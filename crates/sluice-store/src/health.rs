@@ -10,6 +10,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::in_lists::Arg;
 use crate::BeginWrite as _;
 use crate::{from_micros, on_pool, to_micros, Result, Store};
 
@@ -275,6 +276,17 @@ impl Store {
         Ok(rows.into_iter().map(health_row).collect())
     }
 
+    /// What evaluating these customers again needs of their live rows:
+    /// every column but the explanation (`doc` is `Null`), which the
+    /// evaluation replaces and is most of a row's bytes.
+    pub async fn customers_health_state(&self, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
+        let columns = HEALTH_COLUMNS.replace(" doc,", " CAST('null' AS TEXT) AS doc,");
+        let sql = format!("SELECT {columns} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
+        // Not packed: JSON would print the scores with 15 digits, not exactly.
+        let rows: Vec<HealthTuple> = self.select_in(&sql, workspace, customer_ids).await?;
+        Ok(rows.into_iter().map(health_row).collect())
+    }
+
     /// The latest history row of a customer at or before `at`.
     pub async fn health_history_at(&self, workspace: &str, customer_id: &str, at: DateTime<Utc>) -> Result<Option<HealthHistoryRow>> {
         let sql = format!(
@@ -423,7 +435,8 @@ impl Store {
             to_micros(to)
         );
         type Tuple = (String, String, i64, Option<String>, Option<String>);
-        let rows: Vec<Tuple> = self.select_in(&sql, workspace, customers).await?;
+        let rows: Vec<Tuple> =
+            self.select_in_packed(&sql, "customer_id, event_type, ts, user_id, properties", &[Arg::Text(workspace)], customers).await?;
         Ok(rows.into_iter().map(|r| (r.0, HealthEventRow { event_type: r.1, ts: r.2, user_id: r.3, properties: r.4 })).collect())
     }
 
@@ -438,6 +451,26 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.0, r.1, from_micros(r.2))).collect())
     }
 
+    /// The last time of an event of type `event_type` of each of these
+    /// customers at or before `to`: one range of the key per customer, not
+    /// every type's events ([`Store::health_last_seen_of`]).
+    pub async fn health_last_seen_of_type(
+        &self,
+        workspace: &str,
+        customers: &[&str],
+        event_type: &str,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>> {
+        let sql = format!(
+            "SELECT customer_id, MAX(ts) AS last FROM health_events WHERE workspace = $1 AND event_type = $2 AND customer_id IN ({{in}}) AND ts <= {} \
+             GROUP BY customer_id",
+            to_micros(to)
+        );
+        let rows: Vec<(String, i64)> =
+            self.select_in_packed(&sql, "customer_id, last", &[Arg::Text(workspace), Arg::Text(event_type)], customers).await?;
+        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1))).collect())
+    }
+
     /// Attribute patches of these customers up to `until` (every one when
     /// `None`), in order: (customer, at, patch).
     pub async fn attribute_changes_of(
@@ -447,12 +480,13 @@ impl Store {
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<(String, DateTime<Utc>, Value)>> {
         let sql = format!(
-            "SELECT customer_id, at, patch FROM customer_attribute_changes WHERE workspace = $1 AND customer_id IN ({{in}}) AND at <= {} \
-             ORDER BY customer_id, at, ref",
+            "SELECT customer_id, at, ref, patch FROM customer_attribute_changes WHERE workspace = $1 AND customer_id IN ({{in}}) AND at <= {}",
             until.map(to_micros).unwrap_or(i64::MAX)
         );
-        let rows: Vec<(String, i64, String)> = self.select_in(&sql, workspace, customers).await?;
-        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1), json(&r.2))).collect())
+        let mut rows: Vec<(String, i64, String, String)> =
+            self.select_in_packed(&sql, "customer_id, at, ref, patch", &[Arg::Text(workspace)], customers).await?;
+        rows.sort_unstable_by(|a, b| (&a.0, a.1, &a.2).cmp(&(&b.0, b.1, &b.2)));
+        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1), json(&r.3))).collect())
     }
 
     /// The override row in force at `at` of each of these customers that
@@ -484,6 +518,7 @@ impl Store {
             "SELECT {HISTORY_COLUMNS} FROM health_history WHERE workspace = $1 AND id IN \
              (SELECT MAX(id) FROM health_history WHERE workspace = $1 AND customer_id IN ({{in}}) GROUP BY customer_id)"
         );
+        // Not packed: JSON would print the scores with 15 digits, not exactly.
         let rows: Vec<HistoryTuple> = self.select_in(&sql, workspace, customers).await?;
         Ok(rows.into_iter().map(history_row).collect())
     }

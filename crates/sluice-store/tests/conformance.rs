@@ -59,6 +59,7 @@ conformance!(
     bulk_cancel_and_retry_change_the_selection_of_one_workspace,
     bulk_dead_letters_walk_the_matching_entries_once_in_chunks,
     health_marks_keep_their_place_and_only_evaluated_marks_clear,
+    attribute_changes_come_back_whole_in_time_and_reference_order,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -633,4 +634,39 @@ async fn health_marks_keep_their_place_and_only_evaluated_marks_clear(store: Sto
     assert_eq!(marks.len(), 1203);
     store.clear_health_dirty(&marks).await.unwrap();
     assert!(store.health_dirty(10).await.unwrap().is_empty());
+}
+
+/// What an evaluation reads of attributes (on SQLite packed as JSON, one row
+/// per 500 customers): every patch exactly as written (quotes, non-ASCII,
+/// nesting, large numbers), in (customer, time, reference) order whatever
+/// order they were written in, up to `until`, across more customers than
+/// one list holds.
+async fn attribute_changes_come_back_whole_in_time_and_reference_order(store: Store) {
+    use chrono::{TimeZone, Utc};
+    let t = |s: i64| Utc.timestamp_opt(1_790_000_000 + s, 0).unwrap();
+    let odd = serde_json::json!({"owner": "O'Brien \"the\" 担当者 ✓", "mrr": 12_345_678_901_234_i64, "nested": {"a": [1, null, "x"]}, "gone": null});
+    let ids: Vec<String> = (0..600).map(|i| format!("c{i:03}")).collect();
+    for id in ids.iter().rev() {
+        // Later first, and two references at one time written b before a.
+        store.add_attribute_change("w", id, t(20), "b", &serde_json::json!({"plan": "pro"}), None).await.unwrap();
+        store.add_attribute_change("w", id, t(20), "a", &odd, Some("key_1")).await.unwrap();
+        store.add_attribute_change("w", id, t(10), "z", &serde_json::json!({"plan": "trial"}), None).await.unwrap();
+        store.add_attribute_change("w", id, t(30), "a", &serde_json::json!({"plan": "late"}), None).await.unwrap();
+    }
+    store.add_attribute_change("other", "c000", t(10), "a", &serde_json::json!({"plan": "elsewhere"}), None).await.unwrap();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let got = store.attribute_changes_of("w", &refs, Some(t(20))).await.unwrap();
+    let want: Vec<(String, chrono::DateTime<Utc>, serde_json::Value)> = ids
+        .iter()
+        .flat_map(|id| {
+            [
+                (id.clone(), t(10), serde_json::json!({"plan": "trial"})),
+                (id.clone(), t(20), odd.clone()),
+                (id.clone(), t(20), serde_json::json!({"plan": "pro"})),
+            ]
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    assert_eq!(store.attribute_changes_of("w", &["c001"], None).await.unwrap().len(), 4, "every change without a bound");
 }

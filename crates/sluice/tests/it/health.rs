@@ -198,7 +198,20 @@ async fn measures_of_1000_customers_equal_an_independent_computation_at_tokyo_mi
         api.ingest(Value::Array(chunk.to_vec())).await;
     }
     caught_up(&s).await;
-    apply(&api, health_config()).await;
+    let version = apply(&api, health_config()).await;
+    let ids: Vec<String> = (0..1000).map(|c| format!("c{c:04}")).collect();
+    // The recompute (batches of 500, two at a time) left every customer
+    // evaluated under this version, each as the log says at its time.
+    for id in ids.iter().step_by(25) {
+        let (st, h) = api.get(&format!("/v1/customers/{id}/health")).await;
+        assert_eq!(st, StatusCode::OK, "{id}: {h}");
+        assert_eq!(h["config_version"], json!(version), "{id}: {h}");
+        let t: DateTime<Utc> = h["as_of"].as_str().unwrap().parse().unwrap();
+        let re = health_at(&api, id, t).await;
+        let values = |v: &Value| v["measures"].as_array().unwrap().iter().map(|m| (m["name"].clone(), m["value"].clone())).collect::<Vec<_>>();
+        assert_eq!((&re["stage"], &re["score"], &re["band"]), (&h["stage"], &h["score"], &h["band"]), "{id}: live {h} vs log {re}");
+        assert_eq!(values(&re), values(&h), "{id}");
+    }
     let mut by_customer: HashMap<&str, Vec<&Ev>> = HashMap::new();
     for e in &evs {
         by_customer.entry(e.customer.as_str()).or_default().push(e);
@@ -207,7 +220,6 @@ async fn measures_of_1000_customers_equal_an_independent_computation_at_tokyo_mi
     let edge = jst_midnight(NaiveDate::from_ymd_opt(2026, 11, 10).unwrap());
     let times =
         [edge - Dur::microseconds(1), edge, jst_midnight(NaiveDate::from_ymd_opt(2026, 11, 21).unwrap()), edge + Dur::hours(13) + Dur::seconds(7)];
-    let ids: Vec<String> = (0..1000).map(|c| format!("c{c:04}")).collect();
     for (ti, t) in times.iter().enumerate() {
         // Every customer at the first time; a third of them at the others.
         let chosen: Vec<&String> = ids.iter().enumerate().filter(|(i, _)| ti == 0 || i % 3 == ti % 3).map(|(_, id)| id).collect();

@@ -84,8 +84,9 @@ impl Busy {
                 let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let set = held.entry(ws.to_owned()).or_default();
                 if customers.iter().all(|c| !set.contains(*c)) {
-                    set.extend(customers.iter().map(|c| (*c).to_owned()));
-                    return Taken { busy: self, ws: ws.to_owned(), customers: customers.iter().map(|c| (*c).to_owned()).collect() };
+                    let customers: Vec<String> = customers.iter().map(|c| (*c).to_owned()).collect();
+                    set.extend(customers.iter().cloned());
+                    return Taken { busy: self, ws: ws.to_owned(), customers };
                 }
             }
             freed.await;

@@ -271,7 +271,14 @@ impl Store {
 
     /// The live evaluations of several customers.
     pub async fn customers_health(&self, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
-        let sql = format!("SELECT {HEALTH_COLUMNS} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
+        self.health_rows(HEALTH_COLUMNS, workspace, customer_ids).await
+    }
+
+    /// Rows of `customer_health` read as `columns` (the columns of
+    /// [`HEALTH_COLUMNS`], some of them replaced by constants).
+    async fn health_rows(&self, columns: &str, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
+        let sql = format!("SELECT {columns} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
+        // Not packed: JSON would print the scores with 15 digits, not exactly.
         let rows: Vec<HealthTuple> = self.select_in(&sql, workspace, customer_ids).await?;
         Ok(rows.into_iter().map(health_row).collect())
     }
@@ -280,11 +287,7 @@ impl Store {
     /// every column but the explanation (`doc` is `Null`), which the
     /// evaluation replaces and is most of a row's bytes.
     pub async fn customers_health_state(&self, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
-        let columns = HEALTH_COLUMNS.replace(" doc,", " CAST('null' AS TEXT) AS doc,");
-        let sql = format!("SELECT {columns} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
-        // Not packed: JSON would print the scores with 15 digits, not exactly.
-        let rows: Vec<HealthTuple> = self.select_in(&sql, workspace, customer_ids).await?;
-        Ok(rows.into_iter().map(health_row).collect())
+        self.health_rows(&HEALTH_COLUMNS.replace(" doc,", " CAST('null' AS TEXT) AS doc,"), workspace, customer_ids).await
     }
 
     /// The latest history row of a customer at or before `at`.

@@ -21,7 +21,7 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 use sluice_billing::EventSink;
-use sluice_store::{CustomerHealthRow, HealthHistoryRow, Store, StoreError};
+use sluice_store::{CustomerHealthRow, EventsWanted, HealthHistoryRow, Store, StoreError};
 use tokio::sync::Notify;
 
 use crate::config::{HealthConfig, Measure};
@@ -243,7 +243,27 @@ impl Health {
             return Ok(l);
         }
         let from = eval::lookback_start(cfg, ctx.tz, at);
-        for (c, e) in self.store.health_events_of(ws, customers, from, at).await? {
+        // Only the events the windowed measures count, and of them only
+        // the columns they look at.
+        let (mut types, mut any_type, mut user_id, mut properties) = (Vec::new(), false, false, false);
+        for m in cfg.measures.values() {
+            let (t, props) = match m {
+                Measure::Count { event_type, properties, .. } | Measure::Trend { event_type, properties, .. } => (event_type, properties.as_ref()),
+                Measure::DistinctUsers { event_type, .. } => {
+                    user_id = true;
+                    (event_type, None)
+                }
+                _ => continue,
+            };
+            properties |= props.is_some_and(|p| !p.is_empty());
+            match t {
+                Some(t) if !types.contains(&t.as_str()) => types.push(t.as_str()),
+                Some(_) => {}
+                None => any_type = true,
+            }
+        }
+        let wanted = EventsWanted { types: (!any_type).then_some(types.as_slice()), user_id, properties };
+        for (c, e) in self.store.health_events_of(ws, customers, from, at, wanted).await? {
             l.events.entry(c).or_default().push(e);
         }
         let since_last: std::collections::BTreeSet<Option<&str>> = cfg
@@ -427,7 +447,6 @@ impl Health {
         let hist: HashMap<String, HealthHistoryRow> =
             self.store.latest_history_of(ws, customers).await?.into_iter().map(|h| (h.customer_id.clone(), h)).collect();
         let loaded = self.load(ctx, customers, now).await?;
-        let mut views = Vec::with_capacity(customers.len());
         let mut saved = Vec::with_capacity(customers.len());
         let mut history = Vec::new();
         let mut events = Vec::new();
@@ -435,7 +454,6 @@ impl Health {
             let row = rows.get(c);
             let e = self.evaluate_loaded(ctx, &loaded, c, now, row.map(|r| (r.stage.clone(), r.stage_since)));
             let s = self.settle(ctx, c, row, hist.get(c), &e, now, &cause);
-            views.push(s.0.doc.clone());
             saved.push(s.0);
             history.extend(s.1);
             events.extend(s.2);
@@ -447,7 +465,7 @@ impl Health {
                 sink.emit(events).await;
             }
         }
-        Ok(views)
+        Ok(saved.into_iter().map(|r| r.doc).collect())
     }
 
     /// What an evaluation of the live path leaves: the row to keep, a

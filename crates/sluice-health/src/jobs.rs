@@ -52,7 +52,9 @@ impl JobPayload for RecomputePayload {
     const KIND: &'static str = RECOMPUTE;
 }
 
-/// Batches of a recompute evaluated at a time.
+/// Batches of a recompute evaluated at a time: one reads and evaluates
+/// while the other writes. Three or four were slower on 2 cores with
+/// SQLite (docs/BENCHMARKS.md, "Customer health", session 21).
 const RECOMPUTE_PARALLEL: usize = 2;
 
 /// Runs `health.recompute`.

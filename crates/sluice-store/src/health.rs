@@ -40,6 +40,19 @@ pub struct HealthEventRow {
     pub properties: Option<String>,
 }
 
+/// What of a customer's events an evaluation reads
+/// ([`Store::health_events_of`]): the measures of a configuration name
+/// the types they count and whether they look at users or properties.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventsWanted<'a> {
+    /// Only these types (`None`: every type).
+    pub types: Option<&'a [&'a str]>,
+    /// `user_id` is read (else `None` in every row).
+    pub user_id: bool,
+    /// `properties` are read (else `None` in every row).
+    pub properties: bool,
+}
+
 /// A stage override as set (stage `None`: lifted).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OverrideRow {
@@ -271,23 +284,27 @@ impl Store {
 
     /// The live evaluations of several customers.
     pub async fn customers_health(&self, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
-        self.health_rows(HEALTH_COLUMNS, workspace, customer_ids).await
-    }
-
-    /// Rows of `customer_health` read as `columns` (the columns of
-    /// [`HEALTH_COLUMNS`], some of them replaced by constants).
-    async fn health_rows(&self, columns: &str, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
-        let sql = format!("SELECT {columns} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
-        // Not packed: JSON would print the scores with 15 digits, not exactly.
+        let sql = format!("SELECT {HEALTH_COLUMNS} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
+        // Not packed: JSON would print a priority with 15 significant
+        // digits, and a priority (a score times a customer's value) may
+        // have more.
         let rows: Vec<HealthTuple> = self.select_in(&sql, workspace, customer_ids).await?;
         Ok(rows.into_iter().map(health_row).collect())
     }
 
     /// What evaluating these customers again needs of their live rows:
-    /// every column but the explanation (`doc` is `Null`), which the
-    /// evaluation replaces and is most of a row's bytes.
+    /// every column but the explanation (`doc`), the score and the
+    /// priority (`Null`, `None`, `None`), which the evaluation replaces; the
+    /// explanation is most of a row's bytes. Packed on SQLite
+    /// ([`Store::select_in_packed`]): no float is left in it.
     pub async fn customers_health_state(&self, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
-        self.health_rows(&HEALTH_COLUMNS.replace(" doc,", " CAST('null' AS TEXT) AS doc,"), workspace, customer_ids).await
+        let columns = HEALTH_COLUMNS
+            .replace(" doc,", " CAST('null' AS TEXT) AS doc,")
+            .replace(" score,", " CAST(NULL AS DOUBLE PRECISION) AS score,")
+            .replace(" priority,", " CAST(NULL AS DOUBLE PRECISION) AS priority,");
+        let sql = format!("SELECT {columns} FROM customer_health WHERE workspace = $1 AND customer_id IN ({{in}})");
+        let rows: Vec<HealthTuple> = self.select_in_packed(&sql, HEALTH_COLUMNS, &[Arg::Text(workspace)], customer_ids).await?;
+        Ok(rows.into_iter().map(health_row).collect())
     }
 
     /// The latest history row of a customer at or before `at`.
@@ -423,23 +440,37 @@ impl Store {
     // customers instead of several per customer. Times are bound as
     // literals: `select_in` binds only the workspace and the keys.
 
-    /// Events of these customers in `[from, to]`: (customer, event).
+    /// Events of these customers in `[from, to]`: (customer, event), with
+    /// only the types and columns `wanted` (an event of another type is not
+    /// read at all: the key starts with the type after the customer).
     pub async fn health_events_of(
         &self,
         workspace: &str,
         customers: &[&str],
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        wanted: EventsWanted<'_>,
     ) -> Result<Vec<(String, HealthEventRow)>> {
+        let mut leading = vec![Arg::Text(workspace)];
+        let types = match wanted.types {
+            Some([]) => return Ok(Vec::new()),
+            Some(types) => {
+                let list = (2..2 + types.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                leading.extend(types.iter().map(|t| Arg::Text(t)));
+                format!("AND event_type IN ({list})")
+            }
+            None => String::new(),
+        };
+        let user = if wanted.user_id { "user_id" } else { "CAST(NULL AS TEXT) AS user_id" };
+        let props = if wanted.properties { "properties" } else { "CAST(NULL AS TEXT) AS properties" };
         let sql = format!(
-            "SELECT customer_id, event_type, ts, user_id, properties FROM health_events WHERE workspace = $1 AND customer_id IN ({{in}}) \
+            "SELECT customer_id, event_type, ts, {user}, {props} FROM health_events WHERE workspace = $1 {types} AND customer_id IN ({{in}}) \
              AND ts >= {} AND ts <= {}",
             to_micros(from),
             to_micros(to)
         );
         type Tuple = (String, String, i64, Option<String>, Option<String>);
-        let rows: Vec<Tuple> =
-            self.select_in_packed(&sql, "customer_id, event_type, ts, user_id, properties", &[Arg::Text(workspace)], customers).await?;
+        let rows: Vec<Tuple> = self.select_in_packed(&sql, "customer_id, event_type, ts, user_id, properties", &leading, customers).await?;
         Ok(rows.into_iter().map(|r| (r.0, HealthEventRow { event_type: r.1, ts: r.2, user_id: r.3, properties: r.4 })).collect())
     }
 
@@ -521,8 +552,11 @@ impl Store {
             "SELECT {HISTORY_COLUMNS} FROM health_history WHERE workspace = $1 AND id IN \
              (SELECT MAX(id) FROM health_history WHERE workspace = $1 AND customer_id IN ({{in}}) GROUP BY customer_id)"
         );
-        // Not packed: JSON would print the scores with 15 digits, not exactly.
-        let rows: Vec<HistoryTuple> = self.select_in(&sql, workspace, customers).await?;
+        // Packed on SQLite, whose JSON prints a float with 15 significant
+        // digits: exact for scores, which are decimals of at most 4 places
+        // between 0 and 100 (conformance test
+        // `latest_history_rows_come_back_exactly`).
+        let rows: Vec<HistoryTuple> = self.select_in_packed(&sql, HISTORY_COLUMNS, &[Arg::Text(workspace)], customers).await?;
         Ok(rows.into_iter().map(history_row).collect())
     }
 

@@ -60,6 +60,7 @@ conformance!(
     bulk_dead_letters_walk_the_matching_entries_once_in_chunks,
     health_marks_keep_their_place_and_only_evaluated_marks_clear,
     attribute_changes_come_back_whole_in_time_and_reference_order,
+    latest_history_rows_come_back_exactly,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -669,4 +670,81 @@ async fn attribute_changes_come_back_whole_in_time_and_reference_order(store: St
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
     assert_eq!(store.attribute_changes_of("w", &["c001"], None).await.unwrap().len(), 4, "every change without a bound");
+}
+
+/// The batch reads of a health evaluation's previous state (packed into
+/// JSON on SQLite): the latest history row of each of 600 customers (more
+/// than one list holds) comes back exactly — scores as the engine makes
+/// them (decimals of up to 4 places, 0–100, as `f64`), text with quotes and
+/// non-ASCII, JSON —, and the live rows without the explanation, score and
+/// priority, the rest exactly.
+async fn latest_history_rows_come_back_exactly(store: Store) {
+    use chrono::{TimeZone, Utc};
+    use sluice_store::{CustomerHealthRow, HealthHistoryRow};
+    let t = |s: i64| Utc.timestamp_opt(1_790_000_000 + s, 123_456_000).unwrap();
+    let ids: Vec<String> = (0..600).map(|i| format!("c{i:03}")).collect();
+    // k / 10^4 as rust_decimal's `to_f64` makes it (one correctly rounded
+    // division), k spread over 0..=1_000_000 (0.0000 … 100.0000).
+    let score = |i: usize| ((i * 1667 + 1) % 1_000_001) as f64 / 10_000.0;
+    let history = |i: usize, id: &str, at: i64, s: Option<f64>| HealthHistoryRow {
+        id: format!("hh_{}_{id}_{at:04}", ids[i]),
+        customer_id: ids[i].clone(),
+        at: t(at),
+        config_version: at,
+        stage: Some(format!("stage \"{i}\" 更新")),
+        stage_since: i.is_multiple_of(2).then(|| t(at - 5)),
+        band: Some("bad".into()),
+        score: s,
+        previous: serde_json::json!({"stage": "trial", "band": null, "score": 12.5}),
+        cause: format!("O'Brien's event {i}"),
+    };
+    let mut rows = Vec::new();
+    let mut older = Vec::new();
+    let mut newer = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        rows.push(CustomerHealthRow {
+            customer_id: id.clone(),
+            config_version: 7,
+            stage: (!i.is_multiple_of(3)).then(|| "adoption".to_owned()),
+            stage_since: Some(t(1)),
+            score: Some(score(i)),
+            band: Some("good".into()),
+            priority: Some(score(i) * 1.000_000_000_1),
+            doc: serde_json::json!({"customer_id": id, "measures": [1, 2, 3]}),
+            evaluated_at: t(2),
+            next_eval_at: t(3 + i as i64),
+            emitted: serde_json::json!({"stage": {"value": "adoption", "at": 1_790_000_000_123_456_i64}, "version": 7}),
+        });
+        older.push(history(i, "a", 10, Some(1.0)));
+        newer.push(history(i, "b", 20, (!i.is_multiple_of(7)).then(|| score(i))));
+    }
+    store.save_customer_health_many("w", &rows, &older).await.unwrap();
+    store.save_customer_health_many("w", &[], &newer).await.unwrap();
+    store.save_customer_health_many("other", &rows[..1], &[history(0, "z", 99, Some(3.0))]).await.unwrap();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+
+    let mut got = store.latest_history_of("w", &refs).await.unwrap();
+    got.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+    assert_eq!(got.len(), 600);
+    for (g, w) in got.iter().zip(&newer) {
+        assert_eq!((&g.id, &g.customer_id, g.at, g.config_version), (&w.id, &w.customer_id, w.at, w.config_version));
+        assert_eq!((&g.stage, g.stage_since, &g.band, &g.previous, &g.cause), (&w.stage, w.stage_since, &w.band, &w.previous, &w.cause));
+        // Bit for bit, not within a tolerance.
+        assert_eq!(g.score.map(f64::to_bits), w.score.map(f64::to_bits), "score of {}", w.customer_id);
+    }
+
+    let mut state = store.customers_health_state("w", &refs).await.unwrap();
+    state.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+    assert_eq!(state.len(), 600);
+    for (g, w) in state.iter().zip(&rows) {
+        assert_eq!((&g.customer_id, g.config_version, &g.stage, g.stage_since), (&w.customer_id, w.config_version, &w.stage, w.stage_since));
+        assert_eq!((&g.band, g.evaluated_at, g.next_eval_at, &g.emitted), (&w.band, w.evaluated_at, w.next_eval_at, &w.emitted));
+        assert_eq!((&g.doc, g.score, g.priority), (&serde_json::Value::Null, None, None), "left out of the state read");
+    }
+    // The full rows keep the priority exactly (not packed).
+    let full = store.customers_health("w", &refs[..3]).await.unwrap();
+    for g in full {
+        let w = rows.iter().find(|r| r.customer_id == g.customer_id).unwrap();
+        assert_eq!((g.priority.map(f64::to_bits), &g.doc), (w.priority.map(f64::to_bits), &w.doc));
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sluice_store::EventsWanted;
 
 use crate::HealthError;
 
@@ -377,6 +378,34 @@ impl Default for Bands {
 }
 
 impl HealthConfig {
+    /// What of a customer's events its windowed measures read: the types
+    /// they count (every type when one counts any), `user_id` for
+    /// `distinct_users`, `properties` when a count filters on them
+    /// (`days_since_last` reads its type's last event on its own).
+    pub fn events_wanted(&self) -> EventsWanted<'_> {
+        let mut types = Some(Vec::new());
+        let (mut user_id, mut properties) = (false, false);
+        for m in self.measures.values() {
+            let event_type = match m {
+                Measure::Count { event_type, properties: p, .. } | Measure::Trend { event_type, properties: p, .. } => {
+                    properties |= p.as_ref().is_some_and(|p| !p.is_empty());
+                    event_type
+                }
+                Measure::DistinctUsers { event_type, .. } => {
+                    user_id = true;
+                    event_type
+                }
+                _ => continue,
+            };
+            match (event_type, types.as_mut()) {
+                (Some(t), Some(ts)) if !ts.contains(&t.as_str()) => ts.push(t.as_str()),
+                (Some(_), _) => {}
+                (None, _) => types = None,
+            }
+        }
+        EventsWanted { types, user_id, properties }
+    }
+
     /// Parses and validates a configuration: every problem, each with its path.
     pub fn parse(v: &Value) -> Result<HealthConfig, HealthError> {
         let cfg: HealthConfig = serde_path_to_error::deserialize(v).map_err(|e| {
@@ -507,5 +536,42 @@ impl HealthConfig {
     /// The scorecard of a stage.
     pub fn scorecard(&self, stage: &str) -> Option<&[ScoreItem]> {
         self.scorecards.get(stage).map(Vec::as_slice)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::HealthConfig;
+
+    fn wanted(measures: serde_json::Value) -> (Option<Vec<String>>, bool, bool) {
+        let cfg = HealthConfig::parse(&json!({"measures": measures, "stages": [{"name": "a", "rule": {"all": []}}]})).unwrap();
+        let w = cfg.events_wanted();
+        (w.types.map(|t| t.into_iter().map(str::to_owned).collect()), w.user_id, w.properties)
+    }
+
+    #[test]
+    fn events_wanted_are_the_types_and_columns_the_windowed_measures_read() {
+        let types = |t: &[&str]| Some(t.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        // days_since_last reads its own type's last event: not here.
+        assert_eq!(
+            wanted(json!({"r": {"kind": "count", "event_type": "report", "days": 30}, "r7": {"kind": "count", "event_type": "report", "days": 7},
+                "idle": {"kind": "days_since_last", "event_type": "login"}})),
+            (types(&["report"]), false, false)
+        );
+        // Types in the order of the measures' names.
+        assert_eq!(
+            wanted(json!({"u": {"kind": "distinct_users", "event_type": "page", "days": 7},
+                "t": {"kind": "trend", "event_type": "api", "days": 14, "properties": {"plan": "pro"}}})),
+            (types(&["api", "page"]), true, true)
+        );
+        // One measure of any type: every type. An empty filter filters nothing.
+        assert_eq!(
+            wanted(json!({"a": {"kind": "count", "days": 1, "properties": {}}, "b": {"kind": "count", "event_type": "x", "days": 1}})),
+            (None, false, false)
+        );
+        assert_eq!(wanted(json!({"m": {"kind": "attribute", "attribute": "mrr"}})), (Some(Vec::new()), false, false));
     }
 }

@@ -21,7 +21,7 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 use sluice_billing::EventSink;
-use sluice_store::{CustomerHealthRow, EventsWanted, HealthHistoryRow, Store, StoreError};
+use sluice_store::{CustomerHealthRow, HealthHistoryRow, Store, StoreError};
 use tokio::sync::Notify;
 
 use crate::config::{HealthConfig, Measure};
@@ -245,25 +245,8 @@ impl Health {
         let from = eval::lookback_start(cfg, ctx.tz, at);
         // Only the events the windowed measures count, and of them only
         // the columns they look at.
-        let (mut types, mut any_type, mut user_id, mut properties) = (Vec::new(), false, false, false);
-        for m in cfg.measures.values() {
-            let (t, props) = match m {
-                Measure::Count { event_type, properties, .. } | Measure::Trend { event_type, properties, .. } => (event_type, properties.as_ref()),
-                Measure::DistinctUsers { event_type, .. } => {
-                    user_id = true;
-                    (event_type, None)
-                }
-                _ => continue,
-            };
-            properties |= props.is_some_and(|p| !p.is_empty());
-            match t {
-                Some(t) if !types.contains(&t.as_str()) => types.push(t.as_str()),
-                Some(_) => {}
-                None => any_type = true,
-            }
-        }
-        let wanted = EventsWanted { types: (!any_type).then_some(types.as_slice()), user_id, properties };
-        for (c, e) in self.store.health_events_of(ws, customers, from, at, wanted).await? {
+        let wanted = cfg.events_wanted();
+        for (c, e) in self.store.health_events_of(ws, customers, from, at, &wanted).await? {
             l.events.entry(c).or_default().push(e);
         }
         let since_last: std::collections::BTreeSet<Option<&str>> = cfg

@@ -43,10 +43,10 @@ pub struct HealthEventRow {
 /// What of a customer's events an evaluation reads
 /// ([`Store::health_events_of`]): the measures of a configuration name
 /// the types they count and whether they look at users or properties.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct EventsWanted<'a> {
     /// Only these types (`None`: every type).
-    pub types: Option<&'a [&'a str]>,
+    pub types: Option<Vec<&'a str>>,
     /// `user_id` is read (else `None` in every row).
     pub user_id: bool,
     /// `properties` are read (else `None` in every row).
@@ -449,15 +449,14 @@ impl Store {
         customers: &[&str],
         from: DateTime<Utc>,
         to: DateTime<Utc>,
-        wanted: EventsWanted<'_>,
+        wanted: &EventsWanted<'_>,
     ) -> Result<Vec<(String, HealthEventRow)>> {
         let mut leading = vec![Arg::Text(workspace)];
-        let types = match wanted.types {
+        let types = match wanted.types.as_deref() {
             Some([]) => return Ok(Vec::new()),
             Some(types) => {
-                let list = (2..2 + types.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
                 leading.extend(types.iter().map(|t| Arg::Text(t)));
-                format!("AND event_type IN ({list})")
+                format!("AND event_type IN ({})", crate::in_lists::placeholders(2, types.len()))
             }
             None => String::new(),
         };

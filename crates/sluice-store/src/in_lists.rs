@@ -11,7 +11,7 @@ use crate::{on_pool, Result, Store};
 pub(crate) const IN_CHUNK: usize = 500;
 
 /// `$from, $from+1, …` for `n` parameters.
-fn placeholders(from: usize, n: usize) -> String {
+pub(crate) fn placeholders(from: usize, n: usize) -> String {
     (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 

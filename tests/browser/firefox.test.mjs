@@ -90,7 +90,7 @@ test('firefox: sign in, overview, section links, a SQL query, Japanese, sign out
     assert.equal((await call(admin, 'POST', '/v1/events', [{ id: 'f-1', type: 'page.viewed' }, { id: 'f-2', type: 'page.viewed' }, { id: 'f-3', type: 'signup' }])).status, 200);
 
     firefox = start(FIREFOX, ['--headless', '--no-remote', '--remote-debugging-port=0', '--profile', mkdtempSync(path.join(dir, 'profile-'))],
-      { TZ: 'Asia/Tokyo', MOZ_CRASHREPORTER_DISABLE: '1' }, /WebDriver BiDi listening on (ws:\/\/\S+)/, 'firefox');
+      { TZ: 'Asia/Tokyo', MOZ_CRASHREPORTER_DISABLE: '1' }, /WebDriver BiDi listening on (ws:\/\/\S+)\r?\n/, 'firefox');
     session = await bidi(`${await firefox.found}/session`);
     await session.send('session.new', { capabilities: {} });
     const { contexts } = await session.send('browsingContext.getTree', {});

@@ -32,7 +32,7 @@ let browser;
 try {
   let stderr = '';
   const url = await new Promise((resolve, reject) => {
-    child.stderr.on('data', (c) => { stderr += c; const m = stderr.match(/sluice listening on (http:\/\/\S+)/); if (m) resolve(m[1]); });
+    child.stderr.on('data', (c) => { stderr += c; const m = stderr.match(/sluice listening on (http:\/\/\S+)\r?\n/); if (m) resolve(m[1]); });
     child.on('exit', () => reject(new Error(stderr)));
   });
   const call = async (key, method, p, body) => (await fetch(url + p, {

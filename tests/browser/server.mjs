@@ -1,14 +1,13 @@
 // Starts `sluice serve` for the browser tests (both suites): port 0, the
 // caller's data dir, and waits until /healthz answers.
 //
-// Three CI runs saw a server that printed "sluice listening on …", stayed
-// alive, and had every connection refused (ECONNREFUSED, not a timeout) for a
-// minute; the cause is not found (the accept loop never returns early, and a
-// full accept queue drops connections rather than refusing them). So a server
-// that does not answer within 15 s is reported with what the kernel says —
-// whether anything listens on the port, the process's state, threads and open
-// files — killed, and a second one is started. A second failure fails the test
-// with both reports.
+// The address is read only from a whole line (up to its newline): stderr can
+// arrive split anywhere, and four CI runs read a chunk that ended inside the
+// address ("http://127" or a port cut short) and then had every connection
+// refused by a server that was fine. Should a server still not answer within
+// 15 s, it is reported with what the kernel says — whether anything listens on
+// the port, the process's state, threads and open files — killed, and a second
+// one is started. A second failure fails the test with both reports.
 
 import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
@@ -27,7 +26,7 @@ function spawnSluice(bin, dataDir, env) {
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (chunk) => {
       log += chunk;
-      const m = log.match(/sluice listening on (http:\/\/\S+)/);
+      const m = log.match(/sluice listening on (http:\/\/\S+)\r?\n/);
       if (m) { clearTimeout(timer); resolve({ url: m[1], child, log: () => log }); }
     });
     child.on('exit', (code, signal) => { clearTimeout(timer); reject(new Error(`sluice serve exited (code ${code}, signal ${signal}):\n${log}`)); });

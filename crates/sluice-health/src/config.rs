@@ -379,11 +379,12 @@ impl Default for Bands {
 
 impl HealthConfig {
     /// What of a customer's events its windowed measures read: the types
-    /// they count (every type when one counts any), `user_id` for
-    /// `distinct_users`, `properties` when a count filters on them
-    /// (`days_since_last` reads its type's last event on its own).
+    /// they count (every type when one counts any), each as far back as the
+    /// longest window that counts it, `user_id` for `distinct_users`,
+    /// `properties` when a count filters on them (`days_since_last` reads
+    /// its type's last event on its own).
     pub fn events_wanted(&self) -> EventsWanted<'_> {
-        let mut types = Some(Vec::new());
+        let mut types: Option<Vec<(&str, u32)>> = Some(Vec::new());
         let (mut user_id, mut properties) = (false, false);
         for m in self.measures.values() {
             let event_type = match m {
@@ -398,12 +399,16 @@ impl HealthConfig {
                 _ => continue,
             };
             match (event_type, types.as_mut()) {
-                (Some(t), Some(ts)) if !ts.contains(&t.as_str()) => ts.push(t.as_str()),
-                (Some(_), _) => {}
+                (Some(t), Some(ts)) => match ts.iter_mut().find(|(name, _)| *name == t.as_str()) {
+                    Some((_, days)) => *days = (*days).max(m.lookback_days()),
+                    None => ts.push((t.as_str(), m.lookback_days())),
+                },
+                (Some(_), None) => {}
                 (None, _) => types = None,
             }
         }
-        EventsWanted { types, user_id, properties }
+        let days = self.measures.values().map(Measure::lookback_days).max().unwrap_or(0).max(1);
+        EventsWanted { types, days, user_id, properties }
     }
 
     /// Parses and validates a configuration: every problem, each with its path.
@@ -546,32 +551,36 @@ mod tests {
 
     use super::HealthConfig;
 
-    fn wanted(measures: serde_json::Value) -> (Option<Vec<String>>, bool, bool) {
+    fn wanted(measures: serde_json::Value) -> (Option<Vec<(String, u32)>>, u32, bool, bool) {
         let cfg = HealthConfig::parse(&json!({"measures": measures, "stages": [{"name": "a", "rule": {"all": []}}]})).unwrap();
         let w = cfg.events_wanted();
-        (w.types.map(|t| t.into_iter().map(str::to_owned).collect()), w.user_id, w.properties)
+        (w.types.map(|t| t.into_iter().map(|(t, d)| (t.to_owned(), d)).collect()), w.days, w.user_id, w.properties)
     }
 
     #[test]
     fn events_wanted_are_the_types_and_columns_the_windowed_measures_read() {
-        let types = |t: &[&str]| Some(t.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
-        // days_since_last reads its own type's last event: not here.
+        let types = |t: &[(&str, u32)]| Some(t.iter().map(|(s, d)| ((*s).to_owned(), *d)).collect::<Vec<_>>());
+        // days_since_last reads its own type's last event: not here. A type
+        // is read as far back as its longest window.
         assert_eq!(
             wanted(json!({"r": {"kind": "count", "event_type": "report", "days": 30}, "r7": {"kind": "count", "event_type": "report", "days": 7},
                 "idle": {"kind": "days_since_last", "event_type": "login"}})),
-            (types(&["report"]), false, false)
+            (types(&[("report", 30)]), 30, false, false)
         );
-        // Types in the order of the measures' names.
+        // Types in the order of the measures' names; a trend looks back
+        // twice its days, and each type only its own window.
         assert_eq!(
             wanted(json!({"u": {"kind": "distinct_users", "event_type": "page", "days": 7},
-                "t": {"kind": "trend", "event_type": "api", "days": 14, "properties": {"plan": "pro"}}})),
-            (types(&["api", "page"]), true, true)
+                "t": {"kind": "trend", "event_type": "api", "days": 14, "properties": {"plan": "pro"}},
+                "v": {"kind": "count", "event_type": "page", "days": 3}})),
+            (types(&[("api", 28), ("page", 7)]), 28, true, true)
         );
-        // One measure of any type: every type. An empty filter filters nothing.
+        // One measure of any type: every type, as far as the longest
+        // window. An empty filter filters nothing.
         assert_eq!(
-            wanted(json!({"a": {"kind": "count", "days": 1, "properties": {}}, "b": {"kind": "count", "event_type": "x", "days": 1}})),
-            (None, false, false)
+            wanted(json!({"a": {"kind": "count", "days": 1, "properties": {}}, "b": {"kind": "count", "event_type": "x", "days": 9}})),
+            (None, 9, false, false)
         );
-        assert_eq!(wanted(json!({"m": {"kind": "attribute", "attribute": "mrr"}})), (Some(Vec::new()), false, false));
+        assert_eq!(wanted(json!({"m": {"kind": "attribute", "attribute": "mrr"}})), (Some(Vec::new()), 1, false, false));
     }
 }

@@ -242,11 +242,11 @@ impl Health {
         if customers.is_empty() {
             return Ok(l);
         }
-        let from = eval::lookback_start(cfg, ctx.tz, at);
-        // Only the events the windowed measures count, and of them only
-        // the columns they look at.
+        // Only the events the windowed measures count, each type as far
+        // back as its measures look, and of them only the columns they
+        // look at.
         let wanted = cfg.events_wanted();
-        for (c, e) in self.store.health_events_of(ws, customers, from, at, &wanted).await? {
+        for (c, e) in self.store.health_events_of(ws, customers, at, &wanted, |days| eval::window_start(ctx.tz, at, days)).await? {
             l.events.entry(c).or_default().push(e);
         }
         let since_last: std::collections::BTreeSet<Option<&str>> = cfg
@@ -427,8 +427,6 @@ impl Health {
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let rows: HashMap<String, CustomerHealthRow> =
             self.store.customers_health_state(ws, customers).await?.into_iter().map(|r| (r.customer_id.clone(), r)).collect();
-        let hist: HashMap<String, HealthHistoryRow> =
-            self.store.latest_history_of(ws, customers).await?.into_iter().map(|h| (h.customer_id.clone(), h)).collect();
         let loaded = self.load(ctx, customers, now).await?;
         let mut saved = Vec::with_capacity(customers.len());
         let mut history = Vec::new();
@@ -436,7 +434,7 @@ impl Health {
         for &c in customers {
             let row = rows.get(c);
             let e = self.evaluate_loaded(ctx, &loaded, c, now, row.map(|r| (r.stage.clone(), r.stage_since)));
-            let s = self.settle(ctx, c, row, hist.get(c), &e, now, &cause);
+            let s = self.settle(ctx, c, row, &e, now, &cause);
             saved.push(s.0);
             history.extend(s.1);
             events.extend(s.2);
@@ -453,13 +451,13 @@ impl Health {
 
     /// What an evaluation of the live path leaves: the row to keep, a
     /// history row when something changed, transition events (cooldown).
-    #[allow(clippy::too_many_arguments)]
+    /// The customer's latest history row is compared through its live row
+    /// `row` ([`CustomerHealthRow::history_score`]).
     fn settle(
         &self,
         ctx: &WsCtx,
         customer: &str,
         row: Option<&CustomerHealthRow>,
-        last_hist: Option<&HealthHistoryRow>,
         e: &Evaluation,
         now: DateTime<Utc>,
         cause: &Cause,
@@ -515,10 +513,10 @@ impl Health {
         // History: the first evaluation, a stage or band change, or a score
         // that moved by more than the step since the last history row.
         let score = f64_of(e.score);
-        let changed = match last_hist {
+        let changed = match row {
             None => Some(format!("first evaluation ({})", cause.describe())),
             Some(h) => {
-                let moved = match (h.score, score) {
+                let moved = match (h.history_score, score) {
                     (Some(a), Some(b)) => (a - b).abs() > ctx.config.history_score_step,
                     (None, None) => false,
                     _ => true,
@@ -535,8 +533,8 @@ impl Health {
             stage_since: e.stage_since,
             band: e.band.map(str::to_owned),
             score,
-            previous: json!({"stage": last_hist.and_then(|h| h.stage.clone()), "band": last_hist.and_then(|h| h.band.clone()),
-                "score": last_hist.and_then(|h| h.score)}),
+            previous: json!({"stage": row.and_then(|h| h.stage.clone()), "band": row.and_then(|h| h.band.clone()),
+                "score": row.and_then(|h| h.history_score)}),
             cause: c,
         });
         let saved = CustomerHealthRow {
@@ -551,6 +549,7 @@ impl Health {
             evaluated_at: now,
             next_eval_at: next,
             emitted,
+            history_score: if history.is_some() { score } else { row.and_then(|r| r.history_score) },
         };
         (saved, history, out_events)
     }

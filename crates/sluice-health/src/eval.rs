@@ -184,12 +184,6 @@ pub fn window_start(tz: Tz, at: DateTime<Utc>, days: u32) -> DateTime<Utc> {
     local_start(tz, d.checked_sub_days(Days::new(u64::from(days.max(1)) - 1)).unwrap_or(d), 0)
 }
 
-/// The earliest event time a configuration reads at `at`.
-pub fn lookback_start(cfg: &HealthConfig, tz: Tz, at: DateTime<Utc>) -> DateTime<Utc> {
-    let days = cfg.measures.values().map(Measure::lookback_days).max().unwrap_or(0);
-    window_start(tz, at, days.max(1))
-}
-
 /// Start of the calendar month of `at` (usage_vs_entitlement's period).
 pub fn month_start(tz: Tz, at: DateTime<Utc>) -> DateTime<Utc> {
     let d = local_date(tz, at);

@@ -45,8 +45,12 @@ pub struct HealthEventRow {
 /// the types they count and whether they look at users or properties.
 #[derive(Debug, Clone, Default)]
 pub struct EventsWanted<'a> {
-    /// Only these types (`None`: every type).
-    pub types: Option<Vec<&'a str>>,
+    /// Only these types, each with the longest window (in local days) of
+    /// the measures that count it: a type is read only as far back as its
+    /// own measures look (`None`: every type, [`EventsWanted::days`] back).
+    pub types: Option<Vec<(&'a str, u32)>>,
+    /// The longest window of all the measures (at least 1).
+    pub days: u32,
     /// `user_id` is read (else `None` in every row).
     pub user_id: bool,
     /// `properties` are read (else `None` in every row).
@@ -93,6 +97,12 @@ pub struct CustomerHealthRow {
     pub next_eval_at: DateTime<Utc>,
     /// The last transitions written to the log (cooldown state).
     pub emitted: Value,
+    /// The score of the customer's latest history row. Its stage, band
+    /// and configuration version are this row's: both rows are written
+    /// only together ([`Store::save_customer_health_many`]), and a history
+    /// row is written whenever one of them changes, so an evaluation
+    /// compares with its latest history without reading it.
+    pub history_score: Option<f64>,
 }
 
 /// A change of stage, band or score.
@@ -133,8 +143,9 @@ pub enum HealthSort {
     Id,
 }
 
-type HealthTuple = (String, i64, Option<String>, Option<i64>, Option<f64>, Option<String>, Option<f64>, String, i64, i64, String);
-const HEALTH_COLUMNS: &str = "customer_id, config_version, stage, stage_since, score, band, priority, doc, evaluated_at, next_eval_at, emitted";
+type HealthTuple = (String, i64, Option<String>, Option<i64>, Option<f64>, Option<String>, Option<f64>, String, i64, i64, String, Option<f64>);
+const HEALTH_COLUMNS: &str =
+    "customer_id, config_version, stage, stage_since, score, band, priority, doc, evaluated_at, next_eval_at, emitted, history_score";
 
 fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or(Value::Null)
@@ -153,11 +164,24 @@ fn health_row(r: HealthTuple) -> CustomerHealthRow {
         evaluated_at: from_micros(r.8),
         next_eval_at: from_micros(r.9),
         emitted: json(&r.10),
+        history_score: r.11,
     }
 }
 
 type HistoryTuple = (String, String, i64, i64, Option<String>, Option<i64>, Option<String>, Option<f64>, String, String);
 const HISTORY_COLUMNS: &str = "id, customer_id, at, config_version, stage, stage_since, band, score, previous, cause";
+
+/// The distinct customers of workspace `$1` in `table`, whose primary key
+/// starts with (workspace, customer_id): a recursive step from each
+/// customer to the next one up the key, one index seek per customer
+/// ([`Store::health_customer_ids`]). Both dialects.
+fn loose_customers(table: &str) -> String {
+    format!(
+        "WITH RECURSIVE c(id) AS (SELECT MIN(customer_id) FROM {table} WHERE workspace = $1 \
+         UNION ALL SELECT (SELECT MIN(t.customer_id) FROM {table} t WHERE t.workspace = $1 AND t.customer_id > c.id) FROM c WHERE c.id IS NOT NULL) \
+         SELECT id FROM c WHERE id IS NOT NULL"
+    )
+}
 
 fn history_row(r: HistoryTuple) -> HealthHistoryRow {
     HealthHistoryRow {
@@ -242,13 +266,22 @@ impl Store {
 
     /// Every customer of a workspace that health knows: from `group`
     /// calls, events and attribute changes.
+    ///
+    /// The customers of `health_events` and `customer_attribute_changes`
+    /// are read by stepping from one customer to the next along the
+    /// primary key (one seek per customer, a "loose index scan"): neither
+    /// SQLite nor PostgreSQL 15 skips through an index for `DISTINCT`, and
+    /// `SELECT DISTINCT customer_id` read every event of the workspace, a
+    /// recompute's first step (2 million rows for 20,000 customers).
     pub async fn health_customer_ids(&self, workspace: &str) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = on_pool!(self, pool => sqlx::query_as(
+        let sql = format!(
             "SELECT customer_id FROM customers WHERE workspace = $1 \
-             UNION SELECT DISTINCT customer_id FROM health_events WHERE workspace = $1 \
-             UNION SELECT DISTINCT customer_id FROM customer_attribute_changes WHERE workspace = $1 \
-             UNION SELECT customer_id FROM customer_health WHERE workspace = $1 ORDER BY 1")
-            .bind(workspace).fetch_all(pool).await)?;
+             UNION SELECT id FROM ({}) e UNION SELECT id FROM ({}) a \
+             UNION SELECT customer_id FROM customer_health WHERE workspace = $1 ORDER BY 1",
+            loose_customers("health_events"),
+            loose_customers("customer_attribute_changes")
+        );
+        let rows: Vec<(String,)> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).fetch_all(pool).await)?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
@@ -296,7 +329,10 @@ impl Store {
     /// every column but the explanation (`doc`), the score and the
     /// priority (`Null`, `None`, `None`), which the evaluation replaces; the
     /// explanation is most of a row's bytes. Packed on SQLite
-    /// ([`Store::select_in_packed`]): no float is left in it.
+    /// ([`Store::select_in_packed`]): the one float left, `history_score`,
+    /// is a score (a decimal of at most 4 places between 0 and 100), which
+    /// SQLite's JSON prints exactly (conformance test
+    /// `latest_history_rows_come_back_exactly`).
     pub async fn customers_health_state(&self, workspace: &str, customer_ids: &[&str]) -> Result<Vec<CustomerHealthRow>> {
         let columns = HEALTH_COLUMNS
             .replace(" doc,", " CAST('null' AS TEXT) AS doc,")
@@ -421,15 +457,15 @@ impl Store {
              AND ($4 IS NULL OR {key} {cmp} $4 OR ({key} = $4 AND customer_id > $5)) ORDER BY {key} {dir}, customer_id LIMIT $6"
         );
         let limit = limit.clamp(1, 1000);
-        type Keyed = (String, i64, Option<String>, Option<i64>, Option<f64>, Option<String>, Option<f64>, String, i64, i64, String, f64);
+        type Keyed = (String, i64, Option<String>, Option<i64>, Option<f64>, Option<String>, Option<f64>, String, i64, i64, String, Option<f64>, f64);
         let rows: Vec<Keyed> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(stage).bind(band).bind(after_v).bind(after_id)
             .bind(limit as i64 + 1).fetch_all(pool).await)?;
         let more = rows.len() > limit;
         let mut out = Vec::new();
         let mut next = None;
         for r in rows.into_iter().take(limit) {
-            next = Some((r.11, r.0.clone()));
-            out.push(health_row((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10)));
+            next = Some((r.12, r.0.clone()));
+            out.push(health_row((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11)));
         }
         Ok((out, if more { next } else { None }))
     }
@@ -440,34 +476,51 @@ impl Store {
     // customers instead of several per customer. Times are bound as
     // literals: `select_in` binds only the workspace and the keys.
 
-    /// Events of these customers in `[from, to]`: (customer, event), with
-    /// only the types and columns `wanted` (an event of another type is not
-    /// read at all: the key starts with the type after the customer).
+    /// Events of these customers up to `to`: (customer, event), with only
+    /// the types and columns `wanted` (an event of another type is not read
+    /// at all: the key starts with the type after the customer), each type
+    /// from `start(days)` of its longest window on.
     pub async fn health_events_of(
         &self,
         workspace: &str,
         customers: &[&str],
-        from: DateTime<Utc>,
         to: DateTime<Utc>,
         wanted: &EventsWanted<'_>,
+        start: impl Fn(u32) -> DateTime<Utc>,
     ) -> Result<Vec<(String, HealthEventRow)>> {
-        let mut leading = vec![Arg::Text(workspace)];
-        let types = match wanted.types.as_deref() {
+        // Types that start at the same time are read by one range each; a
+        // group of every type when no list is given.
+        let mut groups: std::collections::BTreeMap<i64, Vec<&str>> = std::collections::BTreeMap::new();
+        match wanted.types.as_deref() {
             Some([]) => return Ok(Vec::new()),
             Some(types) => {
-                leading.extend(types.iter().map(|t| Arg::Text(t)));
-                format!("AND event_type IN ({})", crate::in_lists::placeholders(2, types.len()))
+                for (t, days) in types {
+                    groups.entry(to_micros(start(*days))).or_default().push(*t);
+                }
             }
-            None => String::new(),
-        };
+            None => {
+                groups.insert(to_micros(start(wanted.days)), Vec::new());
+            }
+        }
+        let mut leading = vec![Arg::Text(workspace)];
         let user = if wanted.user_id { "user_id" } else { "CAST(NULL AS TEXT) AS user_id" };
         let props = if wanted.properties { "properties" } else { "CAST(NULL AS TEXT) AS properties" };
-        let sql = format!(
-            "SELECT customer_id, event_type, ts, {user}, {props} FROM health_events WHERE workspace = $1 {types} AND customer_id IN ({{in}}) \
-             AND ts >= {} AND ts <= {}",
-            to_micros(from),
-            to_micros(to)
-        );
+        let mut parts = Vec::new();
+        for (from, types) in groups {
+            let types = if types.is_empty() {
+                String::new()
+            } else {
+                let list = crate::in_lists::placeholders(leading.len() + 1, types.len());
+                leading.extend(types.into_iter().map(Arg::Text));
+                format!("AND event_type IN ({list})")
+            };
+            parts.push(format!(
+                "SELECT customer_id, event_type, ts, {user}, {props} FROM health_events WHERE workspace = $1 {types} \
+                 AND customer_id IN ({{in}}) AND ts >= {from} AND ts <= {}",
+                to_micros(to)
+            ));
+        }
+        let sql = parts.join(" UNION ALL ");
         type Tuple = (String, String, i64, Option<String>, Option<String>);
         let rows: Vec<Tuple> = self.select_in_packed(&sql, "customer_id, event_type, ts, user_id, properties", &leading, customers).await?;
         Ok(rows.into_iter().map(|r| (r.0, HealthEventRow { event_type: r.1, ts: r.2, user_id: r.3, properties: r.4 })).collect())
@@ -485,8 +538,10 @@ impl Store {
     }
 
     /// The last time of an event of type `event_type` of each of these
-    /// customers at or before `to`: one range of the key per customer, not
-    /// every type's events ([`Store::health_last_seen_of`]).
+    /// customers at or before `to`: one seek per customer to the end of its
+    /// range of the key (`MAX` of a correlated subquery), not every event
+    /// of the type as a `GROUP BY` reads, nor every type's events
+    /// ([`Store::health_last_seen_of`]).
     pub async fn health_last_seen_of_type(
         &self,
         workspace: &str,
@@ -494,14 +549,21 @@ impl Store {
         event_type: &str,
         to: DateTime<Utc>,
     ) -> Result<Vec<(String, DateTime<Utc>)>> {
+        // The list as rows of a column `value`.
+        let keys = match self {
+            Store::Sqlite(_) => "({in}) k",
+            Store::Postgres(_) => "unnest(ARRAY[{in}]::text[]) AS k(value)",
+        };
+        // Customers without such an event come back with `NULL` (a `WHERE`
+        // on it made SQLite run the subquery twice).
         let sql = format!(
-            "SELECT customer_id, MAX(ts) AS last FROM health_events WHERE workspace = $1 AND event_type = $2 AND customer_id IN ({{in}}) AND ts <= {} \
-             GROUP BY customer_id",
+            "SELECT k.value AS customer_id, (SELECT MAX(e.ts) FROM health_events e WHERE e.workspace = $1 \
+             AND e.customer_id = k.value AND e.event_type = $2 AND e.ts <= {}) AS last FROM {keys}",
             to_micros(to)
         );
-        let rows: Vec<(String, i64)> =
+        let rows: Vec<(String, Option<i64>)> =
             self.select_in_packed(&sql, "customer_id, last", &[Arg::Text(workspace), Arg::Text(event_type)], customers).await?;
-        Ok(rows.into_iter().map(|r| (r.0, from_micros(r.1))).collect())
+        Ok(rows.into_iter().filter_map(|r| Some((r.0, from_micros(r.1?)))).collect())
     }
 
     /// Attribute patches of these customers up to `until` (every one when
@@ -545,7 +607,10 @@ impl Store {
         Ok(out)
     }
 
-    /// The latest history row of each of these customers (ids grow with time).
+    /// The latest history row of each of these customers (ids grow with
+    /// time). It reads every history row of each customer: an evaluation
+    /// takes what it needs of the latest from the live row instead
+    /// ([`CustomerHealthRow::history_score`]).
     pub async fn latest_history_of(&self, workspace: &str, customers: &[&str]) -> Result<Vec<HealthHistoryRow>> {
         let sql = format!(
             "SELECT {HISTORY_COLUMNS} FROM health_history WHERE workspace = $1 AND id IN \
@@ -579,16 +644,17 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in rows.chunks(200) {
-                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
                 let sql = format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES {values} \
                     ON CONFLICT (workspace, customer_id) DO UPDATE SET config_version = excluded.config_version, stage = excluded.stage, \
                     stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, priority = excluded.priority, doc = excluded.doc, \
-                    evaluated_at = excluded.evaluated_at, next_eval_at = excluded.next_eval_at, emitted = excluded.emitted");
+                    evaluated_at = excluded.evaluated_at, next_eval_at = excluded.next_eval_at, emitted = excluded.emitted, \
+                    history_score = excluded.history_score");
                 let mut q = sqlx::query(&sql);
                 for h in chunk {
                     q = q.bind(&h.customer_id).bind(h.config_version).bind(&h.stage).bind(h.stage_since.map(to_micros)).bind(h.score).bind(&h.band)
                         .bind(h.priority).bind(h.doc.to_string()).bind(to_micros(h.evaluated_at)).bind(to_micros(h.next_eval_at))
-                        .bind(h.emitted.to_string()).bind(workspace);
+                        .bind(h.emitted.to_string()).bind(h.history_score).bind(workspace);
                 }
                 q.execute(&mut *tx).await?;
             }

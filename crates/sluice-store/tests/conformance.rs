@@ -61,6 +61,7 @@ conformance!(
     health_marks_keep_their_place_and_only_evaluated_marks_clear,
     attribute_changes_come_back_whole_in_time_and_reference_order,
     latest_history_rows_come_back_exactly,
+    health_batch_reads_step_through_customers_and_read_each_type_over_its_window,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -714,6 +715,7 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
             evaluated_at: t(2),
             next_eval_at: t(3 + i as i64),
             emitted: serde_json::json!({"stage": {"value": "adoption", "at": 1_790_000_000_123_456_i64}, "version": 7}),
+            history_score: (!i.is_multiple_of(7)).then(|| score(i)),
         });
         older.push(history(i, "a", 10, Some(1.0)));
         newer.push(history(i, "b", 20, (!i.is_multiple_of(7)).then(|| score(i))));
@@ -740,6 +742,8 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
         assert_eq!((&g.customer_id, g.config_version, &g.stage, g.stage_since), (&w.customer_id, w.config_version, &w.stage, w.stage_since));
         assert_eq!((&g.band, g.evaluated_at, g.next_eval_at, &g.emitted), (&w.band, w.evaluated_at, w.next_eval_at, &w.emitted));
         assert_eq!((&g.doc, g.score, g.priority), (&serde_json::Value::Null, None, None), "left out of the state read");
+        // What an evaluation compares with its latest history: bit for bit.
+        assert_eq!(g.history_score.map(f64::to_bits), w.history_score.map(f64::to_bits), "history score of {}", w.customer_id);
     }
     // The full rows keep the priority exactly (not packed).
     let full = store.customers_health("w", &refs[..3]).await.unwrap();
@@ -747,4 +751,109 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
         let w = rows.iter().find(|r| r.customer_id == g.customer_id).unwrap();
         assert_eq!((g.priority.map(f64::to_bits), &g.doc), (w.priority.map(f64::to_bits), &w.doc));
     }
+}
+
+/// Events as the health read model keeps them: (workspace, customer, type, time).
+struct HealthEvents(Vec<(String, String, &'static str, i64)>);
+
+impl sluice_store::TxWork for HealthEvents {
+    fn run<'a>(&'a self, tx: sluice_store::Tx<'a>) -> sluice_store::TxFuture<'a> {
+        Box::pin(async move {
+            sluice_store::on_tx!(tx, conn => {
+                for (i, (ws, c, t, ts)) in self.0.iter().enumerate() {
+                    sqlx::query("INSERT INTO health_events (workspace, customer_id, event_type, ts, event_id, user_id, properties) \
+                        VALUES ($1, $2, $3, $4, $5, $6, NULL)")
+                        .bind(ws).bind(c).bind(*t).bind(*ts).bind(format!("e{i}")).bind(format!("u{}", i % 3))
+                        .execute(&mut *conn).await?;
+                }
+                Ok::<(), sqlx::Error>(())
+            })?;
+            Ok(())
+        })
+    }
+}
+
+/// The batch reads of a health evaluation against a plain filter of the
+/// same rows: every customer a workspace has (events, attribute changes,
+/// live rows; stepped through one seek a customer), each wanted type only
+/// from the start of its own window, the last event of a type per
+/// customer (one seek each), across more customers than one list holds.
+async fn health_batch_reads_step_through_customers_and_read_each_type_over_its_window(store: Store) {
+    use chrono::{TimeZone, Utc};
+    use sluice_store::EventsWanted;
+    const DAY: i64 = 86_400_000_000;
+    let t0 = 1_790_000_000_000_000_i64;
+    let at = |us: i64| Utc.timestamp_micros(us).unwrap();
+    // 600 customers with ids that sort in no simple order ("c10" < "c2"),
+    // quotes and non-ASCII; 0–9 events each over 12 days, of types a, b, c.
+    let ids: Vec<String> = (0..600).map(|i| if i % 50 == 7 { format!("顧客 \"{i}\"") } else { format!("c{i}") }).collect();
+    let mut rows = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        for k in 0..(i % 10) {
+            let ts = t0 - ((i * 7 + k * 13) % 12) as i64 * DAY - (k as i64) * 1_000;
+            rows.push(("w".to_owned(), id.clone(), ["a", "b", "c"][(i + k) % 3], ts));
+        }
+    }
+    rows.push(("other".to_owned(), "elsewhere".to_owned(), "a", t0));
+    rows.push(("w".to_owned(), "late".to_owned(), "a", t0 + DAY));
+    store.write_tx(&HealthEvents(rows.clone())).await.unwrap();
+    store.add_attribute_change("w", "attributes only", at(t0), "r", &serde_json::json!({"plan": "pro"}), None).await.unwrap();
+    store.add_attribute_change("other", "not here", at(t0), "r", &serde_json::json!({"plan": "pro"}), None).await.unwrap();
+
+    // Every customer once, in order: those with events (the ones with
+    // none among the 600 are not customers health knows), the late one,
+    // the one with only attributes.
+    let mut want: Vec<String> = rows.iter().filter(|r| r.0 == "w").map(|r| r.1.clone()).collect();
+    want.push("attributes only".to_owned());
+    want.sort();
+    want.dedup();
+    assert_eq!(store.health_customer_ids("w").await.unwrap(), want);
+    assert!(store.health_customer_ids("nobody").await.unwrap().is_empty());
+
+    // Type a over 2 days, b over 5, c not at all; up to t0.
+    let refs: Vec<&str> = ids.iter().map(String::as_str).chain(["late"]).collect();
+    let start = |days: u32| at(t0 - i64::from(days) * DAY);
+    let wanted = EventsWanted { types: Some(vec![("a", 2), ("b", 5)]), days: 5, user_id: true, properties: false };
+    let mut got: Vec<(String, String, i64, Option<String>)> = store
+        .health_events_of("w", &refs, at(t0), &wanted, start)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(c, e)| (c, e.event_type, e.ts, e.user_id))
+        .collect();
+    got.sort();
+    let window = |t: &str| match t {
+        "a" => Some(t0 - 2 * DAY),
+        "b" => Some(t0 - 5 * DAY),
+        _ => None,
+    };
+    let mut expected: Vec<(String, String, i64)> = rows
+        .iter()
+        .filter(|r| r.0 == "w" && r.3 <= t0 && window(r.2).is_some_and(|from| r.3 >= from))
+        .map(|r| (r.1.clone(), r.2.to_owned(), r.3))
+        .collect();
+    expected.sort();
+    assert!(expected.len() > 300, "the data reaches both windows: {}", expected.len());
+    assert_eq!(got.iter().map(|g| (g.0.clone(), g.1.clone(), g.2)).collect::<Vec<_>>(), expected);
+    assert!(got.iter().all(|g| g.3.as_deref().is_some_and(|u| u.starts_with('u'))), "user ids read when wanted");
+    // Every type, over the longest window, without users.
+    let all = EventsWanted { types: None, days: 3, user_id: false, properties: false };
+    let got = store.health_events_of("w", &refs, at(t0), &all, start).await.unwrap();
+    let n = rows.iter().filter(|r| r.0 == "w" && r.3 <= t0 && r.3 >= t0 - 3 * DAY).count();
+    assert_eq!(got.len(), n);
+    assert!(got.iter().all(|(_, e)| e.user_id.is_none()));
+    let none = EventsWanted { types: Some(Vec::new()), days: 3, user_id: false, properties: false };
+    assert!(store.health_events_of("w", &refs, at(t0), &none, start).await.unwrap().is_empty());
+
+    // The last `b` of each customer at or before t0 - 1 day.
+    let to = t0 - DAY;
+    let mut got = store.health_last_seen_of_type("w", &refs, "b", at(to)).await.unwrap();
+    got.sort();
+    let mut last: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+    for r in rows.iter().filter(|r| r.0 == "w" && r.2 == "b" && r.3 <= to) {
+        let l = last.entry(r.1.clone()).or_insert(r.3);
+        *l = (*l).max(r.3);
+    }
+    assert!(last.len() > 100 && last.len() < 600, "some customers have no b: {}", last.len());
+    assert_eq!(got, last.into_iter().map(|(c, ts)| (c, at(ts))).collect::<Vec<_>>());
 }

@@ -70,16 +70,22 @@ async fn caught_up(s: &Server) {
 
 /// Applies a configuration and waits for its recompute job.
 async fn apply(api: &Api, cfg: Value) -> i64 {
+    apply_job(api, cfg).await.0
+}
+
+/// [`apply`], answering the version and the recompute job.
+async fn apply_job(api: &Api, cfg: Value) -> (i64, Value) {
     let (st, v) = send(api, Method::PUT, "/v1/health/config", cfg).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let job = v["recompute_job"]["id"].as_str().unwrap().to_owned();
     let a = api.clone();
+    let path = format!("/v1/jobs/{job}");
     wait_for("the recompute job", 120, move || {
-        let (a, job) = (a.clone(), job.clone());
-        Box::pin(async move { a.get(&format!("/v1/jobs/{job}")).await.1["status"] == "succeeded" })
+        let (a, path) = (a.clone(), path.clone());
+        Box::pin(async move { a.get(&path).await.1["status"] == "succeeded" })
     })
     .await;
-    v["version"].as_i64().unwrap()
+    (v["version"].as_i64().unwrap(), api.get(&format!("/v1/jobs/{job}")).await.1)
 }
 
 fn measure<'a>(h: &'a Value, name: &str) -> &'a Value {
@@ -198,8 +204,10 @@ async fn measures_of_1000_customers_equal_an_independent_computation_at_tokyo_mi
         api.ingest(Value::Array(chunk.to_vec())).await;
     }
     caught_up(&s).await;
-    let version = apply(&api, health_config()).await;
+    let (version, job) = apply_job(&api, health_config()).await;
     let ids: Vec<String> = (0..1000).map(|c| format!("c{c:04}")).collect();
+    // It found each customer once (stepping through the events' key).
+    assert_eq!((&job["result"]["customers_total"], &job["result"]["customers_done"]), (&json!(1000), &json!(1000)), "{job}");
     // The recompute (batches of 500, two at a time) left every customer
     // evaluated under this version, each as the log says at its time.
     for id in ids.iter().step_by(25) {
@@ -385,6 +393,19 @@ async fn stages_rules_overrides_and_weight_sharing() {
     let (_, h) = api.get("/v1/customers/b/health/history").await;
     let stages: Vec<Value> = h["data"].as_array().unwrap().iter().map(|r| r["stage"].clone()).collect();
     assert!(stages.windows(2).any(|w| w[0] == "risky" && w[1] == "adoption"), "{h}");
+    // Each row's `previous` is the row before it (the first has none), and
+    // a row is written only when stage, band or version changed or the
+    // score moved by more than the step (the default, 5) since that row.
+    let rows = h["data"].as_array().unwrap();
+    assert_eq!(rows[0]["previous"], json!({"stage": null, "band": null, "score": null}), "{h}");
+    for w in rows.windows(2) {
+        assert_eq!(w[1]["previous"], json!({"stage": w[0]["stage"], "band": w[0]["band"], "score": w[0]["score"]}), "{h}");
+        let moved = match (w[0]["score"].as_f64(), w[1]["score"].as_f64()) {
+            (Some(a), Some(b)) => (a - b).abs() > 5.0,
+            (a, b) => a.is_some() != b.is_some(),
+        };
+        assert!(moved || w[0]["stage"] != w[1]["stage"] || w[0]["band"] != w[1]["band"] || w[0]["config_version"] != w[1]["config_version"], "{h}");
+    }
     let (st, q) = api
         .post("/v1/sql", json!({"query": "SELECT stage, count(*) AS n FROM health_history WHERE customer_id = 'b' GROUP BY stage ORDER BY stage"}))
         .await;

@@ -551,7 +551,10 @@ mod tests {
 
     use super::HealthConfig;
 
-    fn wanted(measures: serde_json::Value) -> (Option<Vec<(String, u32)>>, u32, bool, bool) {
+    /// Types with their days, the longest window, users, properties.
+    type Wanted = (Option<Vec<(String, u32)>>, u32, bool, bool);
+
+    fn wanted(measures: serde_json::Value) -> Wanted {
         let cfg = HealthConfig::parse(&json!({"measures": measures, "stages": [{"name": "a", "rule": {"all": []}}]})).unwrap();
         let w = cfg.events_wanted();
         (w.types.map(|t| t.into_iter().map(|(t, d)| (t.to_owned(), d)).collect()), w.days, w.user_id, w.properties)

@@ -549,11 +549,7 @@ impl Store {
         event_type: &str,
         to: DateTime<Utc>,
     ) -> Result<Vec<(String, DateTime<Utc>)>> {
-        // The list as rows of a column `value`.
-        let keys = match self {
-            Store::Sqlite(_) => "({in}) k",
-            Store::Postgres(_) => "unnest(ARRAY[{in}]::text[]) AS k(value)",
-        };
+        let keys = crate::in_lists::key_rows(matches!(self, Store::Sqlite(_)));
         // Customers without such an event come back with `NULL` (a `WHERE`
         // on it made SQLite run the subquery twice).
         let sql = format!(

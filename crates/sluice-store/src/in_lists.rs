@@ -39,6 +39,18 @@ pub(crate) fn in_list(sqlite: bool, from: usize, keys: &[&str]) -> (String, Vec<
     }
 }
 
+/// The keys of an `{in}` list as the rows of a table `k` with one column
+/// `value` (`FROM {keys}`), for a query that looks each key up on its own,
+/// such as a correlated subquery per key: the list's rows on SQLite
+/// ([`in_list`]'s `json_each`), `unnest` of its parameters on PostgreSQL.
+pub(crate) fn key_rows(sqlite: bool) -> &'static str {
+    if sqlite {
+        "({in}) k"
+    } else {
+        "unnest(ARRAY[{in}]::text[]) AS k(value)"
+    }
+}
+
 impl Store {
     /// The rows of `select` (a query whose `{in}` is replaced by the inside
     /// of an `IN (…)` list, see [`in_list`], and whose `$1` is the

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sluice_billing::EventSink;
 use sluice_store::{CustomerHealthRow, HealthHistoryRow, Store, StoreError};
@@ -246,8 +247,8 @@ impl Health {
         // back as its measures look, and of them only the columns they
         // look at.
         let wanted = cfg.events_wanted();
-        for (c, e) in self.store.health_events_of(ws, customers, at, &wanted, |days| eval::window_start(ctx.tz, at, days)).await? {
-            l.events.entry(c).or_default().push(e);
+        for (c, run) in self.store.health_events_of(ws, customers, at, &wanted, |days| eval::window_start(ctx.tz, at, days)).await? {
+            l.events.entry(c).or_default().push(run);
         }
         let since_last: std::collections::BTreeSet<Option<&str>> = cfg
             .measures
@@ -315,7 +316,7 @@ impl Health {
         at: DateTime<Utc>,
         previous: Option<(Option<String>, Option<DateTime<Utc>>)>,
     ) -> Evaluation {
-        static NO_EVENTS: Vec<sluice_store::HealthEventRow> = Vec::new();
+        static NO_EVENTS: Vec<sluice_store::HealthEventRun> = Vec::new();
         let empty_seen = HashMap::new();
         let empty_attrs = Map::new();
         let empty_dec = HashMap::new();
@@ -413,13 +414,14 @@ impl Health {
     /// result, writes history and transition events; returns the view.
     pub async fn refresh(&self, ctx: &WsCtx, customer: &str, cause: Cause) -> Result<Value, HealthError> {
         let mut v = self.refresh_many(ctx, &[customer], cause).await?;
-        v.pop().ok_or_else(|| HealthError::Corrupt("an evaluation went missing".into()))
+        let doc = v.pop().ok_or_else(|| HealthError::Corrupt("an evaluation went missing".into()))?;
+        serde_json::from_str(doc.get()).map_err(|e| HealthError::Corrupt(format!("an evaluation's view: {e}")))
     }
 
     /// [`Health::refresh`] for many customers of one workspace: read
     /// together, saved in one transaction per call (callers pass at most a
     /// few hundred). Returns the views in the order of `customers`.
-    pub async fn refresh_many(&self, ctx: &WsCtx, customers: &[&str], cause: Cause) -> Result<Vec<Value>, HealthError> {
+    pub async fn refresh_many(&self, ctx: &WsCtx, customers: &[&str], cause: Cause) -> Result<Vec<Box<RawValue>>, HealthError> {
         let ws = ctx.name.as_str();
         let _one_at_a_time = self.locks.take(ws, customers).await;
         // Microseconds, as the store keeps times: an `as_of` of this
@@ -434,7 +436,7 @@ impl Health {
         for &c in customers {
             let row = rows.get(c);
             let e = self.evaluate_loaded(ctx, &loaded, c, now, row.map(|r| (r.stage.clone(), r.stage_since)));
-            let s = self.settle(ctx, c, row, &e, now, &cause);
+            let s = self.settle(ctx, c, row, &e, now, &cause)?;
             saved.push(s.0);
             history.extend(s.1);
             events.extend(s.2);
@@ -461,9 +463,10 @@ impl Health {
         e: &Evaluation,
         now: DateTime<Utc>,
         cause: &Cause,
-    ) -> (CustomerHealthRow, Option<HealthHistoryRow>, Vec<sluice_core::Event>) {
+    ) -> Result<(CustomerHealthRow, Option<HealthHistoryRow>, Vec<sluice_core::Event>), HealthError> {
         let ws = ctx.name.as_str();
-        let view = e.view(customer, ctx.version);
+        let view = e.view_text(customer, ctx.version).map_err(|err| HealthError::Corrupt(format!("an evaluation's view: {err}")))?;
+        let score_view = e.score.map(eval::num).unwrap_or(Value::Null);
         let first_under_version = row.is_none_or(|r| r.config_version != ctx.version);
         let cooldown = chrono::Duration::from_std(ctx.config.cooldown(self.default_cooldown)).unwrap_or(chrono::Duration::minutes(10));
         let mut emitted = row.map(|r| r.emitted.clone()).filter(|v| v.is_object()).unwrap_or_else(|| json!({}));
@@ -490,12 +493,12 @@ impl Health {
                             (
                                 "customer.stage_changed",
                                 json!({"customer_id": customer, "from": last_v, "to": v, "stage_rule": e.stage_rule,
-                                "stage_reason": e.stage_reason, "score": view["score"], "band": e.band, "config_version": ctx.version, "at": now}),
+                                "stage_reason": e.stage_reason, "score": score_view, "band": e.band, "config_version": ctx.version, "at": now}),
                             )
                         } else {
                             (
                                 "customer.health_changed",
-                                json!({"customer_id": customer, "from": last_v, "to": v, "score": view["score"],
+                                json!({"customer_id": customer, "from": last_v, "to": v, "score": score_view,
                                 "stage": e.stage, "config_version": ctx.version, "at": now}),
                             )
                         };
@@ -551,7 +554,7 @@ impl Health {
             emitted,
             history_score: if history.is_some() { score } else { row.and_then(|r| r.history_score) },
         };
-        (saved, history, out_events)
+        Ok((saved, history, out_events))
     }
 
     /// Refreshes a customer of a workspace if it has a configuration.
@@ -604,7 +607,7 @@ pub const BATCH: usize = 500;
 /// ([`Health::load`]), by customer.
 #[derive(Default)]
 pub struct Loaded {
-    events: HashMap<String, Vec<sluice_store::HealthEventRow>>,
+    events: HashMap<String, Vec<sluice_store::HealthEventRun>>,
     last_seen: HashMap<String, HashMap<String, DateTime<Utc>>>,
     attributes: HashMap<String, Map<String, Value>>,
     overrides: HashMap<String, sluice_store::OverrideRow>,

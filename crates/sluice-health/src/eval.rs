@@ -15,7 +15,7 @@ use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 use sluice_metering::usage::local_start;
-use sluice_store::{HealthEventRow, OverrideRow};
+use sluice_store::{HealthEventRun, OverrideRow};
 
 use crate::config::{Comparison, HealthConfig, Measure, Op, Operand, Rule, ScoreItem};
 
@@ -102,8 +102,9 @@ pub struct Inputs<'a> {
     pub at: DateTime<Utc>,
     /// The workspace time zone.
     pub tz: Tz,
-    /// The customer's events from the start of the longest window to `at`.
-    pub events: &'a [HealthEventRow],
+    /// The customer's events from the start of the longest window to
+    /// `at`, one run per type.
+    pub events: &'a [HealthEventRun],
     /// The last event at or before `at` by type ("" for any type).
     pub last_seen: &'a HashMap<String, DateTime<Utc>>,
     /// Attributes as they were at `at`.
@@ -190,22 +191,23 @@ pub fn month_start(tz: Tz, at: DateTime<Utc>) -> DateTime<Utc> {
     local_start(tz, NaiveDate::from_ymd_opt(chrono::Datelike::year(&d), chrono::Datelike::month(&d), 1).unwrap_or(d), 0)
 }
 
-fn props_match(e: &HealthEventRow, filter: Option<&Map<String, Value>>) -> bool {
+fn props_match(props: Option<&str>, filter: Option<&Map<String, Value>>) -> bool {
     let Some(f) = filter.filter(|f| !f.is_empty()) else { return true };
-    let Some(p) = e.properties.as_deref() else { return false };
+    let Some(p) = props else { return false };
     let Ok(Value::Object(p)) = serde_json::from_str::<Value>(p) else { return false };
     f.iter().all(|(k, v)| p.get(k) == Some(v))
+}
+
+/// The runs of `event_type` (every run: any type).
+fn runs<'a>(inp: &'a Inputs, event_type: Option<&'a str>) -> impl Iterator<Item = &'a HealthEventRun> + 'a {
+    inp.events.iter().filter(move |r| event_type.is_none_or(|t| r.event_type == t))
 }
 
 fn count(inp: &Inputs, event_type: Option<&str>, props: Option<&Map<String, Value>>, from: DateTime<Utc>, to_excl: Option<DateTime<Utc>>) -> usize {
     let (from, at) = (from.timestamp_micros(), inp.at.timestamp_micros());
     let to = to_excl.map(|t| t.timestamp_micros());
-    inp.events
-        .iter()
-        .filter(|e| e.ts >= from && e.ts <= at && to.is_none_or(|t| e.ts < t))
-        .filter(|e| event_type.is_none_or(|t| e.event_type == t))
-        .filter(|e| props_match(e, props))
-        .count()
+    let inside = |ts: i64| ts >= from && ts <= at && to.is_none_or(|t| ts < t);
+    runs(inp, event_type).map(|r| r.ts.iter().enumerate().filter(|(i, ts)| inside(**ts) && props_match(r.properties(*i), props)).count()).sum()
 }
 
 /// A measure's value at `inp.at` (none: no data), with a note when none.
@@ -220,11 +222,8 @@ fn measure(m: &Measure, inp: &Inputs) -> (Option<Val>, Option<String>) {
         Measure::DistinctUsers { event_type, days } => {
             let from = window_start(tz, inp.at, *days).timestamp_micros();
             let at = inp.at.timestamp_micros();
-            let users: HashSet<&str> = inp
-                .events
-                .iter()
-                .filter(|e| e.ts >= from && e.ts <= at && event_type.as_deref().is_none_or(|t| e.event_type == t))
-                .filter_map(|e| e.user_id.as_deref())
+            let users: HashSet<&str> = runs(inp, event_type.as_deref())
+                .flat_map(|r| r.ts.iter().enumerate().filter(|(_, ts)| **ts >= from && **ts <= at).filter_map(|(i, _)| r.user_id(i)))
                 .collect();
             (Some(Val::Num(Decimal::from(users.len()))), None)
         }
@@ -532,38 +531,123 @@ pub fn evaluate(cfg: &HealthConfig, inp: &Inputs) -> Evaluation {
     }
 }
 
+/// A number as the views show it ([`num`]), serialized without building a
+/// [`Value`].
+struct Num(Decimal);
+
+impl serde::Serialize for Num {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let d = self.0.normalize();
+        if d.scale() == 0 {
+            if let Some(i) = d.to_i64() {
+                return s.serialize_i64(i);
+            }
+        }
+        match d.to_f64() {
+            Some(f) => s.serialize_f64(f),
+            None => s.serialize_unit(),
+        }
+    }
+}
+
+/// A value as the views show it ([`Val::to_json`]).
+struct ValView<'a>(&'a Val);
+
+impl serde::Serialize for ValView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Val::Num(d) => Num(*d).serialize(s),
+            Val::Date(d) => s.collect_str(&d.format("%Y-%m-%d")),
+            Val::Str(x) => s.serialize_str(x),
+            Val::Bool(b) => s.serialize_bool(*b),
+        }
+    }
+}
+
+/// The API's view of an evaluation, serialized straight from it: a
+/// recompute writes one per customer, and building it as a [`Value`] tree
+/// first (a map per object, a string per key) cost more than the
+/// evaluation. Fields in the order a [`Value`] map keeps them (sorted), so
+/// the text is the same either way.
+#[derive(serde::Serialize)]
+struct View<'a> {
+    as_of: DateTime<Utc>,
+    band: Option<&'static str>,
+    config_version: i64,
+    customer_id: &'a str,
+    explanation: &'a [String],
+    measures: Vec<MeasureView<'a>>,
+    next_change_at: DateTime<Utc>,
+    #[serde(rename = "override")]
+    override_view: &'a Option<Value>,
+    priority: Option<Num>,
+    score: Option<Num>,
+    stage: &'a Option<String>,
+    stage_reason: &'static str,
+    stage_rule: &'a Option<Value>,
+    stage_since: Option<DateTime<Utc>>,
+    value: Num,
+}
+
+/// One measure of a [`View`].
+#[derive(serde::Serialize)]
+struct MeasureView<'a> {
+    contribution: Option<Num>,
+    effective_weight: Option<Num>,
+    has_data: bool,
+    in_scorecard: bool,
+    kind: &'static str,
+    name: &'a str,
+    note: &'a Option<String>,
+    points: Option<Num>,
+    value: Option<ValView<'a>>,
+    weight: Option<Num>,
+}
+
 impl Evaluation {
+    fn view_of<'a>(&'a self, customer_id: &'a str, config_version: i64) -> View<'a> {
+        View {
+            as_of: self.at,
+            band: self.band,
+            config_version,
+            customer_id,
+            explanation: &self.notes,
+            measures: self
+                .measures
+                .iter()
+                .map(|m| MeasureView {
+                    contribution: m.contribution.map(Num),
+                    effective_weight: m.effective_weight.map(Num),
+                    has_data: m.value.is_some(),
+                    in_scorecard: m.in_scorecard,
+                    kind: m.kind,
+                    name: &m.name,
+                    note: &m.note,
+                    points: m.points.map(Num),
+                    value: m.value.as_ref().map(ValView),
+                    weight: m.weight.map(Num),
+                })
+                .collect(),
+            next_change_at: self.next_change,
+            override_view: &self.override_view,
+            priority: self.priority.map(Num),
+            score: self.score.map(Num),
+            stage: &self.stage,
+            stage_reason: self.stage_reason,
+            stage_rule: &self.stage_rule,
+            stage_since: self.stage_since,
+            value: Num(self.value),
+        }
+    }
+
     /// The API's view (`GET /v1/customers/{id}/health`).
     pub fn view(&self, customer_id: &str, config_version: i64) -> Value {
-        let opt = |d: Option<Decimal>| d.map(num).unwrap_or(Value::Null);
-        json!({
-            "customer_id": customer_id,
-            "as_of": self.at,
-            "config_version": config_version,
-            "stage": self.stage,
-            "stage_rule": self.stage_rule,
-            "stage_reason": self.stage_reason,
-            "stage_since": self.stage_since,
-            "override": self.override_view,
-            "score": opt(self.score),
-            "band": self.band,
-            "value": num(self.value),
-            "priority": opt(self.priority),
-            "measures": self.measures.iter().map(|m| json!({
-                "name": m.name,
-                "kind": m.kind,
-                "value": m.value.as_ref().map(Val::to_json),
-                "has_data": m.value.is_some(),
-                "points": opt(m.points),
-                "weight": opt(m.weight),
-                "effective_weight": opt(m.effective_weight),
-                "contribution": opt(m.contribution),
-                "note": m.note,
-                "in_scorecard": m.in_scorecard,
-            })).collect::<Vec<_>>(),
-            "explanation": self.notes,
-            "next_change_at": self.next_change,
-        })
+        serde_json::to_value(self.view_of(customer_id, config_version)).unwrap_or(Value::Null)
+    }
+
+    /// [`Evaluation::view`] as JSON text, as the live row keeps it.
+    pub fn view_text(&self, customer_id: &str, config_version: i64) -> Result<Box<serde_json::value::RawValue>, serde_json::Error> {
+        serde_json::value::to_raw_value(&self.view_of(customer_id, config_version))
     }
 }
 
@@ -576,12 +660,106 @@ mod tests {
         HealthConfig::parse(&v).expect("valid")
     }
 
-    fn ev(t: &str, ts: &str) -> HealthEventRow {
-        HealthEventRow {
+    /// The view as it was built before it was serialized straight from the
+    /// evaluation: a `Value` tree from `json!` (the reference).
+    fn view_as_value_tree(e: &Evaluation, customer_id: &str, config_version: i64) -> Value {
+        let opt = |d: Option<Decimal>| d.map(num).unwrap_or(Value::Null);
+        json!({
+            "customer_id": customer_id,
+            "as_of": e.at,
+            "config_version": config_version,
+            "stage": e.stage,
+            "stage_rule": e.stage_rule,
+            "stage_reason": e.stage_reason,
+            "stage_since": e.stage_since,
+            "override": e.override_view,
+            "score": opt(e.score),
+            "band": e.band,
+            "value": num(e.value),
+            "priority": opt(e.priority),
+            "measures": e.measures.iter().map(|m| json!({
+                "name": m.name,
+                "kind": m.kind,
+                "value": m.value.as_ref().map(Val::to_json),
+                "has_data": m.value.is_some(),
+                "points": opt(m.points),
+                "weight": opt(m.weight),
+                "effective_weight": opt(m.effective_weight),
+                "contribution": opt(m.contribution),
+                "note": m.note,
+                "in_scorecard": m.in_scorecard,
+            })).collect::<Vec<_>>(),
+            "explanation": e.notes,
+            "next_change_at": e.next_change,
+        })
+    }
+
+    #[test]
+    fn the_view_is_the_same_text_as_the_value_tree_it_replaces() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let m = |name: &str, value: Option<Val>, points: Option<&str>, note: Option<&str>| MeasureResult {
+            name: name.into(),
+            kind: "count",
+            value,
+            points: points.map(d),
+            weight: Some(d("2.50")),
+            effective_weight: Some(d("0.3333333333333333333333333333")),
+            contribution: points.map(|p| d(p) * d("0.3333333333333333333333333333")),
+            note: note.map(str::to_owned),
+            in_scorecard: points.is_some(),
+        };
+        let full = Evaluation {
+            at: t("2026-03-02T14:59:59.123456Z"),
+            stage: Some("採用 \"adoption\"".into()),
+            stage_rule: Some(json!({"all": [{"measure": "r", "op": "<", "value": 5}]})),
+            stage_reason: "override",
+            stage_since: Some(t("2026-01-01T00:00:00Z")),
+            override_view: Some(json!({"stage": "x", "reason": "r", "until": null})),
+            score: Some(d("73.3333")),
+            band: Some("good"),
+            measures: vec![
+                m("int", Some(Val::Num(d("12.000"))), Some("100"), None),
+                m("frac", Some(Val::Num(d("-0.125"))), Some("86.6667"), Some("a \"note\" 日本")),
+                m("big", Some(Val::Num(Decimal::MAX)), Some("0"), None),
+                m("date", Some(Val::Date(NaiveDate::from_ymd_opt(2027, 2, 28).unwrap())), None, None),
+                m("text", Some(Val::Str("プラン\n\"x\"".into())), None, None),
+                m("bool", Some(Val::Bool(false)), None, None),
+                m("none", None, None, Some("no login event yet")),
+            ],
+            notes: vec!["one".into(), "二つ \"2\"".into()],
+            value: d("48000.00"),
+            priority: Some(d("12800.016")),
+            next_change: t("2026-03-02T15:00:00Z"),
+        };
+        let empty = Evaluation {
+            stage: None,
+            stage_rule: None,
+            stage_reason: "none",
+            stage_since: None,
+            override_view: None,
+            score: None,
+            band: None,
+            measures: Vec::new(),
+            notes: Vec::new(),
+            value: d("1"),
+            priority: None,
+            ..full.clone()
+        };
+        for e in [&full, &empty] {
+            let reference = view_as_value_tree(e, "c \"1\" 顧客", 7);
+            assert_eq!(e.view("c \"1\" 顧客", 7), reference);
+            assert_eq!(e.view_text("c \"1\" 顧客", 7).unwrap().get(), reference.to_string(), "the same text as stored before");
+        }
+    }
+
+    /// One run of type `t` (user `u` each).
+    fn run(t: &str, times: &[&str]) -> HealthEventRun {
+        HealthEventRun {
             event_type: t.into(),
-            ts: DateTime::parse_from_rfc3339(ts).unwrap().timestamp_micros(),
-            user_id: Some("u".into()),
-            properties: None,
+            ts: times.iter().map(|ts| DateTime::parse_from_rfc3339(ts).unwrap().timestamp_micros()).collect(),
+            user_ids: vec![Some("u".into()); times.len()],
+            properties: Vec::new(),
         }
     }
 
@@ -595,7 +773,7 @@ mod tests {
         );
         let tz: Tz = "Asia/Tokyo".parse().unwrap();
         // 2026-03-01 23:59 JST and 2026-03-02 00:00 JST.
-        let events = vec![ev("x", "2026-02-28T15:00:00Z"), ev("x", "2026-03-01T14:59:00Z")];
+        let events = vec![run("x", &["2026-02-28T15:00:00Z", "2026-03-01T14:59:00Z"])];
         let (ls, attrs, usage, included) = (HashMap::new(), Map::new(), HashMap::new(), HashMap::new());
         let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
         let inp = |t| Inputs {

@@ -27,17 +27,39 @@ pub struct HealthConfigRow {
     pub created_by: Option<String>,
 }
 
-/// One event as the measures read it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct HealthEventRow {
+/// A customer's events of one type as the measures read them: their
+/// times, and their users and properties when wanted
+/// ([`Store::health_events_of`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HealthEventRun {
     /// Event type.
     pub event_type: String,
-    /// Event time (Unix microseconds).
-    pub ts: i64,
-    /// The user who caused it.
-    pub user_id: Option<String>,
-    /// Properties (JSON text), when the event had any.
-    pub properties: Option<String>,
+    /// Event times (Unix microseconds), in no particular order.
+    pub ts: Vec<i64>,
+    /// The user of each event, in the order of `ts` (empty when not read).
+    pub user_ids: Vec<Option<String>>,
+    /// The properties (JSON text) of each event, in the order of `ts`
+    /// (empty when not read; `None` for an event without any).
+    pub properties: Vec<Option<String>>,
+}
+
+impl HealthEventRun {
+    /// Events held.
+    pub fn len(&self) -> usize {
+        self.ts.len()
+    }
+    /// Holds none.
+    pub fn is_empty(&self) -> bool {
+        self.ts.is_empty()
+    }
+    /// The user of the `i`th event (none when not read).
+    pub fn user_id(&self, i: usize) -> Option<&str> {
+        self.user_ids.get(i).and_then(Option::as_deref)
+    }
+    /// The properties of the `i`th event (none when not read).
+    pub fn properties(&self, i: usize) -> Option<&str> {
+        self.properties.get(i).and_then(Option::as_deref)
+    }
 }
 
 /// What of a customer's events an evaluation reads
@@ -51,9 +73,9 @@ pub struct EventsWanted<'a> {
     pub types: Option<Vec<(&'a str, u32)>>,
     /// The longest window of all the measures (at least 1).
     pub days: u32,
-    /// `user_id` is read (else `None` in every row).
+    /// `user_id` is read (else [`HealthEventRun::user_ids`] is empty).
     pub user_id: bool,
-    /// `properties` are read (else `None` in every row).
+    /// `properties` are read (else [`HealthEventRun::properties`] is empty).
     pub properties: bool,
 }
 
@@ -89,8 +111,9 @@ pub struct CustomerHealthRow {
     pub band: Option<String>,
     /// Priority (risk × value).
     pub priority: Option<f64>,
-    /// The full explanation.
-    pub doc: Value,
+    /// The full explanation (the API's view, as JSON text: written and
+    /// served as it is).
+    pub doc: Box<serde_json::value::RawValue>,
     /// When it was evaluated.
     pub evaluated_at: DateTime<Utc>,
     /// When it must be evaluated again even without events.
@@ -151,6 +174,12 @@ fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or(Value::Null)
 }
 
+/// JSON text kept as it is (`null` for text that is not JSON, as [`json`]
+/// reads it).
+fn raw_json(s: String) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(s).unwrap_or_default()
+}
+
 fn health_row(r: HealthTuple) -> CustomerHealthRow {
     CustomerHealthRow {
         customer_id: r.0,
@@ -160,7 +189,7 @@ fn health_row(r: HealthTuple) -> CustomerHealthRow {
         score: r.4,
         band: r.5,
         priority: r.6,
-        doc: json(&r.7),
+        doc: raw_json(r.7),
         evaluated_at: from_micros(r.8),
         next_eval_at: from_micros(r.9),
         emitted: json(&r.10),
@@ -476,10 +505,15 @@ impl Store {
     // customers instead of several per customer. Times are bound as
     // literals: `select_in` binds only the workspace and the keys.
 
-    /// Events of these customers up to `to`: (customer, event), with only
-    /// the types and columns `wanted` (an event of another type is not read
-    /// at all: the key starts with the type after the customer), each type
-    /// from `start(days)` of its longest window on.
+    /// Events of these customers up to `to`, one run per (customer, type),
+    /// with only the types and columns `wanted` (an event of another type
+    /// is not read at all: the key starts with the type after the
+    /// customer), each type from `start(days)` of its longest window on.
+    ///
+    /// A run is one row (SQLite: one JSON array of rows per 500 customers,
+    /// see [`Store::select_in_packed`]): a customer's ~25 events of a type
+    /// cost one row, not 25 (rows, not bytes, were the read's cost on both
+    /// stores: docs/BENCHMARKS.md, "Customer health", session 23).
     pub async fn health_events_of(
         &self,
         workspace: &str,
@@ -487,7 +521,7 @@ impl Store {
         to: DateTime<Utc>,
         wanted: &EventsWanted<'_>,
         start: impl Fn(u32) -> DateTime<Utc>,
-    ) -> Result<Vec<(String, HealthEventRow)>> {
+    ) -> Result<Vec<(String, HealthEventRun)>> {
         // Types that start at the same time are read by one range each; a
         // group of every type when no list is given.
         let mut groups: std::collections::BTreeMap<i64, Vec<&str>> = std::collections::BTreeMap::new();
@@ -502,9 +536,14 @@ impl Store {
                 groups.insert(to_micros(start(wanted.days)), Vec::new());
             }
         }
+        let sqlite = matches!(self, Store::Sqlite(_));
+        // JSON arrays of the run's values, in the order of the scan (the
+        // key's, ts within a run) on both stores.
+        let agg = |col: &str| if sqlite { format!("json_group_array({col})") } else { format!("json_agg({col})::text") };
+        let ts = agg("ts");
+        let users = if wanted.user_id { agg("user_id") } else { "CAST(NULL AS TEXT)".to_owned() };
+        let props = if wanted.properties { agg("properties") } else { "CAST(NULL AS TEXT)".to_owned() };
         let mut leading = vec![Arg::Text(workspace)];
-        let user = if wanted.user_id { "user_id" } else { "CAST(NULL AS TEXT) AS user_id" };
-        let props = if wanted.properties { "properties" } else { "CAST(NULL AS TEXT) AS properties" };
         let mut parts = Vec::new();
         for (from, types) in groups {
             let types = if types.is_empty() {
@@ -515,15 +554,45 @@ impl Store {
                 format!("AND event_type IN ({list})")
             };
             parts.push(format!(
-                "SELECT customer_id, event_type, ts, {user}, {props} FROM health_events WHERE workspace = $1 {types} \
-                 AND customer_id IN ({{in}}) AND ts >= {from} AND ts <= {}",
+                "SELECT customer_id, event_type, {ts} AS ts, {users} AS users, {props} AS props FROM health_events WHERE workspace = $1 {types} \
+                 AND customer_id IN ({{in}}) AND ts >= {from} AND ts <= {} GROUP BY customer_id, event_type",
                 to_micros(to)
             ));
         }
         let sql = parts.join(" UNION ALL ");
-        type Tuple = (String, String, i64, Option<String>, Option<String>);
-        let rows: Vec<Tuple> = self.select_in_packed(&sql, "customer_id, event_type, ts, user_id, properties", &leading, customers).await?;
-        Ok(rows.into_iter().map(|r| (r.0, HealthEventRow { event_type: r.1, ts: r.2, user_id: r.3, properties: r.4 })).collect())
+        type Run = (String, String, Vec<i64>, Option<Vec<Option<String>>>, Option<Vec<Option<String>>>);
+        let runs: Vec<Run> = if sqlite {
+            // The runs' arrays are JSON text already: joined as text, not
+            // parsed again by json() (which cost SQLite more than reading
+            // the events row by row).
+            let packed = format!(
+                "SELECT '[' || group_concat('[' || json_quote(customer_id) || ',' || json_quote(event_type) || ',' || ts || ',' \
+                 || coalesce(users, 'null') || ',' || coalesce(props, 'null') || ']', ',') || ']' FROM ({sql}) packed"
+            );
+            // No runs: one NULL row.
+            let pages: Vec<(Option<String>,)> = self.select_in_after(&packed, &leading, customers).await?;
+            let mut out = Vec::new();
+            for page in pages.into_iter().filter_map(|p| p.0) {
+                out.extend(serde_json::from_str::<Vec<Run>>(&page).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
+            }
+            out
+        } else {
+            let rows: Vec<(String, String, String, Option<String>, Option<String>)> = self.select_in_after(&sql, &leading, customers).await?;
+            fn parse<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, sqlx::Error> {
+                serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+            }
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let users = r.3.as_deref().map(parse).transpose()?;
+                let props = r.4.as_deref().map(parse).transpose()?;
+                out.push((r.0, r.1, parse(&r.2)?, users, props));
+            }
+            out
+        };
+        Ok(runs
+            .into_iter()
+            .map(|r| (r.0, HealthEventRun { event_type: r.1, ts: r.2, user_ids: r.3.unwrap_or_default(), properties: r.4.unwrap_or_default() }))
+            .collect())
     }
 
     /// The last event time of each (customer, type) at or before `to`.
@@ -649,7 +718,7 @@ impl Store {
                 let mut q = sqlx::query(&sql);
                 for h in chunk {
                     q = q.bind(&h.customer_id).bind(h.config_version).bind(&h.stage).bind(h.stage_since.map(to_micros)).bind(h.score).bind(&h.band)
-                        .bind(h.priority).bind(h.doc.to_string()).bind(to_micros(h.evaluated_at)).bind(to_micros(h.next_eval_at))
+                        .bind(h.priority).bind(h.doc.get()).bind(to_micros(h.evaluated_at)).bind(to_micros(h.next_eval_at))
                         .bind(h.emitted.to_string()).bind(h.history_score).bind(workspace);
                 }
                 q.execute(&mut *tx).await?;

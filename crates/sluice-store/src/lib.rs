@@ -42,7 +42,7 @@ mod workspaces;
 pub use audit::{AuditEntry, NewAudit};
 pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, NewInvoice, PlanRow, SubscriptionRow};
 pub use consumers::{ConsumerCommit, CountKey, DeadLetter, DeadLetterAction, DeadLetterFilter, Delivery, Folder, NewDeadLetter, Webhook};
-pub use health::{CustomerHealthRow, EventsWanted, HealthConfigRow, HealthEventRow, HealthHistoryRow, HealthSort, OverrideRow};
+pub use health::{CustomerHealthRow, EventsWanted, HealthConfigRow, HealthEventRun, HealthHistoryRow, HealthSort, OverrideRow};
 pub use jobs::{BulkJobs, Job, JobEnd, JobSelection, NewJob};
 pub use keys::{ApiKey, NewApiKey};
 pub use lake::{EventSchema, LakeFile, LakeSnapshot, SavedQuery};

@@ -711,7 +711,7 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
             score: Some(score(i)),
             band: Some("good".into()),
             priority: Some(score(i) * 1.000_000_000_1),
-            doc: serde_json::json!({"customer_id": id, "measures": [1, 2, 3]}),
+            doc: serde_json::value::to_raw_value(&serde_json::json!({"customer_id": id, "measures": [1, 2, 3]})).unwrap(),
             evaluated_at: t(2),
             next_eval_at: t(3 + i as i64),
             emitted: serde_json::json!({"stage": {"value": "adoption", "at": 1_790_000_000_123_456_i64}, "version": 7}),
@@ -741,7 +741,7 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
     for (g, w) in state.iter().zip(&rows) {
         assert_eq!((&g.customer_id, g.config_version, &g.stage, g.stage_since), (&w.customer_id, w.config_version, &w.stage, w.stage_since));
         assert_eq!((&g.band, g.evaluated_at, g.next_eval_at, &g.emitted), (&w.band, w.evaluated_at, w.next_eval_at, &w.emitted));
-        assert_eq!((&g.doc, g.score, g.priority), (&serde_json::Value::Null, None, None), "left out of the state read");
+        assert_eq!((g.doc.get(), g.score, g.priority), ("null", None, None), "left out of the state read");
         // What an evaluation compares with its latest history: bit for bit.
         assert_eq!(g.history_score.map(f64::to_bits), w.history_score.map(f64::to_bits), "history score of {}", w.customer_id);
     }
@@ -749,8 +749,19 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
     let full = store.customers_health("w", &refs[..3]).await.unwrap();
     for g in full {
         let w = rows.iter().find(|r| r.customer_id == g.customer_id).unwrap();
-        assert_eq!((g.priority.map(f64::to_bits), &g.doc), (w.priority.map(f64::to_bits), &w.doc));
+        assert_eq!((g.priority.map(f64::to_bits), g.doc.get()), (w.priority.map(f64::to_bits), w.doc.get()));
     }
+}
+
+/// The user of the `i`th row of [`HealthEvents`] (none for every fifth).
+fn health_user(i: usize) -> Option<String> {
+    (i % 5 != 4).then(|| format!("u{}", i % 3))
+}
+
+/// The properties of the `i`th row of [`HealthEvents`] (JSON text with
+/// quotes and non-ASCII for every fourth, none for the others).
+fn health_props(i: usize) -> Option<String> {
+    (i % 4 == 0).then(|| serde_json::json!({"plan": format!("プラン \"{i}\""), "n": i}).to_string())
 }
 
 /// Events as the health read model keeps them: (workspace, customer, type, time).
@@ -762,8 +773,8 @@ impl sluice_store::TxWork for HealthEvents {
             sluice_store::on_tx!(tx, conn => {
                 for (i, (ws, c, t, ts)) in self.0.iter().enumerate() {
                     sqlx::query("INSERT INTO health_events (workspace, customer_id, event_type, ts, event_id, user_id, properties) \
-                        VALUES ($1, $2, $3, $4, $5, $6, NULL)")
-                        .bind(ws).bind(c).bind(*t).bind(*ts).bind(format!("e{i}")).bind(format!("u{}", i % 3))
+                        VALUES ($1, $2, $3, $4, $5, $6, $7)")
+                        .bind(ws).bind(c).bind(*t).bind(*ts).bind(format!("e{i}")).bind(health_user(i)).bind(health_props(i))
                         .execute(&mut *conn).await?;
                 }
                 Ok::<(), sqlx::Error>(())
@@ -814,34 +825,69 @@ async fn health_batch_reads_step_through_customers_and_read_each_type_over_its_w
     let refs: Vec<&str> = ids.iter().map(String::as_str).chain(["late"]).collect();
     let start = |days: u32| at(t0 - i64::from(days) * DAY);
     let wanted = EventsWanted { types: Some(vec![("a", 2), ("b", 5)]), days: 5, user_id: true, properties: false };
-    let mut got: Vec<(String, String, i64, Option<String>)> = store
-        .health_events_of("w", &refs, at(t0), &wanted, start)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(c, e)| (c, e.event_type, e.ts, e.user_id))
-        .collect();
+    // Runs flattened to events: one run per (customer, type), its users
+    // beside its times.
+    let flat = |runs: Vec<(String, sluice_store::HealthEventRun)>| -> Vec<(String, String, i64, Option<String>)> {
+        let mut keys: Vec<(String, String)> = runs.iter().map(|(c, r)| (c.clone(), r.event_type.clone())).collect();
+        keys.sort();
+        let n = keys.len();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "one run per (customer, type)");
+        runs.into_iter()
+            .flat_map(|(c, r)| {
+                assert!(r.user_ids.is_empty() || r.user_ids.len() == r.ts.len(), "a user per event, or none read");
+                (0..r.ts.len()).map(move |i| (c.clone(), r.event_type.clone(), r.ts[i], r.user_id(i).map(str::to_owned))).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let mut got = flat(store.health_events_of("w", &refs, at(t0), &wanted, start).await.unwrap());
     got.sort();
     let window = |t: &str| match t {
         "a" => Some(t0 - 2 * DAY),
         "b" => Some(t0 - 5 * DAY),
         _ => None,
     };
-    let mut expected: Vec<(String, String, i64)> = rows
+    let mut expected: Vec<(String, String, i64, Option<String>)> = rows
         .iter()
-        .filter(|r| r.0 == "w" && r.3 <= t0 && window(r.2).is_some_and(|from| r.3 >= from))
-        .map(|r| (r.1.clone(), r.2.to_owned(), r.3))
+        .enumerate()
+        .filter(|(_, r)| r.0 == "w" && r.3 <= t0 && window(r.2).is_some_and(|from| r.3 >= from))
+        .map(|(i, r)| (r.1.clone(), r.2.to_owned(), r.3, health_user(i)))
         .collect();
     expected.sort();
     assert!(expected.len() > 300, "the data reaches both windows: {}", expected.len());
-    assert_eq!(got.iter().map(|g| (g.0.clone(), g.1.clone(), g.2)).collect::<Vec<_>>(), expected);
-    assert!(got.iter().all(|g| g.3.as_deref().is_some_and(|u| u.starts_with('u'))), "user ids read when wanted");
+    assert!(expected.iter().any(|e| e.3.is_none()), "some events have no user");
+    assert_eq!(got, expected, "each event with its own user");
+    // Properties, each beside its own event's time.
+    let with_props = EventsWanted { types: Some(vec![("a", 12), ("c", 12)]), days: 12, user_id: false, properties: true };
+    let mut got: Vec<(String, i64, Option<String>)> = store
+        .health_events_of("w", &refs, at(t0), &with_props, start)
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|(c, r)| {
+            assert!(r.user_ids.is_empty(), "users not read");
+            assert_eq!(r.properties.len(), r.ts.len(), "properties per event when read");
+            (0..r.ts.len()).map(move |i| (c.clone(), r.ts[i], r.properties(i).map(str::to_owned))).collect::<Vec<_>>()
+        })
+        .collect();
+    got.sort();
+    let mut expected: Vec<(String, i64, Option<String>)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.0 == "w" && r.3 <= t0 && r.3 >= t0 - 12 * DAY && (r.2 == "a" || r.2 == "c"))
+        .map(|(i, r)| (r.1.clone(), r.3, health_props(i)))
+        .collect();
+    expected.sort();
+    assert!(expected.iter().filter(|e| e.2.is_some()).count() > 50, "the data has properties");
+    assert_eq!(got, expected, "each event with its own properties, exactly");
     // Every type, over the longest window, without users.
     let all = EventsWanted { types: None, days: 3, user_id: false, properties: false };
-    let got = store.health_events_of("w", &refs, at(t0), &all, start).await.unwrap();
-    let n = rows.iter().filter(|r| r.0 == "w" && r.3 <= t0 && r.3 >= t0 - 3 * DAY).count();
-    assert_eq!(got.len(), n);
-    assert!(got.iter().all(|(_, e)| e.user_id.is_none()));
+    let mut got = flat(store.health_events_of("w", &refs, at(t0), &all, start).await.unwrap());
+    got.sort();
+    let mut expected: Vec<(String, String, i64, Option<String>)> =
+        rows.iter().filter(|r| r.0 == "w" && r.3 <= t0 && r.3 >= t0 - 3 * DAY).map(|r| (r.1.clone(), r.2.to_owned(), r.3, None)).collect();
+    expected.sort();
+    assert_eq!(got, expected, "every type over the longest window, no users read");
     let none = EventsWanted { types: Some(Vec::new()), days: 3, user_id: false, properties: false };
     assert!(store.health_events_of("w", &refs, at(t0), &none, start).await.unwrap().is_empty());
 

@@ -198,7 +198,7 @@ pub async fn get_health(
     };
     if let Some(row) = st.store.customer_health(ws, &id).await? {
         if row.config_version == ctx.version {
-            return Ok(Json(row.doc));
+            return Ok(Json(serde_json::from_str(row.doc.get()).map_err(ApiError::internal)?));
         }
     }
     Ok(Json(st.health.refresh(&ctx, &id, Cause::Events).await?))

@@ -209,7 +209,7 @@ pub async fn get_customer(State(st): State<AppState>, who: Principal, Path(id): 
     };
     if let (Value::Object(m), Some(h)) = (&mut v, &health) {
         m.extend(summary(h));
-        m.insert("health".into(), h.doc.clone());
+        m.insert("health".into(), serde_json::from_str(h.doc.get()).map_err(ApiError::internal)?);
     }
     Ok(Json(v))
 }

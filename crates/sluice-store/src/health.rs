@@ -577,7 +577,9 @@ impl Store {
             }
             out
         } else {
-            let rows: Vec<(String, String, String, Option<String>, Option<String>)> = self.select_in_after(&sql, &leading, customers).await?;
+            // (customer, type, times, users, properties), the arrays as JSON text.
+            type RunText = (String, String, String, Option<String>, Option<String>);
+            let rows: Vec<RunText> = self.select_in_after(&sql, &leading, customers).await?;
             fn parse<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, sqlx::Error> {
                 serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
             }
@@ -709,12 +711,17 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in rows.chunks(200) {
+                // A row that is there keeps its indexed columns (`priority`,
+                // `next_eval_at`) here: SQLite rewrites an index entry
+                // whenever its column is in the SET list, moved or not, and
+                // a batch's entries of the priority index lie all over it
+                // (300 of the 555 pages a batch of 500 wrote:
+                // docs/BENCHMARKS.md, "Customer health", session 23).
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
                 let sql = format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES {values} \
                     ON CONFLICT (workspace, customer_id) DO UPDATE SET config_version = excluded.config_version, stage = excluded.stage, \
-                    stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, priority = excluded.priority, doc = excluded.doc, \
-                    evaluated_at = excluded.evaluated_at, next_eval_at = excluded.next_eval_at, emitted = excluded.emitted, \
-                    history_score = excluded.history_score");
+                    stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, doc = excluded.doc, \
+                    evaluated_at = excluded.evaluated_at, emitted = excluded.emitted, history_score = excluded.history_score");
                 let mut q = sqlx::query(&sql);
                 for h in chunk {
                     q = q.bind(&h.customer_id).bind(h.config_version).bind(&h.stage).bind(h.stage_since.map(to_micros)).bind(h.score).bind(&h.band)
@@ -722,6 +729,17 @@ impl Store {
                         .bind(h.emitted.to_string()).bind(h.history_score).bind(workspace);
                 }
                 q.execute(&mut *tx).await?;
+                // Then those two, in the rows where they moved only.
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?)");
+                let ws = if sqlite { "?".to_owned() } else { format!("${}", chunk.len() * 3 + 1) };
+                let sql = format!("UPDATE customer_health SET priority = v.column2, next_eval_at = v.column3 FROM (VALUES {values}) AS v \
+                    WHERE customer_health.workspace = {ws} AND customer_health.customer_id = v.column1 \
+                    AND (customer_health.priority IS DISTINCT FROM v.column2 OR customer_health.next_eval_at IS DISTINCT FROM v.column3)");
+                let mut q = sqlx::query(&sql);
+                for h in chunk {
+                    q = q.bind(&h.customer_id).bind(h.priority).bind(to_micros(h.next_eval_at));
+                }
+                q.bind(workspace).execute(&mut *tx).await?;
             }
             for chunk in history.chunks(200) {
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");

@@ -751,6 +751,48 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
         let w = rows.iter().find(|r| r.customer_id == g.customer_id).unwrap();
         assert_eq!((g.priority.map(f64::to_bits), g.doc.get()), (w.priority.map(f64::to_bits), w.doc.get()));
     }
+
+    // Saved again twice, the indexed columns (priority, next evaluation)
+    // moving in some rows only, to and from none: every row reads back as
+    // saved the last time, the due customers and the priority order follow
+    // the new values, the other workspace's row is untouched.
+    let mut last = rows.clone();
+    for round in 0..2 {
+        for (i, r) in last.iter_mut().enumerate() {
+            r.config_version = 8 + round;
+            r.doc = serde_json::value::to_raw_value(&serde_json::json!({"customer_id": r.customer_id, "round": round})).unwrap();
+            match (i % 4, round) {
+                (0, _) => r.priority = Some(score(i) * 3.0 + 0.25 + round as f64),
+                (1, 0) if i % 8 == 1 => r.priority = None,
+                (1, 1) if i % 8 == 1 => r.priority = Some(0.125),
+                (2, 1) => r.next_eval_at = t(-(i as i64)),
+                _ => {}
+            }
+        }
+        store.save_customer_health_many("w", &last, &[]).await.unwrap();
+    }
+    let mut full = store.customers_health("w", &refs).await.unwrap();
+    full.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+    assert_eq!(full.len(), 600);
+    for (g, w) in full.iter().zip(&last) {
+        assert_eq!((&g.customer_id, g.config_version, g.doc.get()), (&w.customer_id, w.config_version, w.doc.get()));
+        assert_eq!((g.priority.map(f64::to_bits), g.next_eval_at), (w.priority.map(f64::to_bits), w.next_eval_at), "{}", w.customer_id);
+    }
+    let mut due: Vec<String> = store.health_due(t(0), 10_000).await.unwrap().into_iter().map(|(ws, c)| format!("{ws}/{c}")).collect();
+    due.sort();
+    let mut want: Vec<String> = last.iter().filter(|r| r.next_eval_at <= t(0)).map(|r| format!("w/{}", r.customer_id)).collect();
+    want.sort();
+    assert_eq!(due.len(), 150, "a quarter of the rows moved into the past");
+    assert_eq!(due, want);
+    let (listed, _) = store.list_customer_health("w", None, None, sluice_store::HealthSort::Priority, None, 1000).await.unwrap();
+    let mut by_priority: Vec<&CustomerHealthRow> = last.iter().collect();
+    by_priority.sort_by(|a, b| b.priority.unwrap_or(-1.0).total_cmp(&a.priority.unwrap_or(-1.0)).then(a.customer_id.cmp(&b.customer_id)));
+    assert_eq!(
+        listed.iter().map(|r| r.customer_id.as_str()).collect::<Vec<_>>(),
+        by_priority.iter().map(|r| r.customer_id.as_str()).collect::<Vec<_>>()
+    );
+    let other = store.customer_health("other", &rows[0].customer_id).await.unwrap().unwrap();
+    assert_eq!((other.config_version, other.priority.map(f64::to_bits)), (7, rows[0].priority.map(f64::to_bits)));
 }
 
 /// The user of the `i`th row of [`HealthEvents`] (none for every fifth).

@@ -803,7 +803,7 @@ fn health_user(i: usize) -> Option<String> {
 /// The properties of the `i`th row of [`HealthEvents`] (JSON text with
 /// quotes and non-ASCII for every fourth, none for the others).
 fn health_props(i: usize) -> Option<String> {
-    (i % 4 == 0).then(|| serde_json::json!({"plan": format!("プラン \"{i}\""), "n": i}).to_string())
+    i.is_multiple_of(4).then(|| serde_json::json!({"plan": format!("プラン \"{i}\""), "n": i}).to_string())
 }
 
 /// Events as the health read model keeps them: (workspace, customer, type, time).

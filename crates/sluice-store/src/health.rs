@@ -537,8 +537,10 @@ impl Store {
             }
         }
         let sqlite = matches!(self, Store::Sqlite(_));
-        // JSON arrays of the run's values, in the order of the scan (the
-        // key's, ts within a run) on both stores.
+        // JSON arrays of a run's values, each aggregate fed the group's
+        // rows in the one order they were read in: users and properties
+        // line up with the times (checked event by event by the
+        // conformance test on both stores).
         let agg = |col: &str| if sqlite { format!("json_group_array({col})") } else { format!("json_agg({col})::text") };
         let ts = agg("ts");
         let users = if wanted.user_id { agg("user_id") } else { "CAST(NULL AS TEXT)".to_owned() };

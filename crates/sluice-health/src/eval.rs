@@ -46,14 +46,9 @@ impl Val {
         }
     }
 
-    /// As JSON.
+    /// As JSON (as the views show it: [`ValView`]).
     pub fn to_json(&self) -> Value {
-        match self {
-            Val::Num(d) => num(*d),
-            Val::Date(d) => Value::String(d.format("%Y-%m-%d").to_string()),
-            Val::Str(s) => Value::String(s.clone()),
-            Val::Bool(b) => Value::Bool(*b),
-        }
+        serde_json::to_value(ValView(self)).unwrap_or(Value::Null)
     }
 
     fn number(&self) -> Option<Decimal> {
@@ -81,15 +76,9 @@ fn decimal_of(n: &serde_json::Number) -> Option<Decimal> {
     n.to_string().parse::<Decimal>().ok().or_else(|| Decimal::from_scientific(&n.to_string()).ok())
 }
 
-/// A decimal as a JSON number.
+/// A decimal as a JSON number (as the views show it: [`Num`]).
 pub fn num(d: Decimal) -> Value {
-    let d = d.normalize();
-    if d.scale() == 0 {
-        if let Some(i) = d.to_i64() {
-            return json!(i);
-        }
-    }
-    d.to_f64().map(|f| json!(f)).unwrap_or(Value::Null)
+    serde_json::to_value(Num(d)).unwrap_or(Value::Null)
 }
 
 fn dec(f: f64) -> Decimal {
@@ -531,8 +520,8 @@ pub fn evaluate(cfg: &HealthConfig, inp: &Inputs) -> Evaluation {
     }
 }
 
-/// A number as the views show it ([`num`]), serialized without building a
-/// [`Value`].
+/// A decimal as a JSON number: an integer when it is one, else the
+/// nearest `f64` (the one definition behind [`num`] and the views).
 struct Num(Decimal);
 
 impl serde::Serialize for Num {
@@ -550,7 +539,8 @@ impl serde::Serialize for Num {
     }
 }
 
-/// A value as the views show it ([`Val::to_json`]).
+/// A value as JSON (the one definition behind [`Val::to_json`] and the
+/// views): a date as `YYYY-MM-DD`.
 struct ValView<'a>(&'a Val);
 
 impl serde::Serialize for ValView<'_> {
@@ -663,6 +653,21 @@ mod tests {
     /// The view as it was built before it was serialized straight from the
     /// evaluation: a `Value` tree from `json!` (the reference).
     fn view_as_value_tree(e: &Evaluation, customer_id: &str, config_version: i64) -> Value {
+        // Numbers and values as `num` and `Val::to_json` built them before
+        // they were defined through `Num` and `ValView`.
+        let num = |d: Decimal| {
+            let d = d.normalize();
+            match d.to_i64().filter(|_| d.scale() == 0) {
+                Some(i) => json!(i),
+                None => d.to_f64().map(|f| json!(f)).unwrap_or(Value::Null),
+            }
+        };
+        let to_json = |v: &Val| match v {
+            Val::Num(d) => num(*d),
+            Val::Date(d) => Value::String(d.format("%Y-%m-%d").to_string()),
+            Val::Str(s) => Value::String(s.clone()),
+            Val::Bool(b) => Value::Bool(*b),
+        };
         let opt = |d: Option<Decimal>| d.map(num).unwrap_or(Value::Null);
         json!({
             "customer_id": customer_id,
@@ -680,7 +685,7 @@ mod tests {
             "measures": e.measures.iter().map(|m| json!({
                 "name": m.name,
                 "kind": m.kind,
-                "value": m.value.as_ref().map(Val::to_json),
+                "value": m.value.as_ref().map(to_json),
                 "has_data": m.value.is_some(),
                 "points": opt(m.points),
                 "weight": opt(m.weight),

@@ -575,16 +575,14 @@ impl Store {
             let pages: Vec<(Option<String>,)> = self.select_in_after(&packed, &leading, customers).await?;
             let mut out = Vec::new();
             for page in pages.into_iter().filter_map(|p| p.0) {
-                out.extend(serde_json::from_str::<Vec<Run>>(&page).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
+                out.extend(crate::in_lists::decode_json::<Vec<Run>>(&page)?);
             }
             out
         } else {
             // (customer, type, times, users, properties), the arrays as JSON text.
             type RunText = (String, String, String, Option<String>, Option<String>);
             let rows: Vec<RunText> = self.select_in_after(&sql, &leading, customers).await?;
-            fn parse<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, sqlx::Error> {
-                serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-            }
+            use crate::in_lists::decode_json as parse;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let users = r.3.as_deref().map(parse).transpose()?;

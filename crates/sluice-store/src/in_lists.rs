@@ -51,6 +51,12 @@ pub(crate) fn key_rows(sqlite: bool) -> &'static str {
     }
 }
 
+/// JSON text a query built (a packed page, an aggregate's array), as a
+/// decoding error of the query when it is not what `T` expects.
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, sqlx::Error> {
+    serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
 impl Store {
     /// The rows of `select` (a query whose `{in}` is replaced by the inside
     /// of an `IN (…)` list, see [`in_list`], and whose `$1` is the
@@ -117,7 +123,7 @@ impl Store {
                 let pages: Vec<(String,)> = self.select_in_after(&packed, leading, keys).await?;
                 let mut out = Vec::new();
                 for (page,) in pages {
-                    out.extend(serde_json::from_str::<Vec<T>>(&page).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
+                    out.extend(decode_json::<Vec<T>>(&page)?);
                 }
                 Ok(out)
             }

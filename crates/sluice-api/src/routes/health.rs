@@ -182,7 +182,8 @@ pub async fn get_health(
     who: Principal,
     Path(id): Path<String>,
     Query(q): Query<HealthQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     who.require_read()?;
     let ws = who.workspace.as_str();
     known(&st, &who, &id).await?;
@@ -191,17 +192,18 @@ pub async fn get_health(
             Some(s) => parse_time("as_of", s)?,
             None => Utc::now(),
         };
-        return Ok(Json(st.health.as_of(ws, &id, at, q.config_version).await?));
+        return Ok(Json(st.health.as_of(ws, &id, at, q.config_version).await?).into_response());
     }
     let Some(ctx) = st.health.ctx(ws, None).await? else {
         return Err(ApiError::not_found("no health configuration yet: PUT /v1/health/config"));
     };
     if let Some(row) = st.store.customer_health(ws, &id).await? {
         if row.config_version == ctx.version {
-            return Ok(Json(serde_json::from_str(row.doc.get()).map_err(ApiError::internal)?));
+            // The stored text as it is: not parsed to be written again.
+            return Ok(Json(row.doc).into_response());
         }
     }
-    Ok(Json(st.health.refresh(&ctx, &id, Cause::Events).await?))
+    Ok(Json(st.health.refresh(&ctx, &id, Cause::Events).await?).into_response())
 }
 
 /// `?cursor=&limit=` of the history.

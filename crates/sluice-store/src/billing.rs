@@ -666,12 +666,13 @@ impl Store {
     /// missing until autovacuum gets to it, and PostgreSQL then reads a
     /// batch's usage by scanning the meter's whole key range instead of
     /// seeking each customer: 1–2 s per batch instead of milliseconds
-    /// (`sluice bench billing`, docs/BENCHMARKS.md). `ANALYZE` samples a
-    /// bounded number of rows, so this costs about the same at any size.
-    pub async fn analyze_billing_tables(&self) -> Result<()> {
-        if let Store::Postgres(pool) = self {
-            sqlx::query("ANALYZE usage_buckets, usage_unique, subscriptions, invoices").execute(pool).await?;
+    /// (`sluice bench billing`, docs/BENCHMARKS.md). Only tables whose
+    /// statistics are missing or stale are analyzed
+    /// ([`crate::analyze_stale`]); returns them.
+    pub async fn analyze_billing_tables(&self) -> Result<Vec<String>> {
+        match self {
+            Store::Postgres(pool) => crate::analyze_stale(pool, &["usage_buckets", "usage_unique", "subscriptions", "invoices"]).await,
+            Store::Sqlite(_) => Ok(Vec::new()),
         }
-        Ok(())
     }
 }

@@ -408,17 +408,22 @@ impl Store {
     }
 
     /// Refreshes PostgreSQL's planner statistics of the tables health
-    /// evaluations read (a no-op on SQLite), as
-    /// [`Store::analyze_billing_tables`] does for billing. Without them
-    /// (autovacuum off, or not yet run after a bulk load) PostgreSQL read a
-    /// batch's events by scanning the workspace's whole key range and
-    /// filtering on the 500 customers: about 1 s a batch instead of
-    /// milliseconds (`sluice bench health`, docs/BENCHMARKS.md).
-    pub async fn analyze_health_tables(&self) -> Result<()> {
-        if let Store::Postgres(pool) = self {
-            sqlx::query("ANALYZE health_events, customer_attribute_changes, customer_health, health_history, stage_overrides").execute(pool).await?;
+    /// evaluations read where they are missing or stale (a no-op on
+    /// SQLite; [`crate::analyze_stale`] says when), as
+    /// [`Store::analyze_billing_tables`] does for billing; returns the
+    /// tables analyzed. Without them (autovacuum off, or not yet run after
+    /// a bulk load) PostgreSQL read a batch's events by scanning the
+    /// workspace's whole key range and filtering on the 500 customers:
+    /// about 1 s a batch instead of milliseconds (`sluice bench health`,
+    /// docs/BENCHMARKS.md).
+    pub async fn analyze_health_tables(&self) -> Result<Vec<String>> {
+        match self {
+            Store::Postgres(pool) => {
+                crate::analyze_stale(pool, &["health_events", "customer_attribute_changes", "customer_health", "health_history", "stage_overrides"])
+                    .await
+            }
+            Store::Sqlite(_) => Ok(Vec::new()),
         }
-        Ok(())
     }
 
     /// How many customers are marked and not evaluated yet, and since when
@@ -711,17 +716,22 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in rows.chunks(200) {
-                // A row that is there keeps its indexed columns (`priority`,
-                // `next_eval_at`) here: SQLite rewrites an index entry
-                // whenever its column is in the SET list, moved or not, and
-                // a batch's entries of the priority index lie all over it
+                // On SQLite a row that is there keeps its indexed columns
+                // (`priority`, `next_eval_at`) here: SQLite rewrites an index
+                // entry whenever its column is in the SET list, moved or not,
+                // and a batch's entries of the priority index lie all over it
                 // (300 of the 555 pages a batch of 500 wrote:
                 // docs/BENCHMARKS.md, "Customer health", session 23).
+                // PostgreSQL compares the old and new values of indexed
+                // columns itself, so it sets them here and needs no second
+                // statement (whose join it planned as a scan of the table
+                // when its statistics were of an emptier table: session 24).
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                let indexed = if sqlite { "" } else { ", priority = excluded.priority, next_eval_at = excluded.next_eval_at" };
                 let sql = format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES {values} \
                     ON CONFLICT (workspace, customer_id) DO UPDATE SET config_version = excluded.config_version, stage = excluded.stage, \
                     stage_since = excluded.stage_since, score = excluded.score, band = excluded.band, doc = excluded.doc, \
-                    evaluated_at = excluded.evaluated_at, emitted = excluded.emitted, history_score = excluded.history_score");
+                    evaluated_at = excluded.evaluated_at, emitted = excluded.emitted, history_score = excluded.history_score{indexed}");
                 let mut q = sqlx::query(&sql);
                 for h in chunk {
                     q = q.bind(&h.customer_id).bind(h.config_version).bind(&h.stage).bind(h.stage_since.map(to_micros)).bind(h.score).bind(&h.band)
@@ -729,11 +739,13 @@ impl Store {
                         .bind(h.emitted.to_string()).bind(h.history_score).bind(workspace);
                 }
                 q.execute(&mut *tx).await?;
+                if !sqlite {
+                    continue;
+                }
                 // Then those two, in the rows where they moved only.
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?)");
-                let ws = if sqlite { "?".to_owned() } else { format!("${}", chunk.len() * 3 + 1) };
                 let sql = format!("UPDATE customer_health SET priority = v.column2, next_eval_at = v.column3 FROM (VALUES {values}) AS v \
-                    WHERE customer_health.workspace = {ws} AND customer_health.customer_id = v.column1 \
+                    WHERE customer_health.workspace = ? AND customer_health.customer_id = v.column1 \
                     AND (customer_health.priority IS DISTINCT FROM v.column2 OR customer_health.next_eval_at IS DISTINCT FROM v.column3)");
                 let mut q = sqlx::query(&sql);
                 for h in chunk {

@@ -62,6 +62,7 @@ conformance!(
     attribute_changes_come_back_whole_in_time_and_reference_order,
     latest_history_rows_come_back_exactly,
     health_batch_reads_step_through_customers_and_read_each_type_over_its_window,
+    planner_statistics_are_refreshed_only_where_missing_or_stale,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -944,4 +945,39 @@ async fn health_batch_reads_step_through_customers_and_read_each_type_over_its_w
     }
     assert!(last.len() > 100 && last.len() < 600, "some customers have no b: {}", last.len());
     assert_eq!(got, last.into_iter().map(|(c, ts)| (c, at(ts))).collect::<Vec<_>>());
+}
+
+/// Large health recomputes and billing runs first refresh PostgreSQL's
+/// planner statistics, but only of tables that have none yet or changed by
+/// more than 50 + 10 % of their rows since (autovacuum's rule); SQLite has
+/// nothing to refresh.
+async fn planner_statistics_are_refreshed_only_where_missing_or_stale(store: Store) {
+    let health = store.analyze_health_tables().await.unwrap();
+    let billing = store.analyze_billing_tables().await.unwrap();
+    if store.backend() == "sqlite" {
+        assert!(health.is_empty() && billing.is_empty());
+        return;
+    }
+    // A fresh database: no table was ever analyzed.
+    assert_eq!(health, ["customer_attribute_changes", "customer_health", "health_events", "health_history", "stage_overrides"]);
+    assert_eq!(billing, ["invoices", "subscriptions", "usage_buckets", "usage_unique"]);
+    assert!(store.analyze_health_tables().await.unwrap().is_empty(), "nothing changed since");
+    assert!(store.analyze_billing_tables().await.unwrap().is_empty(), "nothing changed since");
+
+    // 200 events: more than 50 + 10 % of the none counted. PostgreSQL shows
+    // a connection's changes in its statistics views once the connection
+    // reports them (when idle, within about 10 s): wait for that.
+    let rows: Vec<_> = (0..200).map(|i| ("w".to_owned(), format!("c{}", i % 7), "a", 1_790_000_000_000_000_i64 + i)).collect();
+    store.write_tx(&HealthEvents(rows)).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let analyzed = loop {
+        let a = store.analyze_health_tables().await.unwrap();
+        if !a.is_empty() || std::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    assert_eq!(analyzed, ["health_events"], "only the table that changed");
+    assert!(store.analyze_health_tables().await.unwrap().is_empty(), "analyzed: fresh again");
+    assert!(store.analyze_billing_tables().await.unwrap().is_empty(), "billing's tables did not change");
 }

@@ -724,8 +724,8 @@ impl Store {
                 // docs/BENCHMARKS.md, "Customer health", session 23).
                 // PostgreSQL compares the old and new values of indexed
                 // columns itself, so it sets them here and needs no second
-                // statement (whose join it planned as a scan of the table
-                // when its statistics were of an emptier table: session 24).
+                // statement, whose join it planned as a scan of the table
+                // when its statistics were of an emptier one.
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
                 let indexed = if sqlite { "" } else { ", priority = excluded.priority, next_eval_at = excluded.next_eval_at" };
                 let sql = format!("INSERT INTO customer_health ({HEALTH_COLUMNS}, workspace) VALUES {values} \

@@ -394,9 +394,8 @@ impl Store {
 /// tables it analyzed. Why not simply `ANALYZE` them all: a large run (a
 /// billing run, a health recompute) needs fresh statistics when a bulk
 /// load or autovacuum being off left them missing, but analyzing a table
-/// that did not change costs the same sample every time (0.54 s of a
-/// 3.2 s recompute of 20,000 customers, `sluice bench health`,
-/// docs/BENCHMARKS.md) and tells the planner nothing new.
+/// that did not change costs the same sample every time and tells the
+/// planner nothing new (docs/BENCHMARKS.md, "Customer health").
 pub(crate) async fn analyze_stale(pool: &sqlx::PgPool, tables: &[&str]) -> Result<Vec<String>> {
     let stale: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_class c \

@@ -148,10 +148,8 @@ impl JobHandler for BillingRun {
         ctx.progress(0, Some(total as i64)).await;
         if total > BATCH {
             // Fresh planner statistics for a large run (see the store's docs).
-            match b.store.analyze_billing_tables().await {
-                Ok(tables) if !tables.is_empty() => tracing::info!(?tables, "refreshed the planner statistics of stale billing tables"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "could not refresh the planner statistics of the billing tables"),
+            if let Err(e) = b.store.analyze_billing_tables().await {
+                tracing::warn!(error = %e, "could not refresh the planner statistics of the billing tables");
             }
         }
         let opts = BillOptions {

@@ -118,10 +118,8 @@ async fn backfill(
 /// statistics (see [`sluice_store::Store::analyze_health_tables`]).
 async fn fresh_statistics(h: &crate::Health, customers: usize) {
     if customers > crate::engine::BATCH {
-        match h.store.analyze_health_tables().await {
-            Ok(tables) if !tables.is_empty() => tracing::info!(?tables, "refreshed the planner statistics of stale health tables"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not refresh the planner statistics of the health tables"),
+        if let Err(e) = h.store.analyze_health_tables().await {
+            tracing::warn!(error = %e, "could not refresh the planner statistics of the health tables");
         }
     }
 }

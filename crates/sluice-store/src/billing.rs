@@ -670,9 +670,6 @@ impl Store {
     /// statistics are missing or stale are analyzed
     /// ([`crate::analyze_stale`]); returns them.
     pub async fn analyze_billing_tables(&self) -> Result<Vec<String>> {
-        match self {
-            Store::Postgres(pool) => crate::analyze_stale(pool, &["usage_buckets", "usage_unique", "subscriptions", "invoices"]).await,
-            Store::Sqlite(_) => Ok(Vec::new()),
-        }
+        crate::analyze_stale(self, &["usage_buckets", "usage_unique", "subscriptions", "invoices"]).await
     }
 }

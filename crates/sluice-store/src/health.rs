@@ -417,13 +417,7 @@ impl Store {
     /// about 1 s a batch instead of milliseconds (`sluice bench health`,
     /// docs/BENCHMARKS.md).
     pub async fn analyze_health_tables(&self) -> Result<Vec<String>> {
-        match self {
-            Store::Postgres(pool) => {
-                crate::analyze_stale(pool, &["health_events", "customer_attribute_changes", "customer_health", "health_history", "stage_overrides"])
-                    .await
-            }
-            Store::Sqlite(_) => Ok(Vec::new()),
-        }
+        crate::analyze_stale(self, &["health_events", "customer_attribute_changes", "customer_health", "health_history", "stage_overrides"]).await
     }
 
     /// How many customers are marked and not evaluated yet, and since when
@@ -720,8 +714,8 @@ impl Store {
                 // (`priority`, `next_eval_at`) here: SQLite rewrites an index
                 // entry whenever its column is in the SET list, moved or not,
                 // and a batch's entries of the priority index lie all over it
-                // (300 of the 555 pages a batch of 500 wrote:
-                // docs/BENCHMARKS.md, "Customer health", session 23).
+                // (most of the pages a batch wrote: docs/BENCHMARKS.md,
+                // "Customer health").
                 // PostgreSQL compares the old and new values of indexed
                 // columns itself, so it sets them here and needs no second
                 // statement, whose join it planned as a scan of the table

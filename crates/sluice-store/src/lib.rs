@@ -395,8 +395,10 @@ impl Store {
 /// billing run, a health recompute) needs fresh statistics when a bulk
 /// load or autovacuum being off left them missing, but analyzing a table
 /// that did not change costs the same sample every time and tells the
-/// planner nothing new (docs/BENCHMARKS.md, "Customer health").
-pub(crate) async fn analyze_stale(pool: &sqlx::PgPool, tables: &[&str]) -> Result<Vec<String>> {
+/// planner nothing new (docs/BENCHMARKS.md, "Customer health"). SQLite
+/// has nothing to refresh (its plans follow the primary keys).
+pub(crate) async fn analyze_stale(store: &Store, tables: &[&str]) -> Result<Vec<String>> {
+    let Store::Postgres(pool) = store else { return Ok(Vec::new()) };
     let stale: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema() \
@@ -412,6 +414,7 @@ pub(crate) async fn analyze_stale(pool: &sqlx::PgPool, tables: &[&str]) -> Resul
     if !stale.is_empty() {
         // The names came from `tables`, this crate's constants, through the catalog.
         sqlx::query(&format!("ANALYZE {}", stale.join(", "))).execute(pool).await?;
+        tracing::info!(tables = ?stale, "refreshed the planner statistics of stale tables");
     }
     Ok(stale)
 }

@@ -40,7 +40,10 @@ def free_port():
 PG = "postgres://postgres@127.0.0.1:5432"
 
 def psql(db, *args):
-    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", f"{PG}/{db}", *args], check=True, stdout=subprocess.DEVNULL)
+    """psql's unaligned, tuples-only output, one row a line."""
+    out = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-F", " ", "-v", "ON_ERROR_STOP=1", f"{PG}/{db}", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return [l for l in out.split("\n") if l]
 
 def start(binary, data, key, pg_db=None):
     port = free_port()
@@ -56,29 +59,29 @@ def start(binary, data, key, pg_db=None):
             time.sleep(0.1)
     raise SystemExit("server did not start")
 
+def stat(path):
+    """(command name, CPU seconds used) of a process or thread, from /proc."""
+    st = open(path).read()
+    f = st[st.rindex(")") + 2:].split()
+    return st[st.index("(") + 1:st.rindex(")")], (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
 def cpu(pid):
     out = {}
-    tk = os.sysconf("SC_CLK_TCK")
     for t in os.listdir(f"/proc/{pid}/task"):
         try:
-            st = open(f"/proc/{pid}/task/{t}/stat").read()
+            comm, s = stat(f"/proc/{pid}/task/{t}/stat")
         except OSError:
             continue
-        comm = st[st.index("(") + 1:st.rindex(")")]
-        f = st[st.rindex(")") + 2:].split()
         kind = "sqlite" if comm.startswith("sqlx-sqlite") else comm
-        out[kind] = out.get(kind, 0) + (int(f[11]) + int(f[12])) / tk
+        out[kind] = out.get(kind, 0) + s
     # PostgreSQL's server processes (all of the machine's: nothing else uses it during a run).
-    for q in os.listdir("/proc"):
-        if not q.isdigit():
-            continue
+    for q in filter(str.isdigit, os.listdir("/proc")):
         try:
-            st = open(f"/proc/{q}/stat").read()
+            comm, s = stat(f"/proc/{q}/stat")
         except OSError:
             continue
-        if st[st.index("(") + 1:st.rindex(")")] == "postgres":
-            f = st[st.rindex(")") + 2:].split()
-            out["postgres"] = out.get("postgres", 0) + (int(f[11]) + int(f[12])) / tk
+        if comm == "postgres":
+            out["postgres"] = out.get("postgres", 0) + s
     return out
 
 def call(url, key, method, path, body=None):
@@ -205,8 +208,7 @@ def run(binary, d, label, k):
     # `customers` table is the identified customers, which this data has none of).
     q = "SELECT stage, band, count(*) FROM customer_health WHERE workspace = 'bench' GROUP BY stage, band ORDER BY stage, band"
     if pg_db:
-        out = subprocess.run(["psql", "-X", "-A", "-t", "-F", " ", f"{PG}/{pg_db}", "-c", q], check=True, capture_output=True, text=True).stdout.split("\n")
-        counts = [l for l in out if l]
+        counts = psql(pg_db, "-c", q)
     else:
         counts = [" ".join(map(str, r)) for r in sqlite3.connect(work + "/state.db").execute(q)]
     print(label, "stage band customers:", "; ".join(counts))

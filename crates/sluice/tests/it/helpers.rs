@@ -111,6 +111,8 @@ pub struct Server {
     pub dir: Arc<tempfile::TempDir>,
     pub stderr: Arc<Mutex<Vec<String>>>,
     child: Option<Child>,
+    /// The thread copying the child's stderr into `stderr`.
+    reader: Option<std::thread::JoinHandle<()>>,
     db: Option<Arc<TestDatabase>>,
     env: Vec<(String, String)>,
     /// Dropped after the process is killed (`Drop for Server`).
@@ -135,7 +137,7 @@ impl Server {
         let key = format!("sk_test_{}", uuid_like());
         let mut env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         env.push(("SLUICE_BOOTSTRAP_KEY".into(), key.clone()));
-        let mut s = Server { url: String::new(), key, dir, stderr: Arc::default(), child: None, db, env, _counted: counted };
+        let mut s = Server { url: String::new(), key, dir, stderr: Arc::default(), child: None, reader: None, db, env, _counted: counted };
         s.spawn();
         s
     }
@@ -179,7 +181,7 @@ impl Server {
         let stderr = child.stderr.take().unwrap();
         let lines = self.stderr.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        self.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(u) = line.strip_prefix("sluice listening on ") {
@@ -187,7 +189,7 @@ impl Server {
                 }
                 lines.lock().unwrap().push(line);
             }
-        });
+        }));
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(url) => self.url = url,
             Err(_) => {
@@ -214,6 +216,15 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = c.try_wait().unwrap() {
+                // The last lines it wrote (its "stopped cleanly") may still
+                // be on their way through the pipe: wait for the reader to
+                // reach the end (bounded, in case something else holds it).
+                if let Some(r) = self.reader.take() {
+                    let until = Instant::now() + Duration::from_secs(10);
+                    while !r.is_finished() && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
                 return status;
             }
             assert!(Instant::now() < deadline, "server did not exit after SIGTERM");

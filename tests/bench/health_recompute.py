@@ -14,7 +14,7 @@ bands change each time, timing each recompute job through the API: the first
 inserts every customer's live row, the next ones update them (what the bench's
 recomputes do, after live evaluations). It prints the CPU seconds of the
 server's threads per recompute (tokio's `sluice` threads, sqlx's SQLite
-workers). `PERF=1` records the last recompute with `perf record -g`,
+workers), then times pages of `GET /v1/customers` by priority and score. `PERF=1` records the last recompute with `perf record -g`,
 `STRACE=1` counts its system calls (`strace -c`: slow, for counts only);
 `SLOG=warn,sqlx::query=debug` logs every statement with its time.
 
@@ -31,7 +31,7 @@ autovacuum off); each run works on a copy (`CREATE DATABASE … TEMPLATE`).
 What it does not measure: the reference (DuckDB) and the latency, which need
 the events in the lake and the log: `sluice bench health` does both.
 """
-import json, math, os, random, shutil, signal, socket, sqlite3, subprocess, sys, time, urllib.request
+import json, math, os, random, shutil, signal, socket, sqlite3, subprocess, sys, time, urllib.parse, urllib.request
 from datetime import datetime, timedelta, timezone
 
 def free_port():
@@ -167,6 +167,23 @@ def setup(binary, d, n, e, store="sqlite"):
     db.close()
     print(f"setup: {n} customers, {e} events at {t0.isoformat()}")
 
+def lists(url, admin, label):
+    """Times GET /v1/customers pages (50 rows) by health, as the dashboard
+    asks for them: the median of 5 first pages of each list, and 20 pages
+    followed by their cursors."""
+    def page(q):
+        t = time.monotonic(); r = call(url, admin, "GET", "/v1/customers?limit=50&" + q)
+        return time.monotonic() - t, r
+    for q in ("sort=priority", "sort=priority&band=bad", "sort=priority&band=good", "sort=priority&stage=renewal", "sort=score", "sort=-score"):
+        ts = sorted(page(q)[0] for _ in range(5))
+        print(f"{label}: list {q}: first page {ts[2] * 1000:.1f} ms (median of 5)", flush=True)
+    ts, cursor = [], None
+    for _ in range(20):
+        t, r = page("sort=priority" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else ""))
+        ts.append(t); cursor = r["next_cursor"]
+    ts.sort()
+    print(f"{label}: list sort=priority: pages 1-20 by cursor, median {ts[10] * 1000:.1f} ms, slowest {ts[-1] * 1000:.1f} ms", flush=True)
+
 def run(binary, d, label, k):
     work = d + "/work-" + label
     shutil.rmtree(work, ignore_errors=True)
@@ -202,6 +219,7 @@ def run(binary, d, label, k):
             if perf:
                 perf.send_signal(signal.SIGINT); perf.wait(60)
             print(f"{label}: recompute {i} ({'warm-up: inserts' if i == 0 else 'upserts'}) of {j['result']['customers_total']} customers: {s:.2f} s", flush=True)
+        lists(url, admin, label)
     finally:
         p.send_signal(signal.SIGTERM); p.wait(60)
     # Customers per stage and band, straight from the state store (the SQL

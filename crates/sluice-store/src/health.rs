@@ -468,22 +468,37 @@ impl Store {
         after: Option<(f64, String)>,
         limit: usize,
     ) -> Result<(Vec<CustomerHealthRow>, Option<(f64, String)>)> {
-        // NULL scores and priorities go last in every order.
-        let (key, dir) = match sort {
-            HealthSort::Priority => ("COALESCE(priority, -1.0)", "DESC"),
-            HealthSort::Score => ("COALESCE(score, 1000000.0)", "ASC"),
-            HealthSort::ScoreDesc => ("COALESCE(score, -1.0)", "DESC"),
-            HealthSort::Id => ("CAST(0 AS DOUBLE PRECISION)", "ASC"),
+        // Every order is ascending over one key (a descending order sorts
+        // the negated value; NULL scores and priorities go last in each),
+        // then the id, so that a page starts with one seek at the previous
+        // page's last (key, id). The priority order, the list's default, is
+        // the index `customer_health_by_priority_key` (migration 0017): a
+        // page reads its rows, not the workspace (docs/health.md).
+        let key = match sort {
+            HealthSort::Priority => "-COALESCE(priority, -1.0)",
+            HealthSort::Score => "COALESCE(score, 1000000.0)",
+            HealthSort::ScoreDesc => "-COALESCE(score, -1.0)",
+            HealthSort::Id => "CAST(0 AS DOUBLE PRECISION)",
         };
+        let mut filter = String::new();
+        if stage.is_some() {
+            filter.push_str(" AND stage = $2");
+        }
+        if band.is_some() {
+            filter.push_str(" AND band = $3");
+        }
+        if after.is_some() {
+            // `(key, id) > ($4, $5)`, spelled so that both databases seek to
+            // `key >= $4` in the index instead of filtering from its start.
+            filter.push_str(if sort == HealthSort::Id { " AND customer_id > $5" } else { " AND {key} >= $4 AND ({key} > $4 OR customer_id > $5)" });
+        }
+        let filter = filter.replace("{key}", key);
+        let order = if sort == HealthSort::Id { "customer_id".to_owned() } else { format!("{key}, customer_id") };
         let (after_v, after_id) = match after {
             None => (None, None),
             Some((v, id)) => (Some(v), Some(id)),
         };
-        let cmp = if dir == "DESC" { "<" } else { ">" };
-        let sql = format!(
-            "SELECT {HEALTH_COLUMNS}, {key} FROM customer_health WHERE workspace = $1 AND ($2 IS NULL OR stage = $2) AND ($3 IS NULL OR band = $3) \
-             AND ($4 IS NULL OR {key} {cmp} $4 OR ({key} = $4 AND customer_id > $5)) ORDER BY {key} {dir}, customer_id LIMIT $6"
-        );
+        let sql = format!("SELECT {HEALTH_COLUMNS}, {key} FROM customer_health WHERE workspace = $1{filter} ORDER BY {order} LIMIT $6");
         let limit = limit.clamp(1, 1000);
         type Keyed = (String, i64, Option<String>, Option<i64>, Option<f64>, Option<String>, Option<f64>, String, i64, i64, String, Option<f64>, f64);
         let rows: Vec<Keyed> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(stage).bind(band).bind(after_v).bind(after_id)

@@ -63,6 +63,7 @@ conformance!(
     latest_history_rows_come_back_exactly,
     health_batch_reads_step_through_customers_and_read_each_type_over_its_window,
     planner_statistics_are_refreshed_only_where_missing_or_stale,
+    customer_lists_page_through_every_order_and_filter,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -794,6 +795,82 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
     );
     let other = store.customer_health("other", &rows[0].customer_id).await.unwrap().unwrap();
     assert_eq!((other.config_version, other.priority.map(f64::to_bits)), (7, rows[0].priority.map(f64::to_bits)));
+}
+
+/// `GET /v1/customers` by health: every order (priority, score, -score, id)
+/// with every combination of the stage and band filters, paged with the
+/// position each page returns (through its text form, as the API's cursor
+/// carries it), gives the rows a plain sort of the same rows gives: NULL
+/// priorities and scores last, ties by id, no row twice or missing, no row
+/// of another workspace.
+async fn customer_lists_page_through_every_order_and_filter(store: Store) {
+    use chrono::{TimeZone, Utc};
+    use sluice_store::{CustomerHealthRow, HealthSort};
+    use std::cmp::Ordering;
+    let t = Utc.timestamp_opt(1_790_000_000, 0).unwrap();
+    let stages = [Some("trial"), Some("adoption"), Some("renewal"), None];
+    let bands = [Some("good"), Some("normal"), Some("bad")];
+    // Few distinct values, so that ties cross page boundaries; a priority
+    // of 0 and -0 sorts as one value.
+    let rows: Vec<CustomerHealthRow> = (0..300)
+        .map(|i: usize| CustomerHealthRow {
+            customer_id: format!("c{:04}", (i * 37) % 300),
+            config_version: 1,
+            stage: stages[i % 4].map(str::to_owned),
+            stage_since: None,
+            score: (i % 11 != 3).then_some((i % 5) as f64 * 12.5),
+            band: bands[i % 3].map(str::to_owned),
+            priority: (i % 13 != 5).then(|| if i.is_multiple_of(9) { 0.0 } else { (i % 6) as f64 * 0.75 }),
+            doc: serde_json::value::to_raw_value(&serde_json::json!({"i": i})).unwrap(),
+            evaluated_at: t,
+            next_eval_at: t,
+            emitted: serde_json::json!({}),
+            history_score: None,
+        })
+        .collect();
+    store.save_customer_health_many("w", &rows, &[]).await.unwrap();
+    store.save_customer_health_many("other", &rows[..50], &[]).await.unwrap();
+
+    // NULL last in each order, then by id.
+    let last = |v: Option<f64>, desc: bool| match v {
+        Some(v) => (0, if desc { -v } else { v }),
+        None => (1, 0.0),
+    };
+    let key = |r: &CustomerHealthRow, sort: HealthSort| match sort {
+        HealthSort::Priority => last(r.priority, true),
+        HealthSort::Score => last(r.score, false),
+        HealthSort::ScoreDesc => last(r.score, true),
+        HealthSort::Id => (0, 0.0),
+    };
+    for sort in [HealthSort::Priority, HealthSort::Score, HealthSort::ScoreDesc, HealthSort::Id] {
+        for stage in [None, Some("adoption")] {
+            for band in [None, Some("bad")] {
+                let mut want: Vec<&CustomerHealthRow> = rows
+                    .iter()
+                    .filter(|r| stage.is_none_or(|s| r.stage.as_deref() == Some(s)) && band.is_none_or(|b| r.band.as_deref() == Some(b)))
+                    .collect();
+                want.sort_by(|a, b| {
+                    let (ka, kb) = (key(a, sort), key(b, sort));
+                    ka.0.cmp(&kb.0).then(ka.1.partial_cmp(&kb.1).unwrap_or(Ordering::Equal)).then(a.customer_id.cmp(&b.customer_id))
+                });
+                let want: Vec<&str> = want.iter().map(|r| r.customer_id.as_str()).collect();
+                for page in [7, 1000] {
+                    let mut got: Vec<String> = Vec::new();
+                    let mut after = None;
+                    loop {
+                        let (rows, next) = store.list_customer_health("w", stage, band, sort, after, page).await.unwrap();
+                        assert!(rows.len() <= page);
+                        got.extend(rows.into_iter().map(|r| r.customer_id));
+                        let Some((v, id)) = next else { break };
+                        let v: f64 = v.to_string().parse().unwrap();
+                        after = Some((v, id));
+                        assert!(got.len() <= want.len(), "{sort:?} {stage:?} {band:?} {page}: more rows than there are");
+                    }
+                    assert_eq!(got, want, "{sort:?}, stage {stage:?}, band {band:?}, pages of {page}");
+                }
+            }
+        }
+    }
 }
 
 /// The user of the `i`th row of [`HealthEvents`] (none for every fifth).

@@ -487,13 +487,19 @@ impl Store {
         if band.is_some() {
             filter.push_str(" AND band = $3");
         }
-        if after.is_some() {
-            // `(key, id) > ($4, $5)`, spelled so that both databases seek to
-            // `key >= $4` in the index instead of filtering from its start.
-            filter.push_str(if sort == HealthSort::Id { " AND customer_id > $5" } else { " AND {key} >= $4 AND ({key} > $4 OR customer_id > $5)" });
-        }
-        let filter = filter.replace("{key}", key);
-        let order = if sort == HealthSort::Id { "customer_id".to_owned() } else { format!("{key}, customer_id") };
+        let order = if sort == HealthSort::Id {
+            if after.is_some() {
+                filter.push_str(" AND customer_id > $5");
+            }
+            "customer_id".to_owned()
+        } else {
+            if after.is_some() {
+                // `(key, id) > ($4, $5)`, spelled so that both databases seek
+                // to `key >= $4` in the index instead of filtering from its start.
+                filter.push_str(&format!(" AND {key} >= $4 AND ({key} > $4 OR customer_id > $5)"));
+            }
+            format!("{key}, customer_id")
+        };
         let (after_v, after_id) = match after {
             None => (None, None),
             Some((v, id)) => (Some(v), Some(id)),

@@ -14,9 +14,9 @@ use arrow::array::{ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, Strin
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use serde_json::Value;
+use sluice_core::lake::PropertyType;
 use sluice_core::Event;
 use sluice_enrich::Enricher;
-use sluice_store::schemas::PropertyType;
 
 /// Names of the Hive partition columns, in path order (after `workspace`).
 pub const PARTITION_COLUMNS: [&str; 5] = ["content_type", "year", "month", "day", "hour"];

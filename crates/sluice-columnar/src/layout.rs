@@ -52,24 +52,6 @@ pub fn new_file(workspace: &str, content_type: &str, hour: DateTime<Utc>) -> Str
     format!("{}/{}.parquet", partition_dir(workspace, content_type, hour), uuid::Uuid::now_v7().simple())
 }
 
-/// The lake root directory from `lake.url` (`file:///abs/path`, or a plain
-/// path; empty means `<data_dir>/lake`).
-pub fn root_from_url(url: &str, data_dir: &Path) -> Result<PathBuf, crate::LakeError> {
-    if url.is_empty() {
-        return Ok(data_dir.join("lake"));
-    }
-    if let Some(rest) = url.strip_prefix("file://") {
-        if rest.is_empty() {
-            return Err(crate::LakeError::UrlWithoutPath);
-        }
-        return Ok(PathBuf::from(rest));
-    }
-    if url.contains("://") {
-        return Err(crate::LakeError::UnsupportedUrl(url.to_owned()));
-    }
-    Ok(PathBuf::from(url))
-}
-
 /// Every `.parquet` file under `dir` whose path (relative to `root`) starts
 /// with `workspace=`, as relative paths with `/` separators.
 pub fn list_lake_files(root: &Path) -> Vec<String> {

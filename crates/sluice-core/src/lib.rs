@@ -13,6 +13,7 @@ pub mod duration;
 pub mod event;
 pub mod ids;
 pub mod job_state;
+pub mod lake;
 pub mod log;
 pub mod named;
 pub mod people;

@@ -19,23 +19,16 @@
 //! crash before 2 leaves unlisted new files, removed on start too.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
-use arrow::array::{new_null_array, ArrayRef};
-use arrow::datatypes::{Field, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
 use serde_json::{json, Value};
+use sluice_columnar::files::merge;
 use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload as _};
 use sluice_store::{Job, LakeFile, Store};
 
-use crate::layout;
 use crate::sql::FileGuard;
-use crate::writer::writer_properties;
 use crate::LakeError;
 
 /// Kind of the compaction job.
@@ -148,109 +141,4 @@ pub async fn compact_partition(
     }
     metrics::counter!("sluice_lake_files_compacted_total").increment(removed.len() as u64);
     Ok((removed.len() as u64, written))
-}
-
-/// Reads `inputs` in order and writes them into as few files as the target
-/// allows. Runs on a blocking thread.
-fn merge(root: &Path, inputs: &[LakeFile], target: u64, row_group_rows: usize) -> Result<Vec<LakeFile>, LakeError> {
-    let first = &inputs[0];
-    // The union of the files' schemas, by column name (first type wins).
-    let mut fields: Vec<Field> = Vec::new();
-    for f in inputs {
-        let file = std::fs::File::open(root.join(&f.path)).map_err(LakeError::in_file(&f.path))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(LakeError::in_file(&f.path))?;
-        for fld in b.schema().fields() {
-            if !fields.iter().any(|x| x.name() == fld.name()) {
-                fields.push(fld.as_ref().clone().with_nullable(true));
-            }
-        }
-    }
-    let schema: SchemaRef = Arc::new(Schema::new(fields));
-    let mut out: Vec<LakeFile> = Vec::new();
-    let mut cur: Option<(ArrowWriter<std::fs::File>, PathBuf, String, u64, i64, i64)> = None;
-    let finish = |c: (ArrowWriter<std::fs::File>, PathBuf, String, u64, i64, i64), out: &mut Vec<LakeFile>| -> Result<(), LakeError> {
-        let (w, tmp, rel, rows, min, max) = c;
-        let f = w.into_inner()?;
-        f.sync_all()?;
-        let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let dest = root.join(&rel);
-        std::fs::rename(&tmp, &dest).map_err(|source| LakeError::Step { step: format!("renaming into {rel}"), source })?; // relative: job errors are shown to API clients
-        if let Some(d) = dest.parent().and_then(|d| std::fs::File::open(d).ok()) {
-            let _ = d.sync_all();
-        }
-        out.push(LakeFile {
-            path: rel,
-            workspace: first.workspace.clone(),
-            content_type: first.content_type.clone(),
-            hour_start: first.hour_start,
-            row_count: rows,
-            bytes,
-            min_time: DateTime::from_timestamp_micros(min).unwrap_or(first.hour_start),
-            max_time: DateTime::from_timestamp_micros(max).unwrap_or(first.hour_start),
-            created_at: Utc::now(),
-        });
-        Ok(())
-    };
-    let result = (|| -> Result<(), LakeError> {
-        std::fs::create_dir_all(root.join("_tmp"))?;
-        for f in inputs {
-            let file = std::fs::File::open(root.join(&f.path)).map_err(LakeError::in_file(&f.path))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.with_batch_size(row_group_rows.min(65_536)).build())
-                .map_err(LakeError::in_file(&f.path))?;
-            for batch in reader {
-                let batch = batch.map_err(LakeError::in_file(&f.path))?;
-                let batch = conform(&batch, &schema)?;
-                if cur.is_none() {
-                    let tmp = root.join("_tmp").join(format!("{}.parquet", uuid::Uuid::now_v7().simple()));
-                    let file = std::fs::File::create(&tmp)?;
-                    let w = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(row_group_rows)))?;
-                    cur = Some((w, tmp, layout::new_file(&first.workspace, &first.content_type, first.hour_start), 0, i64::MAX, i64::MIN));
-                }
-                let c = cur.as_mut().expect("set above");
-                c.0.write(&batch)?;
-                c.3 += batch.num_rows() as u64;
-                if let Some((lo, hi)) = time_range(&batch) {
-                    c.4 = c.4.min(lo);
-                    c.5 = c.5.max(hi);
-                }
-                if (c.0.bytes_written() + c.0.in_progress_size()) as u64 >= target {
-                    finish(cur.take().expect("set above"), &mut out)?;
-                }
-            }
-        }
-        if let Some(c) = cur.take() {
-            finish(c, &mut out)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        for f in &out {
-            let _ = std::fs::remove_file(root.join(&f.path));
-        }
-        return Err(e);
-    }
-    Ok(out)
-}
-
-/// `batch` with exactly the columns of `schema` (missing ones null).
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, LakeError> {
-    let cols: Vec<ArrayRef> = schema
-        .fields()
-        .iter()
-        .map(|f| match batch.column_by_name(f.name()) {
-            Some(c) if c.data_type() == f.data_type() => c.clone(),
-            Some(c) => arrow::compute::cast(c, f.data_type()).unwrap_or_else(|_| new_null_array(f.data_type(), batch.num_rows())),
-            None => new_null_array(f.data_type(), batch.num_rows()),
-        })
-        .collect();
-    Ok(RecordBatch::try_new(schema.clone(), cols)?)
-}
-
-fn time_range(batch: &RecordBatch) -> Option<(i64, i64)> {
-    use arrow::array::TimestampMicrosecondArray;
-    let c = batch.column_by_name("timestamp")?.as_any().downcast_ref::<TimestampMicrosecondArray>()?;
-    let lo = arrow::compute::min(c)?;
-    let hi = arrow::compute::max(c)?;
-    Some((lo, hi))
 }

@@ -56,34 +56,9 @@ pub enum LakeError {
     /// Encoding a query result for an export failed.
     #[error("{0}")]
     Encode(#[from] SqlError),
-    /// A file or directory operation failed.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    /// Reading or writing Parquet failed.
-    #[error("{0}")]
-    Parquet(#[from] parquet::errors::ParquetError),
-    /// An Arrow operation failed.
-    #[error("{0}")]
-    Arrow(#[from] arrow::error::ArrowError),
-    /// An operation on a named lake file failed (`path` relative to the root).
-    #[error("{path}: {source}")]
-    File {
-        /// The file.
-        path: String,
-        /// What failed.
-        #[source]
-        source: Box<LakeError>,
-    },
-    /// A step on a named path failed, e.g. `creating /lake/_tmp` or
-    /// `renaming into /lake/workspace=…`.
-    #[error("{step}: {source}")]
-    Step {
-        /// What was being done, and to what.
-        step: String,
-        /// What failed.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Writing, making durable or merging lake files failed.
+    #[error(transparent)]
+    Columnar(#[from] sluice_columnar::ColumnarError),
     /// The state store failed.
     #[error("{0}")]
     Store(#[from] sluice_store::StoreError),
@@ -93,20 +68,7 @@ pub enum LakeError {
     /// Swapping compacted files into the manifest failed (the new ones were removed).
     #[error("swapping compacted files: {0}")]
     Swap(#[source] sluice_store::StoreError),
-    /// Written files could not be made durable.
-    #[error("making lake files durable: {0}")]
-    Sync(#[source] std::io::Error),
-    /// A lake writer thread panicked.
-    #[error("a lake writer thread panicked")]
-    WriterPanicked,
     /// A blocking task panicked or was cancelled.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
-}
-
-impl LakeError {
-    /// An error of the lake file `path` (relative to the root).
-    pub(crate) fn in_file<E: Into<LakeError>>(path: &str) -> impl FnOnce(E) -> LakeError + '_ {
-        move |e| LakeError::File { path: path.to_owned(), source: Box::new(e.into()) }
-    }
 }

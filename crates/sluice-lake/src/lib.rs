@@ -2,8 +2,8 @@
 //! them joined with live state tables.
 //!
 //! - [`columns`]: the lake's columns and events → Arrow batches (with
-//!   enrichment from `sluice-enrich`);
-//! - [`layout`]: partition paths and the lake root;
+//!   enrichment from `sluice-enrich`), from `sluice-columnar`;
+//! - [`layout`]: partition paths (from `sluice-columnar`) and the lake root;
 //! - [`writer`]: the lake writer, a log reader whose files and checkpoint
 //!   commit in one state-store transaction (exactly once);
 //! - [`compact`]: the compaction job;
@@ -15,7 +15,6 @@
 //! - [`export`]: saved queries run as jobs, on a cron schedule, exported;
 //! - [`ddl`]: table definitions for other engines (Athena, Trino, DuckDB, Spark).
 
-pub mod columns;
 pub mod compact;
 pub mod ddl;
 mod error;
@@ -27,3 +26,4 @@ pub mod sql;
 pub mod writer;
 
 pub use error::LakeError;
+pub use sluice_columnar::columns;

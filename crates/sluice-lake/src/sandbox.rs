@@ -57,7 +57,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sluice_store::schemas::PropertyType;
+use sluice_core::lake::PropertyType;
 use sluice_store::LakeFile;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

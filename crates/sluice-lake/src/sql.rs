@@ -51,8 +51,9 @@ use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::sqlparser::ast::Statement;
 use futures::StreamExt;
 use rust_decimal::Decimal;
+use sluice_core::lake::PropertyType;
 use sluice_core::{Event, EventLog};
-use sluice_store::schemas::{PropertyType, Schemas};
+use sluice_store::schemas::Schemas;
 use sluice_store::{LakeFile, Store};
 
 use crate::columns::{self, BatchBuilder, PARTITION_COLUMNS};

@@ -14,29 +14,7 @@ use crate::consumers::UPSERT_CHECKPOINT;
 use crate::BeginWrite as _;
 use crate::{from_micros, on_pool, to_micros, Result, Store, StoreError};
 
-/// One committed Parquet file of the lake.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LakeFile {
-    /// Path relative to the lake root, e.g.
-    /// `workspace=default/content_type=page/year=2026/month=11/day=22/hour=05/<name>.parquet`.
-    pub path: String,
-    /// Workspace.
-    pub workspace: String,
-    /// Event type (the `content_type` partition).
-    pub content_type: String,
-    /// Start of the UTC hour partition.
-    pub hour_start: DateTime<Utc>,
-    /// Rows in the file.
-    pub row_count: u64,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Earliest and latest event `timestamp` in the file.
-    pub min_time: DateTime<Utc>,
-    /// See `min_time`.
-    pub max_time: DateTime<Utc>,
-    /// When the file was committed.
-    pub created_at: DateTime<Utc>,
-}
+pub use sluice_core::lake::LakeFile;
 
 /// What a query reads: the committed files of a workspace and the lake
 /// writer's checkpoints, from one consistent snapshot.

@@ -13,58 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use serde_json::Value;
-
-/// The type of a declared property.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PropertyType {
-    /// A JSON integer that fits in 64 bits.
-    Int64,
-    /// Any JSON number.
-    Float64,
-    /// `true` or `false`.
-    Bool,
-    /// A JSON string.
-    String,
-    /// An RFC 3339 string.
-    Timestamp,
-}
-
-impl PropertyType {
-    /// Parses `int64`, `float64`, `bool`, `string`, `timestamp`.
-    pub fn parse(s: &str) -> Option<PropertyType> {
-        Some(match s {
-            "int64" => PropertyType::Int64,
-            "float64" => PropertyType::Float64,
-            "bool" => PropertyType::Bool,
-            "string" => PropertyType::String,
-            "timestamp" => PropertyType::Timestamp,
-            _ => return None,
-        })
-    }
-
-    /// The declared name.
-    pub fn name(self) -> &'static str {
-        match self {
-            PropertyType::Int64 => "int64",
-            PropertyType::Float64 => "float64",
-            PropertyType::Bool => "bool",
-            PropertyType::String => "string",
-            PropertyType::Timestamp => "timestamp",
-        }
-    }
-
-    /// Whether `v` (not null) is a value of this type.
-    pub fn accepts(self, v: &Value) -> bool {
-        match self {
-            PropertyType::Int64 => v.as_i64().is_some(),
-            PropertyType::Float64 => v.is_number(),
-            PropertyType::Bool => v.is_boolean(),
-            PropertyType::String => v.is_string(),
-            PropertyType::Timestamp => v.as_str().is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()),
-        }
-    }
-}
+pub use sluice_core::lake::PropertyType;
 
 /// The declared properties of one event type.
 #[derive(Debug, Clone, PartialEq)]

@@ -12,7 +12,7 @@
 //! and space are escaped as `%XX` (event types from Segment can contain
 //! spaces and other characters; `/` and `=` must not reach a path).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 

@@ -452,3 +452,73 @@ fn time_range(batch: &RecordBatch) -> Option<(i64, i64)> {
     let hi = arrow::compute::max(c)?;
     Some((lo, hi))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn event(i: usize, ty: &str, hour: u32) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"workspace": "w", "id": format!("e{i}"), "type": ty,
+            "timestamp": format!("2026-11-01T{hour:02}:30:00Z"), "received_at": "2026-11-01T23:00:00Z",
+            "properties": {"n": i}, "context": {}}))
+        .unwrap()
+    }
+
+    fn rows_in(root: &Path, f: &LakeFile) -> usize {
+        let file = std::fs::File::open(root.join(&f.path)).unwrap();
+        ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap().map(|b| b.unwrap().num_rows()).sum()
+    }
+
+    #[test]
+    fn a_buffer_becomes_one_file_per_type_and_hour_with_every_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = Buffer::default();
+        for i in 0..30 {
+            let (ty, hour) = [("page", 1), ("page", 2), ("signup", 1)][i % 3];
+            buf.push_record(&event(i, ty, hour)).unwrap();
+        }
+        // Undecodable: an error, and nothing buffered.
+        assert!(buf.push_record(b"not a payload").is_err());
+        assert_eq!(buf.events, 30);
+        assert!(buf.since.is_some() && buf.bytes > 30 * EVENT_MEMORY_OVERHEAD);
+        let typed = |_: &str, ty: &str| if ty == "page" { vec![("n".to_owned(), PropertyType::Int64)] } else { vec![] };
+        let mut files = buf.into_flush(typed).write(dir.path(), 1024).unwrap();
+        files.sort_by(|a, b| (&a.content_type, a.hour_start).cmp(&(&b.content_type, b.hour_start)));
+        let got: Vec<(&str, u32, u64)> =
+            files.iter().map(|f| (f.content_type.as_str(), chrono::Timelike::hour(&f.hour_start), f.row_count)).collect();
+        assert_eq!(got, [("page", 1, 10), ("page", 2, 10), ("signup", 1, 10)]);
+        for f in &files {
+            assert_eq!(rows_in(dir.path(), f), f.row_count as usize, "{}", f.path);
+            assert!(f.path.starts_with("workspace=w/content_type="), "{}", f.path);
+            assert!(f.min_time <= f.max_time && f.bytes > 0);
+        }
+        // The typed column is in the page files only.
+        let file = std::fs::File::open(dir.path().join(&files[0].path)).unwrap();
+        let schema = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().schema().clone();
+        assert!(schema.field_with_name(&crate::columns::typed_column("n")).is_ok(), "{schema:?}");
+        // Nothing left in _tmp.
+        assert_eq!(std::fs::read_dir(dir.path().join("_tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn merging_keeps_every_row_and_unifies_the_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut written = Vec::new();
+        for (k, typed) in [(0, vec![("n".to_owned(), PropertyType::Int64)]), (1, vec![])] {
+            let mut buf = Buffer::default();
+            for i in 0..5 {
+                buf.push_record(&event(k * 10 + i, "page", 1)).unwrap();
+            }
+            let t = typed.clone();
+            written.extend(buf.into_flush(move |_: &str, _: &str| t.clone()).write(dir.path(), 1024).unwrap());
+        }
+        let merged = merge(dir.path(), &written, 64 << 20, 1024).unwrap();
+        assert_eq!(merged.len(), 1);
+        assert_eq!((merged[0].row_count, rows_in(dir.path(), &merged[0])), (10, 10));
+        assert_eq!(merged[0].min_time, written[0].min_time);
+        let file = std::fs::File::open(dir.path().join(&merged[0].path)).unwrap();
+        let schema = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().schema().clone();
+        assert!(schema.field_with_name(&crate::columns::typed_column("n")).is_ok(), "the typed column of the first file is kept");
+    }
+}

@@ -133,7 +133,7 @@ impl Buffer {
     }
 
     /// Buffers one decoded log record (`payload_bytes`: its size in the log).
-    pub fn push(&mut self, payload: Payload, payload_bytes: usize) {
+    fn push(&mut self, payload: Payload, payload_bytes: usize) {
         self.since.get_or_insert_with(Instant::now);
         match payload {
             Payload::Event(e) => {

@@ -10,7 +10,7 @@
 //! 1. writes `_tmp/<uuid>.parquet` and renames it into its partition
 //!    directory,
 //! 2. makes all of them durable at once (one `syncfs` on Linux, see
-//!    [`sync_files`]),
+//!    [`sluice_columnar::files::sync_files`]),
 //! 3. commits every new file to the manifest (`lake_files`) **and** its
 //!    checkpoint (consumer `lake`, one offset per log partition) in one
 //!    state-store transaction.
@@ -34,8 +34,6 @@ use tokio::sync::watch;
 
 use crate::layout;
 use crate::LakeError;
-
-pub use sluice_columnar::files::{sync_files, writer_properties};
 
 /// Checkpoint name of the lake writer (shown by `GET /v1/consumers`).
 pub const CHECKPOINT: &str = "lake";

@@ -238,8 +238,8 @@ pub struct Runtime {
 
 /// The batch records the consumers of a runtime decoded last, shared: every
 /// consumer reads every record, at about the same time (they wake on the
-/// same appends), and decoding is a large part of a consumer's work per row
-/// (a tenth of an import's CPU for two consumers). The first to read a
+/// same appends), and decoding is a large part of a consumer's work per
+/// row. The first to read a
 /// record decodes it; the others take the same [`EventBatch`] while it is
 /// among the last [`RecentBatches::KEEP`].
 #[derive(Default)]
@@ -950,14 +950,16 @@ const COMMIT_EVENTS: usize = 1_000_000;
 /// …or is this old, or the consumer caught up with the log and the stream
 /// paused. Under a burst (a CSV import) this turns hundreds of small
 /// commits, each rewriting the same usage buckets and counts, into a few
-/// large ones: at 250 ms, a million-row import rewrote each of its usage
-/// buckets dozens of times, and those commits made over a third of the
-/// import's memory allocations (heaptrack, session 4).
+/// large ones: with short intervals a large import rewrites each of its
+/// usage buckets again and again, and those commits make a large share of
+/// the import's memory allocations (measured: docs/BENCHMARKS.md, "CSV usage
+/// import").
 ///
-/// 5 s, not 1 s (session 5): a million-row import over 1,000 customers
-/// touches ~21,000 usage buckets every second, and each commit reads and
-/// rewrites all of them; at 1 s the state store's thread took over a fifth
-/// of the import's CPU. Usage lags a stream by at most this long.
+/// 5 s, not 1 s: a large import touches thousands of usage buckets every
+/// second and each commit reads and rewrites all of them, so shorter
+/// intervals spend the state store's thread on rewriting the same buckets
+/// (measured: docs/BENCHMARKS.md, "CSV usage import"). Usage lags a stream
+/// by at most this long.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// Outside bursts, a carry is committed once it is this old: usage and
 /// counts lag a steady stream by at most about this long (a workspace's

@@ -125,13 +125,13 @@ pub trait EventLog: Send + Sync + 'static {
 /// stream pauses for a moment, and commit at once when the last burst ends.
 ///
 /// Without it a consumer cannot tell a burst that is still coming from one
-/// that ended: it committed at every pause of 50 ms, and on a slow machine
-/// an import paused often enough that the meters consumer rewrote each of
-/// its 21,000 usage buckets a dozen times, a second of the state store's
-/// CPU during a three-second import (session 7). A burst that never ends
-/// (a hung producer) delays commits by at most the consumer's commit
-/// interval. Producers in other processes (scale-out) are not seen; there
-/// the pause heuristic alone decides.
+/// that ended: it would commit at every pause of 50 ms, and an import can
+/// pause often enough that the meters consumer rewrites each of its usage
+/// buckets again and again, spending the state store's CPU on the same
+/// rows (measured: docs/BENCHMARKS.md, "CSV usage import"). A burst that
+/// never ends (a hung producer) delays commits by at most the consumer's
+/// commit interval. Producers in other processes (scale-out) are not seen;
+/// there the pause heuristic alone decides.
 ///
 /// Consumers that kept effects in memory because of a burst are *settling*
 /// until those effects are committed ([`Bursts::settle`]). Background work

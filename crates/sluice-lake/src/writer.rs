@@ -98,16 +98,16 @@ impl LakeWriter {
     ///
     /// While a burst is active, or a consumer is settling one
     /// ([`LakeWriter::bursts`], [`Bursts::busy`]), the writer neither reads
-    /// nor decodes: during a 1,000,000-row import, reading and buffering for
-    /// the lake took a fifth of the server's CPU samples (session 9), on the
-    /// cores the import and the meters were waiting for (only the Parquet
-    /// threads run at low priority); and resuming as soon as the burst
-    /// ended put its reads and its `syncfs` beside the meters' final
-    /// commits. The pause lasts until neither is the case, or
-    /// `flush_interval` at most (a buffer that falls due meanwhile is
-    /// flushed); after that the writer works as usual, at its low
-    /// priority, until the busy period ends. So the lake lags an import by
-    /// at most `flush_interval` more than it would otherwise.
+    /// nor decodes: during a large import, reading and buffering for the
+    /// lake took a large share of the server's CPU (measured:
+    /// docs/BENCHMARKS.md, "CSV usage import"), on the cores the import and
+    /// the meters were waiting for (only the Parquet threads run at low
+    /// priority); and resuming as soon as the burst ended put its reads and
+    /// its `syncfs` beside the meters' final commits. The pause lasts until
+    /// neither is the case, or `flush_interval` at most (a buffer that falls
+    /// due meanwhile is flushed); after that the writer works as usual, at
+    /// its low priority, until the busy period ends. So the lake lags an
+    /// import by at most `flush_interval` more than it would otherwise.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut changed = self.log.subscribe();
         let mut busy = self.bursts.busy();

@@ -6,7 +6,8 @@
 //! id, computed by the caller) to a log position. A CSV import inserts a
 //! million new keys at once; Segment clients send random UUIDs. A B-tree
 //! (the state store's table, as in earlier versions) pays a random page
-//! write per key: measured at 1–5 µs per key in SQLite, seconds per million.
+//! write per key, too slow for a million keys at once (measured:
+//! docs/BENCHMARKS.md, "Ingest").
 //! This index is built for batches instead, like a small LSM tree:
 //!
 //! - **memtable**: new entries go into a hash map in memory. They need not
@@ -309,8 +310,9 @@ impl IdIndex {
                 return Ok(0);
             }
             // The next memtable starts at the size this one reached (at
-            // most a flush's worth): growing from empty rehashed every
-            // entry again at each doubling, 2-3 % of an import's CPU.
+            // most a flush's worth): growing from empty would rehash every
+            // entry again at each doubling, CPU taken from the import
+            // (measured: docs/BENCHMARKS.md, "CSV usage import").
             let size = st.mem.len().min(self.cfg.flush_entries);
             let frozen = Arc::new(std::mem::replace(&mut st.mem, Mem::with_capacity_and_hasher(size, Default::default())));
             st.frozen = Some(frozen.clone());

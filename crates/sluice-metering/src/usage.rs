@@ -205,9 +205,10 @@ pub async fn query(store: &Store, meter: &Meter, tz: Tz, q: &UsageQuery) -> Resu
         out = seen.into_iter().map(|(k, v)| (k, Decimal::from(v.len()))).collect();
     } else {
         // Buckets first fold per stored group key, with keys borrowed from
-        // the buckets (21,000 buckets made 84,000 strings and as many
-        // string comparisons in the map); the few folded periods are then
-        // folded again by the requested groups.
+        // the buckets (owned keys cost four strings a bucket and as many
+        // string comparisons in the map; measured: docs/BENCHMARKS.md, "CSV
+        // usage import"); the few folded periods are then folded again by
+        // the requested groups.
         let agg = meter.aggregation;
         let buckets = store.usage_buckets(&meter.workspace, &meter.key, cust, sub, q.from, q.to).await?;
         let overflow = |customer: &str, start: DateTime<Utc>, (total, value): (Decimal, Decimal)| UsageQueryError::Overflow {

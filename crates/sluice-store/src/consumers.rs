@@ -51,8 +51,8 @@ pub struct Folder {
 /// Positions of entries by key, the keys encoded as bytes one after
 /// another in one buffer. Comparing a key is one `memcmp` of bytes that sit
 /// together, not a comparison per string of strings that sit wherever their
-/// entries were allocated: those cache misses were an eighth of an import's
-/// CPU (session 7).
+/// entries were allocated: those cache misses showed in an import's
+/// profile (docs/BENCHMARKS.md, "CSV usage import").
 #[derive(Default)]
 struct KeyIndex {
     /// Position of the entry, and where its key is in `keys` (start, length).

@@ -11,7 +11,8 @@
 //!
 //! The dedup index (where every event id is in the log) is not here: it is
 //! the log's own id index (`sluice_log::index`), which takes a million ids
-//! in a fraction of a second where a B-tree table took several seconds.
+//! at once far faster than a B-tree table, where each id costs a random page
+//! write (measured: docs/BENCHMARKS.md, "Ingest").
 //! Migration 0008 drops the `event_index` table of earlier versions.
 
 use sluice_core::RecordEffect;

@@ -301,7 +301,8 @@ impl Store {
     /// primary key (one seek per customer, a "loose index scan"): neither
     /// SQLite nor PostgreSQL 15 skips through an index for `DISTINCT`, and
     /// `SELECT DISTINCT customer_id` read every event of the workspace, a
-    /// recompute's first step (2 million rows for 20,000 customers).
+    /// recompute's first step (measured: docs/BENCHMARKS.md, "Customer
+    /// health").
     pub async fn health_customer_ids(&self, workspace: &str) -> Result<Vec<String>> {
         let sql = format!(
             "SELECT customer_id FROM customers WHERE workspace = $1 \
@@ -413,9 +414,9 @@ impl Store {
     /// [`Store::analyze_billing_tables`] does for billing; returns the
     /// tables analyzed. Without them (autovacuum off, or not yet run after
     /// a bulk load) PostgreSQL read a batch's events by scanning the
-    /// workspace's whole key range and filtering on the 500 customers:
-    /// about 1 s a batch instead of milliseconds (`sluice bench health`,
-    /// docs/BENCHMARKS.md).
+    /// workspace's whole key range and filtering on the 500 customers, far
+    /// slower than seeking them (`sluice bench health`; measured:
+    /// docs/BENCHMARKS.md, "Customer health").
     pub async fn analyze_health_tables(&self) -> Result<Vec<String>> {
         crate::analyze_stale(self, &["health_events", "customer_attribute_changes", "customer_health", "health_history", "stage_overrides"]).await
     }
@@ -531,9 +532,9 @@ impl Store {
     /// customer), each type from `start(days)` of its longest window on.
     ///
     /// A run is one row (SQLite: one JSON array of rows per 500 customers,
-    /// see [`Store::select_in_packed`]): a customer's ~25 events of a type
-    /// cost one row, not 25 (rows, not bytes, were the read's cost on both
-    /// stores: docs/BENCHMARKS.md, "Customer health", session 23).
+    /// see [`Store::select_in_packed`]): a customer's events of a type cost
+    /// one row, not one each (rows, not bytes, are the read's cost on both
+    /// stores; measured: docs/BENCHMARKS.md, "Customer health").
     pub async fn health_events_of(
         &self,
         workspace: &str,

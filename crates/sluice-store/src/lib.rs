@@ -40,7 +40,7 @@ pub mod testing;
 mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
-pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, NewInvoice, PlanRow, SubscriptionRow};
+pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, NewInvoice, OutboxRow, PlanRow, SubscriptionRow};
 pub use consumers::{ConsumerCommit, CountKey, DeadLetter, DeadLetterAction, DeadLetterFilter, Delivery, Folder, NewDeadLetter, Webhook};
 pub use health::{CustomerHealthRow, EventsWanted, HealthConfigRow, HealthEventRun, HealthHistoryRow, HealthSort, OverrideRow};
 pub use jobs::{BulkJobs, Job, JobEnd, JobSelection, NewJob};
@@ -166,11 +166,11 @@ pub(crate) use on_pool;
 /// thousands of usage buckets) uses this rather than an autocommit
 /// statement on the pool: on SQLite an autocommit write waits for the write
 /// lock in the busy handler (sleeps of up to 100 ms), not in the write
-/// queue. Job claims and progress waited there during imports (session 5).
+/// queue, and job claims and progress would wait there during imports.
 /// Short writes that rarely meet a large commit (a job's enqueue and end,
 /// heartbeats) stay autocommit statements: the transaction's extra round
-/// trips cost the job runner about a quarter of its throughput
-/// (`sluice bench jobs`, SQLite and PostgreSQL).
+/// trips cost the job runner a large share of its throughput on SQLite and
+/// PostgreSQL (measured: docs/BENCHMARKS.md, "Jobs").
 macro_rules! write_tx {
     ($store:expr, $tx:ident => $body:expr) => {
         $crate::on_pool!($store, pool => {
@@ -187,9 +187,10 @@ pub(crate) use write_tx;
 /// waiting for the write lock of [`BeginWrite`], so that it waits in that
 /// FIFO rather than in SQLite's busy handler (sleeps of up to 100 ms). For
 /// writes that meet large commits but need no transaction: a job's end
-/// comes right when an import's consumers commit (it waited 330 ms there in
-/// the busy handler, session 7), and one statement costs a third of the
-/// round trips of `BEGIN`, statement, `COMMIT`.
+/// comes right when an import's consumers commit, so in the busy handler it
+/// would sleep through their commits (measured: docs/BENCHMARKS.md, "CSV
+/// usage import"), and one statement costs a third of the round trips of
+/// `BEGIN`, statement, `COMMIT`.
 macro_rules! write_stmt {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
@@ -292,7 +293,7 @@ impl Store {
                 // 2 MiB of page cache per connection (SQLite's default; 16 MiB
                 // for the pool): every connection caches what it touched, so
                 // the cache multiplies by the pool size in the server's
-                // memory (it was 64 MiB each). Pages beyond it come from the
+                // memory. Pages beyond it come from the
                 // OS page cache, a copy away.
                 .pragma("cache_size", "-2048");
             let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
@@ -346,10 +347,11 @@ pub fn from_micros(us: i64) -> DateTime<Utc> {
 /// parameters (`$n`, and `?n`) in a list it searches linearly, when it
 /// parses the statement and again for each parameter sqlx binds
 /// (`sqlite3_bind_parameter_name`), so a statement of n named parameters
-/// costs O(n²): a commit of 256 dead letters (3,072 parameters) spent most
-/// of its time there, which held the partition, and every workspace on
-/// it, behind a hostile workspace's bad events. Anonymous parameters are
-/// numbered as they come, with no list.
+/// costs O(n²): in a commit of 256 dead letters (3,072 parameters) that
+/// search is most of the work, which held the partition, and every
+/// workspace on it, behind a hostile workspace's bad events (measured:
+/// docs/BENCHMARKS.md, "Consumers"). Anonymous parameters are numbered as
+/// they come, with no list.
 pub fn values_rows(sqlite: bool, rows: usize, row: &str) -> String {
     let mut out = String::with_capacity((row.len() + 2) * rows);
     let mut n = 0usize;

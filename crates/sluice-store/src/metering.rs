@@ -86,7 +86,8 @@ impl UsageDelta {
     /// sorts the buckets it reads and writes): within a meter, the order of
     /// the table's primary key, so that the B-tree lookups and inserts of a
     /// commit go through the key space in order and touch neighbouring pages
-    /// (inserts ~15% faster than in time order, Python sqlite3, session 9).
+    /// (inserts are faster than in time order; measured: docs/BENCHMARKS.md,
+    /// "CSV usage import").
     /// The meter and workspace come last: they rarely differ within a commit.
     pub(crate) fn sort_key(&self) -> (&str, &str, &str, i64, &str, &str) {
         (&self.customer_id, &self.subscription_id, &self.group_key, self.bucket_start, &self.meter, &self.workspace)
@@ -303,12 +304,12 @@ pub(crate) fn values_ranges(n: usize) -> impl Iterator<Item = std::ops::Range<us
 ///
 /// Multi-row `VALUES` with bound parameters, not one JSON parameter taken
 /// apart by `json_each`: SQLite parses the JSON text once per `->>`, and
-/// bound values need no parsing (21,000 buckets: inserts ~2×, updates ~4×
-/// faster, reads ~1.5×, measured with Python's sqlite3 in session 8).
+/// bound values need no parsing, so inserts, updates and reads are all
+/// faster (measured: docs/BENCHMARKS.md, "CSV usage import").
 /// The read returns its rows as one JSON array in one row: sqlx hands every
 /// SQLite row from its worker thread to the task through a channel, copying
-/// each value (a wake-up, a context switch and a dozen allocations per row);
-/// 4,096 buckets took 50-190 ms that way during an import.
+/// each value (a wake-up, a context switch and a dozen allocations per row),
+/// which made a commit's read of its buckets slow during an import.
 ///
 /// The read joins from the keys (`CROSS JOIN` keeps them the outer loop):
 /// for `(…) IN (…)` SQLite's planner searched the primary key on its first
@@ -573,7 +574,8 @@ impl Store {
                 // Pages of buckets in primary-key order, each page one row of
                 // JSON: sqlx passes every SQLite row from its worker thread
                 // through a channel, a wake-up and a dozen allocations per
-                // row (21,000 buckets took 190 ms that way, 40 ms as JSON).
+                // row, which one row a page avoids (measured:
+                // docs/BENCHMARKS.md, "CSV usage import").
                 let mut rows: Vec<BucketRow> = Vec::new();
                 let mut after: Option<(String, String, String, i64)> = None;
                 loop {

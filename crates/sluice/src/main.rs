@@ -4,10 +4,9 @@
 /// jemalloc (tikv-jemallocator). An import allocates and frees small
 /// buffers on many threads (decoded rows, batches, SQLite rows); what the
 /// allocator keeps of freed memory is what decides the server's peak RSS.
-/// Measured on the same 2M-row import (docs/BENCHMARKS.md, session 5):
-/// mimalloc 3 with a 10 ms purge delay peaked at 302 MB, glibc at 415 MB,
-/// jemalloc with the settings below at 190 MB, at the same import speed;
-/// a 1 GB import at 248–258 MiB (kernel high-water mark).
+/// With the settings below, jemalloc keeps far less freed memory than
+/// mimalloc or glibc under that churn of small allocations, at the same
+/// import speed (measured: docs/BENCHMARKS.md, "Memory of a large import").
 /// The `system-alloc` feature keeps the system allocator instead, for heap
 /// profilers that hook `malloc` (heaptrack, see docs/BENCHMARKS.md).
 #[cfg(not(feature = "system-alloc"))]
@@ -18,8 +17,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// prefixes jemalloc's names with `_rjem_`): a background thread returns
 /// freed pages to the OS (`dirty_decay_ms`: within about 300 ms, instead
 /// of 10 s; `muzzy_decay_ms:0`: then at once), so the application threads
-/// never pay for purging. With 1 s, the 1 GB import peaked about 25 MB
-/// higher, at the same speed. The environment variable `_RJEM_MALLOC_CONF`
+/// never pay for purging; a longer decay only raised a large import's peak
+/// memory, at the same speed. The environment variable `_RJEM_MALLOC_CONF`
 /// (same syntax) overrides any of them.
 #[cfg(not(feature = "system-alloc"))]
 #[allow(unsafe_code, non_upper_case_globals)]

@@ -20,7 +20,7 @@ const FALLBACK_POSTSCRIPT_NAME: &str = "IPAexGothic";
 
 /// The parsed font, shared by every document: parsing the table directory is
 /// cheap, but there is no reason to repeat it for each line of text.
-static FONT: OnceLock<Result<Font, String>> = OnceLock::new();
+static FONT: OnceLock<Result<Font, ttf_parser::FaceParsingError>> = OnceLock::new();
 
 /// A glyph of the original font together with the character it was looked
 /// up for, which the ToUnicode map needs to give text extraction back.
@@ -42,12 +42,12 @@ pub(crate) struct Font {
 /// corrupt build: the bytes are a compile-time constant checked by the tests).
 pub(crate) fn get() -> Result<&'static Font, PdfError> {
     FONT.get_or_init(|| {
-        let face = Face::parse(FONT_DATA, 0).map_err(|e| e.to_string())?;
+        let face = Face::parse(FONT_DATA, 0)?;
         let units_per_em = f32::from(face.units_per_em());
         Ok(Font { face, units_per_em })
     })
     .as_ref()
-    .map_err(|e| PdfError::Font(e.clone()))
+    .map_err(|e| PdfError::Font(e.to_string()))
 }
 
 impl Font {

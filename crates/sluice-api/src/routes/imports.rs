@@ -90,15 +90,13 @@ pub async fn create(
         while let Some(field) = mp.next_field().await.map_err(|e| ApiError::bad_request(format!("multipart: {e}")))? {
             if field.name() == Some("file") {
                 let name = field.file_name().map(str::to_owned);
-                let stream = field.map(|c| c.map_err(|e| e.to_string()));
-                found = Some((save(stream, &path).await?, name));
+                found = Some((save(field, &path).await?, name));
                 break;
             }
         }
         found.ok_or_else(|| ApiError::bad_request("multipart: no field named `file`"))?
     } else {
-        let stream = req.into_body().into_data_stream().map(|c| c.map_err(|e| e.to_string()));
-        (save(stream, &path).await?, None)
+        (save(req.into_body().into_data_stream(), &path).await?, None)
     };
     let job = st
         .store
@@ -120,10 +118,12 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(view(&job))))
 }
 
-async fn save<S>(mut stream: S, path: &std::path::Path) -> Result<u64, ApiError>
+async fn save<S, E>(stream: S, path: &std::path::Path) -> Result<u64, ApiError>
 where
-    S: futures::Stream<Item = Result<bytes::Bytes, String>> + Unpin,
+    S: futures::Stream<Item = Result<bytes::Bytes, E>>,
+    E: std::fmt::Display,
 {
+    let mut stream = std::pin::pin!(stream);
     let mut f = tokio::fs::File::create(path).await.map_err(ApiError::internal)?;
     let mut n = 0u64;
     while let Some(chunk) = stream.next().await {

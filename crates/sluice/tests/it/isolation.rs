@@ -28,12 +28,15 @@ async fn totals(api: &Api) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = Result<(), String>>>(secs: u64, mut f: F) {
+/// What a condition of [`eventually`] still waits for.
+struct Waiting(String);
+
+async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = Result<(), Waiting>>>(secs: u64, mut f: F) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         match f().await {
             Ok(()) => return,
-            Err(why) => assert!(Instant::now() < deadline, "timed out: {why}"),
+            Err(Waiting(why)) => assert!(Instant::now() < deadline, "timed out: {why}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -48,7 +51,7 @@ async fn settled(read: &Api, good: &str, dead: usize) {
         if t == vec![("c".to_owned(), BIG.to_owned()), ("good".to_owned(), good.to_owned())] && d.len() == dead {
             Ok(())
         } else {
-            Err(format!("{t:?} {d:?}"))
+            Err(Waiting(format!("{t:?} {d:?}")))
         }
     })
     .await;
@@ -151,7 +154,7 @@ async fn a_usage_query_whose_total_overflows_answers_422_not_500() {
         if st == StatusCode::OK && v["data"].as_array().unwrap().len() == 2 {
             Ok(())
         } else {
-            Err(format!("{st} {v}"))
+            Err(Waiting(format!("{st} {v}")))
         }
     })
     .await;
@@ -229,7 +232,7 @@ async fn non_numeric_meter_values_are_dead_lettered_at_once_and_do_not_delay_oth
         if totals(&read_b).await == vec![("bc".to_owned(), "7".to_owned())] {
             Ok(())
         } else {
-            Err("b's usage".into())
+            Err(Waiting("b's usage".into()))
         }
     })
     .await;
@@ -241,7 +244,7 @@ async fn non_numeric_meter_values_are_dead_lettered_at_once_and_do_not_delay_oth
         if d.len() == 16 {
             Ok(())
         } else {
-            Err(format!("{} dead letters", d.len()))
+            Err(Waiting(format!("{} dead letters", d.len())))
         }
     })
     .await;
@@ -299,7 +302,7 @@ async fn csv_rows_near_the_largest_decimal_are_row_errors_naming_the_value() {
         if t == vec![("c".to_owned(), "100000000000000000000.5".to_owned())] {
             Ok(())
         } else {
-            Err(format!("{t:?}"))
+            Err(Waiting(format!("{t:?}")))
         }
     })
     .await;
@@ -395,7 +398,7 @@ async fn hostile_tenant_scenario() {
         if d.len() == 7_500 {
             Ok(())
         } else {
-            Err(format!("{} of 7500 dead letters", d.len()))
+            Err(Waiting(format!("{} of 7500 dead letters", d.len())))
         }
     })
     .await;
@@ -438,7 +441,7 @@ async fn a_group_by_value_too_long_for_a_bucket_key_is_dead_lettered_not_a_stall
         if t == vec![("c".to_owned(), "2".to_owned())] && d.len() == 2 {
             Ok(())
         } else {
-            Err(format!("{t:?} {d:?}"))
+            Err(Waiting(format!("{t:?} {d:?}")))
         }
     })
     .await;
@@ -474,7 +477,7 @@ async fn a_backfill_skips_events_that_overflow_or_are_not_numbers_and_counts_the
         if lag == Some(json!(0)) {
             Ok(())
         } else {
-            Err(format!("meters lag {lag:?}"))
+            Err(Waiting(format!("meters lag {lag:?}")))
         }
     })
     .await;

@@ -17,7 +17,7 @@
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload, JobResult};
 use sluice_store::{DeadLetterAction, DeadLetterFilter, Job, NewAudit};
 
 /// Kind of the job.
@@ -43,15 +43,6 @@ impl Action {
         match self {
             Action::Replay => "dlq.replay_bulk",
             Action::Discard => "dlq.discard_bulk",
-        }
-    }
-
-    /// The key of the count in the job's result (`replaying` as the
-    /// response of `POST /v1/dlq/replay`).
-    pub fn result_key(self) -> &'static str {
-        match self {
-            Action::Replay => "replaying",
-            Action::Discard => "discarded",
         }
     }
 
@@ -153,6 +144,31 @@ impl JobHandler for DlqBulk {
         }
         // The last report is the truth: what this run changed.
         ctx.progress(done as i64, Some(done as i64)).await;
-        Ok(json!({ p.action.result_key(): done }))
+        Ok(BulkResult::of(p.action, done).to_value())
     }
 }
+
+/// The result of a bulk dead-letter job: `{"replaying": n}` for a replay
+/// (the key of `POST /v1/dlq/replay`'s response), `{"discarded": n}` for a
+/// discard.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BulkResult {
+    /// Entries set replaying (a replay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaying: Option<u64>,
+    /// Entries discarded (a discard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<u64>,
+}
+
+impl BulkResult {
+    /// `done` entries changed by `action`.
+    pub fn of(action: Action, done: u64) -> BulkResult {
+        match action {
+            Action::Replay => BulkResult { replaying: Some(done), discarded: None },
+            Action::Discard => BulkResult { replaying: None, discarded: Some(done) },
+        }
+    }
+}
+
+impl JobResult for BulkResult {}

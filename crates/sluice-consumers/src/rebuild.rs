@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{json, Value};
-use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload};
+use serde_json::Value;
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload, JobResult};
 use sluice_store::Job;
 
 /// Kind of the job.
@@ -67,9 +67,20 @@ impl JobHandler for ConsumerRebuild {
             let done: u64 = until.iter().zip(&from).map(|((p, u), (_, f))| cps.get(p).copied().unwrap_or(*f).min(*u).saturating_sub(*f)).sum();
             ctx.progress(done as i64, Some(total as i64)).await;
             if done >= total {
-                return Ok(json!({"consumer": consumer, "records": total}));
+                return Ok(ResetResult { consumer, records: total }.to_value());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
+
+/// The result of a consumer reset job: the records it read again.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResetResult {
+    /// The consumer.
+    pub consumer: String,
+    /// Records between the reset position and where the consumer was.
+    pub records: u64,
+}
+
+impl JobResult for ResetResult {}

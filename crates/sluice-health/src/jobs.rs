@@ -12,7 +12,7 @@ use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_core::WorkspaceName;
-use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload};
+use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload, JobResult};
 use sluice_store::Job;
 
 use crate::engine::{Cause, Health, WsCtx};
@@ -53,8 +53,9 @@ impl JobPayload for RecomputePayload {
 }
 
 /// Batches of a recompute evaluated at a time: one reads and evaluates
-/// while the other writes. Three or four were slower on 2 cores with
-/// SQLite (docs/BENCHMARKS.md, "Customer health", session 21).
+/// while the other writes. Three or four are no faster on 2 cores with
+/// SQLite: the cores are the limit, not waiting (measured:
+/// docs/BENCHMARKS.md, "Customer health").
 const RECOMPUTE_PARALLEL: usize = 2;
 
 /// Runs `health.recompute`.
@@ -174,10 +175,33 @@ impl JobHandler for Recompute {
         if cancelled {
             return Err(JobError::Cancelled);
         }
-        Ok(serde_json::json!({"customers_total": total, "customers_done": done, "config_version": p.version, "superseded": superseded,
-            "log_records_backfilled": backfilled}))
+        Ok(RecomputeResult {
+            customers_total: total,
+            customers_done: done,
+            config_version: p.version,
+            superseded,
+            log_records_backfilled: backfilled,
+        }
+        .to_value())
     }
 }
+
+/// The result of a `health.recompute` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecomputeResult {
+    /// Customers to evaluate.
+    pub customers_total: usize,
+    /// Customers evaluated.
+    pub customers_done: usize,
+    /// The configuration version evaluated.
+    pub config_version: i64,
+    /// A newer version came and took over.
+    pub superseded: bool,
+    /// Log records read into the read model first (a first configuration).
+    pub log_records_backfilled: u64,
+}
+
+impl JobResult for RecomputeResult {}
 
 /// `health.backtest` (version 1).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -242,6 +266,8 @@ pub struct BacktestResult {
     /// The steps' times.
     pub step_times: Vec<DateTime<Utc>>,
 }
+
+impl JobResult for BacktestResult {}
 
 /// The area under the ROC curve: the chance that a random positive
 /// scores above a random negative (ties count half), by ranks.
@@ -371,7 +397,7 @@ impl JobHandler for Backtest {
             unscored,
             step_times: steps,
         };
-        Ok(serde_json::to_value(&result).unwrap_or(Value::Null))
+        Ok(result.to_value())
     }
 }
 

@@ -32,16 +32,21 @@ use sluice_store::{Job, JobEnd, Store};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-/// Why an attempt did not succeed.
-#[derive(Debug)]
+/// Why an attempt did not succeed: retryable or permanent, said by the
+/// variant (never inferred from the error's text).
+#[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// A failure; the job is retried if attempts are left.
-    Failed(String),
+    /// A failure another attempt may fix; the job is retried if attempts
+    /// are left.
+    #[error("{0} (retryable)")]
+    Retryable(String),
     /// The handler stopped because the job was cancelled.
+    #[error("cancelled")]
     Cancelled,
     /// A failure that another attempt cannot fix (e.g. invalid input); the
     /// job fails at once, keeping `result` (e.g. the list of bad rows).
-    Fatal {
+    #[error("{error}")]
+    Permanent {
         /// Why.
         error: String,
         /// What to keep as the job's result.
@@ -53,21 +58,21 @@ impl JobError {
     /// A failure another attempt may fix (the store or the log was
     /// unavailable, a timeout): retried while attempts are left.
     pub fn retryable(e: impl std::fmt::Display) -> JobError {
-        JobError::Failed(e.to_string())
+        JobError::Retryable(e.to_string())
     }
 
     /// A failure another attempt cannot fix (a payload that does not
     /// decode, invalid input): the job fails at once.
     pub fn permanent(e: impl std::fmt::Display) -> JobError {
-        JobError::Fatal { error: e.to_string(), result: Value::Null }
+        JobError::Permanent { error: e.to_string(), result: Value::Null }
     }
 }
 
 // Which errors are worth another attempt is decided per type, not by
-// converting anything displayable into a retry (issue 7): the store's
-// failures are retryable unless they come from the data, the log's and the
-// file system's are retryable; everything else is mapped at its call site
-// with `JobError::retryable` or `JobError::permanent`.
+// converting anything displayable into a retry: the store's failures are
+// retryable unless they come from the data, the log's and the file
+// system's are retryable; everything else is mapped at its call site with
+// `JobError::retryable` or `JobError::permanent`.
 impl From<sluice_store::StoreError> for JobError {
     fn from(e: sluice_store::StoreError) -> Self {
         if e.is_permanent() {
@@ -91,10 +96,10 @@ impl From<std::io::Error> for JobError {
 }
 
 /// The payload of one job kind: a serde struct, never a loose JSON object
-/// read with defaults (issue 7). Every payload has a version `v` (absent in
-/// payloads of older binaries: 1), so that a job enqueued by an older binary
-/// still runs; unknown fields are ignored, so that an older binary runs a
-/// newer payload it understands.
+/// read with defaults. Every payload has a version `v` (absent in payloads
+/// of older binaries: 1), so that a job enqueued by an older binary still
+/// runs; unknown fields are ignored, so that an older binary runs a newer
+/// payload it understands.
 pub trait JobPayload: serde::Serialize + serde::de::DeserializeOwned {
     /// The job kind this payload belongs to.
     const KIND: &'static str;
@@ -110,6 +115,16 @@ pub trait JobPayload: serde::Serialize + serde::de::DeserializeOwned {
     fn of(job: &Job) -> Result<Self, JobError> {
         serde_json::from_value(job.payload.clone())
             .map_err(|e| JobError::permanent(format!("the payload of this {} job does not decode: {e}", Self::KIND)))
+    }
+}
+
+/// The result of one job kind: a serde struct, stored as the job's
+/// `result` (what `GET /v1/jobs/{id}` shows).
+pub trait JobResult: serde::Serialize {
+    /// The result as stored in the job.
+    fn to_value(&self) -> Value {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
 
@@ -156,8 +171,9 @@ pub struct JobContext {
 /// the state store to report progress: on SQLite a progress write queues
 /// behind other writers (a consumer committing thousands of usage
 /// buckets), and an import that waited for each of its progress writes
-/// spent half its time there (session 5). Writes go one at a time, in
-/// report order, each with the latest numbers.
+/// spent much of its time there (measured: docs/BENCHMARKS.md, "CSV usage
+/// import"). Writes go one at a time, in report order, each with the
+/// latest numbers.
 #[derive(Default)]
 struct ProgressOut {
     /// The latest numbers not written yet.
@@ -187,8 +203,9 @@ impl JobContext {
     /// it: for what must end only after the job does. An import holds its
     /// burst of appends (`sluice_core::Bursts`) this way: ending it lets
     /// the consumers commit everything they held, and on SQLite the job's
-    /// last progress and end would queue behind those commits (100-250 ms
-    /// for a million rows) although its rows are long durable.
+    /// last progress and end would queue behind those commits although its
+    /// rows are long durable (measured: docs/BENCHMARKS.md, "CSV usage
+    /// import").
     pub fn keep_until_recorded(&self, guard: impl Send + 'static) {
         self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Box::new(guard));
     }
@@ -382,8 +399,8 @@ async fn run_one(store: Store, h: Arc<dyn JobHandler>, job: Job, cfg: RunnerConf
     let end = match outcome {
         Ok(Ok(v)) => JobEnd::Succeeded(v),
         Ok(Err(JobError::Cancelled)) => JobEnd::Cancelled,
-        Ok(Err(JobError::Fatal { error, result })) => JobEnd::Fatal { error, result },
-        Ok(Err(JobError::Failed(e))) => JobEnd::Failed { error: e, retry_in: backoff(cfg.retry_base, job.attempts) },
+        Ok(Err(JobError::Permanent { error, result })) => JobEnd::Fatal { error, result },
+        Ok(Err(JobError::Retryable(e))) => JobEnd::Failed { error: e, retry_in: backoff(cfg.retry_base, job.attempts) },
         Err(_) => JobEnd::Failed { error: "the job handler panicked".into(), retry_in: backoff(cfg.retry_base, job.attempts) },
     };
     let recorded = store.finish_job(&job.id, attempt, &end).await;

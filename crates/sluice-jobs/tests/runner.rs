@@ -24,7 +24,7 @@ impl JobHandler for Steps {
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
         let n = job.payload["n"].as_u64().unwrap();
         if n == 2 && self.fail_first.fetch_sub(1, Ordering::AcqRel) > 0 {
-            return Err(JobError::Failed("transient".into()));
+            return Err(JobError::Retryable("transient".into()));
         }
         if n == 3 {
             // Runs until cancelled.

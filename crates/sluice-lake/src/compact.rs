@@ -23,9 +23,9 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sluice_columnar::files::merge;
-use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload as _};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload as _, JobResult as _};
 use sluice_store::{Job, LakeFile, Store};
 
 use crate::sql::FileGuard;
@@ -87,6 +87,21 @@ impl sluice_jobs::JobPayload for CompactPayload {
     const KIND: &'static str = KIND;
 }
 
+/// The result of a `lake.compact` job.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CompactResult {
+    /// Partitions with small files to merge.
+    pub partitions: i64,
+    /// Files merged away.
+    pub files_merged: u64,
+    /// Files written in their place.
+    pub files_written: u64,
+    /// Rows in the files written.
+    pub rows: u64,
+}
+
+impl sluice_jobs::JobResult for CompactResult {}
+
 #[async_trait]
 impl JobHandler for Compaction {
     fn kind(&self) -> &str {
@@ -111,7 +126,7 @@ impl JobHandler for Compaction {
             rows += out.iter().map(|f| f.row_count).sum::<u64>();
             ctx.progress(i as i64 + 1, Some(total)).await;
         }
-        Ok(json!({"partitions": total, "files_merged": merged_in, "files_written": merged_out, "rows": rows}))
+        Ok(CompactResult { partitions: total, files_merged: merged_in, files_written: merged_out, rows }.to_value())
     }
 }
 

@@ -23,7 +23,7 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload as _};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload as _, JobResult as _};
 use sluice_store::{Job, NewJob, Store};
 
 use crate::sql::{encode, Access, Format, SqlEngine};
@@ -95,6 +95,24 @@ impl sluice_jobs::JobPayload for ExportPayload {
     const KIND: &'static str = KIND;
 }
 
+/// The result of a `query.export` job.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportResult {
+    /// Rows the query returned.
+    pub rows: usize,
+    /// Bytes written (an export).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Where, relative to the lake root (an export).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// How long the query took (a saved query without an export).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+}
+
+impl sluice_jobs::JobResult for ExportResult {}
+
 #[async_trait]
 impl JobHandler for QueryExport {
     fn kind(&self) -> &str {
@@ -112,15 +130,16 @@ impl JobHandler for QueryExport {
             .store()
             .saved_query(&job.workspace, name)
             .await
-            .map_err(|e| JobError::Fatal { error: format!("saved query {name:?}: {e}"), result: json!({}) })?;
+            .map_err(|e| JobError::Permanent { error: format!("saved query {name:?}: {e}"), result: json!({}) })?;
         let result = self
             .sql
             .query_as(&job.workspace, &q.sql, Access::Admin)
             .await
-            .map_err(|e| JobError::Fatal { error: e.to_string(), result: json!({}) })?;
+            .map_err(|e| JobError::Permanent { error: e.to_string(), result: json!({}) })?;
         let rows = result.rows;
         let Some(spec) = q.export.as_ref().map(ExportSpec::parse).transpose().map_err(JobError::permanent)? else {
-            return Ok(json!({"rows": rows, "elapsed_ms": result.elapsed.as_millis() as u64}));
+            let elapsed_ms = u64::try_from(result.elapsed.as_millis()).unwrap_or(u64::MAX);
+            return Ok(ExportResult { rows, bytes: None, path: None, elapsed_ms: Some(elapsed_ms) }.to_value());
         };
         let shown = Path::new("exports").join(&job.workspace).join(&spec.path);
         let dest = self.root.join(&shown);
@@ -135,7 +154,7 @@ impl JobHandler for QueryExport {
         .await
         .map_err(JobError::retryable)?
         .map_err(JobError::retryable)?;
-        Ok(json!({"rows": rows, "bytes": bytes, "path": shown.display().to_string()}))
+        Ok(ExportResult { rows, bytes: Some(bytes), path: Some(shown.display().to_string()), elapsed_ms: None }.to_value())
     }
 }
 

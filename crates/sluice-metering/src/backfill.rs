@@ -12,9 +12,9 @@
 //! meter of the event again, not this one.
 
 use async_trait::async_trait;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sluice_core::{EventLog, Payload};
-use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload};
+use sluice_jobs::{JobContext, JobError, JobHandler, JobPayload, JobResult};
 use sluice_store::{ConsumerCommit, Folder, Job, StoreError};
 use std::sync::Arc;
 
@@ -150,6 +150,23 @@ impl JobHandler for MeterBackfill {
             }
         }
         ctx.progress(total as i64, Some(total as i64)).await;
-        Ok(json!({"meter": key, "records_read": total, "events_metered": counted, "events_skipped": skipped, "skipped_reasons": reasons}))
+        Ok(BackfillResult { meter: key, records_read: total, events_metered: counted, events_skipped: skipped, skipped_reasons: reasons }.to_value())
     }
 }
+
+/// The result of a `meter.backfill` job.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BackfillResult {
+    /// The meter.
+    pub meter: String,
+    /// Log records read.
+    pub records_read: u64,
+    /// Events that count for the meter.
+    pub events_metered: u64,
+    /// Events of its type it could not count.
+    pub events_skipped: u64,
+    /// Why (the first few reasons).
+    pub skipped_reasons: Vec<String>,
+}
+
+impl JobResult for BackfillResult {}

@@ -172,8 +172,9 @@ impl Row {
 }
 
 /// A valid row, as pass 1 writes it to the spool and pass 2 reads it back,
-/// into buffers that are reused from row to row (four `String`s a row were
-/// a tenth of pass 2's time).
+/// into buffers that are reused from row to row: allocating four `String`s
+/// a row was a real share of pass 2's time (measured: docs/BENCHMARKS.md,
+/// "CSV usage import").
 ///
 /// Spool encoding (written by `Parsed::write`): content, meter (u32), time
 /// (i64), then customer, given id, subscription and quantity as u32 length
@@ -569,7 +570,7 @@ impl JobHandler for UsageImport {
         let workspace = WorkspaceName::parse(ws.name.clone()).map_err(JobError::permanent)?;
         let meter_list = ctx.store().list_meters(Some(&ws.name)).await?;
         let meters: HashMap<String, (u32, Meter)> = meter_list.iter().enumerate().map(|(i, m)| (m.key.clone(), (i as u32, m.clone()))).collect();
-        let fatal = |error: String, result: Value| JobError::Fatal { error, result };
+        let fatal = |error: String, result: Value| JobError::Permanent { error, result };
 
         // Pass 1 (blocking work, on its own thread): validate every row,
         // count them, spool the valid ones.
@@ -633,13 +634,13 @@ impl JobHandler for UsageImport {
             match occ {
                 Ok(occ) => (repeats, occ),
                 Err(_) if ctx.is_cancelled() => return Err(JobError::Cancelled),
-                Err(e) => return Err(JobError::Failed(format!("numbering repeated rows: {e}"))),
+                Err(e) => return Err(JobError::Retryable(format!("numbering repeated rows: {e}"))),
             }
         };
 
         // Pass 2: the spooled rows, with their ids, as batches (one open
         // batch per meter) through the ingest pipeline.
-        let spool_file = std::fs::File::open(&spool_path).map_err(|e| JobError::Failed(format!("reading the import spool: {e}")))?;
+        let spool_file = std::fs::File::open(&spool_path).map_err(|e| JobError::Retryable(format!("reading the import spool: {e}")))?;
         let mut spool = std::io::BufReader::with_capacity(1 << 20, spool_file);
         let (mut imported, mut duplicate, mut processed) = (0u64, 0u64, rows_rejected);
         let mut open: HashMap<u32, Vec<BatchRow>> = HashMap::new();
@@ -648,16 +649,16 @@ impl JobHandler for UsageImport {
         // Ends when pass 2 returns, after its last append (or its failure).
         let burst = self.bursts.begin();
         let mut row = SpoolRow::default();
-        let spool_error = |e: std::io::Error| JobError::Failed(format!("reading the import spool: {e}"));
+        let spool_error = |e: std::io::Error| JobError::Retryable(format!("reading the import spool: {e}"));
         loop {
             let end = !row.read(&mut spool).map_err(spool_error)?;
             let full = if end {
                 None
             } else {
                 let id = match row.text(1).map_err(spool_error)? {
-                    Some(id) => EventId::parse(id).map_err(|e| JobError::Failed(e.0))?,
+                    Some(id) => EventId::parse(id).map_err(|e| JobError::Retryable(e.0))?,
                     None if repeats.candidate(&row.content) => {
-                        let n = occurrences.next(&row.content).map_err(|e| JobError::Failed(format!("reading occurrence numbers: {e}")))?;
+                        let n = occurrences.next(&row.content).map_err(|e| JobError::Retryable(format!("reading occurrence numbers: {e}")))?;
                         row_id(&row.content, n)
                     }
                     None => row_id(&row.content, 0),
@@ -696,7 +697,7 @@ impl JobHandler for UsageImport {
                 }));
                 while in_flight.len() >= IN_FLIGHT {
                     let Some(h) = in_flight.pop_front() else { break };
-                    let (a, d, n) = h.await.map_err(|e| JobError::Failed(e.to_string()))??;
+                    let (a, d, n) = h.await.map_err(|e| JobError::Retryable(e.to_string()))??;
                     imported += a;
                     duplicate += d;
                     processed += n;
@@ -711,7 +712,7 @@ impl JobHandler for UsageImport {
             }
         }
         for h in in_flight {
-            let (a, d, n) = h.await.map_err(|e| JobError::Failed(e.to_string()))??;
+            let (a, d, n) = h.await.map_err(|e| JobError::Retryable(e.to_string()))??;
             imported += a;
             duplicate += d;
             processed += n;
@@ -811,9 +812,9 @@ fn validate(
     workspace: &str,
     cancel: &AtomicBool,
 ) -> Result<Validated, JobError> {
-    let fatal = |error: String, result: Value| JobError::Fatal { error, result };
-    let spool_error = |e: std::io::Error| JobError::Failed(format!("writing the import spool: {e}"));
-    let spool_file = std::fs::File::create(spool_path).map_err(|e| JobError::Failed(format!("creating the import spool: {e}")))?;
+    let fatal = |error: String, result: Value| JobError::Permanent { error, result };
+    let spool_error = |e: std::io::Error| JobError::Retryable(format!("writing the import spool: {e}"));
+    let spool_file = std::fs::File::create(spool_path).map_err(|e| JobError::Retryable(format!("creating the import spool: {e}")))?;
     let mut spool = std::io::BufWriter::with_capacity(1 << 20, spool_file);
     let mut rdr = reader(path).map_err(|e| fatal(e.to_string(), json!({"errors": [], "errors_total": 0})))?;
     let headers = rdr.headers().map_err(|e| fatal(format!("row 1: cannot read the header row: {e}"), json!({})))?.clone();
@@ -858,8 +859,8 @@ fn validate(
         let (mut sent, mut written) = (0u64, 0u64);
         let mut ahead: std::collections::BTreeMap<u64, Chunk> = Default::default();
         let mut collect = |v: &mut Validated<RepeatFinder>, free: &mut Vec<Vec<csv::StringRecord>>, written: &mut u64| -> Result<(), JobError> {
-            let (seq, chunk) = done_rx.recv().map_err(|_| JobError::Failed("an import parsing thread stopped".into()))?;
-            ahead.insert(seq, chunk.ok_or_else(|| JobError::Failed("an import parsing thread panicked".into()))?);
+            let (seq, chunk) = done_rx.recv().map_err(|_| JobError::Retryable("an import parsing thread stopped".into()))?;
+            ahead.insert(seq, chunk.ok_or_else(|| JobError::Retryable("an import parsing thread panicked".into()))?);
             while let Some(c) = ahead.remove(written) {
                 *written += 1;
                 spool.write_all(&c.spool).map_err(spool_error)?;
@@ -903,7 +904,7 @@ fn validate(
             }
             records.truncate(n);
             if n > 0 {
-                work_tx.send((sent, records)).map_err(|_| JobError::Failed("an import parsing thread stopped".into()))?;
+                work_tx.send((sent, records)).map_err(|_| JobError::Retryable("an import parsing thread stopped".into()))?;
                 sent += 1;
             }
             // A few chunks in flight: memory stays bounded.
@@ -949,7 +950,7 @@ async fn blocking<T: Send + 'static>(
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tokio::select! {
-            r = &mut work => return r.map_err(|e| JobError::Failed(e.to_string())),
+            r = &mut work => return r.map_err(|e| JobError::Retryable(e.to_string())),
             _ = tick.tick() => {
                 if ctx.is_cancelled() {
                     cancel.store(true, Ordering::Release);
@@ -972,7 +973,7 @@ impl Drop for RemoveOnDrop {
 async fn submit(ingestor: &Ingestor, batch: EventBatch) -> Result<(u64, u64), JobError> {
     match ingestor.submit_batch_waiting(batch).await {
         Ok(o) => Ok((o.accepted as u64, o.duplicates as u64)),
-        Err(e) => Err(JobError::Failed(e.to_string())),
+        Err(e) => Err(JobError::Retryable(e.to_string())),
     }
 }
 

@@ -30,9 +30,9 @@ pub struct HealthConfig {
     #[serde(default)]
     pub bands: Bands,
     /// At most one transition event per customer and kind in this time
-    /// (humantime; when absent, the server's `health.transition_cooldown`,
-    /// default `10m`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (humantime such as `"10m"`, or a number of seconds; when absent,
+    /// the server's `health.transition_cooldown`, default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "cooldown")]
     pub transition_cooldown: Option<String>,
     /// A score change larger than this is written to the history (default 5).
     #[serde(default = "default_step")]
@@ -41,6 +41,20 @@ pub struct HealthConfig {
     /// (default `mrr`; 1 when unset).
     #[serde(default = "default_value_attribute")]
     pub value_attribute: String,
+}
+
+/// A cooldown as written: a duration text, or whole seconds (`600`), kept
+/// as the text `"600s"`.
+fn cooldown<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(secs) => Ok(Some(format!("{secs}s"))),
+            None => Err(serde::de::Error::custom("must be a duration such as \"10m\" or a whole number of seconds")),
+        },
+        Some(_) => Err(serde::de::Error::custom("must be a duration such as \"10m\" or a whole number of seconds")),
+    }
 }
 
 fn default_step() -> f64 {
@@ -248,6 +262,8 @@ impl Rule {
             return match k.as_str() {
                 "all" => Ok(Rule::All(list("all", v)?)),
                 "any" => Ok(Rule::Any(list("any", v)?)),
+                // `{"not": [a, b]}` reads as not (a and b), like `all`'s list.
+                _ if v.is_array() => Ok(Rule::Not(Box::new(Rule::All(list("not", v)?)))),
                 _ => Ok(Rule::Not(Box::new(Rule::parse(v, &format!("{path}.not"))?))),
             };
         }
@@ -331,7 +347,7 @@ impl<'de> Deserialize<'de> for Rule {
 pub struct ScoreItem {
     /// The measure.
     pub measure: String,
-    /// Its weight (≥ 0; a scorecard's weights must not all be 0).
+    /// Its weight (> 0).
     pub weight: f64,
     /// Points by threshold: the first `min` the value reaches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -483,16 +499,13 @@ impl HealthConfig {
             if items.is_empty() {
                 err(format!("scorecards.{stage}"), "give at least one measure".into());
             }
-            let mut total = 0.0;
             for (i, it) in items.iter().enumerate() {
                 let p = format!("scorecards.{stage}[{i}]");
                 if !self.measures.contains_key(&it.measure) {
                     err(format!("{p}.measure"), format!("unknown measure {:?}", it.measure));
                 }
-                if !it.weight.is_finite() || it.weight < 0.0 {
-                    err(format!("{p}.weight"), "must be a number ≥ 0".into());
-                } else {
-                    total += it.weight;
+                if !it.weight.is_finite() || it.weight <= 0.0 {
+                    err(format!("{p}.weight"), "must be a number above 0 (a weight of zero adds nothing to the score)".into());
                 }
                 match (&it.thresholds, &it.linear) {
                     (Some(_), Some(_)) => err(p.clone(), "give thresholds or linear, not both".into()),
@@ -516,9 +529,6 @@ impl HealthConfig {
                         }
                     }
                 }
-            }
-            if !items.is_empty() && total <= 0.0 {
-                err(format!("scorecards.{stage}"), "the weights are all zero; at least one must be above 0".into());
             }
         }
         if !(0.0..=100.0).contains(&self.bands.good) || !(0.0..=100.0).contains(&self.bands.normal) || self.bands.normal > self.bands.good {

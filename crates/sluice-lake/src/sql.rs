@@ -928,27 +928,45 @@ async fn load_customers(store: Store, scan: Scan) -> Loaded {
             .await?
         }
     };
-    // Health (docs/health.md): the live evaluation of each customer.
-    let ids: Vec<&str> = all.iter().map(|c| c.customer_id.as_str()).collect();
-    let health: std::collections::HashMap<String, sluice_store::CustomerHealthRow> = if ids.is_empty() {
-        Default::default()
-    } else {
-        store.customers_health(&scan.ws, &ids).await?.into_iter().map(|h| (h.customer_id.clone(), h)).collect()
-    };
-    let h = |c: &sluice_store::CustomerRecord| health.get(&c.customer_id);
+    // Health (docs/health.md): the live evaluation of each customer. A
+    // customer known to health only (its events or attributes set through
+    // the API, no `group` call) is a row too, with the columns of a
+    // `group` record empty.
+    let mut health: std::collections::BTreeMap<String, sluice_store::CustomerHealthRow> = std::collections::BTreeMap::new();
+    match scan.filter.eq("customer_id") {
+        _ if scan.schema_only => {}
+        Some(id) => health.extend(store.customer_health(&scan.ws, id).await?.map(|h| (h.customer_id.clone(), h))),
+        None => {
+            let mut after = None;
+            loop {
+                let (rows, next) = store.list_customer_health(&scan.ws, None, None, sluice_store::HealthSort::Id, after, 1000).await?;
+                health.extend(rows.into_iter().map(|h| (h.customer_id.clone(), h)));
+                scan.check("customers", health.len().max(all.len()))?;
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+    }
+    let mut rows: std::collections::BTreeMap<&str, Option<&sluice_store::CustomerRecord>> = health.keys().map(|id| (id.as_str(), None)).collect();
+    rows.extend(all.iter().map(|c| (c.customer_id.as_str(), Some(c))));
+    scan.check("customers", rows.len())?;
+    let rec = |f: fn(&sluice_store::CustomerRecord) -> Option<String>| rows.values().map(move |c| c.and_then(f)).collect::<Vec<_>>();
+    let h = |id: &str| health.get(id);
     Cols::new()
-        .text("customer_id", all.iter().map(|c| Some(c.customer_id.clone())))
-        .text("name", all.iter().map(|c| c.attributes.get("name").and_then(|v| v.as_str()).map(str::to_owned)))
-        .text("plan", all.iter().map(|c| c.attributes.get("plan").and_then(|v| v.as_str()).map(str::to_owned)))
-        .text("attributes", all.iter().map(|c| Some(c.attributes.to_string())))
-        .time("first_seen", all.iter().map(|c| Some(c.first_seen)))
-        .time("updated_at", all.iter().map(|c| Some(c.updated_at)))
-        .text("stage", all.iter().map(|c| h(c).and_then(|h| h.stage.clone())))
-        .text("band", all.iter().map(|c| h(c).and_then(|h| h.band.clone())))
-        .float("score", all.iter().map(|c| h(c).and_then(|h| h.score)))
-        .float("priority", all.iter().map(|c| h(c).and_then(|h| h.priority)))
-        .int("config_version", all.iter().map(|c| h(c).map(|h| h.config_version)))
-        .time("evaluated_at", all.iter().map(|c| h(c).map(|h| h.evaluated_at)))
+        .text("customer_id", rows.keys().map(|id| Some((*id).to_owned())))
+        .text("name", rec(|c| c.attributes.get("name").and_then(|v| v.as_str()).map(str::to_owned)))
+        .text("plan", rec(|c| c.attributes.get("plan").and_then(|v| v.as_str()).map(str::to_owned)))
+        .text("attributes", rec(|c| Some(c.attributes.to_string())))
+        .time("first_seen", rows.values().map(|c| c.map(|c| c.first_seen)))
+        .time("updated_at", rows.values().map(|c| c.map(|c| c.updated_at)))
+        .text("stage", rows.keys().map(|id| h(id).and_then(|h| h.stage.clone())))
+        .text("band", rows.keys().map(|id| h(id).and_then(|h| h.band.clone())))
+        .float("score", rows.keys().map(|id| h(id).and_then(|h| h.score)))
+        .float("priority", rows.keys().map(|id| h(id).and_then(|h| h.priority)))
+        .int("config_version", rows.keys().map(|id| h(id).map(|h| h.config_version)))
+        .time("evaluated_at", rows.keys().map(|id| h(id).map(|h| h.evaluated_at)))
         .done()
 }
 

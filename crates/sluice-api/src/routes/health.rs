@@ -40,13 +40,17 @@ fn invalid(path: &str, reason: impl Into<String>) -> ApiError {
     HealthError::invalid(path, reason).into()
 }
 
-/// A time parameter: RFC 3339, or a date (its local midnight is not known
-/// here, so a date means 00:00 UTC; give a time for anything else).
-fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+/// A time parameter: an RFC 3339 time, or a date (`YYYY-MM-DD`), which
+/// means 00:00 of that date in the workspace time zone — the moment the
+/// windows of that local day start (docs/health.md).
+async fn parse_time(st: &AppState, ws: &str, field: &str, s: &str) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    Err(invalid(field, format!("{s:?} is not an RFC 3339 time such as 2026-12-01T00:00:00+09:00")))
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(sluice_metering::usage::local_start(st.health.tz(ws).await?, d, 0));
+    }
+    Err(invalid(field, format!("{s:?} is neither an RFC 3339 time such as 2026-12-01T00:00:00+09:00 nor a date such as 2026-12-01")))
 }
 
 fn check_customer_id(id: &str) -> Result<(), ApiError> {
@@ -167,7 +171,8 @@ fn enable(st: &AppState, ws: &str) -> Option<Vec<(u32, u64)>> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct HealthQuery {
-    /// Evaluate at this past time (RFC 3339) from the log.
+    /// Evaluate at this past time from the log: RFC 3339, or a date (00:00
+    /// of it in the workspace time zone).
     pub as_of: Option<String>,
     /// Evaluate with this configuration version.
     pub config_version: Option<i64>,
@@ -189,7 +194,7 @@ pub async fn get_health(
     known(&st, &who, &id).await?;
     if q.as_of.is_some() || q.config_version.is_some() {
         let at = match q.as_of.as_deref() {
-            Some(s) => parse_time("as_of", s)?,
+            Some(s) => parse_time(&st, ws, "as_of", s).await?,
             None => Utc::now(),
         };
         return Ok(Json(st.health.as_of(ws, &id, at, q.config_version).await?).into_response());
@@ -252,7 +257,8 @@ pub struct SetOverride {
     /// Why (shown in the explanation).
     #[serde(default)]
     pub reason: Option<String>,
-    /// Until when (RFC 3339); the rules decide again from then.
+    /// Until when (RFC 3339, or a date: 00:00 of it in the workspace time
+    /// zone); the rules decide again from then.
     #[serde(default)]
     pub until: Option<String>,
 }
@@ -280,7 +286,7 @@ pub async fn put_override(
     let until = match b.until.as_deref() {
         None => None,
         Some(s) => {
-            let t = parse_time("until", s)?;
+            let t = parse_time(&st, ws, "until", s).await?;
             if t <= now {
                 return Err(invalid("until", "must be in the future"));
             }
@@ -327,13 +333,22 @@ pub struct ConfigQuery {
     pub version: Option<i64>,
 }
 
+/// `{version, config, created_at, created_by}`, and the configuration's own
+/// fields (`measures`, `stages`, `scorecards`, `bands`, …) at the top level
+/// too, so that the document also reads as the one that was PUT.
 fn config_view(r: &sluice_store::HealthConfigRow) -> Value {
-    json!({"version": r.version, "config": r.config, "created_at": r.created_at, "created_by": r.created_by})
+    let mut v = json!({"version": r.version, "config": r.config, "created_at": r.created_at, "created_by": r.created_by});
+    if let (Value::Object(top), Value::Object(cfg)) = (&mut v, &r.config) {
+        for (k, x) in cfg {
+            top.entry(k.clone()).or_insert_with(|| x.clone());
+        }
+    }
+    v
 }
 
 /// The health configuration (a version, or the current one).
 #[utoipa::path(get, path = "/v1/health/config", params(ConfigQuery), tag = "health",
-    responses((status = 200, description = "`{version, config, created_at, created_by}`"), (status = 404)), security(("bearer" = [])))]
+    responses((status = 200, description = "`{version, config, created_at, created_by}` and the configuration's fields at the top level"), (status = 404)), security(("bearer" = [])))]
 pub async fn get_config(State(st): State<AppState>, who: Principal, Query(q): Query<ConfigQuery>) -> Result<Json<Value>, ApiError> {
     who.require_read()?;
     match st.store.health_config(who.workspace.as_str(), q.version).await? {
@@ -383,9 +398,9 @@ pub struct CreateBacktest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub config: Option<Value>,
-    /// First step (RFC 3339).
+    /// First step (RFC 3339, or a date: its local 00:00).
     pub from: String,
-    /// Last step (RFC 3339).
+    /// Last step (RFC 3339, or a date: its local 00:00).
     pub to: String,
     /// Days between steps (default 7).
     #[serde(default)]
@@ -436,8 +451,8 @@ pub async fn create_backtest(
             None => return Err(invalid("config", "no current configuration: give one")),
         },
     };
-    let from = parse_time("from", &b.from)?;
-    let to = parse_time("to", &b.to)?;
+    let from = parse_time(&st, ws, "from", &b.from).await?;
+    let to = parse_time(&st, ws, "to", &b.to).await?;
     if to < from {
         return Err(invalid("to", "must not be before from"));
     }

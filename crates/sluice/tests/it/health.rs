@@ -271,6 +271,13 @@ async fn stages_rules_overrides_and_weight_sharing() {
                 "scorecards": {"a": [{"measure": "m", "weight": 0, "linear": {"from": 0, "to": 1}}]}}),
             "scorecards.a",
         ),
+        (
+            // A weight of zero beside others is refused too.
+            json!({"measures": {"m": {"kind": "count", "days": 1}}, "stages": [{"name": "a", "rule": {"all": []}}],
+                "scorecards": {"a": [{"measure": "m", "weight": 1, "linear": {"from": 0, "to": 1}},
+                                     {"measure": "m", "weight": 0, "linear": {"from": 0, "to": 1}}]}}),
+            "scorecards.a[1].weight",
+        ),
         (json!({"measures": {"m": {"kind": "nope"}}, "stages": []}), "measures.m"),
     ] {
         let (st, v) = send(&api, Method::PUT, "/v1/health/config", cfg).await;
@@ -411,6 +418,58 @@ async fn stages_rules_overrides_and_weight_sharing() {
         .await;
     assert_eq!(st, StatusCode::OK, "{q}");
     assert!(q.to_string().contains("risky"), "{q}");
+    // None of a, b, g, t sent a `group` call: they are customers all the
+    // same, in the list by id and in the SQL `customers` table, with the
+    // stages their health pages show.
+    let stages: Vec<(String, Value)> = {
+        let mut out = Vec::new();
+        for c in ["a", "b", "g", "t"] {
+            out.push((c.to_owned(), stage_of(api.clone(), c).await["stage"].clone()));
+        }
+        out
+    };
+    let (st, l) = api.get("/v1/customers").await;
+    assert_eq!(st, StatusCode::OK, "{l}");
+    let listed: Vec<(String, Value)> =
+        l["data"].as_array().unwrap().iter().map(|c| (c["customer_id"].as_str().unwrap().to_owned(), c["stage"].clone())).collect();
+    assert_eq!(listed, stages, "{l}");
+    let (_, p1) = api.get("/v1/customers?limit=3").await;
+    assert_eq!(p1["data"].as_array().unwrap().len(), 3, "{p1}");
+    let (_, p2) = api.get(&format!("/v1/customers?limit=3&cursor={}", p1["next_cursor"].as_str().unwrap())).await;
+    assert_eq!(p2["data"].as_array().unwrap().iter().map(|c| c["customer_id"].clone()).collect::<Vec<_>>(), vec![json!("t")], "{p2}");
+    assert!(p2["next_cursor"].is_null(), "{p2}");
+    let (st, q) = api.post("/v1/sql", json!({"query": "SELECT customer_id, stage, attributes FROM customers ORDER BY customer_id"})).await;
+    assert_eq!(st, StatusCode::OK, "{q}");
+    let rows: Vec<(String, Value)> =
+        q["data"].as_array().unwrap().iter().map(|r| (r["customer_id"].as_str().unwrap().to_owned(), r["stage"].clone())).collect();
+    assert_eq!(rows, stages, "{q}");
+    assert!(q["data"][0]["attributes"].is_null(), "no `group` call, no traits: {q}");
+    let (st, q) = api.post("/v1/sql", json!({"query": "SELECT stage FROM customers WHERE customer_id = 'g'"})).await;
+    assert_eq!(st, StatusCode::OK, "{q}");
+    assert_eq!(q["data"], json!([{"stage": "big"}]), "{q}");
+    // The configuration reads back with its fields at the top level too.
+    let (_, c) = api.get("/v1/health/config").await;
+    assert_eq!(c["measures"], c["config"]["measures"], "{c}");
+    assert!(c["measures"]["logins_7d"].is_object(), "{c}");
+    assert_eq!(c["stages"][2]["rule"], json!({"not": {"measure": "seats", "op": "<", "value": 100}}), "{c}");
+    // A date as `as_of` is 00:00 of that date in the workspace time zone.
+    let today = jst_date(Utc::now());
+    let by_date = api.get(&format!("/v1/customers/a/health?as_of={today}")).await;
+    assert_eq!(by_date.0, StatusCode::OK, "{}", by_date.1);
+    let by_time = health_at(&api, "a", jst_midnight(today)).await;
+    assert_eq!(by_date.1["as_of"], by_time["as_of"], "{} vs {by_time}", by_date.1);
+    assert_eq!(by_date.1["measures"], by_time["measures"]);
+    assert_eq!(api.get("/v1/customers/a/health?as_of=2026-13-01").await.0, StatusCode::BAD_REQUEST);
+    // `not` over a list reads as not(all(list)); a cooldown in seconds.
+    let mut v2 = c["config"].clone();
+    v2["stages"][2]["rule"] = json!({"not": [{"measure": "seats", "op": "<", "value": 100}]});
+    v2["transition_cooldown"] = json!(600);
+    assert_eq!(apply(&api, v2).await, 2);
+    let (_, c2) = api.get("/v1/health/config").await;
+    assert_eq!(c2["transition_cooldown"], "600s", "{c2}");
+    assert_eq!(c2["stages"][2]["rule"], json!({"not": {"all": [{"measure": "seats", "op": "<", "value": 100}]}}), "{c2}");
+    assert_eq!(stage_of(api.clone(), "g").await["stage"], "big");
+    assert_eq!(stage_of(api.clone(), "a").await["stage"], "adoption");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sluice_core::Aggregation;
-use sluice_store::{BillingCommit, InvoiceRow, Meter, NewAudit, NewInvoice, Store, StoreError, SubscriptionRow};
+use sluice_store::{BillingCommit, InvoiceRow, Meter, NewAudit, NewInvoice, OutboxRow, Store, StoreError, SubscriptionRow};
 
 use crate::invoice::{billed_elsewhere_line, late_line, Invoice, InvoiceStatus, Issuer, LineKind, PeriodBill};
 use crate::money::Currency;
@@ -34,9 +34,10 @@ pub const MAX_PERIODS: usize = 1000;
 /// Where billing's events go (the ingest pipeline in the server).
 #[async_trait::async_trait]
 pub trait EventSink: Send + Sync {
-    /// Appends `events`; failures are the sink's to log (an event with the
-    /// same id is deduplicated, so emitting again is safe).
-    async fn emit(&self, events: Vec<sluice_core::Event>);
+    /// Appends `events`; true once they are in the log. Failures are the
+    /// sink's to log (an event with the same id is deduplicated, so
+    /// emitting again is safe).
+    async fn emit(&self, events: Vec<sluice_core::Event>) -> bool;
 }
 
 /// What billing works with in one workspace.
@@ -667,9 +668,7 @@ impl Billing {
         let row = self.store.set_invoice_status(&ws.name, id, &["draft", "finalized"], "void", audit).await.map_err(conflict)?;
         // The period is open again: the subscription bills it next.
         self.reopen(ws, &row).await?;
-        if let Some(sink) = &self.events {
-            sink.emit(invoice_event(ws, &row, "invoice.voided").into_iter().collect()).await;
-        }
+        self.send(&ws.name, INVOICE_VOIDED, &[&row]).await;
         Ok(row)
     }
 
@@ -716,10 +715,54 @@ impl Billing {
     }
 
     async fn emit_finalized(&self, ws: &Ws, rows: &[InvoiceRow]) {
-        if let Some(sink) = &self.events {
-            let events: Vec<_> = rows.iter().filter(|r| r.status == "finalized").filter_map(|r| invoice_event(ws, r, "invoice.finalized")).collect();
-            if !events.is_empty() {
-                sink.emit(events).await;
+        let finalized: Vec<&InvoiceRow> = rows.iter().filter(|r| r.status == "finalized").collect();
+        self.send(&ws.name, INVOICE_FINALIZED, &finalized).await;
+    }
+
+    /// Sends the `kind` events of `rows` and, once they are in the log,
+    /// deletes their outbox rows, written with the invoices' change; what is
+    /// not sent now is sent by [`Billing::relay_outbox`].
+    async fn send(&self, ws: &str, kind: &str, rows: &[&InvoiceRow]) {
+        let Some(sink) = &self.events else { return };
+        if rows.is_empty() {
+            return;
+        }
+        let events = rows.iter().filter_map(|r| invoice_event(ws, r, kind)).collect();
+        if sink.emit(events).await {
+            let sent: Vec<OutboxRow> =
+                rows.iter().map(|r| OutboxRow { workspace: ws.to_owned(), kind: kind.to_owned(), invoice_id: r.id.clone() }).collect();
+            if let Err(e) = self.store.delete_billing_outbox(&sent).await {
+                tracing::warn!(error = %e, "could not clear sent billing events from the outbox; they are sent again (and deduplicated) later");
+            }
+        }
+    }
+
+    /// Sends the invoice events the outbox still holds — those whose send
+    /// failed, or that a crash cut off between the invoice's commit and the
+    /// send — and deletes their rows; returns how many were sent. Run at
+    /// start and by every auto-billing pass.
+    pub async fn relay_outbox(&self) -> Result<usize, BillingError> {
+        const PAGE: usize = 500;
+        let Some(sink) = &self.events else { return Ok(0) };
+        let mut sent = 0;
+        loop {
+            let rows = self.store.billing_outbox(PAGE).await?;
+            let mut events = Vec::with_capacity(rows.len());
+            for o in &rows {
+                match self.store.invoice(&o.workspace, &o.invoice_id).await {
+                    Ok(inv) => events.extend(invoice_event(&o.workspace, &inv, &o.kind)),
+                    // Its workspace was deleted: nothing left to tell.
+                    Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !events.is_empty() && !sink.emit(events).await {
+                return Ok(sent);
+            }
+            self.store.delete_billing_outbox(&rows).await?;
+            sent += rows.len();
+            if rows.len() < PAGE {
+                return Ok(sent);
             }
         }
     }
@@ -831,13 +874,26 @@ fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, p: Period) -> String {
 }
 
 /// The event an invoice's change of status enters the log as.
-fn invoice_event(ws: &Ws, r: &InvoiceRow, kind: &str) -> Option<sluice_core::Event> {
+/// `invoice.finalized`.
+pub const INVOICE_FINALIZED: &str = "invoice.finalized";
+/// `invoice.voided`.
+pub const INVOICE_VOIDED: &str = "invoice.voided";
+
+/// The `kind` event of an invoice. Its status is the one the event
+/// announces, also when it is sent later (from the outbox) and the invoice
+/// has moved on since (a finalized invoice voided, or paid).
+fn invoice_event(ws: &str, r: &InvoiceRow, kind: &str) -> Option<sluice_core::Event> {
+    let status = match kind {
+        INVOICE_FINALIZED => "finalized",
+        INVOICE_VOIDED => "void",
+        _ => r.status.as_str(),
+    };
     let props = json!({
-        "invoice_id": r.id, "number": r.number, "status": r.status,
+        "invoice_id": r.id, "number": r.number, "status": status,
         "currency": r.doc.get("currency"), "total": r.doc.get("total"), "subtotal": r.doc.get("subtotal"), "tax": r.doc.get("tax"),
         "period_start": r.period_start, "period_end": r.period_end, "run_id": r.run_id,
     });
-    crate::make_event(&ws.name, &format!("{kind}:{}", r.id), kind, Some(&r.customer_id), Some(&r.subscription_id), props)
+    crate::make_event(ws, &format!("{kind}:{}", r.id), kind, Some(&r.customer_id), Some(&r.subscription_id), props)
         .inspect_err(|e| tracing::error!(error = %e, invoice = %r.id, "could not make the {kind} event"))
         .ok()
 }

@@ -103,10 +103,14 @@ pub struct IngestSink(pub sluice_ingest::Ingestor);
 
 #[async_trait::async_trait]
 impl EventSink for IngestSink {
-    async fn emit(&self, events: Vec<sluice_core::Event>) {
+    async fn emit(&self, events: Vec<sluice_core::Event>) -> bool {
         let n = events.len();
-        if let Err(e) = self.0.submit(events).await {
-            tracing::error!(error = %e, events = n, "could not write billing events to the log");
+        match self.0.submit(events).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, events = n, "could not write billing events to the log; the outbox keeps them for the next try");
+                false
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload};
+use sluice_jobs::{payload_v1, JobContext, JobError, JobHandler, JobPayload, JobResult};
 use sluice_store::{Job, NewJob, StoreError};
 
 use crate::engine::{BillOptions, Billing};
@@ -108,6 +108,8 @@ pub struct RunResult {
     pub duration_ms: u64,
 }
 
+impl JobResult for RunResult {}
+
 /// Runs `billing.run` jobs.
 pub struct BillingRun {
     /// Billing.
@@ -121,7 +123,34 @@ pub async fn select(billing: &Billing, p: &RunPayload) -> Result<Vec<String>, Bi
         return Ok(ids.iter().filter(|id| seen.insert(id.as_str())).cloned().collect());
     }
     let f = p.filter.clone().unwrap_or_default();
-    Ok(billing.store.subscription_ids(&p.workspace, f.plan.as_deref(), f.customer_ids.as_deref(), f.due.then_some(p.until)).await?)
+    let ids = billing.store.subscription_ids(&p.workspace, f.plan.as_deref(), f.customer_ids.as_deref(), f.due.then_some(p.until)).await?;
+    if !f.due {
+        return Ok(ids);
+    }
+    // `due`: a period has ended (by `until`) that is not invoiced yet, or a
+    // voided one waits to be billed again. The store's filter (billed up to
+    // before `until`) also holds for a subscription in the middle of its
+    // period; its period end is known only from its cycle.
+    let w = billing.store.get_workspace(&p.workspace).await?;
+    let tz: chrono_tz::Tz = w.time_zone.parse().map_err(|_| BillingError::Corrupt(format!("workspace time zone {:?}", w.time_zone)))?;
+    let mut due = std::collections::HashSet::with_capacity(ids.len());
+    for chunk in ids.chunks(BATCH) {
+        let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        for row in billing.store.subscriptions_by_ids(&p.workspace, &keys).await? {
+            let ended = match crate::engine::parse_sub(&row) {
+                Ok(sub) => {
+                    sub.reissue.iter().any(|r| r.period_end <= p.until)
+                        || sub.period_from(&sub.cycle(tz), row.billed_until).is_some_and(|period| period.end <= p.until)
+                }
+                // Selected, so that the run reports it as a failure.
+                Err(_) => true,
+            };
+            if ended {
+                due.insert(row.id);
+            }
+        }
+    }
+    Ok(ids.into_iter().filter(|id| due.contains(id)).collect())
 }
 
 fn job_error(e: BillingError) -> JobError {
@@ -230,20 +259,32 @@ impl JobHandler for BillingRun {
             let props = json!({"run_id": job.id, "subscriptions_total": total, "invoices_created": result.invoices_created,
                 "errors": result.errors.len(), "auto": p.auto});
             match crate::make_event(&p.workspace, &format!("billing_run.finished:{}", job.id), "billing_run.finished", None, None, props) {
-                Ok(e) => sink.emit(vec![e]).await,
+                Ok(e) => {
+                    // Not in the log: another attempt (which bills nothing new) sends it.
+                    if !sink.emit(vec![e]).await {
+                        return Err(JobError::retryable("could not write the billing_run.finished event to the log"));
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "could not make the billing_run.finished event"),
             }
         }
-        Ok(serde_json::to_value(&result).unwrap_or(Value::Null))
+        Ok(result.to_value())
     }
 }
 
-/// Auto-billing: every `every`, each workspace with `auto_billing` on gets
+/// Auto-billing (and the billing outbox's relay): every `every`, each workspace with `auto_billing` on gets
 /// a run of its due subscriptions (unless one is already queued or
 /// running), finalizing at once without a grace period; drafts whose grace
 /// period has passed are finalized.
 pub async fn auto_billing(billing: Billing, wake: Arc<dyn Fn() + Send + Sync>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
+        // Invoice events a crash or a failed send left in the outbox: first
+        // at start, then with every pass.
+        match billing.relay_outbox().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "sent billing events left in the outbox"),
+            Err(e) => tracing::warn!(error = %e, "could not send the billing events left in the outbox; trying again later"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,

@@ -2,14 +2,29 @@
 //! invoice numbers. The documents (plan specs, subscriptions, invoices) are
 //! JSON whose shape belongs to `sluice-billing`; this module only keeps
 //! them, with the guarantees that need the database: one invoice per
-//! (subscription, period), gapless numbers, and no write made from a stale
-//! read of a subscription.
+//! (subscription, period), gapless numbers, no write made from a stale
+//! read of a subscription, and an outbox row for each invoice event written
+//! with the change it announces.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::BeginWrite as _;
 use crate::{clamp_limit, from_micros, on_pool, to_micros, NewAudit, Page, Result, Store, StoreError};
+
+/// Inside an open transaction: `kind`'s event of invoice `id` waits in the
+/// outbox until it is in the log.
+macro_rules! outbox {
+    ($tx:ident, $workspace:expr, $kind:expr, $id:expr, $now:expr) => {
+        sqlx::query("INSERT INTO billing_outbox (workspace, kind, invoice_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+            .bind($workspace)
+            .bind($kind)
+            .bind($id)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?
+    };
+}
 
 /// A plan version.
 #[derive(Debug, Clone)]
@@ -447,6 +462,7 @@ impl Store {
             let n = next_number!(tx, workspace);
             sqlx::query("UPDATE invoices SET status = 'finalized', number = $3, doc = $4, finalized_at = $5 WHERE workspace = $1 AND id = $2")
                 .bind(workspace).bind(id).bind(number(n)).bind(doc.to_string()).bind(now).execute(&mut *tx).await?;
+            outbox!(tx, workspace, "invoice.finalized", id, now);
             crate::audit::insert_audit!(tx, audit);
             tx.commit().await?;
         });
@@ -467,6 +483,9 @@ impl Store {
             }
             sqlx::query(&format!("UPDATE invoices SET status = $3, {column} = $4 WHERE workspace = $1 AND id = $2"))
                 .bind(workspace).bind(id).bind(to).bind(now).execute(&mut *tx).await?;
+            if to == "void" {
+                outbox!(tx, workspace, "invoice.voided", id, now);
+            }
             crate::audit::insert_audit!(tx, audit);
             tx.commit().await?;
         });
@@ -522,8 +541,8 @@ impl Store {
     /// counter move per workspace reserving the batch's invoice numbers in
     /// commit order (gapless: the range is taken in this transaction), and
     /// multi-row `INSERT`s. On PostgreSQL each statement is a round trip, so
-    /// per-row statements made a 100,000-subscription run three times slower
-    /// (docs/BENCHMARKS.md, "Billing").
+    /// with per-row statements a large run spent most of its time on round
+    /// trips (measured: docs/BENCHMARKS.md, "Billing").
     pub async fn commit_billing_many(&self, commits: &[BillingCommit<'_>]) -> Result<Vec<Vec<InvoiceRow>>> {
         const UPDATE_ROWS: usize = 500;
         const INSERT_ROWS: usize = 1000;
@@ -548,8 +567,8 @@ impl Store {
         let mut out: Vec<Vec<InvoiceRow>> = Vec::with_capacity(commits.len());
         // SQLite runs in-process (a statement costs no round trip) and plans
         // `UPDATE … FROM (VALUES …)` as a scan of the subscriptions per
-        // batch (a 100,000-subscription run went from 35 s to 47 s): there
-        // each subscription keeps its own primary-key UPDATE.
+        // batch, which made a large run slower (measured: docs/BENCHMARKS.md,
+        // "Billing"): there each subscription keeps its own primary-key UPDATE.
         let sqlite = matches!(self, Store::Sqlite(_));
         let per_row = sqlite;
         on_pool!(self, pool => {
@@ -653,10 +672,65 @@ impl Store {
                 }
                 q.execute(&mut *tx).await.map_err(|e| StoreError::conflict_on_unique(e, who("already has an invoice for one of its periods")))?;
             }
+            // Their `invoice.finalized` events, sent after the commit.
+            let finalized: Vec<(&str, &str)> =
+                all.iter().filter(|(_, r, _)| r.status == "finalized").map(|(c, r, _)| (c.workspace, r.id.as_str())).collect();
+            for chunk in finalized.chunks(INSERT_ROWS) {
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, 'invoice.finalized', ?, ?)");
+                let sql = format!("INSERT INTO billing_outbox (workspace, kind, invoice_id, created_at) VALUES {values} ON CONFLICT DO NOTHING");
+                let mut q = sqlx::query(&sql);
+                for (ws, id) in chunk {
+                    q = q.bind(*ws).bind(*id).bind(now);
+                }
+                q.execute(&mut *tx).await?;
+            }
             tx.commit().await?;
         });
         Ok(out)
     }
+
+    /// Events of invoices waiting to be sent (oldest first), written in the
+    /// transaction that finalized or voided the invoice (migration 0018).
+    pub async fn billing_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let rows: Vec<(String, String, String)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT workspace, kind, invoice_id FROM billing_outbox ORDER BY created_at, workspace, kind, invoice_id LIMIT $1")
+            .bind(limit as i64).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|(workspace, kind, invoice_id)| OutboxRow { workspace, kind, invoice_id }).collect())
+    }
+
+    /// Removes sent events from the outbox (in the write queue, as every
+    /// write that may meet a large commit: `write_tx!`).
+    pub async fn delete_billing_outbox(&self, rows: &[OutboxRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sqlite = matches!(self, Store::Sqlite(_));
+        crate::write_tx!(self, tx => {
+            for chunk in rows.chunks(300) {
+                let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?)");
+                let sql = format!(
+                    "DELETE FROM billing_outbox WHERE (workspace, kind, invoice_id) IN (SELECT column1, column2, column3 FROM (VALUES {values}) AS v)"
+                );
+                let mut q = sqlx::query(&sql);
+                for r in chunk {
+                    q = q.bind(&r.workspace).bind(&r.kind).bind(&r.invoice_id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// An invoice event waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The invoice's workspace.
+    pub workspace: String,
+    /// `invoice.finalized` or `invoice.voided`.
+    pub kind: String,
+    /// The invoice.
+    pub invoice_id: String,
 }
 
 impl Store {
@@ -665,8 +739,8 @@ impl Store {
     /// Right after a bulk import the statistics of `usage_buckets` are
     /// missing until autovacuum gets to it, and PostgreSQL then reads a
     /// batch's usage by scanning the meter's whole key range instead of
-    /// seeking each customer: 1–2 s per batch instead of milliseconds
-    /// (`sluice bench billing`, docs/BENCHMARKS.md). Only tables whose
+    /// seeking each customer, far slower per batch (`sluice bench billing`;
+    /// measured: docs/BENCHMARKS.md, "Billing"). Only tables whose
     /// statistics are missing or stale are analyzed
     /// ([`crate::analyze_stale`]); returns them.
     pub async fn analyze_billing_tables(&self) -> Result<Vec<String>> {

@@ -61,6 +61,14 @@ fn plan_view(row: &sluice_store::PlanRow) -> Value {
     responses((status = 201, description = "the plan version"), (status = 400)), security(("bearer" = [])))]
 pub async fn create_plan(State(st): State<AppState>, who: Principal, Json(body): Json<Value>) -> Result<(StatusCode, Json<Value>), ApiError> {
     who.require_admin()?;
+    // A plan as `GET /v1/plans/{code}` shows it can be posted back as the
+    // next version: the fields the server sets (`version`, `created_at`)
+    // are dropped, not refused.
+    let mut body = body;
+    if let Value::Object(m) = &mut body {
+        m.remove("version");
+        m.remove("created_at");
+    }
     let spec = sluice_billing::plan::parse(body).map_err(BillingError::from)?;
     let meters: Vec<String> = st.store.list_meters(Some(who.workspace.as_str())).await?.into_iter().map(|m| m.key).collect();
     spec.validate(&meters).map_err(BillingError::Invalid)?;

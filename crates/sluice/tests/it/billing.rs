@@ -328,6 +328,13 @@ async fn bad_plans_and_changes_get_a_4xx_naming_the_field_and_change_nothing() {
     usd["code"] = json!("usd");
     usd["currency"] = json!("USD");
     assert_eq!(api.post("/v1/plans", usd).await.0, StatusCode::CREATED);
+    // A plan read back, edited and posted again is its next version (the
+    // server's `version` and `created_at` in it are ignored).
+    let (_, mut read_back) = api.get("/v1/plans/usd").await;
+    assert_eq!(read_back["version"], 1, "{read_back}");
+    read_back["name"] = json!("Pro (USD)");
+    let (st, v) = api.post("/v1/plans", read_back).await;
+    assert_eq!((st, v["version"].clone(), v["name"].clone()), (StatusCode::CREATED, json!(2), json!("Pro (USD)")), "{v}");
     // Editing makes a new version.
     let mut pro2 = pro_plan();
     pro2["fixed_fees"][0]["amount"] = json!("12000");
@@ -501,6 +508,7 @@ async fn three_of_five_are_billed_once_failures_are_reported_and_runs_queue_in_o
     };
     assert!(a["finished_at"].as_str().unwrap() <= b["started_at"].as_str().unwrap(), "{a} {b}");
     assert_eq!((a["invoices_created"].clone(), b["invoices_created"].clone()), (json!(2), json!(0)), "the first run took s4 and s5: {a} {b}");
+    assert_eq!(a["subscriptions_total"], 2, "due: only s4 and s5 had an ended period not invoiced: {a}");
     assert_eq!(invoices(&api, "").await.len(), 5);
     // Billing's events are in the log: one invoice.finalized per invoice
     // (naming it), one billing_run.finished per run.
@@ -541,6 +549,27 @@ async fn three_of_five_are_billed_once_failures_are_reported_and_runs_queue_in_o
     assert!(std::fs::read(&file).unwrap().starts_with(b"%PDF-"));
     let (ok, out, _) = crate::helpers::cli(&["invoices", "list", "--subscription", "s6"], &env, None);
     assert!(ok && out.contains(&id) && out.contains("1100 JPY"), "{out}");
+
+    // `due` selects the subscriptions whose period has ended: s7's first
+    // period (anniversary, from Jan 20) ends on Feb 20, so on Feb 1 nothing
+    // is due (s1–s6 are billed to Feb 1), on Feb 21 only s7.
+    let s7 = json!({"id": "s7", "customer_id": "c7", "plan": "p", "start": "2024-01-20T00:00:00+09:00", "billing_anchor": "anniversary"});
+    assert_eq!(api.post("/v1/subscriptions", s7).await.0, StatusCode::CREATED);
+    let r = run(&api, json!({"filter": {"due": true}, "until": until})).await;
+    assert_eq!((r["subscriptions_total"].clone(), r["invoices_created"].clone()), (json!(0), json!(0)), "{r}");
+    let r = run(&api, json!({"filter": {"due": true}, "until": "2024-02-21T00:00:00+09:00"})).await;
+    assert_eq!((r["subscriptions_total"].clone(), r["invoices_created"].clone()), (json!(1), json!(1)), "{r}");
+    let end = invoices(&api, "&subscription_id=s7").await[0]["period_end"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert_eq!(end, "2024-02-20T00:00:00+09:00".parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+    // With `"until": "now"`, `due` still leaves out a subscription in the
+    // middle of its first period: nothing is billed early for it.
+    let start = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+    assert_eq!(api.post("/v1/subscriptions", json!({"id": "s8", "customer_id": "c8", "plan": "p", "start": start})).await.0, StatusCode::CREATED);
+    let (st, dry) = api.post("/v1/billing-runs", json!({"filter": {"due": true, "customer_ids": ["c8"]}, "until": "now", "dry_run": true})).await;
+    assert_eq!(st, StatusCode::OK, "{dry}");
+    assert_eq!((dry["subscriptions_total"].clone(), dry["invoices"].clone()), (json!(0), json!([])), "{dry}");
+    let (st, dry) = api.post("/v1/billing-runs", json!({"subscription_ids": ["s8"], "until": "now", "dry_run": true})).await;
+    assert_eq!((st, dry["invoices"].as_array().map(Vec::len)), (StatusCode::OK, Some(1)), "named, s8 is billed early: {dry}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -680,6 +709,21 @@ async fn overlapping_runs_and_a_kill9_mid_run_leave_one_invoice_per_period_numbe
     let mut seq: Vec<u64> = all.iter().map(|i| i["number"].as_str().unwrap().rsplit('-').next().unwrap().parse().unwrap()).collect();
     seq.sort_unstable();
     assert_eq!(seq, (1..=N as u64).collect::<Vec<_>>(), "numbers are gapless from 1");
+    // Every invoice's `invoice.finalized` event is in the log exactly once,
+    // those of a batch the kill cut off between its commit and its send
+    // included (the outbox, sent again at start; the ids deduplicate).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let events = api.all_events("&type=invoice.finalized").await;
+        let named: Vec<&str> = events.iter().map(|e| e["properties"]["invoice_id"].as_str().unwrap_or("")).collect();
+        let distinct: std::collections::BTreeSet<&str> = named.iter().copied().collect();
+        assert_eq!(named.len(), distinct.len(), "an invoice.finalized event twice");
+        if distinct == ids {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} of {N} invoices have their event", distinct.len());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -377,14 +377,24 @@ async fn any_due(billing: &Billing, ws_name: &str, now: DateTime<Utc>, since: Da
 }
 
 async fn finalize_after_grace(billing: &Billing, ws_name: &str, grace_days: u32, now: DateTime<Utc>) -> Result<(), BillingError> {
+    // Every draft, page by page: drafts kept on purpose (`finalize: false`)
+    // may come first and must not hide those waiting for their grace.
     let filter = sluice_store::InvoiceFilter { status: Some("draft".into()), ..Default::default() };
-    let drafts = billing.store.list_invoices(ws_name, &filter, None, 1000).await?;
-    let due: Vec<_> = drafts
-        .data
-        .iter()
-        .filter(|d| d.doc.get("finalize_after_grace") == Some(&Value::Bool(true)))
-        .filter(|d| d.period_end + chrono::Duration::days(i64::from(grace_days)) <= now)
-        .collect();
+    let mut due = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = billing.store.list_invoices(ws_name, &filter, cursor.as_deref(), 1000).await?;
+        due.extend(
+            page.data
+                .into_iter()
+                .filter(|d| d.doc.get("finalize_after_grace") == Some(&Value::Bool(true)))
+                .filter(|d| d.period_end + chrono::Duration::days(i64::from(grace_days)) <= now),
+        );
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
     if due.is_empty() {
         return Ok(());
     }

@@ -58,6 +58,8 @@ pub enum BillingError {
     Corrupt(String),
 }
 
+sluice_core::error_codes!(BillingError { Invalid => "billing.invalid", NotFound => "billing.not_found", Conflict => "billing.conflict", Busy => "billing.busy", Overflow => "billing.overflow", Corrupt => "billing.corrupt" } wraps { Store });
+
 impl BillingError {
     /// One invalid field.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> BillingError {
@@ -112,5 +114,19 @@ impl EventSink for IngestSink {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BillingError;
+    use sluice_store::StoreError;
+
+    #[test]
+    fn error_codes_are_stable_and_a_wrapped_error_gives_its_own() {
+        assert_eq!(BillingError::Busy("x".into()).code(), "billing.busy");
+        assert_eq!(BillingError::NotFound("x".into()).code(), "billing.not_found");
+        assert_eq!(BillingError::Store(StoreError::NotFound).code(), "store.not_found");
+        assert_eq!(BillingError::Store(StoreError::Conflict("x".into())).code(), "store.conflict");
     }
 }

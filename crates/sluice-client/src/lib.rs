@@ -45,6 +45,8 @@ pub enum ClientError {
     Decode(String),
 }
 
+sluice_core::error_codes!(ClientError { NoKey => "client.no_key", Unreachable => "client.unreachable", Api => "client.api", Decode => "client.decode" });
+
 /// Result alias of this crate.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 

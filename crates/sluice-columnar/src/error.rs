@@ -41,6 +41,8 @@ pub enum ColumnarError {
     WriterPanicked,
 }
 
+sluice_core::error_codes!(ColumnarError { Io => "columnar.io", Parquet => "columnar.parquet", Arrow => "columnar.arrow", File => "columnar.file", Step => "columnar.step", Sync => "columnar.sync", WriterPanicked => "columnar.writer_panicked" });
+
 impl ColumnarError {
     /// An error of the lake file `path` (relative to the root).
     pub(crate) fn in_file<E: Into<ColumnarError>>(path: &str) -> impl FnOnce(E) -> ColumnarError + '_ {

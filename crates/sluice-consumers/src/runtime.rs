@@ -305,6 +305,8 @@ pub enum RuntimeError {
     Log(#[from] sluice_core::LogError),
 }
 
+sluice_core::error_codes!(RuntimeError { NoSuchConsumer => "consumer.no_such_consumer", BadPosition => "consumer.bad_position", NotResettable => "consumer.not_resettable" } wraps { Store, Log });
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -85,6 +85,8 @@ pub enum LogError {
     Config(String),
 }
 
+crate::error_codes!(LogError { Io => "log.io", NoSuchPartition => "log.no_such_partition", Closed => "log.closed", Corrupt => "log.corrupt", Config => "log.config" });
+
 /// A partitioned, durable, append-only log.
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {

@@ -95,3 +95,32 @@ named_enum! {
         Desc = "desc",
     }
 }
+
+/// Gives an error enum a `code()`: a stable, machine-readable
+/// `<crate>.<kind>` code for each variant (logs and alerts match on it, so
+/// a code is never renamed), and for each variant listed after `wraps`
+/// (one field: another crate's error) that error's own code. A variant
+/// left out is a compile error, so a new variant gets its code.
+///
+/// ```
+/// #[derive(Debug)]
+/// pub enum DemoError { Gone(String), Busy { why: String }, Log(sluice_core::LogError) }
+/// sluice_core::error_codes!(DemoError { Gone => "demo.gone", Busy => "demo.busy" } wraps { Log });
+/// assert_eq!(DemoError::Busy { why: "x".into() }.code(), "demo.busy");
+/// assert_eq!(DemoError::Log(sluice_core::LogError::Closed).code(), "log.closed");
+/// ```
+#[macro_export]
+macro_rules! error_codes {
+    ($ty:ident { $($variant:ident => $code:literal),* $(,)? } $(wraps { $($wrapped:ident),* $(,)? })?) => {
+        impl $ty {
+            /// A stable, machine-readable code for this error (see
+            /// `sluice_core::error_codes!`).
+            pub fn code(&self) -> &'static str {
+                match self {
+                    $( $ty::$variant { .. } => $code, )*
+                    $( $( $ty::$wrapped(e) => e.code(), )* )?
+                }
+            }
+        }
+    };
+}

@@ -67,6 +67,8 @@ pub enum HealthError {
     Corrupt(String),
 }
 
+sluice_core::error_codes!(HealthError { Invalid => "health.invalid", NotFound => "health.not_found", Corrupt => "health.corrupt" } wraps { Store });
+
 impl HealthError {
     /// One invalid part.
     pub fn invalid(path: impl Into<String>, message: impl Into<String>) -> HealthError {

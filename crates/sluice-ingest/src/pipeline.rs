@@ -125,6 +125,8 @@ pub enum IngestError {
     Unavailable(String),
 }
 
+sluice_core::error_codes!(IngestError { Overloaded => "ingest.overloaded", TooLarge => "ingest.too_large", Invalid => "ingest.invalid", Unavailable => "ingest.unavailable" });
+
 struct Pending {
     items: Items,
     reply: oneshot::Sender<Result<Outcome, IngestError>>,

@@ -54,6 +54,8 @@ pub enum JobError {
     },
 }
 
+sluice_core::error_codes!(JobError { Retryable => "job.retryable", Cancelled => "job.cancelled", Permanent => "job.permanent" });
+
 impl JobError {
     /// A failure another attempt may fix (the store or the log was
     /// unavailable, a timeout): retried while attempts are left.

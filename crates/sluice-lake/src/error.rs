@@ -72,3 +72,5 @@ pub enum LakeError {
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
 }
+
+sluice_core::error_codes!(LakeError { UrlWithoutPath => "lake.url_without_path", UnsupportedUrl => "lake.unsupported_url", UnknownEngine => "lake.unknown_engine", ExportFormat => "lake.export_format", ExportPathMissing => "lake.export_path_missing", ExportPathNotRelative => "lake.export_path_not_relative", ScheduleFields => "lake.schedule_fields", ScheduleInvalid => "lake.schedule_invalid", ScheduleNever => "lake.schedule_never", ExportNoDirectory => "lake.export_no_directory", ExportWrite => "lake.export_write", Encode => "lake.encode", Commit => "lake.commit", Swap => "lake.swap", Task => "lake.task" } wraps { Columnar, Store });

@@ -66,3 +66,5 @@ pub enum MeterError {
     #[error("must be hour, day, month or total")]
     UnknownGranularity,
 }
+
+sluice_core::error_codes!(MeterError { GroupKeyTooLong => "meter.group_key_too_long", MissingValue => "meter.missing_value", BadUniqueValue => "meter.bad_unique_value", NotANumber => "meter.not_a_number", Overflow => "meter.overflow", OpenFile => "meter.open_file", MissingColumn => "meter.missing_column", FilterValueOverlap => "meter.filter_value_overlap", EventType => "meter.event_type", UnknownGranularity => "meter.unknown_granularity" });

@@ -81,6 +81,8 @@ pub enum StoreError {
     UsageOverflow(Vec<crate::metering::UsageOverflow>),
 }
 
+sluice_core::error_codes!(StoreError { NotFound => "store.not_found", Conflict => "store.conflict", InvalidUrl => "store.invalid_url", Database => "store.database", Migrate => "store.migrate", Corrupt => "store.corrupt", UsageOverflow => "store.usage_overflow" });
+
 impl StoreError {
     /// True when the failure comes from the data written, not from the
     /// store (retrying the same write cannot succeed): usage overflow, and

@@ -97,18 +97,24 @@ impl sluice_jobs::JobPayload for ExportPayload {
 
 /// The result of a `query.export` job.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ExportResult {
-    /// Rows the query returned.
-    pub rows: usize,
-    /// Bytes written (an export).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
-    /// Where, relative to the lake root (an export).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// How long the query took (a saved query without an export).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub elapsed_ms: Option<u64>,
+#[serde(untagged)]
+pub enum ExportResult {
+    /// The query of an export written to the lake.
+    Exported {
+        /// Rows the query returned.
+        rows: usize,
+        /// Bytes written.
+        bytes: u64,
+        /// Where, relative to the lake root.
+        path: String,
+    },
+    /// A saved query without an export, run.
+    Ran {
+        /// Rows the query returned.
+        rows: usize,
+        /// How long the query took.
+        elapsed_ms: u64,
+    },
 }
 
 impl sluice_jobs::JobResult for ExportResult {}
@@ -139,7 +145,7 @@ impl JobHandler for QueryExport {
         let rows = result.rows;
         let Some(spec) = q.export.as_ref().map(ExportSpec::parse).transpose().map_err(JobError::permanent)? else {
             let elapsed_ms = u64::try_from(result.elapsed.as_millis()).unwrap_or(u64::MAX);
-            return Ok(ExportResult { rows, bytes: None, path: None, elapsed_ms: Some(elapsed_ms) }.to_value());
+            return Ok(ExportResult::Ran { rows, elapsed_ms }.to_value());
         };
         let shown = Path::new("exports").join(&job.workspace).join(&spec.path);
         let dest = self.root.join(&shown);
@@ -154,7 +160,7 @@ impl JobHandler for QueryExport {
         .await
         .map_err(JobError::retryable)?
         .map_err(JobError::retryable)?;
-        Ok(ExportResult { rows, bytes: Some(bytes), path: Some(shown.display().to_string()), elapsed_ms: None }.to_value())
+        Ok(ExportResult::Exported { rows, bytes, path: shown.display().to_string() }.to_value())
     }
 }
 

@@ -107,17 +107,7 @@ pub enum PdfError {
     Compress(#[from] std::io::Error),
 }
 
-impl PdfError {
-    /// A stable code (`pdf.<kind>`) for logs and alerts; never renamed.
-    pub fn code(&self) -> &'static str {
-        match self {
-            PdfError::Font { .. } => "pdf.font",
-            PdfError::Subset { .. } => "pdf.subset",
-            PdfError::InvalidNumber { .. } => "pdf.invalid_number",
-            PdfError::Compress { .. } => "pdf.compress",
-        }
-    }
-}
+sluice_core::error_codes!(PdfError { Font => "pdf.font", Subset => "pdf.subset", InvalidNumber => "pdf.invalid_number", Compress => "pdf.compress" });
 
 /// A PDF document of A4 portrait pages. Build it with [`Document::add_page`]
 /// and the [`Page`] methods, then [`Document::finish`] it into bytes.

@@ -1002,3 +1002,116 @@ async fn usage_no_subscription_bills_is_reported_by_reason_and_with_what_is_bill
     assert_eq!(tickets.len(), 1, "{four}");
     assert_eq!((tickets[0]["reason"].as_str(), tickets[0]["quantity"].as_str()), (Some("no_subscription"), Some("2")), "{four}");
 }
+
+/// Free units, a graduated tier's flat price, a volume tier's flat price,
+/// a minimum that sets the amount, and the three tax rounding modes, each
+/// against figures computed by hand; then mark-paid, void (its event), the
+/// invoice list's filters and a run selecting by plan and by customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_units_flat_prices_minimums_and_the_three_tax_roundings_against_hand_computed_invoices() {
+    let s = Server::start().await;
+    let api = tokyo(&s, "bill-more").await;
+    let plan = json!({"code": "m", "name": "M", "currency": "JPY", "interval": "month",
+        "charges": [
+            {"meter": "storage_gb", "model": "graduated", "tax_rate": "0.10", "free_units": "50",
+             "tiers": [{"up_to": "100", "unit_price": "0"}, {"up_to": "1000", "unit_price": "5", "flat_price": "200"},
+                       {"up_to": null, "unit_price": "3"}]},
+            {"meter": "api_calls", "model": "volume", "tax_rate": "0.10",
+             "tiers": [{"up_to": "10000", "unit_price": "0.5", "flat_price": "100"}, {"up_to": null, "unit_price": "0.2"}]},
+            {"meter": "seats", "model": "package", "package_size": "10", "package_price": "3000", "tax_rate": "0.10", "minimum_amount": "3000"},
+            {"meter": "lunch_boxes", "model": "per_unit", "unit_price": "540", "tax_rate": "0.08", "free_units": "2"}]});
+    assert_eq!(api.post("/v1/plans", plan).await.0, StatusCode::CREATED);
+    let other = json!({"code": "o", "name": "O", "currency": "JPY", "interval": "month", "fixed_fees": [{"name": "Fee", "amount": "500", "tax_rate": "0.10"}]});
+    assert_eq!(api.post("/v1/plans", other).await.0, StatusCode::CREATED);
+    let start = "2024-01-01T00:00:00+09:00";
+    let mut subs: Vec<Value> = ["a", "xf", "yf", "xh", "yh", "xc", "yc"]
+        .iter()
+        .map(|c| json!({"id": format!("s-{c}"), "customer_id": c, "plan": "m", "start": start}))
+        .collect();
+    subs.push(json!({"id": "s-z", "customer_id": "z", "plan": "o", "start": start}));
+    assert_eq!(api.post("/v1/subscriptions", Value::Array(subs)).await.0, StatusCode::CREATED);
+    let t = "2024-01-15T12:00:00+09:00";
+    let mut events = vec![("a", "", "storage_gb", "160", t), ("a", "", "api_calls", "10000", t), ("a", "", "lunch_boxes", "3", t)];
+    for c in ["xf", "xh", "xc"] {
+        events.push((c, "", "lunch_boxes", "3", t));
+    }
+    for c in ["yf", "yh", "yc"] {
+        events.push((c, "", "lunch_boxes", "5", t));
+    }
+    usage(&api, &events).await;
+    metered(&s).await;
+    let until = "2024-02-01T00:00:00+09:00";
+    let set_rounding = |mode: &'static str| {
+        let api = api.clone();
+        async move {
+            let (st, v) =
+                api.send(api.req(reqwest::Method::PATCH, "/v1/workspaces/bill-more").json(&json!({"billing": {"tax_rounding": mode}}))).await;
+            assert_eq!((st, v["billing"]["tax_rounding"].clone()), (StatusCode::OK, json!(mode)), "{v}");
+        }
+    };
+    let one = |api: Api, sub: &'static str| async move { invoices(&api, &format!("&subscription_id={sub}")).await.remove(0) };
+    // floor (the default) for a, xf, yf.
+    let r = run(&api, json!({"subscription_ids": ["s-a", "s-xf", "s-yf"], "until": until})).await;
+    assert_eq!(r["invoices_created"], 3, "{r}");
+    set_rounding("half_up").await;
+    run(&api, json!({"subscription_ids": ["s-xh", "s-yh"], "until": until})).await;
+    set_rounding("ceiling").await;
+    run(&api, json!({"subscription_ids": ["s-xc", "s-yc"], "until": until})).await;
+
+    // a: storage 160 − 50 free = 110 GB: 100 × 0, then 10 × 5 = 50 plus the
+    // second tier's flat 200 = 250. api_calls 10,000 is in the first tier
+    // (up_to inclusive): 10,000 × 0.5 = 5,000 plus its flat 100 = 5,100.
+    // seats 0: the minimum, 3,000. lunch boxes 3 − 2 free = 1 × 540 = 540.
+    // 10 %: 8,350 → 835; 8 %: 540 → 43.2 → 43 (floor). Total 8,890 + 878.
+    let a = one(api.clone(), "s-a").await;
+    assert_eq!(line(&a, "storage_gb")["amount"], "250", "{a}");
+    assert_eq!(line(&a, "api_calls")["amount"], "5100", "{a}");
+    assert_eq!((line(&a, "seats")["amount"].clone(), line(&a, "seats")["minimum_applied"].clone()), (json!("3000"), json!(true)), "{a}");
+    assert_eq!(line(&a, "lunch_boxes")["amount"], "540", "{a}");
+    assert_eq!((a["subtotal"].as_str(), a["tax"].as_str(), a["total"].as_str()), (Some("8890"), Some("878"), Some("9768")), "{a}");
+    // x: 540 at 8 % = 43.2; y: 3 × 540 = 1,620 at 8 % = 129.6; both 3,000
+    // (the minimum) at 10 % = 300. Rounded once per rate per invoice:
+    // floor 43 / 129, half_up 43 / 130, ceiling 44 / 130.
+    for (x, y, tx, ty) in [("s-xf", "s-yf", 43, 129), ("s-xh", "s-yh", 43, 130), ("s-xc", "s-yc", 44, 130)] {
+        for (sub, subtotal, t8) in [(x, 3540, tx), (y, 4620, ty)] {
+            let inv = one(api.clone(), sub).await;
+            let eight = inv["taxes"].as_array().unwrap().iter().find(|t| t["rate"] == "0.08").cloned().unwrap();
+            assert_eq!(eight["tax"], json!(t8.to_string()), "{sub}: {inv}");
+            assert_eq!(inv["subtotal"], json!(subtotal.to_string()), "{sub}: {inv}");
+            assert_eq!(inv["total"], json!((subtotal + 300 + t8).to_string()), "{sub}: {inv}");
+        }
+    }
+
+    // Paid and void; the list's filters; the void's event in the log.
+    let a_id = a["id"].as_str().unwrap().to_owned();
+    let (st, v) = api.post(&format!("/v1/invoices/{a_id}/mark-paid"), json!({})).await;
+    assert_eq!((st, v["status"].clone()), (StatusCode::OK, json!("paid")), "{v}");
+    let xf = one(api.clone(), "s-xf").await;
+    let xf_id = xf["id"].as_str().unwrap().to_owned();
+    let (st, v) = api.post(&format!("/v1/invoices/{xf_id}/void"), json!({})).await;
+    assert_eq!(
+        (st, v["status"].clone(), v["number"].clone()),
+        (StatusCode::OK, json!("void"), xf["number"].clone()),
+        "a voided invoice keeps its number: {v}"
+    );
+    let ids = |list: Vec<Value>| list.iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(ids(invoices(&api, "&status=paid").await), vec![a_id.clone()]);
+    assert_eq!(ids(invoices(&api, "&status=void").await), vec![xf_id.clone()]);
+    assert_eq!(ids(invoices(&api, "&customer_id=a").await), vec![a_id.clone()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let voided = api.all_events("&type=invoice.voided").await;
+        if let Some(e) = voided.iter().find(|e| e["properties"]["invoice_id"] == json!(xf_id)) {
+            assert_eq!((e["properties"]["status"].clone(), e["customer_id"].clone()), (json!("void"), json!("xf")), "{e}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no invoice.voided event for {xf_id}: {voided:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Selection by plan and by customer.
+    let r = run(&api, json!({"filter": {"plan": "o"}, "until": until})).await;
+    assert_eq!((r["subscriptions_total"].clone(), r["invoices_created"].clone()), (json!(1), json!(1)), "{r}");
+    assert_eq!(one(api.clone(), "s-z").await["total"], "550");
+    let r = run(&api, json!({"filter": {"customer_ids": ["a", "z"]}, "until": until})).await;
+    assert_eq!((r["subscriptions_total"].clone(), r["invoices_created"].clone()), (json!(2), json!(0)), "billed already: {r}");
+}

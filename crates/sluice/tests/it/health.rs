@@ -470,6 +470,18 @@ async fn stages_rules_overrides_and_weight_sharing() {
     assert_eq!(c2["stages"][2]["rule"], json!({"not": {"all": [{"measure": "seats", "op": "<", "value": 100}]}}), "{c2}");
     assert_eq!(stage_of(api.clone(), "g").await["stage"], "big");
     assert_eq!(stage_of(api.clone(), "a").await["stage"], "adoption");
+    // Older versions stay readable.
+    let (st, c1) = api.get("/v1/health/config?version=1").await;
+    assert_eq!((st, c1["version"].clone()), (StatusCode::OK, json!(1)), "{c1}");
+    assert!(c1["transition_cooldown"].is_null(), "{c1}");
+    assert_eq!(api.get("/v1/health/config?version=9").await.0, StatusCode::NOT_FOUND);
+    // sort=score: lowest first, customers without a score last.
+    let (_, l) = api.get("/v1/customers?sort=score").await;
+    let scores: Vec<Option<f64>> = l["data"].as_array().unwrap().iter().map(|c| c["score"].as_f64()).collect();
+    assert_eq!(scores.len(), 4, "{l}");
+    let scored: Vec<f64> = scores.iter().map_while(|s| *s).collect();
+    assert!(scored.windows(2).all(|w| w[0] <= w[1]), "{l}");
+    assert!(scores[scored.len()..].iter().all(Option::is_none), "{l}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

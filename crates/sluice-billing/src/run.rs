@@ -167,6 +167,16 @@ impl JobHandler for BillingRun {
         KIND
     }
 
+    /// Two runs at once, of two workspaces: one tenant's long run does not
+    /// hold up another's, and a workspace's runs still go in order.
+    fn concurrency(&self) -> usize {
+        2
+    }
+
+    fn one_per_workspace(&self) -> bool {
+        true
+    }
+
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
         let started = Instant::now();
         let p = RunPayload::of(job)?;

@@ -144,6 +144,12 @@ pub trait JobHandler: Send + Sync + 'static {
     fn concurrency(&self) -> usize {
         1
     }
+    /// Jobs of this kind run one at a time and in order within a workspace
+    /// (jobs of different workspaces still run side by side, up to
+    /// [`JobHandler::concurrency`]).
+    fn one_per_workspace(&self) -> bool {
+        false
+    }
     /// Runs one attempt; returns the job's result.
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError>;
     /// Called once the end of an attempt is recorded, with the job as it now
@@ -324,7 +330,12 @@ async fn kind_loop(store: Store, h: Arc<dyn JobHandler>, cfg: RunnerConfig, mut 
         }
         let free = slots.available_permits();
         let claimed = if free > 0 {
-            match store.claim_jobs(h.kind(), free, cfg.lease).await {
+            let claim = if h.one_per_workspace() {
+                store.claim_jobs_one_per_workspace(h.kind(), free, cfg.lease).await
+            } else {
+                store.claim_jobs(h.kind(), free, cfg.lease).await
+            };
+            match claim {
                 Ok(j) => j,
                 Err(e) => {
                     tracing::warn!(kind = h.kind(), error = %e, "could not claim jobs");

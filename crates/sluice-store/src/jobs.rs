@@ -260,6 +260,20 @@ impl Store {
     /// Claims up to `n` queued jobs of `kind` that are due, oldest first,
     /// marking them running with a lease of `lease`.
     pub async fn claim_jobs(&self, kind: &str, n: usize, lease: std::time::Duration) -> Result<Vec<Job>> {
+        self.claim(kind, n, lease, false).await
+    }
+
+    /// [`Store::claim_jobs`] for a kind whose jobs run one at a time and in
+    /// order within a workspace, while jobs of other workspaces run beside
+    /// them: a job is claimed only when no job of its kind and workspace is
+    /// running and none queued before it waits (a billing run of one tenant
+    /// does not hold up another tenant's, and one tenant's runs keep their
+    /// order).
+    pub async fn claim_jobs_one_per_workspace(&self, kind: &str, n: usize, lease: std::time::Duration) -> Result<Vec<Job>> {
+        self.claim(kind, n, lease, true).await
+    }
+
+    async fn claim(&self, kind: &str, n: usize, lease: std::time::Duration, one_per_workspace: bool) -> Result<Vec<Job>> {
         if n == 0 {
             return Ok(vec![]);
         }
@@ -270,10 +284,16 @@ impl Store {
             Store::Sqlite(_) => "",
             Store::Postgres(_) => " FOR UPDATE SKIP LOCKED",
         };
+        let serial = if one_per_workspace {
+            " AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.kind = j.kind AND o.workspace = j.workspace \
+              AND (o.state = 'running' OR (o.state = 'queued' AND o.id < j.id)))"
+        } else {
+            ""
+        };
         let sql = format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = $1, \
              started_at = COALESCE(started_at, $2), updated_at = $2 \
-             WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND kind = $3 AND run_after <= $2 ORDER BY id LIMIT $4{lock}) \
+             WHERE id IN (SELECT id FROM jobs j WHERE state = 'queued' AND kind = $3 AND run_after <= $2{serial} ORDER BY id LIMIT $4{lock}) \
              RETURNING {COLUMNS}"
         );
         // Most polls find nothing due: look with a read first, which waits

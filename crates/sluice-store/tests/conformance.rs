@@ -50,6 +50,7 @@ conformance!(
     migrations_are_idempotent_on_reconnect,
     audit_entries_are_recorded_with_their_action,
     jobs_are_claimed_once_in_order,
+    jobs_of_a_one_per_workspace_kind_run_one_at_a_time_per_workspace_in_order,
     jobs_retry_fail_cancel_and_reclaim,
     lake_manifest_commits_with_checkpoints_and_swaps_atomically,
     usage_commits_merge_into_stored_buckets,
@@ -100,6 +101,27 @@ async fn lake_manifest_commits_with_checkpoints_and_swaps_atomically(store: Stor
 
 fn job(kind: &str, n: u32) -> sluice_store::NewJob {
     sluice_store::NewJob { workspace: "w1".into(), kind: kind.into(), payload: serde_json::json!({"n": n}), max_attempts: 2, created_by: None }
+}
+
+async fn jobs_of_a_one_per_workspace_kind_run_one_at_a_time_per_workspace_in_order(store: Store) {
+    let lease = std::time::Duration::from_secs(30);
+    let new = |ws: &str, n: u32| sluice_store::NewJob { workspace: ws.into(), ..job("serial", n) };
+    let a1 = store.enqueue_job(&new("wa", 1)).await.unwrap().id;
+    let a2 = store.enqueue_job(&new("wa", 2)).await.unwrap().id;
+    let b1 = store.enqueue_job(&new("wb", 1)).await.unwrap().id;
+    let b2 = store.enqueue_job(&new("wb", 2)).await.unwrap().id;
+    // One of each workspace, the oldest, however many are asked for.
+    let first = store.claim_jobs_one_per_workspace("serial", 4, lease).await.unwrap();
+    assert_eq!(first.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![a1.clone(), b1.clone()]);
+    assert!(store.claim_jobs_one_per_workspace("serial", 4, lease).await.unwrap().is_empty(), "both workspaces have one running");
+    // wb's first ends: its second comes; wa's still waits behind a1.
+    let end = sluice_store::JobEnd::Succeeded(serde_json::json!({}));
+    store.finish_job(&b1, 1, &end).await.unwrap();
+    let next = store.claim_jobs_one_per_workspace("serial", 4, lease).await.unwrap();
+    assert_eq!(next.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![b2.clone()]);
+    store.finish_job(&a1, 1, &end).await.unwrap();
+    let next = store.claim_jobs_one_per_workspace("serial", 4, lease).await.unwrap();
+    assert_eq!(next.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![a2]);
 }
 
 async fn jobs_are_claimed_once_in_order(store: Store) {

@@ -34,10 +34,21 @@ pub const MAX_PERIODS: usize = 1000;
 /// Where billing's events go (the ingest pipeline in the server).
 #[async_trait::async_trait]
 pub trait EventSink: Send + Sync {
-    /// Appends `events`; true once they are in the log. Failures are the
+    /// Appends `events`; `Ok` once they are in the log. Failures are the
     /// sink's to log (an event with the same id is deduplicated, so
     /// emitting again is safe).
-    async fn emit(&self, events: Vec<sluice_core::Event>) -> bool;
+    async fn emit(&self, events: Vec<sluice_core::Event>) -> Result<(), NotSent>;
+}
+
+/// Why events did not go into the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotSent {
+    /// The log cannot take them now (unavailable, or overloaded for long):
+    /// send them again later.
+    Later,
+    /// They are refused (an enforced property schema of the workspace, too
+    /// large): sending them again would not help.
+    Refused,
 }
 
 /// What billing works with in one workspace.
@@ -728,7 +739,7 @@ impl Billing {
             return;
         }
         let events = rows.iter().filter_map(|r| invoice_event(ws, r, kind)).collect();
-        if sink.emit(events).await {
+        if sink.emit(events).await.is_ok() {
             let sent: Vec<OutboxRow> =
                 rows.iter().map(|r| OutboxRow { workspace: ws.to_owned(), kind: kind.to_owned(), invoice_id: r.id.clone() }).collect();
             if let Err(e) = self.store.delete_billing_outbox(&sent).await {
@@ -750,14 +761,30 @@ impl Billing {
             let mut events = Vec::with_capacity(rows.len());
             for o in &rows {
                 match self.store.invoice(&o.workspace, &o.invoice_id).await {
-                    Ok(inv) => events.extend(invoice_event(&o.workspace, &inv, &o.kind)),
+                    Ok(inv) => events.extend(invoice_event(&o.workspace, &inv, &o.kind).map(|e| (o, e))),
                     // Its workspace was deleted: nothing left to tell.
                     Err(StoreError::NotFound) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
-            if !events.is_empty() && !sink.emit(events).await {
-                return Ok(sent);
+            match sink.emit(events.iter().map(|(_, e)| e.clone()).collect()).await {
+                Ok(()) => {}
+                Err(NotSent::Later) => return Ok(sent),
+                // One refused event must not hold up the rest (the oldest
+                // page is read first): one by one, and a refused one is
+                // logged and dropped from the outbox.
+                Err(NotSent::Refused) => {
+                    for (o, e) in events {
+                        match sink.emit(vec![e]).await {
+                            Ok(()) => {}
+                            Err(NotSent::Later) => return Ok(sent),
+                            Err(NotSent::Refused) => tracing::error!(
+                                workspace = %o.workspace, invoice = %o.invoice_id, kind = %o.kind,
+                                "the log refuses this invoice event (an enforced property schema of the workspace?); it is dropped from the outbox"
+                            ),
+                        }
+                    }
+                }
             }
             self.store.delete_billing_outbox(&rows).await?;
             sent += rows.len();

@@ -27,7 +27,7 @@ pub mod settings;
 pub mod subscription;
 pub mod unattributed;
 
-pub use engine::{BillOptions, Billing, EventSink, Ws};
+pub use engine::{BillOptions, Billing, EventSink, NotSent, Ws};
 pub use plan::{FieldError, PlanSpec};
 pub use settings::BillingSettings;
 pub use subscription::Subscription;
@@ -105,13 +105,31 @@ pub struct IngestSink(pub sluice_ingest::Ingestor);
 
 #[async_trait::async_trait]
 impl EventSink for IngestSink {
-    async fn emit(&self, events: Vec<sluice_core::Event>) -> bool {
+    async fn emit(&self, events: Vec<sluice_core::Event>) -> Result<(), NotSent> {
+        use sluice_ingest::IngestError;
+        if events.is_empty() {
+            return Ok(());
+        }
         let n = events.len();
-        match self.0.submit(events).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::error!(error = %e, events = n, "could not write billing events to the log; the outbox keeps them for the next try");
-                false
+        // A full ingest queue (an import at full speed) passes: wait for it,
+        // with backoff, up to about half a minute.
+        let backoff = sluice_core::Backoff::exact(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1));
+        let mut waits = 0;
+        loop {
+            match self.0.submit(events.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(IngestError::Overloaded) if waits < 40 => {
+                    waits += 1;
+                    tokio::time::sleep(backoff.delay(waits)).await;
+                }
+                Err(e @ (IngestError::Invalid(_) | IngestError::TooLarge { .. })) => {
+                    tracing::error!(error = %e, events = n, "the log refuses billing events");
+                    return Err(NotSent::Refused);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, events = n, "could not write billing events to the log; the outbox keeps them for the next try");
+                    return Err(NotSent::Later);
+                }
             }
         }
     }

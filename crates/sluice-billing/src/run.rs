@@ -3,8 +3,9 @@
 //! A run bills a selection of subscriptions in batches of [`BATCH`], each
 //! committed in one transaction ([`crate::engine::Billing::bill_many`]),
 //! two batches in flight: a failing subscription is reported and the others
-//! go on; progress counts subscriptions; runs of a process run one at a
-//! time, in the order they were queued. A run that is
+//! go on; progress counts subscriptions; a workspace's runs run one at a
+//! time, in the order they were queued (two workspaces' side by side). A
+//! run that is
 //! retried or resumed after `kill -9` bills again whatever is not billed
 //! yet: periods already invoiced are skipped by the engine, so the result
 //! counts the invoices of every attempt (by run id).
@@ -270,8 +271,10 @@ impl JobHandler for BillingRun {
                 "errors": result.errors.len(), "auto": p.auto});
             match crate::make_event(&p.workspace, &format!("billing_run.finished:{}", job.id), "billing_run.finished", None, None, props) {
                 Ok(e) => {
-                    // Not in the log: another attempt (which bills nothing new) sends it.
-                    if !sink.emit(vec![e]).await {
+                    // The log cannot take it now: another attempt (which
+                    // bills nothing new) sends it. Refused (an enforced
+                    // schema of the workspace): logged by the sink.
+                    if sink.emit(vec![e]).await == Err(crate::engine::NotSent::Later) {
                         return Err(JobError::retryable("could not write the billing_run.finished event to the log"));
                     }
                 }

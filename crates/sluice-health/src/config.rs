@@ -427,8 +427,20 @@ impl HealthConfig {
         EventsWanted { types, days, user_id, properties }
     }
 
-    /// Parses and validates a configuration: every problem, each with its path.
+    /// Parses and validates a new configuration (a PUT, a backtest's):
+    /// every problem, each with its path.
     pub fn parse(v: &Value) -> Result<HealthConfig, HealthError> {
+        HealthConfig::parse_with(v, true)
+    }
+
+    /// Parses a stored configuration version. It was valid when it was
+    /// stored; rules added since (no weight of zero beside others) apply to
+    /// new versions only, so an older version keeps working.
+    pub fn load(v: &Value) -> Result<HealthConfig, HealthError> {
+        HealthConfig::parse_with(v, false)
+    }
+
+    fn parse_with(v: &Value, new: bool) -> Result<HealthConfig, HealthError> {
         let cfg: HealthConfig = serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
@@ -439,7 +451,7 @@ impl HealthConfig {
             };
             HealthError::invalid(if path == "." { String::new() } else { path }, msg)
         })?;
-        let errs = cfg.validate();
+        let errs = cfg.validate(new);
         if errs.is_empty() {
             Ok(cfg)
         } else {
@@ -447,8 +459,9 @@ impl HealthConfig {
         }
     }
 
-    /// Every problem of a parsed configuration.
-    pub fn validate(&self) -> Vec<crate::FieldError> {
+    /// Every problem of a parsed configuration (`new`: also the rules
+    /// added since earlier versions were stored).
+    pub fn validate(&self, new: bool) -> Vec<crate::FieldError> {
         let mut errs = Vec::new();
         let mut err = |p: String, m: String| errs.push(crate::FieldError { path: p, message: m });
         for (name, m) in &self.measures {
@@ -499,12 +512,15 @@ impl HealthConfig {
             if items.is_empty() {
                 err(format!("scorecards.{stage}"), "give at least one measure".into());
             }
+            if !new && !items.is_empty() && items.iter().all(|it| it.weight == 0.0) {
+                err(format!("scorecards.{stage}"), "the weights are all zero; at least one must be above 0".into());
+            }
             for (i, it) in items.iter().enumerate() {
                 let p = format!("scorecards.{stage}[{i}]");
                 if !self.measures.contains_key(&it.measure) {
                     err(format!("{p}.measure"), format!("unknown measure {:?}", it.measure));
                 }
-                if !it.weight.is_finite() || it.weight <= 0.0 {
+                if !it.weight.is_finite() || it.weight < 0.0 || (new && it.weight == 0.0) {
                     err(format!("{p}.weight"), "must be a number above 0 (a weight of zero adds nothing to the score)".into());
                 }
                 match (&it.thresholds, &it.linear) {

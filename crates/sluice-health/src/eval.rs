@@ -813,6 +813,15 @@ mod tests {
         let e = bad(json!({"measures": {"m": {"kind": "count", "days": 1}}, "stages": [{"name": "a", "rule": {"all": []}}],
             "scorecards": {"a": [{"measure": "m", "weight": 0, "linear": {"from": 0, "to": 1}}]}}));
         assert!(e.contains("scorecards.a") && e.contains("zero"), "{e}");
+        // A version stored before zero weights were refused still loads
+        // (one weight of zero beside others), all zeros never did.
+        let two = json!({"measures": {"m": {"kind": "count", "days": 1}}, "stages": [{"name": "a", "rule": {"all": []}}],
+            "scorecards": {"a": [{"measure": "m", "weight": 1, "linear": {"from": 0, "to": 1}}, {"measure": "m", "weight": 0, "linear": {"from": 0, "to": 1}}]}});
+        assert!(bad(two.clone()).contains("scorecards.a[1].weight"));
+        assert!(HealthConfig::load(&two).is_ok());
+        let zeros = json!({"measures": {"m": {"kind": "count", "days": 1}}, "stages": [{"name": "a", "rule": {"all": []}}],
+            "scorecards": {"a": [{"measure": "m", "weight": 0, "linear": {"from": 0, "to": 1}}]}});
+        assert!(HealthConfig::load(&zeros).is_err());
         let e = bad(base(json!([{"name": "a", "rule": {"any": [{"not": {"measure": "m", "op": "~", "value": 1}}]}}])));
         assert!(e.contains("stages[0].rule.any[0].not.op"), "{e}");
     }

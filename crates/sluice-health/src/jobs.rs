@@ -312,7 +312,7 @@ impl JobHandler for Backtest {
     async fn run(&self, job: &Job, ctx: &JobContext) -> Result<Value, JobError> {
         let p = BacktestPayload::of(job)?;
         let h = &self.health;
-        let config = HealthConfig::parse(&p.config).map_err(|e| JobError::permanent(e.to_string()))?;
+        let config = HealthConfig::load(&p.config).map_err(|e| JobError::permanent(e.to_string()))?;
         if let Some(until) = &p.backfill_until {
             backfill(h, self.log.as_ref(), &p.workspace, until, ctx).await?;
         }

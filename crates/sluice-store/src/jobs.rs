@@ -299,9 +299,8 @@ impl Store {
         // Most polls find nothing due: look with a read first, which waits
         // for no writer (SQLite's WAL), instead of taking the write lock
         // every poll of every kind.
-        let due: bool = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND kind = $1 AND run_after <= $2)")
-            .bind(kind).bind(now).fetch_one(pool).await)?;
+        let look = format!("SELECT EXISTS (SELECT 1 FROM jobs j WHERE state = 'queued' AND kind = $1 AND run_after <= $2{serial})");
+        let due: bool = on_pool!(self, pool => sqlx::query_scalar(&look).bind(kind).bind(now).fetch_one(pool).await)?;
         if !due {
             return Ok(vec![]);
         }

@@ -261,6 +261,20 @@ impl Store {
         Ok(Page::from_overfetch(rows, limit, |c: &CustomerRecord| c.customer_id.clone()))
     }
 
+    /// Ids of a workspace's customers — of `group` calls, and those
+    /// customer health has evaluated (known from their events or API
+    /// attributes only) — after `cursor`, in the database's order of ids
+    /// (the same order its `>` pages by).
+    pub async fn customer_ids_with_health(&self, workspace: &str, cursor: Option<&str>, limit: usize) -> Result<Page<String>> {
+        let limit = clamp_limit(limit);
+        let rows: Vec<(String,)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT customer_id FROM customers WHERE workspace = $1 AND customer_id > $2 \
+             UNION SELECT customer_id FROM customer_health WHERE workspace = $1 AND customer_id > $2 \
+             ORDER BY customer_id LIMIT $3")
+            .bind(workspace).bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;
+        Ok(Page::from_overfetch(rows.into_iter().map(|(c,)| c).collect(), limit, String::clone))
+    }
+
     /// The records of these customers (those that have one; no users).
     pub async fn customers_by_ids(&self, workspace: &str, ids: &[&str]) -> Result<Vec<CustomerRecord>> {
         let rows: Vec<(String, String, i64, i64)> = self

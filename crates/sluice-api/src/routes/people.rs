@@ -166,23 +166,15 @@ pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q)
         return Ok(Json(List { data, next_cursor: next.map(|(v, id)| format!("h:{v}|{id}")) }));
     }
     // By id: the customers of `group` calls and those known to health only
-    // (events or API attributes), merged; both lists are read after the
-    // cursor (the last id of the previous page).
-    let page = st.store.list_customers(ws, q.cursor.as_deref(), limit).await?;
-    let after = q.cursor.as_ref().map(|c| (0.0, c.clone()));
-    let (evaluated, more_evaluated) = st.store.list_customer_health(ws, None, None, HealthSort::Id, after, limit).await?;
-    let mut ids: Vec<&str> = page.data.iter().map(|c| c.customer_id.as_str()).chain(evaluated.iter().map(|h| h.customer_id.as_str())).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let more = page.next_cursor.is_some() || more_evaluated.is_some() || ids.len() > limit;
-    ids.truncate(limit);
-    let missing: Vec<&str> = ids.iter().copied().filter(|id| !evaluated.iter().any(|h| h.customer_id == *id)).collect();
-    let health = st.store.customers_health(ws, &missing).await?;
+    // (events or API attributes), in one list ordered by the database.
+    let page = st.store.customer_ids_with_health(ws, q.cursor.as_deref(), limit).await?;
+    let ids: Vec<&str> = page.data.iter().map(String::as_str).collect();
+    let records = st.store.customers_by_ids(ws, &ids).await?;
+    let health = st.store.customers_health(ws, &ids).await?;
     let kept = st.health.attributes_of(ws, &ids, None).await?;
     let mut data = Vec::with_capacity(ids.len());
     for id in &ids {
-        let h = evaluated.iter().chain(health.iter()).find(|h| h.customer_id == *id);
-        let mut v = match page.data.iter().find(|c| c.customer_id == *id) {
+        let mut v = match records.iter().find(|c| c.customer_id == *id) {
             Some(c) => {
                 let attributes = super::health::merged_attributes(Some(&c.attributes), kept.get(*id));
                 let mut v = serde_json::to_value(CustomerView::new(c.clone(), false)).unwrap_or(Value::Null);
@@ -195,13 +187,12 @@ pub async fn list_customers(State(st): State<AppState>, who: Principal, Query(q)
                 json!({"customer_id": id, "attributes": attributes, "first_seen_at": first.map(rfc3339), "updated_at": first.map(rfc3339)})
             }
         };
-        if let Some(h) = h {
+        if let Some(h) = health.iter().find(|h| h.customer_id == *id) {
             add_summary(&mut v, h);
         }
         data.push(v);
     }
-    let next_cursor = if more { ids.last().map(|id| (*id).to_owned()) } else { None };
-    Ok(Json(List { data, next_cursor }))
+    Ok(Json(List { data, next_cursor: page.next_cursor }))
 }
 
 /// One customer with its users, its attributes (traits of `group` calls

@@ -111,25 +111,16 @@ impl EventSink for IngestSink {
             return Ok(());
         }
         let n = events.len();
-        // A full ingest queue (an import at full speed) passes: wait for it,
-        // with backoff, up to about half a minute.
-        let backoff = sluice_core::Backoff::exact(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1));
-        let mut waits = 0;
-        loop {
-            match self.0.submit(events.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(IngestError::Overloaded) if waits < 40 => {
-                    waits += 1;
-                    tokio::time::sleep(backoff.delay(waits)).await;
-                }
-                Err(e @ (IngestError::Invalid(_) | IngestError::TooLarge { .. })) => {
-                    tracing::error!(error = %e, events = n, "the log refuses billing events");
-                    return Err(NotSent::Refused);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, events = n, "could not write billing events to the log; the outbox keeps them for the next try");
-                    return Err(NotSent::Later);
-                }
+        // A full ingest queue (an import at full speed) is waited out.
+        match self.0.submit_waiting(events).await {
+            Ok(_) => Ok(()),
+            Err(e @ (IngestError::Invalid(_) | IngestError::TooLarge { .. })) => {
+                tracing::error!(error = %e, events = n, "the log refuses billing events");
+                Err(NotSent::Refused)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = n, "could not write billing events to the log; the outbox keeps them for the next try");
+                Err(NotSent::Later)
             }
         }
     }

@@ -231,11 +231,27 @@ impl Ingestor {
     /// Stores `events` durably (deduplicated) and returns what happened. A
     /// returned `Ok` means every accepted event is on disk and indexed.
     pub async fn submit(&self, events: Vec<Event>) -> Result<Outcome, IngestError> {
+        let (items, bytes) = self.checked_events(events)?;
+        self.enqueue(items, bytes).await
+    }
+
+    /// [`Ingestor::submit`] that waits while ingest is over capacity, as
+    /// [`Ingestor::submit_batch_waiting`] does: for events the server
+    /// writes itself (billing's), which must not fail because an import
+    /// fills ingest for a while.
+    pub async fn submit_waiting(&self, events: Vec<Event>) -> Result<Outcome, IngestError> {
+        let (items, bytes) = self.checked_events(events)?;
+        self.enqueue_waiting(items, bytes).await
+    }
+
+    /// Events checked against the enforced schemas and encoded, with their
+    /// budget in bytes.
+    fn checked_events(&self, events: Vec<Event>) -> Result<(Items, usize), IngestError> {
         self.schemas.check(&events).map_err(IngestError::Invalid)?;
         let encoded: Vec<Vec<u8>> =
             events.iter().map(|e| serde_json::to_vec(e).map_err(|e| IngestError::Unavailable(e.to_string()))).collect::<Result<_, _>>()?;
         let bytes: usize = encoded.iter().map(Vec::len).sum::<usize>().max(1);
-        self.enqueue(Items::Events { events, encoded }, bytes).await
+        Ok((Items::Events { events, encoded }, bytes))
     }
 
     /// Checks events against the enforced property schemas, without
@@ -252,7 +268,12 @@ impl Ingestor {
     /// an import and API traffic share ingest and neither is refused.
     pub async fn submit_batch_waiting(&self, batch: EventBatch) -> Result<Outcome, IngestError> {
         let Some(bytes) = self.check_batch(&batch)? else { return Ok(Outcome { accepted: 0, duplicates: 0 }) };
-        let mut items = Items::Batch(batch);
+        self.enqueue_waiting(Items::Batch(batch), bytes).await
+    }
+
+    /// Hands `items` to the writer, waiting (20 ms, doubling up to 1 s)
+    /// while ingest is over capacity.
+    async fn enqueue_waiting(&self, mut items: Items, bytes: usize) -> Result<Outcome, IngestError> {
         let backoff = sluice_core::Backoff::exact(Duration::from_millis(20), Duration::from_secs(1));
         let mut waits = 0;
         loop {

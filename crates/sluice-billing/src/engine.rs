@@ -267,10 +267,15 @@ pub fn unstored_view(inv: &Invoice) -> Value {
 }
 
 impl Billing {
+    /// The workspace's time zone.
+    pub async fn tz(&self, name: &str) -> Result<Tz, BillingError> {
+        let w = self.store.get_workspace(name).await?;
+        w.time_zone.parse().map_err(|_| BillingError::Corrupt(format!("workspace time zone {:?}", w.time_zone)))
+    }
+
     /// The workspace's time zone, billing settings and meters.
     pub async fn workspace(&self, name: &str) -> Result<Ws, BillingError> {
-        let w = self.store.get_workspace(name).await?;
-        let tz: Tz = w.time_zone.parse().map_err(|_| BillingError::Corrupt(format!("workspace time zone {:?}", w.time_zone)))?;
+        let tz = self.tz(name).await?;
         let settings = self.settings(name).await?;
         let meters = self.store.list_meters(Some(name)).await?.into_iter().map(|m| (m.key.clone(), m)).collect();
         Ok(Ws { name: name.to_owned(), tz, settings, meters })

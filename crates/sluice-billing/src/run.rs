@@ -132,8 +132,7 @@ pub async fn select(billing: &Billing, p: &RunPayload) -> Result<Vec<String>, Bi
     // voided one waits to be billed again. The store's filter (billed up to
     // before `until`) also holds for a subscription in the middle of its
     // period; its period end is known only from its cycle.
-    let w = billing.store.get_workspace(&p.workspace).await?;
-    let tz: chrono_tz::Tz = w.time_zone.parse().map_err(|_| BillingError::Corrupt(format!("workspace time zone {:?}", w.time_zone)))?;
+    let tz = billing.tz(&p.workspace).await?;
     let mut due = std::collections::HashSet::with_capacity(ids.len());
     for chunk in ids.chunks(BATCH) {
         let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();

@@ -24,7 +24,7 @@ use crate::invoice::{billed_elsewhere_line, late_line, Invoice, InvoiceStatus, I
 use crate::money::Currency;
 use crate::plan::PlanSpec;
 use crate::settings::BillingSettings;
-use crate::subscription::{bucket_floor, Period, Reissue, Subscription};
+use crate::subscription::{bucket_ceil, bucket_floor, Period, Reissue, Subscription};
 use crate::BillingError;
 
 /// Most periods one subscription is billed for in one call (a subscription
@@ -138,25 +138,35 @@ enum MeterUsage {
 }
 
 impl MeterUsage {
-    /// The meter's value in `p` over the usage of `subs`: the usage
-    /// buckets (15 minutes) that start in `[floor(p.start), floor(p.end))`,
-    /// so that consecutive periods share every bucket out exactly once even
-    /// when a subscription starts or ends between two bucket boundaries.
-    fn quantity(&self, m: &Meter, subs: &[&str], p: Period) -> Result<Decimal, BillingError> {
+    /// The meter's value in `p` over the usage of `parts`, each a
+    /// customer's usage and the subscriptions (`""`: none named) whose
+    /// usage of it counts: the usage buckets (15 minutes) that start in
+    /// `[floor(p.start), floor(p.end))`, so that consecutive periods share
+    /// every bucket out exactly once even when a subscription starts or
+    /// ends between two bucket boundaries. Distinct values are counted
+    /// once across the parts.
+    fn quantity(parts: &[(&MeterUsage, &[&str])], m: &Meter, p: Period) -> Result<Decimal, BillingError> {
         let (from, to) = (bucket_floor(p.start), bucket_floor(p.end));
-        let inside = |s: &str, t: DateTime<Utc>| subs.contains(&s) && t >= from && t < to;
-        match self {
-            MeterUsage::None => Ok(Decimal::ZERO),
-            MeterUsage::Unique(rows) => {
-                let distinct: std::collections::HashSet<&str> = rows.iter().filter(|r| inside(&r.0, r.1)).map(|r| r.2.as_str()).collect();
-                Ok(Decimal::from(distinct.len()))
+        let inside = |t: DateTime<Utc>| t >= from && t < to;
+        if m.aggregation == Aggregation::UniqueCount {
+            let mut distinct: std::collections::HashSet<&str> = std::collections::HashSet::new();
+            for (u, subs) in parts {
+                if let MeterUsage::Unique(rows) = u {
+                    distinct.extend(rows.iter().filter(|r| subs.contains(&r.0.as_str()) && inside(r.1)).map(|r| r.2.as_str()));
+                }
             }
-            MeterUsage::Buckets(b) => {
-                let v = sluice_metering::usage::fold_buckets(m.aggregation, b.iter().filter(|b| inside(&b.subscription_id, b.bucket_start)))
-                    .map_err(|(a, b)| BillingError::Overflow(format!("meter {:?}: {a} + {b} is beyond the largest exact decimal", m.key)))?;
-                Ok(v.unwrap_or_default())
-            }
+            return Ok(Decimal::from(distinct.len()));
         }
+        let buckets = parts.iter().flat_map(|(u, subs)| {
+            let rows = match u {
+                MeterUsage::Buckets(b) => b.as_slice(),
+                _ => &[],
+            };
+            rows.iter().filter(move |b| subs.contains(&b.subscription_id.as_str()) && inside(b.bucket_start))
+        });
+        let v = sluice_metering::usage::fold_buckets(m.aggregation, buckets)
+            .map_err(|(a, b)| BillingError::Overflow(format!("meter {:?}: {a} + {b} is beyond the largest exact decimal", m.key)))?;
+        Ok(v.unwrap_or_default())
     }
 }
 
@@ -205,7 +215,9 @@ impl Batch {
             history,
             siblings,
             names,
-            customers: customers.into_iter().map(str::to_owned).collect(),
+            // Usage that names a subscription but no customer is kept under
+            // the customer `""`: read with the batch's.
+            customers: customers.iter().copied().chain((!customers.contains(&"")).then_some("")).map(str::to_owned).collect(),
             from,
             to,
             usage: HashMap::new(),
@@ -214,8 +226,14 @@ impl Batch {
         })
     }
 
-    /// `meter`'s usage of `customer` (read for the whole batch on first use).
-    async fn usage(&mut self, store: &Store, ws: &str, m: &Meter, customer: &str) -> Result<&MeterUsage, BillingError> {
+    /// `meter`'s usage of `customer`; [`Batch::load_usage`] first.
+    fn usage(&self, m: &Meter, customer: &str) -> &MeterUsage {
+        static NONE: MeterUsage = MeterUsage::None;
+        self.usage.get(&m.key).and_then(|u| u.get(customer)).unwrap_or(&NONE)
+    }
+
+    /// Reads `meter`'s usage of all the batch's customers, once.
+    async fn load_usage(&mut self, store: &Store, ws: &str, m: &Meter) -> Result<(), BillingError> {
         if !self.usage.contains_key(&m.key) {
             let customers: Vec<&str> = self.customers.iter().map(String::as_str).collect();
             let mut by_customer: HashMap<String, MeterUsage> = HashMap::new();
@@ -234,8 +252,7 @@ impl Batch {
             }
             self.usage.insert(m.key.clone(), by_customer);
         }
-        static NONE: MeterUsage = MeterUsage::None;
-        Ok(self.usage.get(&m.key).and_then(|u| u.get(customer)).unwrap_or(&NONE))
+        Ok(())
     }
 }
 
@@ -392,7 +409,11 @@ impl Billing {
                         invoices
                             .iter_mut()
                             .map(|i| {
-                                let in_grace = o.respect_grace && i.period_end + grace > now;
+                                // An early invoice's period ends at the end of the
+                                // current usage bucket, minutes ahead; it was asked
+                                // for at `until`, and its grace counts from then.
+                                let ended = if i.early { i.period_end.min(o.until) } else { i.period_end };
+                                let in_grace = o.respect_grace && ended + grace > now;
                                 let finalize = o.finalize && !in_grace;
                                 i.finalize_after_grace = o.finalize && in_grace;
                                 NewInvoice {
@@ -581,7 +602,10 @@ impl Billing {
     ) -> Result<(Decimal, String), BillingError> {
         let shared = self.unattributed_counts(ws, &mut b.plans, customer_subs, &sub.id, &meter.key, p).await?;
         let subs: Vec<&str> = if shared { vec![sub.id.as_str(), ""] } else { vec![sub.id.as_str()] };
-        let q = b.usage(&self.store, &ws.name, meter, &sub.customer_id).await?.quantity(meter, &subs, p)?;
+        b.load_usage(&self.store, &ws.name, meter).await?;
+        // Usage naming the subscription and no customer counts too.
+        let anonymous: &[&str] = if sub.customer_id.is_empty() { &[] } else { &[sub.id.as_str()] };
+        let q = MeterUsage::quantity(&[(b.usage(meter, &sub.customer_id), &subs), (b.usage(meter, ""), anonymous)], meter, p)?;
         Ok((q, usage_sql(meter, sub, shared, p)))
     }
 
@@ -682,8 +706,10 @@ impl Billing {
     /// can then be billed again by a new invoice that names it.
     pub async fn void(&self, ws: &Ws, id: &str, audit: &NewAudit) -> Result<InvoiceRow, BillingError> {
         let row = self.store.set_invoice_status(&ws.name, id, &["draft", "finalized"], "void", audit).await.map_err(conflict)?;
-        // The period is open again: the subscription bills it next.
-        self.reopen(ws, &row).await?;
+        // The period is open again: the subscription bills it next. (A
+        // crash before this leaves the void's outbox row, and the relay
+        // reopens the period before it sends the event.)
+        self.reopen(&ws.name, &row).await?;
         self.send(&ws.name, INVOICE_VOIDED, &[&row]).await;
         Ok(row)
     }
@@ -692,10 +718,20 @@ impl Billing {
     /// invoice `replaces` the voided one): when it is the subscription's
     /// last billed period, billed_until moves back to its start; an earlier
     /// period joins the subscription's `reissue` list, which the next
-    /// explicit run bills first (docs/billing.md, "Voiding").
-    async fn reopen(&self, ws: &Ws, voided: &InvoiceRow) -> Result<(), BillingError> {
+    /// explicit run bills first (docs/billing.md, "Voiding"). Done once:
+    /// nothing when the period is open already or billed again since.
+    async fn reopen(&self, ws: &str, voided: &InvoiceRow) -> Result<(), BillingError> {
+        let billed_again = self
+            .store
+            .invoices_of_subscriptions(ws, &[voided.subscription_id.as_str()])
+            .await?
+            .iter()
+            .any(|i| i.status != "void" && i.period_start == voided.period_start);
+        if billed_again {
+            return Ok(());
+        }
         for _ in 0..5 {
-            let (mut row, mut sub) = self.subscription(&ws.name, &voided.subscription_id).await?;
+            let (mut row, mut sub) = self.subscription(ws, &voided.subscription_id).await?;
             let action = if row.billed_until == voided.period_end {
                 row.billed_until = voided.period_start;
                 "subscription.reopen"
@@ -709,14 +745,14 @@ impl Billing {
                 return Ok(());
             };
             let audit = NewAudit {
-                workspace: ws.name.clone(),
+                workspace: ws.to_owned(),
                 actor_key_id: None,
                 action: action.into(),
                 target_type: "subscription".into(),
                 target_id: row.id.clone(),
                 details: json!({"voided_invoice": voided.id, "period_start": voided.period_start, "period_end": voided.period_end}),
             };
-            match self.store.update_subscription(&ws.name, &row, &audit).await {
+            match self.store.update_subscription(ws, &row, &audit).await {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
@@ -746,14 +782,15 @@ impl Billing {
         let events = rows.iter().filter_map(|r| invoice_event(ws, r, kind)).collect();
         if sink.emit(events).await.is_ok() {
             let sent: Vec<OutboxRow> =
-                rows.iter().map(|r| OutboxRow { workspace: ws.to_owned(), kind: kind.to_owned(), invoice_id: r.id.clone() }).collect();
-            if let Err(e) = self.store.delete_billing_outbox(&sent).await {
+                rows.iter().map(|r| OutboxRow { workspace: ws.to_owned(), kind: kind.to_owned(), subject: r.id.clone(), event: None }).collect();
+            if let Err(e) = self.store.delete_event_outbox(&sent).await {
                 tracing::warn!(error = %e, "could not clear sent billing events from the outbox; they are sent again (and deduplicated) later");
             }
         }
     }
 
-    /// Sends the invoice events the outbox still holds — those whose send
+    /// Sends the events the outbox still holds (invoices', and health
+    /// transitions, written whole) — those whose send
     /// failed, or that a crash cut off between the invoice's commit and the
     /// send — and deletes their rows; returns how many were sent. Run at
     /// start and by every auto-billing pass.
@@ -762,11 +799,26 @@ impl Billing {
         let Some(sink) = &self.events else { return Ok(0) };
         let mut sent = 0;
         loop {
-            let rows = self.store.billing_outbox(PAGE).await?;
+            let rows = self.store.event_outbox(PAGE).await?;
             let mut events = Vec::with_capacity(rows.len());
             for o in &rows {
-                match self.store.invoice(&o.workspace, &o.invoice_id).await {
-                    Ok(inv) => events.extend(invoice_event(&o.workspace, &inv, &o.kind).map(|e| (o, e))),
+                // A health transition: the event itself.
+                if let Some(doc) = &o.event {
+                    match serde_json::from_str::<sluice_core::Event>(doc) {
+                        Ok(e) => events.push((o, e)),
+                        Err(e) => tracing::error!(workspace = %o.workspace, id = %o.subject, error = %e, "an outbox event does not parse; it is dropped"),
+                    }
+                    continue;
+                }
+                match self.store.invoice(&o.workspace, &o.subject).await {
+                    Ok(inv) => {
+                        // A void whose period was not reopened (a crash
+                        // between its two steps) is completed first.
+                        if o.kind == INVOICE_VOIDED && inv.status == "void" {
+                            self.reopen(&o.workspace, &inv).await?;
+                        }
+                        events.extend(invoice_event(&o.workspace, &inv, &o.kind).map(|e| (o, e)))
+                    }
                     // Its workspace was deleted: nothing left to tell.
                     Err(StoreError::NotFound) => {}
                     Err(e) => return Err(e.into()),
@@ -784,14 +836,14 @@ impl Billing {
                             Ok(()) => {}
                             Err(NotSent::Later) => return Ok(sent),
                             Err(NotSent::Refused) => tracing::error!(
-                                workspace = %o.workspace, invoice = %o.invoice_id, kind = %o.kind,
-                                "the log refuses this invoice event (an enforced property schema of the workspace?); it is dropped from the outbox"
+                                workspace = %o.workspace, subject = %o.subject, kind = %o.kind,
+                                "the log refuses this event (an enforced property schema of the workspace?); it is dropped from the outbox"
                             ),
                         }
                     }
                 }
             }
-            self.store.delete_billing_outbox(&rows).await?;
+            self.store.delete_event_outbox(&rows).await?;
             sent += rows.len();
             if rows.len() < PAGE {
                 return Ok(sent);
@@ -815,15 +867,18 @@ fn due_periods(ws: &Ws, row: &SubscriptionRow, mut sub: Subscription, o: &BillOp
         b = p.end;
     }
     if o.early && periods.len() < MAX_PERIODS {
-        let cut = bucket_floor(o.until);
+        // The end of the current usage bucket: a period that ends there
+        // anyway (its cycle end is minutes away) is billed whole.
+        let cut = bucket_ceil(o.until);
         if let Some(p) = sub.period_from(&cycle, b) {
-            if cut > p.start && cut < p.end {
-                if !sub.cuts.contains(&cut) {
-                    sub.cuts.push(cut);
+            if cut > p.start {
+                let end = cut.min(p.end);
+                if end < p.end && !sub.cuts.contains(&end) {
+                    sub.cuts.push(end);
                     sub.cuts.sort();
                 }
-                periods.push(Period { start: p.start, end: cut });
-                b = cut;
+                periods.push(Period { start: p.start, end });
+                b = end;
             }
         }
     }
@@ -897,9 +952,10 @@ fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, p: Period) -> String {
     };
     let t = |t: DateTime<Utc>| bucket_floor(t).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     format!(
-        "SELECT {value} AS quantity FROM usage WHERE meter = '{}' AND customer_id = '{}' AND {subs} AND period_start >= '{}' AND period_start < '{}'",
+        "SELECT {value} AS quantity FROM usage WHERE meter = '{}' AND ((customer_id = '{}' AND {subs}) OR (customer_id IS NULL AND subscription_id = '{}')) AND period_start >= '{}' AND period_start < '{}'",
         q(&m.key),
         q(&sub.customer_id),
+        q(&sub.id),
         t(p.start),
         t(p.end)
     )

@@ -115,11 +115,11 @@ impl EventSink for IngestSink {
         match self.0.submit_waiting(events).await {
             Ok(_) => Ok(()),
             Err(e @ (IngestError::Invalid(_) | IngestError::TooLarge { .. })) => {
-                tracing::error!(error = %e, events = n, "the log refuses billing events");
+                tracing::error!(error = %e, events = n, "the log refuses these events (billing's or health transitions)");
                 Err(NotSent::Refused)
             }
             Err(e) => {
-                tracing::error!(error = %e, events = n, "could not write billing events to the log; the outbox keeps them for the next try");
+                tracing::error!(error = %e, events = n, "could not write events to the log; the outbox keeps them for the next try");
                 Err(NotSent::Later)
             }
         }

@@ -73,7 +73,8 @@ pub struct RunPayload {
     /// Bill periods ending at or before this (fixed when the run was made,
     /// so a retry bills the same periods).
     pub until: DateTime<Utc>,
-    /// `until: "now"`: bill the current period early, up to `until`.
+    /// `until: "now"`: bill the current period early, up to the end of
+    /// `until`'s 15-minute usage bucket.
     #[serde(default)]
     pub early: bool,
     /// Started by auto-billing.
@@ -284,18 +285,37 @@ impl JobHandler for BillingRun {
     }
 }
 
+/// The `[billing]` section of the server's configuration (the binary's
+/// `defaults.toml` documents it; a test checks it agrees with [`Default`]).
+/// The per-workspace billing settings are not configuration
+/// ([`crate::BillingSettings`]).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoBillingSettings {
+    /// How often auto-billing (and the outbox relay) runs; at least 100 ms.
+    /// Default 60 s.
+    #[serde(with = "sluice_core::duration")]
+    pub auto_interval: Duration,
+}
+
+impl Default for AutoBillingSettings {
+    fn default() -> Self {
+        AutoBillingSettings { auto_interval: Duration::from_secs(60) }
+    }
+}
+
 /// Auto-billing (and the billing outbox's relay): every `every`, each workspace with `auto_billing` on gets
 /// a run of its due subscriptions (unless one is already queued or
 /// running), finalizing at once without a grace period; drafts whose grace
 /// period has passed are finalized.
 pub async fn auto_billing(billing: Billing, wake: Arc<dyn Fn() + Send + Sync>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        // Invoice events a crash or a failed send left in the outbox: first
-        // at start, then with every pass.
+        // Events a crash or a failed send left in the outbox (invoices',
+        // health transitions'): first at start, then with every pass.
         match billing.relay_outbox().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(events = n, "sent billing events left in the outbox"),
-            Err(e) => tracing::warn!(error = %e, "could not send the billing events left in the outbox; trying again later"),
+            Ok(n) => tracing::info!(events = n, "sent events left in the outbox"),
+            Err(e) => tracing::warn!(error = %e, "could not send the events left in the outbox; trying again later"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

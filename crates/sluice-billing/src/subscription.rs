@@ -172,11 +172,42 @@ impl Subscription {
     }
 }
 
-/// Rounds `t` down to the start of its 15-minute usage bucket: early bills
-/// and plan changes cut there, so every event's usage lies wholly on one
-/// side of the cut.
+/// Rounds `t` down to the start of its 15-minute usage bucket: plan changes
+/// cut there, so every event's usage lies wholly on one side of the cut.
 pub fn bucket_floor(t: DateTime<Utc>) -> DateTime<Utc> {
     let us = t.timestamp_micros();
     let q = 15 * 60 * 1_000_000;
     DateTime::from_timestamp_micros(us - us.rem_euclid(q)).unwrap_or(t)
+}
+
+/// Rounds `t` up to the end of its 15-minute usage bucket (`t` itself on a
+/// boundary). An early bill ("until": "now") cuts there: the usage sent so
+/// far, which lies in buckets that started before now, is on the invoice
+/// it asks for, and a subscription started minutes ago gets one too.
+pub fn bucket_ceil(t: DateTime<Utc>) -> DateTime<Utc> {
+    let f = bucket_floor(t);
+    if f == t {
+        t
+    } else {
+        f + chrono::Duration::minutes(15)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn usage_bucket_bounds_round_to_quarter_hours() {
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(bucket_floor(t("2026-12-07T10:04:59.999999Z")), t("2026-12-07T10:00:00Z"));
+        assert_eq!(bucket_ceil(t("2026-12-07T10:04:59.999999Z")), t("2026-12-07T10:15:00Z"));
+        assert_eq!(bucket_ceil(t("2026-12-07T10:00:00.000001Z")), t("2026-12-07T10:15:00Z"));
+        // On a boundary both are the time itself.
+        assert_eq!(bucket_floor(t("2026-12-07T10:15:00Z")), t("2026-12-07T10:15:00Z"));
+        assert_eq!(bucket_ceil(t("2026-12-07T10:15:00Z")), t("2026-12-07T10:15:00Z"));
+        // Before 1970 too (rem_euclid).
+        assert_eq!(bucket_ceil(t("1969-12-31T23:50:00Z")), t("1970-01-01T00:00:00Z"));
+    }
 }

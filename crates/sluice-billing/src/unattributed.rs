@@ -1,7 +1,8 @@
 //! The report of usage that no invoice bills (`GET /v1/billing/unattributed-usage`).
 //!
-//! Usage counts for a subscription when its event names the subscription,
-//! or names only the customer while exactly one of the customer's
+//! Usage counts for a subscription when its event names the subscription
+//! (with its customer, or with no customer), or names only the customer
+//! while exactly one of the customer's
 //! subscriptions charges that meter in the period (docs/billing.md, "Which
 //! usage counts"). Everything else is kept by the meters but billed by no
 //! one, and without this report nobody would notice: usage of a customer
@@ -46,7 +47,8 @@ sluice_core::named_enum! {
         /// It names only the customer, and several of the customer's
         /// subscriptions charge the meter in the period: it must name one.
         SeveralSubscriptions = "several_subscriptions",
-        /// It names a subscription the customer does not have.
+        /// It names a subscription the customer does not have (or, naming
+        /// no customer, one that does not exist).
         UnknownSubscription = "unknown_subscription",
         /// It names a subscription outside the subscription's life.
         OutsideSubscription = "outside_subscription",
@@ -170,10 +172,19 @@ impl Billing {
                 for row in store.subscriptions_of_customers(&ws.name, &ids).await? {
                     subs.entry(row.customer_id.clone()).or_default().push(crate::engine::parse_sub(&row)?);
                 }
+                // Usage naming no customer counts for the subscription it
+                // names, whoever's it is: those subscriptions are its.
+                if let Some((_, rows)) = chunk.iter().find(|(c, _)| c.is_empty()) {
+                    let named: BTreeSet<&str> = rows.iter().map(|r| r.subscription_id.as_str()).filter(|s| !s.is_empty()).collect();
+                    let named: Vec<&str> = named.into_iter().collect();
+                    for row in store.subscriptions_by_ids(&ws.name, &named).await? {
+                        subs.entry(String::new()).or_default().push(crate::engine::parse_sub(&row)?);
+                    }
+                }
                 let mut slow: Vec<&str> = Vec::new();
                 for (c, rows) in chunk {
                     let mine = subs.get(*c).map(Vec::as_slice).unwrap_or_default();
-                    if !self.settled(ws, &mut plans, mine, key, rows).await? {
+                    if c.is_empty() || !self.settled(ws, &mut plans, mine, key, rows).await? {
                         slow.push(c);
                     }
                 }
@@ -280,6 +291,9 @@ impl Billing {
                         }
                     },
                 }
+            } else if customer.is_empty() {
+                // Neither a customer nor a subscription: nobody's.
+                Some((Reason::NoSubscription, None, Vec::new()))
             } else {
                 let mut candidates = Vec::new();
                 let mut counted = false;

@@ -21,8 +21,8 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use sluice_billing::EventSink;
-use sluice_store::{CustomerHealthRow, HealthHistoryRow, Store, StoreError};
+use sluice_billing::{EventSink, NotSent};
+use sluice_store::{CustomerHealthRow, HealthHistoryRow, OutboxRow, Store, StoreError};
 use tokio::sync::Notify;
 
 use crate::config::{HealthConfig, Measure};
@@ -31,6 +31,22 @@ use crate::HealthError;
 
 /// The transition cooldown when neither the configuration nor the server sets one.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(600);
+
+/// The `[health]` section of the server's configuration (the binary's
+/// `defaults.toml` documents it; a test checks it agrees with [`Default`]).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Transition cooldown of health configurations that set none.
+    #[serde(with = "sluice_core::duration")]
+    pub transition_cooldown: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings { transition_cooldown: DEFAULT_COOLDOWN }
+    }
+}
 
 /// Customer health.
 #[derive(Clone)]
@@ -441,13 +457,32 @@ impl Health {
             history.extend(s.1);
             events.extend(s.2);
         }
-        self.store.save_customer_health_many(ws, &saved, &history).await?;
+        // Transitions are written to the outbox with the evaluation that
+        // decided them, then sent: a crash or a full log between the two
+        // loses none (the outbox relay sends what is left; the ids are
+        // stable, so an event sent twice is dropped by the log).
+        let outbox = match &self.events {
+            Some(_) => events
+                .iter()
+                .map(|e| {
+                    let doc = serde_json::to_string(e).map_err(|err| HealthError::Corrupt(format!("a transition event: {err}")))?;
+                    Ok(OutboxRow::of_event(ws, e.event_type.as_str(), e.id.as_str(), doc))
+                })
+                .collect::<Result<Vec<_>, HealthError>>()?,
+            None => Vec::new(),
+        };
+        self.store.save_customer_health_many(ws, &saved, &history, &outbox).await?;
         metrics::counter!("sluice_health_evaluations_total", "cause" => cause.label()).increment(saved.len() as u64);
-        if !events.is_empty() {
-            if let Some(sink) = &self.events {
-                // The sink logs a failure; transitions have no outbox yet
-                // (docs/health.md, "Limits and choices").
-                let _ = sink.emit(events).await;
+        if let (Some(sink), false) = (&self.events, events.is_empty()) {
+            match sink.emit(events).await {
+                Err(NotSent::Later) => {}
+                // Refused (an enforced schema of the workspace?): the sink
+                // logged it; the relay would only be refused again.
+                Ok(()) | Err(NotSent::Refused) => {
+                    if let Err(e) = self.store.delete_event_outbox(&outbox).await {
+                        tracing::warn!(error = %e, "could not clear sent transition events from the outbox; they are sent again (and deduplicated) later");
+                    }
+                }
             }
         }
         Ok(saved.into_iter().map(|r| r.doc).collect())

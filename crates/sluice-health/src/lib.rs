@@ -29,7 +29,7 @@ pub mod jobs;
 pub mod model;
 
 pub use config::HealthConfig;
-pub use engine::Health;
+pub use engine::{Health, HealthSettings};
 
 /// One bad part of a request, by path.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

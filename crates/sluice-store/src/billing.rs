@@ -16,7 +16,7 @@ use crate::{clamp_limit, from_micros, on_pool, to_micros, NewAudit, Page, Result
 /// outbox until it is in the log.
 macro_rules! outbox {
     ($tx:ident, $workspace:expr, $kind:expr, $id:expr, $now:expr) => {
-        sqlx::query("INSERT INTO billing_outbox (workspace, kind, invoice_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+        sqlx::query("INSERT INTO event_outbox (workspace, kind, subject, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
             .bind($workspace)
             .bind($kind)
             .bind($id)
@@ -677,7 +677,7 @@ impl Store {
                 all.iter().filter(|(_, r, _)| r.status == "finalized").map(|(c, r, _)| (c.workspace, r.id.as_str())).collect();
             for chunk in finalized.chunks(INSERT_ROWS) {
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, 'invoice.finalized', ?, ?)");
-                let sql = format!("INSERT INTO billing_outbox (workspace, kind, invoice_id, created_at) VALUES {values} ON CONFLICT DO NOTHING");
+                let sql = format!("INSERT INTO event_outbox (workspace, kind, subject, created_at) VALUES {values} ON CONFLICT DO NOTHING");
                 let mut q = sqlx::query(&sql);
                 for (ws, id) in chunk {
                     q = q.bind(*ws).bind(*id).bind(now);
@@ -689,18 +689,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Events of invoices waiting to be sent (oldest first), written in the
-    /// transaction that finalized or voided the invoice (migration 0018).
-    pub async fn billing_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        let rows: Vec<(String, String, String)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT workspace, kind, invoice_id FROM billing_outbox ORDER BY created_at, workspace, kind, invoice_id LIMIT $1")
+    /// Events waiting to be sent (oldest first), written in the transaction
+    /// that finalized or voided the invoice, or that saved the health
+    /// evaluation which decided a transition (migrations 0018, 0019).
+    pub async fn event_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let rows: Vec<(String, String, String, Option<String>)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT workspace, kind, subject, event FROM event_outbox ORDER BY created_at, workspace, kind, subject LIMIT $1")
             .bind(limit as i64).fetch_all(pool).await)?;
-        Ok(rows.into_iter().map(|(workspace, kind, invoice_id)| OutboxRow { workspace, kind, invoice_id }).collect())
+        Ok(rows.into_iter().map(|(workspace, kind, subject, event)| OutboxRow { workspace, kind, subject, event }).collect())
     }
 
     /// Removes sent events from the outbox (in the write queue, as every
     /// write that may meet a large commit: `write_tx!`).
-    pub async fn delete_billing_outbox(&self, rows: &[OutboxRow]) -> Result<()> {
+    pub async fn delete_event_outbox(&self, rows: &[OutboxRow]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -709,11 +710,11 @@ impl Store {
             for chunk in rows.chunks(300) {
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, ?, ?)");
                 let sql = format!(
-                    "DELETE FROM billing_outbox WHERE (workspace, kind, invoice_id) IN (SELECT column1, column2, column3 FROM (VALUES {values}) AS v)"
+                    "DELETE FROM event_outbox WHERE (workspace, kind, subject) IN (SELECT column1, column2, column3 FROM (VALUES {values}) AS v)"
                 );
                 let mut q = sqlx::query(&sql);
                 for r in chunk {
-                    q = q.bind(&r.workspace).bind(&r.kind).bind(&r.invoice_id);
+                    q = q.bind(&r.workspace).bind(&r.kind).bind(&r.subject);
                 }
                 q.execute(&mut *tx).await?;
             }
@@ -722,15 +723,26 @@ impl Store {
     }
 }
 
-/// An invoice event waiting in the outbox.
+/// An event waiting in the outbox: an invoice's (made from the invoice when
+/// sent) or a health transition (the event itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRow {
-    /// The invoice's workspace.
+    /// The event's workspace.
     pub workspace: String,
-    /// `invoice.finalized` or `invoice.voided`.
+    /// The event type: `invoice.finalized`, `invoice.voided`,
+    /// `customer.stage_changed`, `customer.health_changed`.
     pub kind: String,
-    /// The invoice.
-    pub invoice_id: String,
+    /// The invoice, or the event's id when `event` holds it.
+    pub subject: String,
+    /// The whole event (JSON), for events not made from an invoice.
+    pub event: Option<String>,
+}
+
+impl OutboxRow {
+    /// A row that holds its event.
+    pub fn of_event(workspace: &str, kind: &str, id: &str, event: String) -> OutboxRow {
+        OutboxRow { workspace: workspace.to_owned(), kind: kind.to_owned(), subject: id.to_owned(), event: Some(event) }
+    }
 }
 
 impl Store {

@@ -723,10 +723,17 @@ impl Store {
     }
 
     /// Saves many evaluations and their history rows in one transaction.
-    pub async fn save_customer_health_many(&self, workspace: &str, rows: &[CustomerHealthRow], history: &[HealthHistoryRow]) -> Result<()> {
-        if rows.is_empty() && history.is_empty() {
+    pub async fn save_customer_health_many(
+        &self,
+        workspace: &str,
+        rows: &[CustomerHealthRow],
+        history: &[HealthHistoryRow],
+        outbox: &[crate::OutboxRow],
+    ) -> Result<()> {
+        if rows.is_empty() && history.is_empty() && outbox.is_empty() {
             return Ok(());
         }
+        let now = to_micros(Utc::now());
         // Placeholders as `crate::values_rows` says (anonymous on SQLite).
         let sqlite = matches!(self, Store::Sqlite(_));
         on_pool!(self, pool => {
@@ -778,6 +785,13 @@ impl Store {
                         .bind(&r.band).bind(r.score).bind(r.previous.to_string()).bind(&r.cause).bind(workspace);
                 }
                 q.execute(&mut *tx).await?;
+            }
+            // Transition events, sent after the commit (and deleted then),
+            // or by the outbox relay if the process dies first.
+            for o in outbox {
+                sqlx::query("INSERT INTO event_outbox (workspace, kind, subject, created_at, event) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
+                    .bind(&o.workspace).bind(&o.kind).bind(&o.subject).bind(now).bind(&o.event)
+                    .execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())

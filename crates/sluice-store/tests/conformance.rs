@@ -65,6 +65,7 @@ conformance!(
     health_batch_reads_step_through_customers_and_read_each_type_over_its_window,
     planner_statistics_are_refreshed_only_where_missing_or_stale,
     customer_lists_page_through_every_order_and_filter,
+    health_transitions_enter_the_outbox_with_their_evaluation_and_leave_once_sent,
 );
 
 fn lake_file(path: &str, ws: &str) -> sluice_store::LakeFile {
@@ -744,9 +745,9 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
         older.push(history(i, "a", 10, Some(1.0)));
         newer.push(history(i, "b", 20, (!i.is_multiple_of(7)).then(|| score(i))));
     }
-    store.save_customer_health_many("w", &rows, &older).await.unwrap();
-    store.save_customer_health_many("w", &[], &newer).await.unwrap();
-    store.save_customer_health_many("other", &rows[..1], &[history(0, "z", 99, Some(3.0))]).await.unwrap();
+    store.save_customer_health_many("w", &rows, &older, &[]).await.unwrap();
+    store.save_customer_health_many("w", &[], &newer, &[]).await.unwrap();
+    store.save_customer_health_many("other", &rows[..1], &[history(0, "z", 99, Some(3.0))], &[]).await.unwrap();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
 
     let mut got = store.latest_history_of("w", &refs).await.unwrap();
@@ -793,7 +794,7 @@ async fn latest_history_rows_come_back_exactly(store: Store) {
                 _ => {}
             }
         }
-        store.save_customer_health_many("w", &last, &[]).await.unwrap();
+        store.save_customer_health_many("w", &last, &[], &[]).await.unwrap();
     }
     let mut full = store.customers_health("w", &refs).await.unwrap();
     full.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
@@ -850,8 +851,8 @@ async fn customer_lists_page_through_every_order_and_filter(store: Store) {
             history_score: None,
         })
         .collect();
-    store.save_customer_health_many("w", &rows, &[]).await.unwrap();
-    store.save_customer_health_many("other", &rows[..50], &[]).await.unwrap();
+    store.save_customer_health_many("w", &rows, &[], &[]).await.unwrap();
+    store.save_customer_health_many("other", &rows[..50], &[], &[]).await.unwrap();
 
     // NULL last in each order, then by id.
     let last = |v: Option<f64>, desc: bool| match v {
@@ -1079,4 +1080,23 @@ async fn planner_statistics_are_refreshed_only_where_missing_or_stale(store: Sto
     assert_eq!(analyzed, ["health_events"], "only the table that changed");
     assert!(store.analyze_health_tables().await.unwrap().is_empty(), "analyzed: fresh again");
     assert!(store.analyze_billing_tables().await.unwrap().is_empty(), "billing's tables did not change");
+}
+
+/// A health evaluation's transition events are written to the outbox in the
+/// evaluation's transaction (whole, as JSON), listed oldest first, and gone
+/// once deleted; saving the same event again does not duplicate it.
+async fn health_transitions_enter_the_outbox_with_their_evaluation_and_leave_once_sent(store: Store) {
+    use sluice_store::OutboxRow;
+    assert!(store.event_outbox(10).await.unwrap().is_empty());
+    let a = OutboxRow::of_event("w", "customer.stage_changed", "customer.stage_changed:c1:1", r#"{"id":"customer.stage_changed:c1:1"}"#.into());
+    let b = OutboxRow::of_event("w", "customer.health_changed", "customer.health_changed:c2:2", r#"{"id":"customer.health_changed:c2:2","n":"日本"}"#.into());
+    store.save_customer_health_many("w", &[], &[], std::slice::from_ref(&a)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    store.save_customer_health_many("w", &[], &[], &[b.clone(), a.clone()]).await.unwrap();
+    assert_eq!(store.event_outbox(10).await.unwrap(), vec![a.clone(), b.clone()]);
+    assert_eq!(store.event_outbox(1).await.unwrap(), vec![a.clone()]);
+    store.delete_event_outbox(std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!(store.event_outbox(10).await.unwrap(), vec![b.clone()]);
+    store.delete_event_outbox(&[b]).await.unwrap();
+    assert!(store.event_outbox(10).await.unwrap().is_empty());
 }

@@ -55,12 +55,15 @@ async fn metered(s: &Server) {
     }
 }
 
-/// Usage events: (customer, subscription or "", meter, quantity, time).
+/// Usage events: (customer or "", subscription or "", meter, quantity, time).
 async fn usage(api: &Api, events: &[(&str, &str, &str, &str, &str)]) {
     let body: Vec<Value> = events
         .iter()
         .map(|(c, s, m, n, t)| {
-            let mut e = json!({"id": crate::helpers::uuid_like(), "type": m, "customer_id": c, "timestamp": t, "properties": {"n": n}});
+            let mut e = json!({"id": crate::helpers::uuid_like(), "type": m, "timestamp": t, "properties": {"n": n}});
+            if !c.is_empty() {
+                e["customer_id"] = json!(c);
+            }
             if !s.is_empty() {
                 e["subscription_id"] = json!(s);
             }
@@ -77,6 +80,26 @@ async fn run(api: &Api, body: Value) -> Value {
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "succeeded", "{v}");
     v
+}
+
+/// Voids invoice `id` of `ws` in the state store directly, with the server
+/// stopped (`kill -9`): the first step of a void (the status and its outbox
+/// row, one transaction) committed, and nothing after it. Restarts the
+/// server; its new address is in `s.url`.
+async fn void_then_crash(s: &mut Server, ws: &str, id: &str) {
+    s.kill9();
+    let store = sluice_store::Store::connect(&s.state_url()).await.unwrap();
+    let audit = sluice_store::NewAudit {
+        workspace: ws.into(),
+        actor_key_id: None,
+        action: "invoice.void".into(),
+        target_type: "invoice".into(),
+        target_id: id.into(),
+        details: json!({}),
+    };
+    store.set_invoice_status(ws, id, &["draft", "finalized"], "void", &audit).await.unwrap();
+    store.close().await;
+    s.restart();
 }
 
 async fn invoices(api: &Api, q: &str) -> Vec<Value> {
@@ -639,7 +662,7 @@ async fn late_usage_updates_the_draft_then_lands_once_on_the_next_invoice_and_ea
     let early_count = inv.len();
     assert!(early["early"] == true && early_count >= 1, "{early}");
     assert_eq!(inv.last().unwrap()["early"], true, "{inv:?}");
-    // Usage after the cut (the cut is the start of the current 15-minute bucket).
+    // Usage after the cut (the end of the current 15-minute usage bucket).
     let cut = inv.last().unwrap()["period_end"].as_str().unwrap().to_owned();
     usage(&api, &[("n", "now", "lunch_boxes", "3", &cut)]).await;
     metered(&s).await;
@@ -655,6 +678,43 @@ async fn late_usage_updates_the_draft_then_lands_once_on_the_next_invoice_and_ea
         .map(|l| l["quantity"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
         .sum();
     assert_eq!(units, rust_decimal::Decimal::from(5), "{inv:?}");
+
+    // A subscription started a minute ago, its usage sent just now: the
+    // early bill ends at the end of the current 15-minute usage bucket, so
+    // that usage is on it; usage still arriving in that bucket after the
+    // bill is on the next invoice once, as late usage naming the early period.
+    let minute_ago = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    let (st, sub) = api.post("/v1/subscriptions", json!({"id": "young", "customer_id": "y", "plan": "pay", "start": minute_ago})).await;
+    assert_eq!(st, StatusCode::CREATED, "{sub}");
+    let end = sub["current_period_end"].as_str().unwrap().to_owned();
+    usage(&api, &[("y", "young", "lunch_boxes", "4", &chrono::Utc::now().to_rfc3339())]).await;
+    metered(&s).await;
+    let asked = chrono::Utc::now();
+    let r = run(&api, json!({"subscription_ids": ["young"], "until": "now"})).await;
+    assert_eq!(r["invoices_created"], json!(1), "{r}");
+    let inv = invoices(&api, "&subscription_id=young").await;
+    assert_eq!(
+        (inv.len(), inv[0]["early"].clone(), line(&inv[0], "lunch_boxes")["quantity"].clone(), inv[0]["status"].clone()),
+        (1, json!(true), json!("4"), json!("finalized")),
+        "an early invoice is final at once (no grace period here): {inv:?}"
+    );
+    let cut = inv[0]["period_end"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert!(cut > asked - chrono::Duration::seconds(1) && cut <= asked + chrono::Duration::minutes(16) && cut.timestamp() % 900 == 0, "cut {cut}, asked {asked}");
+    let sent_at = chrono::Utc::now();
+    usage(&api, &[("y", "young", "lunch_boxes", "6", &sent_at.to_rfc3339())]).await;
+    metered(&s).await;
+    run(&api, json!({"subscription_ids": ["young"], "until": end})).await;
+    let inv = invoices(&api, "&subscription_id=young").await;
+    assert_eq!(inv.len(), 2, "{inv:?}");
+    let lines: Vec<&Value> = inv.iter().flat_map(|i| i["lines"].as_array().unwrap()).filter(|l| l["meter"] == "lunch_boxes").collect();
+    let units: rust_decimal::Decimal = lines.iter().map(|l| l["quantity"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap()).sum();
+    assert_eq!(units, rust_decimal::Decimal::from(10), "{inv:?}");
+    if sent_at < cut {
+        // The usage sent after the bill fell in the early period: billed on
+        // the next invoice, on a line naming that period.
+        let late = inv[1]["lines"].as_array().unwrap().iter().find(|l| l["meter"] == "lunch_boxes" && l["quantity"] == "6");
+        assert!(late.is_some_and(|l| l["period_end"] == inv[0]["period_end"]), "{}", inv[1]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -910,6 +970,9 @@ async fn usage_no_subscription_bills_is_reported_by_reason_and_with_what_is_bill
         ("four", "ghost", "8", jan),                      // unknown_subscription
         ("four", "", "9", jan),                           // no_subscription
         ("one", "t1", "10", "2024-01-16T10:00:00+09:00"), // another customer's: unknown_subscription
+        ("", "s1", "11", jan),                            // names s1 and no customer: billed by s1
+        ("", "ghost", "12", jan),                         // no customer, no such subscription: unknown_subscription
+        ("", "", "13", jan),                              // names nobody: no_subscription
     ];
     let events: Vec<(&str, &str, &str, &str, &str)> = sent.iter().map(|(c, s, n, t)| (*c, *s, "lunch_boxes", *n, *t)).collect();
     usage(&api, &events).await;
@@ -939,6 +1002,8 @@ async fn usage_no_subscription_bills_is_reported_by_reason_and_with_what_is_bill
         })
         .collect();
     let want: Vec<(String, String, String, String)> = [
+        ("", "no_subscription", "", "13"),
+        ("", "unknown_subscription", "ghost", "12"),
         ("four", "no_subscription", "", "9"),
         ("four", "unknown_subscription", "ghost", "8"),
         ("one", "no_subscription", "", "1"),
@@ -951,7 +1016,7 @@ async fn usage_no_subscription_bills_is_reported_by_reason_and_with_what_is_bill
     .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string()))
     .collect();
     assert_eq!(rows, want, "{report}");
-    let one = &report["data"][2];
+    let one = &report["data"][4];
     assert_eq!(
         (one["from"].as_str(), one["to"].as_str(), &one["buckets"], &one["events"]),
         (Some("2023-12-20T01:00:00Z"), Some("2023-12-20T01:15:00Z"), &json!(1), &json!(1))
@@ -968,14 +1033,21 @@ async fn usage_no_subscription_bills_is_reported_by_reason_and_with_what_is_bill
         .sum();
     let reported: rust_decimal::Decimal = rows.iter().map(|r| r.3.parse::<rust_decimal::Decimal>().unwrap()).sum();
     let all: rust_decimal::Decimal = sent.iter().map(|r| r.2.parse::<rust_decimal::Decimal>().unwrap()).sum();
-    assert_eq!((billed, billed + reported), (10.into(), all), "billed {billed}, reported {reported}");
+    assert_eq!((billed, billed + reported), (21.into(), all), "billed {billed}, reported {reported}");
+    // s1's line counts the usage that names it without a customer, and its
+    // SQL reproduces that.
+    let s1 = invoices(&api, "&subscription_id=s1").await;
+    assert_eq!(line(&s1[0], "lunch_boxes")["quantity"], "16", "{}", s1[0]);
+    let (st, q) = api.post("/v1/sql", json!({"query": line(&s1[0], "lunch_boxes")["sql"]})).await;
+    assert_eq!(st, StatusCode::OK, "{q}");
+    assert_eq!(q["data"][0]["quantity"].to_string().trim_matches('"').parse::<rust_decimal::Decimal>().unwrap(), 16.into(), "{q}");
 
     // Narrowed by customer and time; bad input named.
     let (_, two) = api.get("/v1/billing/unattributed-usage?customer_id=two").await;
     assert_eq!(two["data"].as_array().unwrap().len(), 1, "{two}");
     let (_, jan_only) = api.get("/v1/billing/unattributed-usage?from=2024-01-01T00:00:00%2B09:00&to=2024-02-01T00:00:00%2B09:00").await;
     assert!(jan_only["data"].as_array().unwrap().iter().all(|r| r["customer_id"] != "one" || r["reason"] != "no_subscription"), "{jan_only}");
-    assert_eq!(jan_only["data"].as_array().unwrap().len(), 6, "{jan_only}");
+    assert_eq!(jan_only["data"].as_array().unwrap().len(), 8, "{jan_only}");
     let (st, bad) = api.get("/v1/billing/unattributed-usage?from=yesterday").await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
     assert!(bad.to_string().contains("from"), "{bad}");
@@ -1114,4 +1186,89 @@ async fn free_units_flat_prices_minimums_and_the_three_tax_roundings_against_han
     assert_eq!(one(api.clone(), "s-z").await["total"], "550");
     let r = run(&api, json!({"filter": {"customer_ids": ["a", "z"]}, "until": until})).await;
     assert_eq!((r["subscriptions_total"].clone(), r["invoices_created"].clone()), (json!(2), json!(0)), "billed already: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_cut_off_by_a_crash_before_its_period_reopened_is_completed_at_restart() {
+    let mut s = Server::start().await;
+    let ws = "bill-void-crash";
+    let api = tokyo(&s, ws).await;
+    let plan = json!({"code": "p", "name": "P", "currency": "JPY", "interval": "month", "fixed_fees": [{"name": "Fee", "amount": "1000", "tax_rate": "0.10"}]});
+    assert_eq!(api.post("/v1/plans", plan).await.0, StatusCode::CREATED);
+    let start = "2024-01-01T00:00:00+09:00";
+    assert_eq!(api.post("/v1/subscriptions", json!({"id": "s", "customer_id": "c", "plan": "p", "start": start})).await.0, StatusCode::CREATED);
+    let until = "2024-02-01T00:00:00+09:00";
+    let r = run(&api, json!({"subscription_ids": ["s"], "until": until})).await;
+    let id = r["invoice_ids"][0].as_str().unwrap().to_owned();
+    // The void's first step committed, then the process died before the
+    // second (the period opened again on the subscription).
+    void_then_crash(&mut s, ws, &id).await;
+    let api = Api { base: s.url.clone(), ..api };
+    // The outbox relay at start opens the period before it sends
+    // invoice.voided; a run then bills it again, once, naming the void.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, sub) = api.get("/v1/subscriptions/s").await;
+        let voided = api.all_events("&type=invoice.voided").await;
+        let reopened = sub["billed_until"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap()
+            == start.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        if reopened && voided.iter().any(|e| e["properties"]["invoice_id"] == json!(id)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reopened or no invoice.voided: {sub} {voided:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = run(&api, json!({"subscription_ids": ["s"], "until": until})).await;
+    assert_eq!(r["invoices_created"], json!(1), "{r}");
+    let all = invoices(&api, "&subscription_id=s").await;
+    let seen: Vec<(Value, Value)> = all.iter().map(|i| (i["status"].clone(), i["replaces"].clone())).collect();
+    assert_eq!(seen, vec![(json!("void"), Value::Null), (json!("finalized"), json!(id))], "{all:?}");
+    // Restarting again changes nothing: the period is billed once.
+    s.restart();
+    let api = Api { base: s.url.clone(), ..api };
+    let r = run(&api, json!({"subscription_ids": ["s"], "until": until})).await;
+    assert_eq!(r["invoices_created"], json!(0), "{r}");
+}
+
+/// An invoice event the log refuses (here: the workspace enforces a schema
+/// that `invoice.finalized` does not meet) fails nothing: the run succeeds,
+/// the event waits in the outbox, and the relay drops it, logged, without
+/// holding up another workspace's events queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_event_the_log_refuses_is_dropped_and_holds_up_no_other_workspaces_events() {
+    let mut s = Server::start().await;
+    let (a, b) = (tokyo(&s, "bill-refused").await, tokyo(&s, "bill-behind").await);
+    let (st, v) = a.send(a.req(reqwest::Method::PUT, "/v1/schemas/invoice.finalized").json(&json!({"properties": {"total": "int64"}, "enforce": true}))).await;
+    assert!(st.is_success(), "{v}");
+    let plan = json!({"code": "p", "name": "P", "currency": "JPY", "interval": "month", "fixed_fees": [{"name": "Fee", "amount": "1000", "tax_rate": "0.10"}]});
+    let until = "2024-02-01T00:00:00+09:00";
+    let mut ids = Vec::new();
+    for api in [&a, &b] {
+        assert_eq!(api.post("/v1/plans", plan.clone()).await.0, StatusCode::CREATED);
+        let sub = json!({"id": "s", "customer_id": "c", "plan": "p", "start": "2024-01-01T00:00:00+09:00"});
+        assert_eq!(api.post("/v1/subscriptions", sub).await.0, StatusCode::CREATED);
+        let r = run(api, json!({"subscription_ids": ["s"], "until": until})).await;
+        assert_eq!(r["invoices_created"], json!(1), "{r}");
+        ids.push(r["invoice_ids"][0].as_str().unwrap().to_owned());
+    }
+    let (_, inv) = a.get(&format!("/v1/invoices/{}", ids[0])).await;
+    assert_eq!(inv["status"], "finalized", "the refused event changes nothing: {inv}");
+    // bill-behind's void lands in the outbox after bill-refused's refused
+    // event (the process dies before sending it), so the relay at the next
+    // start reads both in one page.
+    void_then_crash(&mut s, "bill-behind", &ids[1]).await;
+    let b = Api { base: s.url.clone(), ..b };
+    let a = Api { base: s.url.clone(), ..a };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let voided = b.all_events("&type=invoice.voided").await;
+        if voided.iter().any(|e| e["properties"]["invoice_id"] == json!(ids[1])) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bill-behind's invoice.voided never reached the log: {voided:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.all_events("&type=invoice.finalized").await.is_empty(), "the refused event is not in the log");
+    let logged = s.stderr.lock().unwrap().iter().any(|l| l.contains("dropped from the outbox") && l.contains(&ids[0]));
+    assert!(logged, "the drop is logged naming the invoice: {:?}", s.stderr.lock().unwrap());
 }

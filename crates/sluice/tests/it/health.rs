@@ -852,3 +852,40 @@ async fn usage_vs_entitlement_over_an_attribute_and_over_the_plans_included_unit
     let before = health_at(&api, "sc", start - Dur::seconds(1)).await;
     assert!(measure(&before, "by_plan")["value"].is_null(), "{before}");
 }
+
+/// A transition event that a crash (or a full log) left in the outbox,
+/// written with the evaluation that decided it, enters the log once when
+/// the server starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_left_in_the_outbox_by_a_crash_enters_the_log_once_at_restart() {
+    let mut s = Server::start().await;
+    let ws = "h-outbox";
+    let api = tokyo(&s, ws).await;
+    s.kill9();
+    let id = "customer.stage_changed:acme:1796637600000000";
+    let event = json!({"workspace": ws, "id": id, "type": "customer.stage_changed", "timestamp": "2026-12-07T10:00:00Z",
+        "received_at": "2026-12-07T10:00:00Z", "customer_id": "acme",
+        "properties": {"customer_id": "acme", "from": "onboarding", "to": "adoption", "config_version": 1}, "context": {}});
+    let store = sluice_store::Store::connect(&s.state_url()).await.unwrap();
+    let row = sluice_store::OutboxRow::of_event(ws, "customer.stage_changed", id, event.to_string());
+    store.save_customer_health_many(ws, &[], &[], &[row]).await.unwrap();
+    store.close().await;
+    s.restart();
+    let api = Api { base: s.url.clone(), ..api };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let got = api.all_events("&type=customer.stage_changed").await;
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "the outbox's transition never reached the log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0]["id"].clone(), seen[0]["customer_id"].clone(), seen[0]["properties"]["to"].clone()), (json!(id), json!("acme"), json!("adoption")));
+    // Sent, it left the outbox: another start sends nothing more.
+    s.restart();
+    let api = Api { base: s.url.clone(), ..api };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(api.all_events("&type=customer.stage_changed").await.len(), 1);
+}

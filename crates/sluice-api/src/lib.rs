@@ -26,7 +26,7 @@ use utoipa::OpenApi;
 
 pub use error::ApiError;
 pub use server::HttpSettings;
-pub use state::{ApiLimits, AppState, WebhookSettings, WorkspaceLimits};
+pub use state::{ApiLimits, AppState, DashboardSettings, MetricsSettings, WebhookSettings, WorkspaceLimits};
 
 #[derive(OpenApi)]
 #[openapi(

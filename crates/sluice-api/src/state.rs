@@ -33,6 +33,48 @@ pub struct ApiLimits {
     pub workspace: WorkspaceLimits,
 }
 
+impl ApiLimits {
+    /// The HTTP edge's limits from the `[ingest]` and `[limits]` sections.
+    pub fn new(ingest: &sluice_ingest::IngestSettings, workspace: WorkspaceLimits) -> ApiLimits {
+        ApiLimits {
+            max_body_bytes: ingest.max_body_bytes,
+            max_event_bytes: ingest.max_event_bytes,
+            max_events: ingest.max_events,
+            max_buffered_body_bytes: ingest.max_buffered_body_bytes,
+            segment_max_message_bytes: ingest.segment_max_message_bytes,
+            segment_max_batch_bytes: ingest.segment_max_batch_bytes,
+            workspace,
+        }
+    }
+}
+
+/// The `[dashboard]` section of the server's configuration (the binary's
+/// `defaults.toml` documents it; a test checks it agrees with [`Default`]).
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardSettings {
+    /// How long a dashboard session lasts (at least 1 s). Default 12 h.
+    #[serde(with = "sluice_core::duration")]
+    pub session_ttl: std::time::Duration,
+    /// How often the overview samples each workspace (at least 100 ms). Default 10 s.
+    #[serde(with = "sluice_core::duration")]
+    pub overview_interval: std::time::Duration,
+}
+
+impl Default for DashboardSettings {
+    fn default() -> Self {
+        DashboardSettings { session_ttl: DEFAULT_SESSION_TTL, overview_interval: std::time::Duration::from_secs(10) }
+    }
+}
+
+/// The `[metrics]` section of the server's configuration.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// `GET /metrics` asks for a key (any scope). Default false.
+    pub require_key: bool,
+}
+
 /// Most configuration objects per workspace: the `[limits]` section of the
 /// configuration (defaults in the binary's `defaults.toml`).
 #[derive(Debug, Clone, Copy, serde::Deserialize)]

@@ -15,6 +15,6 @@ pub mod schemas;
 pub mod segment;
 
 pub use formats::{parse_body, BodyFormat, FieldError, IngestLimits, ParseError, TimeError};
-pub use pipeline::{IngestError, Ingestor, IngestorConfig, Outcome};
+pub use pipeline::{IngestError, IngestSettings, Ingestor, IngestorConfig, Outcome};
 pub use read::{get_event, latest_cursor, list_events, EventFilter, EventPage, ReadError};
 pub use schemas::{PropertyType, Schemas, TypeSchema};

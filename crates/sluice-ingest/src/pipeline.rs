@@ -63,6 +63,55 @@ pub struct IngestorConfig {
     pub dedup_sweep_interval: Duration,
 }
 
+/// The `[ingest]` section of the server's configuration (the binary's
+/// `defaults.toml` documents each key; a test checks it agrees with
+/// [`Default`]): the pipeline's settings and the HTTP edge's limits.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Largest request body, compressed or decompressed. Default 16 MiB.
+    pub max_body_bytes: usize,
+    /// Largest single event. Default 1 MiB.
+    pub max_event_bytes: usize,
+    /// Most events in one request. Default 10,000.
+    pub max_events: usize,
+    /// Request bodies buffered at once over all requests; above it ingest
+    /// answers 503. At least twice `max_body_bytes`. Default 512 MiB.
+    pub max_buffered_body_bytes: usize,
+    /// [`IngestorConfig::max_inflight_bytes`]. Default 256 MiB.
+    pub max_inflight_bytes: usize,
+    /// [`IngestorConfig::dedup_window`]. Default 35 days.
+    #[serde(with = "sluice_core::duration")]
+    pub dedup_window: Duration,
+    /// Segment-compatible endpoints: largest message. Default 32 KiB.
+    pub segment_max_message_bytes: usize,
+    /// Segment-compatible endpoints: largest request. Default 500 KB.
+    pub segment_max_batch_bytes: usize,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        let pipeline = IngestorConfig::default();
+        IngestSettings {
+            max_body_bytes: 16 << 20,
+            max_event_bytes: 1 << 20,
+            max_events: 10_000,
+            max_buffered_body_bytes: 512 << 20,
+            max_inflight_bytes: pipeline.max_inflight_bytes,
+            dedup_window: pipeline.dedup_window,
+            segment_max_message_bytes: 32 << 10,
+            segment_max_batch_bytes: 512_000,
+        }
+    }
+}
+
+impl IngestSettings {
+    /// The pipeline's configuration (the rest at its defaults).
+    pub fn ingestor_config(&self) -> IngestorConfig {
+        IngestorConfig { max_inflight_bytes: self.max_inflight_bytes, dedup_window: self.dedup_window, ..IngestorConfig::default() }
+    }
+}
+
 impl Default for IngestorConfig {
     fn default() -> Self {
         IngestorConfig {

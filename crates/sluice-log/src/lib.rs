@@ -113,6 +113,54 @@ impl LogConfig {
     }
 }
 
+/// The `[log]` section of the server's configuration (the binary's
+/// `defaults.toml` documents each key; a test checks it agrees with
+/// [`Default`]).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `file://PATH`; empty: `<data_dir>/log`.
+    pub url: String,
+    /// Partitions (fixed once the log exists). Default 4.
+    pub partitions: u32,
+    /// Segment size ([`LogConfig::segment_bytes`]). Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Sealed segments older than this are deleted; zero keeps them. Default 90 days.
+    #[serde(with = "sluice_core::duration")]
+    pub retention_max_age: Duration,
+    /// Per partition, the oldest sealed segments are deleted above this; 0: no limit.
+    pub retention_max_bytes: u64,
+    /// How often retention runs. Default 1 minute.
+    #[serde(with = "sluice_core::duration")]
+    pub retention_interval: Duration,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            url: String::new(),
+            partitions: 4,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            retention_max_age: Duration::from_secs(90 * 24 * 3600),
+            retention_max_bytes: 0,
+            retention_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl LogSettings {
+    /// The log's configuration in `dir` (the directory `url` names).
+    pub fn log_config(&self, dir: PathBuf) -> LogConfig {
+        LogConfig {
+            dir,
+            partitions: self.partitions,
+            segment_bytes: self.segment_bytes,
+            retention_max_age: (!self.retention_max_age.is_zero()).then_some(self.retention_max_age),
+            retention_max_bytes: (self.retention_max_bytes > 0).then_some(self.retention_max_bytes),
+        }
+    }
+}
+
 /// What [`EmbeddedLog::open`] repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {

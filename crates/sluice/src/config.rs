@@ -6,12 +6,19 @@
 //! an error in a file, and every key in it can be set from the environment
 //! by its upper-cased path (`ingest.max_events` -> `SLUICE_INGEST_MAX_EVENTS`).
 //!
-//! A component whose settings are one section owns that section's type
-//! (`[http]`: `sluice_api::HttpSettings`, `[limits]`:
-//! `sluice_api::WorkspaceLimits`, `[sql]`: `sluice_lake::sql::SqlLimits`),
-//! deserialized here straight from the merged layers; the defaults stay in
-//! the one commented `defaults.toml` (a test checks that they equal each
-//! component's `Default`).
+//! Each section is owned by its component, which declares its type
+//! (`[log]`: `sluice_log::LogSettings`, `[ingest]`:
+//! `sluice_ingest::IngestSettings`, `[lake]`: `sluice_lake::LakeSettings`,
+//! `[sql]`: `sluice_lake::sql::SqlLimits`, `[http]`:
+//! `sluice_api::HttpSettings`, `[limits]`: `sluice_api::WorkspaceLimits`,
+//! `[metrics]`/`[dashboard]`: `sluice_api::{MetricsSettings,
+//! DashboardSettings}`, `[billing]`:
+//! `sluice_billing::run::AutoBillingSettings`, `[health]`:
+//! `sluice_health::HealthSettings`), deserialized here straight from the
+//! merged layers and turned into the component's runtime configuration by
+//! the component; the defaults stay in the one commented `defaults.toml` (a
+//! test checks that they equal each component's `Default`). Only the
+//! top-level keys are the binary's own.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -42,97 +49,16 @@ pub struct Config {
     #[serde(with = "sluice_core::duration")]
     pub webhook_timeout: Duration,
     pub webhook_allow_private: bool,
-    pub log: LogSection,
-    pub ingest: IngestSection,
-    pub lake: LakeSection,
+    pub log: sluice_log::LogSettings,
+    pub ingest: sluice_ingest::IngestSettings,
+    pub lake: sluice_lake::LakeSettings,
     pub sql: sluice_lake::sql::SqlLimits,
     pub http: sluice_api::HttpSettings,
     pub limits: sluice_api::WorkspaceLimits,
-    pub metrics: MetricsSection,
-    pub dashboard: DashboardSection,
-    pub billing: BillingSection,
-    pub health: HealthSection,
-}
-
-/// `[health]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthSection {
-    /// Transition cooldown of health configurations that do not set one.
-    #[serde(with = "sluice_core::duration")]
-    pub transition_cooldown: Duration,
-}
-
-/// `[billing]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BillingSection {
-    /// How often auto-billing looks for subscriptions whose period ended.
-    #[serde(with = "sluice_core::duration")]
-    pub auto_interval: Duration,
-}
-
-/// `[dashboard]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DashboardSection {
-    #[serde(with = "sluice_core::duration")]
-    pub session_ttl: Duration,
-    /// How often the overview samples each workspace's activity.
-    #[serde(with = "sluice_core::duration")]
-    pub overview_interval: Duration,
-}
-
-/// `[metrics]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    pub require_key: bool,
-}
-
-/// `[lake]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LakeSection {
-    pub url: String,
-    #[serde(with = "sluice_core::duration")]
-    pub flush_interval: Duration,
-    pub flush_bytes: usize,
-    pub row_group_rows: usize,
-    pub target_file_bytes: u64,
-    #[serde(with = "sluice_core::duration")]
-    pub compact_interval: Duration,
-    #[serde(with = "sluice_core::duration")]
-    pub compact_after: Duration,
-}
-
-/// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogSection {
-    pub url: String,
-    pub partitions: u32,
-    pub segment_bytes: u64,
-    #[serde(with = "sluice_core::duration")]
-    pub retention_max_age: Duration,
-    pub retention_max_bytes: u64,
-    #[serde(with = "sluice_core::duration")]
-    pub retention_interval: Duration,
-}
-
-/// `[ingest]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IngestSection {
-    pub max_body_bytes: usize,
-    pub max_event_bytes: usize,
-    pub max_events: usize,
-    pub max_buffered_body_bytes: usize,
-    pub max_inflight_bytes: usize,
-    #[serde(with = "sluice_core::duration")]
-    pub dedup_window: Duration,
-    pub segment_max_message_bytes: usize,
-    pub segment_max_batch_bytes: usize,
+    pub metrics: sluice_api::MetricsSettings,
+    pub dashboard: sluice_api::DashboardSettings,
+    pub billing: sluice_billing::run::AutoBillingSettings,
+    pub health: sluice_health::HealthSettings,
 }
 
 /// A string that may hold a password: printed with the password hidden.
@@ -371,6 +297,30 @@ mod tests {
             (c.sql.timeout, c.sql.max_rows, c.sql.max_bytes, c.sql.memory, c.sql.max_tail_events, c.sql.max_live_rows),
             (sql.timeout, sql.max_rows, sql.max_bytes, sql.memory, sql.max_tail_events, sql.max_live_rows)
         );
+        // (`log.url` is derived from `data_dir` when empty.)
+        let log = sluice_log::LogSettings::default();
+        assert_eq!(
+            (c.log.partitions, c.log.segment_bytes, c.log.retention_max_age, c.log.retention_max_bytes, c.log.retention_interval),
+            (log.partitions, log.segment_bytes, log.retention_max_age, log.retention_max_bytes, log.retention_interval)
+        );
+        let i = sluice_ingest::IngestSettings::default();
+        let ci = &c.ingest;
+        assert_eq!(
+            (ci.max_body_bytes, ci.max_event_bytes, ci.max_events, ci.max_buffered_body_bytes, ci.max_inflight_bytes, ci.dedup_window),
+            (i.max_body_bytes, i.max_event_bytes, i.max_events, i.max_buffered_body_bytes, i.max_inflight_bytes, i.dedup_window)
+        );
+        assert_eq!((ci.segment_max_message_bytes, ci.segment_max_batch_bytes), (i.segment_max_message_bytes, i.segment_max_batch_bytes));
+        let lake = sluice_lake::LakeSettings::default();
+        let cl = &c.lake;
+        assert_eq!(
+            (&cl.url, cl.flush_interval, cl.flush_bytes, cl.row_group_rows, cl.target_file_bytes, cl.compact_interval, cl.compact_after),
+            (&lake.url, lake.flush_interval, lake.flush_bytes, lake.row_group_rows, lake.target_file_bytes, lake.compact_interval, lake.compact_after)
+        );
+        let d = sluice_api::DashboardSettings::default();
+        assert_eq!((c.dashboard.session_ttl, c.dashboard.overview_interval), (d.session_ttl, d.overview_interval));
+        assert_eq!(c.metrics.require_key, sluice_api::MetricsSettings::default().require_key);
+        assert_eq!(c.billing.auto_interval, sluice_billing::run::AutoBillingSettings::default().auto_interval);
+        assert_eq!(c.health.transition_cooldown, sluice_health::HealthSettings::default().transition_cooldown);
     }
 
     #[test]

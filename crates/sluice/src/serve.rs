@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use sluice_api::{ApiLimits, AppState, WebhookSettings};
 use sluice_consumers::{RetryPolicy, Runtime};
 use sluice_core::EventLog;
-use sluice_ingest::{Ingestor, IngestorConfig};
+use sluice_ingest::Ingestor;
 use sluice_log::index::{IdIndex, IdIndexConfig};
-use sluice_log::{EmbeddedLog, LogConfig};
+use sluice_log::EmbeddedLog;
 use sluice_store::{NewApiKey, Store};
 use tracing_subscriber::EnvFilter;
 
@@ -65,10 +65,7 @@ async fn run(cfg: Config) -> Result<()> {
     let store = Store::connect(cfg.state_url.expose()).await.with_context(|| format!("connecting to the state store {}", cfg.state_url))?;
 
     let log_dir = cfg.log_dir()?;
-    let mut log_cfg = LogConfig::new(log_dir.clone(), cfg.log.partitions);
-    log_cfg.segment_bytes = cfg.log.segment_bytes;
-    log_cfg.retention_max_age = (!cfg.log.retention_max_age.is_zero()).then_some(cfg.log.retention_max_age);
-    log_cfg.retention_max_bytes = (cfg.log.retention_max_bytes > 0).then_some(cfg.log.retention_max_bytes);
+    let log_cfg = cfg.log.log_config(log_dir.clone());
     tracing::info!(dir = %log_dir.display(), partitions = cfg.log.partitions, "opening event log");
     let log = tokio::task::spawn_blocking(move || EmbeddedLog::open(log_cfg))
         .await?
@@ -98,7 +95,7 @@ async fn run(cfg: Config) -> Result<()> {
         log.clone(),
         store.clone(),
         Arc::new(index),
-        IngestorConfig { max_inflight_bytes: cfg.ingest.max_inflight_bytes, dedup_window: cfg.ingest.dedup_window, ..IngestorConfig::default() },
+        cfg.ingest.ingestor_config(),
         schemas.clone(),
     )
     .await?;
@@ -110,15 +107,7 @@ async fn run(cfg: Config) -> Result<()> {
     consumers.start(Arc::new(sluice_consumers::counts::EventCounts));
     let webhooks = WebhookSettings { allow_private: cfg.webhook_allow_private, timeout: cfg.webhook_timeout, retry };
 
-    let limits = ApiLimits {
-        max_body_bytes: cfg.ingest.max_body_bytes,
-        max_event_bytes: cfg.ingest.max_event_bytes,
-        max_events: cfg.ingest.max_events,
-        max_buffered_body_bytes: cfg.ingest.max_buffered_body_bytes,
-        segment_max_message_bytes: cfg.ingest.segment_max_message_bytes,
-        segment_max_batch_bytes: cfg.ingest.segment_max_batch_bytes,
-        workspace: cfg.limits,
-    };
+    let limits = ApiLimits::new(&cfg.ingest, cfg.limits);
     let meters = sluice_metering::MeterCache::load(&store).await.context("loading meters")?;
     consumers.start(Arc::new(sluice_metering::MetersConsumer { cache: meters.clone() }));
     // The lake: remove what a crash left, start the writer, and the SQL engine.
@@ -142,12 +131,7 @@ async fn run(cfg: Config) -> Result<()> {
             log: log.clone(),
             store: store.clone(),
             schemas: schemas.clone(),
-            cfg: sluice_lake::writer::WriterConfig {
-                root: lake_root.clone(),
-                flush_interval: cfg.lake.flush_interval.max(Duration::from_millis(10)),
-                flush_bytes: cfg.lake.flush_bytes.max(1),
-                row_group_rows: cfg.lake.row_group_rows.max(1024),
-            },
+            cfg: cfg.lake.writer_config(lake_root.clone()),
             bursts: consumers.bursts().clone(),
         }
         .run(lake_stop_rx),
@@ -184,15 +168,7 @@ async fn run(cfg: Config) -> Result<()> {
             Arc::new(sluice_consumers::dlq_bulk::DlqBulk),
             Arc::new(sluice_metering::backfill::MeterBackfill { log: log.clone() }),
             Arc::new(sluice_metering::import::UsageImport { ingestor: ingestor.clone(), bursts: consumers.bursts().clone() }),
-            Arc::new(sluice_lake::compact::Compaction {
-                cfg: sluice_lake::compact::CompactConfig {
-                    root: lake_root.clone(),
-                    target_bytes: cfg.lake.target_file_bytes,
-                    closed_after: cfg.lake.compact_after,
-                    row_group_rows: cfg.lake.row_group_rows.max(1024),
-                },
-                guard: file_guard.clone(),
-            }),
+            Arc::new(sluice_lake::compact::Compaction { cfg: cfg.lake.compact_config(lake_root.clone()), guard: file_guard.clone() }),
             Arc::new(sluice_lake::export::QueryExport { sql: sql.clone(), root: lake_root.clone() }),
         ],
         sluice_jobs::RunnerConfig { lease: cfg.job_lease.max(Duration::from_millis(300)), ..Default::default() },

@@ -168,6 +168,17 @@ impl MeterUsage {
             .map_err(|(a, b)| BillingError::Overflow(format!("meter {:?}: {a} + {b} is beyond the largest exact decimal", m.key)))?;
         Ok(v.unwrap_or_default())
     }
+
+    /// Whether any usage of `subs` lies in `p`'s buckets.
+    fn any(&self, subs: &[&str], p: Period) -> bool {
+        let (from, to) = (bucket_floor(p.start), bucket_floor(p.end));
+        let inside = |s: &str, t: DateTime<Utc>| subs.contains(&s) && t >= from && t < to;
+        match self {
+            MeterUsage::None => false,
+            MeterUsage::Unique(rows) => rows.iter().any(|r| inside(&r.0, r.1)),
+            MeterUsage::Buckets(b) => b.iter().any(|b| inside(&b.subscription_id, b.bucket_start)),
+        }
+    }
 }
 
 /// Everything computing the invoices of a batch of subscriptions reads,
@@ -205,7 +216,7 @@ impl Batch {
         // The range: every period billed, and every finalized period whose
         // late usage may be added.
         let firsts = items.iter().filter_map(|(_, ps)| ps.first().map(|p| p.start));
-        let finalized = || history.values().flatten().filter(|i| i.status == "finalized" || i.status == "paid");
+        let finalized = || history.values().flatten().filter(|i| i.status.is_final());
         let from = firsts.chain(finalized().map(|i| i.period_start)).min().map(bucket_floor).unwrap_or(DateTime::<Utc>::MIN_UTC);
         // A voided period billed again comes before periods billed since,
         // whose late usage it may carry: the range covers them too.
@@ -478,11 +489,12 @@ impl Billing {
         // Each subscription is computed once per batch: its history is taken.
         let history = b.history.remove(&sub.id).unwrap_or_default();
         let first_start = periods.first().map(|p| p.start).unwrap_or(sub.start);
-        let earlier_draft = history.iter().any(|i| i.status == "draft" && i.period_start < first_start && Some(i.id.as_str()) != replacing);
+        let earlier_draft =
+            history.iter().any(|i| i.status == InvoiceStatus::Draft && i.period_start < first_start && Some(i.id.as_str()) != replacing);
         // What finalized invoices billed per (meter, period): quantity,
         // amount, and the plan version that priced it.
         let mut billed: BTreeMap<(String, DateTime<Utc>, DateTime<Utc>), Billed> = BTreeMap::new();
-        for inv in history.iter().filter(|i| i.status == "finalized" || i.status == "paid") {
+        for inv in history.iter().filter(|i| i.status.is_final()) {
             let doc: Invoice = serde_json::from_value(inv.doc.clone()).map_err(|e| BillingError::Corrupt(format!("invoice {}: {e}", inv.id)))?;
             for l in doc.lines.iter().filter(|l| matches!(l.kind, LineKind::Usage | LineKind::Adjustment)) {
                 let Some(meter) = &l.meter else { continue };
@@ -517,7 +529,7 @@ impl Billing {
             let currency = Currency::of(&plan.currency).ok_or_else(|| BillingError::Corrupt(format!("currency {:?}", plan.currency)))?;
             let bill = PeriodBill { sub, cycle: &cycle, period: p, plan: &plan, currency };
             // A voided period billed again names the invoice it replaces.
-            let replaces = history.iter().rev().find(|i| i.status == "void" && i.period_start == p.start).map(|i| i.id.clone());
+            let replaces = history.iter().rev().find(|i| i.status == InvoiceStatus::Void && i.period_start == p.start).map(|i| i.id.clone());
             let mut lines = bill.fee_lines();
             for charge in &plan.charges {
                 let meter = ws.meters.get(&charge.meter).ok_or_else(|| BillingError::Corrupt(format!("meter {:?} is missing", charge.meter)))?;
@@ -606,7 +618,7 @@ impl Billing {
         // Usage naming the subscription and no customer counts too.
         let anonymous: &[&str] = if sub.customer_id.is_empty() { &[] } else { &[sub.id.as_str()] };
         let q = MeterUsage::quantity(&[(b.usage(meter, &sub.customer_id), &subs), (b.usage(meter, ""), anonymous)], meter, p)?;
-        Ok((q, usage_sql(meter, sub, shared, p)))
+        Ok((q, usage_sql(meter, sub, shared, b.usage(meter, "").any(anonymous, p), p)))
     }
 
     /// Whether usage naming only the customer counts for subscription
@@ -655,7 +667,7 @@ impl Billing {
             StoreError::NotFound => BillingError::NotFound(format!("invoice {id:?} not found")),
             e => e.into(),
         })?;
-        if row.status != "draft" {
+        if row.status != InvoiceStatus::Draft {
             return Ok(row);
         }
         let doc = self.recompute(ws, &row).await?;
@@ -691,7 +703,7 @@ impl Billing {
     /// Finalizes a draft: recomputed, the issuer recorded, numbered.
     pub async fn finalize(&self, ws: &Ws, id: &str, audit: &NewAudit) -> Result<InvoiceRow, BillingError> {
         let row = self.invoice(ws, id).await?;
-        if row.status != "draft" {
+        if row.status != InvoiceStatus::Draft {
             return Err(BillingError::Conflict(format!("invoice {id:?} is {}; only a draft can be finalized", row.status)));
         }
         let inv: Invoice = serde_json::from_value(row.doc.clone()).map_err(|e| BillingError::Corrupt(format!("invoice {id}: {e}")))?;
@@ -705,7 +717,11 @@ impl Billing {
     /// Voids a draft or finalized invoice (it keeps its number); the period
     /// can then be billed again by a new invoice that names it.
     pub async fn void(&self, ws: &Ws, id: &str, audit: &NewAudit) -> Result<InvoiceRow, BillingError> {
-        let row = self.store.set_invoice_status(&ws.name, id, &["draft", "finalized"], "void", audit).await.map_err(conflict)?;
+        let row = self
+            .store
+            .set_invoice_status(&ws.name, id, &[InvoiceStatus::Draft, InvoiceStatus::Finalized], InvoiceStatus::Void, audit)
+            .await
+            .map_err(conflict)?;
         // The period is open again: the subscription bills it next. (A
         // crash before this leaves the void's outbox row, and the relay
         // reopens the period before it sends the event.)
@@ -726,7 +742,7 @@ impl Billing {
             .invoices_of_subscriptions(ws, &[voided.subscription_id.as_str()])
             .await?
             .iter()
-            .any(|i| i.status != "void" && i.period_start == voided.period_start);
+            .any(|i| i.status != InvoiceStatus::Void && i.period_start == voided.period_start);
         if billed_again {
             return Ok(());
         }
@@ -763,11 +779,11 @@ impl Billing {
 
     /// Marks a finalized invoice paid.
     pub async fn mark_paid(&self, ws: &Ws, id: &str, audit: &NewAudit) -> Result<InvoiceRow, BillingError> {
-        self.store.set_invoice_status(&ws.name, id, &["finalized"], "paid", audit).await.map_err(conflict)
+        self.store.set_invoice_status(&ws.name, id, &[InvoiceStatus::Finalized], InvoiceStatus::Paid, audit).await.map_err(conflict)
     }
 
     async fn emit_finalized(&self, ws: &Ws, rows: &[InvoiceRow]) {
-        let finalized: Vec<&InvoiceRow> = rows.iter().filter(|r| r.status == "finalized").collect();
+        let finalized: Vec<&InvoiceRow> = rows.iter().filter(|r| r.status == InvoiceStatus::Finalized).collect();
         self.send(&ws.name, INVOICE_FINALIZED, &finalized).await;
     }
 
@@ -806,7 +822,9 @@ impl Billing {
                 if let Some(doc) = &o.event {
                     match serde_json::from_str::<sluice_core::Event>(doc) {
                         Ok(e) => events.push((o, e)),
-                        Err(e) => tracing::error!(workspace = %o.workspace, id = %o.subject, error = %e, "an outbox event does not parse; it is dropped"),
+                        Err(e) => {
+                            tracing::error!(workspace = %o.workspace, id = %o.subject, error = %e, "an outbox event does not parse; it is dropped")
+                        }
                     }
                     continue;
                 }
@@ -814,7 +832,7 @@ impl Billing {
                     Ok(inv) => {
                         // A void whose period was not reopened (a crash
                         // between its two steps) is completed first.
-                        if o.kind == INVOICE_VOIDED && inv.status == "void" {
+                        if o.kind == INVOICE_VOIDED && inv.status == InvoiceStatus::Void {
                             self.reopen(&o.workspace, &inv).await?;
                         }
                         events.extend(invoice_event(&o.workspace, &inv, &o.kind).map(|e| (o, e)))
@@ -933,7 +951,11 @@ fn numbering(ws: &Ws) -> impl Fn(i64) -> String + Sync {
 }
 
 /// The SQL over the `usage` table that gives a usage line's quantity.
-fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, p: Period) -> String {
+/// The SQL of a usage line's quantity. Usage naming the subscription and no
+/// customer is in it only when there is some: `customer_id = '…'` alone is
+/// a filter the live `usage` table's loading applies (`sluice_lake::pushdown`),
+/// an `OR` is not.
+fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, anonymous: bool, p: Period) -> String {
     let q = |s: &str| s.replace('\'', "''");
     let value = match m.aggregation {
         Aggregation::Sum => "SUM(sum)",
@@ -951,11 +973,14 @@ fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, p: Period) -> String {
         format!("subscription_id = '{}'", q(&sub.id))
     };
     let t = |t: DateTime<Utc>| bucket_floor(t).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let who = if anonymous {
+        format!("((customer_id = '{}' AND {subs}) OR (customer_id IS NULL AND subscription_id = '{}'))", q(&sub.customer_id), q(&sub.id))
+    } else {
+        format!("customer_id = '{}' AND {subs}", q(&sub.customer_id))
+    };
     format!(
-        "SELECT {value} AS quantity FROM usage WHERE meter = '{}' AND ((customer_id = '{}' AND {subs}) OR (customer_id IS NULL AND subscription_id = '{}')) AND period_start >= '{}' AND period_start < '{}'",
+        "SELECT {value} AS quantity FROM usage WHERE meter = '{}' AND {who} AND period_start >= '{}' AND period_start < '{}'",
         q(&m.key),
-        q(&sub.customer_id),
-        q(&sub.id),
         t(p.start),
         t(p.end)
     )
@@ -972,9 +997,9 @@ pub const INVOICE_VOIDED: &str = "invoice.voided";
 /// has moved on since (a finalized invoice voided, or paid).
 fn invoice_event(ws: &str, r: &InvoiceRow, kind: &str) -> Option<sluice_core::Event> {
     let status = match kind {
-        INVOICE_FINALIZED => "finalized",
-        INVOICE_VOIDED => "void",
-        _ => r.status.as_str(),
+        INVOICE_FINALIZED => InvoiceStatus::Finalized,
+        INVOICE_VOIDED => InvoiceStatus::Void,
+        _ => r.status,
     };
     let props = json!({
         "invoice_id": r.id, "number": r.number, "status": status,

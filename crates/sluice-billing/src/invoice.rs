@@ -12,20 +12,8 @@ use crate::money::{Currency, TaxRounding};
 use crate::plan::{Charge, FeeTiming, PlanSpec, TierAmount};
 use crate::subscription::{Period, Subscription};
 
-sluice_core::named_enum! {
-    /// An invoice's status: `draft` → `finalized` → `paid`; a draft or a
-    /// finalized invoice can become `void` (keeping its number).
-    pub enum InvoiceStatus / UnknownInvoiceStatus ("an invoice status") {
-        /// Recomputed with late usage until finalized.
-        Draft = "draft",
-        /// Numbered and frozen.
-        Finalized = "finalized",
-        /// Marked paid.
-        Paid = "paid",
-        /// Cancelled; keeps its number.
-        Void = "void",
-    }
-}
+/// An invoice's status (the store keeps it, so the store declares it).
+pub use sluice_store::{InvoiceStatus, UnknownInvoiceStatus};
 
 sluice_core::named_enum! {
     /// What an invoice line bills.

@@ -62,7 +62,7 @@ pub fn date(t: DateTime<Utc>, tz: Tz) -> String {
 }
 
 /// The page. `status` and `number` are the store's.
-pub fn html(inv: &Invoice, status: &str, number: Option<&str>, issued: Option<DateTime<Utc>>) -> String {
+pub fn html(inv: &Invoice, status: crate::invoice::InvoiceStatus, number: Option<&str>, issued: Option<DateTime<Utc>>) -> String {
     let tz: Tz = inv.time_zone.parse().unwrap_or(chrono_tz::UTC);
     let cur = Currency::of(&inv.currency);
     let money = |a: Decimal| format!("{} {}", amount(cur, a), esc(&inv.currency));
@@ -81,8 +81,7 @@ pub fn html(inv: &Invoice, status: &str, number: Option<&str>, issued: Option<Da
         title = if qualified { "適格請求書 / Qualified invoice" } else { "請求書 / Invoice" },
         num = esc(number.unwrap_or("")),
     );
-    let _ =
-        write!(h, "<p>請求書番号 / Number: <strong id=\"number\">{}</strong> · 状態 / Status: {}</p>", esc(number.unwrap_or("(draft)")), esc(status));
+    let _ = write!(h, "<p>請求書番号 / Number: <strong id=\"number\">{}</strong> · 状態 / Status: {}</p>", esc(number.unwrap_or("(draft)")), status);
     let _ = write!(
         h,
         "<section><h2>発行者 / Issuer</h2><p id=\"issuer\">{}<br>登録番号 / Registration number: <span id=\"registration\">{}</span><br>{}</p></section>",
@@ -160,7 +159,12 @@ fn fit(s: &str, size: f32, max_mm: f32) -> String {
 /// The invoice as an A4 PDF, with the same content as [`html`]: generated
 /// in-process (sluice-pdf, IPAex Gothic embedded), so Japanese text renders
 /// and extracts correctly without any external service.
-pub fn pdf(inv: &Invoice, status: &str, number: Option<&str>, issued: Option<DateTime<Utc>>) -> Result<Vec<u8>, sluice_pdf::PdfError> {
+pub fn pdf(
+    inv: &Invoice,
+    status: crate::invoice::InvoiceStatus,
+    number: Option<&str>,
+    issued: Option<DateTime<Utc>>,
+) -> Result<Vec<u8>, sluice_pdf::PdfError> {
     let tz: Tz = inv.time_zone.parse().unwrap_or(chrono_tz::UTC);
     let cur = Currency::of(&inv.currency);
     let money = |a: Decimal| format!("{} {}", amount(cur, a), inv.currency);

@@ -411,7 +411,7 @@ async fn any_due(billing: &Billing, ws_name: &str, now: DateTime<Utc>, since: Da
 async fn finalize_after_grace(billing: &Billing, ws_name: &str, grace_days: u32, now: DateTime<Utc>) -> Result<(), BillingError> {
     // Every draft, page by page: drafts kept on purpose (`finalize: false`)
     // may come first and must not hide those waiting for their grace.
-    let filter = sluice_store::InvoiceFilter { status: Some("draft".into()), ..Default::default() };
+    let filter = sluice_store::InvoiceFilter { status: Some(sluice_store::InvoiceStatus::Draft), ..Default::default() };
     let mut due = Vec::new();
     let mut cursor: Option<String> = None;
     loop {

@@ -1160,7 +1160,7 @@ async fn load_invoices(store: Store, scan: Scan) -> Loaded {
     Cols::new()
         .text("id", all.iter().map(|i| Some(i.id.clone())))
         .text("number", all.iter().map(|i| i.number.clone()))
-        .text("status", all.iter().map(|i| Some(i.status.clone())))
+        .text("status", all.iter().map(|i| Some(i.status.as_str().to_owned())))
         .text("customer_id", all.iter().map(|i| Some(i.customer_id.clone())))
         .text("subscription_id", all.iter().map(|i| Some(i.subscription_id.clone())))
         .text("plan", all.iter().map(|i| doc(i, "plan")))

@@ -64,6 +64,28 @@ pub struct SubscriptionRow {
     pub created_at: DateTime<Utc>,
 }
 
+sluice_core::named_enum! {
+    /// An invoice's status: `draft` → `finalized` → `paid`; a draft or a
+    /// finalized invoice can become `void` (keeping its number).
+    pub enum InvoiceStatus / UnknownInvoiceStatus ("an invoice status") {
+        /// Recomputed with late usage until finalized.
+        Draft = "draft",
+        /// Numbered and frozen.
+        Finalized = "finalized",
+        /// Marked paid.
+        Paid = "paid",
+        /// Cancelled; keeps its number.
+        Void = "void",
+    }
+}
+
+impl InvoiceStatus {
+    /// Finalized or paid: numbered, and never edited again.
+    pub fn is_final(self) -> bool {
+        matches!(self, InvoiceStatus::Finalized | InvoiceStatus::Paid)
+    }
+}
+
 /// An invoice.
 #[derive(Debug, Clone)]
 pub struct InvoiceRow {
@@ -73,8 +95,8 @@ pub struct InvoiceRow {
     pub subscription_id: String,
     /// Customer.
     pub customer_id: String,
-    /// `draft`, `finalized`, `paid` or `void`.
-    pub status: String,
+    /// Status.
+    pub status: InvoiceStatus,
     /// Number, once finalized.
     pub number: Option<String>,
     /// Period start.
@@ -118,7 +140,7 @@ pub struct InvoiceFilter {
     /// Only this subscription.
     pub subscription_id: Option<String>,
     /// Only this status.
-    pub status: Option<String>,
+    pub status: Option<InvoiceStatus>,
     /// Only made by this run.
     pub run_id: Option<String>,
 }
@@ -195,11 +217,12 @@ const INVOICE_COLUMNS: &str =
     "id, subscription_id, customer_id, status, number, period_start, period_end, run_id, doc, created_at, finalized_at, voided_at, paid_at";
 
 fn invoice(r: InvoiceTuple) -> Result<InvoiceRow> {
+    let status = r.status.parse().map_err(|e| StoreError::Corrupt(format!("invoice {}: {e}", r.id)))?;
     Ok(InvoiceRow {
         id: r.id,
         subscription_id: r.subscription_id,
         customer_id: r.customer_id,
-        status: r.status,
+        status,
         number: r.number,
         period_start: from_micros(r.period_start),
         period_end: from_micros(r.period_end),
@@ -411,7 +434,7 @@ impl Store {
              {page} LIMIT $7"
         );
         let rows: Vec<InvoiceTuple> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(&f.customer_id)
-            .bind(&f.subscription_id).bind(&f.status).bind(&f.run_id).bind(cursor.unwrap_or("")).bind(limit as i64 + 1)
+            .bind(&f.subscription_id).bind(f.status.map(InvoiceStatus::as_str)).bind(&f.run_id).bind(cursor.unwrap_or("")).bind(limit as i64 + 1)
             .fetch_all(pool).await)?;
         let rows = rows.into_iter().map(invoice).collect::<Result<Vec<_>>>()?;
         Ok(Page::from_overfetch(rows, limit, |i: &InvoiceRow| i.id.clone()))
@@ -471,19 +494,30 @@ impl Store {
 
     /// Moves an invoice from one of `from` to `to` (`void` or `paid`),
     /// stamping the time; [`StoreError::Conflict`] from any other status.
-    pub async fn set_invoice_status(&self, workspace: &str, id: &str, from: &[&str], to: &str, audit: &NewAudit) -> Result<InvoiceRow> {
+    pub async fn set_invoice_status(
+        &self,
+        workspace: &str,
+        id: &str,
+        from: &[InvoiceStatus],
+        to: InvoiceStatus,
+        audit: &NewAudit,
+    ) -> Result<InvoiceRow> {
         let now = to_micros(Utc::now());
-        let column = if to == "void" { "voided_at" } else { "paid_at" };
+        let column = match to {
+            InvoiceStatus::Void => "voided_at",
+            InvoiceStatus::Paid => "paid_at",
+            other => return Err(StoreError::Conflict(format!("an invoice cannot be set {other} this way"))),
+        };
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let (status,): (String,) = sqlx::query_as("SELECT status FROM invoices WHERE workspace = $1 AND id = $2")
                 .bind(workspace).bind(id).fetch_optional(&mut *tx).await?.ok_or(StoreError::NotFound)?;
-            if !from.contains(&status.as_str()) {
+            if !from.iter().any(|f| f.as_str() == status) {
                 return Err(StoreError::Conflict(format!("invoice {id:?} is {status}; it cannot become {to}")));
             }
             sqlx::query(&format!("UPDATE invoices SET status = $3, {column} = $4 WHERE workspace = $1 AND id = $2"))
-                .bind(workspace).bind(id).bind(to).bind(now).execute(&mut *tx).await?;
-            if to == "void" {
+                .bind(workspace).bind(id).bind(to.as_str()).bind(now).execute(&mut *tx).await?;
+            if to == InvoiceStatus::Void {
                 outbox!(tx, workspace, "invoice.voided", id, now);
             }
             crate::audit::insert_audit!(tx, audit);
@@ -631,15 +665,15 @@ impl Store {
                                 return Err(StoreError::Corrupt(format!("no invoice numbers were reserved for workspace {:?}", c.workspace)));
                             };
                             slot.1 += 1;
-                            ("finalized", Some(f(slot.1 - 1)), Some(now))
+                            (InvoiceStatus::Finalized, Some(f(slot.1 - 1)), Some(now))
                         }
-                        _ => ("draft", None, None),
+                        _ => (InvoiceStatus::Draft, None, None),
                     };
                     rows.push(InvoiceRow {
                         id: inv.id.clone(),
                         subscription_id: c.subscription_id.to_owned(),
                         customer_id: c.customer_id.to_owned(),
-                        status: status.to_owned(),
+                        status,
                         number,
                         period_start: from_micros(to_micros(inv.period_start)),
                         period_end: from_micros(to_micros(inv.period_end)),
@@ -666,7 +700,7 @@ impl Store {
                 );
                 let mut q = sqlx::query(&sql);
                 for (c, r, doc) in chunk {
-                    q = q.bind(c.workspace).bind(&r.id).bind(&r.subscription_id).bind(&r.customer_id).bind(&r.status).bind(&r.number)
+                    q = q.bind(c.workspace).bind(&r.id).bind(&r.subscription_id).bind(&r.customer_id).bind(r.status.as_str()).bind(&r.number)
                         .bind(to_micros(r.period_start)).bind(to_micros(r.period_end)).bind(&r.run_id).bind(doc.as_str())
                         .bind(now).bind(r.finalized_at.map(to_micros));
                 }
@@ -674,7 +708,7 @@ impl Store {
             }
             // Their `invoice.finalized` events, sent after the commit.
             let finalized: Vec<(&str, &str)> =
-                all.iter().filter(|(_, r, _)| r.status == "finalized").map(|(c, r, _)| (c.workspace, r.id.as_str())).collect();
+                all.iter().filter(|(_, r, _)| r.status == InvoiceStatus::Finalized).map(|(c, r, _)| (c.workspace, r.id.as_str())).collect();
             for chunk in finalized.chunks(INSERT_ROWS) {
                 let values = crate::values_rows(sqlite, chunk.len(), "(?, 'invoice.finalized', ?, ?)");
                 let sql = format!("INSERT INTO event_outbox (workspace, kind, subject, created_at) VALUES {values} ON CONFLICT DO NOTHING");

@@ -40,7 +40,7 @@ pub mod testing;
 mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
-pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, NewInvoice, OutboxRow, PlanRow, SubscriptionRow};
+pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, InvoiceStatus, NewInvoice, OutboxRow, PlanRow, SubscriptionRow, UnknownInvoiceStatus};
 pub use consumers::{ConsumerCommit, CountKey, DeadLetter, DeadLetterAction, DeadLetterFilter, Delivery, Folder, NewDeadLetter, Webhook};
 pub use health::{CustomerHealthRow, EventsWanted, HealthConfigRow, HealthEventRun, HealthHistoryRow, HealthSort, OverrideRow};
 pub use jobs::{BulkJobs, Job, JobEnd, JobSelection, NewJob};

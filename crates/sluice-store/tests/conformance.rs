@@ -1089,7 +1089,12 @@ async fn health_transitions_enter_the_outbox_with_their_evaluation_and_leave_onc
     use sluice_store::OutboxRow;
     assert!(store.event_outbox(10).await.unwrap().is_empty());
     let a = OutboxRow::of_event("w", "customer.stage_changed", "customer.stage_changed:c1:1", r#"{"id":"customer.stage_changed:c1:1"}"#.into());
-    let b = OutboxRow::of_event("w", "customer.health_changed", "customer.health_changed:c2:2", r#"{"id":"customer.health_changed:c2:2","n":"日本"}"#.into());
+    let b = OutboxRow::of_event(
+        "w",
+        "customer.health_changed",
+        "customer.health_changed:c2:2",
+        r#"{"id":"customer.health_changed:c2:2","n":"日本"}"#.into(),
+    );
     store.save_customer_health_many("w", &[], &[], std::slice::from_ref(&a)).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     store.save_customer_health_many("w", &[], &[], &[b.clone(), a.clone()]).await.unwrap();

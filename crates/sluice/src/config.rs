@@ -314,7 +314,15 @@ mod tests {
         let cl = &c.lake;
         assert_eq!(
             (&cl.url, cl.flush_interval, cl.flush_bytes, cl.row_group_rows, cl.target_file_bytes, cl.compact_interval, cl.compact_after),
-            (&lake.url, lake.flush_interval, lake.flush_bytes, lake.row_group_rows, lake.target_file_bytes, lake.compact_interval, lake.compact_after)
+            (
+                &lake.url,
+                lake.flush_interval,
+                lake.flush_bytes,
+                lake.row_group_rows,
+                lake.target_file_bytes,
+                lake.compact_interval,
+                lake.compact_after
+            )
         );
         let d = sluice_api::DashboardSettings::default();
         assert_eq!((c.dashboard.session_ttl, c.dashboard.overview_interval), (d.session_ttl, d.overview_interval));

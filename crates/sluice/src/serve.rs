@@ -91,14 +91,7 @@ async fn run(cfg: Config) -> Result<()> {
         .await?
         .with_context(|| format!("opening the id index in {}", index_dir.display()))?
     };
-    let (ingestor, writer) = Ingestor::start(
-        log.clone(),
-        store.clone(),
-        Arc::new(index),
-        cfg.ingest.ingestor_config(),
-        schemas.clone(),
-    )
-    .await?;
+    let (ingestor, writer) = Ingestor::start(log.clone(), store.clone(), Arc::new(index), cfg.ingest.ingestor_config(), schemas.clone()).await?;
 
     let retention = tokio::spawn(run_retention(log.clone(), cfg.log.retention_interval));
 

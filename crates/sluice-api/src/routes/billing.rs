@@ -511,10 +511,11 @@ pub struct InvoiceQuery {
 #[utoipa::path(get, path = "/v1/invoices", params(InvoiceQuery), tag = "billing", responses((status = 200)), security(("bearer" = [])))]
 pub async fn list_invoices(State(st): State<AppState>, who: Principal, Query(q): Query<InvoiceQuery>) -> Result<Json<List<Value>>, ApiError> {
     who.require_read()?;
-    if let Some(s) = &q.status {
-        s.parse::<sluice_billing::invoice::InvoiceStatus>().map_err(|e| invalid("status", e.to_string()))?;
-    }
-    let f = InvoiceFilter { customer_id: q.customer_id, subscription_id: q.subscription_id, status: q.status, run_id: q.run_id };
+    let status = match &q.status {
+        Some(s) => Some(s.parse::<sluice_billing::invoice::InvoiceStatus>().map_err(|e| invalid("status", e.to_string()))?),
+        None => None,
+    };
+    let f = InvoiceFilter { customer_id: q.customer_id, subscription_id: q.subscription_id, status, run_id: q.run_id };
     let order = super::jobs::sort_order(q.order.as_deref())?;
     let page = st.store.list_invoices_in(who.workspace.as_str(), &f, order, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.iter().map(view).collect(), next_cursor: page.next_cursor }))
@@ -529,14 +530,14 @@ pub async fn get_invoice(State(st): State<AppState>, who: Principal, Path(id): P
     if let Some(id) = id.strip_suffix(".html") {
         let row = st.billing.invoice(&w, id).await?;
         let inv: Invoice = serde_json::from_value(row.doc.clone()).map_err(ApiError::internal)?;
-        let html = sluice_billing::render::html(&inv, &row.status, row.number.as_deref(), row.finalized_at);
+        let html = sluice_billing::render::html(&inv, row.status, row.number.as_deref(), row.finalized_at);
         return Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response());
     }
     if let Some(id) = id.strip_suffix(".pdf") {
         let row = st.billing.invoice(&w, id).await?;
         let inv: Invoice = serde_json::from_value(row.doc.clone()).map_err(ApiError::internal)?;
-        let (status, number, issued) = (row.status.clone(), row.number.clone(), row.finalized_at);
-        let pdf = tokio::task::spawn_blocking(move || sluice_billing::render::pdf(&inv, &status, number.as_deref(), issued))
+        let (status, number, issued) = (row.status, row.number.clone(), row.finalized_at);
+        let pdf = tokio::task::spawn_blocking(move || sluice_billing::render::pdf(&inv, status, number.as_deref(), issued))
             .await
             .map_err(ApiError::internal)?
             .map_err(ApiError::internal)?;

@@ -97,7 +97,8 @@ async fn void_then_crash(s: &mut Server, ws: &str, id: &str) {
         target_id: id.into(),
         details: json!({}),
     };
-    store.set_invoice_status(ws, id, &["draft", "finalized"], "void", &audit).await.unwrap();
+    let (draft, finalized, void) = (sluice_store::InvoiceStatus::Draft, sluice_store::InvoiceStatus::Finalized, sluice_store::InvoiceStatus::Void);
+    store.set_invoice_status(ws, id, &[draft, finalized], void, &audit).await.unwrap();
     store.close().await;
     s.restart();
 }
@@ -699,7 +700,10 @@ async fn late_usage_updates_the_draft_then_lands_once_on_the_next_invoice_and_ea
         "an early invoice is final at once (no grace period here): {inv:?}"
     );
     let cut = inv[0]["period_end"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
-    assert!(cut > asked - chrono::Duration::seconds(1) && cut <= asked + chrono::Duration::minutes(16) && cut.timestamp() % 900 == 0, "cut {cut}, asked {asked}");
+    assert!(
+        cut > asked - chrono::Duration::seconds(1) && cut <= asked + chrono::Duration::minutes(16) && cut.timestamp() % 900 == 0,
+        "cut {cut}, asked {asked}"
+    );
     let sent_at = chrono::Utc::now();
     usage(&api, &[("y", "young", "lunch_boxes", "6", &sent_at.to_rfc3339())]).await;
     metered(&s).await;
@@ -1238,7 +1242,8 @@ async fn a_void_cut_off_by_a_crash_before_its_period_reopened_is_completed_at_re
 async fn an_invoice_event_the_log_refuses_is_dropped_and_holds_up_no_other_workspaces_events() {
     let mut s = Server::start().await;
     let (a, b) = (tokyo(&s, "bill-refused").await, tokyo(&s, "bill-behind").await);
-    let (st, v) = a.send(a.req(reqwest::Method::PUT, "/v1/schemas/invoice.finalized").json(&json!({"properties": {"total": "int64"}, "enforce": true}))).await;
+    let (st, v) =
+        a.send(a.req(reqwest::Method::PUT, "/v1/schemas/invoice.finalized").json(&json!({"properties": {"total": "int64"}, "enforce": true}))).await;
     assert!(st.is_success(), "{v}");
     let plan = json!({"code": "p", "name": "P", "currency": "JPY", "interval": "month", "fixed_fees": [{"name": "Fee", "amount": "1000", "tax_rate": "0.10"}]});
     let until = "2024-02-01T00:00:00+09:00";

@@ -882,7 +882,10 @@ async fn a_transition_left_in_the_outbox_by_a_crash_enters_the_log_once_at_resta
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!((seen[0]["id"].clone(), seen[0]["customer_id"].clone(), seen[0]["properties"]["to"].clone()), (json!(id), json!("acme"), json!("adoption")));
+    assert_eq!(
+        (seen[0]["id"].clone(), seen[0]["customer_id"].clone(), seen[0]["properties"]["to"].clone()),
+        (json!(id), json!("acme"), json!("adoption"))
+    );
     // Sent, it left the outbox: another start sends nothing more.
     s.restart();
     let api = Api { base: s.url.clone(), ..api };

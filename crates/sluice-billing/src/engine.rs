@@ -420,10 +420,10 @@ impl Billing {
                         invoices
                             .iter_mut()
                             .map(|i| {
-                                // An early invoice's period ends at the end of the
-                                // current usage bucket, minutes ahead; it was asked
-                                // for at `until`, and its grace counts from then.
-                                let ended = if i.early { i.period_end.min(o.until) } else { i.period_end };
+                                // An early run was asked at `until`: its invoices'
+                                // grace counts from then (their periods end at the
+                                // end of the current usage bucket, minutes ahead).
+                                let ended = if o.early { i.period_end.min(o.until) } else { i.period_end };
                                 let in_grace = o.respect_grace && ended + grace > now;
                                 let finalize = o.finalize && !in_grace;
                                 i.finalize_after_grace = o.finalize && in_grace;
@@ -737,17 +737,20 @@ impl Billing {
     /// explicit run bills first (docs/billing.md, "Voiding"). Done once:
     /// nothing when the period is open already or billed again since.
     async fn reopen(&self, ws: &str, voided: &InvoiceRow) -> Result<(), BillingError> {
-        let billed_again = self
-            .store
-            .invoices_of_subscriptions(ws, &[voided.subscription_id.as_str()])
-            .await?
-            .iter()
-            .any(|i| i.status != InvoiceStatus::Void && i.period_start == voided.period_start);
-        if billed_again {
-            return Ok(());
-        }
         for _ in 0..5 {
+            // The subscription first, then its invoices: a run that bills
+            // the period again after this read moves the subscription's
+            // revision, and the update below is refused (and looked at again).
             let (mut row, mut sub) = self.subscription(ws, &voided.subscription_id).await?;
+            let billed_again = self
+                .store
+                .invoices_of_subscriptions(ws, &[voided.subscription_id.as_str()])
+                .await?
+                .iter()
+                .any(|i| i.status != InvoiceStatus::Void && i.period_start == voided.period_start);
+            if billed_again {
+                return Ok(());
+            }
             let action = if row.billed_until == voided.period_end {
                 row.billed_until = voided.period_start;
                 "subscription.reopen"
@@ -817,6 +820,8 @@ impl Billing {
         loop {
             let rows = self.store.event_outbox(PAGE).await?;
             let mut events = Vec::with_capacity(rows.len());
+            // Rows kept for the next pass (their void could not be completed).
+            let mut kept: Vec<&OutboxRow> = Vec::new();
             for o in &rows {
                 // A health transition: the event itself.
                 if let Some(doc) = &o.event {
@@ -833,7 +838,12 @@ impl Billing {
                         // A void whose period was not reopened (a crash
                         // between its two steps) is completed first.
                         if o.kind == INVOICE_VOIDED && inv.status == InvoiceStatus::Void {
-                            self.reopen(&o.workspace, &inv).await?;
+                            if let Err(e) = self.reopen(&o.workspace, &inv).await {
+                                tracing::warn!(workspace = %o.workspace, invoice = %o.subject, error = %e,
+                                    "could not reopen the period of a voided invoice; trying again with the next pass");
+                                kept.push(o);
+                                continue;
+                            }
                         }
                         events.extend(invoice_event(&o.workspace, &inv, &o.kind).map(|e| (o, e)))
                     }
@@ -861,9 +871,10 @@ impl Billing {
                     }
                 }
             }
-            self.store.delete_event_outbox(&rows).await?;
-            sent += rows.len();
-            if rows.len() < PAGE {
+            let done: Vec<OutboxRow> = rows.iter().filter(|r| !kept.contains(r)).cloned().collect();
+            self.store.delete_event_outbox(&done).await?;
+            sent += done.len();
+            if rows.len() < PAGE || done.is_empty() {
                 return Ok(sent);
             }
         }
@@ -889,7 +900,8 @@ fn due_periods(ws: &Ws, row: &SubscriptionRow, mut sub: Subscription, o: &BillOp
         // anyway (its cycle end is minutes away) is billed whole.
         let cut = bucket_ceil(o.until);
         if let Some(p) = sub.period_from(&cycle, b) {
-            if cut > p.start {
+            // Not a subscription that starts later (in this bucket).
+            if cut > p.start && p.start < o.until {
                 let end = cut.min(p.end);
                 if end < p.end && !sub.cuts.contains(&end) {
                     sub.cuts.push(end);
@@ -950,8 +962,7 @@ fn numbering(ws: &Ws) -> impl Fn(i64) -> String + Sync {
     move |n| format!("{prefix}-{month}-{n:06}")
 }
 
-/// The SQL over the `usage` table that gives a usage line's quantity.
-/// The SQL of a usage line's quantity. Usage naming the subscription and no
+/// The SQL over the `usage` table that gives a usage line's quantity. Usage naming the subscription and no
 /// customer is in it only when there is some: `customer_id = '…'` alone is
 /// a filter the live `usage` table's loading applies (`sluice_lake::pushdown`),
 /// an `OR` is not.

@@ -10,5 +10,7 @@ pub mod runtime;
 pub mod webhooks;
 
 pub use engine::ReadModel;
-pub use runtime::{Attempt, Consumer, ConsumerState, Effect, HandleError, OnReset, ResetDone, RetryPolicy, Runtime, RuntimeError, Start};
+pub use runtime::{
+    Attempt, Consumer, ConsumerState, ConsumerStatus, Effect, HandleError, OnReset, ResetDone, RetryPolicy, Runtime, RuntimeError, Start,
+};
 pub use sluice_store::{on_tx, Tx};

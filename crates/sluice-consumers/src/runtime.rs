@@ -189,11 +189,23 @@ pub trait Consumer: Send + Sync + 'static {
     }
 }
 
+sluice_core::named_enum! {
+    /// What a consumer is doing (`GET /v1/consumers`).
+    #[derive(Default)]
+    pub enum ConsumerStatus / UnknownConsumerStatus ("a consumer status") {
+        /// Processing, or waiting for events.
+        #[default]
+        Running = "running",
+        /// An event is failing and being retried.
+        Retrying = "retrying",
+    }
+}
+
 /// Observable state of a consumer.
 #[derive(Debug, Clone, Default)]
 pub struct ConsumerState {
-    /// `running`, `retrying` (an event is failing and being retried) or `stopped`.
-    pub status: String,
+    /// Running or retrying.
+    pub status: ConsumerStatus,
     /// The most recent error, if any.
     pub last_error: Option<String>,
     /// Times a worker panicked and was restarted.
@@ -343,7 +355,7 @@ impl Runtime {
             return;
         }
         let (stop, stop_rx) = watch::channel(false);
-        let state = Arc::new(Mutex::new(ConsumerState { status: "running".into(), ..Default::default() }));
+        let state = Arc::new(Mutex::new(ConsumerState { status: ConsumerStatus::Running, ..Default::default() }));
         let mut tasks = Vec::new();
         for p in 0..self.log.partitions() {
             let (rt, c, st, stop_rx) = (self.clone(), consumer.clone(), state.clone(), stop_rx.clone());
@@ -769,7 +781,7 @@ impl Runtime {
                             None => return Processed::Stopped,
                             Some(o) => o,
                         };
-                        lock(state).status = "running".into();
+                        lock(state).status = ConsumerStatus::Running;
                         let outcome = match outcome {
                             Ok(effect) => match care.refusal(&effect) {
                                 Some(why) => Err((why, Utc::now(), 1)),
@@ -849,7 +861,7 @@ impl Runtime {
         for n in 2..=self.policy.attempts {
             {
                 let mut s = lock(state);
-                s.status = "retrying".into();
+                s.status = ConsumerStatus::Retrying;
                 s.last_error = Some(error.clone());
                 s.last_error_workspace = Some(event.workspace.to_string());
             }
@@ -937,7 +949,7 @@ impl Runtime {
                 if let Err((error, attempts)) = outcome {
                     let _ = self.store.replay_failed(&d.id, &error, attempts).await;
                 }
-                lock(&state).status = "running".into();
+                lock(&state).status = ConsumerStatus::Running;
             }
         }
     }

@@ -92,7 +92,7 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
         (0..3).all(|p| cp.get(&p) == Some(&log.next_offset(p)))
     })
     .await;
-    let dead = store.list_dead_letters("w", Some("picky"), Some("dead"), None, 100).await.unwrap().data;
+    let dead = store.list_dead_letters("w", Some("picky"), Some(sluice_store::DeadLetterStatus::Dead), None, 100).await.unwrap().data;
     assert_eq!(dead.iter().map(|d| d.event_id.clone()).collect::<HashSet<_>>(), dead_expected);
     let panicked = |id: &str| id == "e50" || id == "e23";
     assert!(dead.iter().all(|d| d.attempts == if panicked(&d.event_id) { 1 } else { 4 }), "{dead:?}");
@@ -127,7 +127,7 @@ async fn failing_events_are_dead_lettered_others_applied_once_and_replay_applies
     eventually("replayed", || async { total(&store).await == 60 }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(total(&store).await, 60);
-    let replayed = store.list_dead_letters("w", None, Some("replayed"), None, 100).await.unwrap().data;
+    let replayed = store.list_dead_letters("w", None, Some(sluice_store::DeadLetterStatus::Replayed), None, 100).await.unwrap().data;
     assert_eq!(replayed.len(), 5);
     assert!(dead_expected.iter().all(|b| picky.calls.lock().unwrap()[b] == if panicked(b) { 2 } else { 5 }));
     // A second claim finds nothing to replay.

@@ -475,10 +475,12 @@ impl Health {
         metrics::counter!("sluice_health_evaluations_total", "cause" => cause.label()).increment(saved.len() as u64);
         if let (Some(sink), false) = (&self.events, events.is_empty()) {
             match sink.emit(events).await {
-                Err(NotSent::Later) => {}
-                // Refused (an enforced schema of the workspace?): the sink
-                // logged it; the relay would only be refused again.
-                Ok(()) | Err(NotSent::Refused) => {
+                // Not now, or refused as a whole (an enforced schema of the
+                // workspace on one of them?): the outbox relay sends them
+                // again, one by one when refused, and drops only those the
+                // log refuses.
+                Err(NotSent::Later | NotSent::Refused) => {}
+                Ok(()) => {
                     if let Err(e) = self.store.delete_event_outbox(&outbox).await {
                         tracing::warn!(error = %e, "could not clear sent transition events from the outbox; they are sent again (and deduplicated) later");
                     }

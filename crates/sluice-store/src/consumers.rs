@@ -237,10 +237,40 @@ pub struct DeadLetter {
     pub first_failed_at: DateTime<Utc>,
     /// Last failure.
     pub last_failed_at: DateTime<Utc>,
-    /// `dead`, `replaying`, `replayed` or `discarded`.
-    pub status: String,
+    /// Status.
+    pub status: DeadLetterStatus,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+}
+
+sluice_core::named_enum! {
+    /// A dead letter's status: `dead` until an operator replays it
+    /// (`replaying`, then `replayed`, or `dead` again when it fails again)
+    /// or discards it.
+    pub enum DeadLetterStatus / UnknownDeadLetterStatus ("a dead letter status") {
+        /// Failed; waits for an operator.
+        Dead = "dead",
+        /// Claimed for replay; its consumer processes it again.
+        Replaying = "replaying",
+        /// Processed by the replay.
+        Replayed = "replayed",
+        /// Dropped by an operator.
+        Discarded = "discarded",
+    }
+}
+
+sluice_core::named_enum! {
+    /// A webhook delivery's status.
+    pub enum DeliveryStatus / UnknownDeliveryStatus ("a delivery status") {
+        /// Not attempted yet.
+        Pending = "pending",
+        /// Failed; tried again at `next_retry_at`.
+        Retrying = "retrying",
+        /// The receiver answered 2xx.
+        Succeeded = "succeeded",
+        /// Out of attempts: its event is in the webhook consumer's dead letters.
+        Dead = "dead",
+    }
 }
 
 /// What a bulk operation does to each dead letter it selects.
@@ -254,10 +284,10 @@ pub enum DeadLetterAction {
 }
 
 impl DeadLetterAction {
-    fn status(self) -> &'static str {
+    fn status(self) -> DeadLetterStatus {
         match self {
-            DeadLetterAction::Replay => "replaying",
-            DeadLetterAction::Discard => "discarded",
+            DeadLetterAction::Replay => DeadLetterStatus::Replaying,
+            DeadLetterAction::Discard => DeadLetterStatus::Discarded,
         }
     }
 }
@@ -345,8 +375,8 @@ pub struct Delivery {
     pub event_id: String,
     /// Event type.
     pub event_type: String,
-    /// `pending`, `retrying`, `succeeded` or `dead`.
-    pub status: String,
+    /// Status.
+    pub status: DeliveryStatus,
     /// Attempts made.
     pub attempts: u32,
     /// HTTP status of the last attempt, if any answer came.
@@ -370,8 +400,9 @@ type DlqRow = (String, String, String, String, String, i32, i64, String, i32, i6
 const DLQ_COLUMNS: &str = "id, consumer, workspace, event_id, event_type, log_partition, log_offset, error, attempts, \
                            first_failed_at, last_failed_at, status, updated_at";
 
-fn dlq(r: DlqRow) -> DeadLetter {
-    DeadLetter {
+fn dlq(r: DlqRow) -> Result<DeadLetter> {
+    let status = r.11.parse().map_err(|e| StoreError::Corrupt(format!("dead letter {}: {e}", r.0)))?;
+    Ok(DeadLetter {
         id: r.0,
         consumer: r.1,
         workspace: r.2,
@@ -383,9 +414,9 @@ fn dlq(r: DlqRow) -> DeadLetter {
         attempts: r.8 as u32,
         first_failed_at: from_micros(r.9),
         last_failed_at: from_micros(r.10),
-        status: r.11,
+        status,
         updated_at: from_micros(r.12),
-    }
+    })
 }
 
 type WebhookRow = (String, String, String, String, String, i64);
@@ -594,7 +625,7 @@ impl Store {
         &self,
         workspace: &str,
         consumer: Option<&str>,
-        status: Option<&str>,
+        status: Option<DeadLetterStatus>,
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page<DeadLetter>> {
@@ -608,7 +639,7 @@ impl Store {
         &self,
         workspace: &str,
         f: &DeadLetterFilter,
-        status: Option<&str>,
+        status: Option<DeadLetterStatus>,
         order: sluice_core::SortOrder,
         cursor: Option<&str>,
         limit: usize,
@@ -622,10 +653,10 @@ impl Store {
             format!("SELECT {DLQ_COLUMNS} FROM dead_letters WHERE {} AND ($6 IS NULL OR status = $6) {page} LIMIT $8", DeadLetterFilter::sql(self));
         let (ids, pattern) = f.params();
         let rows: Vec<DlqRow> = on_pool!(self, pool => sqlx::query_as(&sql)
-            .bind(workspace).bind(&ids).bind(&f.consumer).bind(&f.event_type).bind(&pattern).bind(status)
+            .bind(workspace).bind(&ids).bind(&f.consumer).bind(&f.event_type).bind(&pattern).bind(status.map(DeadLetterStatus::as_str))
             .bind(cursor.unwrap_or("")).bind(limit as i64 + 1)
             .fetch_all(pool).await)?;
-        Ok(Page::from_overfetch(rows.into_iter().map(dlq).collect(), limit, |d: &DeadLetter| d.id.clone()))
+        Ok(Page::from_overfetch(rows.into_iter().map(dlq).collect::<Result<Vec<_>>>()?, limit, |d: &DeadLetter| d.id.clone()))
     }
 
     /// How many dead letters of a workspace waiting (`dead`) match `f`:
@@ -666,7 +697,7 @@ impl Store {
         let changed: Vec<String> = crate::write_tx!(self, tx => {
             let changed: Vec<String> = sqlx::query_scalar(&sql)
                 .bind(workspace).bind(&ids).bind(&f.consumer).bind(&f.event_type).bind(&pattern)
-                .bind(action.status()).bind(now).bind(after).bind(limit.max(1) as i64)
+                .bind(action.status().as_str()).bind(now).bind(after).bind(limit.max(1) as i64)
                 .fetch_all(&mut *tx).await?;
             if let Some(audit) = audit.filter(|_| !changed.is_empty()) {
                 let a = audit.with_count(changed.len() as u64);
@@ -681,7 +712,7 @@ impl Store {
     pub async fn get_dead_letter(&self, workspace: &str, id: &str) -> Result<DeadLetter> {
         let sql = format!("SELECT {DLQ_COLUMNS} FROM dead_letters WHERE workspace = $1 AND id = $2");
         let row: Option<DlqRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(workspace).bind(id).fetch_optional(pool).await)?;
-        row.map(dlq).ok_or(StoreError::NotFound)
+        row.map(dlq).ok_or(StoreError::NotFound)?
     }
 
     /// Number of dead letters waiting (`dead`) per consumer, for a workspace
@@ -745,7 +776,7 @@ impl Store {
     pub async fn replays_for(&self, consumer: &str, limit: i64) -> Result<Vec<DeadLetter>> {
         let sql = format!("SELECT {DLQ_COLUMNS} FROM dead_letters WHERE consumer = $1 AND status = 'replaying' ORDER BY id LIMIT $2");
         let rows: Vec<DlqRow> = on_pool!(self, pool => sqlx::query_as(&sql).bind(consumer).bind(limit).fetch_all(pool).await)?;
-        Ok(rows.into_iter().map(dlq).collect())
+        rows.into_iter().map(dlq).collect()
     }
 
     /// A replay failed again: back to `dead` with the new error and attempts.
@@ -825,7 +856,7 @@ impl Store {
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
              last_status_code = excluded.last_status_code, last_error = excluded.last_error, \
              next_retry_at = excluded.next_retry_at, updated_at = excluded.updated_at")
-            .bind(&d.id).bind(&d.webhook_id).bind(&d.event_id).bind(&d.event_type).bind(&d.status)
+            .bind(&d.id).bind(&d.webhook_id).bind(&d.event_id).bind(&d.event_type).bind(d.status.as_str())
             .bind(d.attempts as i32).bind(d.last_status_code).bind(&d.last_error)
             .bind(d.next_retry_at.map(to_micros)).bind(to_micros(d.created_at)).bind(to_micros(d.updated_at))
             .execute(pool).await.map(|_| ()))?;
@@ -838,7 +869,7 @@ impl Store {
             "SELECT id, webhook_id, event_id, event_type, status, attempts, last_status_code, last_error, next_retry_at, \
              created_at, updated_at FROM webhook_deliveries WHERE id = $1")
             .bind(id).fetch_optional(pool).await)?;
-        Ok(row.map(delivery))
+        row.map(delivery).transpose()
     }
 
     /// Deliveries of a webhook, oldest first.
@@ -848,24 +879,25 @@ impl Store {
             "SELECT id, webhook_id, event_id, event_type, status, attempts, last_status_code, last_error, next_retry_at, \
              created_at, updated_at FROM webhook_deliveries WHERE webhook_id = $1 AND id > $2 ORDER BY id LIMIT $3")
             .bind(webhook_id).bind(cursor.unwrap_or("")).bind(limit as i64 + 1).fetch_all(pool).await)?;
-        Ok(Page::from_overfetch(rows.into_iter().map(delivery).collect(), limit, |d: &Delivery| d.id.clone()))
+        Ok(Page::from_overfetch(rows.into_iter().map(delivery).collect::<Result<Vec<_>>>()?, limit, |d: &Delivery| d.id.clone()))
     }
 }
 
-fn delivery(r: DeliveryRow) -> Delivery {
-    Delivery {
+fn delivery(r: DeliveryRow) -> Result<Delivery> {
+    let status = r.4.parse().map_err(|e| StoreError::Corrupt(format!("delivery {}: {e}", r.0)))?;
+    Ok(Delivery {
         id: r.0,
         webhook_id: r.1,
         event_id: r.2,
         event_type: r.3,
-        status: r.4,
+        status,
         attempts: r.5 as u32,
         last_status_code: r.6,
         last_error: r.7,
         next_retry_at: r.8.map(from_micros),
         created_at: from_micros(r.9),
         updated_at: from_micros(r.10),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -41,7 +41,10 @@ mod workspaces;
 
 pub use audit::{AuditEntry, NewAudit};
 pub use billing::{BillingCommit, InvoiceFilter, InvoiceRow, InvoiceStatus, NewInvoice, OutboxRow, PlanRow, SubscriptionRow, UnknownInvoiceStatus};
-pub use consumers::{ConsumerCommit, CountKey, DeadLetter, DeadLetterAction, DeadLetterFilter, Delivery, Folder, NewDeadLetter, Webhook};
+pub use consumers::{
+    ConsumerCommit, CountKey, DeadLetter, DeadLetterAction, DeadLetterFilter, DeadLetterStatus, Delivery, DeliveryStatus, Folder, NewDeadLetter,
+    UnknownDeadLetterStatus, UnknownDeliveryStatus, Webhook,
+};
 pub use health::{CustomerHealthRow, EventsWanted, HealthConfigRow, HealthEventRun, HealthHistoryRow, HealthSort, OverrideRow};
 pub use jobs::{BulkJobs, Job, JobEnd, JobSelection, NewJob};
 pub use keys::{ApiKey, NewApiKey};

@@ -584,8 +584,17 @@ async fn bulk_dead_letters_walk_the_matching_entries_once_in_chunks(store: Store
     assert_eq!(store.count_dead_letters("w1", &f(Some("http 500_"), None)).await.unwrap(), 5);
     assert_eq!(store.count_dead_letters("w1", &f(Some("500%"), None)).await.unwrap(), 0);
     assert_eq!(store.count_dead_letters("w1", &f(Some("500_x"), Some("even"))).await.unwrap(), 3);
-    let listed =
-        store.list_dead_letters_where("w1", &f(Some("500_x"), Some("even")), Some("dead"), sluice_core::SortOrder::Desc, None, 10).await.unwrap();
+    let listed = store
+        .list_dead_letters_where(
+            "w1",
+            &f(Some("500_x"), Some("even")),
+            Some(sluice_store::DeadLetterStatus::Dead),
+            sluice_core::SortOrder::Desc,
+            None,
+            10,
+        )
+        .await
+        .unwrap();
     assert_eq!(listed.data.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(), ["e4", "e2", "e0"]);
     // Ids of another workspace match nothing.
     let w2 = store.list_dead_letters("w2", None, None, None, 10).await.unwrap().data;
@@ -606,7 +615,7 @@ async fn bulk_dead_letters_walk_the_matching_entries_once_in_chunks(store: Store
         }
     }
     assert_eq!(seen.len(), 5);
-    let replaying = store.list_dead_letters("w1", None, Some("replaying"), None, 10).await.unwrap().data;
+    let replaying = store.list_dead_letters("w1", None, Some(sluice_store::DeadLetterStatus::Replaying), None, 10).await.unwrap().data;
     assert_eq!(replaying.iter().map(|d| d.id.clone()).collect::<Vec<_>>(), seen);
     assert_eq!(store.count_dead_letters("w1", &sel).await.unwrap(), 0, "only `dead` entries match");
     assert_eq!(store.count_dead_letters("w2", &f(None, None)).await.unwrap(), 1);
@@ -615,11 +624,20 @@ async fn bulk_dead_letters_walk_the_matching_entries_once_in_chunks(store: Store
     assert_eq!(log[0].details["count"], 2);
     // Discard the rest by ids.
     let rest = DeadLetterFilter {
-        ids: Some(store.list_dead_letters("w1", None, Some("dead"), None, 10).await.unwrap().data.into_iter().map(|d| d.id).collect()),
+        ids: Some(
+            store
+                .list_dead_letters("w1", None, Some(sluice_store::DeadLetterStatus::Dead), None, 10)
+                .await
+                .unwrap()
+                .data
+                .into_iter()
+                .map(|d| d.id)
+                .collect(),
+        ),
         ..Default::default()
     };
     assert_eq!(store.bulk_dead_letters("w1", DeadLetterAction::Discard, &rest, "", 500, None).await.unwrap().len(), 2);
-    assert_eq!(store.list_dead_letters("w1", None, Some("discarded"), None, 10).await.unwrap().data.len(), 2);
+    assert_eq!(store.list_dead_letters("w1", None, Some(sluice_store::DeadLetterStatus::Discarded), None, 10).await.unwrap().data.len(), 2);
 }
 
 struct Mark(Vec<(&'static str, &'static str)>, i64);

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluice_store::{DeadLetter, DeadLetterFilter, NewAudit, StoreError};
+use sluice_store::{DeadLetter, DeadLetterFilter, DeadLetterStatus, NewAudit, StoreError};
 
 use super::{rfc3339, List};
 use crate::auth::Principal;
@@ -83,7 +83,7 @@ pub async fn list(State(st): State<AppState>, who: Principal) -> Result<Json<Lis
             lag: partitions.iter().map(|p| p.lag).sum(),
             dlq_size: dlq.get(&name).copied().unwrap_or(0),
             name,
-            status: state.status.clone(),
+            status: state.status.to_string(),
             last_error: if visible { state.last_error.clone() } else { Some("an event of another workspace failed".into()) },
             restarts: state.restarts,
             last_restart_at: state.last_restart_at.map(super::rfc3339),
@@ -225,7 +225,7 @@ impl From<DeadLetter> for DeadLetterView {
             attempts: d.attempts,
             first_failed_at: rfc3339(d.first_failed_at),
             last_failed_at: rfc3339(d.last_failed_at),
-            status: d.status,
+            status: d.status.to_string(),
             event: None,
         }
     }
@@ -263,8 +263,11 @@ pub async fn dlq_list(State(st): State<AppState>, who: Principal, Query(q): Quer
     // Empty texts are filters not given (as in `POST /v1/dlq/bulk`).
     let given = |s: Option<String>| s.filter(|s| !s.is_empty());
     let f = DeadLetterFilter { ids: None, consumer: q.consumer, event_type: given(q.event_type), error_contains: given(q.error) };
-    let page =
-        st.store.list_dead_letters_where(who.workspace.as_str(), &f, q.status.as_deref(), order, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
+    let status = match given(q.status) {
+        Some(s) => Some(s.parse::<DeadLetterStatus>().map_err(|e| ApiError::bad_request(format!("status: {e}")))?),
+        None => None,
+    };
+    let page = st.store.list_dead_letters_where(who.workspace.as_str(), &f, status, order, q.cursor.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(Json(List { data: page.data.into_iter().map(Into::into).collect(), next_cursor: page.next_cursor }))
 }
 
@@ -304,7 +307,7 @@ pub async fn dlq_replay(State(st): State<AppState>, who: Principal, Path(id): Pa
     let a = audit(&who, "dlq.replay", &id, json!({"consumer": d.consumer, "event_id": d.event_id}));
     let n = st.store.claim_replays(who.workspace.as_str(), Some(&id), None, None, None, &a).await?;
     if n == 0 {
-        return Err(ApiError::conflict(format!("dead letter {id:?} is {:?}; only `dead` entries can be replayed", d.status)));
+        return Err(ApiError::conflict(format!("dead letter {id:?} is {}; only `dead` entries can be replayed", d.status)));
     }
     let d = st.store.get_dead_letter(who.workspace.as_str(), &id).await?;
     Ok((StatusCode::ACCEPTED, Json(d.into())))

@@ -158,7 +158,7 @@ impl From<Delivery> for DeliveryView {
             id: d.id,
             event_id: d.event_id,
             event_type: d.event_type,
-            status: d.status,
+            status: d.status.to_string(),
             attempts: d.attempts,
             status_code: d.last_status_code,
             error: d.last_error,

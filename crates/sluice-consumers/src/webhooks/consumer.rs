@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use sluice_core::Event;
-use sluice_store::{Delivery, Store, Webhook};
+use sluice_store::{Delivery, DeliveryStatus, Store, Webhook};
 
 use super::{sign, ssrf, WebhookError};
 use crate::runtime::{Attempt, Consumer, Effect, HandleError, RetryPolicy, Start};
@@ -124,7 +124,7 @@ impl Consumer for WebhookConsumer {
             webhook_id: self.hook.id.clone(),
             event_id: e.id.to_string(),
             event_type: e.event_type.to_string(),
-            status: String::new(),
+            status: DeliveryStatus::Pending,
             attempts: previous.as_ref().map_or(0, |p| p.attempts) + 1,
             last_status_code: None,
             last_error: None,
@@ -134,7 +134,7 @@ impl Consumer for WebhookConsumer {
         };
         let outcome = match result {
             Ok(code) if (200..300).contains(&code) => {
-                d.status = "succeeded".into();
+                d.status = DeliveryStatus::Succeeded;
                 d.last_status_code = Some(i32::from(code));
                 Ok(Effect::None)
             }
@@ -147,9 +147,9 @@ impl Consumer for WebhookConsumer {
         if let Err(err) = &outcome {
             d.last_error = Some(err.clone());
             if attempt.last {
-                d.status = "dead".into();
+                d.status = DeliveryStatus::Dead;
             } else {
-                d.status = "retrying".into();
+                d.status = DeliveryStatus::Retrying;
                 d.next_retry_at = chrono::Duration::from_std(self.policy.delay(attempt.n)).ok().map(|x| now + x);
             }
         }

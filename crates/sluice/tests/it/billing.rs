@@ -651,9 +651,12 @@ async fn late_usage_updates_the_draft_then_lands_once_on_the_next_invoice_and_ea
     assert_eq!(units, rust_decimal::Decimal::from(8));
 
     // until: "now" bills the current period early; the regular end then
-    // bills the rest: every unit once across both.
+    // bills the rest: every unit once across both. (Anniversary cycles, so
+    // that no cycle end falls in the current 15 minutes whatever the hour.)
     let two_hours_ago = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
-    let (_, sub) = api.post("/v1/subscriptions", json!({"id": "now", "customer_id": "n", "plan": "pay", "start": two_hours_ago})).await;
+    let (_, sub) = api
+        .post("/v1/subscriptions", json!({"id": "now", "customer_id": "n", "plan": "pay", "start": two_hours_ago, "billing_anchor": "anniversary"}))
+        .await;
     let start = sub["start"].as_str().unwrap().to_owned();
     let end = sub["current_period_end"].as_str().unwrap().to_owned();
     usage(&api, &[("n", "now", "lunch_boxes", "2", &start)]).await;
@@ -685,7 +688,9 @@ async fn late_usage_updates_the_draft_then_lands_once_on_the_next_invoice_and_ea
     // that usage is on it; usage still arriving in that bucket after the
     // bill is on the next invoice once, as late usage naming the early period.
     let minute_ago = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
-    let (st, sub) = api.post("/v1/subscriptions", json!({"id": "young", "customer_id": "y", "plan": "pay", "start": minute_ago})).await;
+    let (st, sub) = api
+        .post("/v1/subscriptions", json!({"id": "young", "customer_id": "y", "plan": "pay", "start": minute_ago, "billing_anchor": "anniversary"}))
+        .await;
     assert_eq!(st, StatusCode::CREATED, "{sub}");
     let end = sub["current_period_end"].as_str().unwrap().to_owned();
     usage(&api, &[("y", "young", "lunch_boxes", "4", &chrono::Utc::now().to_rfc3339())]).await;

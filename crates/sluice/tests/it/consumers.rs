@@ -206,6 +206,10 @@ async fn failing_events_go_to_the_dlq_others_are_delivered_once_and_replay_deliv
     assert_eq!(rx.successes().len(), 20);
     // A replayed entry cannot be replayed again.
     assert_eq!(api.post(&format!("/v1/dlq/{first_id}/replay"), json!({})).await.0, StatusCode::CONFLICT);
+    // A status the list does not know is named, not an empty page.
+    let (st, v) = api.get("/v1/dlq?status=gone").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("status") && v.to_string().contains("replaying"), "{v}");
 
     // Discard: another failing event, discarded by an admin key.
     rx.fail_events.lock().unwrap().insert("late".into());

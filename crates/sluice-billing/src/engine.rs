@@ -138,15 +138,12 @@ enum MeterUsage {
 }
 
 impl MeterUsage {
-    /// The meter's value in `p` over the usage of `parts`, each a
-    /// customer's usage and the subscriptions (`""`: none named) whose
-    /// usage of it counts: the usage buckets (15 minutes) that start in
-    /// `[floor(p.start), floor(p.end))`, so that consecutive periods share
-    /// every bucket out exactly once even when a subscription starts or
-    /// ends between two bucket boundaries. Distinct values are counted
-    /// once across the parts.
-    fn quantity(parts: &[(&MeterUsage, &[&str])], m: &Meter, p: Period) -> Result<Decimal, BillingError> {
-        let (from, to) = (bucket_floor(p.start), bucket_floor(p.end));
+    /// The meter's value over the usage of `parts`, each a customer's usage
+    /// and the subscriptions (`""`: none named) whose usage of it counts, in
+    /// the usage buckets (15 minutes) that start in `[from, to)` (a period's
+    /// [`Subscription::usage_window`]). Distinct values are counted once
+    /// across the parts.
+    fn quantity(parts: &[(&MeterUsage, &[&str])], m: &Meter, (from, to): (DateTime<Utc>, DateTime<Utc>)) -> Result<Decimal, BillingError> {
         let inside = |t: DateTime<Utc>| t >= from && t < to;
         if m.aggregation == Aggregation::UniqueCount {
             let mut distinct: std::collections::HashSet<&str> = std::collections::HashSet::new();
@@ -169,9 +166,8 @@ impl MeterUsage {
         Ok(v.unwrap_or_default())
     }
 
-    /// Whether any usage of `subs` lies in `p`'s buckets.
-    fn any(&self, subs: &[&str], p: Period) -> bool {
-        let (from, to) = (bucket_floor(p.start), bucket_floor(p.end));
+    /// Whether any usage of `subs` lies in the buckets `[from, to)`.
+    fn any(&self, subs: &[&str], (from, to): (DateTime<Utc>, DateTime<Utc>)) -> bool {
         let inside = |s: &str, t: DateTime<Utc>| subs.contains(&s) && t >= from && t < to;
         match self {
             MeterUsage::None => false,
@@ -221,7 +217,9 @@ impl Batch {
         // A voided period billed again comes before periods billed since,
         // whose late usage it may carry: the range covers them too.
         let lasts = items.iter().filter_map(|(_, ps)| ps.iter().map(|p| p.end).max());
-        let to = lasts.chain(finalized().map(|i| i.period_end)).max().map(bucket_floor).unwrap_or(from);
+        // (Up to the end of the last bucket: an early bill's period takes
+        // the bucket of its cut whole.)
+        let to = lasts.chain(finalized().map(|i| i.period_end)).max().map(bucket_ceil).unwrap_or(from);
         Ok(Batch {
             history,
             siblings,
@@ -617,8 +615,9 @@ impl Billing {
         b.load_usage(&self.store, &ws.name, meter).await?;
         // Usage naming the subscription and no customer counts too.
         let anonymous: &[&str] = if sub.customer_id.is_empty() { &[] } else { &[sub.id.as_str()] };
-        let q = MeterUsage::quantity(&[(b.usage(meter, &sub.customer_id), &subs), (b.usage(meter, ""), anonymous)], meter, p)?;
-        Ok((q, usage_sql(meter, sub, shared, b.usage(meter, "").any(anonymous, p), p)))
+        let window = sub.usage_window(p);
+        let q = MeterUsage::quantity(&[(b.usage(meter, &sub.customer_id), &subs), (b.usage(meter, ""), anonymous)], meter, window)?;
+        Ok((q, usage_sql(meter, sub, shared, b.usage(meter, "").any(anonymous, window), window)))
     }
 
     /// Whether usage naming only the customer counts for subscription
@@ -896,13 +895,16 @@ fn due_periods(ws: &Ws, row: &SubscriptionRow, mut sub: Subscription, o: &BillOp
         b = p.end;
     }
     if o.early && periods.len() < MAX_PERIODS {
-        // The end of the current usage bucket: a period that ends there
-        // anyway (its cycle end is minutes away) is billed whole.
-        let cut = bucket_ceil(o.until);
+        // Cut at the request (to the microsecond, as the store keeps
+        // times); the cut's bucket goes whole to this invoice
+        // (`Subscription::usage_bound`). A period whose cycle boundary lies
+        // in that bucket is billed whole instead: a cut there would give the
+        // bucket to both sides.
+        let now = chrono::SubsecRound::trunc_subsecs(o.until, 6);
         if let Some(p) = sub.period_from(&cycle, b) {
-            // Not a subscription that starts later (in this bucket).
-            if cut > p.start && p.start < o.until {
-                let end = cut.min(p.end);
+            // Not a subscription that starts later.
+            if p.start < now {
+                let end = if bucket_ceil(now) >= p.end { p.end } else { now };
                 if end < p.end && !sub.cuts.contains(&end) {
                     sub.cuts.push(end);
                     sub.cuts.sort();
@@ -966,7 +968,7 @@ fn numbering(ws: &Ws) -> impl Fn(i64) -> String + Sync {
 /// customer is in it only when there is some: `customer_id = '…'` alone is
 /// a filter the live `usage` table's loading applies (`sluice_lake::pushdown`),
 /// an `OR` is not.
-fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, anonymous: bool, p: Period) -> String {
+fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, anonymous: bool, (from, to): (DateTime<Utc>, DateTime<Utc>)) -> String {
     let q = |s: &str| s.replace('\'', "''");
     let value = match m.aggregation {
         Aggregation::Sum => "SUM(sum)",
@@ -983,7 +985,7 @@ fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, anonymous: bool, p: Pe
     } else {
         format!("subscription_id = '{}'", q(&sub.id))
     };
-    let t = |t: DateTime<Utc>| bucket_floor(t).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let t = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     let who = if anonymous {
         format!("((customer_id = '{}' AND {subs}) OR (customer_id IS NULL AND subscription_id = '{}'))", q(&sub.customer_id), q(&sub.id))
     } else {
@@ -992,8 +994,8 @@ fn usage_sql(m: &Meter, sub: &Subscription, shared: bool, anonymous: bool, p: Pe
     format!(
         "SELECT {value} AS quantity FROM usage WHERE meter = '{}' AND {who} AND period_start >= '{}' AND period_start < '{}'",
         q(&m.key),
-        t(p.start),
-        t(p.end)
+        t(from),
+        t(to)
     )
 }
 

@@ -151,6 +151,31 @@ impl Subscription {
         Some(Period { start: from, end })
     }
 
+    /// The 15-minute usage-bucket boundary that stands for time `t` of this
+    /// subscription's periods: a period `[a, b)` bills the buckets that
+    /// start in `[usage_bound(a), usage_bound(b))`. That is the start of
+    /// `t`'s bucket ([`bucket_floor`]), except at an early bill's cut
+    /// (`"until": "now"` cuts at the request, inside a bucket), which takes
+    /// its whole bucket ([`bucket_ceil`]): the usage sent up to the bill is
+    /// on it. Consecutive periods share every bucket out exactly once
+    /// whatever this maps a point to, as long as it is one function of the
+    /// point and never decreases along a subscription's boundaries (an early
+    /// bill never cuts in the bucket of the cycle boundary after it:
+    /// `engine::due_periods` bills that period whole).
+    pub fn usage_bound(&self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let floor = bucket_floor(t);
+        if floor != t && self.cuts.contains(&t) {
+            bucket_ceil(t)
+        } else {
+            floor
+        }
+    }
+
+    /// The usage buckets `[from, to)` that period `p` bills ([`Subscription::usage_bound`]).
+    pub fn usage_window(&self, p: Period) -> (DateTime<Utc>, DateTime<Utc>) {
+        (self.usage_bound(p.start), self.usage_bound(p.end))
+    }
+
     /// Whether it continues past `t` (has no end at or before it).
     pub fn continues_after(&self, t: DateTime<Utc>) -> bool {
         self.end.is_none_or(|e| e > t)
@@ -181,9 +206,8 @@ pub fn bucket_floor(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// Rounds `t` up to the end of its 15-minute usage bucket (`t` itself on a
-/// boundary). An early bill ("until": "now") cuts there: the usage sent so
-/// far, which lies in buckets that started before now, is on the invoice
-/// it asks for, and a subscription started minutes ago gets one too.
+/// boundary): the usage bound of an early bill's cut
+/// ([`Subscription::usage_bound`]).
 pub fn bucket_ceil(t: DateTime<Utc>) -> DateTime<Utc> {
     let f = bucket_floor(t);
     if f == t {

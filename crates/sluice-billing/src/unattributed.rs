@@ -11,8 +11,8 @@
 //! subscription's life, or on a meter its plan does not charge.
 //!
 //! The rule is billing's own, bucket by bucket: a bucket belongs to a
-//! subscription's invoice period when it starts in `[floor(start),
-//! floor(end))` ([`crate::engine`]'s `MeterUsage::quantity`), and usage
+//! subscription's invoice period when it starts in the period's
+//! [`Subscription::usage_window`] (as [`crate::engine`] bills it), and usage
 //! naming only the customer counts for that period when no other
 //! subscription of the customer charging the meter overlaps it
 //! (`unattributed_counts`). The database first summarizes each meter's usage
@@ -29,7 +29,7 @@ use sluice_core::Aggregation;
 use sluice_store::{Meter, UsageBucket, UsageOutline};
 
 use crate::engine::{Billing, Plans, Ws};
-use crate::subscription::{bucket_floor, Period, Subscription};
+use crate::subscription::{Period, Subscription};
 use crate::BillingError;
 
 /// Most rows one report returns (`truncated` says when more exist).
@@ -115,7 +115,7 @@ fn invoice_periods(sub: &Subscription, ws: &Ws, to: DateTime<Utc>) -> Vec<Period
     let mut out = Vec::new();
     let mut b = sub.start;
     while let Some(p) = sub.period_from(&cycle, b) {
-        if p.end <= b || bucket_floor(p.start) > to {
+        if p.end <= b || sub.usage_bound(p.start) > to {
             break;
         }
         out.push(p);
@@ -124,10 +124,11 @@ fn invoice_periods(sub: &Subscription, ws: &Ws, to: DateTime<Utc>) -> Vec<Period
     out
 }
 
-/// The period whose buckets include one starting at `at`.
-fn period_of(periods: &[Period], at: DateTime<Utc>) -> Option<Period> {
-    let i = periods.partition_point(|p| bucket_floor(p.end) <= at);
-    periods.get(i).copied().filter(|p| bucket_floor(p.start) <= at)
+/// The period whose buckets include one starting at `at`; `bound` maps a
+/// period's ends to bucket boundaries ([`Subscription::usage_bound`]).
+fn period_of(periods: &[Period], at: DateTime<Utc>, bound: impl Fn(DateTime<Utc>) -> DateTime<Utc>) -> Option<Period> {
+    let i = periods.partition_point(|p| bound(p.end) <= at);
+    periods.get(i).copied().filter(|p| bound(p.start) <= at)
 }
 
 type Key = (Reason, Option<String>, Vec<String>);
@@ -255,8 +256,8 @@ impl Billing {
         let Some(s) = charging else { return Ok(false) };
         Ok(rows.iter().all(|r| {
             (r.subscription_id.is_empty() || r.subscription_id == s.id)
-                && r.first >= bucket_floor(s.start)
-                && s.end.is_none_or(|e| r.last < bucket_floor(e))
+                && r.first >= s.usage_bound(s.start)
+                && s.end.is_none_or(|e| r.last < s.usage_bound(e))
         }))
     }
 
@@ -279,7 +280,7 @@ impl Billing {
         let mut known: HashMap<(&str, DateTime<Utc>), (bool, bool)> = HashMap::new();
         let mut acc: HashMap<Key, Acc> = HashMap::new();
         for row in rows {
-            let period = |s: &Subscription| periods.get(s.id.as_str()).and_then(|ps| period_of(ps, row.at));
+            let period = |s: &Subscription| periods.get(s.id.as_str()).and_then(|ps| period_of(ps, row.at, |t| s.usage_bound(t)));
             let key: Option<Key> = if !row.subscription_id.is_empty() {
                 match subs.iter().find(|s| s.id == row.subscription_id) {
                     None => Some((Reason::UnknownSubscription, Some(row.subscription_id.to_owned()), Vec::new())),
@@ -382,6 +383,7 @@ impl Billing {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::subscription::bucket_floor;
 
     #[test]
     fn a_bucket_belongs_to_the_period_it_starts_in_after_flooring() {
@@ -391,11 +393,11 @@ mod tests {
             Period { start: t("2024-01-01T10:07:00Z"), end: t("2024-02-01T10:07:00Z") },
             Period { start: t("2024-02-01T10:07:00Z"), end: t("2024-03-01T00:00:00Z") },
         ];
-        assert_eq!(period_of(&ps, t("2024-01-01T09:45:00Z")), None);
-        assert_eq!(period_of(&ps, t("2024-01-01T10:00:00Z")), Some(ps[0]));
-        assert_eq!(period_of(&ps, t("2024-01-31T23:45:00Z")), Some(ps[0]));
-        assert_eq!(period_of(&ps, t("2024-02-01T10:00:00Z")), Some(ps[1]));
-        assert_eq!(period_of(&ps, t("2024-02-29T23:45:00Z")), Some(ps[1]));
-        assert_eq!(period_of(&ps, t("2024-03-01T00:00:00Z")), None);
+        assert_eq!(period_of(&ps, t("2024-01-01T09:45:00Z"), bucket_floor), None);
+        assert_eq!(period_of(&ps, t("2024-01-01T10:00:00Z"), bucket_floor), Some(ps[0]));
+        assert_eq!(period_of(&ps, t("2024-01-31T23:45:00Z"), bucket_floor), Some(ps[0]));
+        assert_eq!(period_of(&ps, t("2024-02-01T10:00:00Z"), bucket_floor), Some(ps[1]));
+        assert_eq!(period_of(&ps, t("2024-02-29T23:45:00Z"), bucket_floor), Some(ps[1]));
+        assert_eq!(period_of(&ps, t("2024-03-01T00:00:00Z"), bucket_floor), None);
     }
 }

@@ -1241,11 +1241,35 @@ async fn a_void_cut_off_by_a_crash_before_its_period_reopened_is_completed_at_re
     let all = invoices(&api, "&subscription_id=s").await;
     let seen: Vec<(Value, Value)> = all.iter().map(|i| (i["status"].clone(), i["replaces"].clone())).collect();
     assert_eq!(seen, vec![(json!("void"), Value::Null), (json!("finalized"), json!(id))], "{all:?}");
-    // Restarting again changes nothing: the period is billed once.
+    // The void's outbox row again (as if its send had failed and the period
+    // had been billed again meanwhile): the relay at the next start must not
+    // reopen a period billed again.
+    s.kill9();
+    let store = sluice_store::Store::connect(&s.state_url()).await.unwrap();
+    let row = sluice_store::OutboxRow { workspace: ws.into(), kind: "invoice.voided".into(), subject: id.clone(), event: None };
+    store.save_customer_health_many(ws, &[], &[], &[row]).await.unwrap();
+    store.close().await;
     s.restart();
     let api = Api { base: s.url.clone(), ..api };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let store = sluice_store::Store::connect(&s.state_url()).await.unwrap();
+        let left = store.event_outbox(10).await.unwrap();
+        store.close().await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay left {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, sub) = api.get("/v1/subscriptions/s").await;
+    assert_eq!(
+        sub["billed_until"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap(),
+        until.parse::<chrono::DateTime<chrono::Utc>>().unwrap(),
+        "the period billed again stays billed: {sub}"
+    );
     let r = run(&api, json!({"subscription_ids": ["s"], "until": until})).await;
-    assert_eq!(r["invoices_created"], json!(0), "{r}");
+    assert_eq!(r["invoices_created"], json!(0), "the period is billed once: {r}");
 }
 
 /// An invoice event the log refuses (here: the workspace enforces a schema

@@ -419,8 +419,9 @@ impl Billing {
                             .iter_mut()
                             .map(|i| {
                                 // An early run was asked at `until`: its invoices'
-                                // grace counts from then (their periods end at the
-                                // end of the current usage bucket, minutes ahead).
+                                // grace counts from then (a period it bills whole
+                                // because its cycle end is in the current usage
+                                // bucket ends minutes ahead).
                                 let ended = if o.early { i.period_end.min(o.until) } else { i.period_end };
                                 let in_grace = o.respect_grace && ended + grace > now;
                                 let finalize = o.finalize && !in_grace;

@@ -73,8 +73,8 @@ pub struct RunPayload {
     /// Bill periods ending at or before this (fixed when the run was made,
     /// so a retry bills the same periods).
     pub until: DateTime<Utc>,
-    /// `until: "now"`: bill the current period early, up to the end of
-    /// `until`'s 15-minute usage bucket.
+    /// `until: "now"`: bill the current period early, up to `until` (the
+    /// cut's usage bucket goes with it: `Subscription::usage_bound`).
     #[serde(default)]
     pub early: bool,
     /// Started by auto-billing.
@@ -416,13 +416,12 @@ async fn finalize_after_grace(billing: &Billing, ws_name: &str, grace_days: u32,
     let mut cursor: Option<String> = None;
     loop {
         let page = billing.store.list_invoices(ws_name, &filter, cursor.as_deref(), 1000).await?;
-        due.extend(page.data.into_iter().filter(|d| d.doc.get("finalize_after_grace") == Some(&Value::Bool(true))).filter(|d| {
-            // An early invoice's grace counts from when it was asked
-            // for (its period ends minutes after that).
-            let early = d.doc.get("early") == Some(&Value::Bool(true));
-            let ended = if early { d.period_end.min(d.created_at) } else { d.period_end };
-            ended + chrono::Duration::days(i64::from(grace_days)) <= now
-        }));
+        due.extend(
+            page.data
+                .into_iter()
+                .filter(|d| d.doc.get("finalize_after_grace") == Some(&Value::Bool(true)))
+                .filter(|d| d.period_end + chrono::Duration::days(i64::from(grace_days)) <= now),
+        );
         match page.next_cursor {
             Some(c) => cursor = Some(c),
             None => break,
